@@ -1,0 +1,332 @@
+"""The typed configuration of one fine-tuning run.
+
+Layers, lowest first: the defaults below -> a YAML file -> ``--set section.key=value``
+overrides. Everything is checked before any model or data is loaded, and every problem
+is reported at once, each naming its key::
+
+    cfg = load_config("run.yaml", overrides=["lora.r=16", "train.lr=1e-4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from loralab.errors import ConfigError
+
+DEFAULT_MODEL = "builtin:tiny"  # the tiny pretrained Llama shipped in loralab/assets
+DEFAULT_DATA = "builtin:arithmetic"  # the generated arithmetic instructions
+
+
+def _f(default: Any, help: str, **checks: Any) -> Any:
+    """A dataclass field with help text and optional range checks (gt, ge, le, lt)."""
+    meta = {"help": help, **checks}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f(DEFAULT_MODEL, "Local Hugging Face model directory, a hub id (needs network) or builtin:tiny.")
+    dtype: Literal["fp32", "bf16"] = _f("fp32", "dtype of the frozen base weights that are not quantized.")
+    trust_remote_code: bool = _f(False, "Run the model repository's own Python code. Off unless you trust it.")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when available, else cpu.")
+
+
+@dataclass
+class QuantConfig:
+    mode: Literal["none", "nf4", "fp4"] = _f("none", "bitsandbytes 4-bit quantization of the base (QLoRA).")
+    double_quant: bool = _f(True, "Quantize the 4-bit block scales too (saves ~0.4 bit per weight).")
+    compute_dtype: Literal["bf16", "fp32"] = _f("bf16", "dtype the 4-bit weights are dequantized to for matmuls.")
+    block_size: int = _f(64, "Weights per absmax block of the 4-bit format.", gt=0)
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(8, "Rank of the low-rank update B @ A.", gt=0)
+    alpha: float = _f(16.0, "Scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rslora).", gt=0)
+    dropout: float = _f(0.05, "Dropout on the adapter's input.", ge=0, lt=1)
+    rslora: bool = _f(False, "Rank-stabilized scaling alpha/sqrt(r) instead of alpha/r.")
+    dora: bool = _f(False, "Weight-decomposed LoRA (DoRA, through PEFT).")
+    init: Literal["default", "gaussian"] = _f("default", "A init: kaiming-uniform (default) or gaussian; B starts at zero.")
+    targets: list[str] = _f(
+        ["query", "value"],
+        "Roles (query, key, value, projection, mlp, head, all), raw module names, or 're:<regex>'.",
+    )
+
+
+@dataclass
+class DataConfig:
+    path: str = _f(DEFAULT_DATA, "Dataset file (JSON/JSONL) or builtin:arithmetic, builtin:arithmetic_2ds, builtin:arithmetic_4ds.")
+    format: Literal["auto", "alpaca", "prompt_completion"] = _f("auto", "Record layout; auto looks at the first record's keys.")
+    template: Literal["alpaca", "chat", "none"] = _f("alpaca", "Prompt template: Alpaca, the tokenizer's chat template, or the raw prompt.")
+    max_seq_length: int = _f(256, "Examples are truncated to this many tokens (prompt first, then response).", gt=1)
+    train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens (default: response tokens only).")
+    val_path: str | None = _f(None, "A separate validation file; otherwise val_fraction of data.path is held out.")
+    val_fraction: float = _f(0.05, "Share of data.path held out for validation when val_path is not given.", ge=0, lt=1)
+    val_max_examples: int = _f(200, "At most this many validation examples are scored per evaluation.", gt=0)
+    min_response_chars: int = _f(0, "Drop examples whose response is shorter (characters).", ge=0)
+    max_response_chars: int | None = _f(None, "Drop examples whose response is longer (characters); 800 with min 201 is the seeds' 'hard' Text-to-SQL subset.", gt=0)
+    limit: int | None = _f(None, "Use only the first N training examples (after the split).", gt=0)
+    shuffle: bool = _f(True, "Shuffle the training examples each epoch (seeded).")
+
+
+@dataclass
+class TrainConfig:
+    optimizer: Literal["adamw", "sgd", "adafactor", "adamw8bit"] = _f("adamw", "adamw8bit needs bitsandbytes.")
+    lr: float = _f(3e-4, "Peak learning rate.", gt=0)
+    momentum: float = _f(0.0, "SGD momentum.", ge=0, lt=1)
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
+    weight_decay: float = _f(0.01, "Decoupled weight decay (AdamW) / L2 (SGD).", ge=0)
+    scheduler: Literal["constant", "linear", "cosine"] = _f("cosine", "Decay after warmup: constant, linear or cosine to zero.")
+    warmup_steps: int = _f(10, "Linear warmup from 0 to lr over this many optimizer steps.", ge=0)
+    batch_size: int = _f(16, "Examples per optimizer step (global batch).", gt=0)
+    micro_batch_size: int = _f(16, "Examples per forward/backward; batch_size / micro_batch_size is gradient accumulation.", gt=0)
+    max_steps: int | None = _f(None, "Optimizer steps; when set it wins over epochs.", gt=0)
+    epochs: float = _f(1.0, "Passes over the training data when max_steps is not set.", gt=0)
+    grad_clip: float | None = _f(1.0, "Clip the global gradient norm to this value (null = off).", gt=0)
+    seed: int = _f(1337, "Seeds data order, dropout and adapter init.")
+    autocast: Literal["none", "bf16"] = _f("none", "bf16 autocast for the forward pass.")
+    log_every: int = _f(10, "Write a train-loss line to metrics.jsonl every N steps.", gt=0)
+    checkpoint_every: int = _f(0, "Save a resumable checkpoint every N steps (0 = off).", ge=0)
+    keep_last: int = _f(2, "Checkpoints kept on disk.", gt=0)
+    on_nonfinite: Literal["stop", "skip"] = _f("stop", "A NaN/inf loss or gradient stops the run (diverged) or skips the step, counted.")
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(0, "Evaluate every N steps (0 = only at the end).", ge=0)
+    tasks: list[str] = _f([], "Evaluation tasks run with each evaluation (see loralab eval).")
+    limit: int | None = _f(None, "At most N examples per evaluation task.", gt=0)
+
+
+@dataclass
+class OutputConfig:
+    dir: str | None = _f(None, "Run directory; default runs/<model>-<time>.")
+    save_adapter: bool = _f(True, "Save the final adapter in PEFT format under <dir>/adapter.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def grad_accum(self) -> int:
+        return self.train.batch_size // self.train.micro_batch_size
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "quant": QuantConfig,
+    "lora": LoraConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "output": OutputConfig,
+}
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}[tp]
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Return (ok, value converted to tp). Ints are accepted where floats are expected."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return (value in get_args(tp), value)
+    if origin in (types.UnionType, typing.Union):
+        for arm in get_args(tp):
+            ok, v = _coerce(value, arm)
+            if ok:
+                return True, v
+        return False, value
+    if origin is list:
+        if isinstance(value, str) and get_args(tp)[0] is str:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            return False, value
+        out = []
+        for item in value:
+            ok, v = _coerce(item, get_args(tp)[0])
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if tp is type(None):
+        return value is None, None
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _check_range(key: str, value: Any, meta: dict[str, Any]) -> str | None:
+    if value is None or isinstance(value, (bool, list, str)):
+        return None
+    for name, op, word in (("gt", float.__gt__, ">"), ("ge", float.__ge__, ">="), ("lt", float.__lt__, "<"), ("le", float.__le__, "<=")):
+        if name in meta and not op(float(value), float(meta[name])):
+            return f"{key} must be {word} {meta[name]} (got {value!r})"
+    return None
+
+
+def _build_section(name: str, cls: type, raw: Any, errors: list[str]) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(f"{name} must be a mapping of keys (got {type(raw).__name__})")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{name}.{key}"
+        if key not in known:
+            close = [k for k in known if k.startswith(str(key)[:3])]
+            hint = f"; did you mean {name}.{close[0]}?" if close else ""
+            errors.append(f"unknown key {full}{hint} (known: {', '.join(known)})")
+            continue
+        ok, converted = _coerce(value, hints[key])
+        if not ok:
+            errors.append(f"{full} must be {_describe(hints[key])} (got {value!r})")
+            continue
+        problem = _check_range(full, converted, dict(known[key].metadata))
+        if problem:
+            errors.append(problem)
+            continue
+        values[key] = converted
+    return cls(**values)
+
+
+def _cross_checks(cfg: Config, errors: list[str]) -> None:
+    t = cfg.train
+    if t.batch_size % t.micro_batch_size:
+        errors.append(
+            f"train.batch_size ({t.batch_size}) must be divisible by train.micro_batch_size "
+            f"({t.micro_batch_size}); the quotient is the gradient accumulation"
+        )
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        errors.append(f"train.betas must be two numbers in [0, 1) (got {t.betas})")
+    if not cfg.lora.targets:
+        errors.append("lora.targets must name at least one role or module (for example [query, value])")
+    d = cfg.data
+    if d.max_response_chars is not None and d.max_response_chars < d.min_response_chars:
+        errors.append(
+            f"data.max_response_chars ({d.max_response_chars}) is below data.min_response_chars ({d.min_response_chars})"
+        )
+
+
+def config_from_dict(raw: Any, *, source: str = "config") -> Config:
+    """Build and check a Config from nested dicts; raise ConfigError listing every problem."""
+    errors: list[str] = []
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
+    sections = {}
+    for key in raw:
+        if key not in SECTIONS:
+            errors.append(f"unknown section {key!r} (known: {', '.join(SECTIONS)})")
+    for name, cls in SECTIONS.items():
+        sections[name] = _build_section(name, cls, raw.get(name), errors)
+    cfg = Config(**sections)
+    if not errors:
+        _cross_checks(cfg, errors)
+    if errors:
+        raise ConfigError(f"{source}: invalid configuration:\n  - " + "\n  - ".join(errors))
+    return cfg
+
+
+def read_yaml(path: str | Path) -> Any:
+    """safe_load a YAML file; a missing file or a syntax error names the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem}); loralab reads YAML with safe_load, so Python object tags are refused") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings; values are parsed as YAML scalars/lists."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in (raw or {}).items()}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, for example lora.r=16")
+        key, text = item.split("=", 1)
+        section, name = key.strip().split(".", 1)
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        if isinstance(value, dict):  # "a: b" parsed as a mapping; treat as a plain string
+            value = text
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {item!r}: {section} is not a section")
+        target[name] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    raw = read_yaml(path) if path else {}
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
+    raw = apply_overrides(raw or {}, overrides or [])
+    return config_from_dict(raw, source=str(path) if path else "config")
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def config_reference() -> str:
+    """Markdown table of every key, its default and its help (used by the README)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for name, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"| `{name}.{f.name}` | `{default!r}` | {f.metadata['help']} ({_describe(hints[f.name])}) |")
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""Prompt templates: how an (instruction, input) pair becomes the text the model reads.
+
+``alpaca`` is the Stanford Alpaca layout the seeds fine-tune with (two variants: with and
+without an input field); ``chat`` hands the turn to the tokenizer's own chat template;
+``none`` uses the instruction (plus input) as the raw prompt.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+TemplateName = Literal["alpaca", "chat", "none"]
+
+
+def format_prompt(instruction: str, input: str = "", *, template: TemplateName = "alpaca", tokenizer=None) -> str:
+    """The prompt text for one example; the response follows it directly."""
+    if template == "alpaca":
+        if input:
+            return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
+        return ALPACA_NO_INPUT.format(instruction=instruction)
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            from loralab.errors import DataError
+
+            raise DataError(
+                "data.template is 'chat' but the tokenizer has no chat_template; "
+                "use data.template: alpaca or none"
+            )
+        content = f"{instruction}\n\n{input}" if input else instruction
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    if template == "none":
+        return f"{instruction}\n{input}" if input else instruction
+    raise ValueError(f"unknown template {template!r}")

@@ -1,0 +1,31 @@
+"""Errors that reach the user as one clear paragraph and a non-zero exit code.
+
+Library code raises these; the CLI prints the message (no traceback) and exits with
+``exit_code``. Anything else that escapes is a bug and is shown with its traceback.
+"""
+
+from __future__ import annotations
+
+
+class LoralabError(Exception):
+    """A problem with the user's input or machine, explained in the message."""
+
+    exit_code = 2
+
+
+class ConfigError(LoralabError):
+    """An unknown key, a wrong type or an out-of-range value in a configuration."""
+
+
+class DataError(LoralabError):
+    """A dataset or task file that cannot be read or yields nothing to train on."""
+
+
+class ModelError(LoralabError):
+    """A model directory, adapter target or quantization mode that cannot be used."""
+
+
+class DivergedError(LoralabError):
+    """Training produced a non-finite loss or gradient."""
+
+    exit_code = 3
