@@ -1,0 +1,105 @@
+"""LoRA adapters through PEFT: attach by role, count, save, load, merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loralab.config import LoraConfig
+from loralab.errors import ModelError
+from loralab.roles import head_module_name, linear_module_names, resolve_targets
+
+
+def peft_lora_config(model, lora: LoraConfig):
+    """PEFT's LoraConfig for ``lora``, with roles resolved against ``model``'s modules."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    names = linear_module_names(model)
+    targets = resolve_targets(
+        model_type=getattr(model.config, "model_type", ""),
+        linear_names=names,
+        head_name=head_module_name(model),
+        targets=lora.targets,
+    )
+    modules = dict(model.named_modules())
+    for name in targets.modules:
+        m = modules[name]
+        dims = _in_out(m)
+        if dims and lora.r > min(dims):
+            raise ModelError(
+                f"lora.r = {lora.r} is larger than the dimensions of {name} ({dims[0]} x {dims[1]}); "
+                f"a rank above {min(dims)} adds parameters but no expressiveness"
+            )
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        use_rslora=lora.rslora,
+        use_dora=lora.dora,
+        init_lora_weights=True if lora.init == "default" else "gaussian",
+        target_modules=targets.peft,
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
+    )
+
+
+def _in_out(module) -> tuple[int, int] | None:
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    if type(module).__name__ == "Conv1D":  # GPT-2 stores (in, out)
+        return tuple(module.weight.shape)  # type: ignore[return-value]
+    return None
+
+
+def attach_lora(model, lora: LoraConfig, *, seed: int):
+    """Wrap ``model`` with trainable LoRA adapters (deterministic init for ``seed``)."""
+    from peft import get_peft_model
+
+    config = peft_lora_config(model, lora)
+    torch.manual_seed(seed)
+    return get_peft_model(model, config)
+
+
+def count_params(peft_model) -> tuple[int, int]:
+    """(trainable, total) exactly as PEFT's print_trainable_parameters counts them."""
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    return int(trainable), int(total)
+
+
+def save_adapter(peft_model, out_dir: Path) -> None:
+    """Write adapter_config.json + adapter_model.safetensors atomically (tmp dir, then rename)."""
+    import os
+    import shutil
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(str(tmp), safe_serialization=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def adapter_dir(run_or_adapter: str | Path) -> Path:
+    """Accept a run directory (with adapter/) or an adapter directory itself."""
+    p = Path(run_or_adapter)
+    if (p / "adapter" / "adapter_config.json").is_file():
+        return p / "adapter"
+    if (p / "adapter_config.json").is_file():
+        if not (p / "adapter_model.safetensors").is_file():
+            raise ModelError(f"{p}: no adapter_model.safetensors (loralab loads safetensors adapters only)")
+        return p
+    raise ModelError(f"{p}: neither a run directory with adapter/ nor a PEFT adapter directory")
+
+
+def load_adapter(model, run_or_adapter: str | Path, *, trainable: bool = False):
+    """Load a PEFT adapter onto ``model``; a shape mismatch names the module."""
+    from peft import PeftModel
+
+    path = adapter_dir(run_or_adapter)
+    try:
+        return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise ModelError(f"adapter {path} does not fit this base model: {detail}") from None
