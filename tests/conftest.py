@@ -1,0 +1,127 @@
+"""Shared fixtures: tiny random-init models of several architectures, configs, data files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from loralab.config import load_config
+from loralab.models import BUILTIN_MODELS
+
+torch.set_num_threads(2)
+
+TINY_BASE = BUILTIN_MODELS["builtin:tiny"]
+VOCAB = 1280
+BOS, EOS, PAD = 0, 1, 2
+ARCHS = ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "phi3", "gemma"]
+
+
+def _hf_config(arch: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    llama_like = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, **common,
+    )
+    if arch == "llama":
+        return tf.LlamaConfig(**llama_like)
+    if arch == "mistral":
+        return tf.MistralConfig(**llama_like)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**llama_like)
+    if arch == "gemma":
+        return tf.GemmaConfig(head_dim=8, **llama_like)
+    if arch == "phi3":
+        return tf.Phi3Config(**llama_like)
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256, **common,
+        )
+    if arch == "opt":
+        return tf.OPTConfig(
+            hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=32, max_position_embeddings=256, **common,
+        )
+    raise ValueError(arch)
+
+
+def build_tiny_model(arch: str, out: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_hf_config(arch))
+    model.save_pretrained(str(out), safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_BASE / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: tiny_model_dir("gpt2") -> a directory with a random-init model + tokenizer."""
+    cache: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in cache:
+            cache[arch] = build_tiny_model(arch, tmp_path_factory.mktemp(f"model-{arch}"))
+        return cache[arch]
+
+    return make
+
+
+@pytest.fixture
+def small_alpaca_file(tmp_path):
+    """Writer: small_alpaca_file(records=None, name="data.jsonl") -> path of a JSONL file."""
+
+    def write(records=None, name: str = "data.jsonl") -> Path:
+        if records is None:
+            records = [
+                {"instruction": f"What is {a} plus {b}?", "input": "", "output": str(a + b)}
+                for a, b in zip(range(10, 42), range(50, 82), strict=True)
+            ]
+        p = tmp_path / name
+        p.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        return p
+
+    return write
+
+
+def make_cfg(model_path, out_dir, *overrides: str, **kw):
+    """A small Config; keyword overrides use '__' for '.', e.g. train__lr=1e-3."""
+    base = {
+        "model.path": str(model_path),
+        "model.device": "cpu",
+        "data.path": "builtin:arithmetic_2ds",
+        "data.limit": 64,
+        "data.val_max_examples": 16,
+        "data.max_seq_length": 64,
+        "train.max_steps": 3,
+        "train.batch_size": 4,
+        "train.micro_batch_size": 4,
+        "train.warmup_steps": 0,
+        "train.log_every": 1,
+        "output.dir": str(out_dir),
+    }
+    for k, v in kw.items():
+        base[k.replace("__", ".")] = v
+    items = [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in base.items()]
+    return load_config(None, items + list(overrides))
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    """cfg_factory(model_path, *overrides, **kw) with output.dir under tmp_path."""
+    counter = iter(range(10_000))
+
+    def make(model_path="builtin:tiny", *overrides: str, **kw):
+        return make_cfg(model_path, tmp_path / f"run{next(counter)}", *overrides, **kw)
+
+    return make
