@@ -1,0 +1,191 @@
+"""The core subcommands: quickstart, train, generate, merge.
+
+    loralab quickstart [--out runs/quickstart] [--json]
+    loralab train run.yaml --set lora.r=16 --out runs/r16 [--json]
+    loralab generate --model builtin:tiny --adapter runs/r16 "What is 12 plus 30?"
+    loralab merge runs/r16 merged/
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from loralab.errors import ModelError
+
+log = logging.getLogger(__name__)
+QUICKSTART = Path(__file__).parent / "assets" / "configs" / "quickstart.yaml"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="one LoRA / QLoRA fine-tuning run from a YAML config")
+    p.add_argument("config", nargs="?", help="YAML config (defaults apply to missing keys)")
+    _run_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("quickstart", help="fine-tune the shipped tiny base on arithmetic, accuracy before/after")
+    _run_args(p)
+    p.add_argument("--eval-n", type=int, default=200, help="held-out problems per task (default 200)")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("generate", help="greedy generation from a base model, optionally with an adapter")
+    p.add_argument("prompt", nargs="+", help="instruction(s); wrapped in the Alpaca template unless --raw")
+    p.add_argument("--model", default="builtin:tiny")
+    p.add_argument("--adapter", help="run directory or PEFT adapter directory")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without a template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("merge", help="merge a run's adapter into its base and save a plain HF model")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--model", help="base model (default: the run's model.path)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set lora.r=16 (repeatable)")
+    p.add_argument("--out", help="run directory (output.dir)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+
+
+def _config(path: str | None, args: argparse.Namespace):
+    from loralab.config import load_config
+
+    overrides = list(args.overrides) + ([f"output.dir={args.out}"] if args.out else [])
+    return load_config(path, overrides)
+
+
+def _print_summary(s: dict) -> None:
+    rows = [("run directory", s["run_dir"]), ("status", s["status"]),
+            ("trainable / total params", f"{s['trainable_params']:,} / {s['total_params']:,}"),
+            ("steps", s["steps"]), ("final eval loss", f"{s['final_eval_loss']:.4f}"),
+            ("train time", f"{s['train_time_s']:.1f} s (wall {s['wall_time_s']:.1f} s)"),
+            ("tokens/s", f"{s['tokens_per_s']:.0f}"), ("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB")]
+    for k, v in rows:
+        print(f"{k:>26}: {v}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from loralab.cli import emit_json
+    from loralab.train.loop import train
+
+    cfg = _config(args.config, args)
+    summary = train(cfg, show_progress=sys.stderr.isatty())
+    emit_json(summary) if args.json else _print_summary(summary)
+    return 0
+
+
+def arithmetic_test_set(task: str, n: int, template: str = "alpaca") -> tuple[list[str], list[str]]:
+    from loralab.data.dataset import DATA_DIR, read_records
+    from loralab.data.templates import format_prompt
+
+    records = [r for _, r in read_records(DATA_DIR / f"{task}_test.jsonl")][:n]
+    return [format_prompt(r["instruction"], r["input"], template=template) for r in records], [r["output"] for r in records]
+
+
+def _accuracy_rows(model, tokenizer, n: int) -> dict[str, dict]:
+    from loralab.evaluate.exact_match import exact_match
+
+    out = {}
+    for task in ("arithmetic_2ds", "arithmetic_4ds"):
+        prompts, answers = arithmetic_test_set(task, n)
+        acc = exact_match(model, tokenizer, prompts, answers, max_new_tokens=8)
+        lo, hi = acc.wilson()
+        out[task] = {"exact_match": acc.value, "ci_low": lo, "ci_high": hi, "n": acc.n}
+    return out
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """Accuracy of the tiny base, a LoRA run on arithmetic, accuracy again."""
+    from loralab.cli import emit_json
+    from loralab.models import load_base
+    from loralab.train.loop import train
+
+    t0 = time.perf_counter()
+    cfg = _config(str(QUICKSTART), args)
+    if not args.out and not any(o.startswith("output.dir=") for o in args.overrides):
+        cfg.output.dir = "runs/quickstart"
+    base, tokenizer = load_base(cfg.model, cfg.quant)
+    log.info("evaluating the base model on %d held-out problems per task ...", args.eval_n)
+    before = _accuracy_rows(base, tokenizer, args.eval_n)
+    del base
+    log.info("fine-tuning with LoRA (r=%d, alpha=%g, targets=%s) ...", cfg.lora.r, cfg.lora.alpha, ",".join(cfg.lora.targets))
+    summary = train(cfg, show_progress=sys.stderr.isatty(), keep_model=True)
+    model, tokenizer = summary.pop("_model"), summary.pop("_tokenizer")
+    after = _accuracy_rows(model, tokenizer, args.eval_n)
+    result = {"before": before, "after": after, "summary": summary, "total_time_s": time.perf_counter() - t0}
+    from loralab.train.loop import write_json
+
+    write_json(Path(summary["run_dir"]) / "quickstart.json", {k: v for k, v in result.items() if k != "summary"})
+    if args.json:
+        emit_json(result)
+        return 0
+    print(f"{'task':<16}{'base':>10}{'LoRA':>10}   (exact match, n={args.eval_n} held-out problems)")
+    for task in before:
+        print(f"{task:<16}{before[task]['exact_match']:>10.1%}{after[task]['exact_match']:>10.1%}")
+    print(f"\ntrained {summary['trainable_params']:,} of {summary['total_params']:,} parameters in "
+          f"{summary['train_time_s']:.1f} s ({summary['tokens_per_s']:.0f} tokens/s), "
+          f"final eval loss {summary['final_eval_loss']:.4f}; total {result['total_time_s']:.0f} s")
+    print(f"run directory: {summary['run_dir']}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from loralab.adapters import load_adapter
+    from loralab.cli import emit_json
+    from loralab.config import ModelConfig, QuantConfig
+    from loralab.data.templates import format_prompt
+    from loralab.evaluate.exact_match import greedy_generate
+    from loralab.models import load_base
+
+    model, tokenizer = load_base(ModelConfig(path=args.model), QuantConfig())
+    if args.adapter:
+        model = load_adapter(model, args.adapter)
+    prompts = args.prompt if args.raw else [format_prompt(p) for p in args.prompt]
+    outs = greedy_generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        emit_json({"generations": [{"prompt": p, "output": o} for p, o in zip(args.prompt, outs, strict=True)]})
+    else:
+        for o in outs:
+            print(o.strip())
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Fold the adapter into the base weights; the result loads with from_pretrained."""
+    import shutil
+
+    from loralab.adapters import load_adapter
+    from loralab.cli import emit_json
+    from loralab.config import ModelConfig, QuantConfig, read_yaml
+    from loralab.models import load_base
+
+    run = Path(args.run_dir)
+    out = Path(args.out_dir)
+    if out.exists():
+        raise ModelError(f"{out} already exists; choose a new directory (nothing was overwritten)")
+    base_path = args.model
+    if base_path is None:
+        if not (run / "config.yaml").is_file():
+            raise ModelError(f"{run}: no config.yaml to read the base model from; pass --model")
+        base_path = (read_yaml(run / "config.yaml") or {}).get("model", {}).get("path")
+    model, tokenizer = load_base(ModelConfig(path=base_path, device="cpu"), QuantConfig())
+    merged = load_adapter(model, run).merge_and_unload()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.config.use_cache = True
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    tmp.replace(out)
+    if args.json:
+        emit_json({"merged": str(out), "base": base_path, "adapter": str(run)})
+    else:
+        print(f"merged model written to {out}")
+    return 0
