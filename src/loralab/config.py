@@ -95,8 +95,6 @@ class TrainConfig:
     seed: int = _f(1337, "Seeds data order, dropout and adapter init.")
     autocast: Literal["none", "bf16"] = _f("none", "bf16 autocast for the forward pass.")
     log_every: int = _f(10, "Write a train-loss line to metrics.jsonl every N steps.", gt=0)
-    checkpoint_every: int = _f(0, "Save a resumable checkpoint every N steps (0 = off).", ge=0)
-    keep_last: int = _f(2, "Checkpoints kept on disk.", gt=0)
     on_nonfinite: Literal["stop", "skip"] = _f("stop", "A NaN/inf loss or gradient stops the run (diverged) or skips the step, counted.")
 
 
