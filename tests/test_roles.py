@@ -53,10 +53,6 @@ EXPECTED = {
 }
 FUSED = {"gpt2": "c_attn", "gpt_neox": "query_key_value", "phi3": "qkv_proj"}
 N_LAYERS = 2
-NEOX_HEAD_BUG = (
-    "BUG src/loralab/roles.py:41: _NEOX maps head to 'embed_out', but transformers 5 names "
-    "GPTNeoXForCausalLM's head 'lm_head', so targets=[head] on gpt_neox matches nothing"
-)
 
 
 def load(model_dir):
@@ -85,10 +81,7 @@ def role_cases():
                 if role != "query":
                     continue
                 targets = ["query", "key", "value"]
-            marks = ()
-            if arch == "gpt_neox" and role == "head":
-                marks = pytest.mark.xfail(strict=True, reason=NEOX_HEAD_BUG)
-            yield pytest.param(arch, targets, id=f"{arch}-{'+'.join(targets)}", marks=marks)
+            yield pytest.param(arch, targets, id=f"{arch}-{'+'.join(targets)}")
 
 
 @pytest.mark.parametrize("arch,targets", list(role_cases()))
@@ -131,7 +124,6 @@ def test_fused_two_of_three_refused(tiny_model_dir):
         peft_lora_config(model, LoraConfig(targets=["query", "value"]))
 
 
-@pytest.mark.xfail(strict=True, reason=NEOX_HEAD_BUG)
 def test_head_role_neox(tiny_model_dir):
     model = load(tiny_model_dir("gpt_neox"))
     assert head_module_name(model) == "lm_head"

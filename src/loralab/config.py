@@ -45,7 +45,7 @@ class QuantConfig:
     mode: Literal["none", "nf4", "fp4"] = _f("none", "bitsandbytes 4-bit quantization of the base (QLoRA).")
     double_quant: bool = _f(True, "Quantize the 4-bit block scales too (saves ~0.4 bit per weight).")
     compute_dtype: Literal["bf16", "fp32"] = _f("bf16", "dtype the 4-bit weights are dequantized to for matmuls.")
-    block_size: int = _f(64, "Weights per absmax block of the 4-bit format.", gt=0)
+    block_size: int = _f(64, "Weights per absmax block of the 4-bit format (bitsandbytes through transformers uses 64; only 64 trains).", gt=0)
 
 
 @dataclass
@@ -247,6 +247,8 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
         errors.append(f"train.betas must be two numbers in [0, 1) (got {t.betas})")
     if not cfg.lora.targets:
         errors.append("lora.targets must name at least one role or module (for example [query, value])")
+    if cfg.quant.block_size != 64:
+        errors.append(f"quant.block_size must be 64 (got {cfg.quant.block_size}): bitsandbytes 4-bit as loaded by transformers uses 64-weight blocks")
     d = cfg.data
     if d.max_response_chars is not None and d.max_response_chars < d.min_response_chars:
         errors.append(

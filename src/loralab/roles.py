@@ -38,7 +38,7 @@ _NEOX = {
     "qkv": ["attention.query_key_value"],
     "projection": ["attention.dense"],
     "mlp": ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
-    "head": ["embed_out"],
+    "head": ["lm_head"],  # informational: the head role resolves through get_output_embeddings()
 }
 _OPT = {
     "query": ["self_attn.q_proj"],
@@ -181,7 +181,12 @@ def resolve_targets(
             f"({', '.join(ROLES)}, all) nor a linear module of this model. Its linear layers are "
             f"named {', '.join(sample)}; a regex is written re:<pattern>."
         )
-    suffixes = expand_roles(model_type, roles, linear_names) + raw
+    # The head is found from the model itself (get_output_embeddings), whatever its name.
+    suffixes = expand_roles(model_type, [r for r in roles if r != "head"], linear_names) + raw
+    if "head" in roles:
+        if head_name is None or head_name not in linear_names:
+            raise ModelError("lora.targets asks for head, but this model has no linear output head")
+        suffixes.append(head_name)
     if "all" in targets:
         suffixes += sorted({n.split(".")[-1] for n in linear_names if n != head_name})
     compiled = []
