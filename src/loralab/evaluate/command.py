@@ -1,0 +1,86 @@
+"""``loralab eval``: score a base model and its adapters on built-in or YAML tasks.
+
+    loralab eval --model builtin:tiny --adapter runs/r8 --adapter runs/r16 \\
+        --tasks arithmetic_2ds,world_mc,my_task.yaml --limit 100 [--json]
+
+One table: task, metric, then one column per model (base, then each adapter) with
+``value [ci_low, ci_high] n=N``. With --json: ``{"results": [{model, adapter, task, metric,
+value, ci_low, ci_high, n, skipped}, ...]}``. The base is reloaded for each adapter so
+adapters never stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a base model and adapters on tasks")
+    p.add_argument("--model", required=True, help="base model directory, hub id or builtin:tiny")
+    p.add_argument("--adapter", action="append", default=[], help="run or adapter directory (repeatable)")
+    p.add_argument("--tasks", default="arithmetic_2ds,arithmetic_4ds,world_mc,world_pairs",
+                   help="comma-separated built-in task names and/or task YAML files")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_eval)
+
+
+def _fmt(x: float) -> str:
+    return "nan" if not math.isfinite(x) else f"{x:.3f}"
+
+
+def evaluate(model_path: str, adapters: list[str], tasks, *, batch_size: int = 16) -> list[dict]:
+    from loralab.adapters import load_adapter
+    from loralab.config import ModelConfig, QuantConfig
+    from loralab.models import load_base
+
+    rows = []
+    for adapter in [None, *adapters]:
+        model, tok = load_base(ModelConfig(path=model_path), QuantConfig())
+        if adapter is not None:
+            model = load_adapter(model, adapter)
+        for t in tasks:
+            log.info("eval %s on %s (%d examples)", adapter or "base", t.name, len(t.items))
+            for metric, s in t.run(model, tok, batch_size=batch_size).items():
+                if s.skipped:
+                    log.warning("%s: %d example(s) longer than the context window skipped for %s",
+                                t.name, s.skipped, metric)
+                rows.append({"model": model_path, "adapter": adapter, "task": t.name, "metric": metric,
+                             "value": s.value, "ci_low": s.ci_low, "ci_high": s.ci_high, "n": s.n,
+                             "skipped": s.skipped})
+    return rows
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from loralab.cli import emit_json
+    from loralab.errors import DataError
+    from loralab.evaluate.tasks import resolve_tasks
+
+    if args.limit is not None and args.limit < 1:
+        raise DataError("--limit must be a positive integer")
+    tasks = resolve_tasks(args.tasks, args.limit)
+    rows = evaluate(args.model, args.adapter, tasks, batch_size=args.batch_size)
+    if args.json:
+        emit_json({"results": rows})
+        return 0
+    cols = ["base", *args.adapter]
+    keys = list(dict.fromkeys((r["task"], r["metric"]) for r in rows))
+    cell = {(r["task"], r["metric"], r["adapter"] or "base"): r for r in rows}
+    table = [["task", "metric", *cols]]
+    for task, metric in keys:
+        line = [task, metric]
+        for c in cols:
+            r = cell.get((task, metric, c))
+            line.append("" if r is None else
+                        f"{_fmt(r['value'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] n={r['n']}"
+                        + (f" ({r['skipped']} skipped)" if r["skipped"] else ""))
+        table.append(line)
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return 0

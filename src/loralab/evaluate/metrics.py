@@ -1,0 +1,345 @@
+"""Scoring by log-likelihood: one batched forward pass per group of (context, continuation).
+
+Every metric here is built on :func:`score_continuations`:
+
+* the context is tokenized with the tokenizer's special tokens (``<s>`` in front for
+  builtin:tiny), the continuation with ``add_special_tokens=False``; the model reads
+  ``context_ids + continuation_ids`` (right-padded in a batch, attention mask on padding);
+* for continuation token ``t_i`` at position ``p`` the score is
+  ``log_softmax(logits[p - 1])[t_i]`` and ``greedy_i = argmax(logits[p - 1]) == t_i``;
+* ``ll = sum_i log p(t_i | context, t_<i)``.
+
+A request whose ``context + continuation`` is longer than the model's context window is
+never truncated: it is returned as ``None`` (skipped) and the caller reports the count.
+
+Intervals (all 95%): Wilson for accuracies (:meth:`Accuracy.wilson`), and the normal
+approximation ``mean +/- 1.96 * sd / sqrt(n)`` (sample sd, ``n - 1``) for means of
+per-example values (MC2, losses).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from loralab.errors import DataError
+from loralab.evaluate.exact_match import Accuracy
+
+Z95 = 1.96
+
+
+@dataclass
+class Score:
+    """One metric value with its 95% interval; ``skipped`` counts examples not scored."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+    n: int
+    skipped: int = 0
+
+
+def accuracy_score(correct: int, n: int, skipped: int = 0) -> Score:
+    acc = Accuracy(correct, n)
+    lo, hi = acc.wilson()
+    return Score(acc.value, lo, hi, n, skipped)
+
+
+def mean_score(values: list[float], skipped: int = 0) -> Score:
+    """Mean with the normal-approximation 95% interval of the mean (sample sd)."""
+    n = len(values)
+    if not n:
+        return Score(float("nan"), float("nan"), float("nan"), 0, skipped)
+    mean = math.fsum(values) / n
+    if n < 2:
+        return Score(mean, float("nan"), float("nan"), n, skipped)
+    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    half = Z95 * math.sqrt(var / n)
+    return Score(mean, mean - half, mean + half, n, skipped)
+
+
+@dataclass
+class Scored:
+    """Per-token log-probs and greedy flags of one continuation."""
+
+    logprobs: list[float]
+    greedy: list[bool]
+
+    @property
+    def ll(self) -> float:
+        return math.fsum(self.logprobs)
+
+    @property
+    def all_greedy(self) -> bool:
+        return all(self.greedy)
+
+
+def context_window(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+@torch.no_grad()
+def score_continuations(model, tokenizer, requests: list[tuple[str, str]], *, append_eos: bool = False,
+                        batch_size: int = 16, max_length: int | None = None) -> list[Scored | None]:
+    """Score each (context, continuation); ``None`` where the sequence exceeds the window.
+
+    With ``append_eos`` the eos token is scored as the last continuation token.
+    """
+    device = next(model.parameters()).device
+    limit = max_length or context_window(model)
+    encoded: list[tuple[list[int], list[int]] | None] = []
+    cache: dict[str, list[int]] = {}
+    for ctx, cont in requests:
+        if ctx not in cache:
+            cache[ctx] = tokenizer(ctx, add_special_tokens=True)["input_ids"]
+        c = list(tokenizer(cont, add_special_tokens=False)["input_ids"])
+        if append_eos:
+            c.append(tokenizer.eos_token_id)
+        if not c:
+            raise DataError(f"empty continuation {cont!r} after context {ctx[-60:]!r}")
+        total = len(cache[ctx]) + len(c)
+        encoded.append(None if limit is not None and total > limit else (cache[ctx], c))
+    was_training = model.training
+    model.eval()
+    out: list[Scored | None] = [None] * len(requests)
+    todo = [i for i, e in enumerate(encoded) if e is not None]
+    todo.sort(key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))  # similar lengths together
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    try:
+        for b in range(0, len(todo), batch_size):
+            idx = todo[b : b + batch_size]
+            seqs = [encoded[i][0] + encoded[i][1] for i in idx]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for r, s in enumerate(seqs):
+                ids[r, : len(s)] = torch.tensor(s)
+                mask[r, : len(s)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            for r, i in enumerate(idx):
+                ctx, cont = encoded[i]
+                start = len(ctx)
+                rows = logits[r, start - 1 : start - 1 + len(cont)].double()  # predict cont tokens
+                lp = torch.log_softmax(rows, dim=-1)
+                tgt = torch.tensor(cont, device=lp.device)
+                token_lp = lp.gather(1, tgt[:, None])[:, 0]
+                greedy = rows.argmax(dim=-1) == tgt
+                out[i] = Scored(token_lp.tolist(), greedy.tolist())
+    finally:
+        model.train(was_training)
+    return out
+
+
+# --- multiple choice (TruthfulQA MC1 / MC2, as lm-evaluation-harness scores them) ---------
+
+
+@dataclass
+class MCQuestion:
+    """A question with labelled choices; ``mc1``/``mc2`` map choice text -> 0/1."""
+
+    question: str
+    mc1: dict[str, int]
+    mc2: dict[str, int] = field(default_factory=dict)
+    where: str = ""
+
+
+def mc_prompt(question: str, preamble: str = "") -> str:
+    """``preamble + "Q: {question}\\nA:"`` (lm-eval's truthfulqa_mc doc_to_text, preamble optional)."""
+    return f"{preamble}Q: {question}\nA:"
+
+
+def mc1_from_lls(lls: list[float], labels: list[int]) -> int:
+    """1 when the single choice labelled 1 has the strictly highest ll (ties: first max wins).
+
+    lm-eval's MC1 is ``argmax(lls) == index of the true choice``; argmax returns the first
+    maximum, reproduced here.
+    """
+    true = [i for i, lab in enumerate(labels) if lab == 1]
+    if len(true) != 1:
+        raise DataError(f"MC1 needs exactly one choice labelled 1, got {len(true)}")
+    best = max(range(len(lls)), key=lambda i: (lls[i], -i))
+    return int(best == true[0])
+
+
+def mc2_from_lls(lls: list[float], labels: list[int]) -> float:
+    """sum over true choices of exp(ll) / sum over all choices of exp(ll), via logsumexp.
+
+    Equals lm-eval's ``p_true / (p_true + p_false)`` with ``p = exp(ll)``, computed as
+    ``exp(logsumexp(ll_true) - logsumexp(ll_all))`` so it neither underflows nor overflows.
+    """
+    if not any(lab == 1 for lab in labels):
+        raise DataError("MC2 needs at least one choice labelled 1")
+    t = torch.tensor(lls, dtype=torch.float64)
+    m = torch.tensor([lab == 1 for lab in labels])
+    return float(torch.exp(torch.logsumexp(t[m], 0) - torch.logsumexp(t, 0)))
+
+
+def score_mc(model, tokenizer, questions: list[MCQuestion], *, preamble: str = "",
+             batch_size: int = 16) -> dict[str, Score]:
+    """MC1 (accuracy, Wilson) and MC2 (mean, normal interval); continuations are ``" " + choice``.
+
+    All continuations of all questions go through :func:`score_continuations` in batches.
+    A question with any choice over the context window is skipped (counted in ``skipped``).
+    """
+    reqs: list[tuple[str, str]] = []
+    spans = []
+    for q in questions:
+        ctx = mc_prompt(q.question, preamble)
+        spans.append([])
+        for key in ("mc1", "mc2"):
+            choices = list(getattr(q, key).items())
+            s = len(reqs)
+            reqs += [(ctx, " " + c) for c, _ in choices]
+            spans[-1].append((s, [lab for _, lab in choices]))
+    scored = score_continuations(model, tokenizer, reqs, batch_size=batch_size)
+    mc1_hits, mc1_n, mc2_vals, skipped1, skipped2 = 0, 0, [], 0, 0
+    for q, ((s1, lab1), (s2, lab2)) in zip(questions, spans, strict=True):
+        if lab1:
+            part = scored[s1 : s1 + len(lab1)]
+            if any(x is None for x in part):
+                skipped1 += 1
+            else:
+                mc1_hits += mc1_from_lls([x.ll for x in part], lab1)
+                mc1_n += 1
+        if lab2:
+            part = scored[s2 : s2 + len(lab2)]
+            if any(x is None for x in part):
+                skipped2 += 1
+            else:
+                mc2_vals.append(mc2_from_lls([x.ll for x in part], lab2))
+    out = {}
+    if any(q.mc1 for q in questions):
+        out["mc1"] = accuracy_score(mc1_hits, mc1_n, skipped1)
+    if any(q.mc2 for q in questions):
+        out["mc2"] = mean_score(mc2_vals, skipped2)
+    return out
+
+
+# --- minimal pairs --------------------------------------------------------------------------
+
+
+def score_pairs(model, tokenizer, pairs: list[tuple[str, str]], *, batch_size: int = 16) -> dict[str, Score]:
+    """pairs_accuracy: share of (good, bad) pairs where ll(good) > ll(bad) (strictly; Wilson).
+
+    ll of a sentence is the sum of the log-probs of all its tokens after the tokenizer's
+    start token (context ``""``, i.e. ``<s>`` alone for builtin:tiny; a tokenizer without a
+    BOS token gets the eos token as the start, like lm-eval's empty-context rule).
+    """
+    bos = tokenizer("", add_special_tokens=True)["input_ids"]
+    reqs = [("", s) for pair in pairs for s in pair]
+    if not bos:  # no start token: score from eos, as lm-eval does for an empty context
+        reqs = [(tokenizer.eos_token, s) for _, s in reqs]
+    scored = score_continuations(model, tokenizer, reqs, batch_size=batch_size)
+    hits = n = skipped = 0
+    for k in range(len(pairs)):
+        g, b = scored[2 * k], scored[2 * k + 1]
+        if g is None or b is None:
+            skipped += 1
+            continue
+        n += 1
+        hits += g.ll > b.ll
+    return {"pairs_accuracy": accuracy_score(hits, n, skipped)}
+
+
+# --- lettered multiple choice (MMLU style) --------------------------------------------------
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def lettered_prompt(question: str, choices: list[str], template: str | None = None) -> str:
+    """Default: ``"{question}\\nA. c0\\nB. c1\\n...\\nAnswer:"``; a template gets
+    ``{question}`` and ``{choices}`` (the lettered lines)."""
+    lines = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+    if template:
+        return template.format(question=question, choices=lines)
+    return f"{question}\n{lines}\nAnswer:"
+
+
+def score_lettered(model, tokenizer, items: list[tuple[str, int, int]], *, batch_size: int = 16) -> dict[str, Score]:
+    """accuracy: 1 when ``" A"``, ``" B"``, ... with the highest ll after the formatted
+    prompt is the answer's letter. ``items`` are (prompt, number of choices, answer index)."""
+    reqs, spans = [], []
+    for prompt, k, _ in items:
+        spans.append(len(reqs))
+        reqs += [(prompt, " " + LETTERS[i]) for i in range(k)]
+    scored = score_continuations(model, tokenizer, reqs, batch_size=batch_size)
+    hits = n = skipped = 0
+    for (prompt, k, ans), s in zip(items, spans, strict=True):
+        part = scored[s : s + k]
+        if any(x is None for x in part):
+            skipped += 1
+            continue
+        lls = [x.ll for x in part]
+        n += 1
+        hits += max(range(k), key=lambda i: (lls[i], -i)) == ans
+    return {"accuracy": accuracy_score(hits, n, skipped)}
+
+
+# --- generation tasks (Alpaca) --------------------------------------------------------------
+
+
+def score_generation(model, tokenizer, prompts: list[str], answers: list[str], *, metrics: list[str],
+                     stop: str | None = None, max_new_tokens: int = 16, batch_size: int = 16) -> dict[str, Score]:
+    """Metrics for (prompt, answer) tasks; each is defined exactly as:
+
+    * ``exact_match``: greedy generation (:func:`greedy_generate`, cut at ``stop``) compared
+      with the answer after ``strip()`` on both; Wilson interval.
+    * ``greedy_match``: teacher-forced, no generation: 1 when, at every answer-token position
+      (answer tokenized with ``add_special_tokens=False``, eos not included), the argmax of
+      the logits equals the answer token; Wilson interval.
+    * ``loss``: per example, the mean negative log-likelihood of the response tokens
+      (response = answer tokens + eos); the value is the mean over examples, with the
+      normal 95% interval of that mean.
+    * ``perplexity``: ``exp(loss)``, interval ``exp`` of the loss interval.
+    * ``token_accuracy``: share of all response tokens (answer + eos, pooled over examples)
+      where the argmax equals the token; Wilson interval over tokens (n = token count).
+
+    Examples whose prompt + response exceed the context window are skipped and counted.
+    """
+    out: dict[str, Score] = {}
+    want_tf = [m for m in metrics if m in ("greedy_match", "loss", "perplexity", "token_accuracy")]
+    if want_tf:
+        scored = score_continuations(model, tokenizer, list(zip(prompts, answers, strict=True)),
+                                     append_eos=True, batch_size=batch_size)
+        ok = [s for s in scored if s is not None]
+        skipped = len(scored) - len(ok)
+        if "greedy_match" in metrics:
+            out["greedy_match"] = accuracy_score(sum(all(s.greedy[:-1]) for s in ok), len(ok), skipped)
+        losses = [-math.fsum(s.logprobs) / len(s.logprobs) for s in ok]
+        if "loss" in metrics or "perplexity" in metrics:
+            ls = mean_score(losses, skipped)
+            if "loss" in metrics:
+                out["loss"] = ls
+            if "perplexity" in metrics:
+                out["perplexity"] = Score(math.exp(ls.value), _exp(ls.ci_low), _exp(ls.ci_high), ls.n, skipped)
+        if "token_accuracy" in metrics:
+            out["token_accuracy"] = accuracy_score(sum(sum(s.greedy) for s in ok),
+                                                   sum(len(s.greedy) for s in ok), skipped)
+    if "exact_match" in metrics:
+        out["exact_match"] = exact_match_score(model, tokenizer, prompts, answers, stop=stop,
+                                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return {m: out[m] for m in metrics if m in out}
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if math.isfinite(x) else float("nan")
+
+
+def exact_match_score(model, tokenizer, prompts, answers, *, stop=None, max_new_tokens=16, batch_size=16) -> Score:
+    """Greedy generation; prompts over the window (prompt + max_new_tokens) are skipped."""
+    from loralab.evaluate.exact_match import greedy_generate
+
+    limit = context_window(model)
+    keep = [i for i, p in enumerate(prompts)
+            if limit is None or len(tokenizer(p)["input_ids"]) + max_new_tokens <= limit]
+    preds = greedy_generate(model, tokenizer, [prompts[i] for i in keep], max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, stop=stop)
+    hits = sum(p.strip() == answers[i].strip() for p, i in zip(preds, keep, strict=True))
+    return accuracy_score(hits, len(keep), len(prompts) - len(keep))
