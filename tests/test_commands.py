@@ -1,0 +1,94 @@
+"""The command line end to end: quickstart, train --json, generate, merge, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loralab.cli import main
+
+SMALL = ["--set", "data.limit=64", "--set", "data.val_max_examples=16", "--set", "train.batch_size=8",
+         "--set", "train.micro_batch_size=8"]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A short run on the shipped base with a large lr, so the adapter is clearly non-zero."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    code = main(["train", "--out", str(out), "--set", "train.max_steps=4", "--set", "train.lr=1e-2",
+                 "--set", "lora.dropout=0", "--set", "lora.targets=all", *SMALL])
+    assert code == 0
+    return out
+
+
+def test_train_json_contract(trained_run):
+    summary = json.loads((trained_run / "summary.json").read_text())
+    for key in ("status", "error", "wall_time_s", "train_time_s", "tokens_per_s", "peak_memory_bytes",
+                "trainable_params", "total_params", "final_eval_loss"):
+        assert key in summary
+    assert summary["status"] == "completed" and summary["error"] is None
+    assert summary["steps"] == 4 and summary["tokens_per_s"] > 0
+    assert summary["peak_memory_bytes"] > 10 * 2**20
+
+
+def test_quickstart_short(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "quickstart", "--out", str(tmp_path / "qs"), "--eval-n", "10",
+                           "--set", "train.max_steps=5", "--json")
+    assert code == 0
+    result = json.loads(out)
+    for when in ("before", "after"):
+        for task in ("arithmetic_2ds", "arithmetic_4ds"):
+            row = result[when][task]
+            assert row["n"] == 10 and 0.0 <= row["ci_low"] <= row["exact_match"] <= row["ci_high"] <= 1.0
+    assert result["summary"]["steps"] == 5
+    assert (tmp_path / "qs" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "qs" / "quickstart.json").read_text())["after"] == result["after"]
+
+
+def test_merge_matches_adapter_logits(capsys, trained_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from loralab.adapters import load_adapter
+    from loralab.models import BUILTIN_MODELS
+
+    code, out, _ = run_cli(capsys, "merge", str(trained_run), str(tmp_path / "merged"), "--json")
+    assert code == 0 and json.loads(out)["merged"] == str(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(BUILTIN_MODELS["builtin:tiny"])
+    plain = AutoModelForCausalLM.from_pretrained(BUILTIN_MODELS["builtin:tiny"]).eval()
+    with_adapter = load_adapter(base, trained_run).eval()
+    ids = torch.tensor([[0, 60, 61, 62, 70, 80, 90]])
+    with torch.no_grad():
+        a, b, c = (m(input_ids=ids).logits for m in (merged, with_adapter, plain))
+    assert torch.allclose(a, b, atol=1e-4)
+    assert (a - c).abs().max() > 1e-3  # the merge changed the weights
+
+
+def test_merge_refuses_existing_output(capsys, trained_run, tmp_path):
+    (tmp_path / "taken").mkdir()
+    code, _, err = run_cli(capsys, "merge", str(trained_run), str(tmp_path / "taken"))
+    assert code == 2 and "already exists" in err
+
+
+def test_generate_with_adapter(capsys, trained_run):
+    code, out, _ = run_cli(capsys, "generate", "--adapter", str(trained_run), "--max-new-tokens", "4",
+                           "--json", "What is 12 plus 30?")
+    assert code == 0
+    gens = json.loads(out)["generations"]
+    assert len(gens) == 1 and gens[0]["prompt"] == "What is 12 plus 30?"
+
+
+def test_bad_config_exits_2_and_names_key(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "r"), "--set", "lora.r=0",
+                           "--set", "train.lr=-1")
+    assert code == 2
+    assert "lora.r must be > 0" in err and "train.lr must be > 0" in err
+    assert not (tmp_path / "r").exists()  # rejected before anything was written
