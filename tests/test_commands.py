@@ -92,3 +92,17 @@ def test_bad_config_exits_2_and_names_key(capsys, tmp_path):
     assert code == 2
     assert "lora.r must be > 0" in err and "train.lr must be > 0" in err
     assert not (tmp_path / "r").exists()  # rejected before anything was written
+
+
+def test_eval_tasks_during_training(tmp_path):
+    out = tmp_path / "evrun"
+    code = main(["train", "--out", str(out), "--set", "train.max_steps=4", "--set", "eval.every=2",
+                 "--set", "eval.tasks=world_pairs,arithmetic_2ds", "--set", "eval.limit=8", *SMALL])
+    assert code == 0
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    assert [e["step"] for e in evals] == [2, 4]
+    for e in evals:
+        assert 0.0 <= e["arithmetic_2ds/exact_match"] <= 1.0 and e["world_pairs/pairs_accuracy"] >= 0.5
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_eval_tasks"]["arithmetic_2ds/loss"] == evals[-1]["arithmetic_2ds/loss"]
+    assert summary["best_eval_tasks"]["arithmetic_2ds/loss"] == min(e["arithmetic_2ds/loss"] for e in evals)

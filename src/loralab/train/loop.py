@@ -92,6 +92,23 @@ def evaluate_loss(model, examples: list[Example], *, batch_size: int, pad_id: in
     return total / max(1, count)
 
 
+def run_eval_tasks(model, tokenizer, tasks, *, batch_size: int) -> dict[str, float]:
+    """Each task's metrics as {"task/metric": value}, for metrics.jsonl and the summary."""
+    model.eval()
+    out = {}
+    for t in tasks:
+        for metric, score in t.run(model, tokenizer, batch_size=batch_size).items():
+            out[f"{t.name}/{metric}"] = score.value
+    model.train()
+    return out
+
+
+def best_of(key: str, values: list[float]) -> float:
+    lower_is_better = key.endswith(("/loss", "/perplexity"))
+    finite = [v for v in values if math.isfinite(v)] or [float("nan")]
+    return min(finite) if lower_is_better else max(finite)
+
+
 def plan_steps(cfg: Config, n_train: int) -> int:
     if cfg.train.max_steps:
         return cfg.train.max_steps
@@ -135,6 +152,12 @@ def fit(cfg: Config, run_dir: Path, *, show_progress: bool) -> dict[str, Any]:
     if splits.truncated_to_nothing:
         log.warning("%d examples lost every response token to truncation at max_seq_length=%d and were skipped",
                     splits.truncated_to_nothing, cfg.data.max_seq_length)
+    tasks = []
+    if cfg.eval.tasks:  # resolved before training, so a bad task file fails at once
+        from loralab.evaluate.tasks import resolve_tasks
+
+        tasks = resolve_tasks(",".join(cfg.eval.tasks), cfg.eval.limit)
+    task_history: dict[str, list[float]] = {}
     steps = plan_steps(cfg, len(splits.train))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, cfg.train)
@@ -180,7 +203,10 @@ def fit(cfg: Config, run_dir: Path, *, show_progress: bool) -> dict[str, Any]:
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == steps:
             eval_loss = evaluate_loss(model, splits.val, **eval_kw)
             best_eval = min(best_eval, eval_loss)
-            metrics.write(step=step, eval_loss=eval_loss, tokens_seen=tokens_seen)
+            task_values = run_eval_tasks(model, tokenizer, tasks, batch_size=eval_kw["batch_size"])
+            for k, v in task_values.items():
+                task_history.setdefault(k, []).append(v)
+            metrics.write(step=step, eval_loss=eval_loss, tokens_seen=tokens_seen, **task_values)
         progress(step, steps, step_loss, show_progress)
     metrics.close()
     if cfg.output.save_adapter:
@@ -194,6 +220,8 @@ def fit(cfg: Config, run_dir: Path, *, show_progress: bool) -> dict[str, Any]:
         "truncated_to_no_response": splits.truncated_to_nothing,
         "final_eval_loss": eval_loss,
         "best_eval_loss": best_eval if math.isfinite(best_eval) else None,
+        "final_eval_tasks": {k: v[-1] for k, v in task_history.items()},
+        "best_eval_tasks": {k: best_of(k, v) for k, v in task_history.items()},
         "wall_time_s": time.perf_counter() - t_start,
         "train_time_s": train_time,
         "tokens_seen": tokens_seen,
