@@ -1,0 +1,610 @@
+"""``loralab estimate``: parameters, memory and time of a LoRA / QLoRA run before it starts.
+
+The model is built from its config.json alone on the ``meta`` device (no weights are read),
+so a 70B model answers in well under a second. Counts come from the meta model's module
+shapes; memory is the sum of named parts::
+
+    est = estimate_run(load_config("run.yaml"))
+    est.trainable_params, est.memory_bytes["total"]
+
+    loralab estimate --model llama2-7b --r 8 --targets query,value --quant nf4 --budget 24GB
+
+Formulas (bytes; b = micro batch, s = sequence length, e = activation dtype bytes):
+
+* base weights: params x dtype bytes; with nf4/fp4 every linear layer except the output
+  head (and tied weights) as transformers' bitsandbytes integration quantizes them:
+  0.5 byte/weight + one fp32 absmax per block of 64 weights; with double quantization the
+  absmax is 8-bit plus an fp32 scale per 256 blocks. Embeddings, norms, head: model dtype.
+* LoRA weights and their gradients: fp32 (PEFT keeps adapters in fp32 by default).
+* optimizer state: AdamW 2 moments of the parameter dtype (8 bytes/param at fp32);
+  8-bit AdamW ~2 bytes/param; SGD 0, or one buffer with momentum; Adafactor factored:
+  a row and a column vector (fp32) per 2-D tensor, a full vector for 1-D tensors.
+* activations: what autograd keeps for backward, per token and decoder layer (SDPA
+  attention, no s^2 term): two RMSNorm inputs in fp32 (2 x 4h), q, k, v and the attention
+  output (2 x q_dim + 2 x kv_dim) x e, the MLP's gate, SiLU and up outputs 3 x f x e, and
+  per LoRA-wrapped module (adapters run in fp32) its input and dropout mask (2 x 4 x in;
+  4 x in without dropout) and its rank-r hidden (4r); DoRA adds 2 x out x e. Frozen linears
+  keep no activation (the weight suffices for the input gradient). The head keeps the
+  logits and fp32 log-probs (V x (e + 4)). With gradient checkpointing only each layer's
+  input (h x e) is kept, plus one layer's activations recomputed during backward.
+* backward transient: the log-probs' gradient (V x 4, + V x e below fp32), one layer's
+  activation gradients (2h + 2f) x e per token, and for 4-bit one dequantized weight.
+* framework: CUDA: 0.5 GiB context; CPU: baseline RSS of a process that imported torch,
+  transformers, peft and a model's code (440 MiB measured).
+* allocator_slack: CUDA: 10% of the rest (caching allocator, not validated here); CPU:
+  glibc keeps freed activation memory in its heaps, ~90% of activations + transient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from loralab.config import Config, apply_overrides, config_from_dict, read_yaml
+from loralab.errors import ConfigError, ModelError
+
+GIB = 1024**3
+# RSS of a fresh python after importing torch+transformers+peft (425 MiB measured) and
+# loading a model's code (+~15 MiB); weights are counted separately.
+CPU_BASELINE_RSS = 440 * 1024**2
+CPU_HEAP_RETENTION = 0.9  # see allocator_slack_bytes
+CUDA_CONTEXT = GIB // 2  # CUDA context + kernels; not seen by torch's allocator statistics
+ALLOCATOR_SLACK = 0.10  # CUDA caching allocator headroom (not validated here: no GPU)
+QUANT_TIME_FACTOR = 1.5  # seeds: nf4 QLoRA took 1.50x (fp4 1.40x) the time of bf16 LoRA
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+LORA_PARAM_BYTES = 4  # PEFT autocasts adapter weights to fp32 (autocast_adapter_dtype=True)
+# Architectures whose layer layout the activation formula describes exactly.
+LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "gemma2"}
+# Simple per-parameter figures (the seed: "Adam uses 8 bytes per parameter ... Adafactor
+# only 4"). Adafactor's 4 is the unfactored second moment in fp32; factored (what
+# estimate_run uses for matrices) it is (rows + cols) x 4 bytes per matrix, far less.
+OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adamw8bit": 2, "adafactor": 4, "sgd": 0}
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _asset(*parts: str) -> Path:
+    return Path(str(resources.files("loralab").joinpath("assets", *parts)))
+
+
+def preset_dir() -> Path:
+    return _asset("model_configs")
+
+
+def known_presets() -> list[str]:
+    """Preset names: the shipped config.json files plus ``tiny`` (the builtin base)."""
+    return sorted([p.stem for p in preset_dir().glob("*.json")] + ["tiny"])
+
+
+def resolve_model_config(spec: str) -> Path:
+    """Path of the config.json for a model directory, a .json file, a preset or builtin:tiny."""
+    if spec in ("tiny", "builtin:tiny"):
+        path = _asset("tiny-base", "config.json")
+        if not path.is_file():
+            raise ModelError(f"the builtin tiny base is not installed ({path} is missing)")
+        return path
+    if (preset_dir() / f"{spec}.json").is_file():
+        return preset_dir() / f"{spec}.json"
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model directory {p} has no config.json")
+        return p / "config.json"
+    if p.is_file():
+        return p
+    raise ModelError(
+        f"model {spec!r} is neither a local directory, a config.json, nor a known preset "
+        f"({', '.join(known_presets())}); estimate works offline and never reads hub ids"
+    )
+
+
+def load_model_config(path: Path) -> Any:
+    """A transformers config from a config.json; any problem names the file."""
+    from transformers import AutoConfig
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: not a readable config.json ({exc})") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ModelError(f"{path}: a config.json needs a model_type (for example \"llama\")")
+    model_type = raw.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **raw)
+    except Exception as exc:  # transformers raises ValueError/KeyError/TypeError here
+        raise ModelError(f"{path}: transformers cannot read this config ({type(exc).__name__}: {exc})") from None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs from a model, read off its meta-device instance."""
+
+    source: str
+    model_type: str
+    total_params: int
+    linears: dict[str, tuple[int, int]]  # module name -> (in_features, out_features)
+    quantizable: tuple[str, ...]  # linears that bitsandbytes 4-bit would replace
+    head_name: str | None
+    hidden: int
+    layers: int
+    intermediate: int
+    q_dim: int
+    kv_dim: int
+    vocab: int
+    known_layout: bool
+    guessed: tuple[str, ...] = ()  # config attributes that had to be guessed
+
+
+def _features(module: Any) -> tuple[int, int]:
+    w = module.weight
+    if type(module).__name__ == "Conv1D":  # GPT-2 style: weight is (in, out)
+        return int(w.shape[0]), int(w.shape[1])
+    return int(module.in_features), int(module.out_features)
+
+
+def _dims(cfg: Any) -> tuple[dict[str, int], list[str]]:
+    """hidden, layers, intermediate, q/kv widths and vocab, with fallbacks for odd configs."""
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    guessed: list[str] = []
+
+    def pick(names: tuple[str, ...], default: Any, label: str) -> int:
+        for n in names:
+            v = getattr(cfg, n, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        guessed.append(label)
+        return int(default)
+
+    h = pick(("hidden_size", "n_embd", "d_model"), 0, "hidden size")
+    heads = pick(("num_attention_heads", "n_head"), 1, "attention heads")
+    head_dim = getattr(cfg, "head_dim", None) or h // max(heads, 1)
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    dims = {
+        "hidden": h,
+        "layers": pick(("num_hidden_layers", "n_layer", "num_layers"), 1, "layers"),
+        "intermediate": pick(("intermediate_size", "n_inner", "ffn_dim"), 4 * h, "intermediate size"),
+        "q_dim": heads * head_dim,
+        "kv_dim": kv * head_dim,
+        "vocab": pick(("vocab_size",), 0, "vocab size"),
+    }
+    return dims, guessed
+
+
+@lru_cache(maxsize=32)
+def describe_model(spec: str) -> ModelShape:
+    """Build the model on the meta device and read its shapes (cached per spec)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    from loralab.roles import head_module_name, linear_module_names
+
+    path = resolve_model_config(spec)
+    cfg = load_model_config(path)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot build a causal LM from this config ({type(exc).__name__}: {exc})") from None
+    modules = dict(model.named_modules())
+    linears = {n: _features(modules[n]) for n in linear_module_names(model)}
+    skip = set(get_keys_to_not_convert(model))
+    quantizable = tuple(n for n in linears if n not in skip and not any(n.endswith("." + s) for s in skip))
+    dims, guessed = _dims(cfg)
+    return ModelShape(
+        source=str(path),
+        model_type=str(cfg.model_type),
+        total_params=sum(p.numel() for p in model.parameters()),
+        linears=linears,
+        quantizable=quantizable,
+        head_name=head_module_name(model),
+        known_layout=cfg.model_type in LLAMA_LIKE,
+        guessed=tuple(guessed),
+        **dims,
+    )
+
+
+def lora_modules(shape: ModelShape, targets: list[str]) -> list[str]:
+    """Full names of the modules PEFT wraps for these targets (roles, names or re:...)."""
+    from loralab.roles import resolve_targets
+
+    linear = list(shape.linears)
+    return resolve_targets(model_type=shape.model_type, linear_names=linear, head_name=shape.head_name, targets=targets).modules
+
+
+def lora_tensor_shapes(shape: ModelShape, modules: list[str], r: int, dora: bool) -> list[tuple[int, ...]]:
+    """Shapes of the trainable tensors PEFT creates: A (r, in), B (out, r), DoRA magnitude (out,)."""
+    out: list[tuple[int, ...]] = []
+    for name in modules:
+        fan_in, fan_out = shape.linears[name]
+        out += [(r, fan_in), (fan_out, r)] + ([(fan_out,)] if dora else [])
+    return out
+
+
+# ----------------------------------------------------------------------------- memory parts
+
+
+def quantized_bytes(n_weights: int, *, double_quant: bool, block_size: int = 64) -> int:
+    """Bytes of one 4-bit (nf4/fp4) weight tensor: packed nibbles plus block scales."""
+    blocks = math.ceil(n_weights / block_size)
+    packed = math.ceil(n_weights / 2)
+    if not double_quant:
+        return packed + 4 * blocks
+    return packed + blocks + 4 * math.ceil(blocks / 256) + 4  # 8-bit absmax, fp32 scales, offset
+
+
+def optimizer_state_bytes(
+    optimizer: str, tensor_shapes: list[tuple[int, ...]], param_bytes: int = 4, momentum: float = 0.0
+) -> int:
+    """Optimizer state for the trainable tensors (torch semantics: state dtype = param dtype)."""
+    n = sum(math.prod(s) for s in tensor_shapes)
+    if optimizer == "adamw":
+        return 2 * param_bytes * n
+    if optimizer == "adamw8bit":  # two uint8 moments + an fp32 absmax per 256 values each
+        return 2 * (n + 4 * math.ceil(n / 256))
+    if optimizer == "sgd":
+        return param_bytes * n if momentum > 0 else 0
+    if optimizer == "adafactor":  # factored second moment for matrices, full for vectors
+        return sum(4 * (sum(s) if len(s) == 2 else math.prod(s)) for s in tensor_shapes)
+    raise ConfigError(f"train.optimizer: unknown optimizer {optimizer!r} (known: {', '.join(OPTIMIZER_BYTES_PER_PARAM)})")
+
+
+def base_weight_bytes(shape: ModelShape, *, dtype: str, quant: str, double_quant: bool, block_size: int) -> int:
+    """Frozen base: everything in dtype, or 4-bit linears plus the rest in dtype."""
+    e = DTYPE_BYTES[dtype]
+    if quant == "none":
+        return shape.total_params * e
+    quantized = [shape.linears[n][0] * shape.linears[n][1] for n in shape.quantizable]
+    rest = shape.total_params - sum(quantized)  # embeddings, norms, biases, head
+    return rest * e + sum(quantized_bytes(n, double_quant=double_quant, block_size=block_size) for n in quantized)
+
+
+def _lora_saved_per_token(shape: ModelShape, modules: list[str], r: int, e: int, dropout: float, dora: bool) -> int:
+    """Per token: each adapter runs in fp32 (PEFT casts its input): lora_A keeps its input,
+    dropout keeps a mask of the same size, lora_B keeps the rank-r hidden; DoRA also keeps
+    the base output and the scaled LoRA output (out x e each)."""
+    per_input = 2 * LORA_PARAM_BYTES if dropout > 0 else LORA_PARAM_BYTES
+    total = 0
+    for name in modules:
+        fan_in, fan_out = shape.linears[name]
+        total += fan_in * per_input + r * LORA_PARAM_BYTES + (2 * fan_out * e if dora else 0)
+    return total
+
+
+def activation_parts(
+    shape: ModelShape, *, tokens: int, e: int, modules: list[str], r: int, dropout: float,
+    dora: bool, grad_checkpointing: bool,
+) -> dict[str, int]:
+    """Activations kept for backward and the backward transient, for ``tokens`` = b x s."""
+    h, f, L = shape.hidden, shape.intermediate, shape.layers
+    layer = 2 * (4 * h + 4) + (2 * shape.q_dim + 2 * shape.kv_dim) * e + 3 * f * e
+    lora = _lora_saved_per_token(shape, modules, r, e, dropout, dora)
+    head = shape.vocab * (e + 4) + 4 * h  # logits (e) and fp32 log-probs, final norm input
+    if grad_checkpointing:
+        kept = L * h * e + layer + lora // max(L, 1) + head
+    else:
+        kept = L * layer + lora + head
+    # backward: gradient of the log-probs (fp32, and its cast to e), one layer's gradients
+    transient = shape.vocab * (4 + (e if e < 4 else 0)) + (2 * h + 2 * f) * e
+    return {"activations": kept * tokens, "backward_transient": transient * tokens}
+
+
+def dequant_buffer_bytes(shape: ModelShape, compute_bytes: int) -> int:
+    """One dequantized weight matrix (the largest) and its transpose during backward."""
+    largest = max((shape.linears[n][0] * shape.linears[n][1] for n in shape.quantizable), default=0)
+    return 2 * largest * compute_bytes
+
+
+def allocator_slack_bytes(parts: dict[str, int], device: str) -> int:
+    """CUDA: 10% of everything for the caching allocator. CPU: glibc keeps freed
+    activation memory in its heaps, so peak RSS exceeds live tensors by ~90% of the
+    activations + backward transient (measured by bench/bench_estimate.py)."""
+    if device == "cpu":
+        return int(CPU_HEAP_RETENTION * (parts["activations"] + parts["backward_transient"]))
+    return int(ALLOCATOR_SLACK * sum(parts.values()))
+
+
+# ----------------------------------------------------------------------------- estimate
+
+
+@dataclass
+class Estimate:
+    """The answer: counts, memory by part (bytes, with "total"), optional fit and time."""
+
+    model: str
+    model_type: str
+    total_params: int
+    trainable_params: int
+    trainable_share: float
+    memory_bytes: dict[str, int]
+    settings: dict[str, Any]
+    lora_modules: int = 0
+    budget_bytes: int | None = None
+    fits: bool | None = None
+    max_micro_batch: int | None = None
+    flops_per_step: float | None = None
+    time_per_step_s: float | None = None
+    approximate: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _memory(shape: ModelShape, cfg: Config, modules: list[str], *, micro: int, gc: bool, device: str) -> dict[str, int]:
+    e = DTYPE_BYTES[cfg.model.dtype]
+    tensors = lora_tensor_shapes(shape, modules, cfg.lora.r, cfg.lora.dora)
+    n_train = sum(math.prod(s) for s in tensors)
+    q = cfg.quant
+    parts = {
+        "base_weights": base_weight_bytes(shape, dtype=cfg.model.dtype, quant=q.mode, double_quant=q.double_quant, block_size=q.block_size),
+        "lora_weights": n_train * LORA_PARAM_BYTES,
+        "gradients": n_train * LORA_PARAM_BYTES,
+        "optimizer_state": optimizer_state_bytes(cfg.train.optimizer, tensors, LORA_PARAM_BYTES, cfg.train.momentum),
+    }
+    parts |= activation_parts(
+        shape, tokens=micro * cfg.data.max_seq_length, e=e, modules=modules, r=cfg.lora.r,
+        dropout=cfg.lora.dropout, dora=cfg.lora.dora, grad_checkpointing=gc,
+    )
+    if q.mode != "none":
+        parts["dequant_buffer"] = dequant_buffer_bytes(shape, DTYPE_BYTES[q.compute_dtype])
+    parts["allocator_slack"] = allocator_slack_bytes(parts, device)
+    parts["framework"] = CPU_BASELINE_RSS if device == "cpu" else CUDA_CONTEXT
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def max_micro_batch(fits_at: Any, limit: int = 1 << 20) -> int:
+    """Largest micro batch b >= 0 with fits_at(b) true (memory grows with b)."""
+    if not fits_at(1):
+        return 0
+    hi = 2
+    while hi < limit and fits_at(hi):
+        hi *= 2
+    lo = hi // 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits_at(mid) else (lo, mid)
+    return lo
+
+
+def step_flops(shape: ModelShape, cfg: Config, n_train: int, gc: bool) -> float:
+    """FLOPs of one micro step: 2N forward, 2N input-gradient backward (frozen weights get
+    no weight gradient), +2N recompute with checkpointing, 6 per trainable parameter and
+    token for the adapters, and attention scores 4 s q_dim per layer per token (x3, x4 with
+    checkpointing). N counts the linear (matmul) weights; embedding lookups are free."""
+    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_length
+    matmul = sum(i * o for i, o in shape.linears.values())
+    passes = 3 if gc else 2
+    attention = 4 * cfg.data.max_seq_length * shape.q_dim * shape.layers
+    return float(tokens * (2 * passes * matmul + 6 * n_train + attention * (passes + 1)))
+
+
+def _notes(shape: ModelShape, cfg: Config, device: str) -> list[str]:
+    notes = [
+        "activations assume SDPA/flash attention (no s^2 score matrix) and full-length sequences",
+        "framework allowance: " + (
+            "CPU baseline RSS 440 MiB; allocator_slack: glibc heap retention, 90% of activations + transient"
+            if device == "cpu" else "CUDA context 0.5 GiB; allocator_slack: 10% of the rest (caching allocator)"
+        ),
+    ]
+    if not shape.known_layout:
+        notes.append(
+            f"activations: model_type {shape.model_type!r} is not one loralab models layer by layer; "
+            "the Llama-style per-layer formula was used (parameter counts are exact, from the meta model)"
+        )
+    if shape.guessed:
+        notes.append("guessed config values: " + ", ".join(shape.guessed))
+    if cfg.lora.dora:
+        notes.append("DoRA: activations include two out-sized tensors per wrapped layer; its weight-norm temporaries are not counted")
+    if cfg.quant.mode != "none":
+        notes.append(f"time includes the seeds' {QUANT_TIME_FACTOR}x slowdown of 4-bit dequantization")
+    return notes
+
+
+def estimate_run(
+    cfg: Config,
+    *,
+    grad_checkpointing: bool = False,
+    budget_bytes: int | None = None,
+    throughput: float | None = None,
+    device: str | None = None,
+) -> Estimate:
+    """Estimate a run from its Config. ``throughput`` is effective FLOP/s of the device."""
+    shape = describe_model(cfg.model.path)
+    modules = lora_modules(shape, list(cfg.lora.targets))
+    n_train = sum(math.prod(s) for s in lora_tensor_shapes(shape, modules, cfg.lora.r, cfg.lora.dora))
+    dev = device or ("cpu" if cfg.model.device == "cpu" else "cuda")
+    micro = cfg.train.micro_batch_size
+    mem = _memory(shape, cfg, modules, micro=micro, gc=grad_checkpointing, device=dev)
+    est = Estimate(
+        model=cfg.model.path,
+        model_type=shape.model_type,
+        total_params=shape.total_params,
+        trainable_params=n_train,
+        trainable_share=n_train / (shape.total_params + n_train),
+        memory_bytes=mem,
+        lora_modules=len(modules),
+        settings=_settings(cfg, grad_checkpointing, dev),
+        approximate=_notes(shape, cfg, dev),
+    )
+    if budget_bytes is not None:
+        est.budget_bytes = budget_bytes
+        est.fits = mem["total"] <= budget_bytes
+        est.max_micro_batch = max_micro_batch(
+            lambda b: _memory(shape, cfg, modules, micro=b, gc=grad_checkpointing, device=dev)["total"] <= budget_bytes
+        )
+    est.flops_per_step = step_flops(shape, cfg, n_train, grad_checkpointing)
+    if throughput is not None:
+        factor = QUANT_TIME_FACTOR if cfg.quant.mode != "none" else 1.0
+        est.time_per_step_s = est.flops_per_step / throughput * factor * cfg.grad_accum
+    return est
+
+
+def _settings(cfg: Config, gc: bool, device: str) -> dict[str, Any]:
+    return {
+        "dtype": cfg.model.dtype,
+        "quant": cfg.quant.mode,
+        "double_quant": cfg.quant.double_quant,
+        "r": cfg.lora.r,
+        "targets": list(cfg.lora.targets),
+        "rslora": cfg.lora.rslora,
+        "dora": cfg.lora.dora,
+        "optimizer": cfg.train.optimizer,
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "grad_accum": cfg.grad_accum,
+        "seq_len": cfg.data.max_seq_length,
+        "grad_checkpointing": gc,
+        "device": device,
+    }
+
+
+# ----------------------------------------------------------------------------- CLI path
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str, key: str = "--budget") -> int:
+    """'24GB' (10^9), '24GiB' (2^30), '500MB', '2.5e10' (bytes) -> bytes; must be > 0."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[+-]?\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise ConfigError(f"{key} must be a size such as 24GB, 24GiB or 500MB (got {text!r})")
+    value = float(m.group(1)) * _UNITS[unit]
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0 (got {text!r})")
+    return int(value)
+
+
+# flag -> config key (for --set style overrides)
+_FLAG_KEYS = {
+    "model": "model.path", "dtype": "model.dtype", "r": "lora.r", "targets": "lora.targets",
+    "quant": "quant.mode", "optim": "train.optimizer", "micro_batch": "train.micro_batch_size",
+    "seq_len": "data.max_seq_length", "momentum": "train.momentum",
+}
+_POSITIVE = {"r": "--r (lora.r)", "micro_batch": "--micro-batch (train.micro_batch_size)", "seq_len": "--seq-len (data.max_seq_length)"}
+
+
+def estimate_from_args(
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    *,
+    grad_checkpointing: bool = False,
+    budget: str | None = None,
+    throughput: float | None = None,
+    device: str | None = None,
+    rslora: bool | None = None,
+    dora: bool | None = None,
+    double_quant: bool | None = None,
+    **flags: Any,
+) -> Estimate:
+    """The CLI path: a config file and/or flags (model, r, targets, quant, optim,
+    micro_batch, seq_len, dtype, momentum); flags win over the file."""
+    for name, label in _POSITIVE.items():
+        if flags.get(name) is not None and flags[name] <= 0:
+            raise ConfigError(f"{label} must be > 0 (got {flags[name]})")
+    if throughput is not None and throughput <= 0:
+        raise ConfigError(f"--throughput must be > 0 FLOP/s (got {throughput})")
+    budget_bytes = parse_bytes(budget) if budget is not None else None
+    raw = read_yaml(config_path) if config_path else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, list(overrides or []))
+    sets = {key: flags[name] for name, key in _FLAG_KEYS.items() if flags.get(name) is not None}
+    sets |= {k: v for k, v in (("lora.rslora", rslora), ("lora.dora", dora), ("quant.double_quant", double_quant)) if v is not None}
+    for key, value in sets.items():
+        section, name = key.split(".")
+        raw.setdefault(section, {})[name] = value
+    if "train.micro_batch_size" in sets:  # accumulation does not change memory; keep it valid
+        raw["train"]["batch_size"] = sets["train.micro_batch_size"]
+    if isinstance(raw.get("lora", {}).get("targets"), str):
+        raw["lora"]["targets"] = [t.strip() for t in raw["lora"]["targets"].split(",") if t.strip()]
+    cfg = config_from_dict(raw, source=str(config_path or "estimate"))
+    return estimate_run(cfg, grad_checkpointing=grad_checkpointing, budget_bytes=budget_bytes, throughput=throughput, device=device)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_table(est: Estimate) -> str:
+    """Human-readable summary."""
+    s = est.settings
+    lines = [
+        f"model            {est.model} ({est.model_type})",
+        f"setup            {s['dtype']} base, quant {s['quant']}, r={s['r']} on {','.join(s['targets'])} "
+        f"({est.lora_modules} modules), {s['optimizer']}, micro batch {s['micro_batch_size']} x {s['seq_len']} tokens"
+        + (", grad checkpointing" if s["grad_checkpointing"] else "") + f", {s['device']}",
+        f"total params     {est.total_params:,}",
+        f"trainable params {est.trainable_params:,} ({100 * est.trainable_share:.4f}%)",
+        "memory:",
+    ]
+    lines += [f"  {part:<18} {human_bytes(b):>12}" for part, b in est.memory_bytes.items()]
+    if est.budget_bytes is not None:
+        lines.append(f"budget           {human_bytes(est.budget_bytes)}: {'fits' if est.fits else 'does NOT fit'}; "
+                     f"largest micro batch that fits: {est.max_micro_batch}")
+    if est.time_per_step_s is not None:
+        lines.append(f"time per step    {est.time_per_step_s:.3f} s ({est.flops_per_step:.3e} FLOP per micro step)")
+    lines += ["approximate:"] + [f"  - {n}" for n in est.approximate]
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if not args.config and not args.model:
+        raise ConfigError("give a run config (loralab estimate run.yaml) or --model DIR_OR_PRESET "
+                          f"(presets: {', '.join(known_presets())})")
+    flags = {k: getattr(args, k) for k in _FLAG_KEYS}
+    est = estimate_from_args(
+        args.config, args.set, grad_checkpointing=args.grad_checkpointing, budget=args.budget,
+        throughput=args.throughput, device=args.device, rslora=args.rslora, dora=args.dora,
+        double_quant=args.double_quant, **flags,
+    )
+    if args.json:
+        from loralab.cli import emit_json
+
+        emit_json(est.to_dict())
+    else:
+        sys.stdout.write(format_table(est) + "\n")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``estimate`` subcommand."""
+    p = subparsers.add_parser(
+        "estimate",
+        help="parameters, memory and time of a LoRA/QLoRA run, from config.json alone",
+        description="Estimate trainable parameters, memory by part and step time without loading weights.",
+    )
+    p.add_argument("config", nargs="?", help="a loralab run config (YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--model", help=f"model directory, config.json or preset ({', '.join(known_presets())})")
+    p.add_argument("--r", type=int, help="LoRA rank")
+    p.add_argument("--targets", help="comma-separated roles/modules, e.g. query,value or all")
+    p.add_argument("--quant", choices=["none", "nf4", "fp4"])
+    p.add_argument("--double-quant", dest="double_quant", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--optim", choices=list(OPTIMIZER_BYTES_PER_PARAM))
+    p.add_argument("--momentum", type=float, help="SGD momentum (a buffer per parameter when > 0)")
+    p.add_argument("--micro-batch", dest="micro_batch", type=int)
+    p.add_argument("--seq-len", dest="seq_len", type=int)
+    p.add_argument("--dtype", choices=["fp32", "bf16"])
+    p.add_argument("--rslora", action="store_true", default=None)
+    p.add_argument("--dora", action="store_true", default=None)
+    p.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_true")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="framework allowance to use (default: from model.device)")
+    p.add_argument("--budget", help="memory budget, e.g. 24GB or 80GiB; reports fits and the largest micro batch")
+    p.add_argument("--throughput", type=float, help="effective FLOP/s of the device, e.g. 100e12")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=_run)
