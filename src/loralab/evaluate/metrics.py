@@ -358,11 +358,13 @@ def score_lettered(model, tokenizer, items: list[tuple[str, int, int]], *, batch
 
 
 def score_generation(model, tokenizer, prompts: list[str], answers: list[str], *, metrics: list[str],
-                     stop: str | None = None, max_new_tokens: int = 16, batch_size: int = 16) -> dict[str, Score]:
+                     stop: str | None = None, max_new_tokens: int = 16, batch_size: int = 16,
+                     normalize: str = "strip") -> dict[str, Score]:
     """Metrics for (prompt, answer) tasks; each is defined exactly as:
 
     * ``exact_match``: greedy generation (:func:`greedy_generate`, cut at ``stop``) compared
-      with the answer after ``strip()`` on both; Wilson interval.
+      with the answer after the task's normalisation (``normalize``: ``strip`` or
+      ``loose``, :data:`loralab.evaluate.exact_match.NORMALIZERS`) on both; Wilson interval.
     * ``greedy_match``: teacher-forced, no generation: 1 when, at every answer-token position
       (answer tokenized with ``add_special_tokens=False``, eos not included), the argmax of
       the logits equals the answer token; Wilson interval.
@@ -396,7 +398,8 @@ def score_generation(model, tokenizer, prompts: list[str], answers: list[str], *
                                                    sum(len(s.greedy) for s in ok), skipped)
     if "exact_match" in metrics:
         out["exact_match"] = exact_match_score(model, tokenizer, prompts, answers, stop=stop,
-                                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                               max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                               normalize=normalize)
     return {m: out[m] for m in metrics if m in out}
 
 
@@ -404,14 +407,16 @@ def _exp(x: float) -> float:
     return math.exp(x) if math.isfinite(x) else float("nan")
 
 
-def exact_match_score(model, tokenizer, prompts, answers, *, stop=None, max_new_tokens=16, batch_size=16) -> Score:
+def exact_match_score(model, tokenizer, prompts, answers, *, stop=None, max_new_tokens=16, batch_size=16,
+                      normalize: str = "strip") -> Score:
     """Greedy generation; prompts over the window (prompt + max_new_tokens) are skipped."""
-    from loralab.evaluate.exact_match import greedy_generate
+    from loralab.evaluate.exact_match import NORMALIZERS, greedy_generate
 
+    norm = NORMALIZERS[normalize]
     limit = context_window(model)
     keep = [i for i, p in enumerate(prompts)
             if limit is None or len(tokenizer(p)["input_ids"]) + max_new_tokens <= limit]
     preds = greedy_generate(model, tokenizer, [prompts[i] for i in keep], max_new_tokens=max_new_tokens,
                             batch_size=batch_size, stop=stop)
-    hits = sum(p.strip() == answers[i].strip() for p, i in zip(preds, keep, strict=True))
+    hits = sum(norm(p) == norm(answers[i]) for p, i in zip(preds, keep, strict=True))
     return accuracy_score(hits, len(keep), len(prompts) - len(keep))
