@@ -139,3 +139,11 @@ def test_only_mc_and_pairs_become_harness_tasks(tmp_path):
     (t,) = resolve_tasks("arithmetic_2ds", 2)
     with pytest.raises(LoralabError, match="formats mc and pairs"):
         H.write_harness_tasks(t, tmp_path)
+
+
+def test_unknown_harness_task_is_named(capsys):
+    from loralab.cli import main
+
+    rc = main(["eval", "--harness", "world_pairs,no_such_task", "--model", "builtin:tiny", "--limit", "2"])
+    assert rc == 2
+    assert "lm-eval knows no task no_such_task" in capsys.readouterr().err
