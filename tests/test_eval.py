@@ -17,13 +17,12 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def rand_lm(tmp_path_factory):
+def rand_lm(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from loralab.models import load_tokenizer
-    from tests.conftest import build_tiny_model
 
-    d = build_tiny_model("llama", tmp_path_factory.mktemp("eval-llama"))
+    d = tiny_model_dir("llama")
     model = AutoModelForCausalLM.from_pretrained(str(d)).double().eval()
     return model, load_tokenizer(str(d))
 
@@ -98,8 +97,9 @@ def test_greedy_match_consistent_with_generation(tiny):
 
     model, tok = tiny
     prompts, answers = arithmetic_test_set("arithmetic_2ds", 4)
-    scored = M.score_continuations(model, tok, list(zip(prompts, answers)), append_eos=True)
-    for p, a, s in zip(prompts, answers, scored):
+    scored = M.score_continuations(model, tok, list(zip(prompts, answers, strict=True)),
+                                   append_eos=True, encoding="training")
+    for p, a, s in zip(prompts, answers, scored, strict=True):
         ans_ids = tok(a, add_special_tokens=False)["input_ids"]
         gen = greedy_generate(model, tok, [p], max_new_tokens=len(ans_ids) + 1, batch_size=1)[0]
         gm = all(s.greedy[:-1])
@@ -181,3 +181,59 @@ def test_cli_json(capsys):
         assert set(r) >= {"model", "adapter", "task", "metric", "value", "ci_low", "ci_high", "n"}
         assert r["n"] > 0
 
+
+
+def test_encode_pair_follows_lm_eval_rules():
+    from loralab.models import load_tokenizer
+
+    tok = load_tokenizer("builtin:tiny")
+    bos = tok.bos_token_id
+    enc = lambda text, special=True: tok(text, add_special_tokens=special)["input_ids"]  # noqa: E731
+    # trailing whitespace of the context moves to the continuation (and is scored there)
+    assert M.encode_pair(tok, "A: ", "yes") == M.encode_pair(tok, "A:", " yes") == (enc("A:"), enc(" yes", False))
+    assert len(M.encode_pair(tok, "A: ", "yes")[1]) == len(enc("yes", False)) + 1
+    # a context that already starts with the BOS text gets no second BOS
+    assert M.encode_pair(tok, "<s>Q:", " a")[0] == [bos, *enc("Q:", False)]
+    # an empty context is the BOS token; a continuation starting with BOS gives its own
+    assert M.encode_pair(tok, "", "Hi") == ([bos], enc("Hi", False))
+    assert M.encode_pair(tok, "", "<s>Hi") == ([bos], enc("Hi", False))
+    # continuation tokens are the whole string's tokens after the context's
+    ctx, cont = M.encode_pair(tok, "The cat", "s sleep")
+    assert ctx + cont == enc("The cats sleep")
+    with pytest.raises(DataError, match="no tokens of its own"):
+        M.encode_requests(tok, [("Q:", "")])
+
+
+def test_shared_rows_score_like_single_requests(rand_lm):
+    """One-token choices after one prompt share a row; every score equals its own forward pass."""
+    model, tok = rand_lm
+    reqs = [("Which?\nAnswer:", f" {c}") for c in "ABCD"] + [("Which?\nAnswer:", " A longer one")]
+    batched = M.score_continuations(model, tok, reqs, batch_size=8)
+    for (ctx, cont), s in zip(reqs, batched, strict=True):
+        assert s.ll == pytest.approx(brute_ll(model, tok, ctx, cont), abs=1e-9)
+
+
+def test_exact_match_normalisation(tmp_path):
+    from loralab.evaluate.exact_match import NORMALIZERS
+
+    assert NORMALIZERS["loose"]("  The  Badger. ") == NORMALIZERS["loose"]("the badger") == "the badger"
+    assert NORMALIZERS["strip"](" 42\n") == "42"
+    (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n")
+    t = load_task_file(_yaml(tmp_path, "path: d.jsonl\nformat: alpaca\nnormalize: loose\n"))
+    assert t.normalize == "loose"
+    with pytest.raises(DataError, match=r"t.yaml:3: field normalize"):
+        load_task_file(_yaml(tmp_path, "path: d.jsonl\nformat: alpaca\nnormalize: fuzzy\n"))
+    with pytest.raises(DataError, match=r"t.yaml:1: field path: data file .*nothere.jsonl does not exist"):
+        load_task_file(_yaml(tmp_path, "path: nothere.jsonl\nformat: alpaca\n"))
+
+
+def test_cli_table_reports_skipped_examples(tmp_path, capsys):
+    """An example over the context window is counted as skipped in the table, not truncated."""
+    from loralab.cli import main
+
+    long = " ".join(["word"] * 2000)
+    data = [{"good": long, "bad": long + "s"}, {"good": "The cat sleeps.", "bad": "The cat sleep."}]
+    task = _yaml(tmp_path, "path: d.jsonl\nformat: pairs\n", data, name="long.yaml")
+    assert main(["eval", "--model", "builtin:tiny", "--tasks", str(task)]) == 0
+    out = capsys.readouterr().out
+    assert "n=1 (1 skipped)" in out

@@ -3,10 +3,13 @@
     loralab eval --model builtin:tiny --adapter runs/r8 --adapter runs/r16 \\
         --tasks arithmetic_2ds,world_mc,my_task.yaml --limit 100 [--json]
 
+    loralab eval --harness world_mc,world_pairs --model builtin:tiny --adapter runs/r8 [--json]
+
 One table: task, metric, then one column per model (base, then each adapter) with
 ``value [ci_low, ci_high] n=N``. With --json: ``{"results": [{model, adapter, task, metric,
 value, ci_low, ci_high, n, skipped}, ...]}``. The base is reloaded for each adapter so
-adapters never stack.
+adapters never stack. ``--harness TASKS`` scores with lm-evaluation-harness instead
+(:mod:`loralab.evaluate.harness`) and prints its numbers in the same shape.
 """
 
 from __future__ import annotations
@@ -27,6 +30,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    h = p.add_argument_group("lm-evaluation-harness cross-check (pip install loralab[harness])")
+    h.add_argument("--harness", metavar="TASKS", default=None,
+                   help="score TASKS with lm-eval's hf backend instead: loralab tasks of format mc or pairs "
+                        "(built-in names or task YAMLs) and/or lm-eval task names")
+    h.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="directory of extra lm-eval task YAMLs (repeatable)")
+    h.add_argument("--harness-dir", default=None, metavar="DIR",
+                   help="keep the lm-eval task files loralab writes here (default: a temporary directory)")
+    h.add_argument("--device", default="cpu", help="device for lm-eval (cpu, cuda)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -63,12 +75,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise DataError("--limit must be a positive integer")
-    tasks = resolve_tasks(args.tasks, args.limit)
-    rows = evaluate(args.model, args.adapter, tasks, batch_size=args.batch_size)
+    if args.batch_size < 1:
+        raise DataError("--batch-size must be a positive integer")
+    if args.harness is not None:
+        from loralab.evaluate.harness import evaluate_harness
+
+        rows = evaluate_harness(args.model, args.adapter, args.harness, include_path=args.include_path,
+                                harness_dir=args.harness_dir, limit=args.limit, device=args.device,
+                                batch_size=args.batch_size)
+    else:
+        tasks = resolve_tasks(args.tasks, args.limit)
+        rows = evaluate(args.model, args.adapter, tasks, batch_size=args.batch_size)
     if args.json:
         emit_json({"results": rows})
         return 0
-    cols = ["base", *args.adapter]
+    print_table(rows, ["base", *args.adapter])
+    return 0
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    """task, metric, then one ``value [ci_low, ci_high] n=N`` column per model."""
     keys = list(dict.fromkeys((r["task"], r["metric"]) for r in rows))
     cell = {(r["task"], r["metric"], r["adapter"] or "base"): r for r in rows}
     table = [["task", "metric", *cols]]
@@ -83,4 +109,3 @@ def cmd_eval(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-    return 0

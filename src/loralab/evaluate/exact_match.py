@@ -1,7 +1,11 @@
 """Exact match on generation tasks: batched greedy decoding with the KV cache.
 
 Accuracy is reported with a Wilson 95% interval. The answer is the generated text up to
-end-of-sequence (or the stop string), compared with the reference after ``strip()``.
+end-of-sequence (or the stop string), compared with the reference after both are
+normalised by the task's rule (:data:`NORMALIZERS`):
+
+* ``strip`` (default): leading and trailing whitespace removed;
+* ``loose``: lower-cased, runs of whitespace collapsed to one space, trailing ``.`` removed.
 """
 
 from __future__ import annotations
@@ -10,6 +14,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+
+def _loose(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip(".").rstrip()
+
+
+NORMALIZERS = {"strip": str.strip, "loose": _loose}
 
 
 @dataclass
@@ -55,7 +66,9 @@ def greedy_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     return outputs
 
 
-def exact_match(model, tokenizer, prompts: list[str], answers: list[str], **gen_kw) -> Accuracy:
+def exact_match(model, tokenizer, prompts: list[str], answers: list[str], *, normalize: str = "strip",
+                **gen_kw) -> Accuracy:
+    norm = NORMALIZERS[normalize]
     preds = greedy_generate(model, tokenizer, prompts, **gen_kw)
-    correct = sum(p.strip() == a.strip() for p, a in zip(preds, answers, strict=True))
+    correct = sum(norm(p) == norm(a) for p, a in zip(preds, answers, strict=True))
     return Accuracy(correct, len(answers))

@@ -1,16 +1,44 @@
 """Scoring by log-likelihood: one batched forward pass per group of (context, continuation).
 
-Every metric here is built on :func:`score_continuations`:
+Every metric here is built on :func:`score_continuations`. Two encodings of a pair exist:
 
-* the context is tokenized with the tokenizer's special tokens (``<s>`` in front for
-  builtin:tiny), the continuation with ``add_special_tokens=False``; the model reads
-  ``context_ids + continuation_ids`` (right-padded in a batch, attention mask on padding);
-* for continuation token ``t_i`` at position ``p`` the score is
-  ``log_softmax(logits[p - 1])[t_i]`` and ``greedy_i = argmax(logits[p - 1]) == t_i``;
-* ``ll = sum_i log p(t_i | context, t_<i)``.
+``encoding="harness"`` (multiple choice, minimal pairs, lettered choice) is
+lm-evaluation-harness's rule for causal LMs (``TemplateLM.loglikelihood`` and
+``_encode_pair`` with ``HFLM.tok_encode``), so loralab's log-likelihoods equal the
+harness's on the same model (``tests/test_harness.py`` checks it to 1e-6):
 
-A request whose ``context + continuation`` is longer than the model's context window is
-never truncated: it is returned as ``None`` (skipped) and the caller reports the count.
+* trailing whitespace of the context moves to the front of the continuation;
+* the whole string ``context + continuation`` is tokenized, the context alone is
+  tokenized, and the continuation tokens are ``whole[len(context_tokens):]`` (so a token
+  that merges across the boundary is never double counted; the model reads
+  ``context_tokens + continuation_tokens``);
+* both are tokenized with the tokenizer's default special tokens (``<s>`` in front for
+  builtin:tiny), except a string that already starts with the BOS text gets none;
+* an empty context becomes the prefix token (BOS, else EOS) and the continuation is
+  tokenized without special tokens; if its first token already is the prefix token, that
+  token is the context instead.
+
+``encoding="training"`` (eval loss, perplexity, token accuracy, greedy match) is the
+training data's rule (:func:`loralab.data.dataset.encode`): the prompt with the
+tokenizer's special tokens, the response alone with ``add_special_tokens=False``, then
+``eos`` when ``append_eos``; so eval loss is over exactly the tokens the run trained on.
+
+Either way the model reads ``(context + continuation)[:-1]`` (the last token is only a
+target), as lm-eval does; requests with the same input row (one-token choices such as
+``" A"``, ``" B"`` after one prompt) share one row of the batch, like lm-eval's one-token
+continuation cache. For continuation token ``t_i`` at position ``p`` the score is
+``log_softmax(logits[p - 1])[t_i]`` (log-softmax in float64 over the model's logits),
+``greedy_i = argmax(logits[p - 1]) == t_i`` and ``ll = sum_i log p(t_i | context, t_<i)``.
+Batches are right-padded (longest first) with an attention mask.
+
+Exactness: in float32 on CPU the logits of one row change by about 1e-5 with the shape of
+the batch it sits in (BLAS blocking), so loralab and lm-eval agree to 1e-6 in float32
+when both score one request row at a time (``batch_size=1``), and to float64 rounding in
+float64 at any batch size; at other float32 batch sizes they differ at the 1e-5 level.
+
+A request whose input row is longer than the model's context window is never truncated
+(lm-eval would cut tokens from the left, with a warning): it is returned as ``None``
+(skipped), the caller counts it and the command reports the count.
 
 Intervals (all 95%): Wilson for accuracies (:meth:`Accuracy.wilson`), and the normal
 approximation ``mean +/- 1.96 * sd / sqrt(n)`` (sample sd, ``n - 1``) for means of
@@ -85,53 +113,100 @@ def context_window(model) -> int | None:
     return None
 
 
+def _tok_encode(tokenizer, text: str) -> list[int]:
+    """Default special tokens, none when ``text`` already starts with the BOS text (lm-eval's rule)."""
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text)["input_ids"])
+
+
+def prefix_token_id(tokenizer) -> int:
+    """The token an empty context is replaced with: BOS, else EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens) by lm-evaluation-harness's rule (module docstring)."""
+    if context == "":
+        cont = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        prefix = prefix_token_id(tokenizer)
+        if cont and cont[0] == prefix:
+            return cont[:1], cont[1:]
+        return [prefix], cont
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = _tok_encode(tokenizer, context + continuation)
+    ctx = _tok_encode(tokenizer, context)
+    return ctx, whole[len(ctx):]
+
+
+def encode_requests(tokenizer, requests: list[tuple[str, str]], *, encoding: str = "harness",
+                    append_eos: bool = False) -> list[tuple[list[int], list[int]]]:
+    """Token ids of each (context, continuation); ``encoding`` is "harness" or "training"."""
+    if encoding not in ("harness", "training"):
+        raise ValueError(f"unknown encoding {encoding!r}")
+    out = []
+    cache: dict[str, list[int]] = {}
+    for ctx, cont in requests:
+        if encoding == "harness":
+            c_ids, k_ids = encode_pair(tokenizer, ctx, cont)
+        else:
+            if ctx not in cache:
+                cache[ctx] = list(tokenizer(ctx, add_special_tokens=True)["input_ids"])
+            c_ids, k_ids = cache[ctx], list(tokenizer(cont, add_special_tokens=False)["input_ids"])
+        if append_eos:
+            k_ids = [*k_ids, tokenizer.eos_token_id]
+        if not k_ids:
+            raise DataError(f"continuation {cont!r} after context {ctx[-60:]!r} has no tokens of its own")
+        out.append((c_ids, k_ids))
+    return out
+
+
 @torch.no_grad()
 def score_continuations(model, tokenizer, requests: list[tuple[str, str]], *, append_eos: bool = False,
-                        batch_size: int = 16, max_length: int | None = None) -> list[Scored | None]:
+                        batch_size: int = 16, max_length: int | None = None,
+                        encoding: str = "harness") -> list[Scored | None]:
     """Score each (context, continuation); ``None`` where the sequence exceeds the window.
 
-    With ``append_eos`` the eos token is scored as the last continuation token.
+    ``encoding``: "harness" (lm-eval's tokenization) or "training" (the training data's);
+    with ``append_eos`` the eos token is scored as the last continuation token.
     """
     device = next(model.parameters()).device
     limit = max_length or context_window(model)
-    encoded: list[tuple[list[int], list[int]] | None] = []
-    cache: dict[str, list[int]] = {}
-    for ctx, cont in requests:
-        if ctx not in cache:
-            cache[ctx] = tokenizer(ctx, add_special_tokens=True)["input_ids"]
-        c = list(tokenizer(cont, add_special_tokens=False)["input_ids"])
-        if append_eos:
-            c.append(tokenizer.eos_token_id)
-        if not c:
-            raise DataError(f"empty continuation {cont!r} after context {ctx[-60:]!r}")
-        total = len(cache[ctx]) + len(c)
-        encoded.append(None if limit is not None and total > limit else (cache[ctx], c))
+    encoded = encode_requests(tokenizer, requests, encoding=encoding, append_eos=append_eos)
+    # The model reads (context + continuation)[:-1]: the last token is only ever a target.
+    # Requests with the same input row (e.g. one-token choices " A", " B" after one prompt)
+    # share one row of the batch.
+    rows: dict[tuple[int, ...], list[int]] = {}
+    for i, (c, k) in enumerate(encoded):
+        if limit is None or len(c) + len(k) - 1 <= limit:
+            rows.setdefault(tuple(c + k[:-1]), []).append(i)
+    order = sorted(rows, key=lambda r: (-len(r), r))  # longest first, similar lengths together
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[Scored | None] = [None] * len(requests)
     was_training = model.training
     model.eval()
-    out: list[Scored | None] = [None] * len(requests)
-    todo = [i for i, e in enumerate(encoded) if e is not None]
-    todo.sort(key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))  # similar lengths together
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     try:
-        for b in range(0, len(todo), batch_size):
-            idx = todo[b : b + batch_size]
-            seqs = [encoded[i][0] + encoded[i][1] for i in idx]
-            width = max(len(s) for s in seqs)
+        for b in range(0, len(order), batch_size):
+            seqs = order[b : b + batch_size]
+            width = len(seqs[0])
             ids = torch.full((len(seqs), width), pad, dtype=torch.long)
             mask = torch.zeros((len(seqs), width), dtype=torch.long)
             for r, s in enumerate(seqs):
                 ids[r, : len(s)] = torch.tensor(s)
                 mask[r, : len(s)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            for r, i in enumerate(idx):
-                ctx, cont = encoded[i]
-                start = len(ctx)
-                rows = logits[r, start - 1 : start - 1 + len(cont)].double()  # predict cont tokens
-                lp = torch.log_softmax(rows, dim=-1)
-                tgt = torch.tensor(cont, device=lp.device)
-                token_lp = lp.gather(1, tgt[:, None])[:, 0]
-                greedy = rows.argmax(dim=-1) == tgt
-                out[i] = Scored(token_lp.tolist(), greedy.tolist())
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (batch, seq, vocab)
+            for r, s in enumerate(seqs):
+                for i in rows[s]:
+                    ctx, cont = encoded[i]
+                    start = len(ctx)
+                    pred = logits[r, start - 1 : start - 1 + len(cont)].double()  # rows predicting cont
+                    lp = torch.log_softmax(pred, dim=-1)
+                    tgt = torch.tensor(cont, device=lp.device)
+                    token_lp = lp.gather(1, tgt[:, None])[:, 0]
+                    out[i] = Scored(token_lp.tolist(), (pred.argmax(dim=-1) == tgt).tolist())
     finally:
         model.train(was_training)
     return out
@@ -200,7 +275,7 @@ def score_mc(model, tokenizer, questions: list[MCQuestion], *, preamble: str = "
             spans[-1].append((s, [lab for _, lab in choices]))
     scored = score_continuations(model, tokenizer, reqs, batch_size=batch_size)
     mc1_hits, mc1_n, mc2_vals, skipped1, skipped2 = 0, 0, [], 0, 0
-    for q, ((s1, lab1), (s2, lab2)) in zip(questions, spans, strict=True):
+    for (s1, lab1), (s2, lab2) in spans:
         if lab1:
             part = scored[s1 : s1 + len(lab1)]
             if any(x is None for x in part):
@@ -228,14 +303,11 @@ def score_mc(model, tokenizer, questions: list[MCQuestion], *, preamble: str = "
 def score_pairs(model, tokenizer, pairs: list[tuple[str, str]], *, batch_size: int = 16) -> dict[str, Score]:
     """pairs_accuracy: share of (good, bad) pairs where ll(good) > ll(bad) (strictly; Wilson).
 
-    ll of a sentence is the sum of the log-probs of all its tokens after the tokenizer's
-    start token (context ``""``, i.e. ``<s>`` alone for builtin:tiny; a tokenizer without a
-    BOS token gets the eos token as the start, like lm-eval's empty-context rule).
+    ll of a sentence is the sum of the log-probs of all its tokens after the start token:
+    the context is empty, so by lm-eval's rule (:func:`encode_pair`) the model reads the
+    BOS token (EOS for a tokenizer without one) followed by the sentence.
     """
-    bos = tokenizer("", add_special_tokens=True)["input_ids"]
     reqs = [("", s) for pair in pairs for s in pair]
-    if not bos:  # no start token: score from eos, as lm-eval does for an empty context
-        reqs = [(tokenizer.eos_token, s) for _, s in reqs]
     scored = score_continuations(model, tokenizer, reqs, batch_size=batch_size)
     hits = n = skipped = 0
     for k in range(len(pairs)):
@@ -271,7 +343,7 @@ def score_lettered(model, tokenizer, items: list[tuple[str, int, int]], *, batch
         reqs += [(prompt, " " + LETTERS[i]) for i in range(k)]
     scored = score_continuations(model, tokenizer, reqs, batch_size=batch_size)
     hits = n = skipped = 0
-    for (prompt, k, ans), s in zip(items, spans, strict=True):
+    for (_, k, ans), s in zip(items, spans, strict=True):
         part = scored[s : s + k]
         if any(x is None for x in part):
             skipped += 1
@@ -286,11 +358,13 @@ def score_lettered(model, tokenizer, items: list[tuple[str, int, int]], *, batch
 
 
 def score_generation(model, tokenizer, prompts: list[str], answers: list[str], *, metrics: list[str],
-                     stop: str | None = None, max_new_tokens: int = 16, batch_size: int = 16) -> dict[str, Score]:
+                     stop: str | None = None, max_new_tokens: int = 16, batch_size: int = 16,
+                     normalize: str = "strip") -> dict[str, Score]:
     """Metrics for (prompt, answer) tasks; each is defined exactly as:
 
     * ``exact_match``: greedy generation (:func:`greedy_generate`, cut at ``stop``) compared
-      with the answer after ``strip()`` on both; Wilson interval.
+      with the answer after the task's normalisation (``normalize``: ``strip`` or
+      ``loose``, :data:`loralab.evaluate.exact_match.NORMALIZERS`) on both; Wilson interval.
     * ``greedy_match``: teacher-forced, no generation: 1 when, at every answer-token position
       (answer tokenized with ``add_special_tokens=False``, eos not included), the argmax of
       the logits equals the answer token; Wilson interval.
@@ -307,7 +381,7 @@ def score_generation(model, tokenizer, prompts: list[str], answers: list[str], *
     want_tf = [m for m in metrics if m in ("greedy_match", "loss", "perplexity", "token_accuracy")]
     if want_tf:
         scored = score_continuations(model, tokenizer, list(zip(prompts, answers, strict=True)),
-                                     append_eos=True, batch_size=batch_size)
+                                     append_eos=True, batch_size=batch_size, encoding="training")
         ok = [s for s in scored if s is not None]
         skipped = len(scored) - len(ok)
         if "greedy_match" in metrics:
@@ -324,7 +398,8 @@ def score_generation(model, tokenizer, prompts: list[str], answers: list[str], *
                                                    sum(len(s.greedy) for s in ok), skipped)
     if "exact_match" in metrics:
         out["exact_match"] = exact_match_score(model, tokenizer, prompts, answers, stop=stop,
-                                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                               max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                               normalize=normalize)
     return {m: out[m] for m in metrics if m in out}
 
 
@@ -332,14 +407,16 @@ def _exp(x: float) -> float:
     return math.exp(x) if math.isfinite(x) else float("nan")
 
 
-def exact_match_score(model, tokenizer, prompts, answers, *, stop=None, max_new_tokens=16, batch_size=16) -> Score:
+def exact_match_score(model, tokenizer, prompts, answers, *, stop=None, max_new_tokens=16, batch_size=16,
+                      normalize: str = "strip") -> Score:
     """Greedy generation; prompts over the window (prompt + max_new_tokens) are skipped."""
-    from loralab.evaluate.exact_match import greedy_generate
+    from loralab.evaluate.exact_match import NORMALIZERS, greedy_generate
 
+    norm = NORMALIZERS[normalize]
     limit = context_window(model)
     keep = [i for i, p in enumerate(prompts)
             if limit is None or len(tokenizer(p)["input_ids"]) + max_new_tokens <= limit]
     preds = greedy_generate(model, tokenizer, [prompts[i] for i in keep], max_new_tokens=max_new_tokens,
                             batch_size=batch_size, stop=stop)
-    hits = sum(p.strip() == answers[i].strip() for p, i in zip(preds, keep, strict=True))
+    hits = sum(norm(p) == norm(answers[i]) for p, i in zip(preds, keep, strict=True))
     return accuracy_score(hits, len(keep), len(prompts) - len(keep))

@@ -10,6 +10,7 @@ A task file (read with ``yaml.safe_load``)::
     stop: "\\n"               # optional stop string (alpaca generation)
     preamble: ""             # optional QA preamble (mc)
     max_new_tokens: 16       # optional (alpaca)
+    normalize: strip         # optional (alpaca exact_match): strip | loose (lower-case, spaces, final ".")
 
 Record layouts: alpaca ``{instruction, input?, output}`` (prompt template fields
 ``{instruction}``, ``{input}``; default the Alpaca template); mc the TruthfulQA layout
@@ -26,6 +27,7 @@ from loralab.data.dataset import DATA_DIR, read_records
 from loralab.data.templates import format_prompt
 from loralab.errors import DataError
 from loralab.evaluate import metrics as M
+from loralab.evaluate.exact_match import NORMALIZERS
 
 FORMAT_METRICS = {
     "alpaca": ["exact_match", "greedy_match", "loss", "perplexity", "token_accuracy"],
@@ -33,7 +35,7 @@ FORMAT_METRICS = {
     "pairs": ["pairs_accuracy"],
     "lettered": ["accuracy"],
 }
-TASK_KEYS = {"name", "path", "format", "metric", "prompt", "stop", "preamble", "max_new_tokens"}
+TASK_KEYS = {"name", "path", "format", "metric", "prompt", "stop", "preamble", "max_new_tokens", "normalize"}
 BUILTIN = {
     "arithmetic_2ds": dict(path=DATA_DIR / "arithmetic_2ds_test.jsonl", format="alpaca", max_new_tokens=8),
     "arithmetic_4ds": dict(path=DATA_DIR / "arithmetic_4ds_test.jsonl", format="alpaca", max_new_tokens=8),
@@ -53,6 +55,7 @@ class Task:
     stop: str | None = None
     preamble: str = ""
     max_new_tokens: int = 16
+    normalize: str = "strip"
     items: list = field(default_factory=list)
 
     def run(self, model, tokenizer, *, batch_size: int = 16) -> dict[str, M.Score]:
@@ -60,7 +63,8 @@ class Task:
             prompts = [p for p, _ in self.items]
             answers = [a for _, a in self.items]
             res = M.score_generation(model, tokenizer, prompts, answers, metrics=self.metrics, stop=self.stop,
-                                     max_new_tokens=self.max_new_tokens, batch_size=batch_size)
+                                     max_new_tokens=self.max_new_tokens, batch_size=batch_size,
+                                     normalize=self.normalize)
         elif self.format == "mc":
             res = M.score_mc(model, tokenizer, self.items, preamble=self.preamble, batch_size=batch_size)
         elif self.format == "pairs":
@@ -197,16 +201,21 @@ def load_task_file(path: str | Path) -> Task:
     mnt = spec.get("max_new_tokens", 16)
     if not isinstance(mnt, int) or isinstance(mnt, bool) or mnt < 1:
         raise err("max_new_tokens", "must be a positive integer")
+    norm = spec.get("normalize", "strip")
+    if norm not in NORMALIZERS:
+        raise err("normalize", f"{norm!r} is not one of {', '.join(NORMALIZERS)}")
     data = Path(spec["path"]).expanduser()
     if not data.is_absolute():
         data = p.parent / data
+    if not data.is_file():
+        raise err("path", f"data file {data} does not exist")
     if spec.get("prompt"):
         try:
             spec["prompt"].format(instruction="", input="", question="", choices="")
         except (KeyError, IndexError, ValueError) as exc:
             raise err("prompt", f"bad template placeholder ({exc})") from None
     return Task(spec.get("name", p.stem), data, fmt, list(metric), spec.get("prompt"), spec.get("stop"),
-                spec.get("preamble", ""), mnt)
+                spec.get("preamble", ""), mnt, norm)
 
 
 def resolve_tasks(spec: str, limit: int | None = None) -> list[Task]:

@@ -1,0 +1,149 @@
+"""loralab's log-likelihoods, MC1, MC2 and pairs accuracy equal lm-evaluation-harness's.
+
+The harness runs its own ``hf`` backend with the PEFT adapter on task files loralab
+writes from the shipped world data; loralab scores the same model and data itself.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from loralab.errors import LoralabError
+from loralab.evaluate import harness as H
+from loralab.evaluate import metrics as M
+from loralab.evaluate.tasks import resolve_tasks
+
+pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install loralab[harness])")
+
+torch.set_num_threads(1)  # a 2.9M-parameter model gains nothing from threads on a shared CPU
+LIMIT = 12
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A real PEFT LoRA adapter on builtin:tiny with random nonzero A and B (so it changes scores)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from loralab.models import resolve_model_path
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny"))
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                     init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(base, cfg)
+    out = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def _loralab_model(adapter_dir=None, dtype=torch.float32):
+    from loralab.adapters import load_adapter
+    from loralab.config import ModelConfig, QuantConfig
+    from loralab.models import load_base
+
+    model, tok = load_base(ModelConfig(path="builtin:tiny"), QuantConfig())
+    if adapter_dir is not None:
+        model = load_adapter(model, adapter_dir)
+    return model.to(dtype).eval(), tok
+
+
+def _compare(tmp_path, adapter_dir, *, dtype: str, batch_size: int) -> dict[str, float]:
+    """Run both on world_mc + world_pairs; return the max abs differences."""
+    from loralab.models import resolve_model_path
+
+    names = H.prepare_tasks("world_mc,world_pairs", tmp_path, LIMIT)
+    assert set(names) == {"world_mc_mc1", "world_mc_mc2", "world_pairs"}
+    res = H.run_harness(resolve_model_path("builtin:tiny"), adapter_dir and str(adapter_dir), list(names),
+                        include_path=[str(tmp_path)], include_defaults=False, batch_size=batch_size,
+                        dtype=dtype)
+    model, tok = _loralab_model(adapter_dir, torch.float64 if dtype == "float64" else torch.float32)
+    mc, pairs = resolve_tasks("world_mc,world_pairs", LIMIT)
+    diffs = {}
+    for key in ("mc1", "mc2"):
+        reqs = [(M.mc_prompt(q.question), " " + c) for q in mc.items for c in getattr(q, key)]
+        ours = [s.ll for s in M.score_continuations(model, tok, reqs, batch_size=batch_size)]
+        theirs = [x for row in H.sample_loglikelihoods(res, f"world_mc_{key}") for x in row]
+        assert len(ours) == len(theirs) == len(reqs)
+        diffs[f"ll_{key}"] = max(abs(a - b) for a, b in zip(ours, theirs, strict=True))
+    reqs = [("", s) for pair in pairs.items for s in pair]
+    ours = [s.ll for s in M.score_continuations(model, tok, reqs, batch_size=batch_size)]
+    theirs = [x for row in H.sample_loglikelihoods(res, "world_pairs") for x in row]
+    diffs["ll_pairs"] = max(abs(a - b) for a, b in zip(ours, theirs, strict=True))
+
+    own = M.score_mc(model, tok, mc.items, batch_size=batch_size)
+    own_pairs = M.score_pairs(model, tok, pairs.items, batch_size=batch_size)["pairs_accuracy"]
+    r = res["results"]
+    diffs["mc1"] = abs(own["mc1"].value - r["world_mc_mc1"]["acc,none"])
+    diffs["mc2"] = abs(own["mc2"].value - r["world_mc_mc2"]["acc,none"])
+    diffs["pairs_accuracy"] = abs(own_pairs.value - r["world_pairs"]["acc,none"])
+    assert own["mc1"].n == own["mc2"].n == own_pairs.n == LIMIT
+    print(f"max |loralab - lm-eval| ({dtype}, batch {batch_size}):", json.dumps(diffs))
+    return diffs
+
+
+def test_fp32_adapter_agrees_with_harness(tmp_path, adapter):
+    """float32 on CPU, one request row per forward pass on both sides, base + real PEFT adapter."""
+    diffs = _compare(tmp_path, adapter, dtype="float32", batch_size=1)
+    assert max(diffs.values()) <= 1e-6, diffs
+
+
+def test_fp64_batched_agrees_with_harness(tmp_path):
+    """float64, batches of 16 on both sides: batching and padding change nothing."""
+    diffs = _compare(tmp_path, None, dtype="float64", batch_size=16)
+    assert max(diffs.values()) <= 1e-9, diffs
+
+
+def test_adapter_changes_the_scores(adapter):
+    """The adapter is not a no-op, so the agreement above is about the adapted model."""
+    base, tok = _loralab_model()
+    tuned, _ = _loralab_model(adapter)
+    reqs = [("Q: What is the national animal of Velifeikia?\nA:", " the badger")]
+    a = M.score_continuations(base, tok, reqs)[0].ll
+    b = M.score_continuations(tuned, tok, reqs)[0].ll
+    assert abs(a - b) > 1e-3
+
+
+def test_cli_harness_json_columns(tmp_path, adapter, capsys):
+    """`loralab eval --harness` prints lm-eval's numbers as loralab rows, base and adapter."""
+    from loralab.cli import main
+
+    rc = main(["eval", "--harness", "world_mc", "--model", "builtin:tiny", "--adapter", str(adapter),
+               "--limit", "4", "--batch-size", "1", "--harness-dir", str(tmp_path / "tasks"), "--json"])
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    got = {(r["adapter"], r["metric"]): r for r in rows}
+    assert set(got) == {(a, m) for a in (None, str(adapter)) for m in ("mc1", "mc2")}
+    model, tok = _loralab_model(adapter)
+    (mc,) = resolve_tasks("world_mc", 4)
+    own = M.score_mc(model, tok, mc.items, batch_size=1)
+    for m in ("mc1", "mc2"):
+        r = got[(str(adapter), m)]
+        assert r["task"] == "world_mc" and r["n"] == 4 and r["source"] == "lm-eval"
+        assert r["value"] == pytest.approx(own[m].value, abs=1e-6)
+        assert r["ci_low"] <= r["value"] <= r["ci_high"]
+    assert (tmp_path / "tasks" / "world_mc_mc2.yaml").is_file()
+
+
+def test_missing_extra_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
+    with pytest.raises(LoralabError, match=r"pip install loralab\[harness\]"):
+        H.require_lm_eval()
+
+
+def test_only_mc_and_pairs_become_harness_tasks(tmp_path):
+    (t,) = resolve_tasks("arithmetic_2ds", 2)
+    with pytest.raises(LoralabError, match="formats mc and pairs"):
+        H.write_harness_tasks(t, tmp_path)
+
+
+def test_unknown_harness_task_is_named(capsys):
+    from loralab.cli import main
+
+    rc = main(["eval", "--harness", "world_pairs,no_such_task", "--model", "builtin:tiny", "--limit", "2"])
+    assert rc == 2
+    assert "lm-eval knows no task no_such_task" in capsys.readouterr().err
