@@ -74,7 +74,11 @@ def save_adapter(peft_model, out_dir: Path) -> None:
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp), safe_serialization=True)
+    try:
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+    except BaseException:  # a full disk, say: leave nothing half-written behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -263,7 +263,9 @@ def fit(cfg: Config, run_dir: Path, setup: Setup, *, show_progress: bool, resume
         next(stream)
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     pad_id = tokenizer.pad_token_id
-    eval_kw = dict(batch_size=max(cfg.train.micro_batch_size, 8), pad_id=pad_id, device=device, autocast=cfg.train.autocast)
+    # Evaluation keeps no activations for backward, so it may batch wider, unless memory ran short.
+    eval_batch = state.micro_batch_size if state.micro_batch_changes else max(cfg.train.micro_batch_size, 8)
+    eval_kw = dict(batch_size=eval_batch, pad_id=pad_id, device=device, autocast=cfg.train.autocast)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -287,6 +289,7 @@ def fit(cfg: Config, run_dir: Path, setup: Setup, *, show_progress: bool, resume
             state.micro_batch_changes.append({"step": step, "from": micro, "to": micro // 2})
             log.warning("out of memory at step %d with micro batch %d: retrying with %d (accumulation %d)",
                         step, micro, micro // 2, data_cfg.grad_accum)
+            eval_kw["batch_size"] = min(eval_kw["batch_size"], micro // 2)
             stream = micro_batches(len(splits.train), data_cfg)
             for _ in range((step - 1) * data_cfg.grad_accum):
                 next(stream)
