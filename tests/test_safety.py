@@ -195,3 +195,146 @@ def test_disk_full_while_saving_the_adapter(model_dir, cfg_factory, monkeypatch)
     s = summary_of(cfg)
     assert s["status"] == "failed" and "disk full" in s["error"] and "step-000004" in s["error"]
     assert not (run / "adapter").exists() and not (run / "adapter.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- nothing executes from a file
+
+
+class Payload:
+    """Unpickling this creates ``marker``: proof that a loader ran code from the file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant(path: Path, marker: Path) -> None:
+    import pickle
+
+    path.write_bytes(pickle.dumps(Payload(marker)))
+
+
+def test_the_payload_is_live(tmp_path):
+    """The planted files below would run code if anything unpickled them."""
+    import pickle
+
+    marker = tmp_path / "ran"
+    plant(tmp_path / "x.pt", marker)
+    pickle.loads((tmp_path / "x.pt").read_bytes())
+    assert marker.exists()
+
+
+@pytest.fixture(scope="module")
+def paused_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A run paused at step 2 with one checkpoint and an adapter."""
+    from conftest import make_cfg
+
+    out = tmp_path_factory.mktemp("safety") / "paused"
+    train(make_cfg(tiny_model_dir("llama"), out, **{**RUN, "train__stop_at_step": 2}))
+    return out
+
+
+@pytest.mark.parametrize("keep_safetensors", [True, False])
+def test_planted_adapter_bin_is_refused(paused_run, model_dir, tmp_path, capsys, keep_safetensors):
+    import shutil
+
+    from loralab.cli import main
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(paused_run / "adapter", adapter)
+    if not keep_safetensors:
+        (adapter / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    plant(adapter / "adapter_model.bin", marker)
+    code = main(["generate", "--model", str(model_dir), "--adapter", str(adapter), "--max-new-tokens", "2", "hi"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "adapter_model.bin" in err and "never opens them" in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "rng_state.pth"])
+def test_planted_checkpoint_pickle_is_refused(paused_run, tmp_path, capsys, name):
+    import shutil
+
+    from loralab.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(paused_run, run)
+    marker = tmp_path / "ran"
+    plant(run / "checkpoints" / "step-000002" / name, marker)
+    code = main(["train", "--resume", str(run), "--set", "train.stop_at_step=null"])
+    err = capsys.readouterr().err
+    assert code == 2 and name in err and "pickled" in err
+    assert not marker.exists()
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] == "failed" and name in s["error"]
+
+
+def test_model_dir_with_only_pickled_weights_is_refused(model_dir, tmp_path, cfg_factory):
+    import shutil
+
+    from loralab.errors import ModelError
+
+    bad = tmp_path / "pickled-model"
+    bad.mkdir()
+    for f in model_dir.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, bad / f.name)
+    marker = tmp_path / "ran"
+    plant(bad / "pytorch_model.bin", marker)
+    with pytest.raises(ModelError, match="never pickled .bin"):
+        train(cfg_factory(bad))
+    assert not marker.exists()
+
+
+def test_yaml_object_tag_refused_through_the_cli(tmp_path, capsys, paused_run):
+    import shutil
+
+    from loralab.cli import main
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f"lora:\n  r: !!python/object/apply:os.system ['touch {marker}']\n", encoding="utf-8")
+    assert main(["train", str(evil), "--out", str(tmp_path / "r")]) == 2
+    assert "safe_load" in capsys.readouterr().err
+    # the same tag planted in a run's config.yaml stops a resume
+    run = tmp_path / "run"
+    shutil.copytree(paused_run, run)
+    cfg_text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(cfg_text.replace("  r: 8", f"  r: !!python/object/apply:os.system ['touch {marker}']"))
+    assert main(["train", "--resume", str(run)]) == 2
+    assert f"{run / 'config.yaml'}:" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/abs", "a/b", "..", "runs/../../x"])
+def test_traversing_run_names_refused(tmp_path, monkeypatch, capsys, name):
+    from loralab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--name", name]) == 2
+    assert "not allowed" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written anywhere
+
+
+def test_run_name_symlinked_outside_refused(tmp_path, monkeypatch, capsys):
+    from loralab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "evil").symlink_to(outside)
+    assert main(["train", "--name", "evil"]) == 2
+    assert "outside" in capsys.readouterr().err
+    assert list(outside.iterdir()) == []
+
+
+def test_trust_remote_code_is_recorded(model_dir, cfg_factory, paused_run):
+    assert json.loads((paused_run / "summary.json").read_text())["trust_remote_code"] is False
+    cfg = cfg_factory(model_dir, train__max_steps=1, model__trust_remote_code="true")
+    assert train(cfg)["trust_remote_code"] is True
+    assert summary_of(cfg)["trust_remote_code"] is True

@@ -56,14 +56,26 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set lora.r=16 (repeatable)")
     p.add_argument("--out", help="run directory (output.dir)")
+    p.add_argument("--name", help="run name: the run directory is runs/NAME (checked: one path component, "
+                                  "no '..', no symlink leading out of runs/)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
 
 
 def _config(path: str | None, args: argparse.Namespace):
     from loralab.config import load_config
 
-    overrides = list(args.overrides) + ([f"output.dir={args.out}"] if args.out else [])
-    return load_config(path, overrides)
+    return load_config(path, list(args.overrides) + _out_override(args))
+
+
+def _out_override(args: argparse.Namespace) -> list[str]:
+    from loralab.errors import ConfigError
+    from loralab.paths import child_dir
+
+    if args.name and args.out:
+        raise ConfigError("give either --out DIR or --name NAME, not both")
+    if args.name:
+        return [f"output.dir={child_dir(Path('runs'), args.name, what='run name')}"]
+    return [f"output.dir={args.out}"] if args.out else []
 
 
 def _print_summary(s: dict) -> None:
@@ -84,8 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from loralab.config import load_config
         from loralab.errors import ConfigError
 
-        if args.config or args.out:
-            raise ConfigError("--resume RUN_DIR takes the config and the directory from RUN_DIR; drop CONFIG and --out")
+        if args.config or args.out or args.name:
+            raise ConfigError("--resume RUN_DIR takes the config and the directory from RUN_DIR; drop CONFIG, --out and --name")
         run = Path(args.resume)
         if not (run / "config.yaml").is_file():
             raise ConfigError(f"--resume {run}: no config.yaml there, so it is not a loralab run directory")
@@ -126,7 +138,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     cfg = _config(str(QUICKSTART), args)
-    if not args.out and not any(o.startswith("output.dir=") for o in args.overrides):
+    if not args.out and not args.name and not any(o.startswith("output.dir=") for o in args.overrides):
         cfg.output.dir = "runs/quickstart"
     base, tokenizer = load_base(cfg.model, cfg.quant)
     log.info("evaluating the base model on %d held-out problems per task ...", args.eval_n)

@@ -17,7 +17,8 @@ A checkpoint is ``run_dir/checkpoints/step-000120/`` holding
 It is written under ``checkpoints/.tmp-step-000120-<pid>``, each file fsynced, then the
 directory is renamed as a whole. A directory without a manifest, or whose files do not match
 it, is ignored; leftover temporaries are removed. Nothing here is pickled, and nothing is
-read with pickle.
+read with pickle: a checkpoint holding a pickled file (optimizer.pt, rng_state.pth, ...) is
+refused with ModelError rather than skipped, since someone put it there.
 """
 
 from __future__ import annotations
@@ -38,14 +39,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from loralab.adapters import refuse_pickles
 from loralab.errors import LoralabError, ModelError
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-# Files that would need pickle to read; a checkpoint or adapter holding one is refused.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Test hook: seconds to sleep inside a checkpoint write, after the payload and before the
 # manifest, so a test can SIGKILL the process exactly there.
 PAUSE_ENV = "LORALAB_TEST_CHECKPOINT_PAUSE_S"
@@ -225,7 +225,8 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def verify(path: Path) -> str | None:
-    """None when every file matches the manifest; else what is wrong."""
+    """None when every file matches the manifest; else what is wrong. A pickled file raises ModelError."""
+    refuse_pickles(path, "checkpoint")
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         files = manifest["files"]
@@ -233,9 +234,6 @@ def verify(path: Path) -> str | None:
         return f"unreadable manifest ({exc})"
     if manifest.get("format") != FORMAT:
         return f"checkpoint format {manifest.get('format')!r}, expected {FORMAT}"
-    unsafe = [p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES)]
-    if unsafe:
-        return f"holds {', '.join(sorted(unsafe))}: pickled files are never loaded"
     for name, meta in files.items():
         p = path / name
         if not p.is_file():
