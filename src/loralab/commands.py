@@ -88,6 +88,23 @@ def _print_summary(s: dict) -> None:
         print(f"{k:>26}: {v}")
 
 
+def _checked_config(args: argparse.Namespace):
+    """The run's config; when it is invalid and the run directory is known, the run is stored as invalid."""
+    from loralab.config import load_config
+    from loralab.errors import ConfigError
+    from loralab.train.loop import write_json
+
+    out = _out_override(args)  # a bad --name raises here, before anything is written
+    try:
+        return load_config(args.config, list(args.overrides) + out)
+    except ConfigError as exc:
+        if out:
+            run_dir = Path(out[0].split("=", 1)[1])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "summary.json", {"status": "invalid", "error": str(exc), "run_dir": str(run_dir)})
+        raise
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from loralab.cli import emit_json
     from loralab.train.loop import train
@@ -104,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(run / "config.yaml", list(args.overrides) + [f"output.dir={run}"])
         summary = train(cfg, show_progress=sys.stderr.isatty(), resume=True)
     else:
-        cfg = _config(args.config, args)
+        cfg = _checked_config(args)
         summary = train(cfg, show_progress=sys.stderr.isatty())
     emit_json(summary) if args.json else _print_summary(summary)
     return 0

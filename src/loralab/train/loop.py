@@ -185,6 +185,7 @@ def prepare(cfg: Config) -> Setup:
     trainable, total = count_params(model)
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed)
+    check_context(cfg, model, splits)
     if splits.truncated_to_nothing:
         log.warning("%d examples lost every response token to truncation at max_seq_length=%d and were skipped",
                     splits.truncated_to_nothing, cfg.data.max_seq_length)
@@ -194,6 +195,21 @@ def prepare(cfg: Config) -> Setup:
 
         tasks = resolve_tasks(",".join(cfg.eval.tasks), cfg.eval.limit)
     return Setup(model, tokenizer, splits, tasks, device, trainable, total)
+
+
+def check_context(cfg: Config, model, splits: Splits) -> None:
+    """Refuse examples longer than the positions the model was built for (before they crash a step)."""
+    config = model.config
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not context:
+        return
+    longest = max(len(e.input_ids) for e in splits.train + splits.val)
+    if longest > context:
+        raise DataError(
+            f"{cfg.data.path}: an example is {longest} tokens long, more than the model's context of {context} "
+            f"positions (max_position_embeddings in {cfg.model.path}/config.json); set data.max_seq_length "
+            f"<= {context} (now {cfg.data.max_seq_length})"
+        )
 
 
 def forward_backward(model, examples: list[Example], group: list[tuple[int, list[int]]], *, pad_id: int,
