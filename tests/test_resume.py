@@ -136,8 +136,19 @@ def test_resume_refuses_a_change_of_maths(model_dir, tmp_path):
     assert code == 2
     with pytest.raises(ConfigError, match=r"train\.lr \(0\.002 -> 0\.01\)"):
         train(run_cfg(model_dir, out, train__lr=1e-2), resume=True)
-    with pytest.raises(ConfigError, match="no config.yaml"):
-        train(run_cfg(model_dir, tmp_path / "never-ran"), resume=True)
+    assert main(["train", "--resume", str(tmp_path / "never-ran")]) == 2  # the CLI needs RUN_DIR/config.yaml
+
+
+def test_resume_of_a_never_started_or_completed_run(reference, model_dir, tmp_path):
+    """train(cfg, resume=True) is safe to repeat: it starts, continues or returns the finished run."""
+    out = tmp_path / "fresh"
+    first = train(run_cfg(model_dir, out, train__checkpoint_every=2, train__keep_last=2), resume=True)
+    assert first["status"] == "completed" and first["resumed_from_step"] == 0
+    assert_same_run(out, reference)
+    mtime = (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    again = train(run_cfg(model_dir, out, train__checkpoint_every=2, train__keep_last=2), resume=True)
+    assert again["status"] == "completed" and again["tokens_seen"] == first["tokens_seen"]
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == mtime  # not retrained
 
 
 def test_damaged_or_partial_checkpoints_are_ignored(reference, tmp_path):

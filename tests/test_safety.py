@@ -139,6 +139,7 @@ def test_auto_micro_batch_halves_until_it_fits(model_dir, cfg_factory, monkeypat
     assert [r["train_loss"] for r in rows(cfg) if "lr" in r] == [r["train_loss"] for r in rows(reference) if "lr" in r]
     state = json.loads((latest_checkpoint(Path(cfg.output.dir)) / "trainer_state.json").read_text())
     assert state["micro_batch_size"] == 2  # a resume keeps the size that fits
+    assert state["micro_batches"] == state["step"] * 4  # the data position counted at that size
 
 
 # ----------------------------------------------------------------------------- disk full

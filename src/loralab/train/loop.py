@@ -261,6 +261,26 @@ def start_state(cfg: Config, run_dir: Path, *, resume: bool, model, opt, sched) 
     return state, ckpt
 
 
+def stream_from(n_train: int, data_cfg: Config, *, skip: int):
+    """The seeded micro batch stream with its first ``skip`` micro batches already taken."""
+    stream = micro_batches(n_train, data_cfg)
+    for _ in range(skip):
+        next(stream)
+    return stream
+
+
+def halve_micro_batch(data_cfg: Config, state: TrainState, *, done: int, n_train: int):
+    """After an out-of-memory error: half the micro batch, twice the accumulation, the stream
+    repositioned after ``done`` steps. Recorded in the state (and so in checkpoints and summary)."""
+    micro = data_cfg.train.micro_batch_size
+    data_cfg.train.micro_batch_size = state.micro_batch_size = micro // 2
+    state.micro_batch_changes.append({"step": done + 1, "from": micro, "to": micro // 2})
+    state.micro_batches = done * data_cfg.grad_accum
+    log.warning("out of memory at step %d with micro batch %d: retrying with %d (accumulation %d)",
+                done + 1, micro, micro // 2, data_cfg.grad_accum)
+    return stream_from(n_train, data_cfg, skip=state.micro_batches)
+
+
 def fit(cfg: Config, run_dir: Path, setup: Setup, *, show_progress: bool, resume: bool = False) -> dict[str, Any]:
     """Train, evaluate, checkpoint, save. Returns the summary fields it measured."""
     t_start = time.perf_counter()
@@ -274,9 +294,7 @@ def fit(cfg: Config, run_dir: Path, setup: Setup, *, show_progress: bool, resume
     resumed_from, wall_before = state.step, state.wall_time_s
     # The data stream at the micro batch size in force (auto_micro_batch may have halved it).
     data_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=state.micro_batch_size))
-    stream = micro_batches(len(splits.train), data_cfg)
-    for _ in range(state.micro_batches):
-        next(stream)
+    stream = stream_from(len(splits.train), data_cfg, skip=state.micro_batches)
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     pad_id = tokenizer.pad_token_id
     # Evaluation keeps no activations for backward, so it may batch wider, unless memory ran short.
@@ -296,20 +314,12 @@ def fit(cfg: Config, run_dir: Path, setup: Setup, *, show_progress: bool, resume
                                                  autocast=cfg.train.autocast)
         except torch.OutOfMemoryError:
             opt.zero_grad(set_to_none=True)
-            micro = data_cfg.train.micro_batch_size
-            if not cfg.train.auto_micro_batch or micro == 1:
+            if not cfg.train.auto_micro_batch or data_cfg.train.micro_batch_size == 1:
                 raise
             # Same global batch, half the micro batch: the step is redone from its start.
-            data_cfg.train.micro_batch_size = micro // 2
-            state.micro_batch_size = micro // 2
-            state.micro_batch_changes.append({"step": step, "from": micro, "to": micro // 2})
-            log.warning("out of memory at step %d with micro batch %d: retrying with %d (accumulation %d)",
-                        step, micro, micro // 2, data_cfg.grad_accum)
-            eval_kw["batch_size"] = min(eval_kw["batch_size"], micro // 2)
-            stream = micro_batches(len(splits.train), data_cfg)
-            for _ in range((step - 1) * data_cfg.grad_accum):
-                next(stream)
             step -= 1
+            stream = halve_micro_batch(data_cfg, state, done=step, n_train=len(splits.train))
+            eval_kw["batch_size"] = min(eval_kw["batch_size"], state.micro_batch_size)
             continue
         state.micro_batches += len(group)
         state.tokens_seen += tokens
@@ -394,7 +404,7 @@ def check_resume_config(cfg: Config, run_dir: Path) -> None:
     """Refuse a resume whose config changes anything but RESUME_MAY_CHANGE."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
-        raise ConfigError(f"cannot resume {run_dir}: no config.yaml there (is it a loralab run directory?)")
+        return  # never started: the run starts from step 0
     saved = flat_config(load_config(saved_path))
     now = flat_config(cfg)
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE)
@@ -433,7 +443,8 @@ def train(cfg: Config, *, show_progress: bool = False, keep_model: bool = False,
     """Run ``cfg``; always leaves summary.json. Raises LoralabError after recording a failure.
 
     ``resume=True`` continues ``cfg.output.dir`` from its newest complete checkpoint (from
-    step 0 when there is none); a completed run is returned as it is.
+    step 0 when there is none, or when the directory was never started); a completed run is
+    returned as it is, so re-running a study is safe.
     """
     if resume and not cfg.output.dir:
         raise ConfigError("resume needs output.dir: the run directory to continue")
