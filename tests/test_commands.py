@@ -91,7 +91,10 @@ def test_bad_config_exits_2_and_names_key(capsys, tmp_path):
                            "--set", "train.lr=-1")
     assert code == 2
     assert "lora.r must be > 0" in err and "train.lr must be > 0" in err
-    assert not (tmp_path / "r").exists()  # rejected before anything was written
+    # rejected before anything ran; the run is stored as invalid, with nothing else written
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["summary.json"]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["status"] == "invalid" and "lora.r must be > 0" in summary["error"]
 
 
 def test_eval_tasks_during_training(tmp_path):

@@ -74,22 +74,41 @@ def save_adapter(peft_model, out_dir: Path) -> None:
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp), safe_serialization=True)
+    try:
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+    except BaseException:  # a full disk, say: leave nothing half-written behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
 
 
+# Files that can only be read by unpickling, i.e. by running code chosen by whoever wrote them.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def refuse_pickles(directory: Path, what: str) -> None:
+    """Raise ModelError when ``directory`` holds a pickled file; such files are never opened."""
+    found = sorted(p.name for p in directory.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    if found:
+        raise ModelError(
+            f"{what} {directory} holds {', '.join(found)}: pickled files can run code when loaded, so loralab "
+            "never opens them; use safetensors (adapter_model.safetensors) and remove the pickled file"
+        )
+
+
 def adapter_dir(run_or_adapter: str | Path) -> Path:
-    """Accept a run directory (with adapter/) or an adapter directory itself."""
+    """Accept a run directory (with adapter/) or an adapter directory itself; safetensors only."""
     p = Path(run_or_adapter)
     if (p / "adapter" / "adapter_config.json").is_file():
-        return p / "adapter"
-    if (p / "adapter_config.json").is_file():
-        if not (p / "adapter_model.safetensors").is_file():
-            raise ModelError(f"{p}: no adapter_model.safetensors (loralab loads safetensors adapters only)")
-        return p
-    raise ModelError(f"{p}: neither a run directory with adapter/ nor a PEFT adapter directory")
+        p = p / "adapter"
+    elif not (p / "adapter_config.json").is_file():
+        raise ModelError(f"{p}: neither a run directory with adapter/ nor a PEFT adapter directory")
+    refuse_pickles(p, "adapter")
+    if not (p / "adapter_model.safetensors").is_file():
+        raise ModelError(f"{p}: no adapter_model.safetensors (loralab loads safetensors adapters only)")
+    return p
 
 
 def load_adapter(model, run_or_adapter: str | Path, *, trainable: bool = False):

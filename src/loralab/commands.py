@@ -2,6 +2,7 @@
 
     loralab quickstart [--out runs/quickstart] [--json]
     loralab train run.yaml --set lora.r=16 --out runs/r16 [--json]
+    loralab train --resume runs/r16 [--set train.stop_at_step=null]
     loralab generate --model builtin:tiny --adapter runs/r16 "What is 12 plus 30?"
     loralab merge runs/r16 merged/
 """
@@ -23,6 +24,9 @@ QUICKSTART = Path(__file__).parent / "assets" / "configs" / "quickstart.yaml"
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="one LoRA / QLoRA fine-tuning run from a YAML config")
     p.add_argument("config", nargs="?", help="YAML config (defaults apply to missing keys)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its newest complete checkpoint, with RUN_DIR/config.yaml; "
+                        "--set may change only keys that leave the maths alone (train.stop_at_step, ...)")
     _run_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -52,14 +56,26 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set lora.r=16 (repeatable)")
     p.add_argument("--out", help="run directory (output.dir)")
+    p.add_argument("--name", help="run name: the run directory is runs/NAME (checked: one path component, "
+                                  "no '..', no symlink leading out of runs/)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
 
 
 def _config(path: str | None, args: argparse.Namespace):
     from loralab.config import load_config
 
-    overrides = list(args.overrides) + ([f"output.dir={args.out}"] if args.out else [])
-    return load_config(path, overrides)
+    return load_config(path, list(args.overrides) + _out_override(args))
+
+
+def _out_override(args: argparse.Namespace) -> list[str]:
+    from loralab.errors import ConfigError
+    from loralab.paths import child_dir
+
+    if args.name and args.out:
+        raise ConfigError("give either --out DIR or --name NAME, not both")
+    if args.name:
+        return [f"output.dir={child_dir(Path('runs'), args.name, what='run name')}"]
+    return [f"output.dir={args.out}"] if args.out else []
 
 
 def _print_summary(s: dict) -> None:
@@ -72,12 +88,41 @@ def _print_summary(s: dict) -> None:
         print(f"{k:>26}: {v}")
 
 
+def _checked_config(args: argparse.Namespace):
+    """The run's config; when it is invalid and the run directory is known, the run is stored as invalid."""
+    from loralab.config import load_config
+    from loralab.errors import ConfigError
+    from loralab.train.loop import write_json
+
+    out = _out_override(args)  # a bad --name raises here, before anything is written
+    try:
+        return load_config(args.config, list(args.overrides) + out)
+    except ConfigError as exc:
+        if out:
+            run_dir = Path(out[0].split("=", 1)[1])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "summary.json", {"status": "invalid", "error": str(exc), "run_dir": str(run_dir)})
+        raise
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from loralab.cli import emit_json
     from loralab.train.loop import train
 
-    cfg = _config(args.config, args)
-    summary = train(cfg, show_progress=sys.stderr.isatty())
+    if args.resume:
+        from loralab.config import load_config
+        from loralab.errors import ConfigError
+
+        if args.config or args.out or args.name:
+            raise ConfigError("--resume RUN_DIR takes the config and the directory from RUN_DIR; drop CONFIG, --out and --name")
+        run = Path(args.resume)
+        if not (run / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run}: no config.yaml there, so it is not a loralab run directory")
+        cfg = load_config(run / "config.yaml", list(args.overrides) + [f"output.dir={run}"])
+        summary = train(cfg, show_progress=sys.stderr.isatty(), resume=True)
+    else:
+        cfg = _checked_config(args)
+        summary = train(cfg, show_progress=sys.stderr.isatty())
     emit_json(summary) if args.json else _print_summary(summary)
     return 0
 
@@ -110,7 +155,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     cfg = _config(str(QUICKSTART), args)
-    if not args.out and not any(o.startswith("output.dir=") for o in args.overrides):
+    if not args.out and not args.name and not any(o.startswith("output.dir=") for o in args.overrides):
         cfg.output.dir = "runs/quickstart"
     base, tokenizer = load_base(cfg.model, cfg.quant)
     log.info("evaluating the base model on %d held-out problems per task ...", args.eval_n)

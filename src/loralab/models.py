@@ -66,9 +66,28 @@ def quantization_config(quant: QuantConfig):
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def check_cpu_4bit(lm, quant: QuantConfig) -> None:
+    """bitsandbytes' CPU 4-bit kernels fail (a bare RuntimeError) on layers narrower than a block."""
+    for name, module in lm.named_modules():
+        in_features = getattr(module, "in_features", None)
+        if type(module).__name__ == "Linear4bit" and in_features is not None and in_features < quant.block_size:
+            raise ModelError(
+                f"quant.mode {quant.mode} cannot run on this machine's CPU for {name}: in_features {in_features} is "
+                f"below the 4-bit block size {quant.block_size} that bitsandbytes' CPU kernels need; use "
+                "quant.mode none here, or a CUDA device"
+            )
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    local = Path(resolve_model_path(path))
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"model.path {path}: no tokenizer in this directory (none of {', '.join(TOKENIZER_FILES)}); "
+                         "copy the tokenizer files of the base model next to its weights")
     try:
         tok = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -96,6 +115,8 @@ def load_base(model: ModelConfig, quant: QuantConfig):
         raise ModelError(f"model.path {model.path}: cannot load the model ({str(exc).splitlines()[0]})") from None
     if bnb is None:
         lm.to(device)
+    elif device.type == "cpu":
+        check_cpu_4bit(lm, quant)
     for p in lm.parameters():
         p.requires_grad_(False)
     lm.config.use_cache = False

@@ -35,10 +35,13 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"dataset file {p} does not exist")
+    raw = p.read_bytes()
     try:
-        text = p.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{p}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                        "save the file as UTF-8") from None
     if not text.strip():
         raise DataError(f"{p}: the file is empty")
     if text.lstrip().startswith("["):
@@ -157,7 +160,8 @@ def load_splits(cfg: DataConfig, tokenizer, *, seed: int) -> Splits:
     if not kept:
         raise DataError(
             f"{cfg.path}: no training examples left after filtering ({dropped} dropped by the response-length "
-            f"filter {cfg.min_response_chars}..{cfg.max_response_chars} characters)"
+            f"filter data.min_response_chars = {cfg.min_response_chars}, data.max_response_chars = "
+            f"{cfg.max_response_chars})"
         )
 
     def encode_all(pairs):

@@ -1,0 +1,244 @@
+"""Checkpoints and exact resume: a run killed anywhere, resumed, equals an uninterrupted run bit for bit.
+
+The runs are deterministic CPU runs of a tiny random-init Llama (2 torch threads, here and in
+the subprocesses) with dropout on, gradient accumulation, warmup + cosine and several epochs, so
+the RNG, optimizer, scheduler and data position all have to come back exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import loralab
+from conftest import make_cfg
+from loralab.cli import main
+from loralab.config import dump_config
+from loralab.errors import ConfigError
+from loralab.train.checkpoint import PAUSE_ENV, complete_checkpoints, latest_checkpoint, verify
+from loralab.train.loop import train
+
+STEPS = 16
+RUN = dict(train__max_steps=STEPS, train__batch_size=8, train__micro_batch_size=4, train__warmup_steps=2,
+           train__scheduler="cosine", train__lr=2e-3, lora__dropout=0.1, data__limit=24, train__seed=11)
+SRC = Path(loralab.__file__).resolve().parents[1]
+# The CLI in a fresh process, with the same thread count as this one (conftest sets 2).
+CHILD = "import sys, torch; torch.set_num_threads(2); from loralab.cli import main; raise SystemExit(main(sys.argv[1:]))"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir("llama")
+
+
+def run_cfg(model: Path, out: Path, **kw):
+    return make_cfg(model, out, **{**RUN, **kw})
+
+
+def line_count(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in metrics(run_dir) if "train_loss" in r]
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_run(run_dir: Path, ref_dir: Path) -> None:
+    """Same adapter bit for bit, the same train lines (loss, lr, tokens, grad norm) each step exactly once."""
+    a, b = adapter(run_dir), adapter(ref_dir)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert train_rows(run_dir) == train_rows(ref_dir)
+    assert [r["step"] for r in train_rows(run_dir)] == list(range(1, STEPS + 1))
+    s = json.loads((run_dir / "summary.json").read_text())
+    ref = json.loads((ref_dir / "summary.json").read_text())
+    assert s["status"] == "completed"
+    assert s["final_eval_loss"] == ref["final_eval_loss"]
+    assert s["tokens_seen"] == ref["tokens_seen"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, model_dir) -> Path:
+    """The uninterrupted run (checkpointing every 2 steps, which must not change the maths)."""
+    out = tmp_path_factory.mktemp("resume") / "reference"
+    summary = train(run_cfg(model_dir, out, train__checkpoint_every=2, train__keep_last=2))
+    assert summary["status"] == "completed" and summary["steps_done"] == STEPS
+    return out
+
+
+def test_checkpoint_layout_and_keep_last(reference):
+    ckpts = complete_checkpoints(reference / "checkpoints")
+    # written at steps 2, 4, ..., 14 (none at the final step: the adapter is the result); newest 2 kept
+    assert [p.name for p in ckpts] == ["step-000012", "step-000014"]
+    assert not list((reference / "checkpoints").glob(".tmp-*"))
+    newest = ckpts[-1]
+    names = sorted(p.name for p in newest.iterdir())
+    assert names == ["adapter.safetensors", "manifest.json", "optimizer.json", "optimizer.safetensors",
+                     "rng.json", "rng.safetensors", "scheduler.json", "trainer_state.json"]
+    manifest = json.loads((newest / "manifest.json").read_text())
+    assert manifest["step"] == 14 and set(manifest["files"]) == set(names) - {"manifest.json"}
+    assert verify(newest) is None
+    state = json.loads((newest / "trainer_state.json").read_text())
+    # 14 steps x 2 micro batches; 24 examples / 8 per step = 3 steps per epoch, so epoch 4 (0-based)
+    assert (state["step"], state["micro_batches"], state["epoch"], state["micro_batch_size"]) == (14, 28, 4, 4)
+    assert state["tokens_seen"] == [r for r in train_rows(reference) if r["step"] == 14][0]["tokens_seen"]
+    sched = json.loads((newest / "scheduler.json").read_text())
+    assert sched["last_epoch"] == 14
+    opt = load_file(str(newest / "optimizer.safetensors"))
+    assert any(k.endswith("/exp_avg_sq") for k in opt) and all(torch.isfinite(v).all() for v in opt.values())
+
+
+def test_stop_at_step_then_resume_equals_uninterrupted(reference, model_dir, tmp_path):
+    out = tmp_path / "paused"
+    cfg = run_cfg(model_dir, out, train__stop_at_step=3)
+    paused = train(cfg)
+    assert paused["status"] == "paused" and paused["steps_done"] == 3 and paused["steps"] == STEPS
+    assert json.loads((out / "summary.json").read_text())["status"] == "paused"
+    assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step-000003"]
+    # the lr schedule is the full run's: at step 3 the same lr as the uninterrupted run
+    assert train_rows(out) == train_rows(reference)[:3]
+    # a second pause further on, through the CLI, then the rest
+    assert main(["train", "--resume", str(out), "--set", "train.stop_at_step=5"]) == 0
+    assert json.loads((out / "summary.json").read_text())["status"] == "paused"
+    assert main(["train", "--resume", str(out), "--set", "train.stop_at_step=null"]) == 0
+    assert_same_run(out, reference)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 5
+    # each pause evaluated the adapter it left, so a study can rank paused runs
+    assert [r["step"] for r in metrics(out) if "eval_loss" in r] == [3, 5, STEPS]
+
+
+def test_resume_refuses_a_change_of_maths(model_dir, tmp_path):
+    out = tmp_path / "changed"
+    train(run_cfg(model_dir, out, train__stop_at_step=2))
+    code = main(["train", "--resume", str(out), "--set", "train.lr=1e-2"])
+    assert code == 2
+    with pytest.raises(ConfigError, match=r"train\.lr \(0\.002 -> 0\.01\)"):
+        train(run_cfg(model_dir, out, train__lr=1e-2), resume=True)
+    assert main(["train", "--resume", str(tmp_path / "never-ran")]) == 2  # the CLI needs RUN_DIR/config.yaml
+
+
+def test_resume_of_a_never_started_or_completed_run(reference, model_dir, tmp_path):
+    """train(cfg, resume=True) is safe to repeat: it starts, continues or returns the finished run."""
+    out = tmp_path / "fresh"
+    first = train(run_cfg(model_dir, out, train__checkpoint_every=2, train__keep_last=2), resume=True)
+    assert first["status"] == "completed" and first["resumed_from_step"] == 0
+    assert_same_run(out, reference)
+    mtime = (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    again = train(run_cfg(model_dir, out, train__checkpoint_every=2, train__keep_last=2), resume=True)
+    assert again["status"] == "completed" and again["tokens_seen"] == first["tokens_seen"]
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == mtime  # not retrained
+
+
+def test_damaged_or_partial_checkpoints_are_ignored(reference, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(reference, run)
+    root = run / "checkpoints"
+    (root / "step-000015").mkdir()  # no manifest: an interrupted write renamed by hand, say
+    shutil.copy(root / "step-000014" / "adapter.safetensors", root / "step-000015" / "adapter.safetensors")
+    assert latest_checkpoint(run).name == "step-000014"
+    blob = root / "step-000014" / "optimizer.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the payload
+    blob.write_bytes(bytes(data))
+    assert "does not match the manifest" in verify(root / "step-000014")
+    assert latest_checkpoint(run).name == "step-000012"
+
+
+def write_run_dir(model_dir: Path, out: Path, **kw) -> None:
+    """config.yaml only: `train --resume` starts such a directory from step 0."""
+    out.mkdir(parents=True)
+    cfg = run_cfg(model_dir, out, **kw)
+    dump_config(cfg, out / "config.yaml")
+
+
+def start_child(out: Path, env_extra: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-c", CHILD, "train", "--resume", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> bool:
+    """Poll until ``predicate()``; False when the process ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"timed out; stderr: {proc.stderr.read().decode()[-2000:]}")
+
+
+def sigkill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_write(reference, model_dir, tmp_path):
+    out = tmp_path / "killed-in-write"
+    write_run_dir(model_dir, out, train__checkpoint_every=3)
+    # The hook sleeps inside each write after the payload, before the manifest and the rename.
+    child = start_child(out, {PAUSE_ENV: "1.0"})
+    writing = lambda: any((p / "trainer_state.json").exists() for p in (out / "checkpoints").glob(".tmp-step-000006-*"))  # noqa: E731
+    assert wait_for(writing, child), child.stderr.read().decode()[-2000:]
+    sigkill(child)
+    root = out / "checkpoints"
+    assert [p.name for p in complete_checkpoints(root)] == ["step-000003"]
+    assert len(list(root.glob(".tmp-step-000006-*"))) == 1  # the half-written one, without a manifest
+    assert json.loads((out / "summary.json").read_text())["status"] == "running"  # as a killed run leaves it
+    train(run_cfg(model_dir, out, train__checkpoint_every=3), resume=True)
+    assert_same_run(out, reference)
+    assert not list(root.glob(".tmp-*"))  # cleaned by the next write
+    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 3
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points(reference, model_dir, tmp_path):
+    """Kill a checkpointing-every-step run three times at random moments of training, resume each time."""
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    out = tmp_path / "killed"
+    write_run_dir(model_dir, out, train__checkpoint_every=1, train__keep_last=2)
+    kills = []
+    for _ in range(3):
+        lines_before = line_count(out)
+        child = start_child(out)
+        # wait until this session has trained at least one step, then a random moment more
+        started = wait_for(lambda n=lines_before: line_count(out) > n, child)
+        if not started:
+            break  # it finished before a kill could land: nothing to resume
+        time.sleep(rng.uniform(0.0, 0.5))
+        if child.poll() is not None:
+            break
+        sigkill(child)
+        kills.append(line_count(out))
+    assert kills, f"no kill landed (seed {seed})"
+    train(run_cfg(model_dir, out, train__checkpoint_every=1, train__keep_last=2), resume=True)
+    assert_same_run(out, reference)
+    assert len(complete_checkpoints(out / "checkpoints")) <= 2
