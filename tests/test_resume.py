@@ -213,7 +213,7 @@ def test_sigkill_during_checkpoint_write(reference, model_dir, tmp_path):
     assert json.loads((out / "summary.json").read_text())["status"] == "running"  # as a killed run leaves it
     train(run_cfg(model_dir, out, train__checkpoint_every=3), resume=True)
     assert_same_run(out, reference)
-    assert not list(root.glob(".tmp-*"))  # cleaned by the next write
+    assert not list(root.glob(".tmp-*"))  # cleaned when the resume started
     assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 3
 
 

@@ -41,6 +41,7 @@ from loralab.train.checkpoint import (
     DiskFullError,
     TrainState,
     checkpoint_root,
+    clean_temporaries,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -249,6 +250,8 @@ def trim_metrics(path: Path, last_step: int) -> None:
 
 def start_state(cfg: Config, run_dir: Path, *, resume: bool, model, opt, sched) -> tuple[TrainState, Path | None]:
     """A fresh state, or the newest complete checkpoint's when resuming."""
+    if resume and checkpoint_root(run_dir).is_dir():
+        clean_temporaries(checkpoint_root(run_dir))  # half-written by a killed session
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is None:
         if resume:
