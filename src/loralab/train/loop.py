@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from loralab.adapters import attach_lora, count_params, save_adapter
 from loralab.config import Config, dump_config
 from loralab.data.dataset import IGNORE, Example, collate, epoch_order, load_splits
+from loralab.data.packing import model_inputs, step_batches
 from loralab.errors import DivergedError, LoralabError
 from loralab.models import load_base, pick_device
 from loralab.train.measure import peak_memory_bytes, versions
@@ -70,7 +71,7 @@ class MetricsWriter:
 def response_loss_sum(model, batch: dict[str, torch.Tensor], autocast: str) -> torch.Tensor:
     """Sum of next-token cross-entropy over label positions (not averaged)."""
     with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**model_inputs(batch)).logits
     logits = logits[:, :-1].float()  # (batch, seq-1, vocab)
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
@@ -174,14 +175,16 @@ def fit(cfg: Config, run_dir: Path, *, show_progress: bool) -> dict[str, Any]:
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
         group = [next(stream) for _ in range(cfg.grad_accum)]
-        batches = [collate([splits.train[i] for i in idx], pad_id, device) for _, idx in group]
+        batches = step_batches([splits.train[i] for _, idx in group for i in idx], micro_batch_size=cfg.train.micro_batch_size,
+                               row_len=cfg.data.max_seq_length, pad_id=pad_id, device=device,
+                               packing=cfg.data.packing, group_by_length=cfg.train.group_by_length)
         n_loss = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         step_loss = 0.0
         for batch in batches:
             loss = response_loss_sum(model, batch, cfg.train.autocast) / n_loss
             loss.backward()
             step_loss += loss.item()
-            tokens_seen += int(batch["attention_mask"].sum())
+            tokens_seen += int(batch["n_tokens"])
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
         if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
             opt.zero_grad(set_to_none=True)
