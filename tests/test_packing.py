@@ -11,7 +11,7 @@ import torch
 
 from loralab.config import load_config
 from loralab.data.dataset import IGNORE, Example, load_splits
-from loralab.data.packing import model_inputs, pack_rows, step_batches
+from loralab.data.packing import collate_packed, model_inputs, pack_rows, step_batches
 from loralab.models import load_base
 from loralab.train.loop import micro_batches, train
 
@@ -43,30 +43,37 @@ def test_packed_logits_equal_each_example_alone():
     cfg = load_config(None, ["model.device=cpu"])
     model, tok = load_base(cfg.model, cfg.quant)
     examples = load_splits(cfg.data, tok, seed=0).train[:7]
-    (batch,) = step_batches(examples, micro_batch_size=4, row_len=256, pad_id=tok.pad_token_id,
-                            device=CPU, packing=True)
-    assert batch["input_ids"].shape[0] == 2  # 7 examples of ~45 tokens need two rows of 256
+    batch = collate_packed([examples[:4], examples[4:]], tok.pad_token_id, CPU)  # two rows, 3-4 examples each
     assert int(batch["n_tokens"]) == sum(len(e.input_ids) for e in examples)
     with torch.no_grad():
         packed = model(**model_inputs(batch)).logits  # (rows, width, vocab)
-        matched = 0
-        for r in range(batch["input_ids"].shape[0]):
-            starts = (batch["position_ids"][r] == 0).nonzero().flatten().tolist()
-            for s in starts:
-                for e in examples:
-                    n = len(e.input_ids)
-                    if batch["input_ids"][r, s : s + n].tolist() == e.input_ids:
-                        alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
-                        assert torch.allclose(packed[r, s : s + n], alone, atol=1e-4, rtol=1e-4)
-                        matched += 1
-                        break
-    assert matched == 7
+        at = {0: 0, 1: 0}
+        for k, e in enumerate(examples):
+            r, n = int(k >= 4), len(e.input_ids)
+            assert batch["input_ids"][r, at[r] : at[r] + n].tolist() == e.input_ids
+            alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
+            assert torch.allclose(packed[r, at[r] : at[r] + n], alone, atol=1e-4, rtol=1e-4)
+            at[r] += n
+        # the same row with a full causal mask (no restart) gives different logits: the test can fail
+        crossed = model(input_ids=batch["input_ids"][:1]).logits[0]
+        n0 = len(examples[0].input_ids)
+        assert not torch.allclose(crossed[n0 : n0 + 5], packed[0, n0 : n0 + 5], atol=1e-3)
+
+
+def test_rows_are_as_long_as_the_longest_example_and_fill_the_token_budget():
+    examples = [Example([0] * n, [IGNORE] + [1] * (n - 1)) for n in (100, 60, 40, 30, 20, 10, 10, 5)]
+    batches = step_batches(examples, micro_batch_size=1, row_len=400, pad_id=2, device=CPU, packing=True)
+    # rows of 100 tokens (the longest example), 400 // 100 = 4 rows per forward
+    assert [tuple(b["input_ids"].shape) for b in batches] == [(3, 100)]
+    assert sum(int(b["n_tokens"]) for b in batches) == 275
+    small = step_batches(examples, micro_batch_size=1, row_len=100, pad_id=2, device=CPU, packing=True)
+    assert [b["input_ids"].shape[0] for b in small] == [1, 1, 1]  # budget of one 100-token row each
 
 
 def test_packed_labels_never_cross_an_example_boundary():
     a = Example([0, 5, 6, 7, 1], [0, 5, 6, 7, 1])  # train_on_prompt: every label set
     b = Example([0, 8, 9, 1], [0, 8, 9, 1])
-    (batch,) = step_batches([a, b], micro_batch_size=1, row_len=16, pad_id=2, device=CPU, packing=True)
+    batch = collate_packed([[a, b]], 2, CPU)
     assert batch["input_ids"][0].tolist() == [0, 5, 6, 7, 1, 0, 8, 9, 1]
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3]
     # b's first token is not a target of a's last one

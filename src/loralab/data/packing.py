@@ -11,13 +11,14 @@ in every layout; only float rounding differs.
   to the longest example of the micro batch.
 * ``group_by_length``: the step's examples sorted by length before they are cut into micro
   batches, so examples of similar length share a micro batch and little is padded.
-* ``packing``: examples placed whole into rows of at most ``row_len`` tokens (first fit,
-  longest first), ``micro_batch_size`` rows per forward. Each example's position ids restart
+* ``packing``: examples placed whole into rows (first fit, longest first) as long as the
+  step's longest example (at most ``row_len``), as many rows per forward as fit in
+  ``micro_batch_size * row_len`` tokens. Each example's position ids restart
   at 0 and no 2D attention mask is passed, which transformers (>= 4.54) reads as packed
   sequences and turns into a block-diagonal causal mask for sdpa, eager and flash attention,
-  so no token attends across an example boundary. A forward then holds at most
-  ``micro_batch_size * row_len`` tokens, the same bound as an unpacked micro batch of
-  full-length examples, with far less padding.
+  so no token attends across an example boundary. A forward holds at most
+  ``micro_batch_size * row_len`` tokens, the memory bound of an unpacked micro batch of
+  full-length examples, with far less padding and fewer, larger matmuls.
 """
 
 from __future__ import annotations
@@ -83,10 +84,15 @@ def step_batches(examples: list[Example], *, micro_batch_size: int, row_len: int
                  device: torch.device, packing: bool = False, group_by_length: bool = False) -> list[dict[str, torch.Tensor]]:
     """The micro batches of one optimizer step (see the module docstring for the layouts)."""
     if packing:
-        rows = [[examples[i] for i in row] for row in pack_rows([len(e.input_ids) for e in examples], row_len)]
+        # Rows as long as the step's longest example: attention is computed over whole rows
+        # (masked blocks included), so rows longer than needed cost work that is thrown away.
+        lengths = [len(e.input_ids) for e in examples]
+        width = min(row_len, max(lengths))
+        per_forward = max(1, micro_batch_size * row_len // width)  # same token bound as unpacked
+        rows = [[examples[i] for i in row] for row in pack_rows(lengths, width)]
         rows.sort(key=lambda row: -sum(len(e.input_ids) for e in row))  # similar widths per forward
-        return [collate_packed(rows[i : i + micro_batch_size], pad_id, device)
-                for i in range(0, len(rows), micro_batch_size)]
+        return [collate_packed(rows[i : i + per_forward], pad_id, device)
+                for i in range(0, len(rows), per_forward)]
     if group_by_length:
         examples = sorted(examples, key=lambda e: -len(e.input_ids))
     out = []

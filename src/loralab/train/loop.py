@@ -171,9 +171,9 @@ def fit(cfg: Config, run_dir: Path, *, show_progress: bool) -> dict[str, Any]:
 
     model.train()
     stream = micro_batches(len(splits.train), cfg)
-    tokens_seen, train_time, skipped, best_eval, eval_loss = 0, 0.0, 0, float("inf"), float("nan")
+    tokens_seen, train_time, train_cpu, skipped, best_eval, eval_loss = 0, 0.0, 0.0, 0, float("inf"), float("nan")
     for step in range(1, steps + 1):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         group = [next(stream) for _ in range(cfg.grad_accum)]
         batches = step_batches([splits.train[i] for _, idx in group for i in idx], micro_batch_size=cfg.train.micro_batch_size,
                                row_len=cfg.data.max_seq_length, pad_id=pad_id, device=device,
@@ -199,6 +199,7 @@ def fit(cfg: Config, run_dir: Path, *, show_progress: bool) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_time += time.perf_counter() - t0
+        train_cpu += time.process_time() - cpu0
         epoch = group[-1][0]
         if step % cfg.train.log_every == 0 or step == steps:
             metrics.write(step=step, epoch=epoch, train_loss=step_loss, lr=sched.get_last_lr()[0],
@@ -227,6 +228,7 @@ def fit(cfg: Config, run_dir: Path, *, show_progress: bool) -> dict[str, Any]:
         "best_eval_tasks": {k: best_of(k, v) for k, v in task_history.items()},
         "wall_time_s": time.perf_counter() - t_start,
         "train_time_s": train_time,
+        "train_cpu_time_s": train_cpu,  # CPU seconds of this process: steadier than wall time on a shared machine
         "tokens_seen": tokens_seen,
         "tokens_per_s": tokens_seen / train_time if train_time else 0.0,
         "peak_memory_bytes": peak_memory_bytes(device),
