@@ -76,6 +76,7 @@ class DataConfig:
     max_response_chars: int | None = _f(None, "Drop examples whose response is longer (characters); 800 with min 201 is the seeds' 'hard' Text-to-SQL subset.", gt=0)
     limit: int | None = _f(None, "Use only the first N training examples (after the split).", gt=0)
     shuffle: bool = _f(True, "Shuffle the training examples each epoch (seeded).")
+    packing: bool = _f(False, "Pack each step's examples into rows of max_seq_length tokens (attention kept inside each example); same maths, less padding.")
 
 
 @dataclass
@@ -94,6 +95,7 @@ class TrainConfig:
     grad_clip: float | None = _f(1.0, "Clip the global gradient norm to this value (null = off).", gt=0)
     seed: int = _f(1337, "Seeds data order, dropout and adapter init.")
     autocast: Literal["none", "bf16"] = _f("none", "bf16 autocast for the forward pass.")
+    group_by_length: bool = _f(False, "Sort each step's examples by length before cutting micro batches (same examples per step, less padding).")
     log_every: int = _f(10, "Write a train-loss line to metrics.jsonl every N steps.", gt=0)
     on_nonfinite: Literal["stop", "skip"] = _f("stop", "A NaN/inf loss or gradient stops the run (diverged) or skips the step, counted.")
     checkpoint_every: int = _f(0, "Write a resumable checkpoint every N optimizer steps (0 = off).", ge=0)

@@ -65,6 +65,7 @@ class TrainState:
     micro_batch_size: int = 0  # size they were taken at (auto_micro_batch may halve it)
     tokens_seen: int = 0
     train_time_s: float = 0.0
+    train_cpu_time_s: float = 0.0
     wall_time_s: float = 0.0  # wall time of earlier sessions of this run
     skipped_steps: int = 0
     eval_loss: float | None = None

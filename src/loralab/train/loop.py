@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from loralab.adapters import attach_lora, count_params, save_adapter
 from loralab.config import Config, dump_config, load_config
 from loralab.data.dataset import IGNORE, Example, Splits, collate, epoch_order, load_splits
+from loralab.data.packing import model_inputs, step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
 from loralab.models import load_base, pick_device
 from loralab.train.checkpoint import (
@@ -87,7 +88,7 @@ class MetricsWriter:
 def response_loss_sum(model, batch: dict[str, torch.Tensor], autocast: str) -> torch.Tensor:
     """Sum of next-token cross-entropy over label positions (not averaged)."""
     with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**model_inputs(batch)).logits
     logits = logits[:, :-1].float()  # (batch, seq-1, vocab)
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
@@ -213,17 +214,23 @@ def check_context(cfg: Config, model, splits: Splits) -> None:
         )
 
 
-def forward_backward(model, examples: list[Example], group: list[tuple[int, list[int]]], *, pad_id: int,
-                     device: torch.device, autocast: str) -> tuple[float, int]:
-    """Accumulate the gradient of one optimizer step's micro batches; (mean loss, tokens)."""
-    batches = [collate([examples[i] for i in idx], pad_id, device) for _, idx in group]
+def forward_backward(model, examples: list[Example], group: list[tuple[int, list[int]]], cfg: Config, *,
+                     pad_id: int, device: torch.device) -> tuple[float, int]:
+    """Accumulate the gradient of one optimizer step's micro batches; (mean loss, useful tokens).
+
+    The step's examples are laid out padded, length-grouped or packed (data.packing); the loss
+    is the sum over the step's response tokens divided by their count in every layout.
+    """
+    batches = step_batches([examples[i] for _, idx in group for i in idx], micro_batch_size=cfg.train.micro_batch_size,
+                           row_len=cfg.data.max_seq_length, pad_id=pad_id, device=device,
+                           packing=cfg.data.packing, group_by_length=cfg.train.group_by_length)
     n_loss = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
     step_loss, tokens = 0.0, 0
     for batch in batches:
-        loss = response_loss_sum(model, batch, autocast) / n_loss
+        loss = response_loss_sum(model, batch, cfg.train.autocast) / n_loss
         loss.backward()
         step_loss += loss.item()
-        tokens += int(batch["attention_mask"].sum())
+        tokens += int(batch["n_tokens"])
     return step_loss, tokens
 
 
@@ -310,11 +317,10 @@ def fit(cfg: Config, run_dir: Path, setup: Setup, *, show_progress: bool, resume
     step = state.step
     while step < stop:
         step += 1
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         group = [next(stream) for _ in range(data_cfg.grad_accum)]
         try:
-            step_loss, tokens = forward_backward(model, splits.train, group, pad_id=pad_id, device=device,
-                                                 autocast=cfg.train.autocast)
+            step_loss, tokens = forward_backward(model, splits.train, group, data_cfg, pad_id=pad_id, device=device)
         except torch.OutOfMemoryError:
             opt.zero_grad(set_to_none=True)
             if not cfg.train.auto_micro_batch or data_cfg.train.micro_batch_size == 1:
@@ -349,6 +355,7 @@ def fit(cfg: Config, run_dir: Path, setup: Setup, *, show_progress: bool, resume
                 metrics.write(step=step, epoch=state.epoch, train_loss=step_loss, lr=sched.get_last_lr()[0],
                               tokens_seen=state.tokens_seen, grad_norm=float(grad_norm))
         state.train_time_s += time.perf_counter() - t0
+        state.train_cpu_time_s += time.process_time() - cpu0
         state.step = step
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == stop:
             evaluate(model, tokenizer, splits, setup.tasks, state, metrics, eval_kw)
@@ -379,6 +386,7 @@ def fit(cfg: Config, run_dir: Path, setup: Setup, *, show_progress: bool, resume
         "best_eval_tasks": {k: best_of(k, v) for k, v in state.task_history.items()},
         "wall_time_s": wall_before + time.perf_counter() - t_start,
         "train_time_s": train_time,
+        "train_cpu_time_s": state.train_cpu_time_s,  # CPU seconds of training: steadier than wall time on a shared machine
         "tokens_seen": state.tokens_seen,
         "tokens_per_s": state.tokens_seen / train_time if train_time else 0.0,
         "peak_memory_bytes": peak_memory_bytes(device),
