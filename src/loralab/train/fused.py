@@ -343,8 +343,9 @@ def run_result(m: Member, splits, steps: int, device, shared: dict[str, Any]) ->
 def prepare_run_dirs(cfgs: list[Config]) -> list[Path]:
     """Create each run directory and write its resolved config.yaml (before step 0, as train does)."""
     dirs = []
+    stem = default_run_dir(cfgs[0])  # one timestamp for the group; -0, -1, ... tell the runs apart
     for k, cfg in enumerate(cfgs):
-        run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg).with_name(f"{default_run_dir(cfg).name}-{k}")
+        run_dir = Path(cfg.output.dir) if cfg.output.dir else stem.with_name(f"{stem.name}-{k}")
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.output.dir = str(run_dir)
         dump_config(cfg, run_dir / "config.yaml")
