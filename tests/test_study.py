@@ -123,7 +123,8 @@ def test_every_preset_loads_full_and_quick():
     grid = load_study("preset:rank_alpha_grid")
     assert len(grid.runs) == 28 and grid.axes["lora.alpha"] == [0.5, 2, 8, 32, 128, 256, 512]
     eq = load_study("preset:alpha_lr_equivalence")
-    assert {r.config["lora"]["alpha"] * r.config["train"]["lr"] for r in eq.runs} == {pytest.approx(0.00512)}
+    assert [r.config["lora"]["alpha"] * r.config["train"]["lr"] for r in eq.runs] == pytest.approx([0.00512] * 12)
+    assert {r.config["train"]["lr"] for r in eq.runs} == {0.00512, 0.00064, 0.00008, 0.00001}
     mine = load_study("preset:dropout", model="/models/llama", data="/data/train.jsonl")
     assert {(r.config["model"]["path"], r.config["data"]["path"]) for r in mine.runs} == {("/models/llama", "/data/train.jsonl")}
 
@@ -137,7 +138,7 @@ def test_local_study_two_workers_crash_recorded_and_commands(tmp_path):
     path = write_study(tmp_path, "mix", axes={"data.path": ["builtin:arithmetic_2ds", str(bad)]}, repeats=2)
     root = tmp_path / "runs" / "mix"
     result = run_study(load_study(path, root=root), root=root, workers=2)
-    assert result["counts"] == {"completed": 2, "failed": 2}
+    assert result["counts"] == {"completed": 2, "invalid": 2}
     rows = rows_of(root / "study.db")
     for name in ("data_arithmetic_2ds-s1", "data_arithmetic_2ds-s2"):
         r = rows[name]
@@ -148,7 +149,7 @@ def test_local_study_two_workers_crash_recorded_and_commands(tmp_path):
         from_file = {(st, n): v for st, n, v in metric_rows(root / name / "metrics.jsonl")}
         assert stored == pytest.approx(from_file) and stored[(2, "eval_loss")] == pytest.approx(r["final_eval_loss"])
     for name in ("data_bad-s1", "data_bad-s2"):
-        assert rows[name]["status"] == "failed" and "bad.jsonl:2" in rows[name]["error"]
+        assert rows[name]["status"] == "invalid" and "bad.jsonl:2" in rows[name]["error"]
     # two workers: the two good runs (first by cost order and name) overlapped in time
     a, b = sorted((rows[n] for n in rows), key=lambda r: r["started_at"])[:2]
     assert b["started_at"] < a["finished_at"]
@@ -156,8 +157,8 @@ def test_local_study_two_workers_crash_recorded_and_commands(tmp_path):
 
     out = tmp_path / "runs"
     status = json.loads(cli("study", "status", "mix", "--out", str(out), "--json").stdout)
-    assert status["counts"] == {"completed": 2, "failed": 2} and len(status["runs"]) == 4
-    listed = json.loads(cli("runs", "list", "--out", str(out), "--status", "failed", "--json").stdout)
+    assert status["counts"] == {"completed": 2, "invalid": 2} and len(status["runs"]) == 4
+    listed = json.loads(cli("runs", "list", "--out", str(out), "--status", "invalid", "--json").stdout)
     assert sorted(r["name"] for r in listed) == ["data_bad-s1", "data_bad-s2"]
     shown = json.loads(cli("runs", "show", "data_arithmetic_2ds-s1", "--study", "mix", "--out", str(out), "--json").stdout)
     assert shown["final_metrics"]["eval_loss"] == pytest.approx(rows["data_arithmetic_2ds-s1"]["final_eval_loss"])
@@ -227,14 +228,16 @@ def test_driver_killed_then_rerun_repeats_nothing_and_loses_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkilled_run_is_recorded_interrupted_then_rerun(tmp_path):
-    path = write_study(tmp_path, "kill", axes={"lora.r": [2]}, base={**TINY_BASE, "train": {**TINY_BASE["train"], "max_steps": 150}})
+def test_sigkilled_run_is_recorded_interrupted_then_resumed(tmp_path):
+    train = {**TINY_BASE["train"], "max_steps": 150, "checkpoint_every": 5}
+    path = write_study(tmp_path, "kill", axes={"lora.r": [2]}, base={**TINY_BASE, "train": train})
     out = tmp_path / "runs"
     db = out / "kill" / "study.db"
     env = {**os.environ, "PYTHONPATH": SRC}
     driver = subprocess.Popen([sys.executable, "-m", "loralab.cli", "study", "run", str(path), "--out", str(out), "--retries", "0"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(lambda: (out / "kill" / "r2" / "metrics.jsonl").is_file(), 240, "the run to start training")
+    _wait_for(lambda: (out / "kill" / "r2" / "checkpoints").is_dir() and any((out / "kill" / "r2" / "checkpoints").glob("*/manifest.json")),
+              240, "the run's first checkpoint")
     (child,) = _children(driver.pid)
     os.kill(child, signal.SIGKILL)
     assert driver.wait(timeout=60) == 1  # something is left to do
@@ -244,6 +247,11 @@ def test_sigkilled_run_is_recorded_interrupted_then_rerun(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     row = rows_of(db)["r2"]
     assert row["status"] == "completed" and row["attempts"] == 2 and row["error"] is None
+    summary = json.loads((out / "kill" / "r2" / "summary.json").read_text())
+    assert summary["resumed_from_step"] >= 5 and summary["resumed_from_step"] % 5 == 0  # continued, not restarted
+    with Store(db) as s:  # the series is whole: every step logged once, from 1 to 150
+        steps = sorted(m["step"] for m in s.metrics(row["id"]) if m["name"] == "train_loss")
+    assert steps == list(range(1, 151))
 
 
 @pytest.mark.slow
@@ -270,19 +278,22 @@ def test_successive_halving_stops_poor_runs(tmp_path):
     base = {**TINY_BASE, "train": {**TINY_BASE["train"], "max_steps": 16}}
     path = write_study(tmp_path, "halving", base=base, axes={"train.lr": [0.01, 1.0e-7]}, repeats=2)
     root = tmp_path / "runs" / "halving"
-    result = run_study(load_study(path, root=root), root=root, workers=1, halving=Halving(eta=2, min_steps=2))
+    result = run_study(load_study(path, root=root), root=root, workers=2, halving=Halving(eta=2, min_steps=2))
+    # rungs at steps 2, 4, 8: 4 runs -> 2 -> 1 -> 1, which trains on to step 16
+    assert result["counts"] == {"completed": 1, "stopped_early": 3}
     rows = rows_of(root / "study.db")
-    # cheapest-first order is by name here: both lr=0.01 runs report at step 2 before the lr=1e-7 ones
-    for name in ("lr1e-07-s1", "lr1e-07-s2"):
+    for name in ("lr1e-07-s1", "lr1e-07-s2"):  # barely trained: out at the first rung
         assert rows[name]["status"] == "stopped_early" and rows[name]["stopped_at_step"] == 2, rows[name]
-    assert result["counts"].get("completed", 0) >= 1
     with Store(root / "study.db") as s:
-        at2 = {n: next(m["value"] for m in s.metrics(r["id"]) if m["step"] == 2 and m["name"] == "eval_loss") for n, r in rows.items()}
+        at2 = {n: s.metric_at(r["id"], "eval_loss", 2) for n, r in rows.items()}
         last = {n: max(m["step"] for m in s.metrics(r["id"])) for n, r in rows.items()}
-    best_good = min(at2["lr0.01-s1"], at2["lr0.01-s2"])
-    assert at2["lr1e-07-s1"] > best_good and at2["lr1e-07-s2"] > best_good
-    assert all(last[n] < 16 for n in rows if rows[n]["status"] == "stopped_early")
-    assert all(last[n] == 16 for n in rows if rows[n]["status"] == "completed")
+    assert max(at2["lr0.01-s1"], at2["lr0.01-s2"]) < min(at2["lr1e-07-s1"], at2["lr1e-07-s2"])
+    (winner,) = [n for n, r in rows.items() if r["status"] == "completed"]
+    (second,) = [n for n, r in rows.items() if r["stopped_at_step"] == 4]
+    assert winner.startswith("lr0.01") and second.startswith("lr0.01")
+    assert all(last[n] == rows[n]["stopped_at_step"] for n in rows if n != winner) and last[winner] == 16
+    summary = json.loads((root / winner / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from_step"] == 8  # went on from its checkpoint
 
 
 def test_max_memory_skips_runs_and_records_the_estimate(tmp_path):

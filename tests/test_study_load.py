@@ -1,7 +1,8 @@
 """A study under load: 52 short runs, 4 workers, crashing runs, a killed worker, a killed driver.
 
 Crashes are injected through the study itself: a quarter of the runs train on a data file
-whose second line is not JSON, so they fail at run time (after every config was checked).
+whose second line is not JSON, so they fail at run time (after every config was checked)
+and are recorded invalid (bad input found before step 1).
 One run process is SIGKILLed while training, and the driver is SIGKILLed mid-study and
 started again. At the end every run must be recorded exactly once with the right status,
 nothing left running, every metric row of every run directory in the database, and
@@ -105,7 +106,7 @@ def test_study_under_load(tmp_path):
         sid = s.study_id("load")
         before = {r["name"]: dict(r) for r in s.runs(sid)}
     left_running = sorted(n for n, r in before.items() if r["status"] == "running")
-    finished_before = {n: r["finished_at"] for n, r in before.items() if r["status"] in ("completed", "failed")}
+    finished_before = {n: r["finished_at"] for n, r in before.items() if r["status"] in ("completed", "invalid")}
     assert left_running, "the driver was killed with runs in flight"
     time.sleep(1.0)  # the run processes die with the driver (PR_SET_PDEATHSIG)
     # 3. start the driver again and let it finish
@@ -121,9 +122,9 @@ def test_study_under_load(tmp_path):
         assert s.db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 52  # exactly once each
         lost = 0
         for name, r in runs.items():
-            expected = "failed" if name.startswith("data_bad") else "completed"
+            expected = "invalid" if name.startswith("data_bad") else "completed"
             assert r["status"] == expected, (name, r["status"], r["error"])
-            if expected == "failed":
+            if expected == "invalid":
                 assert "bad.jsonl:2" in r["error"], r["error"]
             stored = {(m["step"], m["name"]) for m in s.metrics(r["id"])}
             on_disk = {(st, n) for st, n, _ in metric_rows(out / "load" / name / "metrics.jsonl")}
@@ -141,7 +142,7 @@ def test_study_under_load(tmp_path):
         "workers": 4,
         "failures_injected": {"crashing_runs": SEEDS, "run_process_sigkilled": 1, "driver_sigkilled_with_runs_in_flight": len(left_running)},
         "failures_recovered": 1 + len(left_running),
-        "crashing_runs_recorded_failed": sum(r["status"] == "failed" for r in runs.values()),
+        "crashing_runs_recorded_invalid": sum(r["status"] == "invalid" for r in runs.values()),
         "rows_lost": lost,
         "metric_rows": s_count(db),
         "integrity_check": "ok",

@@ -10,6 +10,7 @@ metrics.jsonl), the unit of truth:
 
 * summary status completed / failed / diverged / out_of_memory -> recorded as such;
 * no final summary and the process killed by a signal -> interrupted, run again (from
+  its newest complete checkpoint when train.checkpoint_every left one, else from
   scratch) up to ``retries`` more times in this invocation, and again on the next
   ``study run``; after ``max_attempts`` kills it is recorded failed;
 * no final summary and a non-zero exit -> failed, with the tail of its log.
@@ -20,8 +21,10 @@ driver (PR_SET_PDEATHSIG on Linux), and a lock file keeps two drivers off one st
 
 Executors: ``local`` (subprocesses on this machine) and ``ray`` (the same subprocess inside
 a Ray task; the task returns the summary and metric rows to the driver, see ray_exec.py).
-Successive halving (``halving=Halving(...)``) is asynchronous (ASHA-style, decided when a
-run reports its metric at a rung; no run waits), and stops the losers with SIGTERM.
+Successive halving (``halving=Halving(...)``): every run trains to the first rung
+(``train.stop_at_step``, status paused, a checkpoint), the best 1/eta on the study metric
+continue from their checkpoint (``loralab train --resume RUN_DIR --set
+train.stop_at_step=NEXT``) to the next rung, the others are recorded stopped_early.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +55,9 @@ from loralab.study.store import TODO, Store, metric_rows
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
-FINAL_SUMMARY = ("completed", "failed", "diverged", "out_of_memory")
+# Summary statuses a run process ends with on its own (invalid: bad input found before step 1;
+# paused: train.stop_at_step reached, resumable with --resume).
+FINAL_SUMMARY = ("completed", "failed", "diverged", "out_of_memory", "invalid", "paused")
 
 
 @dataclass
@@ -79,10 +84,7 @@ class Task:
     estimate: int | None = None
     cost: float = 0.0
     attempts: int = 0
-    # successive halving bookkeeping (local executor only)
-    metrics_offset: int = 0
-    stop_at: int | None = None
-    seen_rungs: set[int] = field(default_factory=set)
+    stop_at_step: int | None = None  # successive halving: train up to this step, then pause
 
 
 # ----------------------------------------------------------------------------- one run
@@ -113,6 +115,26 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any]) -> Path:
 
 def train_command(config_path: Path, run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "loralab.cli", "train", str(config_path), "--out", str(run_dir), "--json"]
+
+
+def resume_point(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint an interrupted run can continue from, if any."""
+    if not (run_dir / "config.yaml").is_file():
+        return None
+    from loralab.train.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(run_dir)
+
+
+def start_command(run_dir: Path, config: dict[str, Any], stop_at_step: int | None = None) -> tuple[list[str], bool]:
+    """(command, resuming): continue from a checkpoint when the run directory has one,
+    otherwise start over in a clean directory. ``stop_at_step`` pauses the run there."""
+    stop = f"train.stop_at_step={stop_at_step if stop_at_step else 'null'}"
+    if resume_point(run_dir) is not None:
+        return [sys.executable, "-m", "loralab.cli", "train", "--resume", str(run_dir), "--set", stop, "--json"], True
+    if stop_at_step:
+        config = {**config, "train": {**config["train"], "stop_at_step": stop_at_step}}
+    return train_command(prepare_run_dir(run_dir, config), run_dir), False
 
 
 def _die_with_parent() -> None:
@@ -149,10 +171,9 @@ def outcome(run_dir: Path, returncode: int) -> dict[str, Any]:
 def execute_run(config: dict[str, Any], run_dir: str, threads: int | None = None) -> dict[str, Any]:
     """Run one training config in a child process and wait (used by the Ray executor)."""
     rd = Path(run_dir)
-    cfg_path = prepare_run_dir(rd, config)
-    with (rd / "train.log").open("wb") as logf:
-        proc = subprocess.run(train_command(cfg_path, rd), stdout=logf, stderr=subprocess.STDOUT,
-                              env=loralab_env(threads), preexec_fn=_die_with_parent)
+    cmd, resuming = start_command(rd, config)
+    with (rd / "train.log").open("ab" if resuming else "wb") as logf:
+        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=loralab_env(threads), preexec_fn=_die_with_parent)
     return outcome(rd, proc.returncode)
 
 
@@ -161,10 +182,12 @@ class LocalRun:
 
     def __init__(self, task: Task, threads: int):
         self.task = task
-        cfg_path = prepare_run_dir(task.run_dir, task.config)
-        self.logf = (task.run_dir / "train.log").open("wb")
-        self.proc = subprocess.Popen(train_command(cfg_path, task.run_dir), stdout=self.logf, stderr=subprocess.STDOUT,
-                                     env=loralab_env(threads), preexec_fn=_die_with_parent)
+        cmd, self.resuming = start_command(task.run_dir, task.config, task.stop_at_step)
+        if self.resuming:
+            log.info("run %s: resuming from %s", task.name, resume_point(task.run_dir))
+        self.logf = (task.run_dir / "train.log").open("ab" if self.resuming else "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.logf, stderr=subprocess.STDOUT, env=loralab_env(threads),
+                                     preexec_fn=_die_with_parent)
 
     @property
     def pid(self) -> int:
@@ -185,12 +208,13 @@ class LocalRun:
 # ----------------------------------------------------------------------------- planning
 
 
-def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | None) -> list[Task]:
-    """Runs still to do, with memory estimates; runs over max_memory are recorded skipped."""
+def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | None, paused: bool = False) -> list[Task]:
+    """Runs still to do, with memory estimates; runs over max_memory are recorded skipped.
+    ``paused``: include runs paused at a halving rung (a restarted halving study)."""
     from loralab.estimate import estimate_run
 
     tasks = []
-    for row in store.runs(study_id, (*TODO, "skipped")):
+    for row in store.runs(study_id, (*TODO, "skipped", *(("paused",) if paused else ()))):
         config = json.loads(row["config_json"])
         cfg = config_from_dict(config, source=f"run {row['name']}")
         est_total, cost, trainable = None, 0.0, None
@@ -261,7 +285,7 @@ def run_study(
     if executor not in ("local", "ray"):
         raise ConfigError(f"--executor must be local or ray (got {executor!r})")
     if halving is not None and executor != "local":
-        raise ConfigError("--halving runs with the local executor only (it reads each run's metrics as they are written)")
+        raise ConfigError("--halving runs with the local executor only")
     if fuse:
         _check_fused()
     if halving is not None:
@@ -273,8 +297,8 @@ def run_study(
         if recovered:
             log.info("recovered %d run(s) left running by a stopped driver: %s", len(recovered), ", ".join(recovered))
         if retry_failed:
-            store.reset([r["id"] for r in store.runs(sid, ("failed", "diverged", "out_of_memory"))])
-        tasks = plan_tasks(store, sid, root, max_memory=max_memory)
+            store.reset([r["id"] for r in store.runs(sid, ("failed", "diverged", "out_of_memory", "invalid"))])
+        tasks = plan_tasks(store, sid, root, max_memory=max_memory, paused=halving is not None)
         done_before = sum(n for s, n in store.counts(sid).items() if s not in TODO)
         log.info("study %s: %d runs, %d to run, %d worker(s), executor %s", study.name, len(study.runs), len(tasks), workers, executor)
         if fuse:
@@ -285,9 +309,11 @@ def run_study(
             from loralab.study.ray_exec import run_ray
 
             run_ray(store, tasks, workers=workers, address=address, retries=retries, max_attempts=max_attempts)
+        elif halving is not None:
+            run_halving(store, tasks, halving=halving, metric=study.metric, goal=study.goal, workers=workers,
+                        retries=retries, max_attempts=max_attempts)
         else:
-            run_local(store, tasks, workers=workers, halving=halving, metric=study.metric, goal=study.goal,
-                      retries=retries, max_attempts=max_attempts)
+            run_local(store, tasks, workers=workers, retries=retries, max_attempts=max_attempts)
         counts = store.counts(sid)
     return {"study": study.name, "database": str(db_path), "root": str(root), "runs": len(study.runs),
             "ran": len(tasks), "already_done": done_before, "recovered": recovered, "counts": counts,
@@ -306,47 +332,27 @@ def record(store: Store, task: Task, result: dict[str, Any], *, max_attempts: in
     return status == "interrupted"
 
 
-def run_local(
-    store: Store,
-    tasks: list[Task],
-    *,
-    workers: int,
-    halving: Halving | None = None,
-    metric: str = "eval_loss",
-    goal: str = "min",
-    retries: int = 1,
-    max_attempts: int = 3,
-) -> None:
+def run_local(store: Store, tasks: list[Task], *, workers: int, retries: int = 1, max_attempts: int = 3) -> None:
     """Keep ``workers`` run processes going until every task has an outcome."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     queue = list(tasks)
     active: dict[int, LocalRun] = {}
     tries: dict[int, int] = {}
-    rungs: dict[int, dict[str, float]] = {}  # rung step -> {run name: metric at that step}
     while queue or active:
         while queue and len(active) < workers:
             task = queue.pop(0)
-            if halving is not None:
-                _set_eval_every(task, halving)
             store.start(task.run_id, run_dir=str(task.run_dir), estimated=task.estimate)
             task.attempts += 1
             tries[task.run_id] = tries.get(task.run_id, 0) + 1
             active[task.run_id] = LocalRun(task, threads)
         time.sleep(POLL_S)
         for run_id, run in list(active.items()):
-            if halving is not None and run.task.stop_at is None:
-                _check_rungs(run, halving, rungs, metric, goal)
             result = run.poll()
             if result is None:
                 continue
             del active[run_id]
-            task = run.task
-            if task.stop_at is not None and result["status"] != "completed":
-                result = {**result, "status": "stopped_early", "stopped_at_step": task.stop_at,
-                          "error": f"successive halving stopped it at step {task.stop_at}"}
-            again = record(store, task, result, max_attempts=max_attempts)
-            if again and tries[run_id] <= retries:
-                queue.append(task)
+            if record(store, run.task, result, max_attempts=max_attempts) and tries[run_id] <= retries:
+                queue.append(run.task)
 
 
 # ----------------------------------------------------------------------------- successive halving
@@ -363,56 +369,68 @@ def _check_halving(study: Study, halving: Halving) -> None:
             raise ConfigError(f"--halving: --min-steps {halving.min_steps} is not below train.max_steps {steps} (run {run.name}); no rung to stop at")
 
 
-def _set_eval_every(task: Task, halving: Halving) -> None:
+def _eval_at_rungs(task: Task, halving: Halving) -> None:
     """Evaluate at every rung: eval.every must divide min_steps (rungs are its multiples)."""
     ev = task.config.setdefault("eval", {})
     every = ev.get("every") or 0
     if not every or halving.min_steps % every:
         ev["every"] = halving.min_steps
-    task.metrics_offset = 0
-    task.stop_at = None
-    task.seen_rungs = set()
 
 
-def _new_metric_values(task: Task, metric: str) -> list[tuple[int, float]]:
-    path = task.run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    with path.open("rb") as f:
-        f.seek(task.metrics_offset)
-        chunk = f.read()
-    end = chunk.rfind(b"\n") + 1  # whole lines only; the rest is still being written
-    task.metrics_offset += end
-    out = []
-    for line in chunk[:end].splitlines():
-        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
-            rec = json.loads(line)
-            v = rec.get(metric)
-            if isinstance(v, (int, float)) and isinstance(rec.get("step"), int):
-                out.append((rec["step"], float(v)))
-    return out
+def run_halving(
+    store: Store,
+    tasks: list[Task],
+    *,
+    halving: Halving,
+    metric: str,
+    goal: str,
+    workers: int,
+    retries: int = 1,
+    max_attempts: int = 3,
+) -> None:
+    """Synchronous successive halving over ``tasks``.
+
+    At each rung every surviving run trains up to that step and pauses (checkpoint); the
+    best ceil(n / eta) on ``metric`` at that step go on from their checkpoints, the rest are
+    recorded stopped_early. Runs already past a rung (a restarted driver) are not re-run."""
+    if not tasks:
+        return
+    sid = int(store.db.execute("SELECT study_id FROM runs WHERE id = ?", (tasks[0].run_id,)).fetchone()[0])
+    alive = list(tasks)
+    for task in alive:
+        _eval_at_rungs(task, halving)
+    for rung in halving.rungs(max(t.config["train"]["max_steps"] for t in alive)):
+        behind = [t for t in alive if _checkpoint_step(t.run_dir) < rung < t.config["train"]["max_steps"]]
+        for t in behind:
+            t.stop_at_step = rung
+        run_local(store, behind, workers=workers, retries=retries, max_attempts=max_attempts)
+        status = {r["id"]: r["status"] for r in store.runs(sid)}
+        paused = [t for t in alive if status[t.run_id] == "paused"]
+        values = {t.run_id: store.metric_at(t.run_id, metric, rung) for t in paused}
+        ranked = sorted(paused, key=lambda t, values=values: _rank_key(values[t.run_id], goal))
+        keep = max(1, math.ceil(len(ranked) / halving.eta))
+        for t in ranked[keep:]:
+            store.finish(t.run_id, status="stopped_early", stopped_at_step=rung,
+                         error=f"successive halving: {metric} {values[t.run_id]} at step {rung} was not in the best {keep} of {len(ranked)}")
+        log.info("halving at step %d: %d of %d runs go on (%s)", rung, keep, len(ranked), ", ".join(t.name for t in ranked[:keep]))
+        # go on: the promoted runs, and runs too short to reach this rung that have not run yet
+        alive = ranked[:keep] + [t for t in alive if status[t.run_id] == "pending"]
+    for t in alive:
+        t.stop_at_step = None
+    run_local(store, alive, workers=workers, retries=retries, max_attempts=max_attempts)
 
 
-def _check_rungs(run: LocalRun, halving: Halving, rungs: dict[int, dict[str, float]], metric: str, goal: str) -> None:
-    """Asynchronous halving: at a rung, a run goes on only if it is in the top 1/eta so far."""
-    task = run.task
-    steps = task.config["train"]["max_steps"]
-    rung_steps = set(halving.rungs(steps))
-    for step, value in _new_metric_values(task, metric):
-        if step not in rung_steps or step in task.seen_rungs:
-            continue
-        task.seen_rungs.add(step)
-        value = value if math.isfinite(value) else (math.inf if goal == "min" else -math.inf)
-        seen = rungs.setdefault(step, {})
-        seen[task.name] = value
-        ordered = sorted(seen.values(), reverse=goal == "max")
-        keep = max(1, math.ceil(len(seen) / halving.eta))
-        rank = ordered.index(value) + 1
-        if rank > keep:
-            log.info("halving: %s is %d of %d at step %d (%s %.4f); stopping it", task.name, rank, len(seen), step, metric, value)
-            task.stop_at = step
-            run.stop()
-            return
+def _rank_key(value: float | None, goal: str) -> float:
+    """Smaller is better; a missing or non-finite metric ranks last."""
+    if value is None or not math.isfinite(value):
+        return math.inf
+    return value if goal == "min" else -value
+
+
+def _checkpoint_step(run_dir: Path) -> int:
+    """The step of a run directory's newest complete checkpoint (0 when it has none)."""
+    ckpt = resume_point(run_dir)
+    return int(ckpt.name.rsplit("-", 1)[-1]) if ckpt else 0
 
 
 def _check_fused() -> None:

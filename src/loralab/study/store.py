@@ -26,7 +26,7 @@ from typing import Any
 from loralab.errors import ConfigError, LoralabError
 
 # Statuses a run ends in; the others (pending, running, interrupted) mean "still to do".
-FINAL = ("completed", "failed", "diverged", "out_of_memory", "skipped", "stopped_early")
+FINAL = ("completed", "failed", "diverged", "out_of_memory", "invalid", "paused", "skipped", "stopped_early")
 TODO = ("pending", "interrupted")
 SUMMARY_FIELDS = ("wall_time_s", "train_time_s", "tokens_per_s", "peak_memory_bytes", "trainable_params",
                   "total_params", "final_eval_loss", "best_eval_loss")
@@ -154,6 +154,10 @@ class Store:
 
     def metrics(self, run_id: int) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.execute("SELECT step, name, value FROM metrics WHERE run_id = ? ORDER BY step, name", (run_id,))]
+
+    def metric_at(self, run_id: int, name: str, step: int) -> float | None:
+        row = self.db.execute("SELECT value FROM metrics WHERE run_id = ? AND name = ? AND step = ?", (run_id, name, step)).fetchone()
+        return None if row is None else row[0]
 
     def counts(self, study_id: int) -> dict[str, int]:
         return {r[0]: r[1] for r in self.db.execute("SELECT status, COUNT(*) FROM runs WHERE study_id = ? GROUP BY status", (study_id,))}
