@@ -229,7 +229,7 @@ def test_driver_killed_then_rerun_repeats_nothing_and_loses_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_sigkilled_run_is_recorded_interrupted_then_resumed(tmp_path):
-    train = {**TINY_BASE["train"], "max_steps": 150, "checkpoint_every": 5}
+    train = {**TINY_BASE["train"], "max_steps": 40, "checkpoint_every": 5}
     path = write_study(tmp_path, "kill", axes={"lora.r": [2]}, base={**TINY_BASE, "train": train})
     out = tmp_path / "runs"
     db = out / "kill" / "study.db"
@@ -249,9 +249,9 @@ def test_sigkilled_run_is_recorded_interrupted_then_resumed(tmp_path):
     assert row["status"] == "completed" and row["attempts"] == 2 and row["error"] is None
     summary = json.loads((out / "kill" / "r2" / "summary.json").read_text())
     assert summary["resumed_from_step"] >= 5 and summary["resumed_from_step"] % 5 == 0  # continued, not restarted
-    with Store(db) as s:  # the series is whole: every step logged once, from 1 to 150
+    with Store(db) as s:  # the series is whole: every step logged once, from 1 to 40
         steps = sorted(m["step"] for m in s.metrics(row["id"]) if m["name"] == "train_loss")
-    assert steps == list(range(1, 151))
+    assert steps == list(range(1, 41))
 
 
 @pytest.mark.slow
@@ -328,3 +328,16 @@ def test_store_marks_running_as_interrupted_on_open(tmp_path):
         with pytest.raises(ConfigError, match="different config"):
             s.open_study(study.name, study.to_json(), tmp_path, study.runs)
         assert s.counts(sid) == {"interrupted": 1, "pending": 1}  # the refused open changed nothing
+
+
+def test_fuse_trains_a_group_in_one_process(tmp_path):
+    pytest.importorskip("loralab.train.fused")
+    path = write_study(tmp_path, "fuse", axes={"lora.r": [2, 4], "train.lr": [1.0e-3]})
+    root = tmp_path / "runs" / "fuse"
+    result = run_study(load_study(path, root=root), root=root, fuse=True)
+    assert result["counts"] == {"completed": 2}
+    rows = rows_of(root / "study.db")
+    assert rows["r4-lr0.001"]["trainable_params"] == 2 * rows["r2-lr0.001"]["trainable_params"]
+    for name, r in rows.items():
+        summary = json.loads((root / name / "summary.json").read_text())
+        assert summary["fused_with"] and r["final_eval_loss"] == pytest.approx(summary["final_eval_loss"])

@@ -70,7 +70,7 @@ def test_study_under_load(tmp_path):
         "name": "load",
         "base": {
             "model": {"path": "builtin:tiny", "device": "cpu"},
-            "data": {"limit": 16, "val_max_examples": 4, "max_seq_length": 32},
+            "data": {"limit": 16, "val_max_examples": 4, "max_seq_length": 64},
             "lora": {"r": 2, "alpha": 4},
             "train": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 4, "warmup_steps": 0, "log_every": 1},
             "output": {"save_adapter": False},
@@ -87,7 +87,7 @@ def test_study_under_load(tmp_path):
 
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # 1. kill one run process mid-run with SIGKILL
-    _wait(lambda: sum(s == "completed" for s in _statuses(db).values()) >= 4, 300, "4 runs done")
+    _wait(lambda: sum(s == "completed" for s in _statuses(db).values()) >= 4, 900, "4 runs done")
     victim = None
     while victim is None:  # a run that trains (not one of the crashing ones), killed while alive
         children = _wait(lambda: {p: d for p, d in _train_children(driver.pid).items() if "data_bad" not in d}, 120, "a run process")
@@ -99,7 +99,7 @@ def test_study_under_load(tmp_path):
             continue
     # 2. kill the driver with SIGKILL while runs are in flight
     _wait(lambda: sum(s not in ("pending", "running") for s in _statuses(db).values()) >= 20
-          and "running" in _statuses(db).values(), 300, "20 runs done with some running")
+          and "running" in _statuses(db).values(), 900, "20 runs done with some running")
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     with Store(db) as s:  # opening a store does not recover; only the driver does (read here)
@@ -110,7 +110,7 @@ def test_study_under_load(tmp_path):
     assert left_running, "the driver was killed with runs in flight"
     time.sleep(1.0)  # the run processes die with the driver (PR_SET_PDEATHSIG)
     # 3. start the driver again and let it finish
-    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     result = json.loads(rerun.stdout)
     assert result["recovered"] == left_running
