@@ -83,13 +83,22 @@ class MetricsWriter:
         self.f.close()
 
 
+def forward_logits(model, batch: dict[str, torch.Tensor], autocast: str) -> torch.Tensor:
+    """The model's logits for a collated batch, (batch, seq, vocab)."""
+    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over label positions (not averaged); fused training shares it."""
+    logits = logits[:, :-1].float()  # (batch, seq-1, vocab)
+    labels = labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
 def response_loss_sum(model, batch: dict[str, torch.Tensor], autocast: str) -> torch.Tensor:
     """Sum of next-token cross-entropy over label positions (not averaged)."""
-    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()  # (batch, seq-1, vocab)
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return token_loss_sum(forward_logits(model, batch, autocast), batch["labels"])
 
 
 @torch.no_grad()
