@@ -20,6 +20,7 @@ CREATE TABLE IF NOT EXISTS runs (
     config_json             TEXT NOT NULL,  -- the full resolved training config
     status                  TEXT NOT NULL,  -- pending | running | completed | failed | diverged | out_of_memory
                                             -- | interrupted | skipped | stopped_early
+                                            -- | invalid (bad input found before step 1) | paused (train.stop_at_step)
     run_dir                 TEXT,
     attempts                INTEGER NOT NULL DEFAULT 0,
     started_at              REAL,

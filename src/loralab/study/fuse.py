@@ -1,0 +1,91 @@
+"""``study run --fuse``: runs whose base and data agree train together in one process.
+
+    loralab study run preset:rank_alpha_grid --fuse
+
+Runs are grouped by ``loralab.train.fused.fuse_key``; each group of two or more is one
+child process (``python -m loralab.study.fuse CONFIG...``) calling ``train_fused``, which
+writes every run's directory exactly as ``loralab train`` does, so outcomes are read the
+same way. Runs that cannot be fused (fuse_key refuses them, or nothing to fuse with) are
+trained alone afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from loralab.config import config_from_dict, load_config
+from loralab.errors import ConfigError
+from loralab.study.execute import (
+    POLL_S,
+    Task,
+    _die_with_parent,
+    loralab_env,
+    outcome,
+    prepare_run_dir,
+    record,
+    run_local,
+)
+from loralab.study.store import Store
+
+
+def fuse_groups(tasks: list[Task]) -> tuple[list[list[Task]], list[Task]]:
+    """(groups of two or more runs that can share a base, runs to train alone)."""
+    from loralab.train.fused import fuse_key
+
+    groups: dict[tuple, list[Task]] = {}
+    alone: list[Task] = []
+    for t in tasks:
+        try:
+            groups.setdefault(fuse_key(config_from_dict(t.config)), []).append(t)
+        except ConfigError:  # DoRA, checkpointing: fuse_key says this run trains alone
+            alone.append(t)
+    alone += [g[0] for g in groups.values() if len(g) == 1]
+    return [g for g in groups.values() if len(g) > 1], alone
+
+
+def run_fused(store: Store, tasks: list[Task], *, workers: int) -> None:
+    """Fusable groups in one process each (``workers`` at a time), then the rest alone."""
+    fused, alone = fuse_groups(tasks)
+    queue = list(fused)
+    active: list[tuple[subprocess.Popen, list[Task]]] = []
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    while queue or active:
+        while queue and len(active) < workers:
+            group = queue.pop(0)
+            paths = []
+            for t in group:
+                store.start(t.run_id, run_dir=str(t.run_dir), estimated=t.estimate)
+                t.attempts += 1
+                paths.append(str(prepare_run_dir(t.run_dir, t.config)))
+            logf = (group[0].run_dir / "fused.log").open("wb")
+            proc = subprocess.Popen([sys.executable, "-m", "loralab.study.fuse", *paths], stdout=logf,
+                                    stderr=subprocess.STDOUT, env=loralab_env(threads), preexec_fn=_die_with_parent)
+            active.append((proc, group))
+        time.sleep(POLL_S)
+        for proc, group in list(active):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            active.remove((proc, group))
+            for t in group:
+                record(store, t, outcome(t.run_dir, rc), max_attempts=3)
+    run_local(store, alone, workers=workers)
+
+
+def main(paths: list[str]) -> int:
+    """Worker entry: train the configs at ``paths`` together, each into its own directory."""
+    from loralab.train.fused import train_fused
+
+    cfgs = [load_config(p) for p in paths]
+    for p, cfg in zip(paths, cfgs, strict=True):
+        cfg.output.dir = str(Path(p).parent)
+    train_fused(cfgs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
