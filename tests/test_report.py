@@ -1,0 +1,420 @@
+"""Findings and the study report: statistics on synthetic rows in a real SQLite schema, and a
+report rendered from a small real study (tiny trainings) whose numbers are checked against the
+database."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import loralab.study
+from loralab.errors import LoralabError
+from loralab.study import stats
+from loralab.study.findings import NO_REPEATS, findings
+from loralab.study.report import write_report
+
+SCHEMA = Path(loralab.study.__file__).with_name("schema.sql")
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 10: 2.228, 30: 2.042, 100: 1.984}
+
+
+# ---------------------------------------------------------------- building databases
+
+def create_db(path: Path, spec: dict) -> sqlite3.Connection:
+    con = sqlite3.connect(path)
+    con.executescript(SCHEMA.read_text(encoding="utf-8"))
+    con.execute("INSERT INTO studies (name, spec_json, root, created_at) VALUES (?, ?, ?, 0)",
+                (spec["name"], json.dumps(spec), str(path.parent)))
+    return con
+
+
+def insert_run(con, name: str, axes: dict, *, status="completed", value=None, time_s=10.0, memory=1000,
+               params=100, stopped_at_step=None, error=None, series=()) -> int:
+    cur = con.execute(
+        "INSERT INTO runs (study_id, name, axes_json, config_json, status, final_eval_loss, train_time_s, "
+        "peak_memory_bytes, trainable_params, stopped_at_step, error) VALUES (1, ?, ?, '{}', ?, ?, ?, ?, ?, ?, ?)",
+        (name, json.dumps(axes), status, value, time_s, memory, params, stopped_at_step, error))
+    con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?)", [(cur.lastrowid, s, n, v) for s, n, v in series])
+    return cur.lastrowid
+
+
+def synthetic_db(tmp_path: Path, spec: dict, rows: list[dict]) -> Path:
+    """rows: {"name", "axes", ...insert_run keywords}; spec gets a name and metric if missing."""
+    spec = {"name": "s", "metric": "eval_loss", "goal": "min", **spec}
+    db = tmp_path / "study.db"
+    con = create_db(db, spec)
+    for r in rows:
+        insert_run(con, r.pop("name"), r.pop("axes"), **r)
+    con.commit()
+    con.close()
+    return db
+
+
+def one(found: list[dict], kind: str) -> dict:
+    hits = [f for f in found if f["kind"] == kind]
+    assert len(hits) == 1, [f["kind"] for f in found]
+    return hits[0]
+
+
+# Fixed "seed noise" offsets, so every expected number below is computed, not guessed.
+NOISE = [0.012, -0.007, -0.005]
+
+
+def two_level_rows(effect: float, seeds=(1, 2, 3)) -> list[dict]:
+    """lora.alpha 8 vs 64 at r=8, three seeds; alpha=64 is lower (better) by ``effect``."""
+    rows = []
+    for a, base in ((8, 2.0), (64, 2.0 - effect)):
+        for s, n in zip(seeds, NOISE, strict=False):
+            rows.append({"name": f"a{a}-s{s}", "axes": {"lora.alpha": a, "train.seed": s}, "value": base + n})
+    return rows
+
+
+# ---------------------------------------------------------------- statistics
+
+@pytest.mark.parametrize("df", sorted(T975))
+def test_t_quantile_matches_the_table(df):
+    assert stats.t_quantile(0.975, df) == pytest.approx(T975[df], abs=6e-4)
+
+
+def test_t_quantile_against_scipy_when_installed():
+    sp = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 7, 12, 61, 199, 200, 201, 350, 10_000):
+        for p in (0.9, 0.975, 0.995):
+            assert stats.t_quantile(p, df) == pytest.approx(sp.t.ppf(p, df), rel=1e-8)
+
+
+def test_pooled_sd_mean_interval_spearman_and_pareto():
+    groups = [[1.0, 2.0, 3.0], [10.0, 12.0], [7.0]]
+    sd, df = stats.pooled_sd(groups)
+    assert df == 3  # (3 - 1) + (2 - 1); a single run adds nothing
+    assert sd == pytest.approx(math.sqrt((2.0 + 2.0) / 3))
+    assert stats.pooled_sd([[1.0], [2.0]]) == (None, 0)
+    m, lo, hi = stats.mean_interval([1.0, 2.0, 3.0])
+    assert (m, hi - m) == pytest.approx((2.0, T975[2] * 1.0 / math.sqrt(3)), abs=1e-3)
+    assert stats.spearman([1, 2, 3, 4], [10, 20, 15, 40]) == pytest.approx(0.8)
+    assert stats.spearman([1, 2, 3], [5, 5, 5]) == 0.0
+    # cost, quality (min): (1, 3) and (2, 1) are optimal, (3, 2) is dominated by (2, 1)
+    assert stats.pareto_front([1, 2, 3], [3.0, 1.0, 2.0], "min") == [True, True, False]
+    assert stats.pareto_front([1, 2, 3], [3.0, 1.0, 2.0], "max") == [True, False, False]
+
+
+# ---------------------------------------------------------------- findings on synthetic rows
+
+def test_axis_effect_names_a_winner_only_beyond_the_noise(tmp_path):
+    spec = {"axes": {"lora.alpha": [8, 64]}, "findings": [{"kind": "axis_effect", "axis": "lora.alpha"}]}
+    small = tmp_path / "small"
+    small.mkdir()
+    f = one(findings(synthetic_db(small, spec, two_level_rows(0.002)), "s"), "axis_effect")
+    sd, df = stats.pooled_sd([[2.0 + n for n in NOISE], [1.998 + n for n in NOISE]])
+    half = stats.t_quantile(0.975, df) * sd * math.sqrt(1 / 3 + 1 / 3)
+    assert f["comparison"]["difference"] == pytest.approx(-0.002)
+    assert f["comparison"]["half_width"] == pytest.approx(half)
+    assert f["comparison"]["beyond_noise"] is False and f["winner"] is None
+    assert "within the seed noise" in f["text"] and "no level is clearly best" in f["text"]
+
+    large = tmp_path / "large"
+    large.mkdir()
+    f = one(findings(synthetic_db(large, spec, two_level_rows(0.2)), "s"), "axis_effect")
+    assert f["comparison"]["difference"] == pytest.approx(-0.2)
+    assert f["comparison"]["beyond_noise"] is True and f["winner"] == 64
+    assert "lora.alpha=64 was best" in f["text"] and "beyond the seed noise" in f["text"]
+    # the per-level interval uses the pooled seed noise: mean +/- t(df) * sd / sqrt(n)
+    lvl = {row["value"]: row for row in f["levels"]}
+    assert lvl[64]["mean"] == pytest.approx(1.8 + sum(NOISE) / 3)
+    assert lvl[64]["high"] - lvl[64]["mean"] == pytest.approx(stats.t_quantile(0.975, df) * sd / math.sqrt(3))
+
+
+def test_without_repeats_no_winner_is_named_even_for_a_large_effect(tmp_path):
+    spec = {"axes": {"lora.alpha": [8, 64]}}  # no findings listed: the defaults run
+    found = findings(synthetic_db(tmp_path, spec, two_level_rows(0.5, seeds=(1,))), "s")
+    f = one(found, "axis_effect")
+    assert f["winner"] is None and f["comparison"]["half_width"] is None
+    assert NO_REPEATS in f["text"] and "no level is named best" in f["text"]
+    assert NO_REPEATS in one(found, "spread")["text"]
+    assert NO_REPEATS in one(found, "pareto")["text"]
+
+
+def grid_rows(values: dict[tuple[int, float], float]) -> list[dict]:
+    rows = []
+    for (r, a), v in values.items():
+        for s, n in zip((1, 2), NOISE, strict=False):
+            rows.append({"name": f"r{r}-a{a}-s{s}", "axes": {"lora.r": r, "lora.alpha": a, "train.seed": s},
+                         "value": v + n, "params": 100 * r, "time_s": 5.0 + r})
+    return rows
+
+
+def test_trend_within_counts_ranks_where_higher_alpha_was_better(tmp_path):
+    # r=2, 8, 32: loss falls as alpha grows; r=128: it rises (the count must say 3/4)
+    values = {}
+    for r in (2, 8, 32, 128):
+        for i, a in enumerate((0.5, 8, 512)):
+            values[(r, a)] = 2.0 + (0.1 * i if r == 128 else -0.1 * i)
+    spec = {"axes": {"lora.r": [2, 8, 32, 128], "lora.alpha": [0.5, 8, 512]},
+            "findings": [{"kind": "trend_within", "axis": "lora.alpha", "within": "lora.r"}]}
+    db = synthetic_db(tmp_path, spec, grid_rows(values))
+    f = one(findings(db, "s"), "trend_within")
+
+    # the same count straight from SQL: per rank, is the alpha=512 mean below the alpha=0.5 mean,
+    # and are the three means in decreasing order?
+    con = sqlite3.connect(db)
+    means = dict(((r, a), m) for r, a, m in con.execute(
+        "SELECT json_extract(axes_json, '$.\"lora.r\"'), json_extract(axes_json, '$.\"lora.alpha\"'), "
+        "AVG(final_eval_loss) FROM runs WHERE status = 'completed' GROUP BY 1, 2"))
+    con.close()
+    direct = sum(means[(r, 512)] < means[(r, 8)] < means[(r, 0.5)] for r in (2, 8, 32, 128))
+    assert (f["k_higher_better"], f["n"]) == (direct, 4) == (3, 4)
+    assert f["k_lower_better"] == 1 and f["k_best_at_highest"] == 3
+    assert f["k_beyond_noise"] == 3  # 0.2 apart with a seed SD of ~0.013
+    assert "higher lora.alpha was better at 3/4 lora.r values, lower at 1/4" in f["text"]
+
+    # every rank improving: "at every lora.r (4/4)"
+    values = {(r, a): 2.0 - 0.1 * i for r in (2, 8, 32, 128) for i, a in enumerate((0.5, 8, 512))}
+    db.unlink()
+    f = one(findings(synthetic_db(tmp_path, spec, grid_rows(values)), "s"), "trend_within")
+    assert "higher lora.alpha was better at every lora.r (4/4)" in f["text"]
+
+
+def test_equivalence_with_a_tied_learning_rate(tmp_path):
+    """alpha x k with lr / k: train.lr moves with lora.alpha, so it is not an "other axis"."""
+    def rows(gap: float) -> list[dict]:
+        out = []
+        for a, v in ((1, 2.0), (512, 2.0 + gap)):
+            for s, n in zip((1, 2, 3), NOISE, strict=True):
+                out.append({"name": f"a{a}-s{s}", "axes": {"lora.alpha": a, "train.lr": 0.00512 / a, "train.seed": s},
+                            "value": v + n})
+        return out
+
+    spec = {"axes": {"lora.alpha": [1, 512]}, "tied": {"train.lr": "0.00512 / lora.alpha"},
+            "findings": [{"kind": "equivalence", "axis": "lora.alpha", "reference": 1}]}
+    f = one(findings(synthetic_db(tmp_path, spec, rows(0.003)), "s"), "equivalence")
+    (lvl,) = f["levels"]
+    assert lvl["verdict"] == "matched" and lvl["comparison"]["difference"] == pytest.approx(0.003)
+    assert "lora.alpha=512, train.lr=1e-05 matched lora.alpha=1, train.lr=0.00512 within the seed-to-seed spread" in f["text"]
+
+    (tmp_path / "study.db").unlink()
+    f = one(findings(synthetic_db(tmp_path, spec, rows(0.3)), "s"), "equivalence")
+    assert f["levels"][0]["verdict"] == "differs" and "differed from lora.alpha=1" in f["text"]
+
+
+def test_cost_in_percent_with_the_metric_difference(tmp_path):
+    rows = []
+    for mode, mem, t, v in (("none", 100e6, 100.0, 1.50), ("nf4", 62e6, 131.0, 1.51)):
+        for s, n in zip((1, 2, 3), NOISE, strict=True):
+            rows.append({"name": f"{mode}-s{s}", "axes": {"quant.mode": mode, "train.seed": s},
+                         "value": v + n, "memory": int(mem), "time_s": t})
+    spec = {"axes": {"quant.mode": ["none", "nf4"]}, "findings": [{"kind": "cost", "axis": "quant.mode", "baseline": "none"}]}
+    f = one(findings(synthetic_db(tmp_path, spec, rows), "s"), "cost")
+    (lvl,) = f["levels"]
+    assert lvl["memory_change_pct"] == pytest.approx(-38.0)
+    assert lvl["time_change_pct"] == pytest.approx(31.0)
+    assert lvl["comparison"]["difference"] == pytest.approx(0.01)
+    assert "quant.mode=nf4 against quant.mode=none: saved 38% peak memory and cost 31% more time" in f["text"]
+    assert "eval_loss differed by +0.01 +/- " in f["text"] and "within the seed noise" in f["text"]
+
+
+def test_runs_that_did_not_complete_are_listed_and_not_counted(tmp_path):
+    rows = two_level_rows(0.2)
+    rows += [
+        {"name": "a64-s4", "axes": {"lora.alpha": 64, "train.seed": 4}, "status": "failed", "error": "ModelError: boom\ntrace"},
+        {"name": "a8-s4", "axes": {"lora.alpha": 8, "train.seed": 4}, "status": "stopped_early", "stopped_at_step": 20,
+         "value": 0.1},
+        {"name": "a8-s5", "axes": {"lora.alpha": 8, "train.seed": 5}, "status": "skipped", "error": "needs 9 GiB > --max-memory"},
+        {"name": "a64-s5", "axes": {"lora.alpha": 64, "train.seed": 5}, "status": "completed"},  # no eval_loss
+    ]
+    spec = {"axes": {"lora.alpha": [8, 64]}, "findings": [{"kind": "axis_effect", "axis": "lora.alpha"}]}
+    found = findings(synthetic_db(tmp_path, spec, rows), "s")
+    ex = one(found, "excluded")
+    assert ex["n"] == 4 and ex["n_total"] == 10
+    assert "a64-s4 failed: ModelError: boom;" in ex["text"]
+    assert "a8-s4 stopped early at step 20 (successive halving)" in ex["text"]
+    assert "a8-s5 skipped: needs 9 GiB > --max-memory" in ex["text"]
+    assert "a64-s5 completed but has no final eval_loss" in ex["text"]
+    f = one(found, "axis_effect")
+    assert [row["n"] for row in f["levels"]] == [3, 3]  # the stopped run's 0.1 is not in the mean
+    assert f["levels"][0]["mean"] == pytest.approx(2.0 + sum(NOISE) / 3)
+    assert "4 run(s) that did not complete are not counted" in f["text"]
+
+
+def test_metric_other_than_eval_loss_uses_the_last_step_and_goal_max(tmp_path):
+    rows = []
+    for a, acc in ((8, 0.40), (64, 0.90)):
+        for s, n in zip((1, 2, 3), NOISE, strict=True):
+            series = [(10, "arith/exact_match", 0.0), (30, "arith/exact_match", acc + n), (20, "arith/exact_match", 0.99)]
+            rows.append({"name": f"a{a}-s{s}", "axes": {"lora.alpha": a, "train.seed": s}, "value": 5.0, "series": series})
+    spec = {"metric": "arith/exact_match", "goal": "max", "axes": {"lora.alpha": [8, 64]},
+            "findings": [{"kind": "axis_effect", "axis": "lora.alpha"}]}
+    f = one(findings(synthetic_db(tmp_path, spec, rows), "s"), "axis_effect")
+    assert [row["mean"] for row in f["levels"]] == pytest.approx([0.40 + sum(NOISE) / 3, 0.90 + sum(NOISE) / 3])
+    assert f["winner"] == 64 and "was best" in f["text"]
+
+
+def test_bad_database_or_study_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nothing.db"
+    with pytest.raises(LoralabError, match="no study database"):
+        findings(missing, "s")
+    assert not missing.exists()
+    db = synthetic_db(tmp_path, {"axes": {}}, [])
+    with pytest.raises(LoralabError, match="no study named 'other' .*studies here: s"):
+        findings(db, "other")
+    spec_findings = [{"kind": "nonsense"}, {"kind": "axis_effect", "axis": "lora.nope"}, {"kind": "cost", "axis": "x"}]
+    (tmp_path / "study.db").unlink()
+    db = synthetic_db(tmp_path, {"axes": {"lora.alpha": [8, 64]}, "findings": spec_findings}, two_level_rows(0.1))
+    texts = [f["text"] for f in findings(db, "s")]
+    assert "unknown findings kind 'nonsense'" in texts[0]
+    assert "lora.nope does not vary in this study" in texts[1]
+    assert "cost needs baseline" in texts[2]
+
+
+def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
+    db = synthetic_db(tmp_path, {"axes": {"lora.alpha": [8, 64]}}, two_level_rows(0.1))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(LoralabError, match=r"pip install 'loralab\[report\]'"):
+        write_report(db, "s", tmp_path / "out")
+    assert not (tmp_path / "out" / "report.html").exists()
+
+
+# ---------------------------------------------------------------- a small real study
+
+def load_run_dir(con, run_dir: Path, axes: dict) -> int:
+    """Test-only loader: one run directory (summary.json, config.yaml, metrics.jsonl) into the schema."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cur = con.execute(
+        "INSERT INTO runs (study_id, name, axes_json, config_json, status, run_dir, attempts, wall_time_s, "
+        "train_time_s, tokens_per_s, peak_memory_bytes, trainable_params, total_params, final_eval_loss, "
+        "best_eval_loss) VALUES (1, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (run_dir.name, json.dumps(axes), json.dumps(config), summary["status"], str(run_dir),
+         summary["wall_time_s"], summary["train_time_s"], summary["tokens_per_s"], summary["peak_memory_bytes"],
+         summary["trainable_params"], summary["total_params"], summary["final_eval_loss"], summary["best_eval_loss"]))
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        for name, value in row.items():
+            if name not in ("step", "event") and isinstance(value, (int, float)):
+                # a step's train line and eval line both carry tokens_seen: keep one
+                con.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)", (cur.lastrowid, row["step"], name, value))
+    return cur.lastrowid
+
+
+REAL_SPEC = {
+    "name": "tiny_alpha", "description": "lora.alpha x lora.r on the tiny base, two seeds",
+    "question": "Does a higher alpha help at every rank?", "claim": "For a fixed lr, higher alpha was better.",
+    "metric": "eval_loss", "goal": "min", "axes": {"lora.r": [2, 8], "lora.alpha": [1, 64]},
+    "findings": [{"kind": "trend_within", "axis": "lora.alpha", "within": "lora.r"},
+                 {"kind": "axis_effect", "axis": "lora.alpha"}, {"kind": "axis_effect", "axis": "lora.r"},
+                 {"kind": "equivalence", "axis": "lora.r", "reference": 2},
+                 {"kind": "cost", "axis": "lora.r", "baseline": 2}, {"kind": "spread"}, {"kind": "pareto"}],
+}
+
+
+@pytest.fixture(scope="module")
+def real_study(tmp_path_factory):
+    """8 real tiny trainings (r 2|8 x alpha 1|64 x seed 1|2) in a study database, plus a failed
+    and a stopped run recorded the way the driver records them."""
+    from conftest import make_cfg
+    from loralab.train.loop import train
+
+    root = tmp_path_factory.mktemp("study")
+    db = root / "study.db"
+    con = create_db(db, REAL_SPEC)
+    for r in (2, 8):
+        for a in (1, 64):
+            for seed in (1, 2):
+                name = f"r{r}-a{a}-s{seed}"
+                cfg = make_cfg("builtin:tiny", root / name, f"lora.r={r}", f"lora.alpha={a}", f"train.seed={seed}",
+                               "train.max_steps=6", "train.lr=3e-3", "eval.every=3", "eval.tasks=world_pairs",
+                               "eval.limit=8", "output.save_adapter=false")
+                train(cfg)
+                load_run_dir(con, root / name, {"lora.r": r, "lora.alpha": a, "train.seed": seed})
+    insert_run(con, "r8-a64-s3", {"lora.r": 8, "lora.alpha": 64, "train.seed": 3}, status="failed",
+               error="DivergedError: non-finite loss at step 2", value=None)
+    insert_run(con, "r2-a1-s3", {"lora.r": 2, "lora.alpha": 1, "train.seed": 3}, status="stopped_early",
+               stopped_at_step=3, value=9.0, series=[(3, "eval_loss", 9.0)])
+    con.commit()
+    con.close()
+    return db
+
+
+def sql(db: Path, query: str, *args):
+    con = sqlite3.connect(db)
+    try:
+        return con.execute(query, args).fetchall()
+    finally:
+        con.close()
+
+
+@pytest.mark.slow
+def test_real_study_findings_match_the_database(real_study):
+    found = findings(real_study, "tiny_alpha")
+    by_axis = {f["axis"]: f for f in found if f["kind"] == "axis_effect"}
+    for axis in ("lora.alpha", "lora.r"):
+        avg = {v: (m, n) for v, m, n in sql(
+            real_study, f"SELECT json_extract(axes_json, '$.\"{axis}\"'), AVG(final_eval_loss), COUNT(*) "
+                        "FROM runs WHERE status = 'completed' GROUP BY 1")}
+        got = {row["value"]: (row["mean"], row["n"]) for row in by_axis[axis]["levels"]}
+        assert set(got) == set(avg)
+        for v, (m, n) in avg.items():
+            assert got[v][0] == pytest.approx(m, rel=1e-12) and got[v][1] == n == 4
+
+    # the seed noise: SD within each (r, alpha) pair of seeds, pooled
+    vals: dict[tuple, list[float]] = {}
+    for r, a, v in sql(real_study, "SELECT json_extract(axes_json, '$.\"lora.r\"'), json_extract(axes_json, "
+                                   "'$.\"lora.alpha\"'), final_eval_loss FROM runs WHERE status = 'completed'"):
+        vals.setdefault((r, a), []).append(v)
+    pooled = math.sqrt(sum((x - sum(g) / 2) ** 2 for g in vals.values() for x in g) / 4)
+    spread = one(found, "spread")
+    assert spread["noise_df"] == 4 and spread["noise_sd"] == pytest.approx(pooled)
+    assert len(spread["groups"]) == 4
+    for g in spread["groups"]:
+        assert g["n"] == 2 and g["min"] <= g["mean"] <= g["max"]
+
+    trend = one(found, "trend_within")
+    direct = sum(sum(vals[(r, 64)]) < sum(vals[(r, 1)]) for r in (2, 8))
+    assert (trend["k_higher_better"], trend["n"]) == (direct, 2)
+    assert f"({direct}/2)" in trend["text"] or f"at {direct}/2" in trend["text"]
+
+    # a winner is named exactly when the difference exceeds its 95% interval
+    alpha = by_axis["lora.alpha"]
+    cmp = alpha["comparison"]
+    assert cmp["half_width"] == pytest.approx(stats.t_quantile(0.975, 4) * pooled * math.sqrt(1 / 4 + 1 / 4))
+    assert (alpha["winner"] is not None) == (abs(cmp["difference"]) > cmp["half_width"])
+
+    cost = one(found, "cost")
+    params = dict(sql(real_study, "SELECT json_extract(axes_json, '$.\"lora.r\"'), AVG(trainable_params) "
+                                  "FROM runs WHERE status = 'completed' GROUP BY 1"))
+    assert cost["levels"][0]["params"] == params[8] == 4 * params[2]  # LoRA parameters grow linearly with r
+    ex = one(found, "excluded")
+    assert "r8-a64-s3 failed: DivergedError" in ex["text"] and "r2-a1-s3 stopped early at step 3" in ex["text"]
+
+
+@pytest.mark.slow
+def test_real_study_report_is_self_contained(real_study, tmp_path):
+    paths = write_report(real_study, "tiny_alpha", tmp_path / "report")
+    out = tmp_path / "report"
+    names = sorted(p.name for p in paths["pngs"])
+    assert names == sorted(["curves_eval_loss_by_lora.r.png", "curves_eval_loss_by_lora.alpha.png",
+                            "curves_world_pairs_pairs_accuracy.png", "heatmap_lora.r_lora.alpha.png",
+                            "pareto.png", "spread.png"])
+    for p in paths["pngs"]:
+        assert p.parent == out and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    page = paths["html"].read_text()
+    embedded = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert sorted(base64.b64decode(b) for b in embedded) == sorted(p.read_bytes() for p in paths["pngs"])
+    assert not re.search(r"https?://|src=['\"](?!data:)|<link|<script|@import|url\(", page)
+    assert "Does a higher alpha help at every rank?" in page and "For a fixed lr, higher alpha was better." in page
+    assert "r8-a64-s3" in page and "stopped early at step 3" in page
+
+    md = paths["markdown"].read_text()
+    refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert sorted(refs) == names and all((out / r).is_file() for r in refs)
+    # the runs table shows every run with its final metric as stored
+    for name, loss in sql(real_study, "SELECT name, final_eval_loss FROM runs WHERE status = 'completed'"):
+        assert re.search(rf"\| {re.escape(name)} \|[^\n]*\| completed \| {loss:.4g} \|", md)
+    assert json.loads(paths["findings"].read_text()) == json.loads(json.dumps(findings(real_study, "tiny_alpha"), default=str))
