@@ -199,6 +199,7 @@ def test_equivalence_with_a_tied_learning_rate(tmp_path):
     assert "lora.alpha=512, train.lr=1e-05 matched lora.alpha=1, train.lr=0.00512 within the seed-to-seed spread" in f["text"]
 
     (tmp_path / "study.db").unlink()
+    spec["findings"][0]["reference"] = "1"  # a level named as text in the study file is found too
     f = one(findings(synthetic_db(tmp_path, spec, rows(0.3)), "s"), "equivalence")
     assert f["levels"][0]["verdict"] == "differs" and "differed from lora.alpha=1" in f["text"]
 

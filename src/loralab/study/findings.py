@@ -146,7 +146,7 @@ def exclusion_reason(run: Run, metric: str) -> str | None:
 
 def varying_axes(spec: dict[str, Any], runs: list[Run]) -> list[str]:
     """Axes with more than one value, in the study file's order, then tied keys; no seed."""
-    declared = list(spec.get("axes") or {})
+    declared = [k for k in (spec.get("axes") or {}) if isinstance(k, str)]
     seen = declared + [k for r in runs for k in r.axes if k not in declared]
     out = []
     for k in dict.fromkeys(seen):
@@ -234,35 +234,48 @@ def level_label(data: StudyData, axis: str, value: Any) -> str:
 
 # ---------------------------------------------------------------- comparisons
 
+def matched_cells(data: StudyData, runs: list[Run], axis: str, a: Any, b: Any) -> list[tuple[list[Run], list[Run]]]:
+    """Runs at levels ``a`` and ``b``, paired by the combination of the other (untied) axes;
+    only combinations where both levels have runs."""
+    others = [k for k in data.axes if k != axis and k not in tied_to(data, axis)]
+
+    def cells(value: Any) -> dict[tuple, list[Run]]:
+        out: dict[tuple, list[Run]] = defaultdict(list)
+        for r in at_level(runs, axis, value):
+            out[tuple(canon(r.axes.get(k)) for k in others)].append(r)
+        return out
+
+    ca, cb = cells(a), cells(b)
+    return [(ca[c], cb[c]) for c in ca if c in cb]
+
+
 def compare(data: StudyData, runs: list[Run], axis: str, a: Any, b: Any) -> dict[str, Any] | None:
     """Level ``a`` minus level ``b`` of the metric, matched over the other (untied) axes.
 
     Returns None when no combination of the other axes has both levels.
     """
-    others = [k for k in data.axes if k != axis and k not in tied_to(data, axis)]
-
-    def cells(value: Any) -> dict[tuple, list[float]]:
-        out: dict[tuple, list[float]] = defaultdict(list)
-        for r in at_level(runs, axis, value):
-            out[tuple(canon(r.axes.get(k)) for k in others)].append(r.value)
-        return out
-
-    ca, cb = cells(a), cells(b)
-    common = [c for c in ca if c in cb]
-    if not common:
+    pairs = matched_cells(data, runs, axis, a, b)
+    if not pairs:
         return None
-    diff = stats.mean([stats.mean(ca[c]) - stats.mean(cb[c]) for c in common])
-    n_a, n_b = sum(len(ca[c]) for c in common), sum(len(cb[c]) for c in common)
-    out = {"difference": diff, "n_a": n_a, "n_b": n_b, "cells": len(common), "half_width": None,
-           "low": None, "high": None, "beyond_noise": None,
-           "mean_a": stats.mean([v for c in common for v in ca[c]]),
-           "mean_b": stats.mean([v for c in common for v in cb[c]])}
+    diff = stats.mean([stats.mean([r.value for r in ra]) - stats.mean([r.value for r in rb]) for ra, rb in pairs])
+    out = {"difference": diff, "n_a": sum(len(ra) for ra, _ in pairs), "n_b": sum(len(rb) for _, rb in pairs),
+           "cells": len(pairs), "half_width": None, "low": None, "high": None, "beyond_noise": None,
+           "mean_a": stats.mean([r.value for ra, _ in pairs for r in ra]),
+           "mean_b": stats.mean([r.value for _, rb in pairs for r in rb])}
     if data.noise_sd is not None:
         # Var(mean over cells of (mean_a - mean_b)) = sd^2 / C^2 * sum_c (1/n_ac + 1/n_bc)
-        inv = sum(1 / len(ca[c]) + 1 / len(cb[c]) for c in common)
-        half = stats.t_quantile(0.975, data.noise_df) * data.noise_sd * math.sqrt(inv) / len(common)
+        inv = sum(1 / len(ra) + 1 / len(rb) for ra, rb in pairs)
+        half = stats.t_quantile(0.975, data.noise_df) * data.noise_sd * math.sqrt(inv) / len(pairs)
         out.update(half_width=half, low=diff - half, high=diff + half, beyond_noise=abs(diff) > half)
     return out
+
+
+def find_level(runs: list[Run], axis: str, value: Any) -> Any | None:
+    """The axis level a study file names (``reference: 1`` or ``"1"``), or None if no run has it."""
+    for v in levels(runs, axis):
+        if canon(v) == canon(value) or (isinstance(value, str) and fmt_value(v) == value):
+            return v
+    return None
 
 
 def diff_text(data: StudyData, cmp: dict[str, Any]) -> str:
@@ -365,8 +378,8 @@ def trend_within(data: StudyData, axis: str, within: str) -> dict[str, Any]:
         head = f"lower {axis} was better at {every} {within} ({k_lower}/{n})"
     else:
         head = f"higher {axis} was better at {k}/{n} {within} values, lower at {k_lower}/{n}"
-    head += f" (rank correlation of {axis} with {'lower' if data.goal == 'min' else 'higher'} {data.metric}); "
-    head += f"the highest {axis} was best at {k_best}/{n}"
+    head += (f"; a {within} value counts when {data.metric} {'fell' if data.goal == 'min' else 'rose'} as {axis} "
+             f"rose (rank correlation of the means); the highest {axis} was best at {k_best}/{n}")
     if data.noise_sd is None:
         out["text"] = f"{head}. {NO_REPEATS}."
     else:
@@ -384,10 +397,11 @@ def equivalence(data: StudyData, axis: str, reference: Any) -> dict[str, Any]:
     """
     out: dict[str, Any] = {"kind": "equivalence", "axis": axis, "reference": reference, "metric": data.metric,
                            "noise_sd": data.noise_sd, "levels": []}
-    if not at_level(data.ok, axis, reference):
+    if find_level(data.ok, axis, reference) is None:
         found = ", ".join(fmt_value(v) for v in levels(data.ok, axis)) or "none"
         out["text"] = f"{axis}={fmt_value(reference)} (the reference) has no completed run (completed levels: {found})."
         return out
+    reference = find_level(data.ok, axis, reference)
     ref = level_label(data, axis, reference)
     parts = []
     for v in levels(data.ok, axis):
@@ -426,16 +440,17 @@ def cost(data: StudyData, axis: str, baseline: Any) -> dict[str, Any]:
     """Per level against ``baseline``: peak memory and time change in percent, parameter
     counts, and the metric difference with its interval."""
     out: dict[str, Any] = {"kind": "cost", "axis": axis, "baseline": baseline, "metric": data.metric, "levels": []}
-    base_runs = at_level(data.ok, axis, baseline)
-    if not base_runs:
+    if find_level(data.ok, axis, baseline) is None:
         found = ", ".join(fmt_value(v) for v in levels(data.ok, axis)) or "none"
         out["text"] = f"{axis}={fmt_value(baseline)} (the baseline) has no completed run (completed levels: {found})."
         return out
+    baseline = out["baseline"] = find_level(data.ok, axis, baseline)
     parts = []
     for v in levels(data.ok, axis):
         if canon(v) == canon(baseline):
             continue
-        runs = at_level(data.ok, axis, v)
+        pairs = matched_cells(data, data.ok, axis, v, baseline)  # same other settings on both sides
+        runs, base_runs = [r for ra, _ in pairs for r in ra], [r for _, rb in pairs for r in rb]
         row = {"value": v, "memory_change_pct": _pct_change(runs, base_runs, "memory_bytes"),
                "time_change_pct": _pct_change(runs, base_runs, "time_s"),
                "params": _mean_attr(runs, "params"), "baseline_params": _mean_attr(base_runs, "params"),
@@ -461,18 +476,18 @@ def _pct_change(runs: list[Run], base: list[Run], attr: str) -> float | None:
 def _cost_text(data: StudyData, axis: str, v: Any, baseline: Any, row: dict[str, Any]) -> str:
     def change(pct: float | None, what: str) -> str:
         if pct is None:
-            return f"{what}: not measured"
+            return f"{what} not measured"
         if abs(pct) < 0.5:
             return f"the same {what}"
         return f"saved {-pct:.0f}% {what}" if pct < 0 else f"cost {pct:.0f}% more {what}"
 
+    cmp = row["comparison"]
+    if cmp is None:
+        return f"{level_label(data, axis, v)} never ran under the same other settings as {level_label(data, axis, baseline)}."
     text = (f"{level_label(data, axis, v)} against {level_label(data, axis, baseline)}: {change(row['memory_change_pct'], 'peak memory')} and "
             f"{change(row['time_change_pct'], 'time')}")
     if row["params"] is not None and row["baseline_params"] and row["params"] != row["baseline_params"]:
         text += f", {row['params']:,.0f} trainable parameters instead of {row['baseline_params']:,.0f}"
-    cmp = row["comparison"]
-    if cmp is None:
-        return text + f"; {data.metric} not comparable (never ran under the same other settings)."
     return text + f"; {data.metric} differed by {diff_text(data, cmp)}."
 
 

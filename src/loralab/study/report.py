@@ -168,6 +168,7 @@ def plot_curves(mpl_figure, data: StudyData, found: list[dict], series, out: Pat
 
 def _draw_curves(ax, data: StudyData, series, metric: str, axis: str | None) -> None:
     import matplotlib
+    from matplotlib.ticker import MaxNLocator
 
     values = levels(data.runs, axis) if axis else [None]
     cmap = matplotlib.colormaps["viridis"]
@@ -185,6 +186,7 @@ def _draw_curves(ax, data: StudyData, series, metric: str, axis: str | None) -> 
         done = run.status == "completed"
         ax.plot([s for s, _ in points], [v for _, v in points], color=color[key], label=label,
                 linestyle="-" if done else "--", alpha=0.85 if done else 0.5, marker="." if len(points) < 12 else None)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
@@ -258,7 +260,9 @@ def plot_pareto(mpl_figure, data: StudyData, out: Path) -> list[Figure]:
         front = stats.pareto_front(xs, ys, data.goal)
         ax.scatter(xs, ys, color="0.6", s=18, label="configuration")
         fr = sorted((x, y, _short(p["config"])) for x, y, p, f in zip(xs, ys, pts, front, strict=True) if f)
-        ax.plot([x for x, _, _ in fr], [y for _, y, _ in fr], "o-", color="tab:red", ms=5, label="Pareto frontier")
+        # a staircase: from each optimal point, the next one costs more and is better
+        ax.plot([x for x, _, _ in fr], [y for _, y, _ in fr], "o-", color="tab:red", ms=5, drawstyle="steps-post",
+                label="Pareto frontier")
         for n, (x, y, name) in enumerate(fr[:8]):  # alternate above / below so neighbours do not overlap
             ax.annotate(name, (x, y), fontsize=6, xytext=(4, 4 if n % 2 == 0 else -10), textcoords="offset points")
         if attr == "params" and min(xs) > 0 and max(xs) / min(xs) > 10:
