@@ -263,7 +263,7 @@ def assert_failed_run(cfg, exc_type, *needles):
         assert n in msg, (n, msg)
     run_dir = Path(cfg.output.dir)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "failed"
+    assert summary["status"] == "invalid"  # bad input found before the first step
     assert summary["error"] == msg
     assert not (run_dir / "adapter").exists()
     return msg

@@ -2,6 +2,7 @@
 
     loralab quickstart [--out runs/quickstart] [--json]
     loralab train run.yaml --set lora.r=16 --out runs/r16 [--json]
+    loralab train --resume runs/r16 [--set train.stop_at_step=null]
     loralab generate --model builtin:tiny --adapter runs/r16 "What is 12 plus 30?"
     loralab merge runs/r16 merged/
 """
@@ -23,6 +24,9 @@ QUICKSTART = Path(__file__).parent / "assets" / "configs" / "quickstart.yaml"
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="one LoRA / QLoRA fine-tuning run from a YAML config")
     p.add_argument("config", nargs="?", help="YAML config (defaults apply to missing keys)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its newest complete checkpoint, with RUN_DIR/config.yaml; "
+                        "--set may change only keys that leave the maths alone (train.stop_at_step, ...)")
     _run_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -76,8 +80,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     from loralab.cli import emit_json
     from loralab.train.loop import train
 
-    cfg = _config(args.config, args)
-    summary = train(cfg, show_progress=sys.stderr.isatty())
+    if args.resume:
+        from loralab.config import load_config
+        from loralab.errors import ConfigError
+
+        if args.config or args.out:
+            raise ConfigError("--resume RUN_DIR takes the config and the directory from RUN_DIR; drop CONFIG and --out")
+        run = Path(args.resume)
+        if not (run / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run}: no config.yaml there, so it is not a loralab run directory")
+        cfg = load_config(run / "config.yaml", list(args.overrides) + [f"output.dir={run}"])
+        summary = train(cfg, show_progress=sys.stderr.isatty(), resume=True)
+    else:
+        cfg = _config(args.config, args)
+        summary = train(cfg, show_progress=sys.stderr.isatty())
     emit_json(summary) if args.json else _print_summary(summary)
     return 0
 

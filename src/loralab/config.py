@@ -96,6 +96,10 @@ class TrainConfig:
     autocast: Literal["none", "bf16"] = _f("none", "bf16 autocast for the forward pass.")
     log_every: int = _f(10, "Write a train-loss line to metrics.jsonl every N steps.", gt=0)
     on_nonfinite: Literal["stop", "skip"] = _f("stop", "A NaN/inf loss or gradient stops the run (diverged) or skips the step, counted.")
+    checkpoint_every: int = _f(0, "Write a resumable checkpoint every N optimizer steps (0 = off).", ge=0)
+    keep_last: int = _f(2, "Keep only the newest N checkpoints.", gt=0)
+    stop_at_step: int | None = _f(None, "Pause after this step: checkpoint, status paused; --resume continues on the full run's schedule.", gt=0)
+    auto_micro_batch: bool = _f(False, "On out-of-memory, halve micro_batch_size and double accumulation (global batch unchanged) and retry.")
 
 
 @dataclass

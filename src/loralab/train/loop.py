@@ -4,19 +4,27 @@
     from loralab.train.loop import train
     summary = train(load_config("run.yaml", ["lora.r=16"]))
 
-The run directory holds config.yaml (resolved), metrics.jsonl, summary.json and
-adapter/ (PEFT format). summary.json is written at the start (status running) and at the
-end (completed, failed or diverged), so a failed run always says why.
+The run directory holds config.yaml (resolved), metrics.jsonl, summary.json, adapter/
+(PEFT format) and, with train.checkpoint_every or train.stop_at_step, checkpoints/.
+summary.json is written at the start (status running) and at the end: completed, paused
+(train.stop_at_step), invalid (bad config, data or model found before the first step),
+failed, diverged or out_of_memory, so a run always says why it ended.
+
+    train(cfg, resume=True)   # continue cfg.output.dir from its newest complete checkpoint
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import logging
 import math
 import random
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +33,18 @@ import torch
 import torch.nn.functional as F
 
 from loralab.adapters import attach_lora, count_params, save_adapter
-from loralab.config import Config, dump_config
-from loralab.data.dataset import IGNORE, Example, collate, epoch_order, load_splits
-from loralab.errors import DivergedError, LoralabError
+from loralab.config import Config, dump_config, load_config
+from loralab.data.dataset import IGNORE, Example, Splits, collate, epoch_order, load_splits
+from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
 from loralab.models import load_base, pick_device
+from loralab.train.checkpoint import (
+    DiskFullError,
+    TrainState,
+    checkpoint_root,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from loralab.train.measure import peak_memory_bytes, versions
 from loralab.train.optim import build_optimizer, build_scheduler
 
@@ -139,9 +155,29 @@ def progress(step: int, total: int, loss: float, enabled: bool) -> None:
     sys.stderr.flush()
 
 
-def fit(cfg: Config, run_dir: Path, *, show_progress: bool) -> dict[str, Any]:
-    """Load, attach LoRA, train, evaluate, save. Returns the summary fields it measured."""
-    t_start = time.perf_counter()
+# Keys that ``--resume`` may change: they decide when to stop, log or checkpoint, never the
+# maths of a step, so the resumed run still equals an uninterrupted one.
+RESUME_MAY_CHANGE = frozenset({
+    "train.stop_at_step", "train.checkpoint_every", "train.keep_last", "train.log_every",
+    "train.auto_micro_batch", "output.dir", "output.save_adapter",
+})
+
+
+@dataclass
+class Setup:
+    """Everything loaded before the first step; bad input fails while building it."""
+
+    model: Any
+    tokenizer: Any
+    splits: Splits
+    tasks: list
+    device: torch.device
+    trainable: int
+    total: int
+
+
+def prepare(cfg: Config) -> Setup:
+    """Load base, attach LoRA, read data and evaluation tasks."""
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.model.device)
     base, tokenizer = load_base(cfg.model, cfg.quant)
@@ -157,11 +193,74 @@ def fit(cfg: Config, run_dir: Path, *, show_progress: bool) -> dict[str, Any]:
         from loralab.evaluate.tasks import resolve_tasks
 
         tasks = resolve_tasks(",".join(cfg.eval.tasks), cfg.eval.limit)
-    task_history: dict[str, list[float]] = {}
+    return Setup(model, tokenizer, splits, tasks, device, trainable, total)
+
+
+def forward_backward(model, examples: list[Example], group: list[tuple[int, list[int]]], *, pad_id: int,
+                     device: torch.device, autocast: str) -> tuple[float, int]:
+    """Accumulate the gradient of one optimizer step's micro batches; (mean loss, tokens)."""
+    batches = [collate([examples[i] for i in idx], pad_id, device) for _, idx in group]
+    n_loss = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+    step_loss, tokens = 0.0, 0
+    for batch in batches:
+        loss = response_loss_sum(model, batch, autocast) / n_loss
+        loss.backward()
+        step_loss += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    return step_loss, tokens
+
+
+def finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Keep only the lines up to ``last_step`` (and drop a line cut off by a kill)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= last_step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
+
+
+def start_state(cfg: Config, run_dir: Path, *, resume: bool, model, opt, sched) -> tuple[TrainState, Path | None]:
+    """A fresh state, or the newest complete checkpoint's when resuming."""
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is None:
+        if resume:
+            log.info("no complete checkpoint in %s: starting from step 0", run_dir)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        return TrainState(micro_batch_size=cfg.train.micro_batch_size), None
+    state = load_checkpoint(ckpt, model=model, opt=opt, sched=sched)
+    trim_metrics(run_dir / "metrics.jsonl", state.step)
+    log.info("resuming from %s (step %d)", ckpt, state.step)
+    return state, ckpt
+
+
+def fit(cfg: Config, run_dir: Path, setup: Setup, *, show_progress: bool, resume: bool = False) -> dict[str, Any]:
+    """Train, evaluate, checkpoint, save. Returns the summary fields it measured."""
+    t_start = time.perf_counter()
+    model, tokenizer, splits, device = setup.model, setup.tokenizer, setup.splits, setup.device
     steps = plan_steps(cfg, len(splits.train))
+    stop = min(steps, cfg.train.stop_at_step or steps)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, cfg.train)
-    sched = build_scheduler(opt, cfg.train, steps)
+    sched = build_scheduler(opt, cfg.train, steps)  # planned for the full run, also when pausing
+    state, ckpt = start_state(cfg, run_dir, resume=resume, model=model, opt=opt, sched=sched)
+    resumed_from, wall_before = state.step, state.wall_time_s
+    # The data stream at the micro batch size in force (auto_micro_batch may have halved it).
+    data_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=state.micro_batch_size))
+    stream = micro_batches(len(splits.train), data_cfg)
+    for _ in range(state.micro_batches):
+        next(stream)
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     pad_id = tokenizer.pad_token_id
     eval_kw = dict(batch_size=max(cfg.train.micro_batch_size, 8), pad_id=pad_id, device=device, autocast=cfg.train.autocast)
@@ -169,101 +268,211 @@ def fit(cfg: Config, run_dir: Path, *, show_progress: bool) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
 
     model.train()
-    stream = micro_batches(len(splits.train), cfg)
-    tokens_seen, train_time, skipped, best_eval, eval_loss = 0, 0.0, 0, float("inf"), float("nan")
-    for step in range(1, steps + 1):
+    step = state.step
+    while step < stop:
+        step += 1
         t0 = time.perf_counter()
-        group = [next(stream) for _ in range(cfg.grad_accum)]
-        batches = [collate([splits.train[i] for i in idx], pad_id, device) for _, idx in group]
-        n_loss = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        step_loss = 0.0
-        for batch in batches:
-            loss = response_loss_sum(model, batch, cfg.train.autocast) / n_loss
-            loss.backward()
-            step_loss += loss.item()
-            tokens_seen += int(batch["attention_mask"].sum())
+        group = [next(stream) for _ in range(data_cfg.grad_accum)]
+        try:
+            step_loss, tokens = forward_backward(model, splits.train, group, pad_id=pad_id, device=device,
+                                                 autocast=cfg.train.autocast)
+        except torch.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            micro = data_cfg.train.micro_batch_size
+            if not cfg.train.auto_micro_batch or micro == 1:
+                raise
+            # Same global batch, half the micro batch: the step is redone from its start.
+            data_cfg.train.micro_batch_size = micro // 2
+            state.micro_batch_size = micro // 2
+            state.micro_batch_changes.append({"step": step, "from": micro, "to": micro // 2})
+            log.warning("out of memory at step %d with micro batch %d: retrying with %d (accumulation %d)",
+                        step, micro, micro // 2, data_cfg.grad_accum)
+            stream = micro_batches(len(splits.train), data_cfg)
+            for _ in range((step - 1) * data_cfg.grad_accum):
+                next(stream)
+            step -= 1
+            continue
+        state.micro_batches += len(group)
+        state.tokens_seen += tokens
+        state.epoch = group[-1][0]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
         if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
             opt.zero_grad(set_to_none=True)
             if cfg.train.on_nonfinite == "stop":
-                metrics.write(step=step, event="diverged", train_loss=step_loss)
-                raise DivergedError(f"non-finite loss or gradient at step {step} (loss {step_loss}); no adapter from after it is saved")
-            skipped += 1
-            continue
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_time += time.perf_counter() - t0
-        epoch = group[-1][0]
-        if step % cfg.train.log_every == 0 or step == steps:
-            metrics.write(step=step, epoch=epoch, train_loss=step_loss, lr=sched.get_last_lr()[0],
-                          tokens_seen=tokens_seen, grad_norm=float(grad_norm))
-        if (cfg.eval.every and step % cfg.eval.every == 0) or step == steps:
-            eval_loss = evaluate_loss(model, splits.val, **eval_kw)
-            best_eval = min(best_eval, eval_loss)
-            task_values = run_eval_tasks(model, tokenizer, tasks, batch_size=eval_kw["batch_size"])
-            for k, v in task_values.items():
-                task_history.setdefault(k, []).append(v)
-            metrics.write(step=step, eval_loss=eval_loss, tokens_seen=tokens_seen, **task_values)
+                metrics.write(step=step, event="diverged", train_loss=step_loss, grad_norm=float(grad_norm))
+                last = latest_checkpoint(run_dir)
+                exc = DivergedError(f"non-finite loss or gradient at step {step} (loss {step_loss}, gradient norm "
+                                    f"{float(grad_norm)}); no adapter from after it is saved; last good checkpoint: {last or 'none'}")
+                exc.step, exc.last_checkpoint = step, str(last) if last else None
+                raise exc
+            state.skipped_steps += 1
+            metrics.write(step=step, event="skipped_nonfinite", train_loss=step_loss, skipped_steps=state.skipped_steps)
+        else:
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step % cfg.train.log_every == 0 or step == steps:
+                metrics.write(step=step, epoch=state.epoch, train_loss=step_loss, lr=sched.get_last_lr()[0],
+                              tokens_seen=state.tokens_seen, grad_norm=float(grad_norm))
+        state.train_time_s += time.perf_counter() - t0
+        state.step = step
+        if (cfg.eval.every and step % cfg.eval.every == 0) or step == stop:
+            evaluate(model, tokenizer, splits, setup.tasks, state, metrics, eval_kw)
+        if step < steps and (step == stop or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
+            state.wall_time_s = wall_before + time.perf_counter() - t_start
+            ckpt = save_checkpoint(run_dir, state, model=model, opt=opt, sched=sched, keep_last=cfg.train.keep_last)
         progress(step, steps, step_loss, show_progress)
     metrics.close()
     if cfg.output.save_adapter:
         save_adapter(model, run_dir / "adapter")
+    train_time = state.train_time_s
     return {
+        "status": "completed" if stop == steps else "paused",
         "steps": steps,
-        "skipped_steps": skipped,
+        "steps_done": state.step,
+        "skipped_steps": state.skipped_steps,
+        "resumed_from_step": resumed_from if resume else None,
+        "checkpoint": str(ckpt) if ckpt else None,
+        "micro_batch_size": state.micro_batch_size,
+        "micro_batch_changes": state.micro_batch_changes,
         "train_examples": len(splits.train),
         "val_examples": len(splits.val),
         "dropped_by_length_filter": splits.dropped_by_length,
         "truncated_to_no_response": splits.truncated_to_nothing,
-        "final_eval_loss": eval_loss,
-        "best_eval_loss": best_eval if math.isfinite(best_eval) else None,
-        "final_eval_tasks": {k: v[-1] for k, v in task_history.items()},
-        "best_eval_tasks": {k: best_of(k, v) for k, v in task_history.items()},
-        "wall_time_s": time.perf_counter() - t_start,
+        "final_eval_loss": state.eval_loss if state.eval_loss is not None else float("nan"),
+        "best_eval_loss": state.best_eval_loss,
+        "final_eval_tasks": {k: v[-1] for k, v in state.task_history.items()},
+        "best_eval_tasks": {k: best_of(k, v) for k, v in state.task_history.items()},
+        "wall_time_s": wall_before + time.perf_counter() - t_start,
         "train_time_s": train_time,
-        "tokens_seen": tokens_seen,
-        "tokens_per_s": tokens_seen / train_time if train_time else 0.0,
+        "tokens_seen": state.tokens_seen,
+        "tokens_per_s": state.tokens_seen / train_time if train_time else 0.0,
         "peak_memory_bytes": peak_memory_bytes(device),
-        "trainable_params": trainable,
-        "total_params": total,
+        "trainable_params": setup.trainable,
+        "total_params": setup.total,
         "device": str(device),
         "_model": model,
         "_tokenizer": tokenizer,
     }
 
 
-def train(cfg: Config, *, show_progress: bool = False, keep_model: bool = False) -> dict[str, Any]:
-    """Run ``cfg``; always leaves summary.json. Raises LoralabError after recording a failure."""
+def evaluate(model, tokenizer, splits: Splits, tasks: list, state: TrainState, metrics: MetricsWriter,
+             eval_kw: dict[str, Any]) -> None:
+    """Validation loss and tasks at ``state.step``, into metrics.jsonl and the state's bookkeeping."""
+    eval_loss = evaluate_loss(model, splits.val, **eval_kw)
+    state.eval_loss = finite_or_none(eval_loss)
+    if state.eval_loss is not None:
+        state.best_eval_loss = min(state.best_eval_loss or math.inf, state.eval_loss)
+    task_values = run_eval_tasks(model, tokenizer, tasks, batch_size=eval_kw["batch_size"])
+    for k, v in task_values.items():
+        state.task_history.setdefault(k, []).append(v)
+    metrics.write(step=state.step, eval_loss=eval_loss, tokens_seen=state.tokens_seen, **task_values)
+
+
+def check_resume_config(cfg: Config, run_dir: Path) -> None:
+    """Refuse a resume whose config changes anything but RESUME_MAY_CHANGE."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"cannot resume {run_dir}: no config.yaml there (is it a loralab run directory?)")
+    saved = flat_config(load_config(saved_path))
+    now = flat_config(cfg)
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE)
+    if changed:
+        detail = ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in changed)
+        raise ConfigError(
+            f"cannot resume {run_dir} with a changed {detail}: the result would no longer equal an uninterrupted "
+            f"run; on resume only {', '.join(sorted(RESUME_MAY_CHANGE))} may change"
+        )
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in cfg.to_dict().items() for key, value in values.items()}
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def oom_details(cfg: Config, device: torch.device) -> dict[str, Any]:
+    """The estimate beside the measured peak, for a run that ran out of memory."""
+    out: dict[str, Any] = {"peak_memory_bytes": peak_memory_bytes(device), "estimated_memory_bytes": None}
+    try:
+        from loralab.estimate import estimate_run
+
+        out["estimated_memory_bytes"] = estimate_run(cfg, device=device.type).memory_bytes["total"]
+    except Exception as exc:  # an estimate is a courtesy here; the failure is reported either way
+        out["estimate_error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def train(cfg: Config, *, show_progress: bool = False, keep_model: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Run ``cfg``; always leaves summary.json. Raises LoralabError after recording a failure.
+
+    ``resume=True`` continues ``cfg.output.dir`` from its newest complete checkpoint (from
+    step 0 when there is none); a completed run is returned as it is.
+    """
+    if resume and not cfg.output.dir:
+        raise ConfigError("resume needs output.dir: the run directory to continue")
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
+    if resume:
+        check_resume_config(cfg, run_dir)
+        previous = read_summary(run_dir)
+        if previous and previous.get("status") == "completed":
+            log.info("%s is already completed; nothing to resume", run_dir)
+            return previous
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.output.dir = str(run_dir)
+    if not resume:  # a fresh run: checkpoints of an earlier run here must never be resumed
+        shutil.rmtree(checkpoint_root(run_dir), ignore_errors=True)
     dump_config(cfg, run_dir / "config.yaml")
     summary: dict[str, Any] = {"status": "running", "error": None, "run_dir": str(run_dir), "versions": versions(),
                                "trust_remote_code": cfg.model.trust_remote_code}
     write_json(run_dir / "summary.json", summary)
-    try:
-        result = fit(cfg, run_dir, show_progress=show_progress)
-    except DivergedError as exc:
-        summary.update(status="diverged", error=str(exc))
+    phase = "prepare"
+
+    def record(status: str, error: str, **extra: Any) -> None:
+        summary.update(status=status, error=error, **extra)
         write_json(run_dir / "summary.json", summary)
+
+    try:
+        setup = prepare(cfg)
+        phase = "train"
+        result = fit(cfg, run_dir, setup, show_progress=show_progress, resume=resume)
+    except DivergedError as exc:
+        record("diverged", str(exc), diverged_at_step=getattr(exc, "step", None),
+               last_good_checkpoint=getattr(exc, "last_checkpoint", None))
         raise
     except LoralabError as exc:
-        summary.update(status="failed", error=str(exc))
-        write_json(run_dir / "summary.json", summary)
+        invalid = phase == "prepare" and isinstance(exc, (ConfigError, DataError, ModelError))
+        record("invalid" if invalid else "failed", str(exc))
         raise
     except torch.OutOfMemoryError as exc:
-        summary.update(status="out_of_memory", error=str(exc).splitlines()[0])
-        write_json(run_dir / "summary.json", summary)
-        raise LoralabError(f"out of memory: {summary['error']}") from None
+        device = pick_device(cfg.model.device)
+        details = oom_details(cfg, device)
+        est = details["estimated_memory_bytes"]
+        record("out_of_memory", str(exc).splitlines()[0], **details)
+        raise LoralabError(
+            f"out of memory at micro batch {cfg.train.micro_batch_size}: measured peak {details['peak_memory_bytes'] / 2**20:.0f} MiB, "
+            f"loralab estimate {'n/a' if est is None else f'{est / 2**20:.0f} MiB'}; lower train.micro_batch_size "
+            f"or set train.auto_micro_batch=true ({summary['error']})"
+        ) from None
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            record("failed", f"{type(exc).__name__}: {exc}")
+            raise
+        record("failed", f"disk full while writing the run ({exc}); the last complete checkpoint is "
+                         f"{latest_checkpoint(run_dir) or 'none'}")
+        raise DiskFullError(summary["error"]) from None
     except Exception as exc:
-        summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        write_json(run_dir / "summary.json", summary)
+        record("failed", f"{type(exc).__name__}: {exc}")
         raise
     model, tokenizer = result.pop("_model"), result.pop("_tokenizer")
-    summary.update(status="completed", **result)
+    summary.update(error=None, **result)
     write_json(run_dir / "summary.json", summary)
     if keep_model:
         summary["_model"], summary["_tokenizer"] = model, tokenizer

@@ -1,0 +1,323 @@
+"""``loralab study ...`` and ``loralab runs ...``: run studies, follow them, look at their runs.
+
+    loralab study presets
+    loralab study run preset:rank_alpha_grid --quick --workers 2
+    loralab study run my_study.yaml --model models/llama --data train.jsonl --max-memory 24GB
+    loralab study run preset:rank_alpha_grid --halving --eta 3 --min-steps 20
+    loralab study status rank_alpha_grid-quick
+    loralab study report rank_alpha_grid-quick --dest reports/
+    loralab study export rank_alpha_grid-quick --format csv
+    loralab runs list --study rank_alpha_grid-quick --status completed
+    loralab runs show r8-a16-s1 --study rank_alpha_grid-quick
+    loralab runs compare r8-a16-s1 r8-a512-s1 --study rank_alpha_grid-quick
+
+A study lives in ``<--out, default runs>/<study name>/``: ``study.db`` and one directory
+per run. Every command that prints results takes ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from loralab.errors import ConfigError, LoralabError
+
+DEFAULT_ROOT = "runs"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    study = sub.add_parser("study", help="many runs from one study file: run, status, report, presets, export")
+    ssub = study.add_subparsers(dest="study_command", metavar="ACTION", required=True)
+
+    p = ssub.add_parser("run", help="expand a study into runs and execute what is not done yet")
+    p.add_argument("study", help="study YAML file or preset:NAME (see `loralab study presets`)")
+    p.add_argument("--quick", action="store_true", help="the study's quick variant (fewer steps and points); its name gets -quick")
+    p.add_argument("--model", help="base model for every run (replaces base model.path)")
+    p.add_argument("--data", help="dataset for every run (replaces base data.path)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config key for every run (repeatable)")
+    _root_arg(p)
+    p.add_argument("--workers", type=int, default=1, help="runs at a time (default 1)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    p.add_argument("--max-memory", help="skip runs whose estimated memory is over this, e.g. 8GB or 24GiB")
+    p.add_argument("--halving", action="store_true", help="successive halving on the study metric (stops poor runs early)")
+    p.add_argument("--eta", type=int, default=3, help="halving: keep the best 1/eta at each rung (default 3)")
+    p.add_argument("--min-steps", type=int, default=10, help="halving: the first rung's step (default 10)")
+    p.add_argument("--retries", type=int, default=1, help="times a killed run is run again in this invocation (default 1)")
+    p.add_argument("--retry-failed", action="store_true", help="also run failed, diverged and out-of-memory runs again")
+    p.add_argument("--fuse", action="store_true", help="train runs that share a base in one process (needs loralab.train.fused)")
+    p.add_argument("--dry-run", action="store_true", help="expand and check, print the runs, run nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = ssub.add_parser("status", help="runs per status and each run's outcome")
+    p.add_argument("name")
+    _root_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = ssub.add_parser("report", help="HTML + Markdown report with plots and findings")
+    p.add_argument("name")
+    _root_arg(p)
+    p.add_argument("--dest", help="report directory (default <study dir>/report)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+    p = ssub.add_parser("presets", help="the shipped studies, one per seed experiment")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_presets)
+
+    p = ssub.add_parser("export", help="the runs and metrics tables as CSV or Parquet")
+    p.add_argument("name")
+    _root_arg(p)
+    p.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    p.add_argument("--dest", help="directory (default <study dir>/export)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    runs = sub.add_parser("runs", help="the runs of studies: list, show, compare")
+    rsub = runs.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
+    p = rsub.add_parser("list", help="one line per run")
+    p.add_argument("--study", help="only this study (default: every study under --out)")
+    p.add_argument("--status", help="only runs with this status")
+    _root_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_runs_list)
+    p = rsub.add_parser("show", help="one run: axes, outcome, final metrics")
+    p.add_argument("run")
+    p.add_argument("--study", required=True)
+    _root_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_runs_show)
+    p = rsub.add_parser("compare", help="runs side by side: config differences and final metrics")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--study", required=True)
+    _root_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_runs_compare)
+
+
+def _root_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=DEFAULT_ROOT, help=f"output root holding study directories (default {DEFAULT_ROOT})")
+
+
+def study_root(out: str, name: str) -> Path:
+    from loralab.paths import child_dir
+
+    return child_dir(Path(out), name, what="study name").resolve()
+
+
+def open_store(out: str, name: str):
+    from loralab.study.store import Store
+
+    db = study_root(out, name) / "study.db"
+    if not db.is_file():
+        raise ConfigError(f"no study {name!r} under {out} ({db} does not exist); run `loralab study run` first")
+    return Store(db)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.4g}"
+    if isinstance(v, (dict, list)):
+        return json.dumps(v)
+    return str(v)
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def _final_metric(store, run: dict[str, Any], metric: str) -> float | None:
+    rows = [m for m in store.metrics(run["id"]) if m["name"] == metric and m["value"] is not None]
+    return rows[-1]["value"] if rows else None
+
+
+def _run_rows(store, sid: int, metric: str) -> list[dict[str, Any]]:
+    out = []
+    for r in store.runs(sid):
+        row = {"name": r["name"], "status": r["status"], **json.loads(r["axes_json"]),
+               metric: _final_metric(store, r, metric), "wall_s": r["wall_time_s"],
+               "peak_MiB": r["peak_memory_bytes"] / 2**20 if r["peak_memory_bytes"] else None,
+               "est_MiB": r["estimated_memory_bytes"] / 2**20 if r["estimated_memory_bytes"] else None,
+               "attempts": r["attempts"], "stopped_at": r["stopped_at_step"]}
+        out.append(row)
+    return out
+
+
+def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
+    from loralab.cli import emit_json
+
+    if args.json:
+        emit_json(obj)
+    else:
+        print(text)
+
+
+# ----------------------------------------------------------------------------- study commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from loralab.study.execute import Halving, run_study
+    from loralab.study.spec import load_study
+
+    # Expand once without a root to learn the study's name, then with its run directories.
+    probe = load_study(args.study, quick=args.quick, model=args.model, data=args.data, overrides=args.overrides)
+    root = study_root(args.out, probe.name)
+    study = load_study(args.study, quick=args.quick, model=args.model, data=args.data, overrides=args.overrides, root=root)
+    if args.dry_run:
+        rows = [{"name": r.name, **r.axes} for r in study.runs]
+        _emit(args, {"study": study.name, "root": str(root), "runs": rows},
+              f"study {study.name}: {len(rows)} runs in {root}\n" + table(rows, list(rows[0])))
+        return 0
+    max_memory = None
+    if args.max_memory:
+        from loralab.estimate import parse_bytes
+
+        max_memory = parse_bytes(args.max_memory, "--max-memory")
+    halving = Halving(eta=args.eta, min_steps=args.min_steps) if args.halving else None
+    result = run_study(study, root=root, workers=args.workers, executor=args.executor, address=args.address,
+                       max_memory=max_memory, halving=halving, retries=args.retries,
+                       retry_failed=args.retry_failed, fuse=args.fuse)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(result["counts"].items()))
+    _emit(args, result, f"study {study.name}: {result['runs']} runs ({counts}); ran {result['ran']} in "
+                        f"{result['wall_time_s']:.0f} s\ndatabase: {result['database']}\n"
+                        f"next: loralab study status {study.name} --out {args.out}")
+    return 0 if not any(s in result["counts"] for s in ("pending", "interrupted")) else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with open_store(args.out, args.name) as store:
+        sid = store.study_id(args.name)
+        spec = store.spec(args.name)
+        metric = spec.get("metric", "eval_loss")
+        rows = _run_rows(store, sid, metric)
+        counts = store.counts(sid)
+    cols = ["name", "status", *spec.get("axes", {}).keys(), metric, "wall_s", "peak_MiB", "est_MiB", "attempts", "stopped_at"]
+    cols = [c for c in cols if c in ("name", "status", metric) or any(r.get(c) is not None for r in rows)]
+    text = f"study {args.name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + "\n" + table(rows, cols)
+    _emit(args, {"study": args.name, "counts": counts, "metric": metric, "runs": rows}, text)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    try:
+        from loralab.study.report import write_report
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("loralab"):
+            raise LoralabError("study reports are not available in this build (loralab.study.report is missing); "
+                               "`loralab study status` and `loralab study export` work without it") from None
+        raise
+    root = study_root(args.out, args.name)
+    db = root / "study.db"
+    if not db.is_file():
+        raise ConfigError(f"no study {args.name!r} under {args.out} ({db} does not exist)")
+    paths = write_report(db, args.name, Path(args.dest) if args.dest else root / "report")
+    _emit(args, paths, "\n".join(f"{k}: {v}" for k, v in paths.items()))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from loralab.study.spec import describe_preset, preset_names
+
+    rows = [describe_preset(n) for n in preset_names()]
+    text = table(rows, ["name", "runs", "quick_runs", "metric", "question"])
+    _emit(args, rows, text + "\n\nrun one: loralab study run preset:NAME --quick [--model DIR --data FILE]")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with open_store(args.out, args.name) as store:
+        dest = Path(args.dest) if args.dest else study_root(args.out, args.name) / "export"
+        paths = store.export(args.name, dest, args.format)
+    _emit(args, {"files": [str(p) for p in paths]}, "\n".join(str(p) for p in paths))
+    return 0
+
+
+# ----------------------------------------------------------------------------- runs commands
+
+
+def cmd_runs_list(args: argparse.Namespace) -> int:
+    if args.study:
+        names = [args.study]
+    else:
+        names = sorted(p.parent.name for p in Path(args.out).glob("*/study.db"))
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        with open_store(args.out, name) as store:
+            sid = store.study_id(name)
+            metric = store.spec(name).get("metric", "eval_loss")
+            for r in _run_rows(store, sid, metric):
+                if args.status and r["status"] != args.status:
+                    continue
+                rows.append({"study": name, "name": r["name"], "status": r["status"], "metric": metric,
+                             "value": r[metric], "wall_s": r["wall_s"], "peak_MiB": r["peak_MiB"]})
+    text = table(rows, ["study", "name", "status", "metric", "value", "wall_s", "peak_MiB"]) if rows else "no runs"
+    _emit(args, rows, text)
+    return 0
+
+
+def _run_detail(store, sid: int, name: str) -> dict[str, Any]:
+    r = store.run(sid, name)
+    metrics = store.metrics(r["id"])
+    final: dict[str, float] = {}
+    for m in metrics:
+        final[m["name"]] = m["value"]
+    detail = {k: v for k, v in r.items() if k not in ("axes_json", "config_json")}
+    detail["axes"] = json.loads(r["axes_json"])
+    detail["config"] = json.loads(r["config_json"])
+    detail["final_metrics"] = final
+    detail["metric_points"] = len(metrics)
+    return detail
+
+
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    with open_store(args.out, args.study) as store:
+        d = _run_detail(store, store.study_id(args.study), args.run)
+    keys = ["name", "status", "axes", "attempts", "run_dir", "wall_time_s", "train_time_s", "tokens_per_s",
+            "peak_memory_bytes", "estimated_memory_bytes", "trainable_params", "total_params", "stopped_at_step", "error"]
+    lines = [f"{k:>24}: {fmt(d.get(k))}" for k in keys]
+    lines += [f"{'final ' + k:>24}: {fmt(v)}" for k, v in sorted(d["final_metrics"].items())]
+    _emit(args, d, "\n".join(lines))
+    return 0
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, sec in config.items() if isinstance(sec, dict) for k, v in sec.items()}
+
+
+def cmd_runs_compare(args: argparse.Namespace) -> int:
+    with open_store(args.out, args.study) as store:
+        sid = store.study_id(args.study)
+        details = [_run_detail(store, sid, n) for n in args.runs]
+    flats = [_flat(d["config"]) for d in details]
+    differ = sorted(k for k in flats[0] if k != "output.dir" and any(f.get(k) != flats[0].get(k) for f in flats))
+    metric_names = sorted({k for d in details for k in d["final_metrics"]})
+    fields = ["status"] + differ + ["wall_time_s", "peak_memory_bytes", "trainable_params"] + [f"final {m}" for m in metric_names]
+    rows = []
+    for f in fields:
+        row = {"field": f}
+        for d, flat in zip(details, flats, strict=True):
+            if f.startswith("final "):
+                row[d["name"]] = d["final_metrics"].get(f[6:])
+            else:
+                row[d["name"]] = flat.get(f, d.get(f))
+        rows.append(row)
+    _emit(args, {"runs": args.runs, "differences": differ, "rows": rows}, table(rows, ["field", *args.runs]))
+    return 0

@@ -1,0 +1,425 @@
+"""Running a study: each run in its own process, N at a time, results into the study database.
+
+    summary = run_study(load_study("preset:dropout", quick=True, root=root), root=root, workers=2)
+
+The driver (this module, in the ``loralab study run`` process) is the database's only
+writer. A run is ``python -m loralab.cli train <config.yaml> --out <run dir> --json`` in a
+child process, so a crash or an out-of-memory kill ends that run only and the peak memory
+it reports is its own. What a run ends as is read from its run directory (summary.json,
+metrics.jsonl), the unit of truth:
+
+* summary status completed / failed / diverged / out_of_memory -> recorded as such;
+* no final summary and the process killed by a signal -> interrupted, run again (from
+  scratch) up to ``retries`` more times in this invocation, and again on the next
+  ``study run``; after ``max_attempts`` kills it is recorded failed;
+* no final summary and a non-zero exit -> failed, with the tail of its log.
+
+Re-running a study skips runs already finished; runs left "running" by a killed driver are
+marked interrupted when the database is opened and run again. Children die with the
+driver (PR_SET_PDEATHSIG on Linux), and a lock file keeps two drivers off one study.
+
+Executors: ``local`` (subprocesses on this machine) and ``ray`` (the same subprocess inside
+a Ray task; the task returns the summary and metric rows to the driver, see ray_exec.py).
+Successive halving (``halving=Halving(...)``) is asynchronous (ASHA-style, decided when a
+run reports its metric at a rung; no run waits), and stops the losers with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loralab.config import config_from_dict
+from loralab.errors import ConfigError, LoralabError
+from loralab.paths import child_dir
+from loralab.study.spec import Study
+from loralab.study.store import TODO, Store, metric_rows
+
+log = logging.getLogger(__name__)
+POLL_S = 0.2
+FINAL_SUMMARY = ("completed", "failed", "diverged", "out_of_memory")
+
+
+@dataclass
+class Halving:
+    """Successive halving on the study metric: rungs at min_steps * eta**k below max_steps."""
+
+    eta: int = 3
+    min_steps: int = 10
+
+    def rungs(self, max_steps: int) -> list[int]:
+        out, step = [], self.min_steps
+        while step < max_steps:
+            out.append(step)
+            step *= self.eta
+        return out
+
+
+@dataclass
+class Task:
+    run_id: int
+    name: str
+    config: dict[str, Any]
+    run_dir: Path
+    estimate: int | None = None
+    cost: float = 0.0
+    attempts: int = 0
+    # successive halving bookkeeping (local executor only)
+    metrics_offset: int = 0
+    stop_at: int | None = None
+    seen_rungs: set[int] = field(default_factory=set)
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def loralab_env(threads: int | None = None) -> dict[str, str]:
+    """The child's environment: this loralab first on the path, a fair share of threads."""
+    import loralab
+
+    env = dict(os.environ)
+    src = str(Path(loralab.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if threads and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(threads)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def prepare_run_dir(run_dir: Path, config: dict[str, Any]) -> Path:
+    """A clean run directory holding the run's config (a previous attempt is removed)."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    path = run_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def train_command(config_path: Path, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "loralab.cli", "train", str(config_path), "--out", str(run_dir), "--json"]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the driver dies (Linux)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def log_tail(path: Path, lines: int = 6) -> str:
+    if not path.is_file():
+        return ""
+    text = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    return "\n".join(text[-lines:])
+
+
+def outcome(run_dir: Path, returncode: int) -> dict[str, Any]:
+    """What a finished run process left: status, summary, metric rows, error."""
+    summary: dict[str, Any] = {}
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    status = summary.get("status")
+    rows = metric_rows(run_dir / "metrics.jsonl")
+    if status in FINAL_SUMMARY:
+        return {"status": status, "summary": summary, "metrics": rows, "error": summary.get("error"), "returncode": returncode}
+    if returncode < 0:
+        sig = signal.Signals(-returncode).name if -returncode in signal.Signals.__members__.values() else str(-returncode)
+        return {"status": "interrupted", "summary": summary, "metrics": rows, "returncode": returncode,
+                "error": f"the run process was killed by {sig} before it finished"}
+    tail = log_tail(run_dir / "train.log")
+    return {"status": "failed", "summary": summary, "metrics": rows, "returncode": returncode,
+            "error": f"the run process exited with code {returncode} without a final summary: {tail}"}
+
+
+def execute_run(config: dict[str, Any], run_dir: str, threads: int | None = None) -> dict[str, Any]:
+    """Run one training config in a child process and wait (used by the Ray executor)."""
+    rd = Path(run_dir)
+    cfg_path = prepare_run_dir(rd, config)
+    with (rd / "train.log").open("wb") as logf:
+        proc = subprocess.run(train_command(cfg_path, rd), stdout=logf, stderr=subprocess.STDOUT,
+                              env=loralab_env(threads), preexec_fn=_die_with_parent)
+    return outcome(rd, proc.returncode)
+
+
+class LocalRun:
+    """A run process started by the driver; poll() returns its outcome once it ends."""
+
+    def __init__(self, task: Task, threads: int):
+        self.task = task
+        cfg_path = prepare_run_dir(task.run_dir, task.config)
+        self.logf = (task.run_dir / "train.log").open("wb")
+        self.proc = subprocess.Popen(train_command(cfg_path, task.run_dir), stdout=self.logf, stderr=subprocess.STDOUT,
+                                     env=loralab_env(threads), preexec_fn=_die_with_parent)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> dict[str, Any] | None:
+        rc = self.proc.poll()
+        if rc is None:
+            return None
+        self.logf.close()
+        return outcome(self.task.run_dir, rc)
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | None) -> list[Task]:
+    """Runs still to do, with memory estimates; runs over max_memory are recorded skipped."""
+    from loralab.estimate import estimate_run
+
+    tasks = []
+    for row in store.runs(study_id, (*TODO, "skipped")):
+        config = json.loads(row["config_json"])
+        cfg = config_from_dict(config, source=f"run {row['name']}")
+        est_total, cost, trainable = None, 0.0, None
+        try:
+            est = estimate_run(cfg, device="cpu" if _device(cfg) == "cpu" else "cuda")
+            est_total, trainable = est.memory_bytes["total"], est.trainable_params
+            cost = (est.flops_per_step or 0.0) * (cfg.train.max_steps or 1) * cfg.grad_accum
+        except LoralabError as exc:  # a model estimate cannot describe: run it, unestimated
+            log.warning("run %s: no memory estimate (%s)", row["name"], exc)
+        store.set_estimate(row["id"], est_total, trainable)
+        if max_memory is not None and est_total is not None and est_total > max_memory:
+            store.skip(row["id"], f"estimated memory {est_total / 2**30:.2f} GiB is over --max-memory {max_memory / 2**30:.2f} GiB")
+            continue
+        if row["status"] == "skipped" and not (row["error"] or "").startswith("estimated memory"):
+            continue
+        tasks.append(Task(row["id"], row["name"], config, child_dir(root, row["name"], what="run name"),
+                          estimate=est_total, cost=cost, attempts=row["attempts"]))
+    tasks.sort(key=lambda t: (t.cost, t.estimate or 0, t.name))  # cheapest first
+    return tasks
+
+
+def _device(cfg: Any) -> str:
+    if cfg.model.device != "auto":
+        return cfg.model.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def driver_lock(root: Path):
+    """One driver per study directory; the lock goes away with the process."""
+    root.mkdir(parents=True, exist_ok=True)
+    f = (root / ".driver.lock").open("w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise LoralabError(f"another `loralab study run` is driving {root}; wait for it or stop it first") from None
+    try:
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def run_study(
+    study: Study,
+    *,
+    root: Path,
+    workers: int = 1,
+    executor: str = "local",
+    address: str | None = None,
+    max_memory: int | None = None,
+    halving: Halving | None = None,
+    retries: int = 1,
+    max_attempts: int = 3,
+    retry_failed: bool = False,
+    fuse: bool = False,
+) -> dict[str, Any]:
+    """Expand-once, run what is left, record everything. Returns counts and the database path."""
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1 (got {workers})")
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"--executor must be local or ray (got {executor!r})")
+    if halving is not None and executor != "local":
+        raise ConfigError("--halving runs with the local executor only (it reads each run's metrics as they are written)")
+    if fuse:
+        _check_fused()
+    if halving is not None:
+        _check_halving(study, halving)
+    t0 = time.perf_counter()
+    db_path = root / "study.db"
+    with driver_lock(root), Store(db_path) as store:
+        sid, recovered = store.open_study(study.name, study.to_json(), root, study.runs)
+        if recovered:
+            log.info("recovered %d run(s) left running by a stopped driver: %s", len(recovered), ", ".join(recovered))
+        if retry_failed:
+            store.reset([r["id"] for r in store.runs(sid, ("failed", "diverged", "out_of_memory"))])
+        tasks = plan_tasks(store, sid, root, max_memory=max_memory)
+        done_before = sum(n for s, n in store.counts(sid).items() if s not in TODO)
+        log.info("study %s: %d runs, %d to run, %d worker(s), executor %s", study.name, len(study.runs), len(tasks), workers, executor)
+        if fuse:
+            from loralab.study.fuse import run_fused
+
+            run_fused(store, tasks, workers=workers)
+        elif executor == "ray":
+            from loralab.study.ray_exec import run_ray
+
+            run_ray(store, tasks, workers=workers, address=address, retries=retries, max_attempts=max_attempts)
+        else:
+            run_local(store, tasks, workers=workers, halving=halving, metric=study.metric, goal=study.goal,
+                      retries=retries, max_attempts=max_attempts)
+        counts = store.counts(sid)
+    return {"study": study.name, "database": str(db_path), "root": str(root), "runs": len(study.runs),
+            "ran": len(tasks), "already_done": done_before, "recovered": recovered, "counts": counts,
+            "wall_time_s": time.perf_counter() - t0}
+
+
+def record(store: Store, task: Task, result: dict[str, Any], *, max_attempts: int) -> bool:
+    """Write one outcome; True when the run was interrupted and may be run again."""
+    status = result["status"]
+    if status == "interrupted" and task.attempts >= max_attempts:
+        status = "failed"
+        result["error"] = f"{result['error']} (attempt {task.attempts} of {max_attempts}; not run again)"
+    store.finish(task.run_id, status=status, summary=result.get("summary"), metrics=result.get("metrics"),
+                 error=result.get("error"), stopped_at_step=result.get("stopped_at_step"))
+    log.info("run %s: %s%s", task.name, status, f" ({result['error'].splitlines()[0]})" if result.get("error") and status != "completed" else "")
+    return status == "interrupted"
+
+
+def run_local(
+    store: Store,
+    tasks: list[Task],
+    *,
+    workers: int,
+    halving: Halving | None = None,
+    metric: str = "eval_loss",
+    goal: str = "min",
+    retries: int = 1,
+    max_attempts: int = 3,
+) -> None:
+    """Keep ``workers`` run processes going until every task has an outcome."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    queue = list(tasks)
+    active: dict[int, LocalRun] = {}
+    tries: dict[int, int] = {}
+    rungs: dict[int, dict[str, float]] = {}  # rung step -> {run name: metric at that step}
+    while queue or active:
+        while queue and len(active) < workers:
+            task = queue.pop(0)
+            if halving is not None:
+                _set_eval_every(task, halving)
+            store.start(task.run_id, run_dir=str(task.run_dir), estimated=task.estimate)
+            task.attempts += 1
+            tries[task.run_id] = tries.get(task.run_id, 0) + 1
+            active[task.run_id] = LocalRun(task, threads)
+        time.sleep(POLL_S)
+        for run_id, run in list(active.items()):
+            if halving is not None and run.task.stop_at is None:
+                _check_rungs(run, halving, rungs, metric, goal)
+            result = run.poll()
+            if result is None:
+                continue
+            del active[run_id]
+            task = run.task
+            if task.stop_at is not None and result["status"] != "completed":
+                result = {**result, "status": "stopped_early", "stopped_at_step": task.stop_at,
+                          "error": f"successive halving stopped it at step {task.stop_at}"}
+            again = record(store, task, result, max_attempts=max_attempts)
+            if again and tries[run_id] <= retries:
+                queue.append(task)
+
+
+# ----------------------------------------------------------------------------- successive halving
+
+
+def _check_halving(study: Study, halving: Halving) -> None:
+    if halving.eta < 2 or halving.min_steps < 1:
+        raise ConfigError(f"--eta must be >= 2 and --min-steps >= 1 (got {halving.eta}, {halving.min_steps})")
+    for run in study.runs:
+        steps = run.config["train"]["max_steps"]
+        if not steps:
+            raise ConfigError(f"--halving needs train.max_steps in every run (run {run.name} trains by epochs)")
+        if not halving.rungs(steps):
+            raise ConfigError(f"--halving: --min-steps {halving.min_steps} is not below train.max_steps {steps} (run {run.name}); no rung to stop at")
+
+
+def _set_eval_every(task: Task, halving: Halving) -> None:
+    """Evaluate at every rung: eval.every must divide min_steps (rungs are its multiples)."""
+    ev = task.config.setdefault("eval", {})
+    every = ev.get("every") or 0
+    if not every or halving.min_steps % every:
+        ev["every"] = halving.min_steps
+    task.metrics_offset = 0
+    task.stop_at = None
+    task.seen_rungs = set()
+
+
+def _new_metric_values(task: Task, metric: str) -> list[tuple[int, float]]:
+    path = task.run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    with path.open("rb") as f:
+        f.seek(task.metrics_offset)
+        chunk = f.read()
+    end = chunk.rfind(b"\n") + 1  # whole lines only; the rest is still being written
+    task.metrics_offset += end
+    out = []
+    for line in chunk[:end].splitlines():
+        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+            rec = json.loads(line)
+            v = rec.get(metric)
+            if isinstance(v, (int, float)) and isinstance(rec.get("step"), int):
+                out.append((rec["step"], float(v)))
+    return out
+
+
+def _check_rungs(run: LocalRun, halving: Halving, rungs: dict[int, dict[str, float]], metric: str, goal: str) -> None:
+    """Asynchronous halving: at a rung, a run goes on only if it is in the top 1/eta so far."""
+    task = run.task
+    steps = task.config["train"]["max_steps"]
+    rung_steps = set(halving.rungs(steps))
+    for step, value in _new_metric_values(task, metric):
+        if step not in rung_steps or step in task.seen_rungs:
+            continue
+        task.seen_rungs.add(step)
+        value = value if math.isfinite(value) else (math.inf if goal == "min" else -math.inf)
+        seen = rungs.setdefault(step, {})
+        seen[task.name] = value
+        ordered = sorted(seen.values(), reverse=goal == "max")
+        keep = max(1, math.ceil(len(seen) / halving.eta))
+        rank = ordered.index(value) + 1
+        if rank > keep:
+            log.info("halving: %s is %d of %d at step %d (%s %.4f); stopping it", task.name, rank, len(seen), step, metric, value)
+            task.stop_at = step
+            run.stop()
+            return
+
+
+def _check_fused() -> None:
+    try:
+        import loralab.train.fused  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("loralab"):
+            raise LoralabError("--fuse is not available in this build: it needs loralab.train.fused "
+                               "(many adapters trained over one shared base); run without --fuse") from None
+        raise

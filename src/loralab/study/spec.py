@@ -1,0 +1,537 @@
+"""Study files: a base training config plus axes, expanded into named, validated runs.
+
+    study = load_study("preset:rank_alpha_grid", quick=True, model="models/my-llama")
+    for run in study.runs:
+        run.name, run.axes, run.config      # "r8-a16-s1", {"lora.r": 8, ...}, nested config dict
+
+The file format is documented in docs/study-files.md. Everything is checked before any run
+starts: unknown axis keys, empty lists, bad samples and tied expressions are rejected with
+the key named (and the study file's line where the file has one), and every expanded run's
+config goes through ``loralab.config.config_from_dict``.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import itertools
+import json
+import math
+import operator
+import random
+import typing
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loralab.config import SECTIONS, config_from_dict, read_yaml
+from loralab.errors import ConfigError
+from loralab.paths import check_name
+
+TOP_KEYS = {"name", "description", "question", "claim", "metric", "goal", "base", "base_config",
+            "axes", "tied", "repeats", "seeds", "quick", "findings"}
+QUICK_KEYS = {"base", "axes", "tied", "repeats", "seeds"}
+FINDING_KINDS = {"axis_effect": ("axis",), "trend_within": ("axis", "within"),
+                 "equivalence": ("axis", "reference"), "cost": ("axis", "baseline"),
+                 "spread": (), "pareto": ()}
+# Short labels for run names: "r8-a16-s1" rather than "lora.r8-lora.alpha16-train.seed1".
+ABBREV = {"lora.r": "r", "lora.alpha": "a", "train.seed": "s", "train.lr": "lr", "lora.rslora": "rs",
+          "lora.dropout": "do", "quant.mode": "q", "train.optimizer": "opt", "train.scheduler": "sched",
+          "lora.targets": "t", "train.epochs": "ep", "train.max_steps": "steps", "data.path": "data",
+          "lora.dora": "dora", "train.momentum": "mom", "train.weight_decay": "wd"}
+
+
+@dataclass
+class RunSpec:
+    """One expanded run: its name (also its directory), the values it varies, its config."""
+
+    name: str
+    axes: dict[str, Any]
+    config: dict[str, Any]  # nested sections, as config_from_dict takes them
+
+
+@dataclass
+class Study:
+    name: str
+    description: str
+    question: str
+    claim: str
+    metric: str
+    goal: str
+    base: dict[str, Any]
+    axes: dict[str, list[Any]]
+    tied: dict[str, str]
+    seeds: list[int] | None
+    findings: list[dict[str, Any]]
+    source: str
+    quick: bool = False
+    runs: list[RunSpec] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The resolved study as stored in studies.spec_json."""
+        return {"name": self.name, "description": self.description, "question": self.question,
+                "claim": self.claim, "metric": self.metric, "goal": self.goal, "base": self.base,
+                "axes": self.axes, "tied": self.tied, "seeds": self.seeds, "findings": self.findings,
+                "source": self.source, "quick": self.quick}
+
+
+# ----------------------------------------------------------------------------- where in the file
+
+
+def key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Line number (1-based) of every mapping key in a YAML text, by key path."""
+    out: dict[tuple[str, ...], int] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return out
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = (*path, str(k.value))
+                out[p] = k.start_mark.line + 1
+                walk(v, p)
+
+    walk(root, ())
+    return out
+
+
+class _Where:
+    """Formats 'file:line: key' prefixes for error messages."""
+
+    def __init__(self, source: str, lines: dict[tuple[str, ...], int]):
+        self.source, self.lines = source, lines
+
+    def __call__(self, *path: str) -> str:
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.lines:
+                return f"{self.source}:{self.lines[path[:n]]}"
+        return self.source
+
+
+# ----------------------------------------------------------------------------- config keys
+
+
+def config_field(key: str) -> tuple[Any, Any] | None:
+    """(type, dataclass field) of a 'section.key' config key, or None when there is none."""
+    if not isinstance(key, str) or key.count(".") != 1:
+        return None
+    section, name = key.split(".")
+    cls = SECTIONS.get(section)
+    if cls is None:
+        return None
+    for f in fields(cls):
+        if f.name == name:
+            return typing.get_type_hints(cls)[name], f
+    return None
+
+
+def _is_int_key(key: str) -> bool:
+    info = config_field(key)
+    return info is not None and info[0] in (int, int | None)
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any) -> None:
+    section, name = key.split(".")
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"{section} must be a mapping of keys")
+    target[name] = value
+
+
+def get_key(raw: dict[str, Any], key: str) -> Any:
+    """A key's value in a raw config, falling back to loralab's default."""
+    section, name = key.split(".")
+    sec = raw.get(section) or {}
+    if name in sec:
+        return sec[name]
+    return getattr(SECTIONS[section](), name)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in (top or {}).items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+# ----------------------------------------------------------------------------- axes
+
+
+def _round_sample(x: float) -> float:
+    return float(f"{x:.4g}")  # short, stable values (and run names) for sampled points
+
+
+def axis_values(key: str, spec: Any, where: str) -> list[Any]:
+    """The values of one axis: a list, {grid: [...]}, {uniform|loguniform: [lo, hi], n, seed}."""
+    if config_field(key) is None:
+        raise ConfigError(f"{where}: axis {key!r} is not a training-config key (section.key, e.g. lora.r; sections: {', '.join(SECTIONS)})")
+    if isinstance(spec, dict) and "grid" in spec:
+        if set(spec) != {"grid"}:
+            raise ConfigError(f"{where}: axis {key}: 'grid' takes no other keys (got {sorted(spec)})")
+        spec = spec["grid"]
+    if isinstance(spec, list):
+        if not spec:
+            raise ConfigError(f"{where}: axis {key} has an empty list of values")
+        return list(spec)
+    if isinstance(spec, dict) and ("uniform" in spec or "loguniform" in spec):
+        kind = "uniform" if "uniform" in spec else "loguniform"
+        extra = set(spec) - {kind, "n", "seed"}
+        if extra:
+            raise ConfigError(f"{where}: axis {key}: unknown sample keys {sorted(extra)} (use {kind}, n, seed)")
+        bounds, n, seed = spec[kind], spec.get("n"), spec.get("seed", 0)
+        if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)):
+            raise ConfigError(f"{where}: axis {key}: {kind} needs [low, high] numbers (got {bounds!r})")
+        lo, hi = float(bounds[0]), float(bounds[1])
+        if not lo < hi or (kind == "loguniform" and lo <= 0):
+            raise ConfigError(f"{where}: axis {key}: {kind} needs low < high{' and low > 0' if kind == 'loguniform' else ''} (got {bounds})")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ConfigError(f"{where}: axis {key}: n must be a positive integer (got {n!r})")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ConfigError(f"{where}: axis {key}: seed must be an integer (got {seed!r})")
+        rng = random.Random(seed)
+        draw = (lambda: rng.uniform(lo, hi)) if kind == "uniform" else (lambda: math.exp(rng.uniform(math.log(lo), math.log(hi))))
+        values = [_round_sample(draw()) for _ in range(n)]
+        if _is_int_key(key):
+            values = sorted(set(int(round(v)) for v in values))
+        return values
+    raise ConfigError(f"{where}: axis {key} must be a list, {{grid: [...]}}, {{uniform: [lo, hi], n, seed}} or {{loguniform: [lo, hi], n, seed}} (got {spec!r})")
+
+
+# ----------------------------------------------------------------------------- tied values
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv, ast.Pow: operator.pow}
+
+
+def _dotted(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        inner = _dotted(node.value)
+        return f"{inner}.{node.attr}" if inner else None
+    return None
+
+
+def parse_tied(key: str, expr: Any, where: str) -> ast.Expression:
+    """Parse a tied expression; only numbers, config keys, + - * / ** and parentheses."""
+    if isinstance(expr, (int, float)) and not isinstance(expr, bool):
+        expr = repr(expr)
+    if not isinstance(expr, str):
+        raise ConfigError(f"{where}: tied {key} must be an arithmetic expression string (got {expr!r})")
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError:
+        raise ConfigError(f"{where}: tied {key}: {expr!r} is not an arithmetic expression") from None
+
+    def check(node: ast.AST) -> None:
+        if isinstance(node, ast.Expression):
+            return check(node.body)
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            check(node.left)
+            return check(node.right)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+            return check(node.operand)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return None
+        name = _dotted(node)
+        if name is not None:
+            if config_field(name) is None:
+                raise ConfigError(f"{where}: tied {key}: {name!r} in {expr!r} is not a training-config key (section.key)")
+            return None
+        raise ConfigError(f"{where}: tied {key}: {expr!r} may only use numbers, config keys, + - * / ** and parentheses "
+                          f"(found {type(node).__name__})")
+
+    check(tree)
+    return tree
+
+
+def eval_tied(tree: ast.Expression, raw: dict[str, Any], key: str, expr: str) -> float:
+    """Evaluate a parsed tied expression against one run's raw config."""
+
+    def ev(node: ast.AST) -> float:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.BinOp):
+            left, right = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > 64:
+                raise ConfigError(f"tied {key}: exponent {right} in {expr!r} is too large")
+            return _BINOPS[type(node.op)](left, right)
+        if isinstance(node, ast.UnaryOp):
+            v = ev(node.operand)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.Constant):
+            return node.value
+        name = _dotted(node)
+        value = get_key(raw, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"tied {key}: {name} is {value!r}, not a number, in {expr!r}")
+        return value
+
+    try:
+        value = ev(tree)
+    except ZeroDivisionError:
+        raise ConfigError(f"tied {key}: division by zero in {expr!r}") from None
+    if isinstance(value, complex) or not math.isfinite(value):
+        raise ConfigError(f"tied {key}: {expr!r} gives {value}, not a finite number")
+    if _is_int_key(key):
+        if abs(value - round(value)) > 1e-9:
+            raise ConfigError(f"tied {key}: {expr!r} gives {value}, but {key} must be an integer")
+        return int(round(value))
+    return float(f"{value:.12g}")
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e6:
+        return str(int(value))
+    if isinstance(value, (int, float)):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ".".join(_label(v) for v in value)
+    text = str(value)
+    if "/" in text or text.endswith((".json", ".jsonl")):
+        text = Path(text.replace("builtin:", "")).stem
+    return text.replace("builtin:", "")
+
+
+def run_name(axes: dict[str, Any]) -> str:
+    """'r8-a16-s1' from {'lora.r': 8, 'lora.alpha': 16, 'train.seed': 1}."""
+    if not axes:
+        return "run"
+    parts = []
+    for key, value in axes.items():
+        short = ABBREV.get(key, key.split(".")[1])
+        label = _label(value)
+        sep = "" if isinstance(value, (int, float)) and not isinstance(value, bool) else "_"
+        parts.append(f"{short}{sep}{label}")
+    name = "-".join(parts)
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:120]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def preset_dir() -> Path:
+    return Path(str(resources.files("loralab").joinpath("study", "presets")))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def _read(source: str | Path) -> tuple[dict[str, Any], str, Path | None]:
+    """(raw study dict, label for messages, directory relative paths start from)."""
+    text_source = str(source)
+    if text_source.startswith("preset:"):
+        name = text_source.split(":", 1)[1]
+        path = preset_dir() / f"{name}.yaml"
+        if not name or not path.is_file():
+            raise ConfigError(f"unknown preset {name!r} (shipped: {', '.join(preset_names())})")
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"study file {path} does not exist (or use preset:NAME; shipped: {', '.join(preset_names())})")
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a study file is a mapping (name, base, axes, ...); see docs/study-files.md")
+    return raw, str(path), path.parent
+
+
+def _apply_quick(raw: dict[str, Any], where: _Where) -> dict[str, Any]:
+    quick = raw.get("quick") or {}
+    if not isinstance(quick, dict):
+        raise ConfigError(f"{where('quick')}: quick must be a mapping ({', '.join(sorted(QUICK_KEYS))})")
+    unknown = set(quick) - QUICK_KEYS
+    if unknown:
+        raise ConfigError(f"{where('quick')}: unknown quick keys {sorted(unknown)} (known: {', '.join(sorted(QUICK_KEYS))})")
+    out = dict(raw)
+    out["base"] = deep_merge(raw.get("base") or {}, quick.get("base") or {})
+    out["axes"] = {**(raw.get("axes") or {}), **(quick.get("axes") or {})}
+    out["tied"] = {**(raw.get("tied") or {}), **(quick.get("tied") or {})}
+    for k in ("repeats", "seeds"):
+        if k in quick:
+            out.pop("repeats", None)
+            out.pop("seeds", None)
+            out[k] = quick[k]
+    return out
+
+
+def _seeds(raw: dict[str, Any], where: _Where) -> list[int] | None:
+    if "repeats" in raw and "seeds" in raw:
+        raise ConfigError(f"{where('seeds')}: give repeats or seeds, not both")
+    if "repeats" in raw:
+        n = raw["repeats"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ConfigError(f"{where('repeats')}: repeats must be a positive integer (got {n!r})")
+        return list(range(1, n + 1))
+    if "seeds" in raw:
+        s = raw["seeds"]
+        if not isinstance(s, list) or not s or not all(isinstance(x, int) and not isinstance(x, bool) for x in s):
+            raise ConfigError(f"{where('seeds')}: seeds must be a non-empty list of integers (got {s!r})")
+        if len(set(s)) != len(s):
+            raise ConfigError(f"{where('seeds')}: seeds repeat a value ({s})")
+        return list(s)
+    return None
+
+
+def _check_findings(findings: Any, axes: dict[str, list[Any]], where: _Where) -> list[dict[str, Any]]:
+    if findings is None:
+        return []
+    if not isinstance(findings, list):
+        raise ConfigError(f"{where('findings')}: findings must be a list of {{kind: ...}} mappings")
+    known_axes = set(axes) | {"train.seed"}
+    for i, f in enumerate(findings):
+        if not isinstance(f, dict) or f.get("kind") not in FINDING_KINDS:
+            raise ConfigError(f"{where('findings')}: findings[{i}] needs kind: one of {', '.join(FINDING_KINDS)} (got {f!r})")
+        for param in FINDING_KINDS[f["kind"]]:
+            if param not in f:
+                raise ConfigError(f"{where('findings')}: findings[{i}] ({f['kind']}) needs {param}")
+        for param in ("axis", "within"):
+            if param in f and f[param] not in known_axes:
+                raise ConfigError(f"{where('findings')}: findings[{i}] {param} {f[param]!r} is not one of the study's axes ({', '.join(sorted(known_axes))})")
+    return findings
+
+
+def _text(raw: dict[str, Any], key: str, where: _Where, default: str = "") -> str:
+    value = raw.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise ConfigError(f"{where(key)}: {key} must be a string (got {value!r})")
+    return value.strip()
+
+
+def load_study(
+    source: str | Path,
+    *,
+    quick: bool = False,
+    model: str | None = None,
+    data: str | None = None,
+    overrides: list[str] | None = None,
+    root: Path | None = None,
+) -> Study:
+    """Read, check and expand a study file or ``preset:NAME``.
+
+    ``model``/``data`` replace the base's model.path/data.path; ``overrides`` are
+    ``section.key=value`` strings applied to the base; ``root`` is where run directories go
+    (each run's output.dir is ``root/<run name>``)."""
+    raw, label, base_dir = _read(source)
+    text = Path(label).read_text(encoding="utf-8")
+    where = _Where(label, key_lines(text))
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        bad = sorted(unknown)[0]
+        raise ConfigError(f"{where(bad)}: unknown study key {bad!r} (known: {', '.join(sorted(TOP_KEYS))})")
+    if quick:
+        raw = _apply_quick(raw, where)
+    name = raw.get("name") or Path(label).stem
+    check_name(str(name), what="study name")
+    if quick:
+        name = f"{name}-quick"  # its own database and run directories: its runs differ in steps
+    goal = raw.get("goal", "min")
+    if goal not in ("min", "max"):
+        raise ConfigError(f"{where('goal')}: goal must be min or max (got {goal!r})")
+    metric = raw.get("metric", "eval_loss")
+    if not isinstance(metric, str) or not metric:
+        raise ConfigError(f"{where('metric')}: metric must be a metrics.jsonl key such as eval_loss (got {metric!r})")
+
+    base = _base_config(raw, where, base_dir)
+    from loralab.config import apply_overrides
+
+    for key, value in (("model.path", model), ("data.path", data)):
+        if value is not None:
+            set_key(base, key, value)
+    base = apply_overrides(base, list(overrides or []))
+
+    axes_raw = raw.get("axes") or {}
+    if not isinstance(axes_raw, dict):
+        raise ConfigError(f"{where('axes')}: axes must be a mapping of config keys to values")
+    axes = {k: axis_values(k, v, where("axes", str(k))) for k, v in axes_raw.items()}
+    seeds = _seeds(raw, where)
+    if seeds is not None:
+        if "train.seed" in axes:
+            raise ConfigError(f"{where('axes', 'train.seed')}: train.seed is an axis and repeats/seeds are given; use one")
+        axes["train.seed"] = seeds
+    tied_raw = raw.get("tied") or {}
+    if not isinstance(tied_raw, dict):
+        raise ConfigError(f"{where('tied')}: tied must be a mapping of config keys to expressions")
+    tied: dict[str, tuple[str, ast.Expression]] = {}
+    for key, expr in tied_raw.items():
+        w = where("tied", str(key))
+        if config_field(key) is None:
+            raise ConfigError(f"{w}: tied key {key!r} is not a training-config key (section.key)")
+        if key in axes:
+            raise ConfigError(f"{w}: {key} is both an axis and tied; remove one")
+        tied[key] = (str(expr), parse_tied(key, expr, w))
+    study = Study(
+        name=str(name), description=_text(raw, "description", where), question=_text(raw, "question", where),
+        claim=_text(raw, "claim", where), metric=metric, goal=goal, base=base, axes=axes,
+        tied={k: e for k, (e, _) in tied.items()}, seeds=seeds,
+        findings=_check_findings(raw.get("findings"), axes, where), source=label, quick=quick,
+    )
+    study.runs = expand(study, {k: t for k, (_, t) in tied.items()}, where, root=root)
+    return study
+
+
+def _base_config(raw: dict[str, Any], where: _Where, base_dir: Path | None) -> dict[str, Any]:
+    base = raw.get("base") or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{where('base')}: base must be a training config mapping (model, lora, data, train, ...)")
+    if raw.get("base_config"):
+        path = Path(raw["base_config"])
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        file_cfg = read_yaml(path)
+        if not isinstance(file_cfg, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        base = deep_merge(file_cfg, base)
+    return copy.deepcopy(base)
+
+
+def expand(study: Study, tied: dict[str, ast.Expression], where: _Where, *, root: Path | None = None) -> list[RunSpec]:
+    """The cross product of the axes (in file order), tied values filled in, configs checked."""
+    keys = list(study.axes)
+    runs: list[RunSpec] = []
+    seen: dict[str, int] = {}
+    for combo in itertools.product(*(study.axes[k] for k in keys)):
+        values = dict(zip(keys, combo, strict=True))
+        raw = copy.deepcopy(study.base)
+        for k, v in values.items():
+            set_key(raw, k, copy.deepcopy(v))
+        for k, tree in tied.items():
+            try:
+                set_key(raw, k, eval_tied(tree, raw, k, study.tied[k]))
+            except ConfigError as exc:
+                raise ConfigError(f"{where('tied', k)}: {exc} (run {values})") from None
+        name = run_name(values)
+        if name in seen:  # two axis values with the same label: keep names unique and stable
+            seen[name] += 1
+            name = f"{name}-{seen[name]}"
+        else:
+            seen[name] = 1
+        check_name(name, what="run name")
+        if root is not None:
+            set_key(raw, "output.dir", str(Path(root) / name))
+        try:
+            cfg = config_from_dict(raw, source=f"{study.source} (run {name})")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}\n  (axes of this run: {json.dumps(values, default=str)})") from None
+        runs.append(RunSpec(name=name, axes=values, config=cfg.to_dict()))
+    return runs
+
+
+def describe_preset(name: str) -> dict[str, Any]:
+    """Name, description, question, claim and run counts (full and --quick) of a preset."""
+    full = load_study(f"preset:{name}")
+    quick = load_study(f"preset:{name}", quick=True)
+    return {"name": name, "description": full.description, "question": full.question, "claim": full.claim,
+            "runs": len(full.runs), "quick_runs": len(quick.runs), "metric": full.metric}

@@ -1,0 +1,310 @@
+"""Resumable checkpoints: safetensors + JSON, written atomically, newest complete one wins.
+
+    save_checkpoint(run_dir, state, model=model, opt=opt, sched=sched, keep_last=2)
+    path = latest_checkpoint(run_dir)          # None when there is none
+    state = load_checkpoint(path, model=model, opt=opt, sched=sched)
+
+A checkpoint is ``run_dir/checkpoints/step-000120/`` holding
+
+    adapter.safetensors        the trainable (LoRA) parameters by name
+    optimizer.safetensors      every tensor of the optimizer state
+    optimizer.json             the rest of it: scalars and the parameter groups
+    scheduler.json             the lr scheduler's state (its lambda is rebuilt from the config)
+    rng.safetensors, rng.json  torch CPU / CUDA generator states; Python and NumPy states
+    trainer_state.json         data position (step, epoch, micro batches consumed) and bookkeeping
+    manifest.json              written last: size and sha256 of every file above
+
+It is written under ``checkpoints/.tmp-step-000120-<pid>``, each file fsynced, then the
+directory is renamed as a whole. A directory without a manifest, or whose files do not match
+it, is ignored; leftover temporaries are removed. Nothing here is pickled, and nothing is
+read with pickle.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from loralab.errors import LoralabError, ModelError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+# Files that would need pickle to read; a checkpoint or adapter holding one is refused.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Test hook: seconds to sleep inside a checkpoint write, after the payload and before the
+# manifest, so a test can SIGKILL the process exactly there.
+PAUSE_ENV = "LORALAB_TEST_CHECKPOINT_PAUSE_S"
+
+
+class DiskFullError(LoralabError):
+    """No space left while writing a checkpoint or the adapter."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands after ``step`` optimizer steps; all of it goes into trainer_state.json."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_batches: int = 0  # micro batches taken from the data stream so far
+    micro_batch_size: int = 0  # size they were taken at (auto_micro_batch may halve it)
+    tokens_seen: int = 0
+    train_time_s: float = 0.0
+    wall_time_s: float = 0.0  # wall time of earlier sessions of this run
+    skipped_steps: int = 0
+    eval_loss: float | None = None
+    best_eval_loss: float | None = None
+    task_history: dict[str, list[float]] = field(default_factory=dict)
+    micro_batch_changes: list[dict[str, int]] = field(default_factory=list)
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=1, allow_nan=False))
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    # clone: safetensors refuses tensors that share storage or are not contiguous
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path))
+    _fsync_path(path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_parts(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``opt.state_dict()`` into tensors ("state/<param index>/<name>") and JSON."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in sd["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state/{idx}/{name}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"scalars": scalars, "param_groups": groups}
+
+
+def rng_parts() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Generator states of torch (CPU, each CUDA device), Python's random and NumPy."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = state
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss},
+        "numpy": {"kind": kind, "keys": [int(k) for k in keys], "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
+
+
+def scheduler_state(sched) -> dict[str, Any]:
+    # LambdaLR keeps its lambdas as None in the state; they are rebuilt from the config.
+    return {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, *, model, opt, sched, keep_last: int) -> Path:
+    """Write the checkpoint for ``state.step`` atomically; keep the newest ``keep_last``."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    clean_temporaries(root)
+    final = root / step_name(state.step)
+    tmp = root / f".tmp-{step_name(state.step)}-{os.getpid()}"
+    try:
+        tmp.mkdir()
+        _write_tensors(tmp / "adapter.safetensors", trainable_tensors(model))
+        opt_tensors, opt_json = optimizer_parts(opt)
+        _write_tensors(tmp / "optimizer.safetensors", opt_tensors)
+        _write_json(tmp / "optimizer.json", opt_json)
+        _write_json(tmp / "scheduler.json", scheduler_state(sched))
+        rng_tensors, rng_json = rng_parts()
+        _write_tensors(tmp / "rng.safetensors", rng_tensors)
+        _write_json(tmp / "rng.json", rng_json)
+        _write_json(tmp / "trainer_state.json", asdict(state))
+        if os.environ.get(PAUSE_ENV):
+            time.sleep(float(os.environ[PAUSE_ENV]))
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        _write_json(tmp / MANIFEST, {"format": FORMAT, "step": state.step, "files": files})
+        _fsync_path(tmp)
+        if final.exists():  # a checkpoint of this step from an earlier session: replace it
+            _remove(final, root)
+        os.replace(tmp, final)
+        _fsync_path(root)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            previous = latest_checkpoint(run_dir)
+            raise DiskFullError(
+                f"disk full while writing checkpoint {final} ({exc.strerror}); nothing partial was kept; "
+                f"last complete checkpoint: {previous or 'none'}"
+            ) from None
+        raise
+    prune(root, keep_last)
+    return final
+
+
+def _remove(path: Path, root: Path) -> None:
+    """Rename away first, so a kill during the removal never leaves a half-deleted checkpoint."""
+    doomed = root / f".tmp-delete-{path.name}-{os.getpid()}"
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def clean_temporaries(root: Path) -> None:
+    for p in root.glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def prune(root: Path, keep_last: int) -> None:
+    for path in complete_checkpoints(root)[:-keep_last]:
+        _remove(path, root)
+
+
+# ----------------------------------------------------------------------------- finding
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories that have a manifest, oldest first (no hashing here)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def verify(path: Path) -> str | None:
+    """None when every file matches the manifest; else what is wrong."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable manifest ({exc})"
+    if manifest.get("format") != FORMAT:
+        return f"checkpoint format {manifest.get('format')!r}, expected {FORMAT}"
+    unsafe = [p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES)]
+    if unsafe:
+        return f"holds {', '.join(sorted(unsafe))}: pickled files are never loaded"
+    for name, meta in files.items():
+        p = path / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
+            return f"{name} does not match the manifest (size or sha256)"
+    return None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose files match its manifest; damaged ones are skipped with a warning."""
+    for path in reversed(complete_checkpoints(checkpoint_root(run_dir))):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning("ignoring checkpoint %s: %s", path, problem)
+    return None
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    meta = _read_json(path / "optimizer.json")
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split("/", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, entry in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(entry)
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in meta["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _restore_rng(path: Path) -> None:
+    tensors = load_file(str(path / "rng.safetensors"))
+    meta = _read_json(path / "rng.json")
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    py = meta["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    n = meta["numpy"]
+    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+
+
+def load_checkpoint(path: Path, *, model, opt, sched) -> TrainState:
+    """Restore parameters, optimizer, scheduler and RNGs from ``path``; return the train state."""
+    problem = verify(path)
+    if problem:
+        raise ModelError(f"checkpoint {path}: {problem}")
+    saved = load_file(str(path / "adapter.safetensors"))
+    params = trainable_tensors(model)
+    if saved.keys() != params.keys():
+        missing, extra = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
+        raise ModelError(f"checkpoint {path} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if saved[name].shape != p.shape:
+                raise ModelError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, the model {tuple(p.shape)}")
+            p.copy_(saved[name])
+    _restore_optimizer(opt, path)
+    sched.load_state_dict({**_read_json(path / "scheduler.json"), "lr_lambdas": [None] * len(opt.param_groups)})
+    _restore_rng(path)
+    return TrainState(**_read_json(path / "trainer_state.json"))

@@ -1,0 +1,319 @@
+"""Studies: expansion, the database, the local and Ray executors, kills, halving, memory skips.
+
+Runs are real `loralab train` processes on builtin:tiny with a few steps each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loralab.config import config_from_dict
+from loralab.errors import ConfigError
+from loralab.study.execute import Halving, run_study
+from loralab.study.spec import load_study, preset_names
+from loralab.study.store import Store, metric_rows
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+TINY_BASE = {
+    "model": {"path": "builtin:tiny", "device": "cpu"},
+    "data": {"path": "builtin:arithmetic_2ds", "limit": 48, "val_max_examples": 8, "max_seq_length": 48},
+    "lora": {"r": 4, "alpha": 8},
+    "train": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 4, "warmup_steps": 0, "log_every": 1},
+    "output": {"save_adapter": False},
+}
+
+
+def write_study(tmp_path: Path, name: str = "s", **spec) -> Path:
+    body = {"name": name, "base": spec.pop("base", TINY_BASE), **spec}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def rows_of(db: Path) -> dict[str, dict]:
+    with Store(db) as s:
+        return {r["name"]: r for r in s.runs(s.study_id(s.study_names()[0]))}
+
+
+def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": SRC}
+    return subprocess.run([sys.executable, "-m", "loralab.cli", *args], capture_output=True, text=True, env=env, **kw)
+
+
+# ----------------------------------------------------------------------------- expansion
+
+
+def test_expansion_grid_tied_repeats(tmp_path):
+    path = write_study(tmp_path, axes={"lora.r": [2, 8], "lora.dropout": {"grid": [0.0, 0.1]}},
+                       tied={"lora.alpha": "2 * lora.r", "train.lr": "0.004 / (lora.r ** 2)"}, repeats=2)
+    study = load_study(path, root=tmp_path / "root")
+    assert [r.name for r in study.runs] == [
+        "r2-do0-s1", "r2-do0-s2", "r2-do0.1-s1", "r2-do0.1-s2", "r8-do0-s1", "r8-do0-s2", "r8-do0.1-s1", "r8-do0.1-s2"]
+    first, last = study.runs[0], study.runs[-1]
+    assert first.axes == {"lora.r": 2, "lora.dropout": 0.0, "train.seed": 1}
+    assert first.config["lora"]["alpha"] == 4.0 and last.config["lora"]["alpha"] == 16.0
+    assert first.config["train"]["lr"] == pytest.approx(0.001) and last.config["train"]["lr"] == pytest.approx(0.004 / 64)
+    assert last.config["train"]["seed"] == 2 and last.config["output"]["dir"] == str(tmp_path / "root" / "r8-do0.1-s2")
+    for run in study.runs:  # every expanded config is a valid loralab config
+        assert config_from_dict(run.config).lora.r == run.axes["lora.r"]
+
+
+def test_expansion_samples_are_seeded_and_in_range(tmp_path):
+    path = write_study(tmp_path, axes={"train.lr": {"loguniform": [1.0e-4, 1.0e-2], "n": 4, "seed": 3},
+                                       "lora.r": {"uniform": [2, 64], "n": 3, "seed": 1}}, seeds=[7, 42])
+    a, b = load_study(path), load_study(path)
+    assert [r.name for r in a.runs] == [r.name for r in b.runs]
+    lrs = a.axes["train.lr"]
+    assert len(lrs) == 4 and len(set(lrs)) == 4 and all(1e-4 <= v <= 1e-2 for v in lrs)
+    assert all(isinstance(r, int) and 2 <= r <= 64 for r in a.axes["lora.r"])
+    assert len(a.runs) == 4 * len(a.axes["lora.r"]) * 2 and {r.axes["train.seed"] for r in a.runs} == {7, 42}
+    quick = write_study(tmp_path, "q", axes={"lora.r": [2, 8, 32]}, repeats=3,
+                        quick={"axes": {"lora.r": [2]}, "repeats": 1, "base": {"train": {"max_steps": 1}}})
+    qs = load_study(quick, quick=True)
+    assert qs.name == "q-quick" and [r.name for r in qs.runs] == ["r2-s1"] and qs.runs[0].config["train"]["max_steps"] == 1
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"axes": {"lora.rank": [2, 4]}}, "s.yaml:{line lora.rank}: axis 'lora.rank' is not a training-config key"),
+        ({"axes": {"lora.r": []}}, "s.yaml:{line lora.r}: axis lora.r has an empty list of values"),
+        ({"axes": {"train.lr": {"loguniform": [0, 1], "n": 2}}}, "loguniform needs low < high and low > 0"),
+        ({"axes": {"lora.r": [2]}, "tied": {"lora.alpha": "__import__('os').system('x')"}}, "may only use numbers, config keys"),
+        ({"axes": {"lora.r": [2]}, "tied": {"lora.alpha": "().__class__"}}, "may only use numbers, config keys"),
+        ({"axes": {"lora.r": [2]}, "tied": {"lora.alpha": "2 * lora.rank"}}, "'lora.rank' in '2 * lora.rank' is not a training-config key"),
+        ({"axes": {"lora.r": [2]}, "tied": {"lora.alpha": "1 / (lora.r - 2)"}}, "tied lora.alpha: division by zero"),
+        ({"axes": {"lora.r": [2]}, "tied": {"lora.r": "2"}}, "lora.r is both an axis and tied"),
+        ({"axes": {"lora.r": [2, 0]}}, "lora.r must be > 0 (got 0)"),
+        ({"axes": {"lora.r": [2]}, "findings": [{"kind": "axis_effect", "axis": "lora.alpha"}]}, "not one of the study's axes"),
+        ({"axes": {"lora.r": [2]}, "axis": {}}, "unknown study key 'axis'"),
+    ],
+)
+def test_invalid_studies_are_refused_with_the_key(tmp_path, spec, message):
+    path = write_study(tmp_path, **spec)
+    with pytest.raises(ConfigError) as exc:
+        load_study(path)
+    if "{line " in message:  # the line of that key in the written file
+        key = message.split("{line ")[1].split("}")[0]
+        line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.strip().startswith(key + ":"))
+        message = message.replace("{line " + key + "}", str(line))
+    assert message in str(exc.value)
+
+
+def test_every_preset_loads_full_and_quick():
+    names = preset_names()
+    assert set(names) >= {"rank_alpha_grid", "rslora_vs_lora", "alpha_lr_equivalence", "qlora", "optimizers",
+                          "targets", "dropout", "epochs", "consistency"}
+    for name in names:
+        full, quick = load_study(f"preset:{name}"), load_study(f"preset:{name}", quick=True)
+        assert full.question and full.claim and full.findings, name
+        assert "DURATION_FULL" not in full.description, name
+        assert 1 <= len(quick.runs) <= len(full.runs) and len(quick.runs) <= 8, name
+        assert all(r.config["model"]["path"] == "builtin:tiny" for r in full.runs)
+    grid = load_study("preset:rank_alpha_grid")
+    assert len(grid.runs) == 28 and grid.axes["lora.alpha"] == [0.5, 2, 8, 32, 128, 256, 512]
+    eq = load_study("preset:alpha_lr_equivalence")
+    assert {r.config["lora"]["alpha"] * r.config["train"]["lr"] for r in eq.runs} == {pytest.approx(0.00512)}
+    mine = load_study("preset:dropout", model="/models/llama", data="/data/train.jsonl")
+    assert {(r.config["model"]["path"], r.config["data"]["path"]) for r in mine.runs} == {("/models/llama", "/data/train.jsonl")}
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+def test_local_study_two_workers_crash_recorded_and_commands(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "What is 1 plus 1?", "input": "", "output": "2"}\nnot json\n', encoding="utf-8")
+    path = write_study(tmp_path, "mix", axes={"data.path": ["builtin:arithmetic_2ds", str(bad)]}, repeats=2)
+    root = tmp_path / "runs" / "mix"
+    result = run_study(load_study(path, root=root), root=root, workers=2)
+    assert result["counts"] == {"completed": 2, "failed": 2}
+    rows = rows_of(root / "study.db")
+    for name in ("data_arithmetic_2ds-s1", "data_arithmetic_2ds-s2"):
+        r = rows[name]
+        assert r["status"] == "completed" and r["attempts"] == 1 and r["peak_memory_bytes"] > 100 * 2**20
+        assert r["trainable_params"] > 0 and r["final_eval_loss"] > 0 and r["estimated_memory_bytes"] > 100 * 2**20
+        with Store(root / "study.db") as s:
+            stored = {(m["step"], m["name"]): m["value"] for m in s.metrics(r["id"])}
+        from_file = {(st, n): v for st, n, v in metric_rows(root / name / "metrics.jsonl")}
+        assert stored == pytest.approx(from_file) and stored[(2, "eval_loss")] == pytest.approx(r["final_eval_loss"])
+    for name in ("data_bad-s1", "data_bad-s2"):
+        assert rows[name]["status"] == "failed" and "bad.jsonl:2" in rows[name]["error"]
+    # two workers: the two good runs (first by cost order and name) overlapped in time
+    a, b = sorted((rows[n] for n in rows), key=lambda r: r["started_at"])[:2]
+    assert b["started_at"] < a["finished_at"]
+    assert sqlite3.connect(root / "study.db").execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    out = tmp_path / "runs"
+    status = json.loads(cli("study", "status", "mix", "--out", str(out), "--json").stdout)
+    assert status["counts"] == {"completed": 2, "failed": 2} and len(status["runs"]) == 4
+    listed = json.loads(cli("runs", "list", "--out", str(out), "--status", "failed", "--json").stdout)
+    assert sorted(r["name"] for r in listed) == ["data_bad-s1", "data_bad-s2"]
+    shown = json.loads(cli("runs", "show", "data_arithmetic_2ds-s1", "--study", "mix", "--out", str(out), "--json").stdout)
+    assert shown["final_metrics"]["eval_loss"] == pytest.approx(rows["data_arithmetic_2ds-s1"]["final_eval_loss"])
+    cmp = json.loads(cli("runs", "compare", "data_arithmetic_2ds-s1", "data_bad-s1", "--study", "mix", "--out", str(out), "--json").stdout)
+    assert cmp["differences"] == ["data.path"]
+    exp = json.loads(cli("study", "export", "mix", "--out", str(out), "--json").stdout)
+    runs_csv = Path(exp["files"][0]).read_text(encoding="utf-8").splitlines()
+    assert len(runs_csv) == 5 and runs_csv[0].startswith("id,study_id,name")
+    # re-running the study repeats nothing
+    again = run_study(load_study(path, root=root), root=root, workers=2)
+    assert again["ran"] == 0 and {r["attempts"] for r in rows_of(root / "study.db").values()} == {1}
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _statuses(db: Path) -> dict[str, str]:
+    if not db.is_file():
+        return {}
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        return dict(con.execute("SELECT name, status FROM runs").fetchall())
+    except sqlite3.OperationalError:
+        return {}
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+@pytest.mark.slow
+def test_driver_killed_then_rerun_repeats_nothing_and_loses_nothing(tmp_path):
+    path = write_study(tmp_path, "resume", axes={"lora.r": [2, 4]}, repeats=2)
+    out = tmp_path / "runs"
+    db = out / "resume" / "study.db"
+    env = {**os.environ, "PYTHONPATH": SRC}
+    driver = subprocess.Popen([sys.executable, "-m", "loralab.cli", "study", "run", str(path), "--out", str(out)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: "completed" in _statuses(db).values() and "running" in _statuses(db).values(), 240, "one run done, one running")
+    in_flight = [n for n, s in _statuses(db).items() if s == "running"]
+    child = _children(driver.pid)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    before = rows_of(db)
+    done_before = {n: r["finished_at"] for n, r in before.items() if r["status"] == "completed"}
+    assert before[in_flight[0]]["status"] == "running"  # what a killed driver leaves behind
+    _wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z" for p in child),
+              30, "the run process to die with its driver")
+    rerun = cli("study", "run", str(path), "--out", str(out), "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    result = json.loads(rerun.stdout)
+    assert result["recovered"] == in_flight
+    after = rows_of(db)
+    assert len(after) == 4 and {r["status"] for r in after.values()} == {"completed"}
+    for name, finished in done_before.items():  # finished runs were not repeated
+        assert after[name]["attempts"] == 1 and after[name]["finished_at"] == finished
+    assert after[in_flight[0]]["attempts"] == 2
+    assert result["ran"] == 4 - len(done_before)
+
+
+@pytest.mark.slow
+def test_sigkilled_run_is_recorded_interrupted_then_rerun(tmp_path):
+    path = write_study(tmp_path, "kill", axes={"lora.r": [2]}, base={**TINY_BASE, "train": {**TINY_BASE["train"], "max_steps": 150}})
+    out = tmp_path / "runs"
+    db = out / "kill" / "study.db"
+    env = {**os.environ, "PYTHONPATH": SRC}
+    driver = subprocess.Popen([sys.executable, "-m", "loralab.cli", "study", "run", str(path), "--out", str(out), "--retries", "0"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: (out / "kill" / "r2" / "metrics.jsonl").is_file(), 240, "the run to start training")
+    (child,) = _children(driver.pid)
+    os.kill(child, signal.SIGKILL)
+    assert driver.wait(timeout=60) == 1  # something is left to do
+    row = rows_of(db)["r2"]
+    assert row["status"] == "interrupted" and "SIGKILL" in row["error"] and row["attempts"] == 1
+    rerun = cli("study", "run", str(path), "--out", str(out))
+    assert rerun.returncode == 0, rerun.stderr
+    row = rows_of(db)["r2"]
+    assert row["status"] == "completed" and row["attempts"] == 2 and row["error"] is None
+
+
+@pytest.mark.slow
+def test_ray_executor_on_a_local_instance(tmp_path):
+    ray = pytest.importorskip("ray")
+    path = write_study(tmp_path, "ray", axes={"lora.r": [2, 4]})
+    root = tmp_path / "runs" / "ray"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": SRC}})
+    try:
+        result = run_study(load_study(path, root=root), root=root, workers=2, executor="ray")
+    finally:
+        ray.shutdown()
+    assert result["counts"] == {"completed": 2}
+    rows = rows_of(root / "study.db")
+    for name in ("r2", "r4"):
+        assert rows[name]["final_eval_loss"] > 0 and rows[name]["peak_memory_bytes"] > 0
+        with Store(root / "study.db") as s:
+            assert {m["name"] for m in s.metrics(rows[name]["id"])} >= {"train_loss", "eval_loss", "lr"}
+    assert rows["r4"]["trainable_params"] == 2 * rows["r2"]["trainable_params"]
+
+
+@pytest.mark.slow
+def test_successive_halving_stops_poor_runs(tmp_path):
+    base = {**TINY_BASE, "train": {**TINY_BASE["train"], "max_steps": 16}}
+    path = write_study(tmp_path, "halving", base=base, axes={"train.lr": [0.01, 1.0e-7]}, repeats=2)
+    root = tmp_path / "runs" / "halving"
+    result = run_study(load_study(path, root=root), root=root, workers=1, halving=Halving(eta=2, min_steps=2))
+    rows = rows_of(root / "study.db")
+    # cheapest-first order is by name here: both lr=0.01 runs report at step 2 before the lr=1e-7 ones
+    for name in ("lr1e-07-s1", "lr1e-07-s2"):
+        assert rows[name]["status"] == "stopped_early" and rows[name]["stopped_at_step"] == 2, rows[name]
+    assert result["counts"].get("completed", 0) >= 1
+    with Store(root / "study.db") as s:
+        at2 = {n: next(m["value"] for m in s.metrics(r["id"]) if m["step"] == 2 and m["name"] == "eval_loss") for n, r in rows.items()}
+        last = {n: max(m["step"] for m in s.metrics(r["id"])) for n, r in rows.items()}
+    best_good = min(at2["lr0.01-s1"], at2["lr0.01-s2"])
+    assert at2["lr1e-07-s1"] > best_good and at2["lr1e-07-s2"] > best_good
+    assert all(last[n] < 16 for n in rows if rows[n]["status"] == "stopped_early")
+    assert all(last[n] == 16 for n in rows if rows[n]["status"] == "completed")
+
+
+def test_max_memory_skips_runs_and_records_the_estimate(tmp_path):
+    from loralab.estimate import estimate_run
+
+    path = write_study(tmp_path, "mem", axes={"lora.targets": [["query"], ["all", "head"]], "lora.r": [64]})
+    study = load_study(path)
+    small, big = (estimate_run(config_from_dict(r.config), device="cpu").memory_bytes["total"] for r in study.runs)
+    assert big > small
+    root = tmp_path / "runs" / "mem"
+    result = run_study(load_study(path, root=root), root=root, max_memory=(small + big) // 2)
+    rows = rows_of(root / "study.db")
+    assert result["counts"] == {"completed": 1, "skipped": 1}
+    skipped = rows["t_all.head-r64"]
+    assert skipped["status"] == "skipped" and skipped["estimated_memory_bytes"] == big and "--max-memory" in skipped["error"]
+    assert skipped["attempts"] == 0 and not (root / "t_all.head-r64").exists()
+    assert rows["t_query-r64"]["estimated_memory_bytes"] == small
+
+
+def test_store_marks_running_as_interrupted_on_open(tmp_path):
+    path = write_study(tmp_path, "st", axes={"lora.r": [2, 4]})
+    study = load_study(path)
+    db = tmp_path / "st.db"
+    with Store(db) as s:
+        sid, recovered = s.open_study(study.name, study.to_json(), tmp_path, study.runs)
+        assert recovered == []
+        s.start(s.run(sid, "r2")["id"], run_dir="x", estimated=None)
+    with Store(db) as s:  # the driver died with r2 running
+        sid, recovered = s.open_study(study.name, study.to_json(), tmp_path, study.runs)
+        assert recovered == ["r2"] and s.counts(sid) == {"interrupted": 1, "pending": 1}
+        study.runs[0].config["lora"]["r"] = 3
+        with pytest.raises(ConfigError, match="different config"):
+            s.open_study(study.name, study.to_json(), tmp_path, study.runs)
+        assert s.counts(sid) == {"interrupted": 1, "pending": 1}  # the refused open changed nothing
