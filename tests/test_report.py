@@ -5,6 +5,7 @@ database."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import re
@@ -13,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 import loralab.study
 from loralab.errors import LoralabError
@@ -36,11 +36,11 @@ def create_db(path: Path, spec: dict) -> sqlite3.Connection:
 
 
 def insert_run(con, name: str, axes: dict, *, status="completed", value=None, time_s=10.0, memory=1000,
-               params=100, stopped_at_step=None, error=None, series=()) -> int:
+               params=100, stopped_at_step=None, error=None, series=(), config=None) -> int:
     cur = con.execute(
         "INSERT INTO runs (study_id, name, axes_json, config_json, status, final_eval_loss, train_time_s, "
-        "peak_memory_bytes, trainable_params, stopped_at_step, error) VALUES (1, ?, ?, '{}', ?, ?, ?, ?, ?, ?, ?)",
-        (name, json.dumps(axes), status, value, time_s, memory, params, stopped_at_step, error))
+        "peak_memory_bytes, trainable_params, stopped_at_step, error) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (name, json.dumps(axes), json.dumps(config or {}), status, value, time_s, memory, params, stopped_at_step, error))
     con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?)", [(cur.lastrowid, s, n, v) for s, n, v in series])
     return cur.lastrowid
 
@@ -51,6 +51,7 @@ def synthetic_db(tmp_path: Path, spec: dict, rows: list[dict]) -> Path:
     db = tmp_path / "study.db"
     con = create_db(db, spec)
     for r in rows:
+        r = dict(r)
         insert_run(con, r.pop("name"), r.pop("axes"), **r)
     con.commit()
     con.close()
@@ -184,11 +185,12 @@ def test_trend_within_counts_ranks_where_higher_alpha_was_better(tmp_path):
 def test_equivalence_with_a_tied_learning_rate(tmp_path):
     """alpha x k with lr / k: train.lr moves with lora.alpha, so it is not an "other axis"."""
     def rows(gap: float) -> list[dict]:
+        # as the study driver stores them: axes_json holds the axes, the tied lr is in the config
         out = []
         for a, v in ((1, 2.0), (512, 2.0 + gap)):
             for s, n in zip((1, 2, 3), NOISE, strict=True):
-                out.append({"name": f"a{a}-s{s}", "axes": {"lora.alpha": a, "train.lr": 0.00512 / a, "train.seed": s},
-                            "value": v + n})
+                out.append({"name": f"a{a}-s{s}", "axes": {"lora.alpha": a, "train.seed": s}, "value": v + n,
+                            "config": {"lora": {"alpha": a}, "train": {"lr": 0.00512 / a, "seed": s}}})
         return out
 
     spec = {"axes": {"lora.alpha": [1, 512]}, "tied": {"train.lr": "0.00512 / lora.alpha"},
@@ -209,14 +211,19 @@ def test_cost_in_percent_with_the_metric_difference(tmp_path):
     for mode, mem, t, v in (("none", 100e6, 100.0, 1.50), ("nf4", 62e6, 131.0, 1.51)):
         for s, n in zip((1, 2, 3), NOISE, strict=True):
             rows.append({"name": f"{mode}-s{s}", "axes": {"quant.mode": mode, "train.seed": s},
-                         "value": v + n, "memory": int(mem), "time_s": t})
+                         "value": v + n, "memory": int(mem), "time_s": t + 100 * n})  # time varies by seed too
     spec = {"axes": {"quant.mode": ["none", "nf4"]}, "findings": [{"kind": "cost", "axis": "quant.mode", "baseline": "none"}]}
     f = one(findings(synthetic_db(tmp_path, spec, rows), "s"), "cost")
     (lvl,) = f["levels"]
-    assert lvl["memory_change_pct"] == pytest.approx(-38.0)
-    assert lvl["time_change_pct"] == pytest.approx(31.0)
+    assert lvl["memory"]["change_pct"] == pytest.approx(-38.0)
+    assert lvl["memory"]["half_width_pct"] == pytest.approx(0.0)  # memory repeated exactly: no noise
+    assert lvl["time"]["change_pct"] == pytest.approx(31.0)
+    # time's own seed noise: the offsets 1.2, -0.7, -0.5 s at both levels
+    sd_t = stats.sample_sd([100 * n for n in NOISE])
+    half_t = stats.t_quantile(0.975, 4) * sd_t * math.sqrt(2 / 3)
+    assert lvl["time"]["half_width_pct"] == pytest.approx(100 * half_t / (100 + 100 * sum(NOISE) / 3))
     assert lvl["comparison"]["difference"] == pytest.approx(0.01)
-    assert "quant.mode=nf4 against quant.mode=none: saved 38% peak memory and cost 31% more time" in f["text"]
+    assert f"quant.mode=nf4 against quant.mode=none: saved 38% peak memory and cost 31% more time (+/- {100 * half_t / 100:.0f}%)" in f["text"]
     assert "eval_loss differed by +0.01 +/- " in f["text"] and "within the seed noise" in f["text"]
 
 
@@ -241,6 +248,37 @@ def test_runs_that_did_not_complete_are_listed_and_not_counted(tmp_path):
     assert [row["n"] for row in f["levels"]] == [3, 3]  # the stopped run's 0.1 is not in the mean
     assert f["levels"][0]["mean"] == pytest.approx(2.0 + sum(NOISE) / 3)
     assert "4 run(s) that did not complete are not counted" in f["text"]
+
+
+def test_level_means_are_balanced_over_the_other_axis(tmp_path):
+    """Missing runs must not tilt a level's mean: rank does nothing here, alpha 64 is 4.0 better;
+    r=2 lost an alpha=1 seed and r=8 an alpha=64 seed (a plain average would favour r=2 by ~1.3)."""
+    rows = []
+    for r in (2, 8):
+        for a, v in ((1, 6.4), (64, 2.4)):
+            for s, n in zip((1, 2), (0.03, -0.03), strict=True):
+                lost = (r, a, s) in {(2, 1, 2), (8, 64, 2)}
+                rows.append({"name": f"r{r}-a{a}-s{s}", "axes": {"lora.r": r, "lora.alpha": a, "train.seed": s},
+                             "value": v + n, "status": "failed" if lost else "completed"})
+    spec = {"axes": {"lora.r": [2, 8], "lora.alpha": [1, 64]}, "findings": [{"kind": "axis_effect", "axis": "lora.r"}]}
+    f = one(findings(synthetic_db(tmp_path, spec, rows), "s"), "axis_effect")
+    r2, r8 = f["levels"]
+    assert r2["mean"] == pytest.approx(((6.4 + 0.03) + 2.4) / 2)  # alpha=1 has one seed left, alpha=64 two
+    assert r8["mean"] == pytest.approx((6.4 + (2.4 + 0.03)) / 2)
+    assert r2["plain_mean"] == pytest.approx((6.43 + 2.43 + 2.37) / 3)
+    assert f["comparison"]["difference"] == pytest.approx(0.0, abs=1e-12) and f["winner"] is None
+    assert "Not every level" not in f["text"]
+
+    # both seeds of r=8, alpha=64 gone: r=8 never ran with alpha=64, and the text says so
+    (tmp_path / "study.db").unlink()
+    for row in rows:
+        if row["name"] == "r8-a64-s1":
+            row["status"] = "failed"
+    f = one(findings(synthetic_db(tmp_path, spec, rows), "s"), "axis_effect")
+    assert "Not every level ran under the same other settings" in f["text"]
+    # ranked on alpha=1, the one setting both ranks ran with: r=8 (6.40) before r=2 (6.43)
+    assert f["best"] == 8 and f["comparison"]["cells"] == 1
+    assert f["comparison"]["difference"] == pytest.approx(6.40 - 6.43)
 
 
 def test_metric_other_than_eval_loss_uses_the_last_step_and_goal_max(tmp_path):
@@ -283,63 +321,72 @@ def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- a small real study
 
-def load_run_dir(con, run_dir: Path, axes: dict) -> int:
-    """Test-only loader: one run directory (summary.json, config.yaml, metrics.jsonl) into the schema."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    cur = con.execute(
-        "INSERT INTO runs (study_id, name, axes_json, config_json, status, run_dir, attempts, wall_time_s, "
-        "train_time_s, tokens_per_s, peak_memory_bytes, trainable_params, total_params, final_eval_loss, "
-        "best_eval_loss) VALUES (1, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (run_dir.name, json.dumps(axes), json.dumps(config), summary["status"], str(run_dir),
-         summary["wall_time_s"], summary["train_time_s"], summary["tokens_per_s"], summary["peak_memory_bytes"],
-         summary["trainable_params"], summary["total_params"], summary["final_eval_loss"], summary["best_eval_loss"]))
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        for name, value in row.items():
-            if name not in ("step", "event") and isinstance(value, (int, float)):
-                # a step's train line and eval line both carry tokens_seen: keep one
-                con.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)", (cur.lastrowid, row["step"], name, value))
-    return cur.lastrowid
-
-
-REAL_SPEC = {
-    "name": "tiny_alpha", "description": "lora.alpha x lora.r on the tiny base, two seeds",
-    "question": "Does a higher alpha help at every rank?", "claim": "For a fixed lr, higher alpha was better.",
-    "metric": "eval_loss", "goal": "min", "axes": {"lora.r": [2, 8], "lora.alpha": [1, 64]},
-    "findings": [{"kind": "trend_within", "axis": "lora.alpha", "within": "lora.r"},
-                 {"kind": "axis_effect", "axis": "lora.alpha"}, {"kind": "axis_effect", "axis": "lora.r"},
-                 {"kind": "equivalence", "axis": "lora.r", "reference": 2},
-                 {"kind": "cost", "axis": "lora.r", "baseline": 2}, {"kind": "spread"}, {"kind": "pareto"}],
-}
+STUDY_FILE = """
+name: tiny_alpha
+description: lora.alpha x lora.r on the tiny base, two seeds
+question: Does a higher alpha help at every rank?
+claim: For a fixed lr, higher alpha was better.
+metric: eval_loss
+goal: min
+base:
+  model: {path: builtin:tiny, device: cpu}
+  data: {path: builtin:arithmetic_2ds, limit: 64, val_max_examples: 16, max_seq_length: 64}
+  train: {max_steps: 6, batch_size: 4, micro_batch_size: 4, warmup_steps: 0, log_every: 1, lr: 3.0e-3}
+  eval: {every: 3, tasks: [world_pairs], limit: 8}
+  output: {save_adapter: false}
+axes:
+  lora.r: [2, 8]
+  lora.alpha: [1, 64]
+repeats: 2
+findings:
+  - {kind: trend_within, axis: lora.alpha, within: lora.r}
+  - {kind: axis_effect, axis: lora.alpha}
+  - {kind: axis_effect, axis: lora.r}
+  - {kind: equivalence, axis: lora.r, reference: 2}
+  - {kind: cost, axis: lora.r, baseline: 2}
+  - {kind: spread}
+  - {kind: pareto}
+"""
+DIVERGES, STOPPED = "r8-a64-s2", "r2-a1-s2"
 
 
 @pytest.fixture(scope="module")
 def real_study(tmp_path_factory):
-    """8 real tiny trainings (r 2|8 x alpha 1|64 x seed 1|2) in a study database, plus a failed
-    and a stopped run recorded the way the driver records them."""
-    from conftest import make_cfg
+    """A real study database: the study file expanded and recorded by loralab.study (spec,
+    Store, the driver's outcome reader), each run a real tiny training (in this process, to keep
+    the test fast). One run diverges for real (its lr raised to 1e30) and one is paused at
+    step 3 and recorded as successive halving records a stopped run."""
+    from loralab.config import config_from_dict
+    from loralab.study.execute import outcome
+    from loralab.study.spec import load_study
+    from loralab.study.store import Store
     from loralab.train.loop import train
 
     root = tmp_path_factory.mktemp("study")
-    db = root / "study.db"
-    con = create_db(db, REAL_SPEC)
-    for r in (2, 8):
-        for a in (1, 64):
-            for seed in (1, 2):
-                name = f"r{r}-a{a}-s{seed}"
-                cfg = make_cfg("builtin:tiny", root / name, f"lora.r={r}", f"lora.alpha={a}", f"train.seed={seed}",
-                               "train.max_steps=6", "train.lr=3e-3", "eval.every=3", "eval.tasks=world_pairs",
-                               "eval.limit=8", "output.save_adapter=false")
-                train(cfg)
-                load_run_dir(con, root / name, {"lora.r": r, "lora.alpha": a, "train.seed": seed})
-    insert_run(con, "r8-a64-s3", {"lora.r": 8, "lora.alpha": 64, "train.seed": 3}, status="failed",
-               error="DivergedError: non-finite loss at step 2", value=None)
-    insert_run(con, "r2-a1-s3", {"lora.r": 2, "lora.alpha": 1, "train.seed": 3}, status="stopped_early",
-               stopped_at_step=3, value=9.0, series=[(3, "eval_loss", 9.0)])
-    con.commit()
-    con.close()
-    return db
+    (root / "study.yaml").write_text(STUDY_FILE, encoding="utf-8")
+    study = load_study(root / "study.yaml", root=root)
+    assert len(study.runs) == 8
+    with Store(root / "study.db") as store:
+        sid, _ = store.open_study(study.name, study.to_json(), root, study.runs)
+        ids = {r["name"]: r["id"] for r in store.runs(sid)}
+        for run in study.runs:
+            config = json.loads(json.dumps(run.config))
+            if run.name == DIVERGES:
+                config["train"]["lr"] = 1e30
+            if run.name == STOPPED:
+                config["train"]["stop_at_step"] = 3
+            run_dir = Path(config["output"]["dir"])
+            store.start(ids[run.name], run_dir=str(run_dir), estimated=None)
+            with contextlib.suppress(LoralabError):  # the diverging run raises after recording it
+                train(config_from_dict(config))
+            result = outcome(run_dir, 0)
+            if run.name == STOPPED:
+                result = {**result, "status": "stopped_early", "stopped_at_step": 3,
+                          "error": "successive halving stopped it at step 3"}
+            store.finish(ids[run.name], status=result["status"], summary=result.get("summary"),
+                         metrics=result.get("metrics"), error=result.get("error"),
+                         stopped_at_step=result.get("stopped_at_step"))
+    return root / "study.db"
 
 
 def sql(db: Path, query: str, *args):
@@ -352,46 +399,61 @@ def sql(db: Path, query: str, *args):
 
 @pytest.mark.slow
 def test_real_study_findings_match_the_database(real_study):
+    statuses = dict(sql(real_study, "SELECT name, status FROM runs"))
+    assert statuses.pop(DIVERGES) == "diverged" and statuses.pop(STOPPED) == "stopped_early"
+    assert set(statuses.values()) == {"completed"} and len(statuses) == 6
     found = findings(real_study, "tiny_alpha")
+
     by_axis = {f["axis"]: f for f in found if f["kind"] == "axis_effect"}
     for axis in ("lora.alpha", "lora.r"):
+        # the mean over the other axis of the mean over seeds, in SQL
         avg = {v: (m, n) for v, m, n in sql(
-            real_study, f"SELECT json_extract(axes_json, '$.\"{axis}\"'), AVG(final_eval_loss), COUNT(*) "
-                        "FROM runs WHERE status = 'completed' GROUP BY 1")}
+            real_study, f"SELECT v, AVG(m), SUM(n) FROM (SELECT json_extract(axes_json, '$.\"{axis}\"') AS v, "
+                        "json_extract(axes_json, '$.\"lora.r\"') AS r, json_extract(axes_json, '$.\"lora.alpha\"') AS a, "
+                        "AVG(final_eval_loss) AS m, COUNT(*) AS n FROM runs WHERE status = 'completed' "
+                        "GROUP BY r, a) GROUP BY v")}
         got = {row["value"]: (row["mean"], row["n"]) for row in by_axis[axis]["levels"]}
-        assert set(got) == set(avg)
+        assert set(got) == set(avg) and len(avg) == 2
         for v, (m, n) in avg.items():
-            assert got[v][0] == pytest.approx(m, rel=1e-12) and got[v][1] == n == 4
+            assert got[v][0] == pytest.approx(m, rel=1e-12) and got[v][1] == n == 3
 
-    # the seed noise: SD within each (r, alpha) pair of seeds, pooled
+    # the seed noise, straight from SQL: SD within each (r, alpha) configuration, pooled
     vals: dict[tuple, list[float]] = {}
     for r, a, v in sql(real_study, "SELECT json_extract(axes_json, '$.\"lora.r\"'), json_extract(axes_json, "
                                    "'$.\"lora.alpha\"'), final_eval_loss FROM runs WHERE status = 'completed'"):
         vals.setdefault((r, a), []).append(v)
-    pooled = math.sqrt(sum((x - sum(g) / 2) ** 2 for g in vals.values() for x in g) / 4)
+    mean = {k: sum(g) / len(g) for k, g in vals.items()}
+    ss = sum((x - mean[k]) ** 2 for k, g in vals.items() for x in g)
+    df = sum(len(g) - 1 for g in vals.values())
+    pooled = math.sqrt(ss / df)
     spread = one(found, "spread")
-    assert spread["noise_df"] == 4 and spread["noise_sd"] == pytest.approx(pooled)
-    assert len(spread["groups"]) == 4
-    for g in spread["groups"]:
-        assert g["n"] == 2 and g["min"] <= g["mean"] <= g["max"]
+    assert df == 2 and spread["noise_df"] == 2 and spread["noise_sd"] == pytest.approx(pooled)
+    assert sorted(g["config"] for g in spread["groups"]) == ["lora.r=2, lora.alpha=64", "lora.r=8, lora.alpha=1"]
 
     trend = one(found, "trend_within")
-    direct = sum(sum(vals[(r, 64)]) < sum(vals[(r, 1)]) for r in (2, 8))
+    direct = sum(mean[(r, 64)] < mean[(r, 1)] for r in (2, 8))
     assert (trend["k_higher_better"], trend["n"]) == (direct, 2)
     assert f"({direct}/2)" in trend["text"] or f"at {direct}/2" in trend["text"]
 
-    # a winner is named exactly when the difference exceeds its 95% interval
+    # alpha 64 against alpha 1, matched per rank; a winner is named exactly when the
+    # difference exceeds its 95% interval
     alpha = by_axis["lora.alpha"]
-    cmp = alpha["comparison"]
-    assert cmp["half_width"] == pytest.approx(stats.t_quantile(0.975, 4) * pooled * math.sqrt(1 / 4 + 1 / 4))
+    cmp = alpha["comparison"]  # the best level minus the other one
+    diff = sum(mean[(r, 64)] - mean[(r, 1)] for r in (2, 8)) / 2
+    inv = sum(1 / len(vals[(r, 64)]) + 1 / len(vals[(r, 1)]) for r in (2, 8))
+    assert cmp["difference"] == pytest.approx(diff if alpha["best"] == 64 else -diff)
+    assert cmp["half_width"] == pytest.approx(stats.t_quantile(0.975, 2) * pooled * math.sqrt(inv) / 2)
     assert (alpha["winner"] is not None) == (abs(cmp["difference"]) > cmp["half_width"])
 
     cost = one(found, "cost")
     params = dict(sql(real_study, "SELECT json_extract(axes_json, '$.\"lora.r\"'), AVG(trainable_params) "
                                   "FROM runs WHERE status = 'completed' GROUP BY 1"))
-    assert cost["levels"][0]["params"] == params[8] == 4 * params[2]  # LoRA parameters grow linearly with r
+    (r8,) = cost["levels"]
+    assert r8["params"]["level_mean"] == params[8] == 4 * params[2]  # LoRA parameters grow linearly with r
+    assert r8["params"]["change_pct"] == pytest.approx(300.0)
     ex = one(found, "excluded")
-    assert "r8-a64-s3 failed: DivergedError" in ex["text"] and "r2-a1-s3 stopped early at step 3" in ex["text"]
+    assert f"{DIVERGES} diverged: non-finite loss" in ex["text"]
+    assert f"{STOPPED} stopped early at step 3 (successive halving)" in ex["text"]
 
 
 @pytest.mark.slow
@@ -410,7 +472,7 @@ def test_real_study_report_is_self_contained(real_study, tmp_path):
     assert sorted(base64.b64decode(b) for b in embedded) == sorted(p.read_bytes() for p in paths["pngs"])
     assert not re.search(r"https?://|src=['\"](?!data:)|<link|<script|@import|url\(", page)
     assert "Does a higher alpha help at every rank?" in page and "For a fixed lr, higher alpha was better." in page
-    assert "r8-a64-s3" in page and "stopped early at step 3" in page
+    assert f"{DIVERGES}: diverged" in page and f"{STOPPED}: stopped early at step 3" in page
 
     md = paths["markdown"].read_text()
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)

@@ -110,7 +110,7 @@ def read_study(db_path: str | Path, study_name: str) -> StudyData:
         for r in con.execute("SELECT * FROM runs WHERE study_id = ? ORDER BY id", (srow["id"],)).fetchall():
             time_s = r["train_time_s"] if r["train_time_s"] is not None else r["wall_time_s"]
             runs.append(Run(
-                id=r["id"], name=r["name"], axes=json.loads(r["axes_json"]), status=r["status"],
+                id=r["id"], name=r["name"], axes=run_axes(r, spec), status=r["status"],
                 value=final_value(con, r, metric) if r["status"] == "completed" else None,
                 time_s=time_s, memory_bytes=r["peak_memory_bytes"], params=r["trainable_params"],
                 stopped_at_step=r["stopped_at_step"], error=r["error"],
@@ -127,6 +127,22 @@ def read_study(db_path: str | Path, study_name: str) -> StudyData:
     data.axes = varying_axes(spec, runs)
     data.noise_sd, data.noise_df = stats.pooled_sd([[r.value for r in g] for g in repeat_groups(data.ok).values()])
     return data
+
+
+def run_axes(row: sqlite3.Row, spec: dict[str, Any]) -> dict[str, Any]:
+    """The values a run varies: its axes, plus tied keys (train.lr = c / lora.alpha) read from
+    its config, so a level can be named with what moved along with it."""
+    axes = json.loads(row["axes_json"])
+    tied = spec.get("tied") or {}
+    if tied and row["config_json"]:
+        config = json.loads(row["config_json"])
+        for key in tied:
+            node: Any = config
+            for part in str(key).split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None:
+                axes.setdefault(key, node)
+    return axes
 
 
 def exclusion_reason(run: Run, metric: str) -> str | None:
@@ -234,38 +250,53 @@ def level_label(data: StudyData, axis: str, value: Any) -> str:
 
 # ---------------------------------------------------------------- comparisons
 
-def matched_cells(data: StudyData, runs: list[Run], axis: str, a: Any, b: Any) -> list[tuple[list[Run], list[Run]]]:
-    """Runs at levels ``a`` and ``b``, paired by the combination of the other (untied) axes;
-    only combinations where both levels have runs."""
-    others = [k for k in data.axes if k != axis and k not in tied_to(data, axis)]
-
-    def cells(value: Any) -> dict[tuple, list[Run]]:
-        out: dict[tuple, list[Run]] = defaultdict(list)
-        for r in at_level(runs, axis, value):
-            out[tuple(canon(r.axes.get(k)) for k in others)].append(r)
-        return out
-
-    ca, cb = cells(a), cells(b)
-    return [(ca[c], cb[c]) for c in ca if c in cb]
+def other_axes(data: StudyData, axis: str) -> list[str]:
+    return [k for k in data.axes if k != axis and k not in tied_to(data, axis)]
 
 
-def compare(data: StudyData, runs: list[Run], axis: str, a: Any, b: Any) -> dict[str, Any] | None:
-    """Level ``a`` minus level ``b`` of the metric, matched over the other (untied) axes.
+def _get(run: Run, attr: str) -> float | None:
+    v = getattr(run, attr)
+    return None if v is None else float(v)
+
+
+def cells_of(data: StudyData, runs: list[Run], axis: str, value: Any, attr: str = "value") -> dict[tuple, list[float]]:
+    """Values of ``attr`` at one level, by combination of the other (untied) axes."""
+    others = other_axes(data, axis)
+    out: dict[tuple, list[float]] = defaultdict(list)
+    for r in at_level(runs, axis, value):
+        if _get(r, attr) is not None:
+            out[tuple(canon(r.axes.get(k)) for k in others)].append(_get(r, attr))
+    return dict(out)
+
+
+def noise(data: StudyData, attr: str = "value") -> tuple[float | None, int]:
+    """Pooled seed-to-seed SD of ``attr`` (the metric, time_s, memory_bytes) and its df."""
+    if attr == "value":
+        return data.noise_sd, data.noise_df
+    groups = [[_get(r, attr) for r in g if _get(r, attr) is not None] for g in repeat_groups(data.ok).values()]
+    return stats.pooled_sd(groups)
+
+
+def compare(data: StudyData, runs: list[Run], axis: str, a: Any, b: Any, attr: str = "value") -> dict[str, Any] | None:
+    """Level ``a`` minus level ``b`` of ``attr`` (default the metric), matched over the other
+    (untied) axes: the mean over shared combinations of the per-combination differences.
 
     Returns None when no combination of the other axes has both levels.
     """
-    pairs = matched_cells(data, runs, axis, a, b)
-    if not pairs:
+    ca, cb = cells_of(data, runs, axis, a, attr), cells_of(data, runs, axis, b, attr)
+    common = [c for c in ca if c in cb]
+    if not common:
         return None
-    diff = stats.mean([stats.mean([r.value for r in ra]) - stats.mean([r.value for r in rb]) for ra, rb in pairs])
-    out = {"difference": diff, "n_a": sum(len(ra) for ra, _ in pairs), "n_b": sum(len(rb) for _, rb in pairs),
-           "cells": len(pairs), "half_width": None, "low": None, "high": None, "beyond_noise": None,
-           "mean_a": stats.mean([r.value for ra, _ in pairs for r in ra]),
-           "mean_b": stats.mean([r.value for _, rb in pairs for r in rb])}
-    if data.noise_sd is not None:
+    diff = stats.mean([stats.mean(ca[c]) - stats.mean(cb[c]) for c in common])
+    out = {"difference": diff, "n_a": sum(len(ca[c]) for c in common), "n_b": sum(len(cb[c]) for c in common),
+           "cells": len(common), "half_width": None, "low": None, "high": None, "beyond_noise": None,
+           "mean_a": stats.mean([stats.mean(ca[c]) for c in common]),
+           "mean_b": stats.mean([stats.mean(cb[c]) for c in common])}
+    sd, df = noise(data, attr)
+    if sd is not None:
         # Var(mean over cells of (mean_a - mean_b)) = sd^2 / C^2 * sum_c (1/n_ac + 1/n_bc)
-        inv = sum(1 / len(ra) + 1 / len(rb) for ra, rb in pairs)
-        half = stats.t_quantile(0.975, data.noise_df) * data.noise_sd * math.sqrt(inv) / len(pairs)
+        inv = sum(1 / len(ca[c]) + 1 / len(cb[c]) for c in common)
+        half = stats.t_quantile(0.975, df) * sd * math.sqrt(inv) / len(common)
         out.update(half_width=half, low=diff - half, high=diff + half, beyond_noise=abs(diff) > half)
     return out
 
@@ -288,14 +319,19 @@ def diff_text(data: StudyData, cmp: dict[str, Any]) -> str:
 
 
 def level_stats(data: StudyData, runs: list[Run], axis: str) -> list[dict[str, Any]]:
-    """Per level: n, mean and a 95% interval from the pooled seed noise (None without repeats)."""
+    """Per level: the mean over the other axes' combinations of the mean over repeats (with
+    every combination equally represented this is the plain average), and its 95% interval
+    from the pooled seed noise (None without repeats)."""
     out = []
     for v in levels(runs, axis):
-        vals = [r.value for r in at_level(runs, axis, v)]
-        m = stats.mean(vals)
-        row = {"value": v, "n": len(vals), "mean": m, "low": None, "high": None}
+        cells = cells_of(data, runs, axis, v)
+        m = stats.mean([stats.mean(c) for c in cells.values()])
+        vals = [x for c in cells.values() for x in c]
+        row = {"value": v, "n": len(vals), "mean": m, "plain_mean": stats.mean(vals), "combinations": len(cells),
+               "low": None, "high": None}
         if data.noise_sd is not None:
-            half = stats.t_quantile(0.975, data.noise_df) * data.noise_sd / math.sqrt(len(vals))
+            inv = sum(1 / len(c) for c in cells.values())
+            half = stats.t_quantile(0.975, data.noise_df) * data.noise_sd * math.sqrt(inv) / len(cells)
             row.update(low=m - half, high=m + half)
         out.append(row)
     return out
@@ -311,7 +347,16 @@ def axis_effect(data: StudyData, axis: str) -> dict[str, Any]:
     if len(rows) < 2:
         out["text"] = f"{axis}: only {len(rows)} level(s) completed; nothing to compare."
         return out
-    ranked = sorted(rows, key=lambda r: r["mean"], reverse=data.goal == "max")
+    cells = {canon(r["value"]): cells_of(data, data.ok, axis, r["value"]) for r in rows}
+    shared = set.intersection(*(set(c) for c in cells.values()))
+    uneven = any(set(c) != shared for c in cells.values())
+
+    def rank_key(row: dict[str, Any]) -> float:
+        if uneven and shared:  # rank on the settings every level ran with
+            return stats.mean([stats.mean(cells[canon(row["value"])][c]) for c in shared])
+        return row["mean"]
+
+    ranked = sorted(rows, key=rank_key, reverse=data.goal == "max")
     best, second = ranked[0], ranked[1]
     out.update(best=best["value"], runner_up=second["value"])
     per_level = "; ".join(_level_text(r) for r in rows)
@@ -319,6 +364,10 @@ def axis_effect(data: StudyData, axis: str) -> dict[str, Any]:
     out["comparison"] = cmp
     word = "lowest" if data.goal == "min" else "highest"
     head = f"{data.metric} by {axis}: {per_level}."
+    if uneven:
+        head += (" (Not every level ran under the same other settings, so these means are not directly "
+                 "comparable; levels are ranked on the settings all of them ran with, and the difference "
+                 "below uses only the settings both levels ran with.)")
     b, s = level_label(data, axis, best["value"]), level_label(data, axis, second["value"])
     if cmp is None:
         out["text"] = f"{head} {b} had the {word} mean; it never ran alongside {s} under the same other settings, so they cannot be compared."
@@ -437,8 +486,8 @@ def _equivalence_verdict(data: StudyData, cmp: dict[str, Any] | None) -> str:
 
 
 def cost(data: StudyData, axis: str, baseline: Any) -> dict[str, Any]:
-    """Per level against ``baseline``: peak memory and time change in percent, parameter
-    counts, and the metric difference with its interval."""
+    """Per level against ``baseline``: peak memory and time change in percent (with their
+    interval when repeats exist), parameter counts, and the metric difference with its interval."""
     out: dict[str, Any] = {"kind": "cost", "axis": axis, "baseline": baseline, "metric": data.metric, "levels": []}
     if find_level(data.ok, axis, baseline) is None:
         found = ", ".join(fmt_value(v) for v in levels(data.ok, axis)) or "none"
@@ -449,12 +498,9 @@ def cost(data: StudyData, axis: str, baseline: Any) -> dict[str, Any]:
     for v in levels(data.ok, axis):
         if canon(v) == canon(baseline):
             continue
-        pairs = matched_cells(data, data.ok, axis, v, baseline)  # same other settings on both sides
-        runs, base_runs = [r for ra, _ in pairs for r in ra], [r for _, rb in pairs for r in rb]
-        row = {"value": v, "memory_change_pct": _pct_change(runs, base_runs, "memory_bytes"),
-               "time_change_pct": _pct_change(runs, base_runs, "time_s"),
-               "params": _mean_attr(runs, "params"), "baseline_params": _mean_attr(base_runs, "params"),
-               "comparison": compare(data, data.ok, axis, v, baseline)}
+        row: dict[str, Any] = {"value": v, "comparison": compare(data, data.ok, axis, v, baseline)}
+        for attr, key in (("memory_bytes", "memory"), ("time_s", "time"), ("params", "params")):
+            row[key] = _pct(compare(data, data.ok, axis, v, baseline, attr=attr))
         out["levels"].append(row)
         parts.append(_cost_text(data, axis, v, baseline, row))
     out["text"] = " ".join(parts) if parts else f"{axis} has no level besides the baseline."
@@ -462,32 +508,41 @@ def cost(data: StudyData, axis: str, baseline: Any) -> dict[str, Any]:
 
 
 def _mean_attr(runs: list[Run], attr: str) -> float | None:
-    vals = [getattr(r, attr) for r in runs if getattr(r, attr) is not None]
+    vals = [_get(r, attr) for r in runs if _get(r, attr) is not None]
     return stats.mean(vals) if vals else None
 
 
-def _pct_change(runs: list[Run], base: list[Run], attr: str) -> float | None:
-    a, b = _mean_attr(runs, attr), _mean_attr(base, attr)
-    if a is None or b is None or b == 0:
+def _pct(cmp: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A matched difference as a percent change of the baseline's mean (and its interval)."""
+    if cmp is None or not cmp["mean_b"]:
         return None
-    return 100 * (a / b - 1)
+    pct = 100 * cmp["difference"] / cmp["mean_b"]
+    half = None if cmp["half_width"] is None else 100 * cmp["half_width"] / abs(cmp["mean_b"])
+    return {"level_mean": cmp["mean_a"], "baseline_mean": cmp["mean_b"], "change_pct": pct,
+            "half_width_pct": half, "beyond_noise": cmp["beyond_noise"]}
 
 
 def _cost_text(data: StudyData, axis: str, v: Any, baseline: Any, row: dict[str, Any]) -> str:
-    def change(pct: float | None, what: str) -> str:
-        if pct is None:
+    def change(p: dict[str, Any] | None, what: str) -> str:
+        if p is None:
             return f"{what} not measured"
-        if abs(pct) < 0.5:
-            return f"the same {what}"
-        return f"saved {-pct:.0f}% {what}" if pct < 0 else f"cost {pct:.0f}% more {what}"
+        pct, half = p["change_pct"], p["half_width_pct"]
+        if abs(pct) < 0.5 and not p["beyond_noise"]:
+            text = f"the same {what}"
+        else:
+            text = f"saved {-pct:.0f}% {what}" if pct < 0 else f"cost {pct:.0f}% more {what}"
+        if half is not None and half >= 0.5:  # memory on a GPU repeats exactly: no interval to give
+            text += f" (+/- {half:.0f}%{'' if p['beyond_noise'] else ', within the run-to-run noise'})"
+        return text
 
     cmp = row["comparison"]
+    lab, base = level_label(data, axis, v), level_label(data, axis, baseline)
     if cmp is None:
-        return f"{level_label(data, axis, v)} never ran under the same other settings as {level_label(data, axis, baseline)}."
-    text = (f"{level_label(data, axis, v)} against {level_label(data, axis, baseline)}: {change(row['memory_change_pct'], 'peak memory')} and "
-            f"{change(row['time_change_pct'], 'time')}")
-    if row["params"] is not None and row["baseline_params"] and row["params"] != row["baseline_params"]:
-        text += f", {row['params']:,.0f} trainable parameters instead of {row['baseline_params']:,.0f}"
+        return f"{lab} never ran under the same other settings as {base}."
+    text = f"{lab} against {base}: {change(row['memory'], 'peak memory')} and {change(row['time'], 'time')}"
+    params = row["params"]
+    if params is not None and params["level_mean"] != params["baseline_mean"]:
+        text += f", {params['level_mean']:,.0f} trainable parameters instead of {params['baseline_mean']:,.0f}"
     return text + f"; {data.metric} differed by {diff_text(data, cmp)}."
 
 
@@ -564,7 +619,9 @@ def excluded(data: StudyData) -> dict[str, Any]:
 # ---------------------------------------------------------------- entry point
 
 def default_findings(data: StudyData) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = [{"kind": "axis_effect", "axis": a} for a in data.axes]
+    """Without a findings list: each declared axis's effect, the seed spread, the Pareto set."""
+    declared = [k for k in (data.spec.get("axes") or {}) if k in data.axes] or data.axes
+    out: list[dict[str, Any]] = [{"kind": "axis_effect", "axis": a} for a in declared]
     out.append({"kind": "spread"})
     out.append({"kind": "pareto"})
     return out
