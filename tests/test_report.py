@@ -362,7 +362,8 @@ def real_study(tmp_path_factory):
     from loralab.study.store import Store
     from loralab.train.loop import train
 
-    root = tmp_path_factory.mktemp("study")
+    root = tmp_path_factory.mktemp("studies") / "tiny_alpha"  # where `study run --out <parent>` puts it
+    root.mkdir()
     (root / "study.yaml").write_text(STUDY_FILE, encoding="utf-8")
     study = load_study(root / "study.yaml", root=root)
     assert len(study.runs) == 8
@@ -481,3 +482,16 @@ def test_real_study_report_is_self_contained(real_study, tmp_path):
     for name, loss in sql(real_study, "SELECT name, final_eval_loss FROM runs WHERE status = 'completed'"):
         assert re.search(rf"\| {re.escape(name)} \|[^\n]*\| completed \| {loss:.4g} \|", md)
     assert json.loads(paths["findings"].read_text()) == json.loads(json.dumps(findings(real_study, "tiny_alpha"), default=str))
+
+
+@pytest.mark.slow
+def test_study_report_command_writes_the_report(real_study, capsys):
+    from loralab.cli import main
+
+    out = real_study.parent.parent
+    assert main(["study", "report", "tiny_alpha", "--out", str(out), "--json"]) == 0
+    paths = json.loads(capsys.readouterr().out)
+    assert Path(paths["html"]) == real_study.parent / "report" / "report.html"
+    assert Path(paths["html"]).is_file() and all(Path(p).is_file() for p in paths["pngs"])
+    assert main(["study", "report", "no_such_study", "--out", str(out)]) == 2
+    assert "no study 'no_such_study'" in capsys.readouterr().err
