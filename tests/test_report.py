@@ -311,6 +311,20 @@ def test_bad_database_or_study_is_a_clear_error(tmp_path):
     assert "cost needs baseline" in texts[2]
 
 
+def test_a_study_with_nothing_completed_still_gets_a_report(tmp_path):
+    rows = [{"name": "r2-s1", "axes": {"lora.r": 2, "train.seed": 1}, "status": "failed", "error": "boom"},
+            {"name": "r8-s1", "axes": {"lora.r": 8, "train.seed": 1}, "status": "pending"}]
+    spec = {"axes": {"lora.r": [2, 8]}, "findings": [{"kind": "axis_effect", "axis": "lora.r"},
+                                                      {"kind": "cost", "axis": "lora.r", "baseline": 2}, {"kind": "pareto"}]}
+    db = synthetic_db(tmp_path, spec, rows)
+    paths = write_report(db, "s", tmp_path / "out")
+    assert paths["pngs"] == []
+    md = paths["markdown"].read_text()
+    assert "2 of 2 runs are left out" in md and "- r2-s1: failed: boom" in md and "- r8-s1: pending" in md
+    assert "lora.r: only 0 level(s) completed; nothing to compare" in md
+    assert "lora.r=2 (the baseline) has no completed run" in md
+
+
 def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
     db = synthetic_db(tmp_path, {"axes": {"lora.alpha": [8, 64]}}, two_level_rows(0.1))
     monkeypatch.setitem(sys.modules, "matplotlib", None)
