@@ -1,0 +1,675 @@
+"""Findings: answers to a study's question, read from its database, in plain language.
+
+    for f in findings("runs/rank_alpha_grid/study.db", "rank_alpha_grid"):
+        print(f["kind"], f["text"])
+
+Every analysis uses each completed run's final value of the study metric (runs.final_eval_loss
+for eval_loss, otherwise the last row of that metric's series). Runs whose axes differ only in
+train.seed are repeats; the standard deviation between repeats, pooled over every repeated
+configuration, is the noise yardstick. A difference is called a win only when its 95% interval
+(t interval with that pooled noise) excludes zero; without repeats the text says that the
+difference cannot be separated from seed noise and names no winner. Runs that did not complete
+(failed, skipped, stopped early, ...) are listed and left out of every statistic.
+
+Comparisons between two levels of an axis are matched: they use only the combinations of the
+other axes where both levels ran, and average the per-combination differences, so a failed run
+at one level does not tilt the comparison. Axes tied to the compared axis (alpha = 2 x r, or an
+lr that moves with alpha) are not "other axes": they move with it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loralab.errors import LoralabError
+from loralab.study import stats
+
+SEED_KEY = "train.seed"
+NO_REPEATS = "no repeats: differences cannot be separated from seed noise"
+KINDS = ("axis_effect", "trend_within", "equivalence", "cost", "spread", "pareto")
+
+
+@dataclass
+class Run:
+    id: int
+    name: str
+    axes: dict[str, Any]
+    status: str
+    value: float | None  # the final value of the study metric
+    time_s: float | None  # training time (train_time_s, or wall time when absent)
+    memory_bytes: int | None
+    params: int | None
+    stopped_at_step: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class StudyData:
+    """A study as the findings see it: the spec, every run, and the seed noise."""
+
+    name: str
+    spec: dict[str, Any]
+    metric: str
+    goal: str  # "min" | "max"
+    runs: list[Run]
+    ok: list[Run] = field(default_factory=list)  # completed, with a metric value
+    excluded: list[tuple[Run, str]] = field(default_factory=list)  # (run, why it is left out)
+    axes: list[str] = field(default_factory=list)  # axes that vary, train.seed excluded
+    noise_sd: float | None = None
+    noise_df: int = 0
+
+    def better(self, a: float, b: float) -> bool:
+        return a < b if self.goal == "min" else a > b
+
+
+# ---------------------------------------------------------------- reading the database
+
+def open_db(db_path: str | Path) -> sqlite3.Connection:
+    """Open a study database read-only; a missing file is a clear error, not a new empty file."""
+    path = Path(db_path)
+    if not path.is_file():
+        raise LoralabError(f"no study database at {path}")
+    con = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+    con.row_factory = sqlite3.Row
+    return con
+
+
+def study_row(con: sqlite3.Connection, study_name: str, db_path: str | Path) -> sqlite3.Row:
+    row = con.execute("SELECT id, name, spec_json, root FROM studies WHERE name = ?", (study_name,)).fetchone()
+    if row is None:
+        names = [r[0] for r in con.execute("SELECT name FROM studies ORDER BY name")]
+        raise LoralabError(f"{db_path}: no study named {study_name!r} (studies here: {', '.join(names) or 'none'})")
+    return row
+
+
+def final_value(con: sqlite3.Connection, run: sqlite3.Row, metric: str) -> float | None:
+    if metric == "eval_loss" and run["final_eval_loss"] is not None:
+        return float(run["final_eval_loss"])
+    row = con.execute(
+        "SELECT value FROM metrics WHERE run_id = ? AND name = ? AND value IS NOT NULL ORDER BY step DESC LIMIT 1",
+        (run["id"], metric),
+    ).fetchone()
+    return None if row is None else float(row[0])
+
+
+def read_study(db_path: str | Path, study_name: str) -> StudyData:
+    """The study's spec and runs, split into those the statistics use and those left out."""
+    con = open_db(db_path)
+    try:
+        srow = study_row(con, study_name, db_path)
+        spec = json.loads(srow["spec_json"])
+        metric = spec.get("metric") or "eval_loss"
+        goal = spec.get("goal") or "min"
+        runs = []
+        for r in con.execute("SELECT * FROM runs WHERE study_id = ? ORDER BY id", (srow["id"],)).fetchall():
+            time_s = r["train_time_s"] if r["train_time_s"] is not None else r["wall_time_s"]
+            runs.append(Run(
+                id=r["id"], name=r["name"], axes=run_axes(r, spec), status=r["status"],
+                value=final_value(con, r, metric) if r["status"] == "completed" else None,
+                time_s=time_s, memory_bytes=r["peak_memory_bytes"], params=r["trainable_params"],
+                stopped_at_step=r["stopped_at_step"], error=r["error"],
+            ))
+    finally:
+        con.close()
+    data = StudyData(name=study_name, spec=spec, metric=metric, goal=goal, runs=runs)
+    for run in runs:
+        reason = exclusion_reason(run, metric)
+        if reason is None:
+            data.ok.append(run)
+        else:
+            data.excluded.append((run, reason))
+    data.axes = varying_axes(spec, runs)
+    data.noise_sd, data.noise_df = stats.pooled_sd([[r.value for r in g] for g in repeat_groups(data.ok).values()])
+    return data
+
+
+def run_axes(row: sqlite3.Row, spec: dict[str, Any]) -> dict[str, Any]:
+    """The values a run varies: its axes, plus tied keys (train.lr = c / lora.alpha) read from
+    its config, so a level can be named with what moved along with it."""
+    axes = json.loads(row["axes_json"])
+    tied = spec.get("tied") or {}
+    if tied and row["config_json"]:
+        config = json.loads(row["config_json"])
+        for key in tied:
+            node: Any = config
+            for part in str(key).split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None:
+                axes.setdefault(key, node)
+    return axes
+
+
+def exclusion_reason(run: Run, metric: str) -> str | None:
+    if run.status == "completed":
+        if run.value is None or not math.isfinite(run.value):
+            return f"completed but has no final {metric}"
+        return None
+    if run.status == "stopped_early":
+        at = f" at step {run.stopped_at_step}" if run.stopped_at_step is not None else ""
+        return f"stopped early{at} (successive halving)"
+    why = run.status.replace("_", " ")
+    if run.error:
+        first = run.error.strip().splitlines()[0] if run.error.strip() else ""
+        why += f": {first[:160]}"
+    return why
+
+
+def varying_axes(spec: dict[str, Any], runs: list[Run]) -> list[str]:
+    """Axes with more than one value, in the study file's order, then tied keys; no seed."""
+    declared = [k for k in (spec.get("axes") or {}) if isinstance(k, str)]
+    seen = declared + [k for r in runs for k in r.axes if k not in declared]
+    out = []
+    for k in dict.fromkeys(seen):
+        if k != SEED_KEY and len({canon(r.axes.get(k)) for r in runs}) > 1:
+            out.append(k)
+    return out
+
+
+# ---------------------------------------------------------------- levels and groups
+
+def canon(value: Any) -> str:
+    """A hashable, order-free key for an axis value (1 and 1.0 are the same level)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return json.dumps(float(value))
+    return json.dumps(value, sort_keys=True)
+
+
+def fmt_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ",".join(map(fmt_value, value))
+    return str(value)
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}g}"
+
+
+def config_key(run: Run) -> tuple:
+    return tuple(sorted((k, canon(v)) for k, v in run.axes.items() if k != SEED_KEY))
+
+
+def repeat_groups(runs: list[Run]) -> dict[tuple, list[Run]]:
+    """Runs grouped by everything but the seed: each group is one configuration's repeats."""
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    for r in runs:
+        groups[config_key(r)].append(r)
+    return dict(groups)
+
+
+def config_label(run: Run, axes: list[str]) -> str:
+    return ", ".join(f"{k}={fmt_value(run.axes.get(k))}" for k in axes) or "base"
+
+
+def levels(runs: list[Run], axis: str) -> list[Any]:
+    """The axis's distinct values: numeric ones sorted, others in order of appearance."""
+    by_key: dict[str, Any] = {}
+    for r in runs:
+        by_key.setdefault(canon(r.axes.get(axis)), r.axes.get(axis))
+    values = list(by_key.values())
+    if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        values.sort()
+    return values
+
+
+def at_level(runs: list[Run], axis: str, value: Any) -> list[Run]:
+    key = canon(value)
+    return [r for r in runs if canon(r.axes.get(axis)) == key]
+
+
+def tied_to(data: StudyData, axis: str) -> list[str]:
+    """Varying axes whose value is fixed by ``axis`` (alpha = 2 x r; lr = c / alpha)."""
+    out = []
+    for k in data.axes:
+        if k == axis:
+            continue
+        per_level: dict[str, set[str]] = defaultdict(set)
+        for r in data.runs:
+            per_level[canon(r.axes.get(axis))].add(canon(r.axes.get(k)))
+        if all(len(v) == 1 for v in per_level.values()):
+            out.append(k)
+    return out
+
+
+def level_label(data: StudyData, axis: str, value: Any) -> str:
+    """"lora.alpha=512" plus the tied keys that move with it: "lora.alpha=512, train.lr=1e-05"."""
+    label = f"{axis}={fmt_value(value)}"
+    sample = next((r for r in data.runs if canon(r.axes.get(axis)) == canon(value)), None)
+    if sample is not None:
+        for k in tied_to(data, axis):
+            label += f", {k}={fmt_value(sample.axes.get(k))}"
+    return label
+
+
+# ---------------------------------------------------------------- comparisons
+
+def other_axes(data: StudyData, axis: str) -> list[str]:
+    return [k for k in data.axes if k != axis and k not in tied_to(data, axis)]
+
+
+def _get(run: Run, attr: str) -> float | None:
+    v = getattr(run, attr)
+    return None if v is None else float(v)
+
+
+def cells_of(data: StudyData, runs: list[Run], axis: str, value: Any, attr: str = "value") -> dict[tuple, list[float]]:
+    """Values of ``attr`` at one level, by combination of the other (untied) axes."""
+    others = other_axes(data, axis)
+    out: dict[tuple, list[float]] = defaultdict(list)
+    for r in at_level(runs, axis, value):
+        if _get(r, attr) is not None:
+            out[tuple(canon(r.axes.get(k)) for k in others)].append(_get(r, attr))
+    return dict(out)
+
+
+def noise(data: StudyData, attr: str = "value") -> tuple[float | None, int]:
+    """Pooled seed-to-seed SD of ``attr`` (the metric, time_s, memory_bytes) and its df."""
+    if attr == "value":
+        return data.noise_sd, data.noise_df
+    groups = [[_get(r, attr) for r in g if _get(r, attr) is not None] for g in repeat_groups(data.ok).values()]
+    return stats.pooled_sd(groups)
+
+
+def compare(data: StudyData, runs: list[Run], axis: str, a: Any, b: Any, attr: str = "value") -> dict[str, Any] | None:
+    """Level ``a`` minus level ``b`` of ``attr`` (default the metric), matched over the other
+    (untied) axes: the mean over shared combinations of the per-combination differences.
+
+    Returns None when no combination of the other axes has both levels.
+    """
+    ca, cb = cells_of(data, runs, axis, a, attr), cells_of(data, runs, axis, b, attr)
+    common = [c for c in ca if c in cb]
+    if not common:
+        return None
+    diff = stats.mean([stats.mean(ca[c]) - stats.mean(cb[c]) for c in common])
+    out = {"difference": diff, "n_a": sum(len(ca[c]) for c in common), "n_b": sum(len(cb[c]) for c in common),
+           "cells": len(common), "half_width": None, "low": None, "high": None, "beyond_noise": None,
+           "mean_a": stats.mean([stats.mean(ca[c]) for c in common]),
+           "mean_b": stats.mean([stats.mean(cb[c]) for c in common])}
+    sd, df = noise(data, attr)
+    if sd is not None:
+        # Var(mean over cells of (mean_a - mean_b)) = sd^2 / C^2 * sum_c (1/n_ac + 1/n_bc)
+        inv = sum(1 / len(ca[c]) + 1 / len(cb[c]) for c in common)
+        half = stats.t_quantile(0.975, df) * sd * math.sqrt(inv) / len(common)
+        out.update(half_width=half, low=diff - half, high=diff + half, beyond_noise=abs(diff) > half)
+    return out
+
+
+def find_level(runs: list[Run], axis: str, value: Any) -> Any | None:
+    """The axis level a study file names (``reference: 1`` or ``"1"``), or None if no run has it."""
+    for v in levels(runs, axis):
+        if canon(v) == canon(value) or (isinstance(value, str) and fmt_value(v) == value):
+            return v
+    return None
+
+
+def diff_text(data: StudyData, cmp: dict[str, Any]) -> str:
+    """"+0.012 +/- 0.020 (95% interval), within the seed noise"."""
+    d = f"{cmp['difference']:+.3g}"
+    if cmp["half_width"] is None:
+        return f"{d} ({NO_REPEATS})"
+    verdict = "beyond the seed noise" if cmp["beyond_noise"] else "within the seed noise"
+    return f"{d} +/- {cmp['half_width']:.2g} (95% interval), {verdict}"
+
+
+def level_stats(data: StudyData, runs: list[Run], axis: str) -> list[dict[str, Any]]:
+    """Per level: the mean over the other axes' combinations of the mean over repeats (with
+    every combination equally represented this is the plain average), and its 95% interval
+    from the pooled seed noise (None without repeats)."""
+    out = []
+    for v in levels(runs, axis):
+        cells = cells_of(data, runs, axis, v)
+        m = stats.mean([stats.mean(c) for c in cells.values()])
+        vals = [x for c in cells.values() for x in c]
+        row = {"value": v, "n": len(vals), "mean": m, "plain_mean": stats.mean(vals), "combinations": len(cells),
+               "low": None, "high": None}
+        if data.noise_sd is not None:
+            inv = sum(1 / len(c) for c in cells.values())
+            half = stats.t_quantile(0.975, data.noise_df) * data.noise_sd * math.sqrt(inv) / len(cells)
+            row.update(low=m - half, high=m + half)
+        out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------- the kinds
+
+def axis_effect(data: StudyData, axis: str) -> dict[str, Any]:
+    """The metric per level of ``axis``, the best level, and whether it beats the runner-up."""
+    rows = level_stats(data, data.ok, axis)
+    out: dict[str, Any] = {"kind": "axis_effect", "axis": axis, "metric": data.metric, "goal": data.goal,
+                           "levels": rows, "best": None, "runner_up": None, "comparison": None, "winner": None}
+    if len(rows) < 2:
+        out["text"] = f"{axis}: only {len(rows)} level(s) completed; nothing to compare."
+        return out
+    cells = {canon(r["value"]): cells_of(data, data.ok, axis, r["value"]) for r in rows}
+    shared = set.intersection(*(set(c) for c in cells.values()))
+    uneven = any(set(c) != shared for c in cells.values())
+
+    def rank_key(row: dict[str, Any]) -> float:
+        if uneven and shared:  # rank on the settings every level ran with
+            return stats.mean([stats.mean(cells[canon(row["value"])][c]) for c in shared])
+        return row["mean"]
+
+    ranked = sorted(rows, key=rank_key, reverse=data.goal == "max")
+    best, second = ranked[0], ranked[1]
+    out.update(best=best["value"], runner_up=second["value"])
+    per_level = "; ".join(_level_text(r) for r in rows)
+    cmp = compare(data, data.ok, axis, best["value"], second["value"])
+    out["comparison"] = cmp
+    word = "lowest" if data.goal == "min" else "highest"
+    head = f"{data.metric} by {axis}: {per_level}."
+    if uneven:
+        head += (" (Not every level ran under the same other settings, so these means are not directly "
+                 "comparable; levels are ranked on the settings all of them ran with, and the difference "
+                 "below uses only the settings both levels ran with.)")
+    b, s = level_label(data, axis, best["value"]), level_label(data, axis, second["value"])
+    if cmp is None:
+        out["text"] = f"{head} {b} had the {word} mean; it never ran alongside {s} under the same other settings, so they cannot be compared."
+    elif cmp["beyond_noise"]:
+        out["winner"] = best["value"]
+        out["text"] = f"{head} {b} was best: against the runner-up {s} the difference was {diff_text(data, cmp)}."
+    elif cmp["half_width"] is None:
+        out["text"] = f"{head} {b} had the {word} mean, {s} came next (difference {cmp['difference']:+.3g}); {NO_REPEATS}, so no level is named best."
+    else:
+        out["text"] = f"{head} {b} had the {word} mean, but against the runner-up {s} the difference was {diff_text(data, cmp)}: no level is clearly best."
+    return out
+
+
+def _level_text(row: dict[str, Any]) -> str:
+    ci = f" [{row['low']:.4g}, {row['high']:.4g}]" if row["low"] is not None else ""
+    return f"{fmt_value(row['value'])}: {row['mean']:.4g}{ci} (n={row['n']})"
+
+
+def trend_within(data: StudyData, axis: str, within: str) -> dict[str, Any]:
+    """For each value of ``within``: was a higher ``axis`` value better?
+
+    A slice counts as "higher was better" when the rank correlation between the axis value
+    and the metric's goodness (its negative for goal min) is positive; the highest-vs-lowest
+    difference is also checked against the seed noise.
+    """
+    slices = []
+    for w in levels(data.ok, within):
+        runs = at_level(data.ok, within, w)
+        rows = level_stats(data, runs, axis)
+        if len(rows) < 2:
+            continue
+        goodness = [r["mean"] if data.goal == "max" else -r["mean"] for r in rows]
+        rho = stats.spearman(list(range(len(rows))), goodness)
+        best = max(range(len(rows)), key=lambda i: goodness[i])
+        cmp = compare(data, runs, axis, rows[-1]["value"], rows[0]["value"])
+        helps = cmp is not None and data.better(cmp["mean_a"], cmp["mean_b"])
+        slices.append({"within": w, "levels": rows, "rho": rho,
+                       "trend": "higher" if rho > 0 else "lower" if rho < 0 else "none",
+                       "best": rows[best]["value"], "best_at_highest": best == len(rows) - 1,
+                       "highest_vs_lowest": cmp,
+                       "highest_beats_lowest_beyond_noise": bool(cmp and cmp["beyond_noise"] and helps)})
+    n = len(slices)
+    k = sum(s["trend"] == "higher" for s in slices)
+    k_lower = sum(s["trend"] == "lower" for s in slices)
+    k_best = sum(s["best_at_highest"] for s in slices)
+    k_noise = sum(s["highest_beats_lowest_beyond_noise"] for s in slices)
+    out = {"kind": "trend_within", "axis": axis, "within": within, "metric": data.metric, "goal": data.goal,
+           "slices": slices, "n": n, "k_higher_better": k, "k_lower_better": k_lower,
+           "k_best_at_highest": k_best, "k_beyond_noise": k_noise}
+    if n == 0:
+        out["text"] = f"{axis} within {within}: no {within} value has two or more {axis} levels completed."
+        return out
+    every = "every" if n > 1 else "the only"
+    if k == n:
+        head = f"higher {axis} was better at {every} {within} ({k}/{n})"
+    elif k_lower == n:
+        head = f"lower {axis} was better at {every} {within} ({k_lower}/{n})"
+    else:
+        head = f"higher {axis} was better at {k}/{n} {within} values, lower at {k_lower}/{n}"
+    head += (f"; a {within} value counts when {data.metric} {'fell' if data.goal == 'min' else 'rose'} as {axis} "
+             f"rose (rank correlation of the means); the highest {axis} was best at {k_best}/{n}")
+    if data.noise_sd is None:
+        out["text"] = f"{head}. {NO_REPEATS}."
+    else:
+        out["text"] = (f"{head}; the highest beat the lowest {axis} by more than the seed noise "
+                       f"(95% interval of the difference excludes 0) at {k_noise}/{n}.")
+    return out
+
+
+def equivalence(data: StudyData, axis: str, reference: Any) -> dict[str, Any]:
+    """Does each level match ``reference`` within the seed-to-seed spread?
+
+    matched: the 95% interval of the difference includes 0 and the difference is no larger
+    than one seed-to-seed standard deviation; differs: the interval excludes 0;
+    inconclusive: neither (too few repeats to tell).
+    """
+    out: dict[str, Any] = {"kind": "equivalence", "axis": axis, "reference": reference, "metric": data.metric,
+                           "noise_sd": data.noise_sd, "levels": []}
+    if find_level(data.ok, axis, reference) is None:
+        found = ", ".join(fmt_value(v) for v in levels(data.ok, axis)) or "none"
+        out["text"] = f"{axis}={fmt_value(reference)} (the reference) has no completed run (completed levels: {found})."
+        return out
+    reference = find_level(data.ok, axis, reference)
+    ref = level_label(data, axis, reference)
+    parts = []
+    for v in levels(data.ok, axis):
+        if canon(v) == canon(reference):
+            continue
+        cmp = compare(data, data.ok, axis, v, reference)
+        verdict = _equivalence_verdict(data, cmp)
+        out["levels"].append({"value": v, "comparison": cmp, "verdict": verdict})
+        lab = level_label(data, axis, v)
+        if cmp is None:
+            parts.append(f"{lab} never ran under the same other settings as {ref}")
+        elif verdict == "unknown":
+            parts.append(f"{lab} against {ref}: {data.metric} differed by {cmp['difference']:+.3g}; {NO_REPEATS}")
+        else:
+            said = {"matched": f"matched {ref} within the seed-to-seed spread",
+                    "differs": f"differed from {ref}", "inconclusive": f"could not be told apart from {ref}, "
+                    "but the difference is larger than the seed-to-seed spread (more repeats needed)"}[verdict]
+            parts.append(f"{lab} {said}: {data.metric} differed by {diff_text(data, cmp)}")
+    if data.noise_sd is not None:
+        parts.append(f"seed-to-seed SD {data.noise_sd:.2g} (df {data.noise_df})")
+    out["text"] = "; ".join(parts) + "." if parts else f"{axis} has no level besides the reference."
+    return out
+
+
+def _equivalence_verdict(data: StudyData, cmp: dict[str, Any] | None) -> str:
+    if cmp is None:
+        return "not comparable"
+    if cmp["half_width"] is None:
+        return "unknown"
+    if cmp["beyond_noise"]:
+        return "differs"
+    return "matched" if abs(cmp["difference"]) <= data.noise_sd else "inconclusive"
+
+
+def cost(data: StudyData, axis: str, baseline: Any) -> dict[str, Any]:
+    """Per level against ``baseline``: peak memory and time change in percent (with their
+    interval when repeats exist), parameter counts, and the metric difference with its interval."""
+    out: dict[str, Any] = {"kind": "cost", "axis": axis, "baseline": baseline, "metric": data.metric, "levels": []}
+    if find_level(data.ok, axis, baseline) is None:
+        found = ", ".join(fmt_value(v) for v in levels(data.ok, axis)) or "none"
+        out["text"] = f"{axis}={fmt_value(baseline)} (the baseline) has no completed run (completed levels: {found})."
+        return out
+    baseline = out["baseline"] = find_level(data.ok, axis, baseline)
+    parts = []
+    for v in levels(data.ok, axis):
+        if canon(v) == canon(baseline):
+            continue
+        row: dict[str, Any] = {"value": v, "comparison": compare(data, data.ok, axis, v, baseline)}
+        for attr, key in (("memory_bytes", "memory"), ("time_s", "time"), ("params", "params")):
+            row[key] = _pct(compare(data, data.ok, axis, v, baseline, attr=attr))
+        out["levels"].append(row)
+        parts.append(_cost_text(data, axis, v, baseline, row))
+    out["text"] = " ".join(parts) if parts else f"{axis} has no level besides the baseline."
+    return out
+
+
+def _mean_attr(runs: list[Run], attr: str) -> float | None:
+    vals = [_get(r, attr) for r in runs if _get(r, attr) is not None]
+    return stats.mean(vals) if vals else None
+
+
+def _pct(cmp: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A matched difference as a percent change of the baseline's mean (and its interval)."""
+    if cmp is None or not cmp["mean_b"]:
+        return None
+    pct = 100 * cmp["difference"] / cmp["mean_b"]
+    half = None if cmp["half_width"] is None else 100 * cmp["half_width"] / abs(cmp["mean_b"])
+    return {"level_mean": cmp["mean_a"], "baseline_mean": cmp["mean_b"], "change_pct": pct,
+            "half_width_pct": half, "beyond_noise": cmp["beyond_noise"]}
+
+
+def _cost_text(data: StudyData, axis: str, v: Any, baseline: Any, row: dict[str, Any]) -> str:
+    def change(p: dict[str, Any] | None, what: str) -> str:
+        if p is None:
+            return f"{what} not measured"
+        pct, half = p["change_pct"], p["half_width_pct"]
+        if abs(pct) < 0.5 and not p["beyond_noise"]:
+            text = f"the same {what}"
+        else:
+            text = f"saved {-pct:.0f}% {what}" if pct < 0 else f"cost {pct:.0f}% more {what}"
+        if half is not None and half >= 0.5:  # memory on a GPU repeats exactly: no interval to give
+            text += f" (+/- {half:.0f}%{'' if p['beyond_noise'] else ', within the run-to-run noise'})"
+        return text
+
+    cmp = row["comparison"]
+    lab, base = level_label(data, axis, v), level_label(data, axis, baseline)
+    if cmp is None:
+        return f"{lab} never ran under the same other settings as {base}."
+    text = f"{lab} against {base}: {change(row['memory'], 'peak memory')} and {change(row['time'], 'time')}"
+    params = row["params"]
+    if params is not None and params["level_mean"] != params["baseline_mean"]:
+        text += f", {params['level_mean']:,.0f} trainable parameters instead of {params['baseline_mean']:,.0f}"
+    return text + f"; {data.metric} differed by {diff_text(data, cmp)}."
+
+
+def spread(data: StudyData) -> dict[str, Any]:
+    """Repeats of one configuration: mean, SD, 95% interval and range, per repeated config."""
+    groups = []
+    for runs in repeat_groups(data.ok).values():
+        if len(runs) < 2:
+            continue
+        vals = [r.value for r in runs]
+        m, lo, hi = stats.mean_interval(vals)
+        groups.append({"config": config_label(runs[0], data.axes), "runs": [r.name for r in runs],
+                       "seeds": [r.axes.get(SEED_KEY) for r in runs], "n": len(vals), "mean": m,
+                       "sd": stats.sample_sd(vals), "low": lo, "high": hi, "min": min(vals), "max": max(vals)})
+    out = {"kind": "spread", "metric": data.metric, "groups": groups,
+           "noise_sd": data.noise_sd, "noise_df": data.noise_df}
+    if not groups:
+        out["text"] = f"{NO_REPEATS} (no configuration ran with more than one seed)."
+        return out
+    shown = [f"{g['config']} over {g['n']} seeds: mean {g['mean']:.4g}, SD {g['sd']:.2g}, "
+             f"95% interval [{g['low']:.4g}, {g['high']:.4g}], range {g['min']:.4g} to {g['max']:.4g}"
+             for g in groups[:4]]
+    more = f"; and {len(groups) - 4} more configurations" if len(groups) > 4 else ""
+    pooled = (f"Seed-to-seed SD of {data.metric} pooled over {len(groups)} repeated configuration(s): "
+              f"{data.noise_sd:.2g} (df {data.noise_df}); differences smaller than that are noise.")
+    out["text"] = f"{data.metric} {'; '.join(shown)}{more}. {pooled}"
+    return out
+
+
+PARETO_COSTS = (("time_s", "time (s)"), ("memory_bytes", "peak memory"), ("params", "trainable parameters"))
+
+
+def pareto_points(data: StudyData) -> list[dict[str, Any]]:
+    """One point per configuration: means over its repeats of the metric and each cost."""
+    points = []
+    for runs in repeat_groups(data.ok).values():
+        p = {"config": config_label(runs[0], data.axes), "runs": [r.name for r in runs], "n": len(runs),
+             "metric": stats.mean([r.value for r in runs])}
+        for attr, _ in PARETO_COSTS:
+            p[attr] = _mean_attr(runs, attr)
+        points.append(p)
+    return points
+
+
+def pareto(data: StudyData) -> dict[str, Any]:
+    """The configurations no other one beats on both a cost and the metric, per cost."""
+    points = pareto_points(data)
+    fronts: dict[str, list[str]] = {}
+    for attr, _ in PARETO_COSTS:
+        pts = [p for p in points if p[attr] is not None]
+        if len(pts) >= 1:
+            flags = stats.pareto_front([p[attr] for p in pts], [p["metric"] for p in pts], data.goal)
+            fronts[attr] = [p["config"] for p, f in zip(pts, flags, strict=True) if f]
+    out = {"kind": "pareto", "metric": data.metric, "goal": data.goal, "points": points, "fronts": fronts}
+    if not points:
+        out["text"] = "no completed run to place on a Pareto frontier."
+        return out
+    parts = [f"against {label}: {'; '.join(fronts[attr])}" for attr, label in PARETO_COSTS if attr in fronts]
+    noise = (f"{data.metric} differences under the seed-to-seed SD {data.noise_sd:.2g} are noise"
+             if data.noise_sd is not None else NO_REPEATS)
+    out["text"] = (f"Pareto-optimal configurations ({len(points)} in all; {data.metric}, "
+                   f"{'lower' if data.goal == 'min' else 'higher'} is better) {' | '.join(parts)}. Note: {noise}.")
+    return out
+
+
+def excluded(data: StudyData) -> dict[str, Any]:
+    rows = [{"run": r.name, "status": r.status, "reason": why, "stopped_at_step": r.stopped_at_step}
+            for r, why in data.excluded]
+    listed = "; ".join(f"{row['run']} {row['reason']}" for row in rows)
+    return {"kind": "excluded", "runs": rows, "n": len(rows), "n_total": len(data.runs),
+            "text": f"{len(rows)} of {len(data.runs)} runs are left out of every statistic: {listed}."}
+
+
+# ---------------------------------------------------------------- entry point
+
+def default_findings(data: StudyData) -> list[dict[str, Any]]:
+    """Without a findings list: each declared axis's effect, the seed spread, the Pareto set."""
+    declared = [k for k in (data.spec.get("axes") or {}) if k in data.axes] or data.axes
+    out: list[dict[str, Any]] = [{"kind": "axis_effect", "axis": a} for a in declared]
+    out.append({"kind": "spread"})
+    out.append({"kind": "pareto"})
+    return out
+
+
+def run_finding(data: StudyData, spec: dict[str, Any]) -> dict[str, Any]:
+    kind = spec.get("kind")
+    axis = spec.get("axis")
+    needs = {"axis_effect": ["axis"], "trend_within": ["axis", "within"], "equivalence": ["axis", "reference"],
+             "cost": ["axis", "baseline"], "spread": [], "pareto": []}
+    if kind not in needs:
+        return {"kind": str(kind), "text": f"unknown findings kind {kind!r} (known: {', '.join(KINDS)})"}
+    missing = [k for k in needs[kind] if k not in spec]
+    if missing:
+        return {"kind": kind, "text": f"{kind} needs {', '.join(missing)}; this finding was skipped."}
+    for key in ("axis", "within"):
+        if key in spec and spec[key] not in data.axes:
+            return {"kind": kind, key: spec[key],
+                    "text": f"{spec[key]} does not vary in this study (axes: {', '.join(data.axes) or 'none'})."}
+    if kind == "axis_effect":
+        return axis_effect(data, axis)
+    if kind == "trend_within":
+        return trend_within(data, axis, spec["within"])
+    if kind == "equivalence":
+        return equivalence(data, axis, spec["reference"])
+    if kind == "cost":
+        return cost(data, axis, spec["baseline"])
+    if kind == "spread":
+        return spread(data)
+    return pareto(data)
+
+
+def findings_from(data: StudyData) -> list[dict[str, Any]]:
+    """Findings of an already-read study (the report reads the study once for both)."""
+    out = []
+    if data.excluded:
+        out.append(excluded(data))
+    specs = data.spec.get("findings") or default_findings(data)
+    for spec in specs:
+        f = run_finding(data, spec)
+        f["n_runs"] = len(data.ok)
+        if data.excluded and f["kind"] in KINDS:
+            f["n_excluded"] = len(data.excluded)
+            f["text"] += f" ({len(data.excluded)} run(s) that did not complete are not counted.)"
+        out.append(f)
+    return out
+
+
+def findings(db_path: str | Path, study_name: str) -> list[dict[str, Any]]:
+    """Each finding as {"kind", "text", and the numbers behind the text}; see the module doc."""
+    return findings_from(read_study(db_path, study_name))

@@ -1,0 +1,381 @@
+"""The study report: a self-contained HTML page, Markdown beside it, and the PNG plots.
+
+    paths = write_report(Path("runs/rank_alpha_grid/study.db"), "rank_alpha_grid", Path("report"))
+    # {"html": .../report.html, "markdown": .../report.md, "pngs": [...], "findings": .../findings.json}
+
+Everything is read from the study database (runs, metric series, the study spec); the
+findings come from loralab.study.findings. The HTML embeds every image as a base64 data URI
+and loads nothing from elsewhere; report.md references the PNG files next to it. Plots:
+the metric curves per run grouped by the axis under study, a heatmap over two numeric axes,
+cost (time, peak memory, trainable parameters) against quality with the Pareto frontier, and
+the spread across seeds wherever repeats exist.
+
+matplotlib is the optional ``report`` extra; it is used through its object interface (no
+pyplot, so no global backend is switched) and renders with Agg.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loralab.errors import LoralabError
+from loralab.study import stats
+from loralab.study.findings import (
+    PARETO_COSTS,
+    SEED_KEY,
+    StudyData,
+    at_level,
+    canon,
+    config_label,
+    findings_from,
+    fmt_value,
+    levels,
+    open_db,
+    pareto_points,
+    read_study,
+    repeat_groups,
+    study_row,
+    tied_to,
+)
+
+NOT_CURVES = {"train_loss", "lr", "tokens_seen", "grad_norm", "epoch"}
+MIB = 1024 * 1024
+
+
+@dataclass
+class Figure:
+    path: Path
+    title: str
+    caption: str
+
+
+def _matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.figure import Figure as MplFigure
+    except ImportError:
+        raise LoralabError(
+            "the study report draws its plots with matplotlib, which is not installed: "
+            "pip install 'loralab[report]' (or pip install matplotlib)"
+        ) from None
+    return MplFigure
+
+
+def write_report(db_path: str | Path, study_name: str, out_dir: str | Path) -> dict[str, Any]:
+    """Write report.html, report.md, findings.json and the PNGs into ``out_dir``; return their paths."""
+    mpl_figure = _matplotlib()
+    data = read_study(db_path, study_name)
+    found = findings_from(data)
+    series = read_series(db_path, study_name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = plot_curves(mpl_figure, data, found, series, out)
+    figures += plot_heatmap(mpl_figure, data, out)
+    figures += plot_pareto(mpl_figure, data, out)
+    figures += plot_spread(mpl_figure, data, out)
+    paths = {
+        "html": _write_text(out / "report.html", render_html(data, found, figures)),
+        "markdown": _write_text(out / "report.md", render_markdown(data, found, figures)),
+        "findings": _write_text(out / "findings.json", json.dumps(found, indent=2, default=str)),
+        "pngs": [f.path for f in figures],
+    }
+    return paths
+
+
+def _write_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def read_series(db_path: str | Path, study_name: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{run name: {metric name: [(step, value), ...]}} for every run of the study."""
+    con = open_db(db_path)
+    try:
+        sid = study_row(con, study_name, db_path)["id"]
+        rows = con.execute(
+            "SELECT r.name, m.name, m.step, m.value FROM metrics m JOIN runs r ON r.id = m.run_id "
+            "WHERE r.study_id = ? AND m.value IS NOT NULL ORDER BY r.id, m.name, m.step", (sid,)
+        ).fetchall()
+    finally:
+        con.close()
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for run, name, step, value in rows:
+        out.setdefault(run, {}).setdefault(name, []).append((int(step), float(value)))
+    return out
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "metric"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _tick_label(v: Any) -> str:
+    """Powers of two as 2^k (the seeds' grids are log-spaced), everything else as is."""
+    if _is_number(v) and v > 0:
+        k = math.log2(v)
+        if abs(k - round(k)) < 1e-9:
+            return f"$2^{{{int(round(k))}}}$"
+    return fmt_value(v)
+
+
+# ---------------------------------------------------------------- (a) curves against step
+
+def curve_metrics(data: StudyData, series: dict[str, dict[str, list]]) -> list[str]:
+    names = {n for per_run in series.values() for n in per_run}
+    first = [m for m in ("eval_loss", data.metric) if m in names]
+    rest = sorted(n for n in names if n not in NOT_CURVES and n not in first and "/" in n)
+    return list(dict.fromkeys(first + rest))
+
+
+def plot_curves(mpl_figure, data: StudyData, found: list[dict], series, out: Path) -> list[Figure]:
+    """One figure per metric, one line per run, colored by the axis under study."""
+    finding_axes = [f["axis"] for f in found if f.get("axis") in data.axes]
+    group_axes = list(dict.fromkeys(data.axes[:1] + finding_axes)) or [None]
+    figures = []
+    for metric in curve_metrics(data, series):
+        # the study metric is drawn once per axis a finding looks at; other metrics by the first axis
+        for axis in group_axes if metric == data.metric else group_axes[:1]:
+            fig = mpl_figure(figsize=(7.5, 4.5))
+            ax = fig.add_subplot()
+            _draw_curves(ax, data, series, metric, axis)
+            suffix = f"_by_{_slug(axis)}" if axis and len(group_axes) > 1 and metric == data.metric else ""
+            path = _save(fig, out / f"curves_{_slug(metric)}{suffix}.png")
+            by = f", colored by {axis}" if axis else ""
+            figures.append(Figure(path, f"{metric} against step{by}",
+                                  "One line per run; dashed lines are runs that did not complete."))
+    return figures
+
+
+def _draw_curves(ax, data: StudyData, series, metric: str, axis: str | None) -> None:
+    import matplotlib
+    from matplotlib.ticker import MaxNLocator
+
+    values = levels(data.runs, axis) if axis else [None]
+    cmap = matplotlib.colormaps["viridis"]
+    color = {canon(v): cmap(i / max(1, len(values) - 1) * 0.9) for i, v in enumerate(values)}
+    seen = set()
+    for run in data.runs:
+        points = series.get(run.name, {}).get(metric)
+        if not points:
+            continue
+        key = canon(run.axes.get(axis)) if axis else canon(None)
+        label = None
+        if key not in seen:
+            seen.add(key)
+            label = fmt_value(run.axes.get(axis)) if axis else "runs"
+        done = run.status == "completed"
+        ax.plot([s for s, _ in points], [v for _, v in points], color=color[key], label=label,
+                linestyle="-" if done else "--", alpha=0.85 if done else 0.5, marker="." if len(points) < 12 else None)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    if seen:
+        ax.legend(fontsize=8, title=axis, title_fontsize=8, loc="best")
+
+
+# ---------------------------------------------------------------- (b) heatmap over two axes
+
+def heatmap_axes(data: StudyData) -> tuple[str, str] | None:
+    """The first two numeric axes that are not tied to each other (r x alpha), or None."""
+    numeric = [a for a in data.axes if all(_is_number(r.axes.get(a)) for r in data.runs)]
+    for i, a in enumerate(numeric):
+        for b in numeric[i + 1:]:
+            if b not in tied_to(data, a) and a not in tied_to(data, b):
+                return a, b
+    return None
+
+
+def plot_heatmap(mpl_figure, data: StudyData, out: Path) -> list[Figure]:
+    pair = heatmap_axes(data)
+    if pair is None or not data.ok:
+        return []
+    y_axis, x_axis = pair
+    ys, xs = levels(data.runs, y_axis), levels(data.runs, x_axis)
+    grid = [[math.nan] * len(xs) for _ in ys]
+    counts = [[0] * len(xs) for _ in ys]
+    for i, yv in enumerate(ys):
+        for j, xv in enumerate(xs):
+            vals = [r.value for r in at_level(at_level(data.ok, y_axis, yv), x_axis, xv)]
+            if vals:
+                grid[i][j], counts[i][j] = stats.mean(vals), len(vals)
+    fig = mpl_figure(figsize=(1.0 + 0.9 * len(xs), 1.2 + 0.6 * len(ys)))
+    ax = fig.add_subplot()
+    im = ax.imshow(grid, cmap="viridis_r" if data.goal == "min" else "viridis", aspect="auto")
+    fig.colorbar(im, ax=ax, label=f"final {data.metric} ({'lower' if data.goal == 'min' else 'higher'} is better)")
+    ax.set_xticks(range(len(xs)), [_tick_label(v) for v in xs])
+    ax.set_yticks(range(len(ys)), [_tick_label(v) for v in ys])
+    ax.set_xlabel(x_axis)
+    ax.set_ylabel(y_axis)
+    finite = [v for row in grid for v in row if not math.isnan(v)]
+    best = (min if data.goal == "min" else max)(finite)
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            v = grid[i][j]
+            text = "failed" if math.isnan(v) else f"{v:.3g}" + (f"\nn={counts[i][j]}" if counts[i][j] > 1 else "")
+            r, g, b, _ = im.cmap(im.norm(v)) if not math.isnan(v) else (1, 1, 1, 1)
+            dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # white text on dark cells
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black",
+                    fontweight="bold" if v == best else "normal")
+    path = _save(fig, out / f"heatmap_{_slug(y_axis)}_{_slug(x_axis)}.png")
+    return [Figure(path, f"final {data.metric}: {y_axis} x {x_axis}",
+                   "Mean over repeats (n = runs per cell when more than one); the best cell in bold; "
+                   "'failed' marks cells with no completed run.")]
+
+
+# ---------------------------------------------------------------- (c) cost against quality
+
+def plot_pareto(mpl_figure, data: StudyData, out: Path) -> list[Figure]:
+    points = pareto_points(data)
+    costs = [(attr, label) for attr, label in PARETO_COSTS if any(p[attr] is not None for p in points)]
+    if not points or not costs:
+        return []
+    fig = mpl_figure(figsize=(4.2 * len(costs), 4.0))
+    for k, (attr, label) in enumerate(costs):
+        ax = fig.add_subplot(1, len(costs), k + 1)
+        pts = [p for p in points if p[attr] is not None]
+        scale = MIB if attr == "memory_bytes" else 1
+        xs = [p[attr] / scale for p in pts]
+        ys = [p["metric"] for p in pts]
+        front = stats.pareto_front(xs, ys, data.goal)
+        ax.scatter(xs, ys, color="0.6", s=18, label="configuration")
+        fr = sorted((x, y, _short(p["config"])) for x, y, p, f in zip(xs, ys, pts, front, strict=True) if f)
+        # a staircase: from each optimal point, the next one costs more and is better
+        ax.plot([x for x, _, _ in fr], [y for _, y, _ in fr], "o-", color="tab:red", ms=5, drawstyle="steps-post",
+                label="Pareto frontier")
+        for n, (x, y, name) in enumerate(fr[:8]):  # alternate above / below so neighbours do not overlap
+            ax.annotate(name, (x, y), fontsize=6, xytext=(4, 4 if n % 2 == 0 else -10), textcoords="offset points")
+        if attr == "params" and min(xs) > 0 and max(xs) / min(xs) > 10:
+            ax.set_xscale("log")
+        ax.set_xlabel(label + (" (MiB)" if attr == "memory_bytes" else ""))
+        ax.set_ylabel(f"final {data.metric}")
+        ax.grid(alpha=0.3)
+        if k == 0:
+            ax.legend(fontsize=7)
+    path = _save(fig, out / "pareto.png")
+    return [Figure(path, f"cost against {data.metric}",
+                   "One point per configuration (mean over its repeats); red: the Pareto frontier, "
+                   "configurations no other one beats on both the cost and the metric.")]
+
+
+def _short(label: str) -> str:
+    """"lora.r=2, lora.alpha=512" -> "r=2, alpha=512" for labels inside plots."""
+    return re.sub(r"[A-Za-z_]+\.(?=[A-Za-z_]+=)", "", label)
+
+
+# ---------------------------------------------------------------- (d) spread across seeds
+
+def plot_spread(mpl_figure, data: StudyData, out: Path) -> list[Figure]:
+    groups = [g for g in repeat_groups(data.ok).values() if len(g) >= 2]
+    if not groups:
+        return []
+    fig = mpl_figure(figsize=(7.5, 1.2 + 0.35 * len(groups)))
+    ax = fig.add_subplot()
+    for i, runs in enumerate(groups):
+        vals = [r.value for r in runs]
+        m, lo, hi = stats.mean_interval(vals)
+        ax.errorbar([m], [i], xerr=[[m - lo], [hi - m]], fmt="o", color="tab:blue", capsize=3,
+                    label="mean and 95% interval" if i == 0 else None)
+        ax.scatter(vals, [i] * len(vals), color="tab:orange", s=12, zorder=3, label="one seed" if i == 0 else None)
+    ax.set_yticks(range(len(groups)), [_short(config_label(g[0], data.axes)) for g in groups], fontsize=7)
+    ax.set_xlabel(f"final {data.metric}")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=7, loc="best")
+    path = _save(fig, out / "spread.png")
+    return [Figure(path, f"spread of {data.metric} across seeds",
+                   "Each configuration that ran with several seeds: every seed's value, their mean and "
+                   "the 95% t interval of the mean.")]
+
+
+# ---------------------------------------------------------------- tables and pages
+
+RUN_COLUMNS = ("run", "axes", "status", "final metric", "time (s)", "peak memory (MiB)", "trainable params")
+
+
+def run_rows(data: StudyData) -> list[list[str]]:
+    left_out = {r.name: why for r, why in data.excluded}
+    rows = []
+    for r in data.runs:
+        axes = ", ".join(f"{k}={fmt_value(v)}" for k, v in r.axes.items())
+        rows.append([r.name, axes, left_out.get(r.name, r.status), "" if r.value is None else f"{r.value:.4g}",
+                     "" if r.time_s is None else f"{r.time_s:.1f}",
+                     "" if r.memory_bytes is None else f"{r.memory_bytes / MIB:.0f}",
+                     "" if r.params is None else f"{r.params:,}"])
+    return rows
+
+
+def _header(data: StudyData) -> list[tuple[str, str]]:
+    spec = data.spec
+    out = [(k.capitalize(), str(spec[k])) for k in ("description", "question", "claim") if spec.get(k)]
+    out.append(("Metric", f"{data.metric} ({'lower' if data.goal == 'min' else 'higher'} is better)"))
+    n_ok = len(data.ok)
+    repeats = (f"seed-to-seed SD {data.noise_sd:.3g} (df {data.noise_df})" if data.noise_sd is not None
+               else "no repeats: differences cannot be separated from seed noise")
+    out.append(("Runs", f"{len(data.runs)} ({n_ok} completed and counted, {len(data.excluded)} left out); {repeats}"))
+    axes = [a for a in data.axes if a != SEED_KEY]
+    out.append(("Axes", ", ".join(f"{a} ({len(levels(data.runs, a))} values)" for a in axes) or "none"))
+    return out
+
+
+def render_markdown(data: StudyData, found: list[dict], figures: list[Figure]) -> str:
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    lines = [f"# Study report: {data.name}", ""]
+    lines += [f"- **{k}:** {cell(v)}" for k, v in _header(data)]
+    lines += ["", "## Findings", ""]
+    lines += [f"- **{f['kind']}**: {cell(f['text'])}" for f in found] or ["- none"]
+    lines += ["", "## Plots", ""]
+    for f in figures:
+        lines += [f"### {f.title}", "", f"![{f.title}]({f.path.name})", "", f.caption, ""]
+    lines += ["## Runs", "", "| " + " | ".join(RUN_COLUMNS) + " |", "|" + "---|" * len(RUN_COLUMNS)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in run_rows(data)]
+    lines += ["", "## Runs left out of the statistics", ""]
+    lines += [f"- {r.name}: {cell(why)}" for r, why in data.excluded] or ["- none: every run completed"]
+    return "\n".join(lines) + "\n"
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}
+th{background:#f3f3f3}img{max-width:100%}dt{font-weight:bold}dd{margin:0 0 .5em 1em}
+li{margin-bottom:.4em}.kind{font-family:monospace;color:#555}figure{margin:1.5em 0}"""
+
+
+def render_html(data: StudyData, found: list[dict], figures: list[Figure]) -> str:
+    e = html.escape
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Study report: {e(data.name)}</title>",
+             f"<style>{CSS}</style></head><body>", f"<h1>Study report: {e(data.name)}</h1><dl>"]
+    parts += [f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in _header(data)]
+    parts += ["</dl><h2>Findings</h2><ul>"]
+    parts += [f"<li><span class='kind'>{e(f['kind'])}</span>: {e(f['text'])}</li>" for f in found]
+    parts += ["</ul><h2>Plots</h2>"]
+    for f in figures:
+        b64 = base64.b64encode(f.path.read_bytes()).decode("ascii")
+        parts.append(f"<figure><figcaption><b>{e(f.title)}</b>. {e(f.caption)}</figcaption>"
+                     f"<img alt='{e(f.title)}' src='data:image/png;base64,{b64}'></figure>")
+    parts += ["<h2>Runs</h2><table><tr>" + "".join(f"<th>{e(c)}</th>" for c in RUN_COLUMNS) + "</tr>"]
+    parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in run_rows(data)]
+    parts += ["</table><h2>Runs left out of the statistics</h2><ul>"]
+    parts += [f"<li>{e(r.name)}: {e(why)}</li>" for r, why in data.excluded] or ["<li>none: every run completed</li>"]
+    parts.append("</ul></body></html>")
+    return "\n".join(parts) + "\n"
