@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from loralab.config import Config, config_from_dict, dump_config, load_config
+from loralab.config import Config, config_from_dict, config_reference, dump_config, load_config
 from loralab.errors import ConfigError, LoralabError
 
 
@@ -129,3 +131,9 @@ def test_resolved_config_round_trip(tmp_path):
     again = load_config(out)
     assert again == cfg
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_readme_configuration_reference_is_current():
+    """The README's key table is config_reference()'s output, so a new key can't go undocumented."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert config_reference().strip() in readme
