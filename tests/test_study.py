@@ -313,6 +313,24 @@ def test_max_memory_skips_runs_and_records_the_estimate(tmp_path):
     assert rows["t_query-r64"]["estimated_memory_bytes"] == small
 
 
+def test_budget_leaves_unstarted_runs_pending_for_the_next_invocation(tmp_path):
+    from loralab.study.command import parse_duration
+
+    assert [parse_duration(t, "--budget") for t in ("90s", "30m", "2h", "45")] == [90, 1800, 7200, 45]
+    with pytest.raises(ConfigError, match="--budget"):
+        parse_duration("soon", "--budget")
+    path = write_study(tmp_path, "budget", axes={"lora.r": [2, 4]})
+    root = tmp_path / "runs" / "budget"
+    spent = run_study(load_study(path, root=root), root=root, budget_s=0.0)
+    assert spent["counts"] == {"pending": 2} and spent["budget_spent"] and spent["ran"] == 2
+    assert not (root / "r2").exists() and not (root / "r4").exists()
+    done = run_study(load_study(path, root=root), root=root, budget_s=3600)
+    assert done["counts"] == {"completed": 2} and not done["budget_spent"]
+    assert {r["attempts"] for r in rows_of(root / "study.db").values()} == {1}
+    with pytest.raises(ConfigError, match="--budget"):
+        run_study(load_study(path, root=root), root=root, budget_s=10, executor="ray")
+
+
 def test_store_marks_running_as_interrupted_on_open(tmp_path):
     path = write_study(tmp_path, "st", axes={"lora.r": [2, 4]})
     study = load_study(path)

@@ -50,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retries", type=int, default=1, help="times a killed run is run again in this invocation (default 1)")
     p.add_argument("--retry-failed", action="store_true", help="also run failed, diverged and out-of-memory runs again")
     p.add_argument("--fuse", action="store_true", help="train runs that share a base in one process (needs loralab.train.fused)")
+    p.add_argument("--budget", help="wall-time budget of this invocation, e.g. 90s, 30m, 2h: no run starts after it "
+                                    "is spent; the rest stay pending for the next `study run`")
     p.add_argument("--dry-run", action="store_true", help="expand and check, print the runs, run nothing")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
@@ -192,14 +194,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         max_memory = parse_bytes(args.max_memory, "--max-memory")
     halving = Halving(eta=args.eta, min_steps=args.min_steps) if args.halving else None
+    budget_s = parse_duration(args.budget, "--budget") if args.budget else None
     result = run_study(study, root=root, workers=args.workers, executor=args.executor, address=args.address,
                        max_memory=max_memory, halving=halving, retries=args.retries,
-                       retry_failed=args.retry_failed, fuse=args.fuse)
+                       retry_failed=args.retry_failed, fuse=args.fuse, budget_s=budget_s)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result["counts"].items()))
     _emit(args, result, f"study {study.name}: {result['runs']} runs ({counts}); ran {result['ran']} in "
                         f"{result['wall_time_s']:.0f} s\ndatabase: {result['database']}\n"
                         f"next: loralab study status {study.name} --out {args.out}")
     return 0 if not any(s in result["counts"] for s in ("pending", "interrupted")) else 1
+
+
+def parse_duration(text: str, key: str) -> float:
+    """'90s', '30m', '2h' or plain seconds -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    t = text.strip().lower()
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ConfigError(f"{key} {text!r} is not a duration: use e.g. 90s, 30m or 2h")
+    return value
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -278,8 +278,13 @@ def run_study(
     max_attempts: int = 3,
     retry_failed: bool = False,
     fuse: bool = False,
+    budget_s: float | None = None,
 ) -> dict[str, Any]:
-    """Expand-once, run what is left, record everything. Returns counts and the database path."""
+    """Expand-once, run what is left, record everything. Returns counts and the database path.
+
+    ``budget_s``: no run is started once this many seconds of the invocation have passed; runs
+    already going finish, the rest stay pending for the next ``study run``.
+    """
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1 (got {workers})")
     if executor not in ("local", "ray"):
@@ -290,6 +295,8 @@ def run_study(
         _check_fused()
     if halving is not None:
         _check_halving(study, halving)
+    if budget_s is not None and (budget_s < 0 or executor != "local" or halving is not None or fuse):
+        raise ConfigError("--budget takes a duration >= 0 and works with the local executor, without --halving or --fuse")
     t0 = time.perf_counter()
     db_path = root / "study.db"
     with driver_lock(root), Store(db_path) as store:
@@ -313,11 +320,13 @@ def run_study(
             run_halving(store, tasks, halving=halving, metric=study.metric, goal=study.goal, workers=workers,
                         retries=retries, max_attempts=max_attempts)
         else:
-            run_local(store, tasks, workers=workers, retries=retries, max_attempts=max_attempts)
+            deadline = None if budget_s is None else t0 + budget_s
+            run_local(store, tasks, workers=workers, retries=retries, max_attempts=max_attempts, deadline=deadline)
         counts = store.counts(sid)
     return {"study": study.name, "database": str(db_path), "root": str(root), "runs": len(study.runs),
             "ran": len(tasks), "already_done": done_before, "recovered": recovered, "counts": counts,
-            "wall_time_s": time.perf_counter() - t0}
+            "wall_time_s": time.perf_counter() - t0,
+            "budget_spent": budget_s is not None and any(s in counts for s in TODO)}
 
 
 def record(store: Store, task: Task, result: dict[str, Any], *, max_attempts: int) -> bool:
@@ -332,13 +341,19 @@ def record(store: Store, task: Task, result: dict[str, Any], *, max_attempts: in
     return status == "interrupted"
 
 
-def run_local(store: Store, tasks: list[Task], *, workers: int, retries: int = 1, max_attempts: int = 3) -> None:
-    """Keep ``workers`` run processes going until every task has an outcome."""
+def run_local(store: Store, tasks: list[Task], *, workers: int, retries: int = 1, max_attempts: int = 3,
+              deadline: float | None = None) -> None:
+    """Keep ``workers`` run processes going until every task has an outcome (or, past
+    ``deadline``, until the running ones have: the rest stay pending)."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     queue = list(tasks)
     active: dict[int, LocalRun] = {}
     tries: dict[int, int] = {}
     while queue or active:
+        if queue and deadline is not None and time.perf_counter() >= deadline:
+            log.info("study budget spent: %d run(s) left pending for the next `study run`", len(queue))
+            queue.clear()
+            continue
         while queue and len(active) < workers:
             task = queue.pop(0)
             store.start(task.run_id, run_dir=str(task.run_dir), estimated=task.estimate)
