@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from loralab.errors import ConfigError, LoralabError
+from loralab.errors import ConfigError
 
 DEFAULT_ROOT = "runs"
 
@@ -233,13 +233,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    try:
-        from loralab.study.report import write_report
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("loralab"):
-            raise LoralabError("study reports are not available in this build (loralab.study.report is missing); "
-                               "`loralab study status` and `loralab study export` work without it") from None
-        raise
+    from loralab.study.report import write_report
+
     root = study_root(args.out, args.name)
     db = root / "study.db"
     if not db.is_file():

@@ -291,8 +291,6 @@ def run_study(
         raise ConfigError(f"--executor must be local or ray (got {executor!r})")
     if halving is not None and executor != "local":
         raise ConfigError("--halving runs with the local executor only")
-    if fuse:
-        _check_fused()
     if halving is not None:
         _check_halving(study, halving)
     if budget_s is not None and (budget_s < 0 or executor != "local" or halving is not None or fuse):
@@ -446,13 +444,3 @@ def _checkpoint_step(run_dir: Path) -> int:
     """The step of a run directory's newest complete checkpoint (0 when it has none)."""
     ckpt = resume_point(run_dir)
     return int(ckpt.name.rsplit("-", 1)[-1]) if ckpt else 0
-
-
-def _check_fused() -> None:
-    try:
-        import loralab.train.fused  # noqa: F401
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("loralab"):
-            raise LoralabError("--fuse is not available in this build: it needs loralab.train.fused "
-                               "(many adapters trained over one shared base); run without --fuse") from None
-        raise
