@@ -329,6 +329,8 @@ def test_budget_leaves_unstarted_runs_pending_for_the_next_invocation(tmp_path):
     assert {r["attempts"] for r in rows_of(root / "study.db").values()} == {1}
     with pytest.raises(ConfigError, match="--budget"):
         run_study(load_study(path, root=root), root=root, budget_s=10, executor="ray")
+    with pytest.raises(ConfigError, match="do not combine"):
+        run_study(load_study(path, root=root), root=root, halving=Halving(), fuse=True)
 
 
 def test_store_marks_running_as_interrupted_on_open(tmp_path):

@@ -291,6 +291,9 @@ def run_study(
         raise ConfigError(f"--executor must be local or ray (got {executor!r})")
     if halving is not None and executor != "local":
         raise ConfigError("--halving runs with the local executor only")
+    if halving is not None and fuse:
+        raise ConfigError("--halving and --fuse do not combine yet (a fused group has no checkpoints to continue "
+                          "from); choose one")
     if halving is not None:
         _check_halving(study, halving)
     if budget_s is not None and (budget_s < 0 or executor != "local" or halving is not None or fuse):
