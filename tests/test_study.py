@@ -11,7 +11,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from loralab.errors import ConfigError
 from loralab.study.execute import Halving, run_study
 from loralab.study.spec import load_study, preset_names
 from loralab.study.store import Store, metric_rows
+from waiting import wait_for
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY_BASE = {
@@ -172,16 +172,6 @@ def test_local_study_two_workers_crash_recorded_and_commands(tmp_path):
     assert again["ran"] == 0 and {r["attempts"] for r in rows_of(root / "study.db").values()} == {1}
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _statuses(db: Path) -> dict[str, str]:
     if not db.is_file():
         return {}
@@ -205,7 +195,7 @@ def test_driver_killed_then_rerun_repeats_nothing_and_loses_nothing(tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC}
     driver = subprocess.Popen([sys.executable, "-m", "loralab.cli", "study", "run", str(path), "--out", str(out)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(lambda: "completed" in _statuses(db).values() and "running" in _statuses(db).values(), 240, "one run done, one running")
+    wait_for(lambda: "completed" in _statuses(db).values() and "running" in _statuses(db).values(), 240, "one run done, one running")
     in_flight = [n for n, s in _statuses(db).items() if s == "running"]
     child = _children(driver.pid)
     driver.send_signal(signal.SIGKILL)
@@ -213,7 +203,7 @@ def test_driver_killed_then_rerun_repeats_nothing_and_loses_nothing(tmp_path):
     before = rows_of(db)
     done_before = {n: r["finished_at"] for n, r in before.items() if r["status"] == "completed"}
     assert before[in_flight[0]]["status"] == "running"  # what a killed driver leaves behind
-    _wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z" for p in child),
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z" for p in child),
               30, "the run process to die with its driver")
     rerun = cli("study", "run", str(path), "--out", str(out), "--json")
     assert rerun.returncode == 0, rerun.stderr
@@ -236,7 +226,7 @@ def test_sigkilled_run_is_recorded_interrupted_then_resumed(tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC}
     driver = subprocess.Popen([sys.executable, "-m", "loralab.cli", "study", "run", str(path), "--out", str(out), "--retries", "0"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(lambda: (out / "kill" / "r2" / "checkpoints").is_dir() and any((out / "kill" / "r2" / "checkpoints").glob("*/manifest.json")),
+    wait_for(lambda: (out / "kill" / "r2" / "checkpoints").is_dir() and any((out / "kill" / "r2" / "checkpoints").glob("*/manifest.json")),
               240, "the run's first checkpoint")
     (child,) = _children(driver.pid)
     os.kill(child, signal.SIGKILL)

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from loralab.study.store import Store, metric_rows
+from waiting import wait_for
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 SEEDS = 13
@@ -36,16 +37,6 @@ def _statuses(db: Path) -> dict[str, str]:
         return dict(con.execute("SELECT name, status FROM runs").fetchall())
     except sqlite3.OperationalError:
         return {}
-
-
-def _wait(predicate, timeout: float, what: str):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = predicate()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _train_children(pid: int) -> dict[int, str]:
@@ -87,10 +78,10 @@ def test_study_under_load(tmp_path):
 
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # 1. kill one run process mid-run with SIGKILL
-    _wait(lambda: sum(s == "completed" for s in _statuses(db).values()) >= 4, 900, "4 runs done")
+    wait_for(lambda: sum(s == "completed" for s in _statuses(db).values()) >= 4, 900, "4 runs done")
     victim = None
     while victim is None:  # a run that trains (not one of the crashing ones), killed while alive
-        children = _wait(lambda: {p: d for p, d in _train_children(driver.pid).items() if "data_bad" not in d}, 120, "a run process")
+        children = wait_for(lambda: {p: d for p, d in _train_children(driver.pid).items() if "data_bad" not in d}, 120, "a run process")
         pid, run_dir = next(iter(children.items()))
         try:
             os.kill(pid, signal.SIGKILL)
@@ -98,7 +89,7 @@ def test_study_under_load(tmp_path):
         except ProcessLookupError:
             continue
     # 2. kill the driver with SIGKILL while runs are in flight
-    _wait(lambda: sum(s not in ("pending", "running") for s in _statuses(db).values()) >= 20
+    wait_for(lambda: sum(s not in ("pending", "running") for s in _statuses(db).values()) >= 20
           and "running" in _statuses(db).values(), 900, "20 runs done with some running")
     driver.send_signal(signal.SIGKILL)
     driver.wait()
