@@ -257,3 +257,33 @@ def test_dropout_trains_and_is_reproducible(tmp_path):
                                  for i in range(2)]))
     assert [s["final_eval_loss"] for s in runs[0]] == [s["final_eval_loss"] for s in runs[1]]
     assert curve(tmp_path / "0-0", "train_loss") != curve(tmp_path / "0-1", "train_loss")
+
+
+def test_halving_inside_a_fused_group(tmp_path):
+    """Rungs at steps 3 and 6 (eta 2): the worse half stops at each; the survivor trains on
+    exactly as it would alone."""
+    from loralab.train.fused import Prune
+
+    kw = dict(lora__dropout=0.0, train__max_steps=9, train__batch_size=4, train__micro_batch_size=4,
+              train__warmup_steps=0, data__limit=48, data__val_max_examples=8)
+    lrs = [1e-5, 3e-3, 1e-4, 1e-3]
+    cfgs = [make_cfg("builtin:tiny", tmp_path / f"lr{i}", train__lr=lr, **kw) for i, lr in enumerate(lrs)]
+    out = train_fused(cfgs, prune=Prune(eta=2, min_steps=3))
+    stopped = {i: s["stopped_at_step"] for i, s in enumerate(out) if s["status"] == "stopped_early"}
+    survivors = [i for i, s in enumerate(out) if s["status"] == "completed"]
+    assert len(survivors) == 1 and sorted(stopped.values()) == [3, 3, 6]
+
+    def eval_at(i: int, step: int) -> float:
+        return next(r["eval_loss"] for r in metrics(tmp_path / f"lr{i}") if r.get("step") == step and "eval_loss" in r)
+
+    at3 = sorted(range(4), key=lambda i: eval_at(i, 3))
+    assert {i for i, s in stopped.items() if s == 3} == set(at3[2:])  # the worse half at rung 1
+    at6 = sorted(at3[:2], key=lambda i: eval_at(i, 6))
+    assert survivors == at6[:1] and stopped[at6[1]] == 6
+    for i in stopped:
+        assert not (tmp_path / f"lr{i}" / "adapter").exists()
+        assert curve(tmp_path / f"lr{i}", "event") == ["stopped_early"]
+    best = survivors[0]
+    solo = train(make_cfg("builtin:tiny", tmp_path / "solo", train__lr=lrs[best], **kw))
+    assert curve(tmp_path / f"lr{best}", "train_loss") == pytest.approx(curve(tmp_path / "solo", "train_loss"), rel=1e-4)
+    assert out[best]["final_eval_loss"] == pytest.approx(solo["final_eval_loss"], rel=1e-4)

@@ -319,8 +319,6 @@ def test_budget_leaves_unstarted_runs_pending_for_the_next_invocation(tmp_path):
     assert {r["attempts"] for r in rows_of(root / "study.db").values()} == {1}
     with pytest.raises(ConfigError, match="--budget"):
         run_study(load_study(path, root=root), root=root, budget_s=10, executor="ray")
-    with pytest.raises(ConfigError, match="do not combine"):
-        run_study(load_study(path, root=root), root=root, halving=Halving(), fuse=True)
 
 
 def test_store_marks_running_as_interrupted_on_open(tmp_path):
@@ -341,7 +339,6 @@ def test_store_marks_running_as_interrupted_on_open(tmp_path):
 
 
 def test_fuse_trains_a_group_in_one_process(tmp_path):
-    pytest.importorskip("loralab.train.fused")
     path = write_study(tmp_path, "fuse", axes={"lora.r": [2, 4], "train.lr": [1.0e-3]})
     root = tmp_path / "runs" / "fuse"
     result = run_study(load_study(path, root=root), root=root, fuse=True)
@@ -351,3 +348,19 @@ def test_fuse_trains_a_group_in_one_process(tmp_path):
     for name, r in rows.items():
         summary = json.loads((root / name / "summary.json").read_text())
         assert summary["fused_with"] and r["final_eval_loss"] == pytest.approx(summary["final_eval_loss"])
+
+
+def test_fuse_with_halving_prunes_inside_the_group(tmp_path):
+    base = {**TINY_BASE, "train": {**TINY_BASE["train"], "max_steps": 4}}
+    path = write_study(tmp_path, "fh", base=base, axes={"train.lr": [1.0e-5, 1.0e-3, 3.0e-3]})
+    root = tmp_path / "runs" / "fh"
+    result = run_study(load_study(path, root=root), root=root, fuse=True, halving=Halving(eta=3, min_steps=2))
+    assert result["counts"] == {"completed": 1, "stopped_early": 2}
+    rows = rows_of(root / "study.db")
+    stopped = [r for r in rows.values() if r["status"] == "stopped_early"]
+    assert {r["stopped_at_step"] for r in stopped} == {2}
+    at_rung = dict(sqlite3.connect(root / "study.db").execute(  # the survivor had the lowest eval loss there
+        "SELECT runs.name, metrics.value FROM metrics JOIN runs ON runs.id = metrics.run_id "
+        "WHERE metrics.step = 2 AND metrics.name = 'eval_loss'").fetchall())
+    survivor = next(n for n, r in rows.items() if r["status"] == "completed")
+    assert len(at_rung) == 3 and survivor == min(at_rung, key=at_rung.get)

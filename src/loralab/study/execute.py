@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 POLL_S = 0.2
 # Summary statuses a run process ends with on its own (invalid: bad input found before step 1;
 # paused: train.stop_at_step reached, resumable with --resume).
-FINAL_SUMMARY = ("completed", "failed", "diverged", "out_of_memory", "invalid", "paused")
+FINAL_SUMMARY = ("completed", "failed", "diverged", "out_of_memory", "invalid", "paused", "stopped_early")
 
 
 @dataclass
@@ -68,11 +68,9 @@ class Halving:
     min_steps: int = 10
 
     def rungs(self, max_steps: int) -> list[int]:
-        out, step = [], self.min_steps
-        while step < max_steps:
-            out.append(step)
-            step *= self.eta
-        return out
+        from loralab.train.loop import halving_rungs
+
+        return halving_rungs(self.min_steps, self.eta, max_steps)
 
 
 @dataclass
@@ -158,7 +156,8 @@ def outcome(run_dir: Path, returncode: int) -> dict[str, Any]:
     status = summary.get("status")
     rows = metric_rows(run_dir / "metrics.jsonl")
     if status in FINAL_SUMMARY:
-        return {"status": status, "summary": summary, "metrics": rows, "error": summary.get("error"), "returncode": returncode}
+        return {"status": status, "summary": summary, "metrics": rows, "error": summary.get("error"), "returncode": returncode,
+                "stopped_at_step": summary.get("stopped_at_step")}
     if returncode < 0:
         sig = signal.Signals(-returncode).name if -returncode in signal.Signals.__members__.values() else str(-returncode)
         return {"status": "interrupted", "summary": summary, "metrics": rows, "returncode": returncode,
@@ -291,9 +290,6 @@ def run_study(
         raise ConfigError(f"--executor must be local or ray (got {executor!r})")
     if halving is not None and executor != "local":
         raise ConfigError("--halving runs with the local executor only")
-    if halving is not None and fuse:
-        raise ConfigError("--halving and --fuse do not combine yet (a fused group has no checkpoints to continue "
-                          "from); choose one")
     if halving is not None:
         _check_halving(study, halving)
     if budget_s is not None and (budget_s < 0 or executor != "local" or halving is not None or fuse):
@@ -312,7 +308,7 @@ def run_study(
         if fuse:
             from loralab.study.fuse import run_fused
 
-            run_fused(store, tasks, workers=workers)
+            run_fused(store, tasks, workers=workers, halving=halving, metric=study.metric, goal=study.goal)
         elif executor == "ray":
             from loralab.study.ray_exec import run_ray
 

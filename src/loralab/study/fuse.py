@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from loralab.config import config_from_dict, load_config
 from loralab.errors import ConfigError
@@ -47,8 +48,11 @@ def fuse_groups(tasks: list[Task]) -> tuple[list[list[Task]], list[Task]]:
     return [g for g in groups.values() if len(g) > 1], alone
 
 
-def run_fused(store: Store, tasks: list[Task], *, workers: int) -> None:
-    """Fusable groups in one process each (``workers`` at a time), then the rest alone."""
+def run_fused(store: Store, tasks: list[Task], *, workers: int, halving: Any = None,
+              metric: str = "eval_loss", goal: str = "min") -> None:
+    """Fusable groups in one process each (``workers`` at a time), then the rest alone. With
+    ``halving``, each group prunes itself at the rungs (runs that train alone are not pruned)."""
+    prune_args = [f"--halving={halving.eta},{halving.min_steps},{metric},{goal}"] if halving else []
     fused, alone = fuse_groups(tasks)
     queue = list(fused)
     active: list[tuple[subprocess.Popen, list[Task]]] = []
@@ -62,7 +66,7 @@ def run_fused(store: Store, tasks: list[Task], *, workers: int) -> None:
                 t.attempts += 1
                 paths.append(str(prepare_run_dir(t.run_dir, t.config)))
             logf = (group[0].run_dir / "fused.log").open("wb")
-            proc = subprocess.Popen([sys.executable, "-m", "loralab.study.fuse", *paths], stdout=logf,
+            proc = subprocess.Popen([sys.executable, "-m", "loralab.study.fuse", *prune_args, *paths], stdout=logf,
                                     stderr=subprocess.STDOUT, env=loralab_env(threads), preexec_fn=_die_with_parent)
             active.append((proc, group))
         time.sleep(POLL_S)
@@ -76,14 +80,21 @@ def run_fused(store: Store, tasks: list[Task], *, workers: int) -> None:
     run_local(store, alone, workers=workers)
 
 
-def main(paths: list[str]) -> int:
-    """Worker entry: train the configs at ``paths`` together, each into its own directory."""
-    from loralab.train.fused import train_fused
+def main(argv: list[str]) -> int:
+    """Worker entry: ``[--halving=ETA,MIN_STEPS,METRIC,GOAL] CONFIG...``; train the configs
+    together, each into its own directory."""
+    from loralab.train.fused import Prune, train_fused
 
+    prune_arg = next((a for a in argv if a.startswith("--halving=")), None)
+    paths = [a for a in argv if a != prune_arg]
     cfgs = [load_config(p) for p in paths]
     for p, cfg in zip(paths, cfgs, strict=True):
         cfg.output.dir = str(Path(p).parent)
-    train_fused(cfgs)
+    prune = None
+    if prune_arg:
+        eta, min_steps, metric, goal = prune_arg.split("=", 1)[1].split(",")
+        prune = Prune(eta=int(eta), min_steps=int(min_steps), metric=metric, goal=goal)
+    train_fused(cfgs, prune=prune)
     return 0
 
 

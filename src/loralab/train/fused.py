@@ -54,6 +54,7 @@ from loralab.train.loop import (
     best_of,
     default_run_dir,
     forward_logits,
+    halving_rungs,
     micro_batches,
     plan_steps,
     progress,
@@ -141,6 +142,28 @@ class Member:
     task_history: dict[str, list[float]] = field(default_factory=dict)
 
 
+@dataclass
+class Prune:
+    """Successive halving inside a fused group: at each rung step the live runs are ranked on
+    ``metric`` and only the best ``len // eta`` (at least one) train on; the rest end with status
+    stopped_early at that step. The lr schedule stays the full run's, so a survivor's result is
+    what it would have been without pruning."""
+
+    eta: int = 3
+    min_steps: int = 10
+    metric: str = "eval_loss"
+    goal: str = "min"
+
+    def rungs(self, steps: int) -> list[int]:
+        return halving_rungs(self.min_steps, self.eta, steps)
+
+    def score(self, m: Member) -> float:
+        value = m.eval_loss if self.metric == "eval_loss" else (m.task_history.get(self.metric) or [float("nan")])[-1]
+        if not math.isfinite(value):
+            return float("inf")  # a run with no value ranks last
+        return value if self.goal == "min" else -value
+
+
 def stack_runs(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
     """n copies of a collated batch along the batch dimension: (n * batch, seq)."""
     return {k: v.repeat(n, 1) for k, v in batch.items() if k != "labels"}
@@ -191,7 +214,7 @@ def charge(members: list[Member], seconds: float, *, train: bool = False) -> Non
 
 
 def fit_fused(cfgs: list[Config], run_dirs: list[Path], *, record: Callable[..., None],
-              show_progress: bool) -> dict[str, Any]:
+              show_progress: bool, prune: Prune | None = None) -> dict[str, Any]:
     """Load once, train every run of the group, save each adapter. ``record(k, **fields)``
     updates run k's summary.json (a diverged run is recorded the moment it diverges)."""
     t_start = time.perf_counter()
@@ -209,6 +232,7 @@ def fit_fused(cfgs: list[Config], run_dirs: list[Path], *, record: Callable[...,
 
         tasks = resolve_tasks(",".join(cfg.eval.tasks), cfg.eval.limit)
     steps = plan_steps(cfg, len(splits.train))
+    rungs = set(prune.rungs(steps)) if prune is not None else set()
     for m in members:
         m.params = run_parameters(base, m.index)
         m.opt = build_optimizer(m.params, m.cfg.train)
@@ -267,10 +291,19 @@ def fit_fused(cfgs: list[Config], run_dirs: list[Path], *, record: Callable[...,
             if step % m.cfg.train.log_every == 0 or step == steps:
                 m.metrics.write(step=step, epoch=epoch, train_loss=losses_by_run[m.index], lr=m.sched.get_last_lr()[0],
                                 tokens_seen=m.tokens_seen, grad_norm=grad_norms[m.index])
-        if stepped and ((cfg.eval.every and step % cfg.eval.every == 0) or step == steps):
+        rung = step in rungs
+        if stepped and ((cfg.eval.every and step % cfg.eval.every == 0) or step == steps or rung):
             t_eval = time.perf_counter()
             evaluate_group(base, routing, tokenizer, stepped, splits.val, tasks, step=step, eval_kw=eval_kw)
             charge(stepped, time.perf_counter() - t_eval)
+        if rung:
+            ranked = sorted((m for m in members if m.status == "running"), key=prune.score)
+            for m in ranked[max(1, len(ranked) // prune.eta):]:
+                m.status = "stopped_early"
+                m.metrics.write(step=step, event="stopped_early", rung=step)
+                m.metrics.close()
+                record(m.index, status="stopped_early", stopped_at_step=step,
+                       **run_result(m, splits, steps, device, {"stopped_by": "successive halving in the fused group"}))
         if stepped:
             progress(step, steps, sum(losses_by_run[m.index] for m in stepped) / len(stepped), show_progress)
 
@@ -287,7 +320,8 @@ def fit_fused(cfgs: list[Config], run_dirs: list[Path], *, record: Callable[...,
                                  out_dir=m.run_dir / "adapter")
             m.wall_time += time.perf_counter() - t_save
     group_wall = time.perf_counter() - t_start
-    charge(members, group_wall - sum(m.wall_time for m in members))  # what no phase above counted
+    # What no phase above counted goes to the runs whose summaries are still to be written.
+    charge(finished or members, group_wall - sum(m.wall_time for m in members))
     shared = {
         "group_size": len(members),
         "group_wall_time_s": group_wall,
@@ -353,8 +387,9 @@ def prepare_run_dirs(cfgs: list[Config]) -> list[Path]:
     return dirs
 
 
-def train_fused(cfgs: list[Config], show_progress: bool = False) -> list[dict[str, Any]]:
-    """Train ``cfgs`` (one fuse_key) together; one summary per run, in order.
+def train_fused(cfgs: list[Config], show_progress: bool = False, prune: Prune | None = None) -> list[dict[str, Any]]:
+    """Train ``cfgs`` (one fuse_key) together; one summary per run, in order. With ``prune``,
+    successive halving runs inside the group (runs stopped at a rung end stopped_early).
 
     Every run directory always gets its summary.json. A run that diverges is recorded as
     diverged and the others go on; a failure of the whole group (loading, data, memory) is
@@ -379,7 +414,7 @@ def train_fused(cfgs: list[Config], show_progress: bool = False) -> list[dict[st
                 record(k, status=status, error=error)
 
     try:
-        fit_fused(cfgs, run_dirs, record=record, show_progress=show_progress)
+        fit_fused(cfgs, run_dirs, record=record, show_progress=show_progress, prune=prune)
     except LoralabError as exc:
         fail_unfinished("failed", str(exc))
         raise
