@@ -145,9 +145,9 @@ class Member:
 @dataclass
 class Prune:
     """Successive halving inside a fused group: at each rung step the live runs are ranked on
-    ``metric`` and only the best ``len // eta`` (at least one) train on; the rest end with status
-    stopped_early at that step. The lr schedule stays the full run's, so a survivor's result is
-    what it would have been without pruning."""
+    ``metric`` and only the best ``ceil(n / eta)`` train on (as the study's process-level
+    halving); the rest end with status stopped_early at that step. The lr schedule stays the
+    full run's, so a survivor's result is what it would have been without pruning."""
 
     eta: int = 3
     min_steps: int = 10
@@ -298,7 +298,7 @@ def fit_fused(cfgs: list[Config], run_dirs: list[Path], *, record: Callable[...,
             charge(stepped, time.perf_counter() - t_eval)
         if rung:
             ranked = sorted((m for m in members if m.status == "running"), key=prune.score)
-            for m in ranked[max(1, len(ranked) // prune.eta):]:
+            for m in ranked[math.ceil(len(ranked) / prune.eta):]:
                 m.status = "stopped_early"
                 m.metrics.write(step=step, event="stopped_early", rung=step)
                 m.metrics.close()
