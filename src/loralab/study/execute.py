@@ -51,7 +51,7 @@ from loralab.config import config_from_dict
 from loralab.errors import ConfigError, LoralabError
 from loralab.paths import child_dir
 from loralab.study.spec import Study
-from loralab.study.store import TODO, Store, metric_rows
+from loralab.study.store import TO_RUN, Store, metric_rows
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
@@ -213,7 +213,7 @@ def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | Non
     from loralab.estimate import estimate_run
 
     tasks = []
-    for row in store.runs(study_id, (*TODO, "skipped", *(("paused",) if paused else ()))):
+    for row in store.runs(study_id, (*TO_RUN, "skipped", *(("paused",) if paused else ()))):
         config = json.loads(row["config_json"])
         cfg = config_from_dict(config, source=f"run {row['name']}")
         est_total, cost, trainable = None, 0.0, None
@@ -303,7 +303,7 @@ def run_study(
         if retry_failed:
             store.reset([r["id"] for r in store.runs(sid, ("failed", "diverged", "out_of_memory", "invalid"))])
         tasks = plan_tasks(store, sid, root, max_memory=max_memory, paused=halving is not None)
-        done_before = sum(n for s, n in store.counts(sid).items() if s not in TODO)
+        done_before = sum(n for s, n in store.counts(sid).items() if s not in TO_RUN)
         log.info("study %s: %d runs, %d to run, %d worker(s), executor %s", study.name, len(study.runs), len(tasks), workers, executor)
         if fuse:
             from loralab.study.fuse import run_fused
@@ -323,7 +323,7 @@ def run_study(
     return {"study": study.name, "database": str(db_path), "root": str(root), "runs": len(study.runs),
             "ran": len(tasks), "already_done": done_before, "recovered": recovered, "counts": counts,
             "wall_time_s": time.perf_counter() - t0,
-            "budget_spent": budget_s is not None and any(s in counts for s in TODO)}
+            "budget_spent": budget_s is not None and any(s in counts for s in TO_RUN)}
 
 
 def record(store: Store, task: Task, result: dict[str, Any], *, max_attempts: int) -> bool:

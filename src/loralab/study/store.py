@@ -27,7 +27,7 @@ from loralab.errors import ConfigError, LoralabError
 
 # Statuses a run ends in; the others (pending, running, interrupted) mean "still to do".
 FINAL = ("completed", "failed", "diverged", "out_of_memory", "invalid", "paused", "skipped", "stopped_early")
-TODO = ("pending", "interrupted")
+TO_RUN = ("pending", "interrupted")
 SUMMARY_FIELDS = ("wall_time_s", "train_time_s", "tokens_per_s", "peak_memory_bytes", "trainable_params",
                   "total_params", "final_eval_loss", "best_eval_loss")
 
