@@ -178,6 +178,7 @@ def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from loralab.study.execute import Halving, run_study
     from loralab.study.spec import load_study
+    from loralab.study.store import TO_RUN
 
     # Expand once without a root to learn the study's name, then with its run directories.
     probe = load_study(args.study, quick=args.quick, model=args.model, data=args.data, overrides=args.overrides)
@@ -202,7 +203,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _emit(args, result, f"study {study.name}: {result['runs']} runs ({counts}); ran {result['ran']} in "
                         f"{result['wall_time_s']:.0f} s\ndatabase: {result['database']}\n"
                         f"next: loralab study status {study.name} --out {args.out}")
-    return 0 if not any(s in result["counts"] for s in ("pending", "interrupted")) else 1
+    return 0 if not any(s in result["counts"] for s in TO_RUN) else 1
 
 
 def parse_duration(text: str, key: str) -> float:

@@ -51,13 +51,13 @@ from loralab.config import config_from_dict
 from loralab.errors import ConfigError, LoralabError
 from loralab.paths import child_dir
 from loralab.study.spec import Study
-from loralab.study.store import TO_RUN, Store, metric_rows
+from loralab.study.store import FINAL, TO_RUN, Store, metric_rows
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
 # Summary statuses a run process ends with on its own (invalid: bad input found before step 1;
 # paused: train.stop_at_step reached, resumable with --resume).
-FINAL_SUMMARY = ("completed", "failed", "diverged", "out_of_memory", "invalid", "paused", "stopped_early")
+FINAL_SUMMARY = tuple(s for s in FINAL if s != "skipped")  # what a run's own summary.json can end with
 
 
 @dataclass
@@ -148,8 +148,9 @@ def log_tail(path: Path, lines: int = 6) -> str:
     return "\n".join(text[-lines:])
 
 
-def outcome(run_dir: Path, returncode: int) -> dict[str, Any]:
-    """What a finished run process left: status, summary, metric rows, error."""
+def outcome(run_dir: Path, returncode: int, log_path: Path | None = None) -> dict[str, Any]:
+    """What a finished run process left: status, summary, metric rows, error (its log's tail
+    when it left no final summary; ``log_path`` defaults to the run's train.log)."""
     summary: dict[str, Any] = {}
     with contextlib.suppress(OSError, json.JSONDecodeError):
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
@@ -162,7 +163,7 @@ def outcome(run_dir: Path, returncode: int) -> dict[str, Any]:
         sig = signal.Signals(-returncode).name if -returncode in signal.Signals.__members__.values() else str(-returncode)
         return {"status": "interrupted", "summary": summary, "metrics": rows, "returncode": returncode,
                 "error": f"the run process was killed by {sig} before it finished"}
-    tail = log_tail(run_dir / "train.log")
+    tail = log_tail(log_path or run_dir / "train.log")
     return {"status": "failed", "summary": summary, "metrics": rows, "returncode": returncode,
             "error": f"the run process exited with code {returncode} without a final summary: {tail}"}
 
@@ -308,7 +309,8 @@ def run_study(
         if fuse:
             from loralab.study.fuse import run_fused
 
-            run_fused(store, tasks, workers=workers, halving=halving, metric=study.metric, goal=study.goal)
+            run_fused(store, tasks, workers=workers, halving=halving, metric=study.metric, goal=study.goal,
+                      retries=retries, max_attempts=max_attempts)
         elif executor == "ray":
             from loralab.study.ray_exec import run_ray
 
@@ -416,17 +418,22 @@ def run_halving(
         for t in behind:
             t.stop_at_step = rung
         run_local(store, behind, workers=workers, retries=retries, max_attempts=max_attempts)
-        status = {r["id"]: r["status"] for r in store.runs(sid)}
-        paused = [t for t in alive if status[t.run_id] == "paused"]
+        rows = store.runs(sid)
+        status = {r["id"]: r["status"] for r in rows}
+        # Only runs paused at this very rung are ranked here: a restarted driver finds runs
+        # already promoted past it (paused later, or interrupted on the way) and they go on.
+        paused = [t for t in alive if status[t.run_id] == "paused" and _checkpoint_step(t.run_dir) == rung]
         values = {t.run_id: store.metric_at(t.run_id, metric, rung) for t in paused}
         ranked = sorted(paused, key=lambda t, values=values: _rank_key(values[t.run_id], goal))
-        keep = max(1, math.ceil(len(ranked) / halving.eta))
+        # Runs a stopped driver already cut at this rung still count, so a restart cuts no deeper.
+        cut_before = sum(1 for r in rows if r["status"] == "stopped_early" and r["stopped_at_step"] == rung)
+        keep = max(1, math.ceil((len(ranked) + cut_before) / halving.eta))
         for t in ranked[keep:]:
             store.finish(t.run_id, status="stopped_early", stopped_at_step=rung,
                          error=f"successive halving: {metric} {values[t.run_id]} at step {rung} was not in the best {keep} of {len(ranked)}")
         log.info("halving at step %d: %d of %d runs go on (%s)", rung, keep, len(ranked), ", ".join(t.name for t in ranked[:keep]))
-        # go on: the promoted runs, and runs too short to reach this rung that have not run yet
-        alive = ranked[:keep] + [t for t in alive if status[t.run_id] == "pending"]
+        # go on: the promoted runs, runs too short to reach this rung, runs a restart found past it
+        alive = ranked[:keep] + [t for t in alive if t not in paused and status[t.run_id] in (*TO_RUN, "paused")]
     for t in alive:
         t.stop_at_step = None
     run_local(store, alive, workers=workers, retries=retries, max_attempts=max_attempts)
@@ -441,5 +448,7 @@ def _rank_key(value: float | None, goal: str) -> float:
 
 def _checkpoint_step(run_dir: Path) -> int:
     """The step of a run directory's newest complete checkpoint (0 when it has none)."""
-    ckpt = resume_point(run_dir)
-    return int(ckpt.name.rsplit("-", 1)[-1]) if ckpt else 0
+    from loralab.train.checkpoint import checkpoint_root, complete_checkpoints
+
+    found = complete_checkpoints(checkpoint_root(run_dir))  # manifests only: no hashing per rung
+    return int(found[-1].name.rsplit("-", 1)[-1]) if found else 0

@@ -49,13 +49,13 @@ def fuse_groups(tasks: list[Task]) -> tuple[list[list[Task]], list[Task]]:
 
 
 def run_fused(store: Store, tasks: list[Task], *, workers: int, halving: Any = None,
-              metric: str = "eval_loss", goal: str = "min") -> None:
+              metric: str = "eval_loss", goal: str = "min", retries: int = 1, max_attempts: int = 3) -> None:
     """Fusable groups in one process each (``workers`` at a time), then the rest alone. With
     ``halving``, each group prunes itself at the rungs (runs that train alone are not pruned)."""
     prune_args = [f"--halving={halving.eta},{halving.min_steps},{metric},{goal}"] if halving else []
     fused, alone = fuse_groups(tasks)
     queue = list(fused)
-    active: list[tuple[subprocess.Popen, list[Task]]] = []
+    active: list[tuple[subprocess.Popen, list[Task], Any]] = []
     threads = max(1, (os.cpu_count() or 1) // workers)
     while queue or active:
         while queue and len(active) < workers:
@@ -65,19 +65,22 @@ def run_fused(store: Store, tasks: list[Task], *, workers: int, halving: Any = N
                 store.start(t.run_id, run_dir=str(t.run_dir), estimated=t.estimate)
                 t.attempts += 1
                 paths.append(str(prepare_run_dir(t.run_dir, t.config)))
-            logf = (group[0].run_dir / "fused.log").open("wb")
+            log_path = group[0].run_dir / "fused.log"
+            logf = log_path.open("wb")
             proc = subprocess.Popen([sys.executable, "-m", "loralab.study.fuse", *prune_args, *paths], stdout=logf,
                                     stderr=subprocess.STDOUT, env=loralab_env(threads), preexec_fn=_die_with_parent)
-            active.append((proc, group))
+            active.append((proc, group, logf))
         time.sleep(POLL_S)
-        for proc, group in list(active):
+        for entry in list(active):
+            proc, group, logf = entry
             rc = proc.poll()
             if rc is None:
                 continue
-            active.remove((proc, group))
-            for t in group:
-                record(store, t, outcome(t.run_dir, rc), max_attempts=3)
-    run_local(store, alone, workers=workers)
+            active.remove(entry)
+            logf.close()
+            for t in group:  # an interrupted group is run again by the next `study run`
+                record(store, t, outcome(t.run_dir, rc, Path(logf.name)), max_attempts=max_attempts)
+    run_local(store, alone, workers=workers, retries=retries, max_attempts=max_attempts)
 
 
 def main(argv: list[str]) -> int:
