@@ -166,6 +166,8 @@ def test_group_checks_name_the_key(tmp_path):
         check_group([a, make_cfg("builtin:tiny", tmp_path / "a", lora__r=4)])
     with pytest.raises(ConfigError, match="DoRA"):
         fuse_key(make_cfg("builtin:tiny", tmp_path / "d", lora__dora=True))
+    with pytest.raises(ConfigError, match="auto_micro_batch"):
+        fuse_key(make_cfg("builtin:tiny", tmp_path / "d", train__auto_micro_batch=True))
     with pytest.raises(ConfigError, match="at least one"):
         check_group([])
     from loralab.config import ModelConfig, QuantConfig
@@ -287,3 +289,15 @@ def test_halving_inside_a_fused_group(tmp_path):
     solo = train(make_cfg("builtin:tiny", tmp_path / "solo", train__lr=lrs[best], **kw))
     assert curve(tmp_path / f"lr{best}", "train_loss") == pytest.approx(curve(tmp_path / "solo", "train_loss"), rel=1e-4)
     assert out[best]["final_eval_loss"] == pytest.approx(solo["final_eval_loss"], rel=1e-4)
+
+
+def test_fused_packed_runs_equal_their_solo_packed_runs(tmp_path):
+    """data.packing lays out a fused step exactly as a solo step."""
+    kw = dict(lora__dropout=0.0, train__max_steps=3, train__batch_size=4, train__micro_batch_size=2,
+              train__warmup_steps=0, data__limit=24, data__val_max_examples=8, data__packing=True)
+    lrs = [1e-3, 3e-3]
+    fused = train_fused([make_cfg("builtin:tiny", tmp_path / f"f{i}", train__lr=lr, **kw) for i, lr in enumerate(lrs)])
+    for i, lr in enumerate(lrs):
+        solo = train(make_cfg("builtin:tiny", tmp_path / f"s{i}", train__lr=lr, **kw))
+        assert_same_run(tmp_path / f"s{i}", tmp_path / f"f{i}")
+        assert fused[i]["tokens_seen"] == solo["tokens_seen"]

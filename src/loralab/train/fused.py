@@ -47,6 +47,7 @@ from loralab.batched_lora import (
 )
 from loralab.config import Config, dump_config
 from loralab.data.dataset import IGNORE, Example, collate, load_splits
+from loralab.data.packing import step_batches
 from loralab.errors import ConfigError, LoralabError
 from loralab.models import load_base, pick_device
 from loralab.train.loop import (
@@ -87,7 +88,8 @@ def _hashable(value: Any) -> Any:
 def fuse_key(cfg: Config) -> tuple:
     """Runs with equal keys can be trained together by train_fused.
 
-    Raises ConfigError for a run that can never be fused (DoRA, checkpointing): train it alone.
+    Raises ConfigError for a run that can never be fused (DoRA, checkpointing, auto micro batch):
+    train it alone.
     """
     if cfg.lora.dora:
         raise ConfigError("lora.dora: DoRA runs cannot be fused (the batched LoRA layer has no "
@@ -95,6 +97,9 @@ def fuse_key(cfg: Config) -> tuple:
     for key in ("checkpoint_every", "stop_at_step"):  # resumable checkpoints are per solo run
         if getattr(cfg.train, key, None):
             raise ConfigError(f"train.{key}: fused runs do not checkpoint; train this run alone or set it to 0/null")
+    if cfg.train.auto_micro_batch:
+        raise ConfigError("train.auto_micro_batch: a fused group does not shrink its micro batch on out of memory; "
+                          "train this run alone or set it to false")
     return tuple(
         (f"{section}.{key}", _hashable(value))
         for section, values in cfg.to_dict().items()
@@ -166,7 +171,7 @@ class Prune:
 
 def stack_runs(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
     """n copies of a collated batch along the batch dimension: (n * batch, seq)."""
-    return {k: v.repeat(n, 1) for k, v in batch.items() if k != "labels"}
+    return {k: v.repeat(n, 1) for k, v in batch.items() if k not in ("labels", "n_tokens")}
 
 
 def fused_backward(model, routing: Routing, live: list[Member], batch: dict[str, torch.Tensor], *,
@@ -180,8 +185,9 @@ def fused_backward(model, routing: Routing, live: list[Member], batch: dict[str,
     with routing.rows([m.index for m in live], rows_each=rows):
         logits = forward_logits(model, stack_runs(batch, len(live)), autocast)  # (runs * rows, seq, vocab)
     losses = [token_loss_sum(logits[j * rows:(j + 1) * rows], batch["labels"]) / n_loss for j in range(len(live))]
-    torch.stack(losses).sum().backward()
-    return [loss.item() for loss in losses]
+    stacked = torch.stack(losses)
+    stacked.sum().backward()
+    return stacked.tolist()
 
 
 @torch.no_grad()
@@ -253,14 +259,19 @@ def fit_fused(cfgs: list[Config], run_dirs: list[Path], *, record: Callable[...,
             break
         t0 = time.perf_counter()
         group = [next(stream) for _ in range(cfg.grad_accum)]
-        batches = [collate([splits.train[i] for i in idx], pad_id, device) for _, idx in group]
+        # The same layout as a solo run's step (padded, length-grouped or packed): same maths.
+        batches = step_batches([splits.train[i] for _, idx in group for i in idx],
+                               micro_batch_size=cfg.train.micro_batch_size, row_len=cfg.data.max_seq_length,
+                               pad_id=pad_id, device=device, packing=cfg.data.packing,
+                               group_by_length=cfg.train.group_by_length)
         n_loss = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         step_loss = [0.0] * len(live)
         for batch in batches:
             losses = fused_backward(base, routing, live, batch, n_loss=n_loss, autocast=cfg.train.autocast)
             step_loss = [a + b for a, b in zip(step_loss, losses, strict=True)]
+            tokens = int(batch["n_tokens"])
             for m in live:
-                m.tokens_seen += int(batch["attention_mask"].sum())
+                m.tokens_seen += tokens
         stepped, grad_norms = [], {}
         for m, loss in zip(live, step_loss, strict=True):
             grad_norm = torch.nn.utils.clip_grad_norm_(m.params, m.cfg.train.grad_clip or float("inf"))
