@@ -242,3 +242,19 @@ def test_sigkill_at_random_points(reference, model_dir, tmp_path):
     train(run_cfg(model_dir, out, train__checkpoint_every=1, train__keep_last=2), resume=True)
     assert_same_run(out, reference)
     assert len(complete_checkpoints(out / "checkpoints")) <= 2
+
+
+def test_checkpoint_keeps_nan_scores(tmp_path):
+    """A NaN eval value (e.g. a task with nothing scorable) is stored and read back, not a crash."""
+    import math
+
+    from loralab.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    state = TrainState(step=2, micro_batch_size=1, eval_loss=float("nan"), task_history={"t/mc1": [0.5, float("nan")]})
+    ckpt = save_checkpoint(tmp_path, state, model=model, opt=opt, sched=sched, keep_last=1)
+    back = load_checkpoint(ckpt, model=model, opt=opt, sched=sched)
+    assert back.step == 2 and math.isnan(back.eval_loss)
+    assert back.task_history["t/mc1"][0] == 0.5 and math.isnan(back.task_history["t/mc1"][1])

@@ -101,7 +101,8 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=1, allow_nan=False))
+    # NaN stays NaN (a task score or an eval loss can be NaN); Python's json reads it back.
+    _write_text(path, json.dumps(obj, indent=1))
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
