@@ -301,3 +301,18 @@ def test_fused_packed_runs_equal_their_solo_packed_runs(tmp_path):
         solo = train(make_cfg("builtin:tiny", tmp_path / f"s{i}", train__lr=lr, **kw))
         assert_same_run(tmp_path / f"s{i}", tmp_path / f"f{i}")
         assert fused[i]["tokens_seen"] == solo["tokens_seen"]
+
+
+def test_fused_rerun_into_the_same_directories_starts_clean(tmp_path):
+    kw = dict(lora__dropout=0.0, train__max_steps=2, train__batch_size=4, train__micro_batch_size=4, data__limit=16,
+              data__val_max_examples=4)
+
+    def cfgs():
+        return [make_cfg("builtin:tiny", tmp_path / f"r{i}", train__lr=lr, **kw) for i, lr in enumerate((1e-3, 2e-3))]
+
+    train_fused(cfgs())
+    first = [metrics(tmp_path / f"r{i}") for i in range(2)]
+    (tmp_path / "r0" / "checkpoints" / "step-000001").mkdir(parents=True)  # left by an earlier solo run
+    train_fused(cfgs())
+    assert [metrics(tmp_path / f"r{i}") for i in range(2)] == first  # replaced, not appended to
+    assert not (tmp_path / "r0" / "checkpoints").exists()

@@ -53,6 +53,7 @@ from loralab.models import load_base, pick_device
 from loralab.train.loop import (
     MetricsWriter,
     best_of,
+    clear_run_outputs,
     default_run_dir,
     forward_logits,
     halving_rungs,
@@ -392,6 +393,7 @@ def prepare_run_dirs(cfgs: list[Config]) -> list[Path]:
     for k, cfg in enumerate(cfgs):
         run_dir = Path(cfg.output.dir) if cfg.output.dir else stem.with_name(f"{stem.name}-{k}")
         run_dir.mkdir(parents=True, exist_ok=True)
+        clear_run_outputs(run_dir)
         cfg.output.dir = str(run_dir)
         dump_config(cfg, run_dir / "config.yaml")
         dirs.append(run_dir)

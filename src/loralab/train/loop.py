@@ -273,6 +273,15 @@ def trim_metrics(path: Path, last_step: int) -> None:
     tmp.replace(path)
 
 
+def clear_run_outputs(run_dir: Path) -> None:
+    """What an earlier run left in ``run_dir`` that a fresh run must not inherit: checkpoints
+    (never to be resumed), metric lines (never to be appended to) and the adapter (never to
+    stand for this run if it fails)."""
+    shutil.rmtree(checkpoint_root(run_dir), ignore_errors=True)
+    shutil.rmtree(run_dir / "adapter", ignore_errors=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+
 def start_state(cfg: Config, run_dir: Path, *, resume: bool, model, opt, sched) -> tuple[TrainState, Path | None]:
     """A fresh state, or the newest complete checkpoint's when resuming."""
     if resume and checkpoint_root(run_dir).is_dir():
@@ -486,8 +495,8 @@ def train(cfg: Config, *, show_progress: bool = False, keep_model: bool = False,
             return previous
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.output.dir = str(run_dir)
-    if not resume:  # a fresh run: checkpoints of an earlier run here must never be resumed
-        shutil.rmtree(checkpoint_root(run_dir), ignore_errors=True)
+    if not resume:
+        clear_run_outputs(run_dir)
     dump_config(cfg, run_dir / "config.yaml")
     summary: dict[str, Any] = {"status": "running", "error": None, "run_dir": str(run_dir), "versions": versions(),
                                "trust_remote_code": cfg.model.trust_remote_code}
