@@ -34,10 +34,10 @@ from pathlib import Path
 import yaml
 
 from loralab.errors import LoralabError
+from loralab.evaluate.metrics import Z95
 from loralab.evaluate.tasks import BUILTIN, Task, resolve_tasks
 
 log = logging.getLogger(__name__)
-Z95 = 1.96
 INSTALL_HINT = "lm-evaluation-harness is not installed: pip install loralab[harness]"
 
 

@@ -29,10 +29,11 @@ from typing import Any
 
 from loralab.errors import LoralabError
 from loralab.study import stats
+from loralab.study.spec import FINDING_KINDS
 
 SEED_KEY = "train.seed"
 NO_REPEATS = "no repeats: differences cannot be separated from seed noise"
-KINDS = ("axis_effect", "trend_within", "equivalence", "cost", "spread", "pareto")
+KINDS = tuple(FINDING_KINDS)
 
 
 @dataclass
@@ -186,10 +187,6 @@ def fmt_value(value: Any) -> str:
     if isinstance(value, list):
         return ",".join(map(fmt_value, value))
     return str(value)
-
-
-def fmt(x: float | None, digits: int = 4) -> str:
-    return "n/a" if x is None else f"{x:.{digits}g}"
 
 
 def config_key(run: Run) -> tuple:
@@ -630,11 +627,9 @@ def default_findings(data: StudyData) -> list[dict[str, Any]]:
 def run_finding(data: StudyData, spec: dict[str, Any]) -> dict[str, Any]:
     kind = spec.get("kind")
     axis = spec.get("axis")
-    needs = {"axis_effect": ["axis"], "trend_within": ["axis", "within"], "equivalence": ["axis", "reference"],
-             "cost": ["axis", "baseline"], "spread": [], "pareto": []}
-    if kind not in needs:
+    if kind not in FINDING_KINDS:
         return {"kind": str(kind), "text": f"unknown findings kind {kind!r} (known: {', '.join(KINDS)})"}
-    missing = [k for k in needs[kind] if k not in spec]
+    missing = [k for k in FINDING_KINDS[kind] if k not in spec]
     if missing:
         return {"kind": kind, "text": f"{kind} needs {', '.join(missing)}; this finding was skipped."}
     for key in ("axis", "within"):

@@ -10,6 +10,7 @@ freedom, the Cornish-Fisher expansion A&S 26.7.5).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from statistics import NormalDist
@@ -39,6 +40,7 @@ def t_two_sided_prob(t: float, df: int) -> float:
     return min(1.0, s * total)
 
 
+@functools.lru_cache(maxsize=256)  # called with the same (0.975, df) for every comparison
 def t_quantile(p: float, df: int) -> float:
     """The ``p`` quantile of Student's t (p in (0.5, 1)), e.g. t_quantile(0.975, 4) = 2.776."""
     if not 0.5 < p < 1:
@@ -103,12 +105,6 @@ def mean_interval(xs: Sequence[float], level: float = 0.95) -> tuple[float, floa
     m = mean(xs)
     half = t_quantile(0.5 + level / 2, len(xs) - 1) * sample_sd(xs) / math.sqrt(len(xs))
     return m, m - half, m + half
-
-
-def diff_half_width(sd: float, df: int, n_a: int, n_b: int, level: float = 0.95) -> float:
-    """Half-width of the interval of a difference of two means of n_a and n_b runs,
-    with the noise ``sd`` (pooled over repeats, ``df`` degrees of freedom)."""
-    return t_quantile(0.5 + level / 2, df) * sd * math.sqrt(1 / n_a + 1 / n_b)
 
 
 def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
