@@ -46,7 +46,7 @@ from loralab.batched_lora import (
     trained_weights,
 )
 from loralab.config import Config, dump_config
-from loralab.data.dataset import IGNORE, Example, collate, load_splits
+from loralab.data.dataset import IGNORE, Example, collate
 from loralab.data.packing import step_batches
 from loralab.errors import ConfigError, LoralabError
 from loralab.models import load_base, pick_device
@@ -57,6 +57,7 @@ from loralab.train.loop import (
     default_run_dir,
     forward_logits,
     halving_rungs,
+    load_data_and_tasks,
     micro_batches,
     plan_steps,
     progress,
@@ -232,12 +233,7 @@ def fit_fused(cfgs: list[Config], run_dirs: list[Path], *, record: Callable[...,
     members = [Member(k, c, d, initial_adapter(base, c.lora, seed=c.train.seed))
                for k, (c, d) in enumerate(zip(cfgs, run_dirs, strict=True))]
     routing = install(base, [m.init.weights for m in members])
-    splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed)
-    tasks = []
-    if cfg.eval.tasks:
-        from loralab.evaluate.tasks import resolve_tasks
-
-        tasks = resolve_tasks(",".join(cfg.eval.tasks), cfg.eval.limit)
+    splits, tasks = load_data_and_tasks(cfg, base, tokenizer)
     steps = plan_steps(cfg, len(splits.train))
     rungs = set(prune.rungs(steps)) if prune is not None else set()
     for m in members:

@@ -204,17 +204,24 @@ def prepare(cfg: Config) -> Setup:
     model = attach_lora(base, cfg.lora, seed=cfg.train.seed)
     trainable, total = count_params(model)
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    splits, tasks = load_data_and_tasks(cfg, model, tokenizer)
+    return Setup(model, tokenizer, splits, tasks, device, trainable, total)
+
+
+def load_data_and_tasks(cfg: Config, model, tokenizer) -> tuple[Splits, list]:
+    """The run's splits, checked against the model's context, and its evaluation tasks
+    (resolved before training, so a bad task file fails at once)."""
     splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed)
     check_context(cfg, model, splits)
     if splits.truncated_to_nothing:
         log.warning("%d examples lost every response token to truncation at max_seq_length=%d and were skipped",
                     splits.truncated_to_nothing, cfg.data.max_seq_length)
     tasks = []
-    if cfg.eval.tasks:  # resolved before training, so a bad task file fails at once
+    if cfg.eval.tasks:
         from loralab.evaluate.tasks import resolve_tasks
 
         tasks = resolve_tasks(",".join(cfg.eval.tasks), cfg.eval.limit)
-    return Setup(model, tokenizer, splits, tasks, device, trainable, total)
+    return splits, tasks
 
 
 def check_context(cfg: Config, model, splits: Splits) -> None:
