@@ -180,10 +180,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from loralab.study.spec import load_study
     from loralab.study.store import TO_RUN
 
-    # Expand once without a root to learn the study's name, then with its run directories.
-    probe = load_study(args.study, quick=args.quick, model=args.model, data=args.data, overrides=args.overrides)
-    root = study_root(args.out, probe.name)
-    study = load_study(args.study, quick=args.quick, model=args.model, data=args.data, overrides=args.overrides, root=root)
+    study = load_study(args.study, quick=args.quick, model=args.model, data=args.data, overrides=args.overrides)
+    root = study_root(args.out, study.name)
+    study.place(root)
     if args.dry_run:
         rows = [{"name": r.name, **r.axes} for r in study.runs]
         _emit(args, {"study": study.name, "root": str(root), "runs": rows},

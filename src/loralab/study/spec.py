@@ -70,6 +70,11 @@ class Study:
     quick: bool = False
     runs: list[RunSpec] = field(default_factory=list)
 
+    def place(self, root: Path) -> None:
+        """Put every run's directory under ``root`` (output.dir = root/<run name>)."""
+        for run in self.runs:
+            run.config["output"]["dir"] = str(Path(root) / run.name)
+
     def to_json(self) -> dict[str, Any]:
         """The resolved study as stored in studies.spec_json."""
         return {"name": self.name, "description": self.description, "question": self.question,
@@ -478,7 +483,9 @@ def load_study(
         tied={k: e for k, (e, _) in tied.items()}, seeds=seeds,
         findings=_check_findings(raw.get("findings"), axes, where), source=label, quick=quick,
     )
-    study.runs = expand(study, {k: t for k, (_, t) in tied.items()}, where, root=root)
+    study.runs = expand(study, {k: t for k, (_, t) in tied.items()}, where)
+    if root is not None:
+        study.place(root)
     return study
 
 
@@ -497,7 +504,7 @@ def _base_config(raw: dict[str, Any], where: _Where, base_dir: Path | None) -> d
     return copy.deepcopy(base)
 
 
-def expand(study: Study, tied: dict[str, ast.Expression], where: _Where, *, root: Path | None = None) -> list[RunSpec]:
+def expand(study: Study, tied: dict[str, ast.Expression], where: _Where) -> list[RunSpec]:
     """The cross product of the axes (in file order), tied values filled in, configs checked."""
     keys = list(study.axes)
     runs: list[RunSpec] = []
@@ -519,8 +526,6 @@ def expand(study: Study, tied: dict[str, ast.Expression], where: _Where, *, root
         else:
             seen[name] = 1
         check_name(name, what="run name")
-        if root is not None:
-            set_key(raw, "output.dir", str(Path(root) / name))
         try:
             cfg = config_from_dict(raw, source=f"{study.source} (run {name})")
         except ConfigError as exc:
