@@ -142,6 +142,19 @@ def test_auto_micro_batch_halves_until_it_fits(model_dir, cfg_factory, monkeypat
     assert state["micro_batches"] == state["step"] * 4  # the data position counted at that size
 
 
+def test_auto_micro_batch_keeps_whole_micro_batches_per_step(model_dir, cfg_factory, monkeypatch):
+    """Global batch 15 at micro batch 5: halving to 2 would make steps of 14 examples; the
+    largest divisor of 15 at most 2 is 1."""
+    reference = train(cfg_factory(model_dir, **{**RUN, "train__batch_size": 15, "train__micro_batch_size": 1}))
+    cfg = cfg_factory(model_dir, **{**RUN, "train__batch_size": 15, "train__micro_batch_size": 5},
+                      train__auto_micro_batch="true")
+    oom_above(monkeypatch, 2)
+    summary = train(cfg)
+    assert summary["status"] == "completed" and summary["micro_batch_size"] == 1
+    assert summary["micro_batch_changes"] == [{"step": 1, "from": 5, "to": 1}]
+    assert summary["tokens_seen"] == reference["tokens_seen"]  # 15 examples a step, as planned
+
+
 # ----------------------------------------------------------------------------- disk full
 
 

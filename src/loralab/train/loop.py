@@ -314,14 +314,17 @@ def stream_from(n_train: int, data_cfg: Config, *, skip: int):
 
 
 def halve_micro_batch(data_cfg: Config, state: TrainState, *, done: int, n_train: int):
-    """After an out-of-memory error: half the micro batch, twice the accumulation, the stream
+    """After an out-of-memory error: at most half the micro batch, more accumulation, the stream
     repositioned after ``done`` steps. Recorded in the state (and so in checkpoints and summary)."""
     micro = data_cfg.train.micro_batch_size
-    data_cfg.train.micro_batch_size = state.micro_batch_size = micro // 2
-    state.micro_batch_changes.append({"step": done + 1, "from": micro, "to": micro // 2})
+    # The largest divisor of the global batch at most half the old micro batch: whole micro
+    # batches still make up each step, so the maths is unchanged.
+    smaller = max(d for d in range(1, micro // 2 + 1) if data_cfg.train.batch_size % d == 0)
+    data_cfg.train.micro_batch_size = state.micro_batch_size = smaller
+    state.micro_batch_changes.append({"step": done + 1, "from": micro, "to": smaller})
     state.micro_batches = done * data_cfg.grad_accum
     log.warning("out of memory at step %d with micro batch %d: retrying with %d (accumulation %d)",
-                done + 1, micro, micro // 2, data_cfg.grad_accum)
+                done + 1, micro, smaller, data_cfg.grad_accum)
     return stream_from(n_train, data_cfg, skip=state.micro_batches)
 
 
