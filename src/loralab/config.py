@@ -101,7 +101,7 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "Write a resumable checkpoint every N optimizer steps (0 = off).", ge=0)
     keep_last: int = _f(2, "Keep only the newest N checkpoints.", gt=0)
     stop_at_step: int | None = _f(None, "Pause after this step: checkpoint, status paused; --resume continues on the full run's schedule.", gt=0)
-    auto_micro_batch: bool = _f(False, "On out-of-memory, halve micro_batch_size and double accumulation (global batch unchanged) and retry.")
+    auto_micro_batch: bool = _f(False, "On out-of-memory, shrink micro_batch_size to the largest divisor of batch_size at most half of it, accumulate more (global batch unchanged) and retry.")
 
 
 @dataclass
