@@ -186,7 +186,8 @@ def worker_loralab(spec: dict) -> dict:
     return {"side": "loralab", "useful_tokens": s["tokens_seen"], "train_time_s": s["train_time_s"],
             "tokens_per_s": s["tokens_per_s"], "train_cpu_time_s": s["train_cpu_time_s"],
             "tokens_per_cpu_s": s["tokens_seen"] / s["train_cpu_time_s"], "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "final_eval_loss": s["final_eval_loss"], "steps": s["steps"], "trainable_params": s["trainable_params"]}
+            "final_eval_loss": s["final_eval_loss"], "steps": s["steps"], "trainable_params": s["trainable_params"],
+            "packed_attention": s["packed_attention"]}
 
 
 def worker_matmul(spec: dict) -> dict:

@@ -51,7 +51,11 @@ def assert_same_run(solo_dir, fused_dir) -> None:
     assert sorted(sa) == sorted(sb)
     for k in sa:
         assert sa[k].shape == sb[k].shape, k
-        assert (sa[k] - sb[k]).abs().max().item() <= 1e-5, k
+        # Rounding only: matmuls over K runs' rows round differently from one run's, and Adam's
+        # normalised step turns rounding-sized differences in tiny gradients into weight
+        # differences. The scale: the same solo run with the output head computed at every
+        # position instead of only at label positions ends up to 7.5e-5 apart (the rsLoRA variant).
+        assert (sa[k] - sb[k]).abs().max().item() <= 2e-4, k
     ca = json.loads((Path(solo_dir) / "adapter" / "adapter_config.json").read_text())
     cb = json.loads((Path(fused_dir) / "adapter" / "adapter_config.json").read_text())
     assert ca == cb
@@ -118,7 +122,7 @@ def test_fused_adapter_loads_in_peft_with_solo_logits(solo_and_fused):
     with torch.no_grad():
         plain = base(input_ids=ids).logits
     assert (logits["fused"] - plain).abs().max().item() > 1e-3  # the adapter changes the output
-    assert (logits["fused"] - logits["solo"]).abs().max().item() <= 1e-5
+    assert (logits["fused"] - logits["solo"]).abs().max().item() <= 1e-4  # the adapters differ by rounding (see assert_same_run)
 
 
 def test_initial_adapter_is_peft_init_and_leaves_base_unchanged():

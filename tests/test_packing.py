@@ -114,16 +114,101 @@ def _run(cfg_factory, data, **kw):
 
 
 @pytest.mark.parametrize("train_on_prompt", [False, True])
-def test_packed_and_grouped_training_follow_the_padded_loss_curve(cfg_factory, small_alpaca_file, train_on_prompt):
+def test_packed_and_grouped_training_follow_the_padded_loss_curve(cfg_factory, small_alpaca_file, train_on_prompt,
+                                                                  monkeypatch):
+    import loralab.train.loop as loop
+
     data = small_alpaca_file(varied_records(40))
     kw = {"data__train_on_prompt": train_on_prompt}
     padded, base = _run(cfg_factory, data, **kw)
     packed, pk = _run(cfg_factory, data, data__packing=True, **kw)
     grouped, gr = _run(cfg_factory, data, train__group_by_length=True, **kw)
-    assert len(base) == len(pk) == len(gr) == 4
+    monkeypatch.setattr(loop, "supports_segments", lambda model: False)  # as for a model that fails the check
+    masked, mk = _run(cfg_factory, data, data__packing=True, **kw)
+    assert (packed["packed_attention"], masked["packed_attention"], padded["packed_attention"]) == (
+        "per_example", "block_mask", None)
+    assert len(base) == len(pk) == len(gr) == len(mk) == 4
     assert base[-1] < base[0]  # it trains: the curve moves, so equality below means something
-    for a, b, c in zip(base, pk, gr, strict=True):
-        assert abs(b - a) <= 1e-4 * abs(a)
-        assert abs(c - a) <= 1e-4 * abs(a)
-    assert abs(packed["final_eval_loss"] - padded["final_eval_loss"]) <= 1e-4 * padded["final_eval_loss"]
-    assert packed["tokens_seen"] == padded["tokens_seen"] == grouped["tokens_seen"]
+    for a, *others in zip(base, pk, gr, mk, strict=True):
+        assert all(abs(b - a) <= 1e-4 * abs(a) for b in others)
+    for run in (packed, masked):
+        assert abs(run["final_eval_loss"] - padded["final_eval_loss"]) <= 1e-4 * padded["final_eval_loss"]
+    assert packed["tokens_seen"] == padded["tokens_seen"] == grouped["tokens_seen"] == masked["tokens_seen"]
+
+
+def test_segment_batches_hold_whole_examples_end_to_end_without_padding():
+    examples = [Example(list(range(10, 10 + n)), [IGNORE] + list(range(11, 10 + n))) for n in (100, 60, 40, 30, 20, 10, 10, 5)]
+    batches = step_batches(examples, micro_batch_size=1, row_len=128, pad_id=2, device=CPU, packing=True, segments=True)
+    assert all(b["input_ids"].shape[0] == 1 for b in batches)
+    assert all(b["input_ids"].shape[1] == int(b["n_tokens"]) <= 128 for b in batches)  # no padding, within budget
+    assert sum(int(b["n_tokens"]) for b in batches) == 275
+    seen = []
+    for b in batches:
+        bounds = b["segments"]
+        assert bounds[0] == 0 and bounds[-1] == b["input_ids"].shape[1]
+        for s, t in zip(bounds, bounds[1:]):
+            assert b["position_ids"][0, s:t].tolist() == list(range(t - s))
+            assert b["labels"][0, s] == IGNORE  # never predicted from the previous example
+            seen.append(b["input_ids"][0, s:t].tolist())
+    assert sorted(seen) == sorted(e.input_ids for e in examples)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])  # grouped-query attention, a Qwen bias, absolute positions
+def test_per_example_attention_gives_each_example_its_logits_alone(tiny_model_dir, arch):
+    from transformers import AutoModelForCausalLM
+
+    from loralab.data.packing import collate_segments
+    from loralab.train.attention import segment_attention
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir(arch))).eval()
+    g = torch.Generator().manual_seed(0)
+    examples = [Example(torch.randint(3, 1000, (n,), generator=g).tolist(), [IGNORE] * n) for n in (40, 7, 23, 1, 64)]
+    batch = collate_segments(examples, CPU)
+    with torch.no_grad(), segment_attention(model):
+        packed = model(**model_inputs(batch)).logits[0]
+    with torch.no_grad():
+        crossed = model(input_ids=batch["input_ids"]).logits[0]  # the row as one long example: attends across
+        for e, s, t in zip(examples, batch["segments"], batch["segments"][1:]):
+            alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
+            assert torch.allclose(packed[s:t], alone, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(crossed[40:], packed[40:], atol=1e-3)  # so the comparison above can fail
+
+
+def test_models_whose_attention_is_more_than_a_causal_softmax_keep_block_masks(cfg_factory):
+    import transformers as tf
+    from transformers import AutoModelForCausalLM
+
+    from loralab.train.attention import supports_segments
+    from loralab.train.loop import packed_attention
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1280)
+    torch.manual_seed(0)
+    softcapped = AutoModelForCausalLM.from_config(tf.Gemma2Config(head_dim=8, **small))
+    windowed = AutoModelForCausalLM.from_config(tf.MistralConfig(sliding_window=4, **small))
+    plain = AutoModelForCausalLM.from_config(tf.MistralConfig(sliding_window=None, **small))
+    assert not supports_segments(softcapped)  # attention logit soft-capping
+    assert not supports_segments(windowed)  # an example longer than the window
+    assert supports_segments(plain)
+    cfg = cfg_factory("builtin:tiny", data__packing=True, data__max_seq_length=64)
+    assert packed_attention(cfg, plain) == "per_example"
+    assert packed_attention(cfg, AutoModelForCausalLM.from_config(tf.MistralConfig(sliding_window=32, **small))) == "block_mask"
+    assert packed_attention(cfg_factory("builtin:tiny"), plain) is None  # not packed
+
+
+def test_the_loss_needs_logits_at_label_positions_only():
+    import torch.nn.functional as F
+
+    from loralab.data.dataset import collate
+    from loralab.train.loop import keeps_logits, label_positions, response_loss_sum
+
+    cfg = load_config(None, ["model.device=cpu"])
+    model, tok = load_base(cfg.model, cfg.quant)
+    examples = load_splits(cfg.data, tok, seed=0).train[:5]
+    batch = collate(examples, tok.pad_token_id, CPU)
+    positions = label_positions(batch["labels"])
+    assert keeps_logits(model) and 0 < len(positions) < batch["input_ids"].shape[1] - 1  # prompts are skipped
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        full = F.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum")
+        assert torch.allclose(response_loss_sum(model, batch, "none"), full, rtol=1e-5)

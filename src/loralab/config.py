@@ -76,7 +76,7 @@ class DataConfig:
     max_response_chars: int | None = _f(None, "Drop examples whose response is longer (characters); 800 with min 201 is the seeds' 'hard' Text-to-SQL subset.", gt=0)
     limit: int | None = _f(None, "Use only the first N training examples (after the split).", gt=0)
     shuffle: bool = _f(True, "Shuffle the training examples each epoch (seeded).")
-    packing: bool = _f(False, "Pack each step's examples into rows of max_seq_length tokens (attention kept inside each example); same maths, less padding.")
+    packing: bool = _f(False, "Pack each step's examples end to end, up to micro_batch_size x max_seq_length tokens per forward, attention kept inside each example (one attention call per example where the model allows, else a block mask); same maths, no padding.")
 
 
 @dataclass

@@ -11,17 +11,25 @@ in every layout; only float rounding differs.
   to the longest example of the micro batch.
 * ``group_by_length``: the step's examples sorted by length before they are cut into micro
   batches, so examples of similar length share a micro batch and little is padded.
-* ``packing``: examples placed whole into rows (first fit, longest first) as long as the
-  step's longest example (at most ``row_len``), as many rows per forward as fit in
-  ``micro_batch_size * row_len`` tokens. Each example's position ids restart
-  at 0 and no 2D attention mask is passed, which transformers (>= 4.54) reads as packed
+* ``packing`` with ``segments`` (models that pass ``loralab.train.attention.supports_segments``):
+  each forward is one row of whole examples end to end, no padding at all, filled first fit
+  (longest first) up to ``micro_batch_size * row_len`` tokens; position ids restart at 0 for
+  every example and the batch carries the examples' boundaries, so attention runs per example
+  (``loralab.train.attention``) and nothing is computed across examples or on padding.
+* ``packing`` without ``segments`` (any other model): examples placed whole into rows (first
+  fit, longest first) as long as the step's longest example (at most ``row_len``), as many rows
+  per forward as fit in ``micro_batch_size * row_len`` tokens. Each example's position ids
+  restart at 0 and no 2D attention mask is passed, which transformers (>= 4.54) reads as packed
   sequences and turns into a block-diagonal causal mask for sdpa, eager and flash attention,
-  so no token attends across an example boundary. A forward holds at most
-  ``micro_batch_size * row_len`` tokens, the memory bound of an unpacked micro batch of
-  full-length examples, with far less padding and fewer, larger matmuls.
+  so no token attends across an example boundary; the masked blocks are computed and thrown away.
+
+A packed forward holds at most ``micro_batch_size * row_len`` tokens, the memory bound of an
+unpacked micro batch of full-length examples, with far less padding and fewer, larger matmuls.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -73,20 +81,40 @@ def collate_packed(rows: list[list[Example]], pad_id: int, device: torch.device)
             "n_tokens": torch.tensor(n_tokens)}
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keyword arguments for the model's forward: a packed batch has no attention mask."""
+def collate_segments(examples: list[Example], device: torch.device) -> dict:
+    """One row of ``examples`` end to end: input_ids, position_ids, labels (1, tokens), and
+    ``segments``, the examples' boundaries (0, n1, n1 + n2, ...). As in collate_packed, each
+    example's first label is IGNORE (it would be predicted from the previous example)."""
+    ids = [t for e in examples for t in e.input_ids]
+    labels = [t for e in examples for t in (IGNORE, *e.labels[1:])]
+    pos = [p for e in examples for p in range(len(e.input_ids))]
+    return {"input_ids": torch.tensor([ids], device=device), "position_ids": torch.tensor([pos], device=device),
+            "labels": torch.tensor([labels], device=device), "n_tokens": torch.tensor(len(ids)),
+            "segments": tuple(itertools.accumulate((len(e.input_ids) for e in examples), initial=0))}
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keyword arguments for the model's forward: a packed batch has no attention mask,
+    a batch of segments also passes the examples' boundaries to loralab's attention."""
+    if "segments" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+                "loralab_segments": batch["segments"]}
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def step_batches(examples: list[Example], *, micro_batch_size: int, row_len: int, pad_id: int,
-                 device: torch.device, packing: bool = False, group_by_length: bool = False) -> list[dict[str, torch.Tensor]]:
+                 device: torch.device, packing: bool = False, segments: bool = False,
+                 group_by_length: bool = False) -> list[dict]:
     """The micro batches of one optimizer step (see the module docstring for the layouts)."""
+    lengths = [len(e.input_ids) for e in examples]
+    if packing and segments:
+        forwards = pack_rows(lengths, micro_batch_size * row_len)
+        return [collate_segments([examples[i] for i in forward], device) for forward in forwards]
     if packing:
         # Rows as long as the step's longest example: attention is computed over whole rows
         # (masked blocks included), so rows longer than needed cost work that is thrown away.
-        lengths = [len(e.input_ids) for e in examples]
         width = min(row_len, max(lengths))
         per_forward = max(1, micro_batch_size * row_len // width)  # same token bound as unpacked
         rows = [[examples[i] for i in row] for row in pack_rows(lengths, width)]

@@ -57,8 +57,10 @@ from loralab.train.loop import (
     default_run_dir,
     forward_logits,
     halving_rungs,
+    label_positions,
     load_data_and_tasks,
     micro_batches,
+    packed_attention,
     plan_steps,
     progress,
     run_eval_tasks,
@@ -171,9 +173,11 @@ class Prune:
         return value if self.goal == "min" else -value
 
 
-def stack_runs(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-    """n copies of a collated batch along the batch dimension: (n * batch, seq)."""
-    return {k: v.repeat(n, 1) for k, v in batch.items() if k not in ("labels", "n_tokens")}
+def stack_runs(batch: dict, n: int) -> dict:
+    """n copies of a collated batch along the batch dimension: (n * batch, seq); a packed
+    batch's example boundaries are the same in every copy."""
+    return {k: v.repeat(n, 1) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items() if k not in ("labels", "n_tokens")}
 
 
 def fused_backward(model, routing: Routing, live: list[Member], batch: dict[str, torch.Tensor], *,
@@ -184,9 +188,11 @@ def fused_backward(model, routing: Routing, live: list[Member], batch: dict[str,
     tokens, as in loop.fit; adapters are disjoint, so each run's gradients are its own.
     """
     rows = batch["input_ids"].shape[0]
+    positions = label_positions(batch["labels"])
     with routing.rows([m.index for m in live], rows_each=rows):
-        logits = forward_logits(model, stack_runs(batch, len(live)), autocast)  # (runs * rows, seq, vocab)
-    losses = [token_loss_sum(logits[j * rows:(j + 1) * rows], batch["labels"]) / n_loss for j in range(len(live))]
+        logits = forward_logits(model, stack_runs(batch, len(live)), autocast, positions)  # (runs * rows, positions, vocab)
+    losses = [token_loss_sum(logits[j * rows:(j + 1) * rows], batch["labels"], positions) / n_loss
+              for j in range(len(live))]
     stacked = torch.stack(losses)
     stacked.sum().backward()
     return stacked.tolist()
@@ -204,10 +210,11 @@ def evaluate_losses(model, routing: Routing, runs: list[int], examples: list[Exa
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i:i + batch_size], pad_id, device)
         rows = batch["input_ids"].shape[0]
+        positions = label_positions(batch["labels"])
         with routing.rows(runs, rows_each=rows):
-            logits = forward_logits(model, stack_runs(batch, len(runs)), autocast)
+            logits = forward_logits(model, stack_runs(batch, len(runs)), autocast, positions)
         for j in range(len(runs)):
-            totals[j] += token_loss_sum(logits[j * rows:(j + 1) * rows], batch["labels"]).item()
+            totals[j] += token_loss_sum(logits[j * rows:(j + 1) * rows], batch["labels"], positions).item()
         count += int((batch["labels"][:, 1:] != IGNORE).sum())
     model.train(was_training)
     return [t / max(1, count) for t in totals]
@@ -232,6 +239,7 @@ def fit_fused(cfgs: list[Config], run_dirs: list[Path], *, record: Callable[...,
     base, tokenizer = load_base(cfg.model, cfg.quant)
     members = [Member(k, c, d, initial_adapter(base, c.lora, seed=c.train.seed))
                for k, (c, d) in enumerate(zip(cfgs, run_dirs, strict=True))]
+    attention = packed_attention(cfg, base)  # a property of the base model, checked before the adapters go in
     routing = install(base, [m.init.weights for m in members])
     splits, tasks = load_data_and_tasks(cfg, base, tokenizer)
     steps = plan_steps(cfg, len(splits.train))
@@ -260,7 +268,7 @@ def fit_fused(cfgs: list[Config], run_dirs: list[Path], *, record: Callable[...,
         batches = step_batches([splits.train[i] for _, idx in group for i in idx],
                                micro_batch_size=cfg.train.micro_batch_size, row_len=cfg.data.max_seq_length,
                                pad_id=pad_id, device=device, packing=cfg.data.packing,
-                               group_by_length=cfg.train.group_by_length)
+                               segments=attention == "per_example", group_by_length=cfg.train.group_by_length)
         n_loss = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         step_loss = [0.0] * len(live)
         for batch in batches:
@@ -311,7 +319,7 @@ def fit_fused(cfgs: list[Config], run_dirs: list[Path], *, record: Callable[...,
                 m.metrics.write(step=step, event="stopped_early", rung=step)
                 m.metrics.close()
                 record(m.index, status="stopped_early", stopped_at_step=step,
-                       **run_result(m, splits, steps, device, {"stopped_by": "successive halving in the fused group"}))
+                       **run_result(m, splits, steps, device, {"stopped_by": "successive halving in the fused group"}, attention))
         if stepped:
             progress(step, steps, sum(losses_by_run[m.index] for m in stepped) / len(stepped), show_progress)
 
@@ -339,7 +347,7 @@ def fit_fused(cfgs: list[Config], run_dirs: list[Path], *, record: Callable[...,
         "peak_memory": "peak_memory_bytes is the whole group's process",
     }
     for m in finished:
-        record(m.index, status="completed", **run_result(m, splits, steps, device, shared))
+        record(m.index, status="completed", **run_result(m, splits, steps, device, shared, attention))
     return shared
 
 
@@ -357,10 +365,11 @@ def evaluate_group(model, routing: Routing, tokenizer, members: list[Member], va
         m.metrics.write(step=step, eval_loss=eval_loss, tokens_seen=m.tokens_seen, **task_values)
 
 
-def run_result(m: Member, splits, steps: int, device, shared: dict[str, Any]) -> dict[str, Any]:
+def run_result(m: Member, splits, steps: int, device, shared: dict[str, Any], attention: str | None) -> dict[str, Any]:
     """The summary fields loop.fit reports, for one member of the group."""
     return {
         "steps": steps,
+        "packed_attention": attention,
         "skipped_steps": m.skipped,
         "train_examples": len(splits.train),
         "val_examples": len(splits.val),

@@ -15,8 +15,11 @@ failed, diverged or out_of_memory, so a run always says why it ended.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import functools
+import inspect
 import json
 import logging
 import math
@@ -47,6 +50,7 @@ from loralab.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from loralab.train.attention import segment_attention, supports_segments
 from loralab.train.measure import peak_memory_bytes, versions
 from loralab.train.optim import build_optimizer, build_scheduler
 
@@ -85,22 +89,47 @@ class MetricsWriter:
         self.f.close()
 
 
-def forward_logits(model, batch: dict[str, torch.Tensor], autocast: str) -> torch.Tensor:
-    """The model's logits for a collated or packed batch, (batch, seq, vocab)."""
-    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
-        return model(**model_inputs(batch)).logits
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose next token is a label in any row: the only logits a loss needs."""
+    return (labels[:, 1:] != IGNORE).any(dim=0).nonzero().flatten()
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over label positions (not averaged); fused training shares it."""
-    logits = logits[:, :-1].float()  # (batch, seq-1, vocab)
-    labels = labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+def keeps_logits(model) -> bool:
+    """Whether the model's forward takes transformers' ``logits_to_keep`` (then the output head
+    runs at label positions only, with the model's own logit scaling or soft-capping)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _takes_logits_to_keep(type(base))
 
 
-def response_loss_sum(model, batch: dict[str, torch.Tensor], autocast: str) -> torch.Tensor:
+@functools.cache
+def _takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def forward_logits(model, batch: dict, autocast: str, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's logits for a collated or packed batch: (batch, seq, vocab), or
+    (batch, len(positions), vocab) at the given positions."""
+    kwargs = model_inputs(batch)
+    if positions is not None and keeps_logits(model):
+        kwargs["logits_to_keep"] = positions
+        positions = None
+    attention = segment_attention(model) if "segments" in batch else contextlib.nullcontext()
+    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"), attention:
+        logits = model(**kwargs).logits
+    return logits if positions is None else logits[:, positions]
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over label positions (not averaged); ``logits`` are the
+    model's at ``positions`` (label_positions), predicting the labels one token on. Fused training shares it."""
+    targets = labels[:, positions + 1]
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def response_loss_sum(model, batch: dict, autocast: str) -> torch.Tensor:
     """Sum of next-token cross-entropy over label positions (not averaged)."""
-    return token_loss_sum(forward_logits(model, batch, autocast), batch["labels"])
+    positions = label_positions(batch["labels"])
+    return token_loss_sum(forward_logits(model, batch, autocast, positions), batch["labels"], positions)
 
 
 @torch.no_grad()
@@ -239,8 +268,19 @@ def check_context(cfg: Config, model, splits: Splits) -> None:
         )
 
 
+def packed_attention(cfg: Config, model) -> str | None:
+    """How packed examples are kept apart: "per_example" (one attention call per example,
+    loralab.train.attention) where the model supports it, else "block_mask"; None unpacked."""
+    if not cfg.data.packing:
+        return None
+    window = getattr(model.config, "sliding_window", None) if getattr(model.config, "use_sliding_window", True) else None
+    if window is not None and window < cfg.data.max_seq_length:  # examples may outgrow the window: masks handle it
+        return "block_mask"
+    return "per_example" if supports_segments(model) else "block_mask"
+
+
 def forward_backward(model, examples: list[Example], group: list[tuple[int, list[int]]], cfg: Config, *,
-                     pad_id: int, device: torch.device) -> tuple[float, int]:
+                     pad_id: int, device: torch.device, segments: bool = False) -> tuple[float, int]:
     """Accumulate the gradient of one optimizer step's micro batches; (mean loss, useful tokens).
 
     The step's examples are laid out padded, length-grouped or packed (data.packing); the loss
@@ -248,7 +288,7 @@ def forward_backward(model, examples: list[Example], group: list[tuple[int, list
     """
     batches = step_batches([examples[i] for _, idx in group for i in idx], micro_batch_size=cfg.train.micro_batch_size,
                            row_len=cfg.data.max_seq_length, pad_id=pad_id, device=device,
-                           packing=cfg.data.packing, group_by_length=cfg.train.group_by_length)
+                           packing=cfg.data.packing, segments=segments, group_by_length=cfg.train.group_by_length)
     n_loss = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
     step_loss, tokens = 0.0, 0
     for batch in batches:
@@ -347,6 +387,7 @@ def fit(cfg: Config, run_dir: Path, setup: Setup, *, show_progress: bool, resume
     # Evaluation keeps no activations for backward, so it may batch wider, unless memory ran short.
     eval_batch = state.micro_batch_size if state.micro_batch_changes else max(cfg.train.micro_batch_size, 8)
     eval_kw = dict(batch_size=eval_batch, pad_id=pad_id, device=device, autocast=cfg.train.autocast)
+    attention = packed_attention(cfg, model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -357,7 +398,8 @@ def fit(cfg: Config, run_dir: Path, setup: Setup, *, show_progress: bool, resume
         t0, cpu0 = time.perf_counter(), time.process_time()
         group = [next(stream) for _ in range(data_cfg.grad_accum)]
         try:
-            step_loss, tokens = forward_backward(model, splits.train, group, data_cfg, pad_id=pad_id, device=device)
+            step_loss, tokens = forward_backward(model, splits.train, group, data_cfg, pad_id=pad_id, device=device,
+                                                 segments=attention == "per_example")
         except torch.OutOfMemoryError:
             opt.zero_grad(set_to_none=True)
             if not cfg.train.auto_micro_batch or data_cfg.train.micro_batch_size == 1:
@@ -413,6 +455,7 @@ def fit(cfg: Config, run_dir: Path, setup: Setup, *, show_progress: bool, resume
         "checkpoint": str(ckpt) if ckpt else None,
         "micro_batch_size": state.micro_batch_size,
         "micro_batch_changes": state.micro_batch_changes,
+        "packed_attention": attention,
         "train_examples": len(splits.train),
         "val_examples": len(splits.val),
         "dropped_by_length_filter": splits.dropped_by_length,
