@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -146,7 +147,7 @@ def test_segment_batches_hold_whole_examples_end_to_end_without_padding():
     for b in batches:
         bounds = b["segments"]
         assert bounds[0] == 0 and bounds[-1] == b["input_ids"].shape[1]
-        for s, t in zip(bounds, bounds[1:]):
+        for s, t in itertools.pairwise(bounds):
             assert b["position_ids"][0, s:t].tolist() == list(range(t - s))
             assert b["labels"][0, s] == IGNORE  # never predicted from the previous example
             seen.append(b["input_ids"][0, s:t].tolist())
@@ -168,7 +169,7 @@ def test_per_example_attention_gives_each_example_its_logits_alone(tiny_model_di
         packed = model(**model_inputs(batch)).logits[0]
     with torch.no_grad():
         crossed = model(input_ids=batch["input_ids"]).logits[0]  # the row as one long example: attends across
-        for e, s, t in zip(examples, batch["segments"], batch["segments"][1:]):
+        for e, (s, t) in zip(examples, itertools.pairwise(batch["segments"]), strict=True):
             alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
             assert torch.allclose(packed[s:t], alone, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(crossed[40:], packed[40:], atol=1e-3)  # so the comparison above can fail

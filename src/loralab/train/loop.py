@@ -41,6 +41,7 @@ from loralab.data.dataset import IGNORE, Example, Splits, collate, epoch_order, 
 from loralab.data.packing import model_inputs, step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
 from loralab.models import load_base, pick_device
+from loralab.train.attention import segment_attention, supports_segments
 from loralab.train.checkpoint import (
     DiskFullError,
     TrainState,
@@ -50,7 +51,6 @@ from loralab.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from loralab.train.attention import segment_attention, supports_segments
 from loralab.train.measure import peak_memory_bytes, versions
 from loralab.train.optim import build_optimizer, build_scheduler
 
