@@ -338,6 +338,27 @@ def test_store_marks_running_as_interrupted_on_open(tmp_path):
         assert s.counts(sid) == {"interrupted": 1, "pending": 1}  # the refused open changed nothing
 
 
+def test_study_readers_never_write_the_database(tmp_path):
+    path = write_study(tmp_path, "ro", axes={"lora.r": [2, 4]})
+    study = load_study(path)
+    root = tmp_path / "out"
+    db = root / "ro" / "study.db"
+    db.parent.mkdir(parents=True)
+    with Store(db) as s:
+        sid, _ = s.open_study(study.name, study.to_json(), root / "ro", study.runs)
+        s.skip(s.run(sid, "r2")["id"], "over --max-memory")
+    with Store(db, readonly=True) as reader, pytest.raises(sqlite3.OperationalError, match="readonly"):
+        reader.skip(reader.run(sid, "r4")["id"], "a reader cannot do this")
+    with Store(db) as driver, driver.tx():  # a driver in the middle of a write transaction
+        driver.db.execute("UPDATE runs SET status = 'running' WHERE name = 'r4'")
+        for args in (["study", "status", "ro"], ["runs", "list", "--study", "ro"], ["runs", "show", "r2", "--study", "ro"]):
+            out = cli(*args, "--out", str(root))
+            assert out.returncode == 0, out.stderr
+        assert "skipped" in out.stdout and "over --max-memory" in out.stdout
+        driver.db.execute("UPDATE runs SET status = 'pending' WHERE name = 'r4'")
+    assert rows_of(db)["r4"]["status"] == "pending" and rows_of(db)["r2"]["status"] == "skipped"
+
+
 def test_fuse_trains_a_group_in_one_process(tmp_path):
     path = write_study(tmp_path, "fuse", axes={"lora.r": [2, 4], "train.lr": [1.0e-3]})
     root = tmp_path / "runs" / "fuse"

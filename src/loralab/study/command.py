@@ -119,7 +119,7 @@ def open_store(out: str, name: str):
     db = study_root(out, name) / "study.db"
     if not db.is_file():
         raise ConfigError(f"no study {name!r} under {out} ({db} does not exist); run `loralab study run` first")
-    return Store(db)
+    return Store(db, readonly=True)  # readers never write, also beside a running driver
 
 
 # ----------------------------------------------------------------------------- tables

@@ -67,7 +67,9 @@ class Store:
             raise ConfigError(f"no study database at {self.path}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: no implicit transactions; every write goes through tx().
-        self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
+        # readonly: SQLite itself refuses writes (mode=ro), whatever the file's permissions.
+        target, uri = (self.path.resolve().as_uri() + "?mode=ro", True) if readonly else (str(self.path), False)
+        self.db = sqlite3.connect(target, timeout=30, isolation_level=None, uri=uri)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA busy_timeout = 30000")
         self.db.execute("PRAGMA foreign_keys = ON")
