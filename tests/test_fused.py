@@ -203,14 +203,25 @@ def test_a_diverging_run_stops_alone(tmp_path):
     assert out[0]["final_eval_loss"] == pytest.approx(solo["final_eval_loss"], rel=1e-4)
 
 
-def test_group_failure_is_recorded_in_every_run(tmp_path):
+def test_group_failure_is_recorded_in_every_run(tmp_path, monkeypatch):
+    import loralab.train.fused as fused
+
     cfgs = [make_cfg("builtin:tiny", tmp_path / f"r{i}", data__path=str(tmp_path / "missing.jsonl"), lora__r=2 + i)
             for i in range(2)]
     with pytest.raises(DataError, match="does not exist"):
         train_fused(cfgs)
-    for i in range(2):
+    for i in range(2):  # bad input found before the first step: invalid, as for train(cfg)
         s = json.loads((tmp_path / f"r{i}" / "summary.json").read_text())
-        assert s["status"] == "failed" and "does not exist" in s["error"]
+        assert s["status"] == "invalid" and "does not exist" in s["error"]
+
+    def broken(*args, **kwargs):  # injected: an error of the same kind once training has begun
+        raise DataError("injected during training")
+
+    monkeypatch.setattr(fused, "fused_backward", broken)
+    cfgs = [make_cfg("builtin:tiny", tmp_path / f"t{i}", lora__r=2 + i) for i in range(2)]
+    with pytest.raises(DataError, match="injected"):
+        train_fused(cfgs)
+    assert {json.loads((tmp_path / f"t{i}" / "summary.json").read_text())["status"] for i in range(2)} == {"failed"}
 
 
 # ----------------------------------------------------------------------------- other bases

@@ -48,7 +48,7 @@ from loralab.batched_lora import (
 from loralab.config import Config, dump_config
 from loralab.data.dataset import IGNORE, Example, collate
 from loralab.data.packing import step_batches
-from loralab.errors import ConfigError, LoralabError
+from loralab.errors import ConfigError, DataError, LoralabError, ModelError
 from loralab.models import load_base, pick_device
 from loralab.train.loop import (
     MetricsWriter,
@@ -229,9 +229,11 @@ def charge(members: list[Member], seconds: float, *, train: bool = False) -> Non
 
 
 def fit_fused(cfgs: list[Config], run_dirs: list[Path], *, record: Callable[..., None],
-              show_progress: bool, prune: Prune | None = None) -> dict[str, Any]:
+              show_progress: bool, prune: Prune | None = None,
+              on_first_step: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Load once, train every run of the group, save each adapter. ``record(k, **fields)``
-    updates run k's summary.json (a diverged run is recorded the moment it diverges)."""
+    updates run k's summary.json (a diverged run is recorded the moment it diverges);
+    ``on_first_step()`` is called once base, adapters and data are ready."""
     t_start = time.perf_counter()
     cfg = cfgs[0]  # every shared key is equal across the group (check_group)
     seed_everything(cfg.train.seed)
@@ -256,6 +258,7 @@ def fit_fused(cfgs: list[Config], run_dirs: list[Path], *, record: Callable[...,
     group_train_time = 0.0
     charge(members, time.perf_counter() - t_start)
 
+    on_first_step()
     base.train()
     stream = micro_batches(len(splits.train), cfg)
     for step in range(1, steps + 1):
@@ -431,10 +434,18 @@ def train_fused(cfgs: list[Config], show_progress: bool = False, prune: Prune | 
             if s["status"] == "running":
                 record(k, status=status, error=error)
 
+    started = False
+
+    def first_step() -> None:
+        nonlocal started
+        started = True
+
     try:
-        fit_fused(cfgs, run_dirs, record=record, show_progress=show_progress, prune=prune)
+        fit_fused(cfgs, run_dirs, record=record, show_progress=show_progress, prune=prune, on_first_step=first_step)
     except LoralabError as exc:
-        fail_unfinished("failed", str(exc))
+        # as train(cfg): bad config, data or model found before the first step is invalid input
+        invalid = not started and isinstance(exc, (ConfigError, DataError, ModelError))
+        fail_unfinished("invalid" if invalid else "failed", str(exc))
         raise
     except torch.OutOfMemoryError as exc:
         fail_unfinished("out_of_memory", str(exc).splitlines()[0])
