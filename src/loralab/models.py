@@ -81,6 +81,20 @@ def check_cpu_4bit(lm, quant: QuantConfig) -> None:
             )
 
 
+def keep_4bit_trainable(lm) -> None:
+    """Keep bitsandbytes' 4-bit weights in their training layout on CPU.
+
+    bitsandbytes (0.49, 0.50) repacks a CPU 4-bit weight into an inference layout the first
+    time its layer runs in eval mode on an input without grad (on CPUs with AVX512-BF16), and
+    from then on multiplies with a kernel autograd cannot go through, also in train mode: every
+    step after an evaluation would silently lose the gradient through the frozen 4-bit layers.
+    A base that is going to be trained never repacks.
+    """
+    for module in lm.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

@@ -49,7 +49,7 @@ from loralab.config import Config, dump_config
 from loralab.data.dataset import IGNORE, Example, collate
 from loralab.data.packing import step_batches
 from loralab.errors import ConfigError, DataError, LoralabError, ModelError
-from loralab.models import load_base, pick_device
+from loralab.models import keep_4bit_trainable, load_base, pick_device
 from loralab.train.loop import (
     MetricsWriter,
     best_of,
@@ -239,6 +239,7 @@ def fit_fused(cfgs: list[Config], run_dirs: list[Path], *, record: Callable[...,
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.model.device)
     base, tokenizer = load_base(cfg.model, cfg.quant)
+    keep_4bit_trainable(base)
     members = [Member(k, c, d, initial_adapter(base, c.lora, seed=c.train.seed))
                for k, (c, d) in enumerate(zip(cfgs, run_dirs, strict=True))]
     attention = packed_attention(cfg, base)  # a property of the base model, checked before the adapters go in

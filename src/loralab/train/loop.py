@@ -40,7 +40,7 @@ from loralab.config import Config, dump_config, load_config
 from loralab.data.dataset import IGNORE, Example, Splits, collate, epoch_order, load_splits
 from loralab.data.packing import model_inputs, step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
-from loralab.models import load_base, pick_device
+from loralab.models import keep_4bit_trainable, load_base, pick_device
 from loralab.train.attention import segment_attention, supports_segments
 from loralab.train.checkpoint import (
     DiskFullError,
@@ -230,6 +230,7 @@ def prepare(cfg: Config) -> Setup:
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.model.device)
     base, tokenizer = load_base(cfg.model, cfg.quant)
+    keep_4bit_trainable(base)
     model = attach_lora(base, cfg.lora, seed=cfg.train.seed)
     trainable, total = count_params(model)
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
