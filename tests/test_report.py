@@ -317,8 +317,14 @@ def test_a_study_with_nothing_completed_still_gets_a_report(tmp_path):
     spec = {"axes": {"lora.r": [2, 8]}, "findings": [{"kind": "axis_effect", "axis": "lora.r"},
                                                       {"kind": "cost", "axis": "lora.r", "baseline": 2}, {"kind": "pareto"}]}
     db = synthetic_db(tmp_path, spec, rows)
-    paths = write_report(db, "s", tmp_path / "out")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pareto.png").write_bytes(b"from an earlier report")
+    (out / "curves_eval_loss_by_lora.r.png").write_bytes(b"from an earlier report")
+    (out / "photo.png").write_bytes(b"the user's own file")
+    paths = write_report(db, "s", out)
     assert paths["pngs"] == []
+    assert sorted(p.name for p in out.glob("*.png")) == ["photo.png"]  # stale figures gone, other files kept
     md = paths["markdown"].read_text()
     assert "2 of 2 runs are left out" in md and "- r2-s1: failed: boom" in md and "- r8-s1: pending" in md
     assert "lora.r: only 0 level(s) completed; nothing to compare" in md

@@ -81,6 +81,7 @@ def write_report(db_path: str | Path, study_name: str, out_dir: str | Path) -> d
     figures += plot_heatmap(mpl_figure, data, out)
     figures += plot_pareto(mpl_figure, data, out)
     figures += plot_spread(mpl_figure, data, out)
+    remove_stale_figures(out, keep=[f.path for f in figures])
     paths = {
         "html": _write_text(out / "report.html", render_html(data, found, figures)),
         "markdown": _write_text(out / "report.md", render_markdown(data, found, figures)),
@@ -88,6 +89,19 @@ def write_report(db_path: str | Path, study_name: str, out_dir: str | Path) -> d
         "pngs": [f.path for f in figures],
     }
     return paths
+
+
+REPORT_FIGURES = ("curves_*.png", "heatmap_*.png", "pareto.png", "spread.png")  # the names _save writes
+
+
+def remove_stale_figures(out: Path, keep: list[Path]) -> None:
+    """Delete the figures an earlier report wrote into ``out`` that this one did not (a metric
+    or axis since gone); files of any other name are left alone."""
+    kept = {p.resolve() for p in keep}
+    for pattern in REPORT_FIGURES:
+        for path in out.glob(pattern):
+            if path.resolve() not in kept:
+                path.unlink()
 
 
 def _write_text(path: Path, text: str) -> Path:
