@@ -278,6 +278,17 @@ def print_row(r: dict) -> None:
           flush=True)
 
 
+def judge_losses(rows: list[dict], tolerance: float) -> None:
+    """Mark each case whose two final eval losses differ by more than the seed-to-seed spread:
+    speed bought with quality does not count, so such a case is called out, not just printed."""
+    for r in rows:
+        gap = r["loralab"]["final_eval_loss"] - r["reference"]["final_eval_loss"]
+        r["eval_loss_gap"], r["eval_loss_agrees"] = gap, abs(gap) <= tolerance
+    bad = [r["name"] for r in rows if not r["eval_loss_agrees"]]
+    print(f"eval losses agree within the seed spread ({tolerance:.4f}) in {len(rows) - len(bad)} of {len(rows)} cases"
+          + (f"; DISAGREE: {', '.join(bad)}" if bad else ""), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = ap.add_mutually_exclusive_group()
@@ -343,6 +354,7 @@ def main() -> None:
             spread["agree"] = abs(spread["mean_diff"]) <= spread["tolerance"]
             print(f"seed spread on {SPREAD_CASE}: loralab {[f'{x:.4f}' for x in ours]} reference "
                   f"{[f'{x:.4f}' for x in refs]}; mean diff {spread['mean_diff']:+.4f}, spread {spread['tolerance']:.4f}")
+            judge_losses(rows, spread["tolerance"])
     import platform
 
     from loralab.train.measure import versions
