@@ -228,6 +228,32 @@ def unquantized_trainable(tiny_model_dir):
     return peft.get_nb_trainable_parameters()[0]
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_activation_checkpointing_keeps_the_loss_curve(cfg_factory, packing):
+    kw = dict(lora__dropout=0.0, train__max_steps=4, train__lr=3e-3, data__packing=packing, train__micro_batch_size=4)
+    plain = cfg_factory("builtin:tiny", **kw)
+    checkpointed = cfg_factory("builtin:tiny", train__gradient_checkpointing=True, **kw)
+    a, b = train(plain), train(checkpointed, keep_model=True)
+    assert b["_model"].get_base_model().is_gradient_checkpointing  # it was on, so equality means something
+    # packed: backward's recomputed forwards also attend per example (a cross-example recompute would differ)
+    assert (a["packed_attention"], b["packed_attention"]) == (("per_example",) * 2 if packing else (None, None))
+    losses = train_losses(plain.output.dir)
+    assert losses[-1] < losses[0]
+    assert train_losses(checkpointed.output.dir) == pytest.approx(losses, rel=1e-5)
+    assert b["final_eval_loss"] == pytest.approx(a["final_eval_loss"], rel=1e-5)
+
+
+def test_activation_checkpointing_is_estimated_and_never_fused(cfg_factory):
+    from loralab.estimate import estimate_run
+    from loralab.train.fused import fuse_key
+
+    cfg = cfg_factory("builtin:tiny", train__gradient_checkpointing=True)
+    on, off = estimate_run(cfg), estimate_run(cfg_factory("builtin:tiny"))
+    assert on.memory_bytes["activations"] < off.memory_bytes["activations"]
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing"):
+        fuse_key(cfg)
+
+
 @pytest.mark.parametrize("compute_dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("mode", ["nf4", "fp4"])
 def test_qlora(tiny_model_dir, cfg_factory, unquantized_trainable, mode, compute_dtype):

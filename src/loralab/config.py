@@ -96,6 +96,7 @@ class TrainConfig:
     seed: int = _f(1337, "Seeds data order, dropout and adapter init.")
     autocast: Literal["none", "bf16"] = _f("none", "bf16 autocast for the forward pass.")
     group_by_length: bool = _f(False, "Sort each step's examples by length before cutting micro batches (same examples per step, less padding).")
+    gradient_checkpointing: bool = _f(False, "Keep only each decoder layer's input and recompute the rest in backward (transformers' non-reentrant activation checkpointing): far less activation memory for one more forward of compute; same maths.")
     log_every: int = _f(10, "Write a train-loss line to metrics.jsonl every N steps.", gt=0)
     on_nonfinite: Literal["stop", "skip"] = _f("stop", "A NaN/inf loss or gradient stops the run (diverged) or skips the step, counted.")
     checkpoint_every: int = _f(0, "Write a resumable checkpoint every N optimizer steps (0 = off).", ge=0)

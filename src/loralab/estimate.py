@@ -419,6 +419,7 @@ def estimate_run(
     device: str | None = None,
 ) -> Estimate:
     """Estimate a run from its Config. ``throughput`` is effective FLOP/s of the device."""
+    grad_checkpointing = grad_checkpointing or cfg.train.gradient_checkpointing
     shape = describe_model(cfg.model.path)
     modules = lora_modules(shape, list(cfg.lora.targets))
     n_train = sum(math.prod(s) for s in lora_tensor_shapes(shape, modules, cfg.lora.r, cfg.lora.dora))

@@ -94,11 +94,12 @@ def collate_segments(examples: list[Example], device: torch.device) -> dict:
 
 
 def model_inputs(batch: dict) -> dict:
-    """The keyword arguments for the model's forward: a packed batch has no attention mask,
-    a batch of segments also passes the examples' boundaries to loralab's attention."""
+    """The keyword arguments for the model's forward: a packed batch has no attention mask; a
+    batch of segments passes the examples' boundaries to loralab's attention and an all-ones
+    mask (so transformers builds none: loralab.train.attention keeps attention inside examples)."""
     if "segments" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-                "loralab_segments": batch["segments"]}
+                "attention_mask": torch.ones_like(batch["input_ids"]), "loralab_segments": batch["segments"]}
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

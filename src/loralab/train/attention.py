@@ -6,14 +6,20 @@ away: on a row of five 56-token examples, four fifths of that work is wasted. He
 gets its own causal attention call over its own tokens:
 
     with segment_attention(model):
-        model(input_ids=row, position_ids=pos, loralab_segments=(0, 56, 112, 170))
+        model(input_ids=row, position_ids=pos, attention_mask=torch.ones_like(row),
+              loralab_segments=(0, 56, 112, 170))
 
-The function is registered with transformers' attention interface under ``NAME``; because no
-mask function is registered under that name, transformers builds no mask at all. Models whose
-attention needs more than a plain causal softmax (logit soft-capping, attention sinks, a sliding
-window shorter than an example) are refused by the function itself, and :func:`supports_segments`
-checks each model once by comparing a packed forward with its examples run alone, so a model
-that does not route attention through the interface keeps the block-mask rows instead.
+The function is registered with transformers' attention interface under ``NAME``, with sdpa's
+mask function: an all-ones attention mask makes transformers skip the mask (plain causal), and
+a forward without ``loralab_segments`` (evaluation, generation) is handed to transformers' sdpa
+function unchanged. So the model can stay on ``NAME`` for a whole training loop, and activation
+checkpointing, which repeats forwards during backward, repeats them the same way.
+
+Models whose attention needs more than a plain causal softmax (logit soft-capping, attention
+sinks, a sliding window shorter than an example) are refused by the function itself, and
+:func:`supports_segments` checks each model once by comparing a packed forward with its
+examples run alone, so a model that does not route attention through the interface keeps the
+block-mask rows instead.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "loralab_segments"
 _UNSUPPORTED = ("softcap", "s_aux")  # kwargs of attention variants a plain causal softmax would ignore
@@ -33,10 +41,13 @@ def segment_attention_forward(module, query: torch.Tensor, key: torch.Tensor, va
                               attention_mask: torch.Tensor | None, dropout: float = 0.0,
                               scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """Causal attention per example: query (batch, heads, seq, dim), key/value (batch, kv_heads, seq, dim);
-    returns (batch, seq, heads, dim) like transformers' sdpa function."""
-    bounds = kwargs.get("loralab_segments")
-    if bounds is None or attention_mask is not None:
-        raise ValueError(f"{NAME} attention needs loralab_segments and no attention mask")
+    returns (batch, seq, heads, dim) like transformers' sdpa function. Without ``loralab_segments``
+    it is transformers' sdpa function."""
+    bounds = kwargs.pop("loralab_segments", None)
+    if bounds is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if attention_mask is not None:  # the batch's all-ones mask leaves plain causal attention, which transformers skips
+        raise ValueError(f"{NAME} attention got a mask for a packed row; pass an all-ones attention_mask")
     for name in _UNSUPPORTED:
         if kwargs.get(name) is not None:
             raise ValueError(f"{NAME} attention does not implement {name}")
@@ -54,6 +65,7 @@ def segment_attention_forward(module, query: torch.Tensor, key: torch.Tensor, va
 
 
 AttentionInterface.register(NAME, segment_attention_forward)
+AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 @contextmanager
@@ -85,7 +97,8 @@ def supports_segments(model) -> bool:
     try:
         with torch.no_grad():
             with segment_attention(model):
-                packed = model(input_ids=row, position_ids=pos, loralab_segments=(0, 5, 12)).logits[0]
+                packed = model(input_ids=row, position_ids=pos, attention_mask=torch.ones_like(row),
+                               loralab_segments=(0, 5, 12)).logits[0]
             alone = torch.cat([model(input_ids=ids[None].to(device)).logits[0] for ids in (first, second)])
     except Exception:  # noqa: BLE001 - any failure means "not supported", the fallback is always correct
         return False

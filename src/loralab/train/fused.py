@@ -25,6 +25,7 @@ A run that diverges stops alone (status diverged); the rest of the group trains 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -50,6 +51,7 @@ from loralab.data.dataset import IGNORE, Example, collate
 from loralab.data.packing import step_batches
 from loralab.errors import ConfigError, DataError, LoralabError, ModelError
 from loralab.models import keep_4bit_trainable, load_base, pick_device
+from loralab.train.attention import segment_attention
 from loralab.train.loop import (
     MetricsWriter,
     best_of,
@@ -92,7 +94,8 @@ def _hashable(value: Any) -> Any:
 def fuse_key(cfg: Config) -> tuple:
     """Runs with equal keys can be trained together by train_fused.
 
-    Raises ConfigError for a run that can never be fused (DoRA, checkpointing, auto micro batch):
+    Raises ConfigError for a run that can never be fused (DoRA, checkpoints, activation
+    checkpointing, auto micro batch):
     train it alone.
     """
     if cfg.lora.dora:
@@ -104,6 +107,9 @@ def fuse_key(cfg: Config) -> tuple:
     if cfg.train.auto_micro_batch:
         raise ConfigError("train.auto_micro_batch: a fused group does not shrink its micro batch on out of memory; "
                           "train this run alone or set it to false")
+    if cfg.train.gradient_checkpointing:  # backward's recomputed forwards would run outside the group's row routing
+        raise ConfigError("train.gradient_checkpointing: fused runs keep their activations; train this run alone "
+                          "or set it to false")
     return tuple(
         (f"{section}.{key}", _hashable(value))
         for section, values in cfg.to_dict().items()
@@ -262,70 +268,73 @@ def fit_fused(cfgs: list[Config], run_dirs: list[Path], *, record: Callable[...,
     on_first_step()
     base.train()
     stream = micro_batches(len(splits.train), cfg)
-    for step in range(1, steps + 1):
-        live = [m for m in members if m.status == "running"]
-        if not live:
-            break
-        t0 = time.perf_counter()
-        group = [next(stream) for _ in range(cfg.grad_accum)]
-        # The same layout as a solo run's step (padded, length-grouped or packed): same maths.
-        batches = step_batches([splits.train[i] for _, idx in group for i in idx],
-                               micro_batch_size=cfg.train.micro_batch_size, row_len=cfg.data.max_seq_length,
-                               pad_id=pad_id, device=device, packing=cfg.data.packing,
-                               segments=attention == "per_example", group_by_length=cfg.train.group_by_length)
-        n_loss = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        step_loss = [0.0] * len(live)
-        for batch in batches:
-            losses = fused_backward(base, routing, live, batch, n_loss=n_loss, autocast=cfg.train.autocast)
-            step_loss = [a + b for a, b in zip(step_loss, losses, strict=True)]
-            tokens = int(batch["n_tokens"])
-            for m in live:
-                m.tokens_seen += tokens
-        stepped, grad_norms = [], {}
-        for m, loss in zip(live, step_loss, strict=True):
-            grad_norm = torch.nn.utils.clip_grad_norm_(m.params, m.cfg.train.grad_clip or float("inf"))
-            if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+    with contextlib.ExitStack() as scope:
+        if attention == "per_example":  # for the whole loop, as in loop.fit
+            scope.enter_context(segment_attention(base))
+        for step in range(1, steps + 1):
+            live = [m for m in members if m.status == "running"]
+            if not live:
+                break
+            t0 = time.perf_counter()
+            group = [next(stream) for _ in range(cfg.grad_accum)]
+            # The same layout as a solo run's step (padded, length-grouped or packed): same maths.
+            batches = step_batches([splits.train[i] for _, idx in group for i in idx],
+                                   micro_batch_size=cfg.train.micro_batch_size, row_len=cfg.data.max_seq_length,
+                                   pad_id=pad_id, device=device, packing=cfg.data.packing,
+                                   segments=attention == "per_example", group_by_length=cfg.train.group_by_length)
+            n_loss = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            step_loss = [0.0] * len(live)
+            for batch in batches:
+                losses = fused_backward(base, routing, live, batch, n_loss=n_loss, autocast=cfg.train.autocast)
+                step_loss = [a + b for a, b in zip(step_loss, losses, strict=True)]
+                tokens = int(batch["n_tokens"])
+                for m in live:
+                    m.tokens_seen += tokens
+            stepped, grad_norms = [], {}
+            for m, loss in zip(live, step_loss, strict=True):
+                grad_norm = torch.nn.utils.clip_grad_norm_(m.params, m.cfg.train.grad_clip or float("inf"))
+                if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+                    m.opt.zero_grad(set_to_none=True)
+                    if m.cfg.train.on_nonfinite == "stop":
+                        m.metrics.write(step=step, event="diverged", train_loss=loss)
+                        m.metrics.close()
+                        m.status = "diverged"
+                        record(m.index, status="diverged",
+                               error=f"non-finite loss or gradient at step {step} (loss {loss}); no adapter from after it is saved")
+                    else:
+                        m.skipped += 1
+                    continue
+                m.opt.step()
+                m.sched.step()
                 m.opt.zero_grad(set_to_none=True)
-                if m.cfg.train.on_nonfinite == "stop":
-                    m.metrics.write(step=step, event="diverged", train_loss=loss)
+                stepped.append(m)
+                grad_norms[m.index] = float(grad_norm)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            group_train_time += dt
+            charge(live, dt, train=True)
+            epoch = group[-1][0]
+            losses_by_run = {m.index: loss for m, loss in zip(live, step_loss, strict=True)}
+            for m in stepped:
+                if step % m.cfg.train.log_every == 0 or step == steps:
+                    m.metrics.write(step=step, epoch=epoch, train_loss=losses_by_run[m.index], lr=m.sched.get_last_lr()[0],
+                                    tokens_seen=m.tokens_seen, grad_norm=grad_norms[m.index])
+            rung = step in rungs
+            if stepped and ((cfg.eval.every and step % cfg.eval.every == 0) or step == steps or rung):
+                t_eval = time.perf_counter()
+                evaluate_group(base, routing, tokenizer, stepped, splits.val, tasks, step=step, eval_kw=eval_kw)
+                charge(stepped, time.perf_counter() - t_eval)
+            if rung:
+                ranked = sorted((m for m in members if m.status == "running"), key=prune.score)
+                for m in ranked[math.ceil(len(ranked) / prune.eta):]:
+                    m.status = "stopped_early"
+                    m.metrics.write(step=step, event="stopped_early", rung=step)
                     m.metrics.close()
-                    m.status = "diverged"
-                    record(m.index, status="diverged",
-                           error=f"non-finite loss or gradient at step {step} (loss {loss}); no adapter from after it is saved")
-                else:
-                    m.skipped += 1
-                continue
-            m.opt.step()
-            m.sched.step()
-            m.opt.zero_grad(set_to_none=True)
-            stepped.append(m)
-            grad_norms[m.index] = float(grad_norm)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        group_train_time += dt
-        charge(live, dt, train=True)
-        epoch = group[-1][0]
-        losses_by_run = {m.index: loss for m, loss in zip(live, step_loss, strict=True)}
-        for m in stepped:
-            if step % m.cfg.train.log_every == 0 or step == steps:
-                m.metrics.write(step=step, epoch=epoch, train_loss=losses_by_run[m.index], lr=m.sched.get_last_lr()[0],
-                                tokens_seen=m.tokens_seen, grad_norm=grad_norms[m.index])
-        rung = step in rungs
-        if stepped and ((cfg.eval.every and step % cfg.eval.every == 0) or step == steps or rung):
-            t_eval = time.perf_counter()
-            evaluate_group(base, routing, tokenizer, stepped, splits.val, tasks, step=step, eval_kw=eval_kw)
-            charge(stepped, time.perf_counter() - t_eval)
-        if rung:
-            ranked = sorted((m for m in members if m.status == "running"), key=prune.score)
-            for m in ranked[math.ceil(len(ranked) / prune.eta):]:
-                m.status = "stopped_early"
-                m.metrics.write(step=step, event="stopped_early", rung=step)
-                m.metrics.close()
-                record(m.index, status="stopped_early", stopped_at_step=step,
-                       **run_result(m, splits, steps, device, {"stopped_by": "successive halving in the fused group"}, attention))
-        if stepped:
-            progress(step, steps, sum(losses_by_run[m.index] for m in stepped) / len(stepped), show_progress)
+                    record(m.index, status="stopped_early", stopped_at_step=step,
+                           **run_result(m, splits, steps, device, {"stopped_by": "successive halving in the fused group"}, attention))
+            if stepped:
+                progress(step, steps, sum(losses_by_run[m.index] for m in stepped) / len(stepped), show_progress)
 
     for m in members:
         if m.status == "running":

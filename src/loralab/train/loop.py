@@ -41,6 +41,7 @@ from loralab.data.dataset import IGNORE, Example, Splits, collate, epoch_order, 
 from loralab.data.packing import model_inputs, step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
 from loralab.models import keep_4bit_trainable, load_base, pick_device
+from loralab.train.attention import NAME as ATTENTION
 from loralab.train.attention import segment_attention, supports_segments
 from loralab.train.checkpoint import (
     DiskFullError,
@@ -110,11 +111,12 @@ def forward_logits(model, batch: dict, autocast: str, positions: torch.Tensor | 
     """The model's logits for a collated or packed batch: (batch, seq, vocab), or
     (batch, len(positions), vocab) at the given positions."""
     kwargs = model_inputs(batch)
+    if "segments" in batch and model.config._attn_implementation != ATTENTION:  # would attend across examples
+        raise RuntimeError("a batch of packed examples needs the model inside segment_attention(model)")
     if positions is not None and keeps_logits(model):
         kwargs["logits_to_keep"] = positions
         positions = None
-    attention = segment_attention(model) if "segments" in batch else contextlib.nullcontext()
-    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"), attention:
+    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
         logits = model(**kwargs).logits
     return logits if positions is None else logits[:, positions]
 
@@ -232,10 +234,21 @@ def prepare(cfg: Config) -> Setup:
     base, tokenizer = load_base(cfg.model, cfg.quant)
     keep_4bit_trainable(base)
     model = attach_lora(base, cfg.lora, seed=cfg.train.seed)
+    if cfg.train.gradient_checkpointing:
+        enable_activation_checkpointing(base, cfg.model.path)
     trainable, total = count_params(model)
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     splits, tasks = load_data_and_tasks(cfg, model, tokenizer)
     return Setup(model, tokenizer, splits, tasks, device, trainable, total)
+
+
+def enable_activation_checkpointing(base, model_path: str) -> None:
+    """train.gradient_checkpointing: transformers' non-reentrant activation checkpointing of every
+    decoder layer (non-reentrant: gradients reach the adapters though the frozen inputs need none)."""
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing: {type(base).__name__} ({model_path}) does not support "
+                          "activation checkpointing; set it to false")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_data_and_tasks(cfg: Config, model, tokenizer) -> tuple[Splits, list]:
@@ -291,13 +304,13 @@ def forward_backward(model, examples: list[Example], group: list[tuple[int, list
                            row_len=cfg.data.max_seq_length, pad_id=pad_id, device=device,
                            packing=cfg.data.packing, segments=segments, group_by_length=cfg.train.group_by_length)
     n_loss = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-    step_loss, tokens = 0.0, 0
+    step_loss, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
     for batch in batches:
         loss = response_loss_sum(model, batch, cfg.train.autocast) / n_loss
         loss.backward()
-        step_loss += loss.item()
+        step_loss += loss.detach()  # summed on the device: one host sync per step, not per micro batch
         tokens += int(batch["n_tokens"])
-    return step_loss, tokens
+    return step_loss.item(), tokens
 
 
 def finite_or_none(x: float | None) -> float | None:
@@ -394,55 +407,58 @@ def fit(cfg: Config, run_dir: Path, setup: Setup, *, show_progress: bool, resume
 
     model.train()
     step = state.step
-    while step < stop:
-        step += 1
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        group = [next(stream) for _ in range(data_cfg.grad_accum)]
-        try:
-            step_loss, tokens = forward_backward(model, splits.train, group, data_cfg, pad_id=pad_id, device=device,
-                                                 segments=attention == "per_example")
-        except torch.OutOfMemoryError:
-            opt.zero_grad(set_to_none=True)
-            if not cfg.train.auto_micro_batch or data_cfg.train.micro_batch_size == 1:
-                raise
-            # Same global batch, half the micro batch: the step is redone from its start.
-            step -= 1
-            stream = halve_micro_batch(data_cfg, state, done=step, n_train=len(splits.train))
-            eval_kw["batch_size"] = min(eval_kw["batch_size"], state.micro_batch_size)
-            continue
-        state.micro_batches += len(group)
-        state.tokens_seen += tokens
-        state.epoch = group[-1][0]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
-        if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
-            opt.zero_grad(set_to_none=True)
-            if cfg.train.on_nonfinite == "stop":
-                metrics.write(step=step, event="diverged", train_loss=step_loss, grad_norm=float(grad_norm))
-                last = latest_checkpoint(run_dir)
-                exc = DivergedError(f"non-finite loss or gradient at step {step} (loss {step_loss}, gradient norm "
-                                    f"{float(grad_norm)}); no adapter from after it is saved; last good checkpoint: {last or 'none'}")
-                exc.step, exc.last_checkpoint = step, str(last) if last else None
-                raise exc
-            state.skipped_steps += 1
-            metrics.write(step=step, event="skipped_nonfinite", train_loss=step_loss, skipped_steps=state.skipped_steps)
-        else:
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if step % cfg.train.log_every == 0 or step == steps:
-                metrics.write(step=step, epoch=state.epoch, train_loss=step_loss, lr=sched.get_last_lr()[0],
-                              tokens_seen=state.tokens_seen, grad_norm=float(grad_norm))
-        state.train_time_s += time.perf_counter() - t0
-        state.train_cpu_time_s += time.process_time() - cpu0
-        state.step = step
-        if (cfg.eval.every and step % cfg.eval.every == 0) or step == stop:
-            evaluate(model, tokenizer, splits, setup.tasks, state, metrics, eval_kw)
-        if step < steps and (step == stop or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
-            state.wall_time_s = wall_before + time.perf_counter() - t_start
-            ckpt = save_checkpoint(run_dir, state, model=model, opt=opt, sched=sched, keep_last=cfg.train.keep_last)
-        progress(step, steps, step_loss, show_progress)
+    with contextlib.ExitStack() as scope:
+        if attention == "per_example":  # for the whole loop: activation checkpointing repeats forwards in backward
+            scope.enter_context(segment_attention(model))
+        while step < stop:
+            step += 1
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            group = [next(stream) for _ in range(data_cfg.grad_accum)]
+            try:
+                step_loss, tokens = forward_backward(model, splits.train, group, data_cfg, pad_id=pad_id, device=device,
+                                                     segments=attention == "per_example")
+            except torch.OutOfMemoryError:
+                opt.zero_grad(set_to_none=True)
+                if not cfg.train.auto_micro_batch or data_cfg.train.micro_batch_size == 1:
+                    raise
+                # Same global batch, half the micro batch: the step is redone from its start.
+                step -= 1
+                stream = halve_micro_batch(data_cfg, state, done=step, n_train=len(splits.train))
+                eval_kw["batch_size"] = min(eval_kw["batch_size"], state.micro_batch_size)
+                continue
+            state.micro_batches += len(group)
+            state.tokens_seen += tokens
+            state.epoch = group[-1][0]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
+            if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
+                opt.zero_grad(set_to_none=True)
+                if cfg.train.on_nonfinite == "stop":
+                    metrics.write(step=step, event="diverged", train_loss=step_loss, grad_norm=float(grad_norm))
+                    last = latest_checkpoint(run_dir)
+                    exc = DivergedError(f"non-finite loss or gradient at step {step} (loss {step_loss}, gradient norm "
+                                        f"{float(grad_norm)}); no adapter from after it is saved; last good checkpoint: {last or 'none'}")
+                    exc.step, exc.last_checkpoint = step, str(last) if last else None
+                    raise exc
+                state.skipped_steps += 1
+                metrics.write(step=step, event="skipped_nonfinite", train_loss=step_loss, skipped_steps=state.skipped_steps)
+            else:
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if step % cfg.train.log_every == 0 or step == steps:
+                    metrics.write(step=step, epoch=state.epoch, train_loss=step_loss, lr=sched.get_last_lr()[0],
+                                  tokens_seen=state.tokens_seen, grad_norm=float(grad_norm))
+            state.train_time_s += time.perf_counter() - t0
+            state.train_cpu_time_s += time.process_time() - cpu0
+            state.step = step
+            if (cfg.eval.every and step % cfg.eval.every == 0) or step == stop:
+                evaluate(model, tokenizer, splits, setup.tasks, state, metrics, eval_kw)
+            if step < steps and (step == stop or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
+                state.wall_time_s = wall_before + time.perf_counter() - t_start
+                ckpt = save_checkpoint(run_dir, state, model=model, opt=opt, sched=sched, keep_last=cfg.train.keep_last)
+            progress(step, steps, step_loss, show_progress)
     metrics.close()
     if cfg.output.save_adapter:
         save_adapter(model, run_dir / "adapter")
