@@ -52,6 +52,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "speed.json"
+REPEATS = 1  # --repeats: runs of each side per case
 THREADS = 1  # --threads; one by default: on a machine shared with other jobs a second thread mostly adds spin-waiting
 GLOBAL_BATCH = 16
 WARMUP = 0  # transformers starts its warmup at lr 0 on the first step, loralab at lr/warmup: none on either side keeps the schedules equal
@@ -248,8 +249,13 @@ def run_case(case: dict, paths: dict, models: dict, ceilings: dict, work: Path, 
             "dtype": case["dtype"], "quant": case["quant"], "micro_batch": case["micro_batch"], "steps": steps,
             "seed": seed, "threads": THREADS, "packing": True}
     load_before = load_avg()
-    ours = run_worker("loralab", {**spec, "run_dir": str(work / f"{case['name']}-{seed}")})
-    ref = run_worker("reference", spec)
+    # Each repeat runs both sides back to back, so a burst of load on the shared machine hits
+    # both; each side reports its median-speed repeat, the ratio range covers every pair.
+    pairs = [(run_worker("loralab", {**spec, "run_dir": str(work / f"{case['name']}-{seed}-{k}")}),
+              run_worker("reference", spec)) for k in range(REPEATS)]
+    ours = median_run([o for o, _ in pairs])
+    ref = median_run([f for _, f in pairs])
+    pair_ratios = [o["tokens_per_cpu_s"] / f["tokens_per_cpu_s"] for o, f in pairs]
     cfg = json.loads((Path(models[case["model"] + "_dir"]) / "config.json").read_text())
     lengths = models[case["model"] + "_lengths"]
     flops = useful_flops(cfg, lengths, ours["trainable_params"])
@@ -265,7 +271,16 @@ def run_case(case: dict, paths: dict, models: dict, ceilings: dict, work: Path, 
             "loralab": ours, "reference": ref, "speed_ratio": ours["tokens_per_s"] / ref["tokens_per_s"],
             "speed_ratio_cpu": ours["tokens_per_cpu_s"] / ref["tokens_per_cpu_s"],
             "eval_loss_diff": ours["final_eval_loss"] - ref["final_eval_loss"],
+            "repeats": REPEATS, "pair_ratios_cpu": pair_ratios,
             "load_avg_before": load_before, "load_avg_after": load_avg()}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median useful tokens per CPU second (the lower middle one of an even count),
+    with every repeat's rate beside it."""
+    ordered = sorted(runs, key=lambda r: r["tokens_per_cpu_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "tokens_per_cpu_s_repeats": [r["tokens_per_cpu_s"] for r in runs],
+            "tokens_per_s_repeats": [r["tokens_per_s"] for r in runs]}
 
 
 def print_row(r: dict) -> None:
@@ -274,7 +289,8 @@ def print_row(r: dict) -> None:
           f"tok/s {o['tokens_per_s']:6.0f} vs {f['tokens_per_s']:6.0f} x{r['speed_ratio']:.2f}  "
           f"wall {o['wall_s']:6.1f}s vs {f['wall_s']:6.1f}s  rss {o['peak_rss_bytes'] / 2**20:5.0f} vs "
           f"{f['peak_rss_bytes'] / 2**20:5.0f} MiB  eval {o['final_eval_loss']:.4f} vs {f['final_eval_loss']:.4f}  "
-          f"ceiling% (cpu) {o['pct_of_matmul_ceiling_cpu']:4.1f} vs {f['pct_of_matmul_ceiling_cpu']:4.1f}  load {r['load_avg_after']}",
+          f"ceiling% (cpu) {o['pct_of_matmul_ceiling_cpu']:4.1f} vs {f['pct_of_matmul_ceiling_cpu']:4.1f}  load {r['load_avg_after']}"
+          + (f"  pair ratios {min(r['pair_ratios_cpu']):.2f}-{max(r['pair_ratios_cpu']):.2f}" if r["repeats"] > 1 else ""),
           flush=True)
 
 
@@ -297,6 +313,7 @@ def main() -> None:
     group.add_argument("--cases", help="comma-separated case names, e.g. tiny-bf16-nf4-mb8")
     ap.add_argument("--no-spread", action="store_true", help="skip the 3-seed spread measurement")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per side (default 1)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each side per case, interleaved; the median is reported")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--worker", choices=["loralab", "matmul"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -307,8 +324,8 @@ def main() -> None:
         Path(args.worker_out).write_text(json.dumps(fn(json.loads(args.spec))))
         return
 
-    global THREADS
-    THREADS = args.threads
+    global THREADS, REPEATS
+    THREADS, REPEATS = args.threads, args.repeats
     names = all_cases() if args.full else (args.cases.split(",") if args.cases else QUICK)
     unknown = [n for n in names if n not in all_cases()]
     if unknown:
@@ -359,7 +376,7 @@ def main() -> None:
 
     from loralab.train.measure import versions
 
-    report = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": THREADS,
+    report = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": THREADS, "repeats": REPEATS,
               "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "versions": versions(),
               "global_batch": GLOBAL_BATCH, "lr": LR, "max_seq_length": MAX_LEN, "big_model": BIG,
               "matmul_ceilings": ceilings, "cases": rows, "seed_spread": spread,
