@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loralab.errors import DataError
-from loralab.evaluate.exact_match import Accuracy
+from loralab.evaluate.exact_match import Accuracy, exact_match
 
 Z95 = 1.96
 
@@ -409,14 +409,10 @@ def _exp(x: float) -> float:
 
 def exact_match_score(model, tokenizer, prompts, answers, *, stop=None, max_new_tokens=16, batch_size=16,
                       normalize: str = "strip") -> Score:
-    """Greedy generation; prompts over the window (prompt + max_new_tokens) are skipped."""
-    from loralab.evaluate.exact_match import NORMALIZERS, greedy_generate
-
-    norm = NORMALIZERS[normalize]
+    """exact_match over the prompts that fit the window (prompt + max_new_tokens); the rest are skipped."""
     limit = context_window(model)
     keep = [i for i, p in enumerate(prompts)
             if limit is None or len(tokenizer(p)["input_ids"]) + max_new_tokens <= limit]
-    preds = greedy_generate(model, tokenizer, [prompts[i] for i in keep], max_new_tokens=max_new_tokens,
-                            batch_size=batch_size, stop=stop)
-    hits = sum(norm(p) == norm(answers[i]) for p, i in zip(preds, keep, strict=True))
-    return accuracy_score(hits, len(keep), len(prompts) - len(keep))
+    acc = exact_match(model, tokenizer, [prompts[i] for i in keep], [answers[i] for i in keep], normalize=normalize,
+                      stop=stop, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return accuracy_score(acc.correct, acc.n, len(prompts) - len(keep))
