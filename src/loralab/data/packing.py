@@ -82,14 +82,9 @@ def collate_packed(rows: list[list[Example]], pad_id: int, device: torch.device)
 
 
 def collate_segments(examples: list[Example], device: torch.device) -> dict:
-    """One row of ``examples`` end to end: input_ids, position_ids, labels (1, tokens), and
-    ``segments``, the examples' boundaries (0, n1, n1 + n2, ...). As in collate_packed, each
-    example's first label is IGNORE (it would be predicted from the previous example)."""
-    ids = [t for e in examples for t in e.input_ids]
-    labels = [t for e in examples for t in (IGNORE, *e.labels[1:])]
-    pos = [p for e in examples for p in range(len(e.input_ids))]
-    return {"input_ids": torch.tensor([ids], device=device), "position_ids": torch.tensor([pos], device=device),
-            "labels": torch.tensor([labels], device=device), "n_tokens": torch.tensor(len(ids)),
+    """collate_packed's single row of ``examples`` end to end (no padding), plus ``segments``,
+    the examples' boundaries (0, n1, n1 + n2, ...)."""
+    return {**collate_packed([examples], 0, device),  # one row as long as its examples: no pad id is ever written
             "segments": tuple(itertools.accumulate((len(e.input_ids) for e in examples), initial=0))}
 
 
