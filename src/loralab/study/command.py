@@ -146,16 +146,13 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _final_metric(store, run: dict[str, Any], metric: str) -> float | None:
-    rows = [m for m in store.metrics(run["id"]) if m["name"] == metric and m["value"] is not None]
-    return rows[-1]["value"] if rows else None
-
-
 def _run_rows(store, sid: int, metric: str) -> list[dict[str, Any]]:
+    from loralab.study.findings import final_value  # the report's rule: one indexed query per run
+
     out = []
     for r in store.runs(sid):
         row = {"name": r["name"], "status": r["status"], **json.loads(r["axes_json"]),
-               metric: _final_metric(store, r, metric), "wall_s": r["wall_time_s"],
+               metric: final_value(store.db, r, metric), "wall_s": r["wall_time_s"],
                "peak_MiB": r["peak_memory_bytes"] / 2**20 if r["peak_memory_bytes"] else None,
                "est_MiB": r["estimated_memory_bytes"] / 2**20 if r["estimated_memory_bytes"] else None,
                "attempts": r["attempts"], "stopped_at": r["stopped_at_step"]}
