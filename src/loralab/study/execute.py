@@ -124,15 +124,17 @@ def resume_point(run_dir: Path) -> Path | None:
     return latest_checkpoint(run_dir)
 
 
-def start_command(run_dir: Path, config: dict[str, Any], stop_at_step: int | None = None) -> tuple[list[str], bool]:
-    """(command, resuming): continue from a checkpoint when the run directory has one,
-    otherwise start over in a clean directory. ``stop_at_step`` pauses the run there."""
+def start_command(run_dir: Path, config: dict[str, Any], stop_at_step: int | None = None) -> tuple[list[str], Path | None]:
+    """(command, checkpoint): continue from the run directory's newest complete checkpoint
+    when it has one, otherwise start over in a clean directory (checkpoint None).
+    ``stop_at_step`` pauses the run there."""
     stop = f"train.stop_at_step={stop_at_step if stop_at_step else 'null'}"
-    if resume_point(run_dir) is not None:
-        return [sys.executable, "-m", "loralab.cli", "train", "--resume", str(run_dir), "--set", stop, "--json"], True
+    checkpoint = resume_point(run_dir)
+    if checkpoint is not None:
+        return [sys.executable, "-m", "loralab.cli", "train", "--resume", str(run_dir), "--set", stop, "--json"], checkpoint
     if stop_at_step:
         config = {**config, "train": {**config["train"], "stop_at_step": stop_at_step}}
-    return train_command(prepare_run_dir(run_dir, config), run_dir), False
+    return train_command(prepare_run_dir(run_dir, config), run_dir), None
 
 
 def _die_with_parent() -> None:
@@ -157,22 +159,22 @@ def outcome(run_dir: Path, returncode: int, log_path: Path | None = None) -> dic
     status = summary.get("status")
     rows = metric_rows(run_dir / "metrics.jsonl")
     if status in FINAL_SUMMARY:
-        return {"status": status, "summary": summary, "metrics": rows, "error": summary.get("error"), "returncode": returncode,
+        return {"status": status, "summary": summary, "metrics": rows, "error": summary.get("error"),
                 "stopped_at_step": summary.get("stopped_at_step")}
     if returncode < 0:
         sig = signal.Signals(-returncode).name if -returncode in signal.Signals.__members__.values() else str(-returncode)
-        return {"status": "interrupted", "summary": summary, "metrics": rows, "returncode": returncode,
+        return {"status": "interrupted", "summary": summary, "metrics": rows,
                 "error": f"the run process was killed by {sig} before it finished"}
     tail = log_tail(log_path or run_dir / "train.log")
-    return {"status": "failed", "summary": summary, "metrics": rows, "returncode": returncode,
+    return {"status": "failed", "summary": summary, "metrics": rows,
             "error": f"the run process exited with code {returncode} without a final summary: {tail}"}
 
 
 def execute_run(config: dict[str, Any], run_dir: str, threads: int | None = None) -> dict[str, Any]:
     """Run one training config in a child process and wait (used by the Ray executor)."""
     rd = Path(run_dir)
-    cmd, resuming = start_command(rd, config)
-    with (rd / "train.log").open("ab" if resuming else "wb") as logf:
+    cmd, checkpoint = start_command(rd, config)
+    with (rd / "train.log").open("ab" if checkpoint else "wb") as logf:
         proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=loralab_env(threads), preexec_fn=_die_with_parent)
     return outcome(rd, proc.returncode)
 
@@ -182,16 +184,12 @@ class LocalRun:
 
     def __init__(self, task: Task, threads: int):
         self.task = task
-        cmd, self.resuming = start_command(task.run_dir, task.config, task.stop_at_step)
-        if self.resuming:
-            log.info("run %s: resuming from %s", task.name, resume_point(task.run_dir))
-        self.logf = (task.run_dir / "train.log").open("ab" if self.resuming else "wb")
+        cmd, checkpoint = start_command(task.run_dir, task.config, task.stop_at_step)
+        if checkpoint:
+            log.info("run %s: resuming from %s", task.name, checkpoint)
+        self.logf = (task.run_dir / "train.log").open("ab" if checkpoint else "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.logf, stderr=subprocess.STDOUT, env=loralab_env(threads),
                                      preexec_fn=_die_with_parent)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
 
     def poll(self) -> dict[str, Any] | None:
         rc = self.proc.poll()
@@ -199,10 +197,6 @@ class LocalRun:
             return None
         self.logf.close()
         return outcome(self.task.run_dir, rc)
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGTERM)
 
 
 # ----------------------------------------------------------------------------- planning
