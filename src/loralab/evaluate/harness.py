@@ -9,7 +9,7 @@ files written by :func:`write_harness_tasks` from the same local data, so lm-eva
 exactly what ``loralab eval --tasks`` scores:
 
 * ``mc``: ``{name}_mc1`` and ``{name}_mc2``, ``output_type: multiple_choice``,
-  ``doc_to_text`` = the task's preamble + ``"Q: {question}\\nA:"``, choices from the data's
+  ``doc_to_text`` = a "prompt" column holding loralab's own ``metrics.mc_prompt`` (preamble + ``"Q: {question}\\nA:"``), choices from the data's
   ``mc1_targets``/``mc2_targets``; MC1's target is the index of the choice labelled 1; MC2
   uses the harness's own TruthfulQA ``process_results_mc2``.
 * ``pairs``: ``{name}``: BLiMP's layout (empty context, choices [good, bad], target 0).
@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from loralab.errors import LoralabError
-from loralab.evaluate.metrics import Z95
+from loralab.evaluate.metrics import Z95, mc_prompt
 from loralab.evaluate.tasks import BUILTIN, Task, resolve_tasks
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,6 @@ def _yaml(path: Path, spec: dict) -> None:
     os.replace(tmp, path)
 
 
-def _jinja_literal(text: str) -> str:
-    """``text`` as a Jinja string expression (JSON escaping is valid Jinja)."""
-    return json.dumps(text)
-
-
 def write_harness_tasks(task: Task, out_dir: Path) -> dict[str, tuple[str, str]]:
     """Write lm-eval task YAMLs (+ their JSONL data) for ``task``.
 
@@ -82,19 +77,18 @@ def write_harness_tasks(task: Task, out_dir: Path) -> dict[str, tuple[str, str]]
     if task.format == "mc":
         records = []
         for q in task.items:
-            rec = {"question": q.question}
+            rec = {"question": q.question, "prompt": mc_prompt(q.question, task.preamble)}  # loralab's own prompt
             for key in ("mc1", "mc2"):
                 choices = getattr(q, key)
                 rec[f"{key}_targets"] = {"choices": list(choices), "labels": list(choices.values())}
             records.append(rec)
         _jsonl(data, records)
-        text = "{{" + _jinja_literal(task.preamble) + " + 'Q: ' + question + '\\nA:'}}"
         names = {}
         for key in ("mc1", "mc2"):
             if not getattr(task.items[0], key):
                 continue
             name = f"{task.name}_{key}"
-            spec = {"task": name, **common, "doc_to_text": text,
+            spec = {"task": name, **common, "doc_to_text": "prompt",
                     "doc_to_choice": "{{" + key + "_targets.choices}}",
                     "doc_to_target": "{{mc1_targets.labels.index(1)}}" if key == "mc1" else 0}
             if key == "mc2":
@@ -115,7 +109,8 @@ def write_harness_tasks(task: Task, out_dir: Path) -> dict[str, tuple[str, str]]
 
 
 def _is_loralab_task(name: str) -> bool:
-    return name in BUILTIN or name.endswith((".yaml", ".yml")) and Path(name).is_file()
+    """The names resolve_tasks takes (a built-in, or a task file): anything else is lm-eval's."""
+    return name in BUILTIN or name.endswith((".yaml", ".yml")) or Path(name).is_file()
 
 
 def prepare_tasks(spec: str, out_dir: Path, limit: int | None) -> dict[str, tuple[str, str] | None]:
