@@ -64,6 +64,9 @@ class StudyData:
     axes: list[str] = field(default_factory=list)  # axes that vary, train.seed excluded
     noise_sd: float | None = None
     noise_df: int = 0
+    # computed once from the runs on first use (the runs do not change after read_study)
+    _tied: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    _noise: dict[str, tuple[float | None, int]] = field(default_factory=dict, repr=False)
 
     def better(self, a: float, b: float) -> bool:
         return a < b if self.goal == "min" else a > b
@@ -223,7 +226,9 @@ def at_level(runs: list[Run], axis: str, value: Any) -> list[Run]:
 
 def tied_to(data: StudyData, axis: str) -> list[str]:
     """Varying axes whose value is fixed by ``axis`` (alpha = 2 x r; lr = c / alpha)."""
-    out = []
+    if axis in data._tied:
+        return data._tied[axis]
+    out = data._tied[axis] = []
     for k in data.axes:
         if k == axis:
             continue
@@ -270,8 +275,10 @@ def noise(data: StudyData, attr: str = "value") -> tuple[float | None, int]:
     """Pooled seed-to-seed SD of ``attr`` (the metric, time_s, memory_bytes) and its df."""
     if attr == "value":
         return data.noise_sd, data.noise_df
-    groups = [[_get(r, attr) for r in g if _get(r, attr) is not None] for g in repeat_groups(data.ok).values()]
-    return stats.pooled_sd(groups)
+    if attr not in data._noise:
+        groups = [[_get(r, attr) for r in g if _get(r, attr) is not None] for g in repeat_groups(data.ok).values()]
+        data._noise[attr] = stats.pooled_sd(groups)
+    return data._noise[attr]
 
 
 def compare(data: StudyData, runs: list[Run], axis: str, a: Any, b: Any, attr: str = "value") -> dict[str, Any] | None:
