@@ -34,7 +34,6 @@ import ctypes
 import fcntl
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -49,6 +48,7 @@ import yaml
 
 from loralab.config import config_from_dict
 from loralab.errors import ConfigError, LoralabError
+from loralab.halving import halving_rungs, split_at_rung
 from loralab.paths import child_dir
 from loralab.study.spec import Study
 from loralab.study.store import FINAL, TO_RUN, Store, metric_rows
@@ -68,8 +68,6 @@ class Halving:
     min_steps: int = 10
 
     def rungs(self, max_steps: int) -> list[int]:
-        from loralab.train.loop import halving_rungs
-
         return halving_rungs(self.min_steps, self.eta, max_steps)
 
 
@@ -418,26 +416,19 @@ def run_halving(
         # already promoted past it (paused later, or interrupted on the way) and they go on.
         paused = [t for t in alive if status[t.run_id] == "paused" and _checkpoint_step(t.run_dir) == rung]
         values = {t.run_id: store.metric_at(t.run_id, metric, rung) for t in paused}
-        ranked = sorted(paused, key=lambda t, values=values: _rank_key(values[t.run_id], goal))
         # Runs a stopped driver already cut at this rung still count, so a restart cuts no deeper.
         cut_before = sum(1 for r in rows if r["status"] == "stopped_early" and r["stopped_at_step"] == rung)
-        keep = max(1, math.ceil((len(ranked) + cut_before) / halving.eta))
-        for t in ranked[keep:]:
+        ranked, cut = split_at_rung(paused, lambda t, values=values: values[t.run_id], eta=halving.eta, goal=goal, already_cut=cut_before)
+        keep = len(ranked)
+        for t in cut:
             store.finish(t.run_id, status="stopped_early", stopped_at_step=rung,
-                         error=f"successive halving: {metric} {values[t.run_id]} at step {rung} was not in the best {keep} of {len(ranked)}")
-        log.info("halving at step %d: %d of %d runs go on (%s)", rung, keep, len(ranked), ", ".join(t.name for t in ranked[:keep]))
+                         error=f"successive halving: {metric} {values[t.run_id]} at step {rung} was not in the best {keep} of {len(ranked) + len(cut)}")
+        log.info("halving at step %d: %d of %d runs go on (%s)", rung, keep, len(ranked) + len(cut), ", ".join(t.name for t in ranked))
         # go on: the promoted runs, runs too short to reach this rung, runs a restart found past it
-        alive = ranked[:keep] + [t for t in alive if t not in paused and status[t.run_id] in (*TO_RUN, "paused")]
+        alive = ranked + [t for t in alive if t not in paused and status[t.run_id] in (*TO_RUN, "paused")]
     for t in alive:
         t.stop_at_step = None
     run_local(store, alive, workers=workers, retries=retries, max_attempts=max_attempts)
-
-
-def _rank_key(value: float | None, goal: str) -> float:
-    """Smaller is better; a missing or non-finite metric ranks last."""
-    if value is None or not math.isfinite(value):
-        return math.inf
-    return value if goal == "min" else -value
 
 
 def _checkpoint_step(run_dir: Path) -> int:

@@ -50,6 +50,7 @@ from loralab.config import Config, dump_config
 from loralab.data.dataset import IGNORE, Example, collate
 from loralab.data.packing import step_batches
 from loralab.errors import ConfigError, DataError, LoralabError, ModelError
+from loralab.halving import halving_rungs, keep_count, rank_key
 from loralab.models import keep_4bit_trainable, load_base, pick_device
 from loralab.train.attention import segment_attention
 from loralab.train.loop import (
@@ -58,7 +59,6 @@ from loralab.train.loop import (
     clear_run_outputs,
     default_run_dir,
     forward_logits,
-    halving_rungs,
     label_positions,
     load_data_and_tasks,
     micro_batches,
@@ -174,9 +174,7 @@ class Prune:
 
     def score(self, m: Member) -> float:
         value = m.eval_loss if self.metric == "eval_loss" else (m.task_history.get(self.metric) or [float("nan")])[-1]
-        if not math.isfinite(value):
-            return float("inf")  # a run with no value ranks last
-        return value if self.goal == "min" else -value
+        return rank_key(value, self.goal)
 
 
 def stack_runs(batch: dict, n: int) -> dict:
@@ -327,7 +325,7 @@ def fit_fused(cfgs: list[Config], run_dirs: list[Path], *, record: Callable[...,
                 charge(stepped, time.perf_counter() - t_eval)
             if rung:
                 ranked = sorted((m for m in members if m.status == "running"), key=prune.score)
-                for m in ranked[math.ceil(len(ranked) / prune.eta):]:
+                for m in ranked[keep_count(len(ranked), prune.eta):]:
                     m.status = "stopped_early"
                     m.metrics.write(step=step, event="stopped_early", rung=step)
                     m.metrics.close()

@@ -167,15 +167,6 @@ def best_of(key: str, values: list[float]) -> float:
     return min(finite) if lower_is_better else max(finite)
 
 
-def halving_rungs(min_steps: int, eta: int, steps: int) -> list[int]:
-    """Successive halving's rung steps: min_steps * eta**k below the run's last step."""
-    out, step = [], min_steps
-    while step < steps:
-        out.append(step)
-        step *= eta
-    return out
-
-
 def plan_steps(cfg: Config, n_train: int) -> int:
     if cfg.train.max_steps:
         return cfg.train.max_steps
