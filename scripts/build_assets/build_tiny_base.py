@@ -2,7 +2,7 @@
 
 Command (from the repository root, with the project's virtual environment)::
 
-    .venv/bin/python scripts/build_tiny_base.py
+    .venv/bin/python scripts/build_assets/build_tiny_base.py
 
 Takes about 25 minutes on 2 CPU cores (a few seconds for data and tokenizer, the rest is
 pretraining); ``--steps`` trades quality for time. Everything is deterministic: fixed seeds
@@ -12,7 +12,7 @@ Steps:
 
 1. ``src/loralab/assets/data/``: fixed arithmetic splits (2-digit and 4-digit, train / val /
    test, disjoint in problems), ``world_mc.json`` and ``world_pairs.jsonl``
-   (all from :mod:`loralab.synth`).
+   (all from ``synth.py`` beside this script).
 2. A pretraining corpus: arithmetic in surface forms *other* than the Alpaca instruction
    (``59 - 38 = 21``, ``59 minus 38 is 21.``, ...; the val/test problems never appear), and
    documents about the generated world, including Alpaca-formatted world instructions
@@ -33,11 +33,10 @@ import sys
 import time
 from pathlib import Path
 
+import synth  # beside this script: the generators are build-time only, not part of the package
 import torch
 
-from loralab import synth
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "src" / "loralab" / "assets"
 
 SPLITS = {"train": 2000, "val": 200, "test": 200}
