@@ -86,7 +86,8 @@ def bench_records(n: int, seed: int) -> list[dict]:
     """Instructions about loralab's generated world whose responses run from a few tokens (a
     capital's name) through one sentence and short stories to reports of a few hundred tokens
     (several countries' facts). Deterministic for (n, seed)."""
-    from loralab import synth
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "build_assets"))
+    import synth  # the generators behind the shipped assets (build-time code, not in the package)
 
     world = synth.make_world()
     facts = synth._facts(world)
