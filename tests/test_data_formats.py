@@ -407,3 +407,12 @@ def test_run_on_chat_data_with_auto_length_records_data_stats(tmp_path, tiny_mod
     assert stats["truncated"] == sum(len(e.input_ids) > 256 for e in whole.train) > 0
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["data_stats"] == stats
+
+
+def test_estimate_takes_auto_at_the_models_context():
+    from loralab.estimate import estimate_run
+
+    auto = estimate_run(load_config(None, ["data.max_seq_length=auto", "model.device=cpu"]))
+    fixed = estimate_run(load_config(None, ["data.max_seq_length=512", "model.device=cpu"]))  # builtin:tiny's context
+    assert auto.memory_bytes == fixed.memory_bytes and auto.settings["seq_len"] == 512
+    assert "auto estimated at the model's context (512)" in auto.approximate[-1]

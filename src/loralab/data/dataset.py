@@ -11,6 +11,7 @@ Errors name the file and the line (JSON/JSONL) or row (everything read with ``da
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import statistics
@@ -26,6 +27,7 @@ from loralab.data.sources import json_rows, load_rows, read_records  # noqa: F40
 from loralab.data.templates import format_prompt
 from loralab.errors import DataError
 
+log = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).resolve().parent.parent / "assets" / "data"
 IGNORE = -100  # label value ignored by the loss
 
@@ -241,6 +243,11 @@ def load_splits(cfg: DataConfig, tokenizer, *, seed: int, context: int | None = 
         "truncated": truncated, "truncated_val": truncated_val, "truncated_to_no_response": empty,
         "dropped_by_length_filter": dropped,
     }
+    if cfg.max_seq_length == "auto":
+        log.info("data.max_seq_length: auto -> %d (longest example %d tokens, context %s)", max_len, max(lengths), context)
+    if truncated:
+        log.info("%d of %d training examples are longer than %d tokens and were cut from the right",
+                 truncated, len(full_train), max_len)
     return Splits(train=train, val=val, dropped_by_length=dropped, truncated_to_nothing=empty, stats=stats)
 
 

@@ -386,6 +386,7 @@ def run_result(m: Member, splits, steps: int, device, shared: dict[str, Any], at
         "val_examples": len(splits.val),
         "dropped_by_length_filter": splits.dropped_by_length,
         "truncated_to_no_response": splits.truncated_to_nothing,
+        "data_stats": splits.stats,
         "final_eval_loss": m.eval_loss,
         "best_eval_loss": m.best_eval if math.isfinite(m.best_eval) else None,
         "final_eval_tasks": {k: v[-1] for k, v in m.task_history.items()},

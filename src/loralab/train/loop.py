@@ -288,7 +288,8 @@ def packed_attention(cfg: Config, model) -> str | None:
     if not cfg.data.packing:
         return None
     window = getattr(model.config, "sliding_window", None) if getattr(model.config, "use_sliding_window", True) else None
-    if window is not None and window < cfg.data.max_seq_length:  # examples may outgrow the window: masks handle it
+    longest = cfg.data.max_seq_length if cfg.data.max_seq_length != "auto" else model_context(model.config) or 0  # auto: at most the context
+    if window is not None and window < longest:  # examples may outgrow the window: masks handle it
         return "block_mask"
     return "per_example" if supports_segments(model) else "block_mask"
 
