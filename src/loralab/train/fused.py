@@ -88,6 +88,8 @@ PER_RUN_KEYS: dict[str, set[str]] = {
 
 
 def _hashable(value: Any) -> Any:
+    if isinstance(value, dict):  # data.columns
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
     return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
 
 
