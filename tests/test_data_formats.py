@@ -416,3 +416,18 @@ def test_estimate_takes_auto_at_the_models_context():
     fixed = estimate_run(load_config(None, ["data.max_seq_length=512", "model.device=cpu"]))  # builtin:tiny's context
     assert auto.memory_bytes == fixed.memory_bytes and auto.settings["seq_len"] == 512
     assert "auto estimated at the model's context (512)" in auto.approximate[-1]
+
+
+def test_cli_chat_data_on_a_model_without_chat_template_exits_2(tiny_model_dir, tmp_path, capsys):
+    from loralab.cli import main
+
+    path = write_jsonl(tmp_path / "chat.jsonl", chat_records(8))
+    out = tmp_path / "run"
+    argv = ["train", "--out", str(out)]
+    for item in (f"model.path={tiny_model_dir('llama')}", "model.device=cpu", f"data.path={path}",
+                 "train.max_steps=1", "train.batch_size=4", "train.micro_batch_size=4"):
+        argv += ["--set", item]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "data.format messages: the tokenizer of" in err and "has no chat template" in err
+    assert json.loads((out / "summary.json").read_text())["status"] == "invalid"

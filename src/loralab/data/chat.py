@@ -82,7 +82,7 @@ def assistant_tokens(messages: list[dict[str, str]], tokenizer, *, where: str) -
     try:
         if isinstance(template, str) and GENERATION_BLOCK.search(template):
             out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                                return_assistant_tokens_mask=True)
+                                                return_assistant_tokens_mask=True, tokenizer_kwargs={"verbose": False})
             ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
             if not any(mask):
                 raise DataError(f"{where}: the chat template has a generation block, but it marked none of "
@@ -121,7 +121,7 @@ def _prefix_mask(messages: list[dict[str, str]], tokenizer, where: str) -> tuple
         start, end = len(before), len(through.rstrip())
         if end > start:
             spans.append((start, end))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     mask, k = [], 0
     for t_start, t_end in enc["offset_mapping"]:
         while k < len(spans) and t_start >= spans[k][1]:

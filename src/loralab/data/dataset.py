@@ -117,8 +117,9 @@ def prompt_text(fields: dict, cfg: DataConfig, tokenizer) -> str:
 
 def encode(prompt: str, response: str, tokenizer, *, max_len: int | None, train_on_prompt: bool) -> Example:
     """Tokenize prompt + response + eos; truncate to ``max_len`` from the right (None: keep all)."""
-    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    # verbose=False: examples are tokenized whole before truncation; no "longer than the model" warning
+    p = tokenizer(prompt, add_special_tokens=True, verbose=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"] + [tokenizer.eos_token_id]
     labels = (list(p) if train_on_prompt else [IGNORE] * len(p)) + r
     return Example((p + r)[:max_len], labels[:max_len])
 
