@@ -71,7 +71,7 @@ class DataConfig:
     columns: dict[str, str] = _f({}, "Column names of your data for loralab's fields, e.g. {instruction: question, output: answer} (fields: instruction, input, output, prompt, completion, messages, conversations).")
     template: Literal["alpaca", "chat", "none"] = _f("alpaca", "Prompt template of alpaca/prompt_completion records: Alpaca, the tokenizer's chat template, or the raw prompt.")
     max_seq_length: int | Literal["auto"] = _f(256, "Examples are truncated to this many tokens (from the right: prompt first, then response); auto = the longest example rounded up to a multiple of 8, at most the model's context.", gt=1)
-    train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens (default: response tokens only; for chat data: assistant turns only).")
+    train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens (default: response tokens only; for chat data, the assistant turns only).")
     val_path: str | None = _f(None, "A separate validation file (any data.path form); otherwise val_fraction of data.path is held out.")
     val_fraction: float = _f(0.05, "Share of data.path held out for validation when val_path is not given.", ge=0, lt=1)
     val_seed: int | None = _f(None, "Seed of the held-out validation split (null = train.seed).")
