@@ -22,13 +22,15 @@ from loralab.errors import ConfigError
 
 DEFAULT_MODEL = "builtin:tiny"  # the tiny pretrained Llama shipped in loralab/assets
 DEFAULT_DATA = "builtin:arithmetic"  # the generated arithmetic instructions
+# The record fields loralab reads, per data.format; data.columns maps them to a dataset's own column names.
+DATA_FIELDS = ("instruction", "input", "output", "prompt", "completion", "messages", "conversations")
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
     """A dataclass field with help text and optional range checks (gt, ge, le, lt)."""
     meta = {"help": help, **checks}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -64,15 +66,17 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _f(DEFAULT_DATA, "Dataset file (JSON/JSONL) or builtin:arithmetic, builtin:arithmetic_2ds, builtin:arithmetic_4ds.")
-    format: Literal["auto", "alpaca", "prompt_completion"] = _f("auto", "Record layout; auto looks at the first record's keys.")
-    template: Literal["alpaca", "chat", "none"] = _f("alpaca", "Prompt template: Alpaca, the tokenizer's chat template, or the raw prompt.")
-    max_seq_length: int = _f(256, "Examples are truncated to this many tokens (prompt first, then response).", gt=1)
-    train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens (default: response tokens only).")
-    val_path: str | None = _f(None, "A separate validation file; otherwise val_fraction of data.path is held out.")
+    path: str = _f(DEFAULT_DATA, "Dataset: a JSON/JSONL, parquet, arrow or CSV file, a datasets save_to_disk directory, hf:owner/name[:split] (needs network), or builtin:arithmetic, builtin:arithmetic_2ds, builtin:arithmetic_4ds.")
+    format: Literal["auto", "alpaca", "prompt_completion", "messages"] = _f("auto", "Record layout: alpaca (instruction, input, output), prompt_completion, or messages (chat: messages with role/content, or conversations with from/value) rendered with the tokenizer's chat template; auto looks at the first record's keys.")
+    columns: dict[str, str] = _f({}, "Column names of your data for loralab's fields, e.g. {instruction: question, output: answer} (fields: instruction, input, output, prompt, completion, messages, conversations).")
+    template: Literal["alpaca", "chat", "none"] = _f("alpaca", "Prompt template of alpaca/prompt_completion records: Alpaca, the tokenizer's chat template, or the raw prompt.")
+    max_seq_length: int | Literal["auto"] = _f(256, "Examples are truncated to this many tokens (from the right: prompt first, then response); auto = the longest example rounded up to a multiple of 8, at most the model's context.", gt=1)
+    train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens (default: response tokens only; for chat data, the assistant turns only).")
+    val_path: str | None = _f(None, "A separate validation file (any data.path form); otherwise val_fraction of data.path is held out.")
     val_fraction: float = _f(0.05, "Share of data.path held out for validation when val_path is not given.", ge=0, lt=1)
+    val_seed: int | None = _f(None, "Seed of the held-out validation split (null = train.seed).")
     val_max_examples: int = _f(200, "At most this many validation examples are scored per evaluation.", gt=0)
-    min_response_chars: int = _f(0, "Drop examples whose response is shorter (characters).", ge=0)
+    min_response_chars: int = _f(0, "Drop examples whose response is shorter (characters; chat data: all assistant turns together).", ge=0)
     max_response_chars: int | None = _f(None, "Drop examples whose response is longer (characters); 800 with min 201 is the seeds' 'hard' Text-to-SQL subset.", gt=0)
     limit: int | None = _f(None, "Use only the first N training examples (after the split).", gt=0)
     shuffle: bool = _f(True, "Shuffle the training examples each epoch (seeded).")
@@ -158,6 +162,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in get_args(tp))
     if origin is list:
         return f"a list of {_describe(get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of {_describe(get_args(tp)[0])} to {_describe(get_args(tp)[1])}"
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}[tp]
@@ -186,6 +192,19 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
                 return False, value
             out.append(v)
         return True, out
+    if origin is dict:
+        if isinstance(value, str):  # --set data.columns="{instruction: question}" arrives as text
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                return False, value
+        if not isinstance(value, dict):
+            return False, value
+        key_tp, value_tp = get_args(tp)
+        pairs = [(_coerce(k, key_tp), _coerce(v, value_tp)) for k, v in value.items()]
+        if not all(ok_k and ok_v for (ok_k, _), (ok_v, _) in pairs):
+            return False, value
+        return True, {k: v for (_, k), (_, v) in pairs}
     if tp is type(None):
         return value is None, None
     if tp is bool:
@@ -207,7 +226,7 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
 
 
 def _check_range(key: str, value: Any, meta: dict[str, Any]) -> str | None:
-    if value is None or isinstance(value, (bool, list, str)):
+    if value is None or isinstance(value, (bool, list, dict, str)):
         return None
     for name, op, word in (("gt", float.__gt__, ">"), ("ge", float.__ge__, ">="), ("lt", float.__lt__, "<"), ("le", float.__le__, "<=")):
         if name in meta and not op(float(value), float(meta[name])):
@@ -261,6 +280,10 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
         errors.append(
             f"data.max_response_chars ({d.max_response_chars}) is below data.min_response_chars ({d.min_response_chars})"
         )
+    unknown = sorted(set(d.columns) - set(DATA_FIELDS))
+    if unknown:
+        errors.append(f"data.columns: unknown field {', '.join(unknown)} (known: {', '.join(DATA_FIELDS)}); "
+                      "map loralab's field to your column, e.g. {instruction: question}")
 
 
 def config_from_dict(raw: Any, *, source: str = "config") -> Config:

@@ -42,7 +42,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -410,6 +410,17 @@ def _notes(shape: ModelShape, cfg: Config, device: str) -> list[str]:
     return notes
 
 
+def at_context_length(cfg: Config) -> Config:
+    """``cfg`` with data.max_seq_length: auto replaced by its ceiling, the model's context."""
+    from loralab.data.dataset import model_context
+
+    context = model_context(load_model_config(resolve_model_config(cfg.model.path)))
+    if not context:
+        raise ConfigError(f"data.max_seq_length: auto: {cfg.model.path} states no context length "
+                          "(max_position_embeddings); set data.max_seq_length to a number for the estimate")
+    return replace(cfg, data=replace(cfg.data, max_seq_length=context))
+
+
 def estimate_run(
     cfg: Config,
     *,
@@ -419,6 +430,9 @@ def estimate_run(
     device: str | None = None,
 ) -> Estimate:
     """Estimate a run from its Config. ``throughput`` is effective FLOP/s of the device."""
+    auto_length = cfg.data.max_seq_length == "auto"
+    if auto_length:
+        cfg = at_context_length(cfg)
     grad_checkpointing = grad_checkpointing or cfg.train.gradient_checkpointing
     shape = describe_model(cfg.model.path)
     modules = lora_modules(shape, list(cfg.lora.targets))
@@ -437,6 +451,9 @@ def estimate_run(
         settings=_settings(cfg, grad_checkpointing, dev),
         approximate=_notes(shape, cfg, dev),
     )
+    if auto_length:
+        est.approximate.append(f"data.max_seq_length: auto estimated at the model's context ({cfg.data.max_seq_length}), "
+                               "the most it resolves to; a run resolves it from the data")
     if budget_bytes is not None:
         est.budget_bytes = budget_bytes
         est.fits = mem["total"] <= budget_bytes

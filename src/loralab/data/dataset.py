@@ -1,22 +1,33 @@
 """Datasets: read records, template them, tokenize with a response-only loss mask, batch.
 
-Formats: Alpaca (``instruction``, ``input``, ``output``) and prompt/completion, as a JSON
-array or JSONL. Errors name the file and the line.
+    splits = load_splits(cfg.data, tokenizer, seed=1337, context=2048)
+    splits.train[0].input_ids, splits.stats["max_seq_length"]
+
+Formats: Alpaca (``instruction``, ``input``, ``output``), prompt/completion, and chat
+(``messages`` or ShareGPT ``conversations``, see loralab.data.chat), from the files and
+datasets loralab.data.sources reads; ``data.columns`` maps the fields to other column names.
+Errors name the file and the line (JSON/JSONL) or row (everything read with ``datasets``).
 """
 
 from __future__ import annotations
 
-import json
+import logging
+import math
 import random
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from loralab.config import DataConfig
+from loralab.data.chat import assistant_tokens, check_chat_template, conversation
+from loralab.data.sources import json_rows, load_rows, read_records  # noqa: F401  (read_records: shared reader)
 from loralab.data.templates import format_prompt
 from loralab.errors import DataError
 
+log = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).resolve().parent.parent / "assets" / "data"
 IGNORE = -100  # label value ignored by the loss
 
@@ -30,58 +41,61 @@ def builtin_files(name: str, split: str) -> list[Path]:
     return [DATA_DIR / f"{p}_{split}.jsonl" for p in parts[name]]
 
 
-def read_records(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, record) pairs from a JSON array or JSONL file."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"dataset file {p} does not exist")
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                        "save the file as UTF-8") from None
-    if not text.strip():
-        raise DataError(f"{p}: the file is empty")
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{p}:{exc.lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from None
-        return [(0, r) for r in items]
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append((n, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{p}:{n}: malformed JSON line ({exc.msg}, column {exc.colno})") from None
-    return out
+FIELDS = {"alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion")}
 
 
-def to_prompt_response(records: list[tuple[int, dict]], fmt: str, path: str) -> list[tuple[dict, str]]:
-    """Normalize to ({instruction, input} or {prompt}, response) and check the fields."""
+@dataclass
+class Record:
+    """One example before tokenization: a prompt and its response, or a conversation."""
+
+    where: str  # "file:line" or "file, row N", for error messages
+    prompt: dict[str, str] | None = None  # {"instruction", "input"} or {"prompt"}
+    response: str = ""
+    messages: list[dict[str, str]] | None = None  # chat records
+
+    @property
+    def response_chars(self) -> int:
+        if self.messages is not None:
+            return sum(len(m["content"]) for m in self.messages if m["role"] == "assistant")
+        return len(self.response)
+
+
+def detect_format(rec: Any, columns: dict[str, str]) -> str:
+    """data.format auto: messages/conversations -> messages, prompt -> prompt_completion, else alpaca."""
+    if not isinstance(rec, dict):
+        return "alpaca"
+    if columns.get("messages", "messages") in rec or columns.get("conversations", "conversations") in rec:
+        return "messages"
+    return "prompt_completion" if columns.get("prompt", "prompt") in rec else "alpaca"
+
+
+def to_records(rows: list[tuple[str, Any]], fmt: str, columns: dict[str, str]) -> list[Record]:
+    """Normalize rows to Records and check their fields (the first bad row is named)."""
     if fmt == "auto":
-        first = records[0][1] if records else {}
-        fmt = "prompt_completion" if isinstance(first, dict) and "prompt" in first else "alpaca"
-    need = ("instruction", "output") if fmt == "alpaca" else ("prompt", "completion")
+        fmt = detect_format(rows[0][1] if rows else {}, columns)
     out = []
-    for line, rec in records:
-        where = f"{path}:{line}" if line else f"{path} (record {len(out) + 1})"
+    for where, rec in rows:
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        missing = [k for k in need if k not in rec]
+        if fmt == "messages":
+            out.append(Record(where, messages=conversation(rec, where, columns)))
+            continue
+        col = {k: columns.get(k, k) for k in (*FIELDS[fmt], "input")}
+        missing = [col[k] for k in FIELDS[fmt] if col[k] not in rec]
         if missing:
-            raise DataError(f"{where}: missing field {', '.join(missing)} (format {fmt} needs {', '.join(need)})")
-        for k in need + (("input",) if fmt == "alpaca" and "input" in rec else ()):
-            if not isinstance(rec[k], str):
-                raise DataError(f"{where}: field {k} must be a string")
+            mapped = [f"data.columns maps {k} to {col[k]}" for k in FIELDS[fmt] if col[k] in missing and col[k] != k]
+            raise DataError(f"{where}: missing field {', '.join(missing)} (format {fmt} needs "
+                            f"{', '.join(col[k] for k in FIELDS[fmt])}{'; ' + '; '.join(mapped) if mapped else ''})")
+        values = {k: rec.get(col[k]) for k in col}
+        if values["input"] is None:  # absent, or an empty cell of a CSV/parquet column
+            values["input"] = ""
+        for k in (*FIELDS[fmt], "input"):
+            if not isinstance(values[k], str):
+                raise DataError(f"{where}: field {col[k]} must be a string (got {type(values[k]).__name__})")
         if fmt == "alpaca":
-            out.append(({"instruction": rec["instruction"], "input": rec.get("input", "")}, rec["output"]))
+            out.append(Record(where, {"instruction": values["instruction"], "input": values["input"]}, values["output"]))
         else:
-            out.append(({"prompt": rec["prompt"]}, rec["completion"]))
+            out.append(Record(where, {"prompt": values["prompt"]}, values["completion"]))
     return out
 
 
@@ -101,13 +115,22 @@ def prompt_text(fields: dict, cfg: DataConfig, tokenizer) -> str:
     return format_prompt(fields["instruction"], fields["input"], template=cfg.template, tokenizer=tokenizer)
 
 
-def encode(prompt: str, response: str, tokenizer, *, max_len: int, train_on_prompt: bool) -> Example:
-    """Tokenize prompt + response + eos; truncate to ``max_len`` from the right."""
-    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (p + r)[:max_len]
+def encode(prompt: str, response: str, tokenizer, *, max_len: int | None, train_on_prompt: bool) -> Example:
+    """Tokenize prompt + response + eos; truncate to ``max_len`` from the right (None: keep all)."""
+    # verbose=False: examples are tokenized whole before truncation; no "longer than the model" warning
+    p = tokenizer(prompt, add_special_tokens=True, verbose=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"] + [tokenizer.eos_token_id]
     labels = (list(p) if train_on_prompt else [IGNORE] * len(p)) + r
-    return Example(ids, labels[:max_len])
+    return Example((p + r)[:max_len], labels[:max_len])
+
+
+def encode_record(rec: Record, cfg: DataConfig, tokenizer) -> Example:
+    """The whole example, not truncated: prompt/response, or a conversation in the chat template."""
+    if rec.messages is None:
+        return encode(prompt_text(rec.prompt, cfg, tokenizer), rec.response, tokenizer,
+                      max_len=None, train_on_prompt=cfg.train_on_prompt)
+    ids, mask = assistant_tokens(rec.messages, tokenizer, where=rec.where)
+    return Example(ids, list(ids) if cfg.train_on_prompt else [t if m else IGNORE for t, m in zip(ids, mask, strict=True)])
 
 
 @dataclass
@@ -116,45 +139,75 @@ class Splits:
     val: list[Example]
     dropped_by_length: int  # response-length filter
     truncated_to_nothing: int  # examples whose response was cut away entirely
+    stats: dict[str, Any] = field(default_factory=dict)  # data_stats of summary.json (see load_splits)
 
 
-def _load_pairs(cfg: DataConfig, split: str | None) -> list[tuple[dict, str]]:
+def _load_records(path: str, cfg: DataConfig, split: str) -> list[Record]:
+    if path.startswith("builtin:"):
+        records: list[Record] = []
+        for f in builtin_files(path, split):
+            records += to_records(json_rows(f), "alpaca", {})
+        return records
+    rows = load_rows(path)
+    if not rows:
+        raise DataError(f"{path}: no records")
+    return to_records(rows, cfg.format, cfg.columns)
+
+
+def split_records(cfg: DataConfig, *, seed: int) -> tuple[list[Record], list[Record], dict[str, Any]]:
+    """Train and validation records and how the validation split was made: the built-ins' fixed
+    splits, data.val_path, or data.val_fraction held out (data.val_seed, else ``seed``)."""
     if cfg.path.startswith("builtin:"):
-        files = builtin_files(cfg.path, split or "train")
-        pairs: list[tuple[dict, str]] = []
-        for f in files:
-            pairs += to_prompt_response(read_records(f), "alpaca", str(f))
-        return pairs
-    records = read_records(cfg.path)
-    if not records:
-        raise DataError(f"{cfg.path}: no records")
-    return to_prompt_response(records, cfg.format, cfg.path)
+        return _load_records(cfg.path, cfg, "train"), _load_records(cfg.path, cfg, "val"), {"val_source": "builtin"}
+    train = _load_records(cfg.path, cfg, "train")
+    if cfg.val_path:
+        return train, _load_records(cfg.val_path, cfg, "train"), {"val_source": "val_path", "val_path": cfg.val_path}
+    val_seed = cfg.val_seed if cfg.val_seed is not None else seed
+    order = list(range(len(train)))
+    random.Random(val_seed).shuffle(order)
+    n_val = int(round(len(order) * cfg.val_fraction))
+    if cfg.val_fraction > 0 and len(order) > 1:
+        n_val = max(1, n_val)
+    held_out = {"val_source": "held_out", "val_fraction": cfg.val_fraction, "val_seed": val_seed}
+    return [train[i] for i in sorted(order[n_val:])], [train[i] for i in order[:n_val]], held_out
 
 
-def load_splits(cfg: DataConfig, tokenizer, *, seed: int) -> Splits:
-    """Train/validation examples: fixed splits for built-ins, else val_path or a seeded fraction."""
-    if cfg.path.startswith("builtin:"):
-        train_pairs, val_pairs = _load_pairs(cfg, "train"), _load_pairs(cfg, "val")
-    else:
-        train_pairs = _load_pairs(cfg, None)
-        if cfg.val_path:
-            val_pairs = to_prompt_response(read_records(cfg.val_path), cfg.format, cfg.val_path)
-        else:
-            order = list(range(len(train_pairs)))
-            random.Random(seed).shuffle(order)
-            n_val = int(round(len(order) * cfg.val_fraction))
-            if cfg.val_fraction > 0 and len(order) > 1:
-                n_val = max(1, n_val)
-            val_pairs = [train_pairs[i] for i in order[:n_val]]
-            train_pairs = [train_pairs[i] for i in sorted(order[n_val:])]
+def model_context(config) -> int | None:
+    """The positions a model was built for (max_position_embeddings, n_positions for GPT-2), or None."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
-    def keep(resp: str) -> bool:
-        n = len(resp)
+
+def resolve_max_seq_length(setting: int | str, lengths: list[int], context: int | None) -> int:
+    """data.max_seq_length: a number as set; auto = the longest example rounded up to a multiple
+    of 8 (tensor-core friendly), at most the model's context."""
+    if setting != "auto":
+        return int(setting)
+    longest = 8 * math.ceil(max(lengths) / 8)
+    return min(longest, context) if context else longest
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    """min / median / p90 (nearest rank) / max of token lengths."""
+    s = sorted(lengths)
+    return {"min": s[0], "median": statistics.median(s), "p90": s[math.ceil(0.9 * len(s)) - 1], "max": s[-1]}
+
+
+def load_splits(cfg: DataConfig, tokenizer, *, seed: int, context: int | None = None) -> Splits:
+    """Tokenized train/validation examples and their statistics (``Splits.stats``).
+
+    ``context`` is the model's context window: the ceiling of data.max_seq_length: auto.
+    Examples longer than the resolved length are cut from the right (the beginning is kept:
+    prompt or system turn first); those left with no response token are dropped and counted.
+    """
+    train_recs, val_recs, split_info = split_records(cfg, seed=seed)
+
+    def keep(rec: Record) -> bool:
+        n = rec.response_chars
         return n >= cfg.min_response_chars and (cfg.max_response_chars is None or n <= cfg.max_response_chars)
 
-    kept = [pr for pr in train_pairs if keep(pr[1])]
-    dropped = len(train_pairs) - len(kept)
-    val_pairs = [pr for pr in val_pairs if keep(pr[1])]
+    kept = [r for r in train_recs if keep(r)]
+    dropped = len(train_recs) - len(kept)
+    val_recs = [r for r in val_recs if keep(r)][: cfg.val_max_examples]
     if cfg.limit:
         kept = kept[: cfg.limit]
     if not kept:
@@ -163,26 +216,40 @@ def load_splits(cfg: DataConfig, tokenizer, *, seed: int) -> Splits:
             f"filter data.min_response_chars = {cfg.min_response_chars}, data.max_response_chars = "
             f"{cfg.max_response_chars})"
         )
+    if any(r.messages is not None for r in kept + val_recs):
+        check_chat_template(tokenizer)
+    full_train = [encode_record(r, cfg, tokenizer) for r in kept]
+    full_val = [encode_record(r, cfg, tokenizer) for r in val_recs]
+    lengths = [len(e.input_ids) for e in full_train]
+    max_len = resolve_max_seq_length(cfg.max_seq_length, lengths + [len(e.input_ids) for e in full_val], context)
 
-    def encode_all(pairs):
-        out, empty = [], 0
-        for fields, resp in pairs:
-            ex = encode(prompt_text(fields, cfg, tokenizer), resp, tokenizer,
-                        max_len=cfg.max_seq_length, train_on_prompt=cfg.train_on_prompt)
-            if ex.n_loss_tokens == 0:
-                empty += 1
-            else:
-                out.append(ex)
-        return out, empty
+    def cut(examples: list[Example]) -> tuple[list[Example], int, int]:
+        out = [Example(e.input_ids[:max_len], e.labels[:max_len]) for e in examples]
+        truncated = sum(len(e.input_ids) > max_len for e in examples)
+        return [e for e in out if e.n_loss_tokens], truncated, sum(not e.n_loss_tokens for e in out)
 
-    train, empty = encode_all(kept)
-    val, _ = encode_all(val_pairs[: cfg.val_max_examples])
+    train, truncated, empty = cut(full_train)
+    val, truncated_val, _ = cut(full_val)
     if not train:
+        how = f"auto, capped by the model's context of {context}" if cfg.max_seq_length == "auto" else "as set"
         raise DataError(
             f"{cfg.path}: all {empty} training examples lose every response token to truncation at "
-            f"data.max_seq_length = {cfg.max_seq_length}; raise it or shorten the prompts"
+            f"data.max_seq_length = {max_len} ({how}); raise it (or set it to auto) or shorten the prompts"
         )
-    return Splits(train=train, val=val, dropped_by_length=dropped, truncated_to_nothing=empty)
+    stats = {
+        "format": "messages" if kept[0].messages is not None else ("prompt_completion" if "prompt" in kept[0].prompt else "alpaca"),
+        "n_train": len(train), "n_val": len(val), **split_info,
+        "token_lengths": length_stats(lengths),  # of the training examples before truncation
+        "max_seq_length": max_len, "max_seq_length_setting": cfg.max_seq_length, "context": context,
+        "truncated": truncated, "truncated_val": truncated_val, "truncated_to_no_response": empty,
+        "dropped_by_length_filter": dropped,
+    }
+    if cfg.max_seq_length == "auto":
+        log.info("data.max_seq_length: auto -> %d (longest example %d tokens, context %s)", max_len, max(lengths), context)
+    if truncated:
+        log.info("%d of %d training examples are longer than %d tokens and were cut from the right",
+                 truncated, len(full_train), max_len)
+    return Splits(train=train, val=val, dropped_by_length=dropped, truncated_to_nothing=empty, stats=stats)
 
 
 def collate(examples: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:

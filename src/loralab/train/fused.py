@@ -88,6 +88,8 @@ PER_RUN_KEYS: dict[str, set[str]] = {
 
 
 def _hashable(value: Any) -> Any:
+    if isinstance(value, dict):  # data.columns
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
     return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
 
 
@@ -386,6 +388,7 @@ def run_result(m: Member, splits, steps: int, device, shared: dict[str, Any], at
         "val_examples": len(splits.val),
         "dropped_by_length_filter": splits.dropped_by_length,
         "truncated_to_no_response": splits.truncated_to_nothing,
+        "data_stats": splits.stats,
         "final_eval_loss": m.eval_loss,
         "best_eval_loss": m.best_eval if math.isfinite(m.best_eval) else None,
         "final_eval_tasks": {k: v[-1] for k, v in m.task_history.items()},

@@ -37,7 +37,15 @@ import torch.nn.functional as F
 
 from loralab.adapters import attach_lora, count_params, save_adapter
 from loralab.config import Config, dump_config, load_config
-from loralab.data.dataset import IGNORE, Example, Splits, collate, epoch_order, load_splits
+from loralab.data.dataset import (
+    IGNORE,
+    Example,
+    Splits,
+    collate,
+    epoch_order,
+    load_splits,
+    model_context,
+)
 from loralab.data.packing import model_inputs, step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
 from loralab.models import keep_4bit_trainable, load_base, pick_device
@@ -245,7 +253,8 @@ def enable_activation_checkpointing(base, model_path: str) -> None:
 def load_data_and_tasks(cfg: Config, model, tokenizer) -> tuple[Splits, list]:
     """The run's splits, checked against the model's context, and its evaluation tasks
     (resolved before training, so a bad task file fails at once)."""
-    splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed)
+    splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed, context=model_context(model.config))
+    cfg.data.max_seq_length = splits.stats["max_seq_length"]  # data.max_seq_length: auto, resolved from the data
     check_context(cfg, model, splits)
     if splits.truncated_to_nothing:
         log.warning("%d examples lost every response token to truncation at max_seq_length=%d and were skipped",
@@ -279,7 +288,8 @@ def packed_attention(cfg: Config, model) -> str | None:
     if not cfg.data.packing:
         return None
     window = getattr(model.config, "sliding_window", None) if getattr(model.config, "use_sliding_window", True) else None
-    if window is not None and window < cfg.data.max_seq_length:  # examples may outgrow the window: masks handle it
+    longest = cfg.data.max_seq_length if cfg.data.max_seq_length != "auto" else model_context(model.config) or 0  # auto: at most the context
+    if window is not None and window < longest:  # examples may outgrow the window: masks handle it
         return "block_mask"
     return "per_example" if supports_segments(model) else "block_mask"
 
@@ -468,6 +478,7 @@ def fit(cfg: Config, run_dir: Path, setup: Setup, *, show_progress: bool, resume
         "val_examples": len(splits.val),
         "dropped_by_length_filter": splits.dropped_by_length,
         "truncated_to_no_response": splits.truncated_to_nothing,
+        "data_stats": splits.stats,
         "final_eval_loss": state.eval_loss if state.eval_loss is not None else float("nan"),
         "best_eval_loss": state.best_eval_loss,
         "final_eval_tasks": {k: v[-1] for k, v in state.task_history.items()},

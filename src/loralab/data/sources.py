@@ -1,0 +1,132 @@
+"""Where records come from: JSON/JSONL files, files and directories of the ``datasets`` library,
+and the Hugging Face hub.
+
+    rows = load_rows("train.parquet")            # [(where, record), ...]
+    rows = load_rows("hf:tatsu-lab/alpaca:train")
+
+``where`` names the record in error messages: ``file:line`` for JSON/JSONL (line 0 for the
+records of a JSON array), ``file, row N`` (0-based, as ``ds[N]``) for everything read with
+``datasets``. JSON and JSONL keep loralab's own reader for its line-numbered errors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loralab.errors import DataError
+
+# file suffix -> the datasets builder that reads it
+DATASETS_READERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
+HF_PREFIX = "hf:"
+
+
+def load_rows(path: str) -> list[tuple[str, dict]]:
+    """(where, record) pairs of a data.path / data.val_path (not builtin:)."""
+    if path.startswith(HF_PREFIX):
+        return _hub_rows(path)
+    p = Path(path)
+    if p.is_dir():
+        return _rows(path, _saved_dataset(p))
+    if p.suffix.lower() in DATASETS_READERS:
+        if not p.is_file():
+            raise DataError(f"dataset file {p} does not exist")
+        return _rows(path, _datasets_file(p))
+    return json_rows(p)
+
+
+def json_rows(path: str | Path) -> list[tuple[str, dict]]:
+    """read_records with each record's ``where``: file:line (JSONL), file (record N) (JSON array)."""
+    return [(f"{path}:{line}" if line else f"{path} (record {i})", rec)
+            for i, (line, rec) in enumerate(read_records(path), 1)]
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, record) pairs from a JSON array or JSONL file."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"dataset file {p} does not exist")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                        "save the file as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{p}: the file is empty")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{p}:{exc.lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from None
+        return [(0, r) for r in items]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{p}:{n}: malformed JSON line ({exc.msg}, column {exc.colno})") from None
+    return out
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("reading parquet, arrow, CSV, saved datasets or hf: paths needs the datasets library: "
+                        "pip install 'loralab[datasets]'") from None
+    return datasets
+
+
+def _rows(path: str, ds) -> list[tuple[str, dict]]:
+    return [(f"{path}, row {i}", rec) for i, rec in enumerate(ds.to_list())]
+
+
+def _datasets_file(p: Path):
+    datasets = _datasets()
+    kind = DATASETS_READERS[p.suffix.lower()]
+    try:
+        return datasets.load_dataset(kind, data_files=str(p), split="train")
+    except Exception as exc:  # pyarrow and datasets raise many types for a damaged file
+        raise DataError(f"{p}: cannot be read as {kind} ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _saved_dataset(p: Path):
+    """A directory written by Dataset.save_to_disk (a DatasetDict's "train" split)."""
+    datasets = _datasets()
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except FileNotFoundError as exc:
+        raise DataError(f"{p}: a directory, but not one written by datasets' save_to_disk ({_first_line(exc)})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{p}: a saved DatasetDict without a train split (splits: {', '.join(ds)}); "
+                            f"point data.path at one split's directory, e.g. {p / next(iter(ds))}")
+        ds = ds["train"]
+    return ds
+
+
+def _hub_rows(path: str) -> list[tuple[str, dict]]:
+    """hf:owner/name[:split] (split defaults to train); needs network unless datasets has it cached."""
+    name, _, split = path[len(HF_PREFIX):].partition(":")
+    split = split or "train"
+    if not name:
+        raise DataError(f"data.path {path!r}: expected hf:owner/name or hf:owner/name:split")
+    datasets = _datasets()
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # offline, unknown name, unknown split, gated dataset ...
+        raise DataError(
+            f"data.path {path}: cannot load {name} (split {split}) from the Hugging Face hub "
+            f"({type(exc).__name__}: {_first_line(exc)}). Without network, save it on a connected machine "
+            "with datasets' save_to_disk (or to_parquet) and set data.path to that directory or file"
+        ) from None
+    return _rows(path, ds)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no message"

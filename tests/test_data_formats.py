@@ -1,0 +1,433 @@
+"""The data people have: chat records in real chat templates, datasets files, validation splits,
+data.max_seq_length: auto and the statistics a run records."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import TINY_BASE, make_cfg
+from loralab.config import load_config
+from loralab.data.chat import GENERATION_BLOCK
+from loralab.data.dataset import IGNORE, length_stats, load_splits
+from loralab.errors import ConfigError, DataError
+from loralab.train.loop import train
+
+# ----------------------------------------------------------------------------- chat templates
+
+# ChatML (the layout of Qwen / SmolLM / OpenHermes), with transformers' generation block around
+# what the assistant writes: its content and end token.
+CHATML_GENERATION = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+# The same ChatML without the block, as most ChatML models ship it.
+CHATML_PLAIN = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Llama 3 style: bos, header tokens, content trimmed, <|eot_id|> after every turn; no block.
+LLAMA3 = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+# Announces the number of turns up front: a conversation's beginning renders differently
+# from the whole, so the assistant turns cannot be found by rendering prefixes.
+TURN_COUNT = "{{ 'Turns: ' ~ (messages | length) ~ '\\n' }}" + CHATML_PLAIN
+
+TEMPLATES = {  # name -> (template, special tokens, end token)
+    "chatml_generation": (CHATML_GENERATION, ["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+    "chatml_plain": (CHATML_PLAIN, ["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+    "llama3": (LLAMA3, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
+    "turn_count": (TURN_COUNT, ["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+}
+
+
+def chat_tokenizer_dir(tmp_path: Path, name: str | None) -> Path:
+    """The shipped base's tokenizer with a chat template's special tokens, saved to disk
+    (None: no chat template). At most 4 tokens are added: the test models' vocab (1280) holds them."""
+    tok = AutoTokenizer.from_pretrained(str(TINY_BASE))
+    out = tmp_path / f"tok-{name}"
+    if name is not None:
+        template, specials, _ = TEMPLATES[name]
+        tok.add_tokens(specials, special_tokens=True)
+        if name == "llama3":
+            tok.bos_token = "<|begin_of_text|>"
+        tok.chat_template = template
+    tok.save_pretrained(str(out))
+    return out
+
+
+# ----------------------------------------------------------------------------- realistic data
+
+SUBJECTS = ["a sourdough starter", "the quarterly budget", "a Python dictionary", "my tomato plants",
+            "the train timetable", "a cover letter", "the bathroom tiles", "a birthday speech",
+            "the database index", "a marathon plan", "my bicycle chain", "the tax return"]
+ASKS = ["How do I look after {s}?", "Can you explain {s} to a beginner?", "What should I check first with {s}?",
+        "Give me three tips about {s}.", "Why does {s} keep failing?", "Write a short note about {s}."]
+CLAUSES = ["start with the simplest step", "keep a short record of what you changed",
+           "check it again after a day", "ask someone who has done it before", "do not rush the last part",
+           "write the numbers down before you compare them", "expect the first attempt to be rough",
+           "clean everything you used afterwards", "set a reminder for the next check",
+           "read the instructions once more", "compare it with last week's result", "leave room for mistakes"]
+
+
+def answer(rng: random.Random, n_sentences: int) -> str:
+    sentences = []
+    for _ in range(n_sentences):
+        a, b = rng.sample(CLAUSES, 2)
+        sentences.append(f"{a[0].upper()}{a[1:]}, and {b}.")
+    return " ".join(sentences)
+
+
+def chat_records(n: int, seed: int = 0) -> list[dict]:
+    """Conversations of 1-3 exchanges, some with a system turn; answers of 1-12 sentences
+    (tens to a few hundred tokens)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        messages = []
+        if rng.random() < 0.4:
+            messages.append({"role": "system", "content": "You are a patient assistant who answers plainly."})
+        for _ in range(rng.choice([1, 1, 2, 3])):
+            messages.append({"role": "user", "content": rng.choice(ASKS).format(s=rng.choice(SUBJECTS))})
+            messages.append({"role": "assistant", "content": answer(rng, rng.choice([1, 2, 4, 8, 12]))})
+        out.append({"messages": messages})
+    return out
+
+
+def instruction_records(n: int, seed: int = 0) -> list[dict]:
+    """Alpaca records: an instruction, sometimes an input, answers of 1-12 sentences."""
+    rng = random.Random(seed)
+    return [{"instruction": rng.choice(ASKS).format(s=rng.choice(SUBJECTS)),
+             "input": rng.choice(["", "", f"Context: {answer(rng, 1)}"]),
+             "output": answer(rng, rng.choice([1, 2, 4, 8, 12]))} for _ in range(n)]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def data_cfg(path, *overrides: str):
+    return load_config(None, [f"data.path={path}", *overrides]).data
+
+
+def labelled_runs(ex, tok) -> list[str]:
+    """The text of each contiguous run of tokens that carry loss."""
+    runs, cur = [], []
+    for t, lab in zip(ex.input_ids, ex.labels, strict=True):
+        if lab != IGNORE:
+            assert lab == t
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return [tok.decode(r, skip_special_tokens=False) for r in runs]
+
+
+# ----------------------------------------------------------------------------- chat: loss on assistant turns
+
+
+@pytest.mark.parametrize("name", ["chatml_generation", "chatml_plain", "llama3"])
+def test_chat_loss_is_on_every_assistant_turn_and_nothing_else(tmp_path, name):
+    tok = AutoTokenizer.from_pretrained(str(chat_tokenizer_dir(tmp_path, name)))
+    assert bool(GENERATION_BLOCK.search(tok.chat_template)) == (name == "chatml_generation")
+    records = chat_records(40)
+    path = write_jsonl(tmp_path / "chat.jsonl", records)
+    splits = load_splits(data_cfg(path, "data.val_fraction=0", "data.max_seq_length=4096"), tok, seed=0)
+    assert splits.stats["format"] == "messages" and len(splits.train) == 40
+    end = TEMPLATES[name][2]
+    for rec, ex in zip(records, splits.train, strict=True):
+        expected = [m["content"] + end for m in rec["messages"] if m["role"] == "assistant"]
+        assert labelled_runs(ex, tok) == expected
+        # the whole rendering is what the model reads
+        assert ex.input_ids == tok.apply_chat_template(rec["messages"], tokenize=True, return_dict=True)["input_ids"]
+    n_turns = sum(m["role"] == "assistant" for r in records for m in r["messages"])
+    assert n_turns > 60  # multi-turn records are in the data
+    lengths = [len(e.input_ids) for e in splits.train]
+    assert min(lengths) < 80 and max(lengths) > 300  # tens to hundreds of tokens
+
+
+def test_generation_block_and_prefix_rendering_mark_the_same_tokens(tmp_path):
+    records = chat_records(20, seed=1)
+    path = write_jsonl(tmp_path / "chat.jsonl", records)
+    got = {}
+    for name in ("chatml_generation", "chatml_plain"):
+        tok = AutoTokenizer.from_pretrained(str(chat_tokenizer_dir(tmp_path, name)))
+        got[name] = [(e.input_ids, e.labels) for e in load_splits(data_cfg(path, "data.val_fraction=0"), tok, seed=0).train]
+    assert got["chatml_generation"] == got["chatml_plain"]
+
+
+def test_sharegpt_layout_equals_messages(tmp_path):
+    tok = AutoTokenizer.from_pretrained(str(chat_tokenizer_dir(tmp_path, "llama3")))
+    records = chat_records(12, seed=2)
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    sharegpt = [{"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in r["messages"]]}
+                for r in records]
+    a = load_splits(data_cfg(write_jsonl(tmp_path / "m.jsonl", records), "data.val_fraction=0"), tok, seed=0)
+    b = load_splits(data_cfg(write_jsonl(tmp_path / "s.jsonl", sharegpt), "data.val_fraction=0"), tok, seed=0)
+    assert [(e.input_ids, e.labels) for e in a.train] == [(e.input_ids, e.labels) for e in b.train]
+    assert b.stats["format"] == "messages"
+
+
+def test_train_on_prompt_puts_loss_on_every_token(tmp_path):
+    tok = AutoTokenizer.from_pretrained(str(chat_tokenizer_dir(tmp_path, "llama3")))
+    path = write_jsonl(tmp_path / "chat.jsonl", chat_records(5))
+    ex = load_splits(data_cfg(path, "data.val_fraction=0", "data.train_on_prompt=true"), tok, seed=0).train[0]
+    assert ex.labels == ex.input_ids
+
+
+def test_chat_truncation_keeps_the_beginning_and_counts(tmp_path):
+    tok = AutoTokenizer.from_pretrained(str(chat_tokenizer_dir(tmp_path, "llama3")))
+    records = chat_records(30, seed=3)
+    path = write_jsonl(tmp_path / "chat.jsonl", records)
+    full = load_splits(data_cfg(path, "data.val_fraction=0", "data.max_seq_length=4096"), tok, seed=0).train
+    cut = load_splits(data_cfg(path, "data.val_fraction=0", "data.max_seq_length=96"), tok, seed=0)
+    assert cut.stats["truncated"] == sum(len(e.input_ids) > 96 for e in full) > 0
+    # every record keeps at least one assistant token within 96 here, so none is dropped
+    assert cut.stats["truncated_to_no_response"] == 0 and len(cut.train) == 30
+    for f, c in zip(full, cut.train, strict=True):
+        assert c.input_ids == f.input_ids[:96] and c.labels == f.labels[:96]
+
+
+def test_chat_data_without_a_chat_template_is_a_clear_error(tmp_path):
+    tok = AutoTokenizer.from_pretrained(str(chat_tokenizer_dir(tmp_path, None)))
+    path = write_jsonl(tmp_path / "chat.jsonl", chat_records(3))
+    with pytest.raises(DataError, match="has no chat template"):
+        load_splits(data_cfg(path, "data.val_fraction=0"), tok, seed=0)
+
+
+def test_template_that_breaks_the_prefix_property_names_the_record(tmp_path):
+    tok = AutoTokenizer.from_pretrained(str(chat_tokenizer_dir(tmp_path, "turn_count")))
+    path = write_jsonl(tmp_path / "chat.jsonl", chat_records(3))
+    with pytest.raises(DataError) as exc:
+        load_splits(data_cfg(path, "data.val_fraction=0"), tok, seed=0)
+    msg = str(exc.value)
+    assert f"{path}:1: the chat template renders the first 1 turns plus the generation prompt differently" in msg
+    assert "from character 7: '1\\n<|im_start|>user" in msg and "vs '6" in msg and "{% generation %} block" in msg
+
+
+@pytest.mark.parametrize("record, needle", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0] must be an object with string fields role and content"),
+    ({"conversations": [{"from": "robot", "value": "x"}]}, "conversations[0].from is 'robot'"),
+    ({"messages": []}, "non-empty list"),
+])
+def test_bad_chat_records_are_named(tmp_path, record, needle):
+    tok = AutoTokenizer.from_pretrained(str(chat_tokenizer_dir(tmp_path, "llama3")))
+    path = write_jsonl(tmp_path / "chat.jsonl", chat_records(2) + [record])
+    with pytest.raises(DataError, match="chat.jsonl:3") as exc:
+        load_splits(data_cfg(path, "data.val_fraction=0", "data.format=messages"), tok, seed=0)
+    assert needle in str(exc.value)
+
+
+# ----------------------------------------------------------------------------- datasets files
+
+
+@pytest.fixture(scope="module")
+def tiny_tok():
+    return AutoTokenizer.from_pretrained(str(TINY_BASE))
+
+
+def tokens(path, tok, *overrides) -> list[tuple[list[int], list[int]]]:
+    splits = load_splits(data_cfg(path, "data.val_fraction=0", *overrides), tok, seed=0)
+    return [(e.input_ids, e.labels) for e in splits.train]
+
+
+def test_parquet_csv_arrow_and_saved_dataset_read_the_same_examples(tmp_path, tiny_tok):
+    import datasets
+
+    records = instruction_records(30)
+    ds = datasets.Dataset.from_list(records)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.to_csv(str(tmp_path / "d.csv"), index=False)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(3))}).save_to_disk(str(tmp_path / "saved_dict"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    reference = tokens(write_jsonl(tmp_path / "d.jsonl", records), tiny_tok)
+    assert len(reference) == 30
+    for p in ("d.parquet", "d.csv", "saved", "saved_dict", arrow):
+        assert tokens(tmp_path / p, tiny_tok) == reference, p
+
+
+def test_columns_map_a_datasets_own_names(tmp_path, tiny_tok):
+    import datasets
+
+    records = instruction_records(20, seed=4)
+    renamed = [{"question": r["instruction"], "context": r["input"], "answer": r["output"]} for r in records]
+    datasets.Dataset.from_list(renamed).to_parquet(str(tmp_path / "qa.parquet"))
+    reference = tokens(write_jsonl(tmp_path / "d.jsonl", records), tiny_tok)
+    got = tokens(tmp_path / "qa.parquet", tiny_tok, "data.columns={instruction: question, input: context, output: answer}")
+    assert got == reference
+    with pytest.raises(DataError, match=r"qa.parquet, row 0: missing field output"):
+        tokens(tmp_path / "qa.parquet", tiny_tok, "data.columns={instruction: question}")
+
+
+def test_columns_map_chat_columns(tmp_path):
+    tok = AutoTokenizer.from_pretrained(str(chat_tokenizer_dir(tmp_path, "chatml_plain")))
+    records = chat_records(6, seed=5)
+    a = tokens(write_jsonl(tmp_path / "m.jsonl", records), tok)
+    b = tokens(write_jsonl(tmp_path / "d.jsonl", [{"dialog": r["messages"]} for r in records]), tok,
+               "data.columns={messages: dialog}")
+    assert a == b
+
+
+def test_a_bad_row_is_named(tmp_path, tiny_tok):
+    import datasets
+
+    records = instruction_records(6)
+    records[4]["output"] = None  # an empty cell
+    datasets.Dataset.from_list(records).to_parquet(str(tmp_path / "d.parquet"))
+    with pytest.raises(DataError, match=r"d.parquet, row 4: field output must be a string \(got NoneType\)"):
+        tokens(tmp_path / "d.parquet", tiny_tok)
+
+
+def test_damaged_parquet_and_a_directory_that_is_no_dataset(tmp_path, tiny_tok):
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match=r"bad.parquet: cannot be read as parquet"):
+        tokens(tmp_path / "bad.parquet", tiny_tok)
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
+        tokens(tmp_path / "empty_dir", tiny_tok)
+    with pytest.raises(DataError, match="does not exist"):
+        tokens(tmp_path / "missing.parquet", tiny_tok)
+
+
+def test_hub_dataset_offline_is_a_clear_error(tmp_path):
+    """Offline (set before datasets is imported, hence a fresh interpreter): a DataError naming the
+    path and the way out; nothing reaches the network."""
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    script = ("from loralab.data.sources import load_rows\n"
+              "from loralab.errors import DataError\n"
+              "try:\n    load_rows('hf:nobody/no-such-data:test')\n"
+              "except DataError as exc:\n    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("data.path hf:nobody/no-such-data:test: cannot load nobody/no-such-data (split test)")
+    assert "OfflineModeIsEnabled" in proc.stdout and "save_to_disk" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- splits, auto length, stats
+
+
+def test_held_out_split_is_seeded_and_recorded(tmp_path, tiny_tok):
+    path = write_jsonl(tmp_path / "d.jsonl", instruction_records(40))
+
+    def split(*o):
+        s = load_splits(data_cfg(path, "data.val_fraction=0.25", *o), tiny_tok, seed=7)
+        return s, sorted(e.input_ids for e in s.val)
+
+    a, val_a = split()
+    b, val_b = split("data.val_seed=7")
+    c, val_c = split("data.val_seed=8")
+    assert a.stats["val_seed"] == 7 and c.stats["val_seed"] == 8 and a.stats["val_source"] == "held_out"
+    assert (a.stats["n_train"], a.stats["n_val"]) == (30, 10)
+    assert val_a == val_b != val_c
+    assert not {tuple(e.input_ids) for e in a.train} & {tuple(ids) for ids in val_a}
+
+
+def test_val_path_in_another_format(tmp_path, tiny_tok):
+    import datasets
+
+    datasets.Dataset.from_list(instruction_records(7, seed=9)).to_parquet(str(tmp_path / "val.parquet"))
+    path = write_jsonl(tmp_path / "d.jsonl", instruction_records(20))
+    s = load_splits(data_cfg(path, f"data.val_path={tmp_path / 'val.parquet'}"), tiny_tok, seed=0)
+    assert (s.stats["n_train"], s.stats["n_val"], s.stats["val_source"]) == (20, 7, "val_path")
+
+
+def test_auto_max_seq_length_fits_the_data_up_to_the_context(tmp_path, tiny_tok):
+    path = write_jsonl(tmp_path / "d.jsonl", instruction_records(50))
+    full = load_splits(data_cfg(path, "data.val_fraction=0", "data.max_seq_length=4096"), tiny_tok, seed=0)
+    lengths = [len(e.input_ids) for e in full.train]
+    longest = max(lengths)
+    auto = load_splits(data_cfg(path, "data.val_fraction=0", "data.max_seq_length=auto"), tiny_tok, seed=0, context=2048)
+    assert auto.stats["max_seq_length"] == -(-longest // 8) * 8 and auto.stats["truncated"] == 0
+    assert [e.input_ids for e in auto.train] == [e.input_ids for e in full.train]
+    capped = load_splits(data_cfg(path, "data.val_fraction=0", "data.max_seq_length=auto"), tiny_tok, seed=0, context=128)
+    assert capped.stats["max_seq_length"] == 128
+    assert capped.stats["truncated"] == sum(n > 128 for n in lengths) > 0
+    assert capped.stats["token_lengths"] == length_stats(lengths)
+    assert length_stats([5, 1, 3, 9, 7, 2, 4, 8, 6, 10]) == {"min": 1, "median": 5.5, "p90": 9, "max": 10}
+
+
+def test_fixed_max_seq_length_error_points_to_auto(tmp_path, tiny_tok):
+    path = write_jsonl(tmp_path / "d.jsonl", instruction_records(10))
+    with pytest.raises(DataError, match=r"data.max_seq_length = 8 \(as set\); raise it \(or set it to auto\)"):
+        load_splits(data_cfg(path, "data.val_fraction=0", "data.max_seq_length=8"), tiny_tok, seed=0)
+
+
+def test_config_columns_and_auto():
+    cfg = load_config(None, ["data.columns={instruction: q, output: a}", "data.max_seq_length=auto"])
+    assert cfg.data.columns == {"instruction": "q", "output": "a"} and cfg.data.max_seq_length == "auto"
+    with pytest.raises(ConfigError, match="data.columns: unknown field answer"):
+        load_config(None, ["data.columns={answer: a}"])
+    with pytest.raises(ConfigError, match="data.max_seq_length must be an integer or one of 'auto'"):
+        load_config(None, ["data.max_seq_length=longest"])
+
+
+def test_run_on_chat_data_with_auto_length_records_data_stats(tmp_path, tiny_model_dir):
+    """A real training run: a Llama-architecture model whose tokenizer has a chat template."""
+    model_dir = tmp_path / "chat-model"
+    shutil.copytree(tiny_model_dir("llama"), model_dir)
+    for f in chat_tokenizer_dir(tmp_path, "llama3").iterdir():
+        shutil.copy(f, model_dir / f.name)
+    path = write_jsonl(tmp_path / "chat.jsonl", chat_records(24, seed=6))
+    cfg = make_cfg(model_dir, tmp_path / "run", f"data.path={path}", "data.max_seq_length=auto",
+                   "data.val_fraction=0.2", "data.limit=null", "train.max_steps=2")
+    summary = train(cfg)
+    stats = summary["data_stats"]
+    assert summary["status"] == "completed"
+    assert stats["format"] == "messages" and (stats["n_train"], stats["n_val"]) == (19, 5)
+    # the test model's context (256) caps auto; the longest conversations are cut and counted
+    assert stats["max_seq_length"] == 256 and stats["token_lengths"]["max"] > 256
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    whole = load_splits(data_cfg(path, "data.val_fraction=0.2", "data.max_seq_length=4096"), tok, seed=cfg.train.seed)
+    assert stats["truncated"] == sum(len(e.input_ids) > 256 for e in whole.train) > 0
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["data_stats"] == stats
+
+
+def test_estimate_takes_auto_at_the_models_context():
+    from loralab.estimate import estimate_run
+
+    auto = estimate_run(load_config(None, ["data.max_seq_length=auto", "model.device=cpu"]))
+    fixed = estimate_run(load_config(None, ["data.max_seq_length=512", "model.device=cpu"]))  # builtin:tiny's context
+    assert auto.memory_bytes == fixed.memory_bytes and auto.settings["seq_len"] == 512
+    assert "auto estimated at the model's context (512)" in auto.approximate[-1]
+
+
+def test_cli_chat_data_on_a_model_without_chat_template_exits_2(tiny_model_dir, tmp_path, capsys):
+    from loralab.cli import main
+
+    path = write_jsonl(tmp_path / "chat.jsonl", chat_records(8))
+    out = tmp_path / "run"
+    argv = ["train", "--out", str(out)]
+    for item in (f"model.path={tiny_model_dir('llama')}", "model.device=cpu", f"data.path={path}",
+                 "train.max_steps=1", "train.batch_size=4", "train.micro_batch_size=4"):
+        argv += ["--set", item]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "data.format messages: the tokenizer of" in err and "has no chat template" in err
+    assert json.loads((out / "summary.json").read_text())["status"] == "invalid"
