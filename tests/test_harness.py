@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +148,82 @@ def test_unknown_harness_task_is_named(capsys):
     rc = main(["eval", "--harness", "world_pairs,no_such_task", "--model", "builtin:tiny", "--limit", "2"])
     assert rc == 2
     assert "lm-eval knows no task no_such_task" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- harness:NAME as a run's eval task
+
+def _quiz(tmp_path):
+    """A local loralab task file (format mc) over the shipped world questions."""
+    from loralab.evaluate.tasks import BUILTIN
+
+    quiz = tmp_path / "quiz.yaml"
+    quiz.write_text(f"name: quiz\npath: {BUILTIN['world_mc']['path']}\nformat: mc\n", encoding="utf-8")
+    return quiz
+
+
+def test_harness_eval_task_in_a_run_equals_cli_harness(tmp_path, cfg_factory, capsys):
+    """A run with eval.tasks [harness:quiz.yaml] writes lm-eval's MC1/MC2 of the model it is
+    training into metrics.jsonl at every evaluation; the final values are what
+    `loralab eval --harness quiz.yaml` gives on the adapter the run saved."""
+    from loralab.cli import main
+    from loralab.train.loop import train
+
+    quiz = _quiz(tmp_path)
+    cfg = cfg_factory("builtin:tiny", eval__tasks=[f"harness:{quiz}"], eval__limit=5, eval__every=2,
+                      train__max_steps=4, train__lr=3e-3, train__batch_size=8, train__micro_batch_size=8)
+    summary = train(cfg)
+    assert summary["status"] == "completed"
+    rows = [json.loads(line) for line in (Path(cfg.output.dir) / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    keys = ("harness:quiz/mc1", "harness:quiz/mc2")
+    assert all(k in r for r in evals for k in keys)
+    assert summary["final_eval_tasks"] == {k: evals[-1][k] for k in keys}
+    assert summary["best_eval_tasks"]["harness:quiz/mc2"] == max(r["harness:quiz/mc2"] for r in evals)
+
+    capsys.readouterr()
+    rc = main(["eval", "--harness", str(quiz), "--model", "builtin:tiny", "--adapter", cfg.output.dir,
+               "--limit", "5", "--batch-size", "8", "--device", "cpu", "--json"])
+    assert rc == 0
+    cli = {(r["adapter"], r["metric"]): r["value"] for r in json.loads(capsys.readouterr().out)["results"]}
+    for m in ("mc1", "mc2"):
+        assert cli[(cfg.output.dir, m)] == pytest.approx(evals[-1][f"harness:quiz/{m}"], abs=1e-9)
+    # the run evaluated the model it trained, not the base
+    assert abs(cli[(None, "mc2")] - evals[-1]["harness:quiz/mc2"]) > 1e-6
+
+
+def test_harness_task_by_loralab_name_and_by_lm_eval_yaml_agree(tmp_path):
+    """harness:world_pairs (loralab writes the lm-eval task) and harness:DIR/world_pairs.yaml
+    (that lm-eval task file, found through its folder as include path) score the same; the
+    second keeps lm-eval's metric name."""
+    model, tok = _loralab_model()
+    H.prepare_tasks("world_pairs", tmp_path, 6)
+    by_name, by_file = resolve_tasks(f"harness:world_pairs,harness:{tmp_path / 'world_pairs.yaml'}", 6)
+    assert by_name.name == by_file.name == "harness:world_pairs"
+    a = by_name.run(model, tok, batch_size=4)
+    b = by_file.run(model, tok, batch_size=4)
+    assert set(a) == {"pairs_accuracy"} and set(b) == {"acc"}
+    own = M.score_pairs(model, tok, by_name.items, batch_size=4)["pairs_accuracy"]
+    assert a["pairs_accuracy"].value == b["acc"].value == pytest.approx(own.value, abs=1e-12)
+    assert a["pairs_accuracy"].n == b["acc"].n == own.n == 6
+
+
+def test_harness_eval_task_errors_before_training(tmp_path):
+    from loralab.errors import DataError
+
+    with pytest.raises(LoralabError, match="formats mc and pairs only"):
+        resolve_tasks("harness:arithmetic_2ds", 2)
+    with pytest.raises(LoralabError, match="give one task after harness:"):
+        resolve_tasks("harness:", 2)
+    with pytest.raises(DataError, match="harness:NAME"):
+        resolve_tasks("no_such_task", 2)
+
+
+def test_lower_is_better_names():
+    from loralab.evaluate.tasks import lower_is_better
+
+    lower = ["eval_loss", "arithmetic_2ds/loss", "arithmetic_2ds/perplexity", "harness:wikitext/word_perplexity",
+             "harness:wikitext/bits_per_byte", "harness:wikitext/byte_perplexity,none"]
+    higher = ["world_mc/mc2", "harness:world_mc/mc1", "harness:gsm8k/exact_match,strict-match",
+              "harness:mmlu/mmlu_anatomy/acc", "world_pairs/pairs_accuracy"]
+    assert [lower_is_better(k) for k in lower + higher] == [True] * len(lower) + [False] * len(higher)
