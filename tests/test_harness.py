@@ -227,3 +227,19 @@ def test_lower_is_better_names():
     higher = ["world_mc/mc2", "harness:world_mc/mc1", "harness:gsm8k/exact_match,strict-match",
               "harness:mmlu/mmlu_anatomy/acc", "world_pairs/pairs_accuracy"]
     assert [lower_is_better(k) for k in lower + higher] == [True] * len(lower) + [False] * len(higher)
+
+
+def test_a_harness_evaluation_leaves_the_training_rng_alone(cfg_factory):
+    """lm-eval seeds python, numpy and torch; mid-run that would change every later dropout
+    mask. With LoRA dropout on, a run evaluating harness:world_pairs at step 2 trains exactly
+    as one evaluating loralab's own world_pairs (which draws no random numbers)."""
+    from loralab.train.loop import train
+
+    losses = []
+    for task in ("harness:world_pairs", "world_pairs"):
+        cfg = cfg_factory("builtin:tiny", eval__tasks=[task], eval__limit=2, eval__every=2, lora__dropout=0.3,
+                          train__max_steps=4, train__lr=3e-3)
+        assert train(cfg)["status"] == "completed"
+        rows = [json.loads(line) for line in (Path(cfg.output.dir) / "metrics.jsonl").read_text().splitlines()]
+        losses.append([r["train_loss"] for r in rows if "train_loss" in r])
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
