@@ -1,24 +1,39 @@
-"""Cross-check with lm-evaluation-harness: run its Hugging Face backend on the base + adapter.
+"""lm-evaluation-harness in loralab: ``harness:NAME`` eval tasks and the ``--harness`` cross-check.
 
+    loralab train run.yaml            # eval.tasks: [harness:world_mc, harness:truthfulqa_mc2, arithmetic_2ds]
     loralab eval --harness world_mc,world_pairs --model builtin:tiny --adapter runs/r8 [--json]
     loralab eval --harness world_mc --harness-dir harness_tasks/   # keep the generated task files
 
-``--harness TASKS`` names loralab tasks (built-in names or task YAML files of format ``mc``
-or ``pairs``) and/or the harness's own task names. A loralab task becomes harness task
-files written by :func:`write_harness_tasks` from the same local data, so lm-eval scores
-exactly what ``loralab eval --tasks`` scores:
+Both hand lm-eval's ``hf`` backend (``HFLM``) a model loaded by loralab, as an object: in a
+run the very model being trained (at each evaluation, successive-halving rungs included), in
+``loralab eval --harness`` the base loaded as a run loads it (``dtype``, ``device``,
+``quant``) with each adapter put on a fresh copy. Log-softmax in float64, as loralab's own
+scoring takes it. lm-eval's seeding, log warnings and progress bars are kept inside the call.
+
+NAME is a loralab task (built-in name or task YAML of format ``mc`` or ``pairs``), an lm-eval
+task YAML file (a mapping with ``task:``; its folder becomes the include path), or one of
+lm-eval's own task names (their data are lm-eval's to fetch; indexing lm-eval's task
+catalogue takes a while, and is skipped when no such name is given). A loralab task becomes
+harness task files written by :func:`write_harness_tasks` from the same local data, so
+lm-eval scores exactly what ``loralab eval --tasks`` scores:
 
 * ``mc``: ``{name}_mc1`` and ``{name}_mc2``, ``output_type: multiple_choice``,
-  ``doc_to_text`` = a "prompt" column holding loralab's own ``metrics.mc_prompt`` (preamble + ``"Q: {question}\\nA:"``), choices from the data's
-  ``mc1_targets``/``mc2_targets``; MC1's target is the index of the choice labelled 1; MC2
-  uses the harness's own TruthfulQA ``process_results_mc2``.
+  ``doc_to_text`` = a "prompt" column holding loralab's own ``metrics.mc_prompt`` (preamble +
+  ``"Q: {question}\\nA:"``), choices from the data's ``mc1_targets``/``mc2_targets``; MC1's
+  target is the index of the choice labelled 1; MC2 uses the harness's own TruthfulQA
+  ``process_results_mc2``.
 * ``pairs``: ``{name}``: BLiMP's layout (empty context, choices [good, bad], target 0).
 
 The data are converted to the Hugging Face TruthfulQA layout (``{"choices": [...],
-"labels": [...]}``) in a JSONL file beside the YAML, loaded with the ``json`` builder, so
-nothing is downloaded (``HF_DATASETS_OFFLINE=1``, ``HF_HUB_OFFLINE=1``). The model is
-lm-eval's ``hf`` model with ``pretrained=<model dir>,peft=<adapter dir>,dtype=float32``
-and ``softmax_dtype=float64`` (loralab also takes the log-softmax in float64).
+"labels": [...]}``) in a JSONL file beside the YAML, loaded with the ``json`` builder (its
+cache beside it), so nothing is downloaded.
+
+Names of the numbers: a loralab task keeps loralab's task and metric names (lm-eval's
+``acc`` of ``world_mc_mc2`` is ``world_mc``/``mc2``); lm-eval's tasks keep lm-eval's
+(``truthfulqa_mc2``/``acc``; ``metric,filter`` where the filter is not ``none``). In a run's
+metrics.jsonl the key is ``harness:TASK/METRIC`` (``harness:world_mc/mc2``,
+``harness:truthfulqa_mc2/acc``), a group's subtasks ``harness:GROUP/SUBTASK/METRIC`` when the
+group has no aggregate of its own.
 
 lm-evaluation-harness is an optional extra: ``pip install loralab[harness]``.
 """

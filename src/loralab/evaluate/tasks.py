@@ -16,6 +16,10 @@ Record layouts: alpaca ``{instruction, input?, output}`` (prompt template fields
 ``{instruction}``, ``{input}``; default the Alpaca template); mc the TruthfulQA layout
 ``{question, mc1_targets, mc2_targets}`` with choice -> 0/1; pairs ``{good, bad}``;
 lettered ``{question, choices: [...], answer: "B" or 1}``.
+
+``harness:NAME`` in a task list (``--tasks``, a run's ``eval.tasks``) is scored by
+lm-evaluation-harness instead (:mod:`loralab.evaluate.harness`): a loralab task of format mc
+or pairs, an lm-eval task YAML file, or an lm-eval task name.
 """
 
 from __future__ import annotations
