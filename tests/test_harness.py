@@ -243,3 +243,17 @@ def test_a_harness_evaluation_leaves_the_training_rng_alone(cfg_factory):
         rows = [json.loads(line) for line in (Path(cfg.output.dir) / "metrics.jsonl").read_text().splitlines()]
         losses.append([r["train_loss"] for r in rows if "train_loss" in r])
     assert len(losses[0]) == 4 and losses[0] == losses[1]
+
+
+def test_task_kinds(tmp_path):
+    """What harness:NAME / --harness NAME is: loralab's task, an lm-eval YAML file, or lm-eval's name."""
+    quiz = _quiz(tmp_path)
+    lm_file = tmp_path / "mine.yaml"
+    lm_file.write_text("task: my_lm_task\ndataset_path: json\nprocess_results: !function utils.f\n", encoding="utf-8")
+    group = tmp_path / "group.yaml"
+    group.write_text("group: my_group\ntask: [my_lm_task]\n", encoding="utf-8")
+    kinds = {name: H.task_kind(str(name)) for name in ("world_mc", quiz, lm_file, group, "truthfulqa_mc2",
+                                                         tmp_path / "missing.yaml")}
+    assert list(kinds.values()) == ["loralab", "loralab", "file", "file", "lm-eval", "loralab"]
+    assert H.lm_eval_task_file(lm_file) == "my_lm_task" and H.lm_eval_task_file(group) == "my_group"
+    assert H.lm_eval_task_file(quiz) is None

@@ -129,54 +129,58 @@ def write_harness_tasks(task: Task, out_dir: Path) -> dict[str, tuple[str, str]]
 
 
 def lm_eval_task_file(path: Path) -> str | None:
-    """The task name of an lm-eval task YAML (a mapping with ``task:``), else None.
-
-    A loralab task file (``path:``, ``format:``) has no ``task`` key; lm-eval's YAMLs may
-    use tags such as ``!function``, so the file is read with a loader that ignores them."""
+    """The task (or group) name of an lm-eval task YAML, a mapping with ``task:`` (or
+    ``group:``); None for anything else. A loralab task file (``path:``, ``format:``) has
+    neither; lm-eval's YAMLs may use tags such as ``!function``, so the file is read with a
+    loader that ignores them."""
     class _Loose(yaml.SafeLoader):
         pass
 
     _Loose.add_multi_constructor("!", lambda loader, suffix, node: None)
     try:
-        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loose)  # noqa: S506 (SafeLoader subclass)
-    except (OSError, yaml.YAMLError):
+        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loose)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    if isinstance(spec, dict) and isinstance(spec.get("task"), str) and "format" not in spec:
-        return spec["task"]
+    if not isinstance(spec, dict) or "format" in spec:
+        return None
+    for key in ("group", "task"):
+        if isinstance(spec.get(key), str):
+            return spec[key]
     return None
 
 
-def _is_loralab_task(name: str) -> bool:
-    """The names resolve_tasks takes (a built-in, or a loralab task file): anything else is lm-eval's."""
-    if name in BUILTIN:
-        return True
-    if name.endswith((".yaml", ".yml")) or Path(name).is_file():
-        return not (Path(name).is_file() and lm_eval_task_file(Path(name)))
-    return False
+def task_kind(item: str) -> str:
+    """``loralab`` (a built-in name or a loralab task file), ``file`` (an lm-eval task YAML
+    file) or ``lm-eval`` (one of lm-eval's own task names)."""
+    path = Path(item)
+    if item in BUILTIN:
+        return "loralab"
+    if path.is_file():
+        return "file" if lm_eval_task_file(path) else "loralab"
+    return "loralab" if item.endswith((".yaml", ".yml")) else "lm-eval"  # a missing file: loralab's error
 
 
 def _names_lm_eval_task(spec: str) -> bool:
-    """Whether ``spec`` names one of lm-eval's own tasks (neither a loralab task nor a task
-    YAML file): only then is lm-eval's own task index (slow to build) needed."""
-    items = [s.strip() for s in spec.split(",") if s.strip()]
-    return any(not _is_loralab_task(i) and not (Path(i).is_file() and lm_eval_task_file(Path(i))) for i in items)
+    """Whether ``spec`` names one of lm-eval's own tasks: only then is lm-eval's task
+    catalogue (slow to index) needed."""
+    return any(task_kind(s.strip()) == "lm-eval" for s in spec.split(",") if s.strip())
 
 
 def prepare_tasks(spec: str, out_dir: Path, limit: int | None,
                   include_path: list[str] | None = None) -> dict[str, tuple[str, str] | None]:
     """Harness task names for ``spec``, writing loralab tasks' files under ``out_dir``.
 
-    Returns {harness task name: (loralab task, metric)}, ``None`` for lm-eval's own tasks.
+    Returns {harness task name: (loralab task, metric)}, ``None`` for lm-eval's tasks.
     An lm-eval task YAML named by its path is taken by its ``task:`` name, and its folder is
     appended to ``include_path`` (when given) so lm-eval finds it and the files it includes."""
     names: dict[str, tuple[str, str] | None] = {}
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
-        path = Path(item)
-        if path.is_file() and lm_eval_task_file(path):
-            names[lm_eval_task_file(path)] = None
+        kind = task_kind(item)
+        if kind == "file":
+            names[lm_eval_task_file(Path(item))] = None
             if include_path is not None:
-                include_path.append(str(path.resolve().parent))
-        elif _is_loralab_task(item):
+                include_path.append(str(Path(item).resolve().parent))
+        elif kind == "loralab":
             (task,) = resolve_tasks(item, limit)
             names.update(write_harness_tasks(task, out_dir))
         else:
@@ -356,13 +360,13 @@ def resolve_harness_task(spec: str, limit: int | None = None) -> HarnessTask:
     tmp = tempfile.TemporaryDirectory(prefix="loralab-harness-")
     out = Path(tmp.name)
     include = [str(out)]
+    kind = task_kind(spec)
     names = prepare_tasks(spec, out, limit, include)
-    path = Path(spec)
-    if all(v is not None for v in names.values()):
+    if kind == "loralab":
         label, items = next(iter(names.values()))[0], resolve_tasks(spec, limit)[0].items
     else:
-        label, items = (lm_eval_task_file(path) if path.is_file() else None) or spec, []
-    task = HarnessTask(HARNESS_PREFIX + label, label, names, include, include_defaults=_names_lm_eval_task(spec),
+        label, items = lm_eval_task_file(Path(spec)) if kind == "file" else spec, []
+    task = HarnessTask(HARNESS_PREFIX + label, label, names, include, include_defaults=kind == "lm-eval",
                        limit=limit, items=items, _dir=tmp)
     task.manager()  # an unknown name fails now, not at the first evaluation
     return task
