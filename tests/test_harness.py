@@ -257,3 +257,19 @@ def test_task_kinds(tmp_path):
     assert list(kinds.values()) == ["loralab", "loralab", "file", "file", "lm-eval", "loralab"]
     assert H.lm_eval_task_file(lm_file) == "my_lm_task" and H.lm_eval_task_file(group) == "my_group"
     assert H.lm_eval_task_file(quiz) is None
+
+
+def test_harness_eval_task_in_a_fused_group_scores_each_member(cfg_factory):
+    """In a fused group lm-eval scores each member's adapter (the group routes to one member at
+    a time): the r=8 member gets its solo run's MC2, the r=2 member a different one."""
+    from loralab.train.fused import train_fused
+    from loralab.train.loop import train
+
+    kw = dict(eval__tasks=["harness:world_mc"], eval__limit=4, train__max_steps=3, train__lr=3e-3,
+              lora__dropout=0.0, train__batch_size=8, train__micro_batch_size=8)
+    fused = train_fused([cfg_factory("builtin:tiny", f"lora.r={r}", **kw) for r in (2, 8)])
+    solo = train(cfg_factory("builtin:tiny", "lora.r=8", **kw))
+    assert [s["status"] for s in fused] == ["completed", "completed"] and solo["status"] == "completed"
+    r2, r8 = (s["final_eval_tasks"]["harness:world_mc/mc2"] for s in fused)
+    assert r8 == pytest.approx(solo["final_eval_tasks"]["harness:world_mc/mc2"], abs=1e-6)
+    assert abs(r2 - r8) > 1e-7
