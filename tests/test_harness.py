@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +148,128 @@ def test_unknown_harness_task_is_named(capsys):
     rc = main(["eval", "--harness", "world_pairs,no_such_task", "--model", "builtin:tiny", "--limit", "2"])
     assert rc == 2
     assert "lm-eval knows no task no_such_task" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- harness:NAME as a run's eval task
+
+def _quiz(tmp_path):
+    """A local loralab task file (format mc) over the shipped world questions."""
+    from loralab.evaluate.tasks import BUILTIN
+
+    quiz = tmp_path / "quiz.yaml"
+    quiz.write_text(f"name: quiz\npath: {BUILTIN['world_mc']['path']}\nformat: mc\n", encoding="utf-8")
+    return quiz
+
+
+def test_harness_eval_task_in_a_run_equals_cli_harness(tmp_path, cfg_factory, capsys):
+    """A run with eval.tasks [harness:quiz.yaml] writes lm-eval's MC1/MC2 of the model it is
+    training into metrics.jsonl at every evaluation; the final values are what
+    `loralab eval --harness quiz.yaml` gives on the adapter the run saved."""
+    from loralab.cli import main
+    from loralab.train.loop import train
+
+    quiz = _quiz(tmp_path)
+    cfg = cfg_factory("builtin:tiny", eval__tasks=[f"harness:{quiz}"], eval__limit=5, eval__every=2,
+                      train__max_steps=4, train__lr=3e-3, train__batch_size=8, train__micro_batch_size=8)
+    summary = train(cfg)
+    assert summary["status"] == "completed"
+    rows = [json.loads(line) for line in (Path(cfg.output.dir) / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    keys = ("harness:quiz/mc1", "harness:quiz/mc2")
+    assert all(k in r for r in evals for k in keys)
+    assert summary["final_eval_tasks"] == {k: evals[-1][k] for k in keys}
+    assert summary["best_eval_tasks"]["harness:quiz/mc2"] == max(r["harness:quiz/mc2"] for r in evals)
+
+    capsys.readouterr()
+    rc = main(["eval", "--harness", str(quiz), "--model", "builtin:tiny", "--adapter", cfg.output.dir,
+               "--limit", "5", "--batch-size", "8", "--device", "cpu", "--json"])
+    assert rc == 0
+    cli = {(r["adapter"], r["metric"]): r["value"] for r in json.loads(capsys.readouterr().out)["results"]}
+    for m in ("mc1", "mc2"):
+        assert cli[(cfg.output.dir, m)] == pytest.approx(evals[-1][f"harness:quiz/{m}"], abs=1e-9)
+    # the run evaluated the model it trained, not the base
+    assert abs(cli[(None, "mc2")] - evals[-1]["harness:quiz/mc2"]) > 1e-6
+
+
+def test_harness_task_by_loralab_name_and_by_lm_eval_yaml_agree(tmp_path):
+    """harness:world_pairs (loralab writes the lm-eval task) and harness:DIR/world_pairs.yaml
+    (that lm-eval task file, found through its folder as include path) score the same; the
+    second keeps lm-eval's metric name."""
+    model, tok = _loralab_model()
+    H.prepare_tasks("world_pairs", tmp_path, 6)
+    by_name, by_file = resolve_tasks(f"harness:world_pairs,harness:{tmp_path / 'world_pairs.yaml'}", 6)
+    assert by_name.name == by_file.name == "harness:world_pairs"
+    a = by_name.run(model, tok, batch_size=4)
+    b = by_file.run(model, tok, batch_size=4)
+    assert set(a) == {"pairs_accuracy"} and set(b) == {"acc"}
+    own = M.score_pairs(model, tok, by_name.items, batch_size=4)["pairs_accuracy"]
+    assert a["pairs_accuracy"].value == b["acc"].value == pytest.approx(own.value, abs=1e-12)
+    assert a["pairs_accuracy"].n == b["acc"].n == own.n == 6
+
+
+def test_harness_eval_task_errors_before_training(tmp_path):
+    from loralab.errors import DataError
+
+    with pytest.raises(LoralabError, match="formats mc and pairs only"):
+        resolve_tasks("harness:arithmetic_2ds", 2)
+    with pytest.raises(LoralabError, match="give one task after harness:"):
+        resolve_tasks("harness:", 2)
+    with pytest.raises(DataError, match="harness:NAME"):
+        resolve_tasks("no_such_task", 2)
+
+
+def test_lower_is_better_names():
+    from loralab.evaluate.tasks import lower_is_better
+
+    lower = ["eval_loss", "arithmetic_2ds/loss", "arithmetic_2ds/perplexity", "harness:wikitext/word_perplexity",
+             "harness:wikitext/bits_per_byte", "harness:wikitext/byte_perplexity,none"]
+    higher = ["world_mc/mc2", "harness:world_mc/mc1", "harness:gsm8k/exact_match,strict-match",
+              "harness:mmlu/mmlu_anatomy/acc", "world_pairs/pairs_accuracy"]
+    assert [lower_is_better(k) for k in lower + higher] == [True] * len(lower) + [False] * len(higher)
+
+
+def test_a_harness_evaluation_leaves_the_training_rng_alone(cfg_factory):
+    """lm-eval seeds python, numpy and torch; mid-run that would change every later dropout
+    mask. With LoRA dropout on, a run evaluating harness:world_pairs at step 2 trains exactly
+    as one evaluating loralab's own world_pairs (which draws no random numbers)."""
+    from loralab.train.loop import train
+
+    losses = []
+    for task in ("harness:world_pairs", "world_pairs"):
+        cfg = cfg_factory("builtin:tiny", eval__tasks=[task], eval__limit=2, eval__every=2, lora__dropout=0.3,
+                          train__max_steps=4, train__lr=3e-3)
+        assert train(cfg)["status"] == "completed"
+        rows = [json.loads(line) for line in (Path(cfg.output.dir) / "metrics.jsonl").read_text().splitlines()]
+        losses.append([r["train_loss"] for r in rows if "train_loss" in r])
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+
+
+def test_task_kinds(tmp_path):
+    """What harness:NAME / --harness NAME is: loralab's task, an lm-eval YAML file, or lm-eval's name."""
+    quiz = _quiz(tmp_path)
+    lm_file = tmp_path / "mine.yaml"
+    lm_file.write_text("task: my_lm_task\ndataset_path: json\nprocess_results: !function utils.f\n", encoding="utf-8")
+    group = tmp_path / "group.yaml"
+    group.write_text("group: my_group\ntask: [my_lm_task]\n", encoding="utf-8")
+    kinds = {name: H.task_kind(str(name)) for name in ("world_mc", quiz, lm_file, group, "truthfulqa_mc2",
+                                                         tmp_path / "missing.yaml")}
+    assert list(kinds.values()) == ["loralab", "loralab", "file", "file", "lm-eval", "loralab"]
+    assert H.lm_eval_task_file(lm_file) == "my_lm_task" and H.lm_eval_task_file(group) == "my_group"
+    assert H.lm_eval_task_file(quiz) is None
+
+
+def test_harness_eval_task_in_a_fused_group_scores_each_member(cfg_factory):
+    """In a fused group lm-eval scores each member's adapter (the group routes to one member at
+    a time): the r=8 member gets its solo run's MC2, the r=2 member a different one."""
+    from loralab.train.fused import train_fused
+    from loralab.train.loop import train
+
+    kw = dict(eval__tasks=["harness:world_mc"], eval__limit=4, train__max_steps=3, train__lr=3e-3,
+              lora__dropout=0.0, train__batch_size=8, train__micro_batch_size=8)
+    fused = train_fused([cfg_factory("builtin:tiny", f"lora.r={r}", **kw) for r in (2, 8)])
+    solo = train(cfg_factory("builtin:tiny", "lora.r=8", **kw))
+    assert [s["status"] for s in fused] == ["completed", "completed"] and solo["status"] == "completed"
+    r2, r8 = (s["final_eval_tasks"]["harness:world_mc/mc2"] for s in fused)
+    assert r8 == pytest.approx(solo["final_eval_tasks"]["harness:world_mc/mc2"], abs=1e-6)
+    assert abs(r2 - r8) > 1e-7

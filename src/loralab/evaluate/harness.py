@@ -1,41 +1,59 @@
-"""Cross-check with lm-evaluation-harness: run its Hugging Face backend on the base + adapter.
+"""lm-evaluation-harness in loralab: ``harness:NAME`` eval tasks and the ``--harness`` cross-check.
 
+    loralab train run.yaml            # eval.tasks: [harness:world_mc, harness:truthfulqa_mc2, arithmetic_2ds]
     loralab eval --harness world_mc,world_pairs --model builtin:tiny --adapter runs/r8 [--json]
     loralab eval --harness world_mc --harness-dir harness_tasks/   # keep the generated task files
 
-``--harness TASKS`` names loralab tasks (built-in names or task YAML files of format ``mc``
-or ``pairs``) and/or the harness's own task names. A loralab task becomes harness task
-files written by :func:`write_harness_tasks` from the same local data, so lm-eval scores
-exactly what ``loralab eval --tasks`` scores:
+Both hand lm-eval's ``hf`` backend (``HFLM``) a model loaded by loralab, as an object: in a
+run the very model being trained (at each evaluation, successive-halving rungs included), in
+``loralab eval --harness`` the base loaded as a run loads it (``dtype``, ``device``,
+``quant``) with each adapter put on a fresh copy. Log-softmax in float64, as loralab's own
+scoring takes it. lm-eval's seeding, log warnings and progress bars are kept inside the call.
+
+NAME is a loralab task (built-in name or task YAML of format ``mc`` or ``pairs``), an lm-eval
+task YAML file (a mapping with ``task:``; its folder becomes the include path), or one of
+lm-eval's own task names (their data are lm-eval's to fetch; indexing lm-eval's task
+catalogue takes a while, and is skipped when no such name is given). A loralab task becomes
+harness task files written by :func:`write_harness_tasks` from the same local data, so
+lm-eval scores exactly what ``loralab eval --tasks`` scores:
 
 * ``mc``: ``{name}_mc1`` and ``{name}_mc2``, ``output_type: multiple_choice``,
-  ``doc_to_text`` = a "prompt" column holding loralab's own ``metrics.mc_prompt`` (preamble + ``"Q: {question}\\nA:"``), choices from the data's
-  ``mc1_targets``/``mc2_targets``; MC1's target is the index of the choice labelled 1; MC2
-  uses the harness's own TruthfulQA ``process_results_mc2``.
+  ``doc_to_text`` = a "prompt" column holding loralab's own ``metrics.mc_prompt`` (preamble +
+  ``"Q: {question}\\nA:"``), choices from the data's ``mc1_targets``/``mc2_targets``; MC1's
+  target is the index of the choice labelled 1; MC2 uses the harness's own TruthfulQA
+  ``process_results_mc2``.
 * ``pairs``: ``{name}``: BLiMP's layout (empty context, choices [good, bad], target 0).
 
 The data are converted to the Hugging Face TruthfulQA layout (``{"choices": [...],
-"labels": [...]}``) in a JSONL file beside the YAML, loaded with the ``json`` builder, so
-nothing is downloaded (``HF_DATASETS_OFFLINE=1``, ``HF_HUB_OFFLINE=1``). The model is
-lm-eval's ``hf`` model with ``pretrained=<model dir>,peft=<adapter dir>,dtype=float32``
-and ``softmax_dtype=float64`` (loralab also takes the log-softmax in float64).
+"labels": [...]}``) in a JSONL file beside the YAML, loaded with the ``json`` builder (its
+cache beside it), so nothing is downloaded.
+
+Names of the numbers: a loralab task keeps loralab's task and metric names (lm-eval's
+``acc`` of ``world_mc_mc2`` is ``world_mc``/``mc2``); lm-eval's tasks keep lm-eval's
+(``truthfulqa_mc2``/``acc``; ``metric,filter`` where the filter is not ``none``). In a run's
+metrics.jsonl the key is ``harness:TASK/METRIC`` (``harness:world_mc/mc2``,
+``harness:truthfulqa_mc2/acc``), a group's subtasks ``harness:GROUP/SUBTASK/METRIC`` when the
+group has no aggregate of its own.
 
 lm-evaluation-harness is an optional extra: ``pip install loralab[harness]``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from loralab.errors import LoralabError
-from loralab.evaluate.metrics import Z95, mc_prompt
-from loralab.evaluate.tasks import BUILTIN, Task, resolve_tasks
+from loralab.evaluate.metrics import Z95, Score, mc_prompt
+from loralab.evaluate.tasks import BUILTIN, HARNESS_PREFIX, Task, resolve_tasks
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "lm-evaluation-harness is not installed: pip install loralab[harness]"
@@ -71,7 +89,9 @@ def write_harness_tasks(task: Task, out_dir: Path) -> dict[str, tuple[str, str]]
     Returns {harness task name: (loralab task name, loralab metric)}."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data = out_dir / f"{task.name}.jsonl"
-    common = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
+    # the datasets cache of the converted data stays beside it (and goes with a temporary folder)
+    kwargs = {"data_files": {"test": str(data.resolve())}, "cache_dir": str((out_dir / ".datasets").resolve())}
+    common = {"dataset_path": "json", "dataset_kwargs": kwargs,
               "test_split": "test", "output_type": "multiple_choice", "num_fewshot": 0,
               "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
     if task.format == "mc":
@@ -108,18 +128,59 @@ def write_harness_tasks(task: Task, out_dir: Path) -> dict[str, tuple[str, str]]
                        "loralab writes harness tasks for formats mc and pairs only")
 
 
-def _is_loralab_task(name: str) -> bool:
-    """The names resolve_tasks takes (a built-in, or a task file): anything else is lm-eval's."""
-    return name in BUILTIN or name.endswith((".yaml", ".yml")) or Path(name).is_file()
+def lm_eval_task_file(path: Path) -> str | None:
+    """The task (or group) name of an lm-eval task YAML, a mapping with ``task:`` (or
+    ``group:``); None for anything else. A loralab task file (``path:``, ``format:``) has
+    neither; lm-eval's YAMLs may use tags such as ``!function``, so the file is read with a
+    loader that ignores them."""
+    class _Loose(yaml.SafeLoader):
+        pass
+
+    _Loose.add_multi_constructor("!", lambda loader, suffix, node: None)
+    try:
+        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loose)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(spec, dict) or "format" in spec:
+        return None
+    for key in ("group", "task"):
+        if isinstance(spec.get(key), str):
+            return spec[key]
+    return None
 
 
-def prepare_tasks(spec: str, out_dir: Path, limit: int | None) -> dict[str, tuple[str, str] | None]:
+def task_kind(item: str) -> str:
+    """``loralab`` (a built-in name or a loralab task file), ``file`` (an lm-eval task YAML
+    file) or ``lm-eval`` (one of lm-eval's own task names)."""
+    path = Path(item)
+    if item in BUILTIN:
+        return "loralab"
+    if path.is_file():
+        return "file" if lm_eval_task_file(path) else "loralab"
+    return "loralab" if item.endswith((".yaml", ".yml")) else "lm-eval"  # a missing file: loralab's error
+
+
+def _names_lm_eval_task(spec: str) -> bool:
+    """Whether ``spec`` names one of lm-eval's own tasks: only then is lm-eval's task
+    catalogue (slow to index) needed."""
+    return any(task_kind(s.strip()) == "lm-eval" for s in spec.split(",") if s.strip())
+
+
+def prepare_tasks(spec: str, out_dir: Path, limit: int | None,
+                  include_path: list[str] | None = None) -> dict[str, tuple[str, str] | None]:
     """Harness task names for ``spec``, writing loralab tasks' files under ``out_dir``.
 
-    Returns {harness task name: (loralab task, metric)}, ``None`` for lm-eval's own tasks."""
+    Returns {harness task name: (loralab task, metric)}, ``None`` for lm-eval's tasks.
+    An lm-eval task YAML named by its path is taken by its ``task:`` name, and its folder is
+    appended to ``include_path`` (when given) so lm-eval finds it and the files it includes."""
     names: dict[str, tuple[str, str] | None] = {}
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
-        if _is_loralab_task(item):
+        kind = task_kind(item)
+        if kind == "file":
+            names[lm_eval_task_file(Path(item))] = None
+            if include_path is not None:
+                include_path.append(str(Path(item).resolve().parent))
+        elif kind == "loralab":
             (task,) = resolve_tasks(item, limit)
             names.update(write_harness_tasks(task, out_dir))
         else:
@@ -129,26 +190,87 @@ def prepare_tasks(spec: str, out_dir: Path, limit: int | None) -> dict[str, tupl
     return names
 
 
+def task_manager(names: list[str], include_path: list[str], *, include_defaults: bool):
+    """lm-eval's TaskManager over ``include_path`` (and its own tasks when ``include_defaults``),
+    after checking that it knows every name."""
+    require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_path or None, include_defaults=include_defaults)
+    unknown = [t for t in names if t not in manager.all_tasks]
+    if unknown:
+        raise LoralabError(f"--harness: lm-eval knows no task {', '.join(unknown)} "
+                           "(give a loralab task, an lm-eval task YAML file, or --include-path DIR holding its YAML)")
+    return manager
+
+
 def run_harness(model_dir: str, adapter_dir: str | None, tasks: list[str], *, include_path: list[str],
                 include_defaults: bool = True, limit: int | None = None, device: str = "cpu",
                 batch_size: int = 16, dtype: str = "float32") -> dict:
-    """lm_eval.simple_evaluate on model + adapter; returns its results dict (with samples)."""
+    """lm_eval.simple_evaluate with lm-eval loading model + adapter itself (``pretrained=DIR``,
+    ``peft=DIR``): the independent cross-check of loralab's own loading and scoring."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     require_lm_eval()
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     args = {"pretrained": model_dir, "dtype": dtype, "softmax_dtype": "float64"}
     if adapter_dir is not None:
         args["peft"] = adapter_dir
-    manager = TaskManager(include_path=include_path or None, include_defaults=include_defaults)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise LoralabError(f"--harness: lm-eval knows no task {', '.join(unknown)} "
-                           "(give a loralab task, or --include-path DIR holding its YAML)")
+    manager = task_manager(tasks, include_path, include_defaults=include_defaults)
     return simple_evaluate(model="hf", model_args=args, tasks=tasks, task_manager=manager, limit=limit,
                            device=device, batch_size=batch_size, log_samples=True, bootstrap_iters=1000)
+
+
+@contextlib.contextmanager
+def _quiet_and_seed_neutral():
+    """lm-eval seeds python, numpy and torch (for its own reproducibility), logs a warning for
+    a model passed as an object and draws progress bars: inside a training run none of it may
+    leak out, so the RNG states are put back (training after an evaluation draws what it would
+    have drawn without one), lm-eval's logger is held at ERROR and the bars (tqdm writes to
+    sys.stderr) are dropped; loralab's own log lines go through logging's handlers, unaffected."""
+    import io
+    import random
+
+    import numpy as np
+    import torch
+
+    py, npy = random.getstate(), np.random.get_state()
+    lm_log = logging.getLogger("lm_eval")
+    level = lm_log.level
+    lm_log.setLevel(logging.ERROR)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        lm_log.setLevel(level)
+
+
+def score_in_memory(model, tokenizer, tasks: list[str], *, manager, limit: int | None = None,
+                    batch_size: int = 16, log_samples: bool = False) -> dict:
+    """lm_eval.simple_evaluate on a loaded model (a run's PEFT model, or a base): lm-eval's
+    ``hf`` backend (HFLM) wraps the object as it is, on its device, in its dtype and
+    quantization; log-softmax in float64 as loralab's own scoring does."""
+    require_lm_eval()
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    was_training = model.training
+    try:
+        with _quiet_and_seed_neutral():
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype="float64")
+            return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                   log_samples=log_samples, bootstrap_iters=1000)
+    finally:
+        model.train(was_training)
+
+
+def _stderr(metrics: dict, metric: str, filt: str) -> float | None:
+    se = metrics.get(f"{metric}_stderr,{filt}")
+    return float(se) if isinstance(se, (int, float)) and math.isfinite(se) else None
 
 
 def harness_rows(results: dict, *, model: str, adapter: str | None,
@@ -156,7 +278,8 @@ def harness_rows(results: dict, *, model: str, adapter: str | None,
     """The harness's numbers in loralab's row shape; the interval is value +/- 1.96 * stderr.
 
     A task loralab wrote is reported under loralab's task and metric names (its ``acc``
-    is MC1, MC2 or pairs accuracy); lm-eval's own tasks keep the harness's names."""
+    is MC1, MC2 or pairs accuracy); lm-eval's own tasks keep the harness's names, the
+    metric spelled ``metric`` for lm-eval's ``none`` filter and ``metric,filter`` otherwise."""
     rows = []
     for task, metrics in results["results"].items():
         ours = (names or {}).get(task)
@@ -165,12 +288,14 @@ def harness_rows(results: dict, *, model: str, adapter: str | None,
             metric, comma, filt = key.partition(",")
             if not comma or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
-            se = metrics.get(f"{metric}_stderr,{filt}")
-            ok = isinstance(se, (int, float))
-            name, metric = ours if ours and metric == "acc" else (task, metric)
+            se = _stderr(metrics, metric, filt)
+            if ours and metric == "acc":
+                name, metric = ours
+            else:
+                name, metric = task, metric if filt == "none" else f"{metric},{filt}"
             rows.append({"model": model, "adapter": adapter, "task": name, "metric": metric,
-                         "value": float(value), "ci_low": value - Z95 * se if ok else float("nan"),
-                         "ci_high": value + Z95 * se if ok else float("nan"), "n": n, "skipped": 0,
+                         "value": float(value), "ci_low": value - Z95 * se if se is not None else float("nan"),
+                         "ci_high": value + Z95 * se if se is not None else float("nan"), "n": n, "skipped": 0,
                          "source": "lm-eval"})
     return rows
 
@@ -181,25 +306,123 @@ def sample_loglikelihoods(results: dict, task: str) -> list[list[float]]:
     return [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
 
 
+# ----------------------------------------------------------------- harness:NAME as an eval task
+
+
+@dataclass
+class HarnessTask:
+    """``harness:NAME`` in a run's ``eval.tasks`` (or ``loralab eval --tasks``): lm-eval scores
+    the model in memory at each evaluation, like a loralab Task (same ``name`` and ``run``).
+
+    ``run`` returns {metric: Score}; the loop writes them as ``harness:LABEL/METRIC``, LABEL
+    being the loralab task's name for a loralab task (``harness:world_mc/mc2``) and lm-eval's
+    task name otherwise (``harness:truthfulqa_mc2/acc``); rows of a group's subtasks, when
+    the group has no aggregate of its own, are ``harness:GROUP/SUBTASK/METRIC``."""
+
+    name: str  # "harness:" + label
+    label: str
+    names: dict[str, tuple[str, str] | None]  # harness task -> (loralab task, metric) | None
+    include_path: list[str]
+    include_defaults: bool
+    limit: int | None = None
+    items: list = field(default_factory=list)  # the loralab task's examples (none for lm-eval's own)
+    _manager: object = field(default=None, repr=False)
+    _dir: object = field(default=None, repr=False)  # keeps the written task files alive
+
+    def manager(self):
+        if self._manager is None:
+            self._manager = task_manager(list(self.names), self.include_path,
+                                         include_defaults=self.include_defaults)
+        return self._manager
+
+    def run(self, model, tokenizer, *, batch_size: int = 16) -> dict[str, Score]:
+        results = score_in_memory(model, tokenizer, list(self.names), manager=self.manager(),
+                                  limit=self.limit, batch_size=batch_size)
+        rows = harness_rows(results, model="", adapter=None, names=self.names)
+        own = [r for r in rows if r["task"] == self.label]
+        out = {}
+        for r in own or rows:
+            metric = r["metric"] if r in own else f"{r['task']}/{r['metric']}"
+            out[metric] = Score(r["value"], r["ci_low"], r["ci_high"], int(r["n"] or 0), 0)
+        if not out:
+            raise LoralabError(f"{self.name}: lm-eval returned no metric for {', '.join(self.names)}")
+        return out
+
+
+def resolve_harness_task(spec: str, limit: int | None = None) -> HarnessTask:
+    """The task ``harness:SPEC``: a loralab task of format mc/pairs (built-in name or task
+    file) written as lm-eval task files from its local data, an lm-eval task YAML file (its
+    folder becomes the include path), or one of lm-eval's own task names. Checked here,
+    before any training: a name lm-eval does not know is an error."""
+    require_lm_eval()
+    if not spec or "," in spec:
+        raise LoralabError(f"eval task harness:{spec}: give one task after harness:")
+    tmp = tempfile.TemporaryDirectory(prefix="loralab-harness-")
+    out = Path(tmp.name)
+    include = [str(out)]
+    kind = task_kind(spec)
+    names = prepare_tasks(spec, out, limit, include)
+    if kind == "loralab":
+        label, items = next(iter(names.values()))[0], resolve_tasks(spec, limit)[0].items
+    else:
+        label, items = lm_eval_task_file(Path(spec)) if kind == "file" else spec, []
+    task = HarnessTask(HARNESS_PREFIX + label, label, names, include, include_defaults=kind == "lm-eval",
+                       limit=limit, items=items, _dir=tmp)
+    task.manager()  # an unknown name fails now, not at the first evaluation
+    return task
+
+
+# ----------------------------------------------------------------- loralab eval --harness
+
+
+def _loralab_dtype(dtype: str) -> str:
+    """A ``model.dtype`` value for ``dtype`` given as loralab's name (fp32, bf16, fp16, auto)
+    or torch's (float32, bfloat16, float16)."""
+    import typing
+
+    import torch
+
+    from loralab.config import ModelConfig
+
+    name = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}.get(dtype, dtype)
+    allowed = typing.get_args(typing.get_type_hints(ModelConfig)["dtype"])
+    if name == "auto" and "auto" not in allowed:  # resolve it here: bf16 where the GPU has it
+        name = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if name not in allowed:
+        raise LoralabError(f"--dtype {dtype}: not one of {', '.join(allowed)}")
+    return name
+
+
 def evaluate_harness(model_path: str, adapters: list[str], spec: str, *, include_path: list[str],
-                     harness_dir: str | None = None, limit: int | None = None, device: str = "cpu",
-                     batch_size: int = 16) -> list[dict]:
-    """Rows for the base and each adapter, as lm-eval scores them."""
-    from loralab.adapters import adapter_dir
-    from loralab.models import resolve_model_path
+                     harness_dir: str | None = None, limit: int | None = None, device: str = "auto",
+                     batch_size: int = 16, dtype: str = "auto", quant: str = "none") -> list[dict]:
+    """Rows for the base and each adapter, as lm-eval scores them.
+
+    The base is loaded by loralab (``model.dtype`` ``dtype``, ``model.device`` ``device``,
+    ``quant.mode`` ``quant``: the same loading as a training run) and each adapter put on a
+    fresh copy; lm-eval's ``hf`` backend scores the model object."""
+    from loralab.adapters import adapter_dir, load_adapter
+    from loralab.config import ModelConfig, QuantConfig
+    from loralab.models import load_base
 
     require_lm_eval()
-    model_dir = resolve_model_path(model_path)
-    adapter_dirs = [str(adapter_dir(a)) for a in adapters]
+    if quant not in ("none", "nf4", "fp4"):
+        raise LoralabError(f"--quant {quant}: not one of none, nf4, fp4")
+    model_cfg = ModelConfig(path=model_path, dtype=_loralab_dtype(dtype), device=device)
+    for a in adapters:
+        adapter_dir(a)  # a bad adapter fails before any model loads
     with tempfile.TemporaryDirectory(prefix="loralab-harness-") as tmp:
         out = Path(harness_dir) if harness_dir else Path(tmp)
-        names = prepare_tasks(spec, out, limit)
-        only_ours = all(v is not None for v in names.values())
+        include = [str(out), *include_path]
+        names = prepare_tasks(spec, out, limit, include)
+        manager = task_manager(list(names), include, include_defaults=_names_lm_eval_task(spec))
         rows = []
-        for adapter, adir in [(None, None), *zip(adapters, adapter_dirs, strict=True)]:
+        for adapter in [None, *adapters]:
             log.info("lm-eval on %s: %s", adapter or "base", ", ".join(names))
-            res = run_harness(model_dir, adir, list(names), include_path=[str(out), *include_path],
-                              include_defaults=not only_ours, limit=limit, device=device, batch_size=batch_size)
+            model, tok = load_base(model_cfg, QuantConfig(mode=quant))
+            if adapter is not None:
+                model = load_adapter(model, adapter)
+            res = score_in_memory(model.eval(), tok, list(names), manager=manager, limit=limit,
+                                  batch_size=batch_size)
             rows += harness_rows(res, model=model_path, adapter=adapter, names=names)
     return rows
-

@@ -16,6 +16,10 @@ Record layouts: alpaca ``{instruction, input?, output}`` (prompt template fields
 ``{instruction}``, ``{input}``; default the Alpaca template); mc the TruthfulQA layout
 ``{question, mc1_targets, mc2_targets}`` with choice -> 0/1; pairs ``{good, bad}``;
 lettered ``{question, choices: [...], answer: "B" or 1}``.
+
+``harness:NAME`` in a task list (``--tasks``, a run's ``eval.tasks``) is scored by
+lm-evaluation-harness instead (:mod:`loralab.evaluate.harness`): a loralab task of format mc
+or pairs, an lm-eval task YAML file, or an lm-eval task name.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ BUILTIN = {
     "world_pairs": dict(path=DATA_DIR / "world_pairs.jsonl", format="pairs"),
 }
 DEFAULT_TASKS = list(BUILTIN)
+HARNESS_PREFIX = "harness:"  # eval.tasks / --tasks entries scored by lm-evaluation-harness
 
 
 @dataclass
@@ -218,13 +223,32 @@ def load_task_file(path: str | Path) -> Task:
                 spec.get("preamble", ""), mnt, norm)
 
 
-def resolve_tasks(spec: str, limit: int | None = None) -> list[Task]:
-    """Comma-separated built-in names and/or YAML task files, with their examples loaded."""
+# Metric names whose smaller values are better (loralab's and lm-eval's); every other metric,
+# accuracies and MC scores among them, is better when larger.
+LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte")
+
+
+def lower_is_better(key: str) -> bool:
+    """Whether a metrics.jsonl key ("eval_loss", "world_mc/mc2", "harness:wikitext/word_perplexity")
+    is better when smaller: its last part, filter dropped, ends in loss, perplexity or bits_per_byte."""
+    metric = key.rsplit("/", 1)[-1].split(",", 1)[0]
+    return metric.endswith(LOWER_IS_BETTER)
+
+
+def resolve_tasks(spec: str, limit: int | None = None) -> list:
+    """Comma-separated built-in names, YAML task files and/or ``harness:NAME`` tasks, with
+    their examples loaded (a ``harness:`` task is a :class:`loralab.evaluate.harness.HarnessTask`,
+    scored by lm-evaluation-harness; it has the same ``name`` and ``run`` as a Task)."""
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
         raise DataError("--tasks: no task given")
     tasks = []
     for name in names:
+        if name.startswith(HARNESS_PREFIX):
+            from loralab.evaluate.harness import resolve_harness_task
+
+            tasks.append(resolve_harness_task(name[len(HARNESS_PREFIX):], limit))
+            continue
         if name in BUILTIN:
             b = BUILTIN[name]
             t = Task(name, b["path"], b["format"], list(FORMAT_METRICS[b["format"]]),
@@ -232,7 +256,8 @@ def resolve_tasks(spec: str, limit: int | None = None) -> list[Task]:
         elif name.endswith((".yaml", ".yml")) or Path(name).is_file():
             t = load_task_file(name)
         else:
-            raise DataError(f"--tasks: unknown task {name!r} (built-in: {', '.join(BUILTIN)}; or a .yaml task file)")
+            raise DataError(f"--tasks: unknown task {name!r} (built-in: {', '.join(BUILTIN)}; a .yaml task file; "
+                            "or harness:NAME for an lm-evaluation-harness task)")
         t.items = load_items(t, limit)
         tasks.append(t)
     return tasks

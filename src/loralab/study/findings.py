@@ -15,10 +15,19 @@ Comparisons between two levels of an axis are matched: they use only the combina
 other axes where both levels ran, and average the per-combination differences, so a failed run
 at one level does not tilt the comparison. Axes tied to the compared axis (alpha = 2 x r, or an
 lr that moves with alpha) are not "other axes": they move with it.
+
+A study judged on several metrics (``metric`` plus ``metrics: [...]`` in the study file) gets
+every finding once per metric, each on that metric's own values and seed noise (a finding
+carries its ``metric``), and, per axis, an ``across_metrics`` finding that compares each level
+with a reference level on every metric and says when they disagree: "quant.mode=nf4 against
+quant.mode=none: better on arithmetic_2ds/exact_match by 0.04 +/- 0.02, worse on world_mc/mc2
+by 0.03 +/- 0.01". The metrics disagree when one is better and another worse, each beyond the
+seed noise; different directions that the noise cannot separate are said to be so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sqlite3
@@ -27,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loralab.errors import LoralabError
+from loralab.errors import ConfigError, LoralabError
+from loralab.evaluate.tasks import lower_is_better
 from loralab.study import stats
 from loralab.study.spec import FINDING_KINDS
 
@@ -48,6 +58,7 @@ class Run:
     params: int | None
     stopped_at_step: int | None = None
     error: str | None = None
+    values: dict[str, float | None] = field(default_factory=dict)  # final value of every judged metric
 
 
 @dataclass
@@ -64,6 +75,7 @@ class StudyData:
     axes: list[str] = field(default_factory=list)  # axes that vary, train.seed excluded
     noise_sd: float | None = None
     noise_df: int = 0
+    metrics: list[tuple[str, str]] = field(default_factory=list)  # every judged (metric, goal), the study's first
     # computed once from the runs on first use (the runs do not change after read_study)
     _tied: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _noise: dict[str, tuple[float | None, int]] = field(default_factory=dict, repr=False)
@@ -102,35 +114,77 @@ def final_value(con: sqlite3.Connection, run: sqlite3.Row, metric: str) -> float
     return None if row is None else float(row[0])
 
 
+def other_metrics(raw: Any, metric: str, where: str = "metrics") -> dict[str, str]:
+    """A study file's ``metrics`` (judged besides ``metric``) as {metrics.jsonl key: goal}.
+
+    A list takes each goal from the metric's name (:func:`loralab.evaluate.tasks.lower_is_better`:
+    loss, perplexity, bits_per_byte are min, the rest max); a mapping gives it
+    (``{world_mc/mc2: max, eval_loss: min}``). The study's own ``metric`` is left out."""
+    if raw is None:
+        return {}
+    if isinstance(raw, list) and all(isinstance(m, str) and m for m in raw):
+        out = {m: "min" if lower_is_better(m) else "max" for m in raw}
+    elif isinstance(raw, dict) and all(isinstance(m, str) and m for m in raw):
+        for m, goal in raw.items():
+            if goal not in ("min", "max"):
+                raise ConfigError(f"{where}: metrics: {m}: goal must be min or max (got {goal!r})")
+        out = dict(raw)
+    else:
+        raise ConfigError(f"{where}: metrics must be a list of metrics.jsonl keys (world_mc/mc2, "
+                          f"harness:world_mc/mc1, ...) or a mapping of key to min/max (got {raw!r})")
+    out.pop(metric, None)
+    return out
+
+
 def read_study(db_path: str | Path, study_name: str) -> StudyData:
-    """The study's spec and runs, split into those the statistics use and those left out."""
+    """The study's spec and runs, split into those the statistics use and those left out.
+
+    Each run's ``value`` is the study metric's; ``values`` holds every judged metric's."""
     con = open_db(db_path)
     try:
         srow = study_row(con, study_name, db_path)
         spec = json.loads(srow["spec_json"])
         metric = spec.get("metric") or "eval_loss"
         goal = spec.get("goal") or "min"
+        judged = [(metric, goal), *(spec.get("metrics") or {}).items()]
         runs = []
         for r in con.execute("SELECT * FROM runs WHERE study_id = ? ORDER BY id", (srow["id"],)).fetchall():
             time_s = r["train_time_s"] if r["train_time_s"] is not None else r["wall_time_s"]
+            values = {m: final_value(con, r, m) if r["status"] == "completed" else None for m, _ in judged}
             runs.append(Run(
                 id=r["id"], name=r["name"], axes=run_axes(r, spec), status=r["status"],
-                value=final_value(con, r, metric) if r["status"] == "completed" else None,
+                value=values[metric], values=values,
                 time_s=time_s, memory_bytes=r["peak_memory_bytes"], params=r["trainable_params"],
                 stopped_at_step=r["stopped_at_step"], error=r["error"],
             ))
     finally:
         con.close()
-    data = StudyData(name=study_name, spec=spec, metric=metric, goal=goal, runs=runs)
-    for run in runs:
-        reason = exclusion_reason(run, metric)
+    data = StudyData(name=study_name, spec=spec, metric=metric, goal=goal, runs=runs, metrics=judged)
+    _split_runs(data)
+    return data
+
+
+def _split_runs(data: StudyData) -> None:
+    """Fill ``ok``, ``excluded``, ``axes`` and the seed noise from ``runs`` and the metric."""
+    for run in data.runs:
+        reason = exclusion_reason(run, data.metric)
         if reason is None:
             data.ok.append(run)
         else:
             data.excluded.append((run, reason))
-    data.axes = varying_axes(spec, runs)
+    data.axes = varying_axes(data.spec, data.runs)
     data.noise_sd, data.noise_df = stats.pooled_sd([[r.value for r in g] for g in repeat_groups(data.ok).values()])
-    return data
+
+
+def for_metric(data: StudyData, metric: str, goal: str) -> StudyData:
+    """The same study judged on another of its metrics: each run's value, the runs left out
+    and the seed noise are that metric's."""
+    if metric == data.metric:
+        return data
+    runs = [dataclasses.replace(r, value=r.values.get(metric)) for r in data.runs]
+    out = StudyData(name=data.name, spec=data.spec, metric=metric, goal=goal, runs=runs, metrics=data.metrics)
+    _split_runs(out)
+    return out
 
 
 def run_axes(row: sqlite3.Row, spec: dict[str, Any]) -> dict[str, Any]:
@@ -656,10 +710,92 @@ def run_finding(data: StudyData, spec: dict[str, Any]) -> dict[str, Any]:
     return pareto(data)
 
 
-def findings_from(data: StudyData) -> list[dict[str, Any]]:
-    """Findings of an already-read study (the report reads the study once for both)."""
+def across_metrics(data: StudyData, axis: str, reference: Any = None) -> dict[str, Any]:
+    """Each level of ``axis`` against ``reference`` (default: its first level) on every judged
+    metric: better or worse by how much, with the 95% interval from that metric's seed noise,
+    and whether the metrics disagree (one better, another worse, each beyond the noise)."""
+    per_metric = [for_metric(data, m, g) for m, g in data.metrics]
+    lv = levels(data.runs, axis)
+    ref = find_level(data.runs, axis, reference) if reference is not None else None
+    ref = lv[0] if ref is None and lv else ref
+    out: dict[str, Any] = {"kind": "across_metrics", "axis": axis, "reference": ref,
+                           "metrics": [m for m, _ in data.metrics], "levels": [], "disagree": False}
+    parts = []
+    for v in lv:
+        if canon(v) == canon(ref):
+            continue
+        by_metric = {d.metric: _direction(d, compare(d, d.ok, axis, v, ref)) for d in per_metric}
+        verdict = _agreement(by_metric.values())
+        out["levels"].append({"value": v, "verdict": verdict, "by_metric": by_metric})
+        pieces = [_direction_text(m, x) for m, x in by_metric.items()]
+        ci = " (95% intervals)" if any(x["half_width"] is not None for x in by_metric.values()) else ""
+        parts.append(f"{level_label(data, axis, v)} against {level_label(data, axis, ref)}: "
+                     f"{', '.join(pieces)}{ci}: {AGREEMENT[verdict]}")
+    out["disagree"] = any(level["verdict"] == "disagree" for level in out["levels"])
+    if not parts:
+        out["text"] = f"{axis}: no level besides {fmt_value(ref)} to compare across metrics."
+    else:
+        head = "The metrics disagree on" if out["disagree"] else "Across metrics,"
+        out["text"] = f"{head} {axis}: " + "; ".join(parts) + "."
+    return out
+
+
+AGREEMENT = {
+    "disagree": "the metrics disagree, each beyond the seed noise",
+    "mixed": "the metrics point different ways, but not each beyond the seed noise",
+    "mixed_no_repeats": f"the metrics point different ways ({NO_REPEATS})",
+    "agree": "the metrics agree",
+    "not comparable": "not comparable (never ran under the same other settings)",
+}
+
+
+def _direction(data: StudyData, cmp: dict[str, Any] | None) -> dict[str, Any]:
+    """better / worse / same / not comparable, for ``cmp`` (level minus reference) on ``data``'s metric."""
+    if cmp is None:
+        return {"direction": "not comparable", "difference": None, "half_width": None, "beyond_noise": None,
+                "goal": data.goal}
+    a, b = cmp["mean_a"], cmp["mean_b"]
+    direction = "better" if data.better(a, b) else "worse" if data.better(b, a) else "same"
+    return {"direction": direction, "difference": cmp["difference"], "half_width": cmp["half_width"],
+            "beyond_noise": cmp["beyond_noise"], "goal": data.goal}
+
+
+def _direction_text(metric: str, x: dict[str, Any]) -> str:
+    if x["direction"] in ("not comparable", "same"):
+        return f"{x['direction']} on {metric}"
+    text = f"{x['direction']} on {metric} by {abs(x['difference']):.3g}"
+    if x["half_width"] is not None:
+        text += f" +/- {x['half_width']:.2g}" + ("" if x["beyond_noise"] else " (within the seed noise)")
+    return text
+
+
+def _agreement(by_metric) -> str:
+    xs = [x for x in by_metric if x["direction"] != "not comparable"]
+    if not xs:
+        return "not comparable"
+    clear = {x["direction"] for x in xs if x["beyond_noise"]}
+    if {"better", "worse"} <= clear:
+        return "disagree"
+    if {"better", "worse"} <= {x["direction"] for x in xs}:
+        return "mixed_no_repeats" if all(x["half_width"] is None for x in xs) else "mixed"
+    return "agree"
+
+
+def _reference_of(data: StudyData, axis: str) -> Any:
+    """The level a study's findings compare against for ``axis`` (a cost baseline or an
+    equivalence reference), else None (the first level)."""
+    for spec in data.spec.get("findings") or []:
+        if spec.get("axis") == axis:
+            for key in ("baseline", "reference"):
+                if key in spec:
+                    return spec[key]
+    return None
+
+
+def _metric_findings(data: StudyData, *, with_excluded: bool = True) -> list[dict[str, Any]]:
+    """The study's findings (its list, or the default ones) on ``data``'s metric."""
     out = []
-    if data.excluded:
+    if data.excluded and with_excluded:
         out.append(excluded(data))
     specs = data.spec.get("findings") or default_findings(data)
     for spec in specs:
@@ -669,6 +805,28 @@ def findings_from(data: StudyData) -> list[dict[str, Any]]:
             f["n_excluded"] = len(data.excluded)
             f["text"] += f" ({len(data.excluded)} run(s) that did not complete are not counted.)"
         out.append(f)
+    for f in out:
+        f.setdefault("metric", data.metric)
+    return out
+
+
+def findings_from(data: StudyData) -> list[dict[str, Any]]:
+    """Findings of an already-read study (the report reads the study once for both).
+
+    One metric: the study's findings. Several: the runs left out, an ``across_metrics``
+    finding per varying axis, then every finding once per metric (its text opens with
+    ``[metric]``), the runs a metric alone lacks listed with that metric's findings."""
+    if len(data.metrics) <= 1:
+        return _metric_findings(data)
+    out = [excluded(data)] if data.excluded else []
+    out += [across_metrics(data, a, _reference_of(data, a)) for a in data.axes]
+    left_out = {r.name for r, _ in data.excluded}
+    for metric, goal in data.metrics:
+        d = for_metric(data, metric, goal)
+        fs = _metric_findings(d, with_excluded={r.name for r, _ in d.excluded} != left_out)
+        for f in fs:
+            f["text"] = f"[{metric}] {f['text']}"
+        out += fs
     return out
 
 

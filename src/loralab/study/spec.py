@@ -31,7 +31,7 @@ from loralab.config import SECTIONS, config_from_dict, read_yaml
 from loralab.errors import ConfigError
 from loralab.paths import check_name
 
-TOP_KEYS = {"name", "description", "question", "claim", "metric", "goal", "base", "base_config",
+TOP_KEYS = {"name", "description", "question", "claim", "metric", "metrics", "goal", "base", "base_config",
             "axes", "tied", "repeats", "seeds", "quick", "findings"}
 QUICK_KEYS = {"base", "axes", "tied", "repeats", "seeds"}
 FINDING_KINDS = {"axis_effect": ("axis",), "trend_within": ("axis", "within"),
@@ -69,6 +69,7 @@ class Study:
     source: str
     quick: bool = False
     runs: list[RunSpec] = field(default_factory=list)
+    metrics: dict[str, str] = field(default_factory=dict)  # other metrics judged: {key: min | max}
 
     def place(self, root: Path) -> None:
         """Put every run's directory under ``root`` (output.dir = root/<run name>)."""
@@ -80,7 +81,7 @@ class Study:
         return {"name": self.name, "description": self.description, "question": self.question,
                 "claim": self.claim, "metric": self.metric, "goal": self.goal, "base": self.base,
                 "axes": self.axes, "tied": self.tied, "seeds": self.seeds, "findings": self.findings,
-                "source": self.source, "quick": self.quick}
+                "source": self.source, "quick": self.quick, "metrics": self.metrics}
 
 
 # ----------------------------------------------------------------------------- where in the file
@@ -449,6 +450,9 @@ def load_study(
     if not isinstance(metric, str) or not metric:
         raise ConfigError(f"{where('metric')}: metric must be a metrics.jsonl key such as eval_loss (got {metric!r})")
 
+    from loralab.study.findings import other_metrics
+
+    metrics = other_metrics(raw.get("metrics"), metric, where("metrics"))
     base = _base_config(raw, where, base_dir)
     from loralab.config import apply_overrides
 
@@ -481,7 +485,7 @@ def load_study(
         name=str(name), description=_text(raw, "description", where), question=_text(raw, "question", where),
         claim=_text(raw, "claim", where), metric=metric, goal=goal, base=base, axes=axes,
         tied={k: e for k, (e, _) in tied.items()}, seeds=seeds,
-        findings=_check_findings(raw.get("findings"), axes, where), source=label, quick=quick,
+        findings=_check_findings(raw.get("findings"), axes, where), source=label, quick=quick, metrics=metrics,
     )
     study.runs = expand(study, {k: t for k, (_, t) in tied.items()}, where)
     if root is not None:

@@ -48,6 +48,7 @@ from loralab.data.dataset import (
 )
 from loralab.data.packing import model_inputs, step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
+from loralab.evaluate.tasks import lower_is_better
 from loralab.models import keep_4bit_trainable, load_base, pick_device
 from loralab.train.attention import NAME as ATTENTION
 from loralab.train.attention import segment_attention, supports_segments
@@ -170,9 +171,8 @@ def run_eval_tasks(model, tokenizer, tasks, *, batch_size: int) -> dict[str, flo
 
 
 def best_of(key: str, values: list[float]) -> float:
-    lower_is_better = key.endswith(("/loss", "/perplexity"))
     finite = [v for v in values if math.isfinite(v)] or [float("nan")]
-    return min(finite) if lower_is_better else max(finite)
+    return min(finite) if lower_is_better(key) else max(finite)
 
 
 def plan_steps(cfg: Config, n_train: int) -> int:
