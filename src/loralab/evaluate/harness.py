@@ -182,12 +182,17 @@ def sample_loglikelihoods(results: dict, task: str) -> list[list[float]]:
 
 
 def evaluate_harness(model_path: str, adapters: list[str], spec: str, *, include_path: list[str],
-                     harness_dir: str | None = None, limit: int | None = None, device: str = "cpu",
-                     batch_size: int = 16) -> list[dict]:
+                     harness_dir: str | None = None, limit: int | None = None, batch_size: int = 16,
+                     dtype: str = "auto", device: str = "auto", quant: str = "none") -> list[dict]:
     """Rows for the base and each adapter, as lm-eval scores them."""
     from loralab.adapters import adapter_dir
-    from loralab.models import resolve_model_path
+    from loralab.models import pick_device, resolve_dtype, resolve_model_path
 
+    if quant != "none":
+        raise LoralabError(f"--harness with --quant {quant}: the harness bridge loads unquantized bases only")
+    dev = pick_device(device)
+    torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[resolve_dtype(dtype, dev)]
+    device = str(dev)
     require_lm_eval()
     model_dir = resolve_model_path(model_path)
     adapter_dirs = [str(adapter_dir(a)) for a in adapters]
@@ -199,7 +204,8 @@ def evaluate_harness(model_path: str, adapters: list[str], spec: str, *, include
         for adapter, adir in [(None, None), *zip(adapters, adapter_dirs, strict=True)]:
             log.info("lm-eval on %s: %s", adapter or "base", ", ".join(names))
             res = run_harness(model_dir, adir, list(names), include_path=[str(out), *include_path],
-                              include_defaults=not only_ours, limit=limit, device=device, batch_size=batch_size)
+                              include_defaults=not only_ours, limit=limit, device=device, batch_size=batch_size,
+                              dtype=torch_dtype)
             rows += harness_rows(res, model=model_path, adapter=adapter, names=names)
     return rows
 
