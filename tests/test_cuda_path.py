@@ -184,8 +184,8 @@ def test_cuda_problem_names_a_driver_torch_cannot_use(monkeypatch):
         raise RuntimeError("The NVIDIA driver on your system is too old (found version 11040).")
 
     monkeypatch.setattr(torch.cuda, "init", init)
-    assert models.cuda_problem() == ("torch {} (built for CUDA 13.0) cannot initialise CUDA: The NVIDIA driver on "
-                                     "your system is too old (found version 11040).".format(torch.__version__))
+    assert models.cuda_problem() == (f"torch {torch.__version__} (built for CUDA 13.0) cannot initialise CUDA: The NVIDIA driver on "
+                                     "your system is too old (found version 11040).")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert "CUDA_VISIBLE_DEVICES" in models.cuda_problem()
 
@@ -332,3 +332,53 @@ def test_merge_dequantize_gives_the_model_the_adapter_was_trained_on(qlora_run, 
     full = transformers.AutoModelForCausalLM.from_pretrained(str(out2), dtype=torch.float32)
     with torch.no_grad():
         assert (full(input_ids=ids).logits - got).abs().max() > 1e-3
+
+
+# --- generation stops --------------------------------------------------------------------------
+
+
+def _forward_counter(model) -> list[int]:
+    calls = [0]
+    model.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_generation_stops_at_every_end_token_of_the_model(tiny_model_dir):
+    from loralab.evaluate.exact_match import end_token_ids, greedy_generate
+
+    model, tok = load_base(ModelConfig(path=str(tiny_model_dir("llama")), device="cpu"), QuantConfig())
+    prompt = "What is 12 plus 30?"
+    enc = tok([prompt], return_tensors="pt")
+    free = model.generate(**enc, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                          pad_token_id=tok.pad_token_id)[0, enc["input_ids"].shape[1]:].tolist()
+    assert len(free) == 8
+    second_end = free[2]  # a token the model produces third, not before
+    assert second_end not in free[:2] and second_end != tok.eos_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, second_end]  # as chat models list two ends
+    assert end_token_ids(model, tok) == [tok.eos_token_id, second_end]
+    calls = _forward_counter(model)
+    (out,) = greedy_generate(model, tok, [prompt], max_new_tokens=8)
+    assert calls[0] == 3  # prefill + 2 steps: stopped at the third token, not after 8
+    assert out == tok.decode(free[:2], skip_special_tokens=True)
+
+
+def test_generation_stops_at_the_stop_string_as_it_goes(tiny_model_dir):
+    from loralab.evaluate.exact_match import greedy_generate
+
+    model, tok = load_base(ModelConfig(path=str(tiny_model_dir("llama")), device="cpu"), QuantConfig())
+    model.generation_config.eos_token_id = None
+    prompts = ["What is 12 plus 30?", "Name a colour."]
+    full = greedy_generate(model, tok, prompts, max_new_tokens=12)
+    enc = tok(prompts[:1], return_tensors="pt")
+    ids = model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                         pad_token_id=tok.pad_token_id)[0, enc["input_ids"].shape[1]:].tolist()
+    stop = next(s for s in (tok.decode(ids[k : k + 1]).strip() for k in range(3, 8)) if s)
+    want = [f.split(stop)[0] for f in full]
+    calls = _forward_counter(model)
+    got = greedy_generate(model, tok, prompts, max_new_tokens=12, stop=stop)
+    assert got == want and want[0] != full[0]
+    # the batch ended when both rows had their stop, or at 12 tokens when one never has it
+    assert calls[0] < 12 or stop not in full[1]
+    calls[0] = 0
+    greedy_generate(model, tok, prompts[:1], max_new_tokens=12, stop=stop)
+    assert calls[0] < 12

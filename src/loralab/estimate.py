@@ -424,7 +424,9 @@ def estimate_run(
     modules = lora_modules(shape, list(cfg.lora.targets))
     n_train = sum(math.prod(s) for s in lora_tensor_shapes(shape, modules, cfg.lora.r, cfg.lora.dora))
     dev = device or ("cpu" if cfg.model.device == "cpu" else "cuda")
-    from loralab.models import resolve_dtype  # model.dtype auto: the dtype the run would load on dev
+    from loralab.models import (
+        resolve_dtype,  # model.dtype auto: the dtype the run would load on dev
+    )
 
     cfg = replace(cfg, model=replace(cfg.model, dtype=resolve_dtype(cfg.model, dev)))
     micro = cfg.train.micro_batch_size
