@@ -382,3 +382,23 @@ def test_generation_stops_at_the_stop_string_as_it_goes(tiny_model_dir):
     calls[0] = 0
     greedy_generate(model, tok, prompts[:1], max_new_tokens=12, stop=stop)
     assert calls[0] < 12
+
+
+# --- evaluation memory -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_logprobs_equal_the_full_log_softmax(dtype):
+    from loralab.evaluate.metrics import token_logprobs
+
+    torch.manual_seed(0)
+    pred = (torch.randn(7, 1000) * 6).to(dtype)
+    pred[3, 999] = 40.0  # the argmax in the last, partial chunk
+    targets = torch.tensor([0, 5, 999, 999, 500, 128, 127])
+    full = torch.log_softmax(pred.double(), dim=-1).gather(1, targets[:, None])[:, 0]
+    for chunk in (128, 333, 1000, 4096):
+        lp, greedy = token_logprobs(pred, targets, chunk=chunk)
+        assert lp.dtype == torch.float64
+        assert (lp - full).abs().max() < 1e-12
+        assert greedy.tolist() == (pred.double().argmax(-1) == targets).tolist()
+    assert greedy[3] and not greedy[0]
