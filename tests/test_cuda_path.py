@@ -6,6 +6,7 @@ loralab asks of it (``captured``) and then loads on the CPU, and nvidia-smi is a
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import stat
@@ -402,3 +403,78 @@ def test_chunked_logprobs_equal_the_full_log_softmax(dtype):
         assert (lp - full).abs().max() < 1e-12
         assert greedy.tolist() == (pred.double().argmax(-1) == targets).tolist()
     assert greedy[3] and not greedy[0]
+
+
+# --- packed attention kernels --------------------------------------------------------------------
+
+
+@pytest.fixture
+def gqa_model(tiny_model_dir):
+    """The conftest llama: 4 query heads sharing 2 key/value heads."""
+    from loralab.train import attention
+
+    model, _ = load_base(ModelConfig(path=str(tiny_model_dir("llama")), device="cpu"), QuantConfig())
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    before = dict(attention._chosen)
+    yield model.eval()
+    attention._chosen.clear()
+    attention._chosen.update(before)
+
+
+def _packed_logits(model, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    from loralab.train.attention import segment_attention
+
+    row = torch.cat(rows)[None]
+    pos = torch.cat([torch.arange(len(r)) for r in rows])[None]
+    bounds = (0, *itertools.accumulate(len(r) for r in rows))
+    with torch.no_grad():
+        with segment_attention(model):
+            packed = model(input_ids=row, position_ids=pos, attention_mask=torch.ones_like(row),
+                           loralab_segments=bounds).logits[0]
+        alone = torch.cat([model(input_ids=r[None]).logits[0] for r in rows])
+    return packed, alone
+
+
+def test_grouped_query_attention_reads_heads_in_place(gqa_model, monkeypatch):
+    from loralab.train import attention
+
+    assert attention.TORCH_GQA
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave",
+                        lambda *a, **k: pytest.fail("a key/value head was copied"))
+    assert attention.supports_segments(gqa_model)
+    assert attention._chosen["cpu"] == "per_example" and attention.last_kernel == "per_example"
+    rows = [torch.arange(5, 14), torch.arange(100, 103), torch.arange(40, 57)]
+    packed, alone = _packed_logits(gqa_model, rows)
+    assert (packed - alone).abs().max() < 1e-4
+
+
+def test_flex_attention_document_mask_equals_examples_alone(gqa_model):
+    """The CUDA varlen path (FlexAttention, here eager on the CPU) gives the examples' own logits."""
+    from loralab.train import attention
+
+    assert attention.supports_segments(gqa_model, kernels=["flex"])
+    rows = [torch.arange(5, 14), torch.arange(100, 103), torch.arange(40, 57)]
+    packed, alone = _packed_logits(gqa_model, rows)
+    assert attention.last_kernel == "flex"
+    assert (packed - alone).abs().max() < 1e-4
+    attention._chosen["cpu"] = "per_example"
+    per_example, _ = _packed_logits(gqa_model, rows)
+    assert attention.last_kernel == "per_example"
+    assert (packed - per_example).abs().max() < 1e-4
+
+
+def test_kernel_choice_by_device_and_fallback(gqa_model, monkeypatch):
+    from loralab.train import attention
+
+    assert attention.kernel_candidates(torch.device("cpu")) == ["per_example"]
+    real_find_spec = attention.importlib.util.find_spec
+    monkeypatch.setattr(attention.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a))
+    assert attention.kernel_candidates(torch.device("cuda")) == ["flex", "per_example"]
+    monkeypatch.setattr(attention.importlib.util, "find_spec", lambda name, *a: object())
+    assert attention.kernel_candidates(torch.device("cuda")) == ["flash_varlen", "flex", "per_example"]
+    # flash-attn cannot run here: the check moves on to the next kernel that agrees
+    assert attention.supports_segments(gqa_model, kernels=["flash_varlen", "per_example"])
+    assert attention._chosen["cpu"] == "per_example"
+    assert not attention.supports_segments(gqa_model, kernels=["flash_varlen"])
+    assert "cpu" not in attention._chosen
