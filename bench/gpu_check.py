@@ -53,11 +53,11 @@ GQA_MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, nu
 PLANS = {
     "gpu": dict(device="cuda", dtype="bf16", budget_s=420, words=1500, ceiling_n=8192, memory_model=ONE_B,
                 memory_seq=[512, 2048], memory_micro=2, sync_micro=4, speed_cases=[
-                    "tiny-bf16-lora-mb1", "tiny-bf16-lora-mb8", "big-bf16-lora-mb8"], speed_steps=None,
+                    "tiny-bf16-lora-mb1", "tiny-bf16-lora-mb8", "big-bf16-lora-mb8"], speed_steps=None, speed_examples=None,
                 fused_k=8, fused_steps=30, quickstart=[], attention_len=512),
     "smoke": dict(device="cpu", dtype="fp32", budget_s=600, words=60, ceiling_n=256, memory_model=SMOKE_MODEL,
                   memory_seq=[96, 128], memory_micro=1, sync_micro=2, speed_cases=["tiny-fp32-lora-mb8"],
-                  speed_steps=1, fused_k=2, fused_steps=1,
+                  speed_steps=1, speed_examples=16, fused_k=2, fused_steps=1,
                   quickstart=["--set", "train.max_steps=1", "--set", "eval.every=0", "--set", "data.limit=32",
                               "--set", "data.val_max_examples=4", "--eval-n", "2"],
                   attention_len=96),
@@ -277,6 +277,10 @@ def section_speed(plan: dict, work: Path) -> dict:
 
     (work / "speed-data").mkdir()
     paths = bench_speed.write_data(work / "speed-data")
+    if plan["speed_examples"]:  # the smoke: one step's examples and a few to score
+        for key, path in paths.items():
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            path.write_text("".join(lines[: plan["speed_examples"] // (2 if key == "val" else 1)]), encoding="utf-8")
     big = bench_speed.build_big_model(work / "speed-big")
     models = {"tiny": "builtin:tiny", "big": str(big)}
     from loralab.models import BUILTIN_MODELS
@@ -349,9 +353,9 @@ def reference(spec: dict, out: Path, timeout: float = 300) -> dict:
 
 
 def section_fused(plan: dict, work: Path) -> dict:
+    import bench_fused
     import torch
 
-    import bench_fused
     from loralab.config import config_from_dict
     from loralab.train.fused import train_fused
     from loralab.train.loop import train
