@@ -16,8 +16,12 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loralab.errors import ModelError
+
+if TYPE_CHECKING:
+    from loralab.config import ModelConfig, QuantConfig
 
 log = logging.getLogger(__name__)
 QUICKSTART = Path(__file__).parent / "assets" / "configs" / "quickstart.yaml"
@@ -74,7 +78,7 @@ def add_model_flags(p: argparse.ArgumentParser, *, from_run: bool = False) -> No
                         + (default or " (default auto)"))
 
 
-def base_configs(path: str, args: argparse.Namespace, run: dict | None = None):
+def base_configs(path: str, args: argparse.Namespace, run: dict | None = None) -> tuple[ModelConfig, QuantConfig]:
     """(ModelConfig, QuantConfig) for ``path`` from --dtype/--quant/--device; a flag left unset
     takes the run's config (``run``, for merge), else the default."""
     from loralab.config import ModelConfig, QuantConfig

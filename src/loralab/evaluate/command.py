@@ -21,8 +21,12 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from typing import TYPE_CHECKING
 
 from loralab.commands import add_model_flags, base_configs
+
+if TYPE_CHECKING:
+    from loralab.config import ModelConfig, QuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +56,8 @@ def _fmt(x: float) -> str:
     return "nan" if not math.isfinite(x) else f"{x:.3f}"
 
 
-def evaluate(model_path: str, adapters: list[str], tasks, *, batch_size: int = 16, model_cfg=None,
-             quant=None) -> list[dict]:
+def evaluate(model_path: str, adapters: list[str], tasks, *, batch_size: int = 16,
+             model_cfg: ModelConfig | None = None, quant: QuantConfig | None = None) -> list[dict]:
     """Rows for the base and each adapter; ``model_cfg``/``quant`` (ModelConfig, QuantConfig)
     say how the base is loaded (default: model.* defaults, unquantized)."""
     from loralab.adapters import load_adapter
