@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bench/gpu_check.py")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,7 +75,8 @@ def main() -> None:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": "cpu"}
+    if args.quant == "nf4" or args.device == "cuda":
+        kwargs["device_map"] = {"": 0 if args.device == "cuda" else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model), **kwargs)
     model.config.use_cache = False
     if args.quant == "nf4":
@@ -96,9 +98,13 @@ def main() -> None:
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
             clock["t0"], clock["c0"] = time.perf_counter(), time.process_time()
 
         def on_train_end(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
             clock["t1"], clock["c1"] = time.perf_counter(), time.process_time()
 
     targs = TrainingArguments(
@@ -106,7 +112,7 @@ def main() -> None:
         gradient_accumulation_steps=args.batch // args.micro_batch, max_steps=args.steps,
         learning_rate=args.lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999,
         lr_scheduler_type="cosine", warmup_steps=args.warmup, max_grad_norm=1.0, optim="adamw_torch",
-        logging_steps=10_000, save_strategy="no", report_to=[], seed=args.seed, use_cpu=True,
+        logging_steps=10_000, save_strategy="no", report_to=[], seed=args.seed, use_cpu=args.device == "cpu",
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=train_rows, data_collator=collate,
@@ -114,12 +120,13 @@ def main() -> None:
     trainer.train()
     train_time, train_cpu = clock["t1"] - clock["t0"], clock["c1"] - clock["c0"]
     eval_loss = evaluate_loss(model, splits.val, batch_size=8, pad_id=tok.pad_token_id,
-                              device=torch.device("cpu"), autocast="none")
+                              device=torch.device(args.device), autocast="none")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = {"side": "reference", "useful_tokens": counted["tokens"], "padded_tokens": counted["padded"],
            "train_time_s": train_time, "tokens_per_s": counted["tokens"] / train_time,
            "train_cpu_time_s": train_cpu, "tokens_per_cpu_s": counted["tokens"] / train_cpu,
            "peak_rss_bytes": rss, "final_eval_loss": eval_loss, "steps": args.steps,
+           "peak_cuda_reserved_bytes": torch.cuda.max_memory_reserved() if args.device == "cuda" else None,
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=2)

@@ -4,7 +4,9 @@
     loralab train run.yaml --set lora.r=16 --out runs/r16 [--json]
     loralab train --resume runs/r16 [--set train.stop_at_step=null]
     loralab generate --model builtin:tiny --adapter runs/r16 "What is 12 plus 30?"
+    loralab generate --model meta-llama/Llama-3.1-8B --quant nf4 --dtype bf16 --device cuda "..."
     loralab merge runs/r16 merged/
+    loralab merge runs/qlora7b merged/ --dequantize   # a QLoRA run: merge into the dequantized 4-bit base
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loralab.errors import ModelError
+
+if TYPE_CHECKING:
+    from loralab.config import ModelConfig, QuantConfig
 
 log = logging.getLogger(__name__)
 QUICKSTART = Path(__file__).parent / "assets" / "configs" / "quickstart.yaml"
@@ -41,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", help="run directory or PEFT adapter directory")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without a template")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--stop", help="cut each generation at this string (generation stops there too)")
+    add_model_flags(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -48,8 +56,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--model", help="base model (default: the run's model.path)")
+    add_model_flags(p, from_run=True)
+    p.add_argument("--dequantize", action="store_true",
+                   help="with a 4-bit base (--quant nf4/fp4, or a QLoRA run's own quant.mode): load it in 4 bits, "
+                        "dequantize it to --dtype and merge there, giving the weights the adapter was trained on")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_merge)
+
+
+def add_model_flags(p: argparse.ArgumentParser, *, from_run: bool = False) -> None:
+    """--dtype, --quant, --device: how the base is loaded (model.dtype, quant.mode, model.device)."""
+    default = " (default: the run's own setting)" if from_run else ""
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default=None if from_run else "auto",
+                   help="dtype of the base weights: auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on "
+                        "CPU" + (default or " (default auto)"))
+    p.add_argument("--quant", choices=["none", "nf4", "fp4"], default=None if from_run else "none",
+                   help="load the base in 4 bits with bitsandbytes, as a QLoRA run trained it" + (default or
+                                                                                                  " (default none)"))
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None if from_run else "auto",
+                   help="auto = cuda when usable, else cpu; cuda fails clearly when CUDA is not usable"
+                        + (default or " (default auto)"))
+
+
+def base_configs(path: str, args: argparse.Namespace, run: dict | None = None) -> tuple[ModelConfig, QuantConfig]:
+    """(ModelConfig, QuantConfig) for ``path`` from --dtype/--quant/--device; a flag left unset
+    takes the run's config (``run``, for merge), else the default."""
+    from loralab.config import ModelConfig, QuantConfig
+
+    run_model, run_quant = (run or {}).get("model") or {}, (run or {}).get("quant") or {}
+
+    def pick(flag: str | None, saved: str | None, default: str) -> str:
+        return flag if flag is not None else saved if saved is not None else default
+
+    model = ModelConfig(path=path, dtype=pick(args.dtype, run_model.get("dtype"), "auto"),
+                        device=pick(args.device, run_model.get("device"), "auto"))
+    quant = QuantConfig(mode=pick(args.quant, run_quant.get("mode"), "none"))
+    if quant.mode != "none":
+        for key in ("double_quant", "compute_dtype", "block_size"):
+            if key in run_quant:
+                setattr(quant, key, run_quant[key])
+    return model, quant
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -185,16 +231,15 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from loralab.adapters import load_adapter
     from loralab.cli import emit_json
-    from loralab.config import ModelConfig, QuantConfig
     from loralab.data.templates import format_prompt
     from loralab.evaluate.exact_match import greedy_generate
     from loralab.models import load_base
 
-    model, tokenizer = load_base(ModelConfig(path=args.model), QuantConfig())
+    model, tokenizer = load_base(*base_configs(args.model, args))
     if args.adapter:
         model = load_adapter(model, args.adapter)
     prompts = args.prompt if args.raw else [format_prompt(p) for p in args.prompt]
-    outs = greedy_generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)
+    outs = greedy_generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stop=args.stop)
     if args.json:
         emit_json({"generations": [{"prompt": p, "output": o} for p, o in zip(args.prompt, outs, strict=True)]})
     else:
@@ -209,19 +254,28 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     from loralab.adapters import load_adapter
     from loralab.cli import emit_json
-    from loralab.config import ModelConfig, QuantConfig, read_yaml
-    from loralab.models import load_base
+    from loralab.config import read_yaml
+    from loralab.models import DTYPES, load_base, resolve_dtype
 
     run = Path(args.run_dir)
     out = Path(args.out_dir)
     if out.exists():
         raise ModelError(f"{out} already exists; choose a new directory (nothing was overwritten)")
-    base_path = args.model
+    saved = (read_yaml(run / "config.yaml") or {}) if (run / "config.yaml").is_file() else {}
+    base_path = args.model or (saved.get("model") or {}).get("path")
     if base_path is None:
-        if not (run / "config.yaml").is_file():
-            raise ModelError(f"{run}: no config.yaml to read the base model from; pass --model")
-        base_path = (read_yaml(run / "config.yaml") or {}).get("model", {}).get("path")
-    model, tokenizer = load_base(ModelConfig(path=base_path, device="cpu"), QuantConfig())
+        raise ModelError(f"{run}: no config.yaml to read the base model from; pass --model")
+    model_cfg, quant = base_configs(base_path, args, saved)
+    if quant.mode != "none" and not args.dequantize:
+        source = "--quant" if args.quant else f"the run's quant.mode in {run / 'config.yaml'}"
+        raise ModelError(
+            f"the base would be loaded in 4 bits ({quant.mode}, from {source}); "
+            "merging into 4-bit weights rounds the merged weights back to 4 bits and loses most of the adapter. "
+            "Pass --dequantize to merge into the dequantized 4-bit base (the weights the adapter was trained on), "
+            "or --quant none to merge into the original full-precision weights")
+    model, tokenizer = load_base(model_cfg, quant)
+    if quant.mode != "none":  # --dequantize: 4-bit -> plain Linear layers in the chosen dtype
+        model = model.dequantize(dtype=DTYPES[resolve_dtype(model_cfg, model.device)])
     merged = load_adapter(model, run).merge_and_unload()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

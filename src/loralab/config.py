@@ -37,9 +37,16 @@ def _f(default: Any, help: str, **checks: Any) -> Any:
 @dataclass
 class ModelConfig:
     path: str = _f(DEFAULT_MODEL, "Local Hugging Face model directory, a hub id (needs network) or builtin:tiny.")
-    dtype: Literal["fp32", "bf16"] = _f("fp32", "dtype of the frozen base weights that are not quantized.")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = _f(
+        "auto", "dtype of the frozen base weights that are not quantized; auto = bf16 on GPUs that support it "
+                "(compute capability >= 8), fp16 on older GPUs, fp32 on CPU (loralab.models.resolve_dtype).")
     trust_remote_code: bool = _f(False, "Run the model repository's own Python code. Off unless you trust it.")
-    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when available, else cpu.")
+    device: Literal["auto", "cpu", "cuda"] = _f(
+        "auto", "auto = cuda when usable, else cpu (with a loud warning where an NVIDIA driver answers but "
+                "this torch cannot use it); cuda = an error when CUDA is not usable, never a CPU run.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _f(
+        "sdpa", "transformers' attention kernel for the base: sdpa (PyTorch's fused attention), eager, or "
+                "flash_attention_2 (needs the flash-attn package, a CUDA device and bf16/fp16).")
 
 
 @dataclass

@@ -438,6 +438,11 @@ def estimate_run(
     modules = lora_modules(shape, list(cfg.lora.targets))
     n_train = sum(math.prod(s) for s in lora_tensor_shapes(shape, modules, cfg.lora.r, cfg.lora.dora))
     dev = device or ("cpu" if cfg.model.device == "cpu" else "cuda")
+    from loralab.models import (
+        resolve_dtype,  # model.dtype auto: the dtype the run would load on dev
+    )
+
+    cfg = replace(cfg, model=replace(cfg.model, dtype=resolve_dtype(cfg.model, dev)))
     micro = cfg.train.micro_batch_size
     mem = _memory(shape, cfg, modules, micro=micro, gc=grad_checkpointing, device=dev)
     est = Estimate(
@@ -617,7 +622,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--momentum", type=float, help="SGD momentum (a buffer per parameter when > 0)")
     p.add_argument("--micro-batch", dest="micro_batch", type=int)
     p.add_argument("--seq-len", dest="seq_len", type=int)
-    p.add_argument("--dtype", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--rslora", action="store_true", default=None)
     p.add_argument("--dora", action="store_true", default=None)
     p.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_true")

@@ -5,8 +5,12 @@
 
     loralab eval --harness world_mc,world_pairs --model builtin:tiny --adapter runs/r8 [--json]
 
+    loralab eval --model meta-llama/Llama-2-70b-hf --quant nf4 --dtype bf16 --device cuda --adapter runs/q70b
+
 One table: task, metric, then one column per model (base, then each adapter) with
-``value [ci_low, ci_high] n=N``. With --json: ``{"results": [{model, adapter, task, metric,
+``value [ci_low, ci_high] n=N``. ``--dtype``, ``--quant`` and ``--device`` load the base the way
+the run trained it (a QLoRA adapter is scored on its 4-bit base), for loralab's own scoring
+and for the harness bridge alike. With --json: ``{"results": [{model, adapter, task, metric,
 value, ci_low, ci_high, n, skipped}, ...]}``. The base is reloaded for each adapter so
 adapters never stack. ``--harness TASKS`` scores with lm-evaluation-harness instead
 (:mod:`loralab.evaluate.harness`) and prints its numbers in the same shape.
@@ -17,6 +21,12 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from typing import TYPE_CHECKING
+
+from loralab.commands import add_model_flags, base_configs
+
+if TYPE_CHECKING:
+    from loralab.config import ModelConfig, QuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="directory of extra lm-eval task YAMLs (repeatable)")
     h.add_argument("--harness-dir", default=None, metavar="DIR",
                    help="keep the lm-eval task files loralab writes here (default: a temporary directory)")
-    h.add_argument("--device", default="cpu", help="device for lm-eval (cpu, cuda)")
+    add_model_flags(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -46,14 +56,19 @@ def _fmt(x: float) -> str:
     return "nan" if not math.isfinite(x) else f"{x:.3f}"
 
 
-def evaluate(model_path: str, adapters: list[str], tasks, *, batch_size: int = 16) -> list[dict]:
+def evaluate(model_path: str, adapters: list[str], tasks, *, batch_size: int = 16,
+             model_cfg: ModelConfig | None = None, quant: QuantConfig | None = None) -> list[dict]:
+    """Rows for the base and each adapter; ``model_cfg``/``quant`` (ModelConfig, QuantConfig)
+    say how the base is loaded (default: model.* defaults, unquantized)."""
     from loralab.adapters import load_adapter
     from loralab.config import ModelConfig, QuantConfig
     from loralab.models import load_base
 
+    model_cfg = model_cfg or ModelConfig(path=model_path)
+    quant = quant or QuantConfig()
     rows = []
     for adapter in [None, *adapters]:
-        model, tok = load_base(ModelConfig(path=model_path), QuantConfig())
+        model, tok = load_base(model_cfg, quant)
         if adapter is not None:
             model = load_adapter(model, adapter)
         for t in tasks:
@@ -81,11 +96,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from loralab.evaluate.harness import evaluate_harness
 
         rows = evaluate_harness(args.model, args.adapter, args.harness, include_path=args.include_path,
-                                harness_dir=args.harness_dir, limit=args.limit, device=args.device,
-                                batch_size=args.batch_size)
+                                harness_dir=args.harness_dir, limit=args.limit, batch_size=args.batch_size,
+                                dtype=args.dtype, device=args.device, quant=args.quant)
     else:
         tasks = resolve_tasks(args.tasks, args.limit)
-        rows = evaluate(args.model, args.adapter, tasks, batch_size=args.batch_size)
+        model_cfg, quant = base_configs(args.model, args)
+        rows = evaluate(args.model, args.adapter, tasks, batch_size=args.batch_size, model_cfg=model_cfg,
+                        quant=quant)
     if args.json:
         emit_json({"results": rows})
         return 0

@@ -42,28 +42,56 @@ class Accuracy:
         return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def end_token_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a turn: the model's generation_config.eos_token_id (an id or a list,
+    as chat models ship it) and the tokenizer's eos, in that order, without repeats."""
+    ids: list[int] = []
+    config = getattr(model, "generation_config", None)
+    for source in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 16, batch_size: int = 32,
                     stop: str | None = None) -> list[str]:
-    """Greedy continuations of ``prompts`` (left-padded batches, KV cache on)."""
+    """Greedy continuations of ``prompts`` (left-padded batches, KV cache on), each cut at ``stop``.
+
+    A row stops at any of the model's end tokens (:func:`end_token_ids`) and, while it is being
+    generated, at ``stop`` (transformers' stop-string criterion), so a batch ends as soon as every
+    row has ended instead of after ``max_new_tokens``.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
+    stop_kw = {"stop_strings": [stop], "tokenizer": tokenizer} if stop else {}
+    ends = end_token_ids(model, tokenizer)
     outputs: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new = gen[:, enc["input_ids"].shape[1]:]  # (batch, new tokens)
-            for row in tokenizer.batch_decode(new, skip_special_tokens=True):
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=ends,
+                                 **stop_kw)
+            new = gen[:, enc["input_ids"].shape[1]:].tolist()  # (batch, new tokens)
+            for row in tokenizer.batch_decode([_cut(r, ends) for r in new], skip_special_tokens=True):
                 outputs.append(row.split(stop)[0] if stop else row)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return outputs
+
+
+def _cut(tokens: list[int], ends: list[int]) -> list[int]:
+    """The tokens before the first end token (an end token need not be a special token)."""
+    for k, t in enumerate(tokens):
+        if t in ends:
+            return tokens[:k]
+    return tokens
 
 
 def exact_match(model, tokenizer, prompts: list[str], answers: list[str], *, normalize: str = "strip",

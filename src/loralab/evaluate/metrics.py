@@ -27,7 +27,8 @@ Either way the model reads ``(context + continuation)[:-1]`` (the last token is 
 target), as lm-eval does; requests with the same input row (one-token choices such as
 ``" A"``, ``" B"`` after one prompt) share one row of the batch, like lm-eval's one-token
 continuation cache. For continuation token ``t_i`` at position ``p`` the score is
-``log_softmax(logits[p - 1])[t_i]`` (log-softmax in float64 over the model's logits),
+``log_softmax(logits[p - 1])[t_i]`` (log-softmax in float64 over the model's logits, taken
+in blocks over the vocabulary by :func:`token_logprobs` so evaluation memory stays small),
 ``greedy_i = argmax(logits[p - 1]) == t_i`` and ``ll = sum_i log p(t_i | context, t_<i)``.
 Batches are right-padded (longest first) with an attention mask.
 
@@ -164,6 +165,26 @@ def encode_requests(tokenizer, requests: list[tuple[str, str]], *, encoding: str
     return out
 
 
+VOCAB_CHUNK = 8192  # vocabulary columns per float64 block in token_logprobs
+
+
+def token_logprobs(pred: torch.Tensor, targets: torch.Tensor, *,
+                   chunk: int = VOCAB_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target), argmax == target) for each row of ``pred`` (n, vocab), in float64.
+
+    ``log_softmax(pred)[target] = pred[target] - logsumexp(pred)``, with the logsumexp taken
+    over blocks of ``chunk`` vocabulary columns and combined with ``logaddexp``: only an
+    (n, chunk) float64 block exists at a time, never the (n, vocab) float64 log-softmax (4 GiB
+    for a 4k-token response over a 128k vocabulary). Same numbers as the full log-softmax to
+    float64 rounding.
+    """
+    lse = torch.full((pred.shape[0],), -math.inf, dtype=torch.float64, device=pred.device)
+    for c in range(0, pred.shape[-1], chunk):
+        lse = torch.logaddexp(lse, pred[:, c : c + chunk].double().logsumexp(dim=-1))
+    target_logit = pred.gather(1, targets[:, None])[:, 0].double()
+    return target_logit - lse, pred.argmax(dim=-1) == targets
+
+
 @torch.no_grad()
 def score_continuations(model, tokenizer, requests: list[tuple[str, str]], *, append_eos: bool = False,
                         batch_size: int = 16, max_length: int | None = None,
@@ -202,11 +223,9 @@ def score_continuations(model, tokenizer, requests: list[tuple[str, str]], *, ap
                 for i in rows[s]:
                     ctx, cont = encoded[i]
                     start = len(ctx)
-                    pred = logits[r, start - 1 : start - 1 + len(cont)].double()  # rows predicting cont
-                    lp = torch.log_softmax(pred, dim=-1)
-                    tgt = torch.tensor(cont, device=lp.device)
-                    token_lp = lp.gather(1, tgt[:, None])[:, 0]
-                    out[i] = Scored(token_lp.tolist(), (pred.argmax(dim=-1) == tgt).tolist())
+                    pred = logits[r, start - 1 : start - 1 + len(cont)]  # (len(cont), vocab): rows predicting cont
+                    token_lp, greedy = token_logprobs(pred, torch.tensor(cont, device=pred.device))
+                    out[i] = Scored(token_lp.tolist(), greedy.tolist())
     finally:
         model.train(was_training)
     return out
