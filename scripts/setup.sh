@@ -79,4 +79,13 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   esac
 fi
 if [ -n "$extras" ]; then "${pip[@]}" -e ".[$extras]"; else "${pip[@]}" -e .; fi
+# The test extra opens the study report in headless Chromium (tests/test_report_browser.py):
+# Debian's chromium package, installed where apt runs as root; elsewhere that test is skipped.
+case ",$extras," in
+  *,test,*)
+    if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+        || echo "chromium could not be installed: the browser check of the report will be skipped" >&2
+    fi ;;
+esac
 echo "loralab is installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))" >&2

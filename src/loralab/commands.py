@@ -101,10 +101,18 @@ def base_configs(path: str, args: argparse.Namespace, run: dict | None = None) -
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set lora.r=16 (repeatable)")
+    add_track_arg(p)
     p.add_argument("--out", help="run directory (output.dir)")
     p.add_argument("--name", help="run name: the run directory is runs/NAME (checked: one path component, "
                                   "no '..', no symlink leading out of runs/)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+
+
+def add_track_arg(p: argparse.ArgumentParser) -> None:
+    """--track tensorboard,mlflow: short for --set tracking.backends=[tensorboard,mlflow] (loralab.track)."""
+    p.add_argument("--track", dest="overrides", action="append", metavar="TRACKERS",
+                   type=lambda text: f"tracking.backends=[{text}]",
+                   help="also log to experiment trackers: tensorboard, mlflow, wandb (comma-separated)")
 
 
 def _config(path: str | None, args: argparse.Namespace):

@@ -129,6 +129,23 @@ class OutputConfig:
     save_adapter: bool = _f(True, "Save the final adapter in PEFT format under <dir>/adapter.")
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment trackers that also receive the run (loralab.track; docs/tracking.md).
+    ``tracking: [tensorboard, mlflow]`` at the top of a YAML is short for ``tracking.backends``."""
+
+    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = _f([], "Trackers to log to: tensorboard (<run dir>/tb), mlflow, wandb. Each needs its extra: loralab[tensorboard], loralab[mlflow] or loralab[wandb].")
+    tracking_uri: str | None = _f(None, "MLflow tracking URI (sqlite:///mlflow.db, http://server:5000, databricks); null = MLflow's own default (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory).")
+    project: str = _f("loralab", "W&B project.")
+    experiment: str | None = _f(None, "MLflow experiment and W&B group; null = 'loralab', or the study's name in a study.")
+    run_name: str | None = _f(None, "The tracker run's name; null = the run directory's name.")
+    axes: list[str] = _f([], "Config keys whose values tag the tracker run (a study sets its axes here).")
+    wandb_mode: Literal["auto", "offline", "online"] = _f("auto", "auto = WANDB_MODE when set, online when logged in (WANDB_API_KEY or ~/.netrc), else offline (sync later with `wandb sync`).")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -138,6 +155,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,6 +173,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "output": OutputConfig,
+    "tracking": TrackingConfig,
 }
 
 
@@ -300,6 +319,8 @@ def config_from_dict(raw: Any, *, source: str = "config") -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
+    if isinstance(raw.get("tracking"), (list, str)):  # tracking: [tensorboard, mlflow]
+        raw = {**raw, "tracking": {"backends": raw["tracking"]}}
     sections = {}
     for key in raw:
         if key not in SECTIONS:

@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from loralab.commands import add_track_arg
 from loralab.errors import ConfigError
 
 DEFAULT_ROOT = "runs"
@@ -39,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="dataset for every run (replaces base data.path)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config key for every run (repeatable)")
+    add_track_arg(p)
     _root_arg(p)
     p.add_argument("--workers", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--executor", choices=["local", "ray"], default="local")
@@ -66,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name")
     _root_arg(p)
     p.add_argument("--dest", help="report directory (default <study dir>/report)")
+    p.add_argument("--open", action="store_true", help="open report.html in your web browser")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_report)
 
@@ -73,11 +76,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_presets)
 
-    p = ssub.add_parser("export", help="the runs and metrics tables as CSV or Parquet")
+    p = ssub.add_parser("export", help="the runs and metrics tables as CSV or Parquet, or the study into a tracker")
     p.add_argument("name")
     _root_arg(p)
     p.add_argument("--format", choices=["csv", "parquet"], default="csv")
     p.add_argument("--dest", help="directory (default <study dir>/export)")
+    p.add_argument("--to", choices=["tensorboard", "mlflow", "wandb"],
+                   help="send the study's runs (and its report, when written) to this experiment tracker instead")
+    p.add_argument("--tracking-uri", help="--to mlflow: tracking URI (default: MLflow's own, sqlite:///mlflow.db here)")
+    p.add_argument("--project", default="loralab", help="--to wandb: W&B project (default loralab)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 
@@ -176,8 +183,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from loralab.study.execute import Halving, run_study
     from loralab.study.spec import load_study
     from loralab.study.store import TO_RUN
+    from loralab.track import prepare_study_trackers, track_study
 
     study = load_study(args.study, quick=args.quick, model=args.model, data=args.data, overrides=args.overrides)
+    track_study(study)
     root = study_root(args.out, study.name)
     study.place(root)
     if args.dry_run:
@@ -190,6 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from loralab.estimate import parse_bytes
 
         max_memory = parse_bytes(args.max_memory, "--max-memory")
+    prepare_study_trackers(study)
     halving = Halving(eta=args.eta, min_steps=args.min_steps) if args.halving else None
     budget_s = parse_duration(args.budget, "--budget") if args.budget else None
     result = run_study(study, root=root, workers=args.workers, executor=args.executor, address=args.address,
@@ -238,6 +248,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"no study {args.name!r} under {args.out} ({db} does not exist)")
     paths = write_report(db, args.name, Path(args.dest) if args.dest else root / "report")
     _emit(args, paths, "\n".join(f"{k}: {v}" for k, v in paths.items()))
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(Path(paths["html"]).resolve().as_uri())
     return 0
 
 
@@ -251,11 +265,26 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.to:
+        return export_to_tracker(args)
     with open_store(args.out, args.name) as store:
         dest = Path(args.dest) if args.dest else study_root(args.out, args.name) / "export"
         paths = store.export(args.name, dest, args.format)
     _emit(args, {"files": [str(p) for p in paths]}, "\n".join(str(p) for p in paths))
     return 0
+
+
+def export_to_tracker(args: argparse.Namespace) -> int:
+    """``study export NAME --to mlflow|tensorboard|wandb``: each run a tracker run, after the fact."""
+    from loralab.track import export_study
+
+    open_store(args.out, args.name).close()  # a clear error when there is no such study
+    rows = export_study(study_root(args.out, args.name) / "study.db", args.name, args.to,
+                        tracking_uri=args.tracking_uri, project=args.project)
+    sent = sum(r["sent"] for r in rows)
+    text = f"study {args.name}: {sent} of {len(rows)} sent to {args.to}\n" + table(rows, ["run", "status", "sent", "why"])
+    _emit(args, {"study": args.name, "to": args.to, "runs": rows}, text)
+    return 0 if all(r["sent"] or r["why"] for r in rows) else 1
 
 
 # ----------------------------------------------------------------------------- runs commands

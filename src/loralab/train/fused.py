@@ -52,6 +52,7 @@ from loralab.data.packing import step_batches
 from loralab.errors import ConfigError, DataError, LoralabError, ModelError
 from loralab.halving import halving_rungs, keep_count, rank_key
 from loralab.models import keep_4bit_trainable, load_base, pick_device
+from loralab.track import track_finished
 from loralab.train.attention import segment_attention
 from loralab.train.loop import (
     MetricsWriter,
@@ -464,4 +465,6 @@ def train_fused(cfgs: list[Config], show_progress: bool = False, prune: Prune | 
     except Exception as exc:
         fail_unfinished("failed", f"{type(exc).__name__}: {exc}")
         raise
+    finally:  # each run of the group goes to its trackers as a run of its own (loralab.track)
+        track_finished(cfgs, run_dirs)
     return summaries

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from loralab.adapters import attach_lora, count_params, save_adapter
-from loralab.config import Config, dump_config, load_config
+from loralab.config import Config, TrackingConfig, dump_config, load_config
 from loralab.data.dataset import (
     IGNORE,
     Example,
@@ -50,6 +50,7 @@ from loralab.data.packing import model_inputs, step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
 from loralab.evaluate.tasks import lower_is_better
 from loralab.models import keep_4bit_trainable, load_base, pick_device
+from loralab.track import Tracker, open_trackers
 from loralab.train.attention import NAME as ATTENTION
 from loralab.train.attention import segment_attention, supports_segments
 from loralab.train.checkpoint import (
@@ -88,12 +89,15 @@ def write_json(path: Path, obj: Any) -> None:
 class MetricsWriter:
     """One JSON object per line; flushed so a killed run keeps what it logged."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tracker: Tracker | None = None):
         self.f = path.open("a", encoding="utf-8")
+        self.tracker = tracker  # experiment trackers get each row too (loralab.track)
 
     def write(self, **row: Any) -> None:
         self.f.write(json.dumps(row) + "\n")
         self.f.flush()
+        if self.tracker is not None:
+            self.tracker.log(row)
 
     def close(self) -> None:
         self.f.close()
@@ -210,7 +214,7 @@ def progress(step: int, total: int, loss: float, enabled: bool) -> None:
 RESUME_MAY_CHANGE = frozenset({
     "train.stop_at_step", "train.checkpoint_every", "train.keep_last", "train.log_every",
     "train.auto_micro_batch", "output.dir", "output.save_adapter",
-})
+}) | {f"tracking.{f.name}" for f in dataclasses.fields(TrackingConfig)}
 
 
 @dataclass
@@ -383,7 +387,8 @@ def halve_micro_batch(data_cfg: Config, state: TrainState, *, done: int, n_train
     return stream_from(n_train, data_cfg, skip=state.micro_batches)
 
 
-def fit(cfg: Config, run_dir: Path, setup: Setup, *, show_progress: bool, resume: bool = False) -> dict[str, Any]:
+def fit(cfg: Config, run_dir: Path, setup: Setup, *, show_progress: bool, resume: bool = False,
+        tracker: Tracker | None = None) -> dict[str, Any]:
     """Train, evaluate, checkpoint, save. Returns the summary fields it measured."""
     t_start = time.perf_counter()
     model, tokenizer, splits, device = setup.model, setup.tokenizer, setup.splits, setup.device
@@ -397,7 +402,7 @@ def fit(cfg: Config, run_dir: Path, setup: Setup, *, show_progress: bool, resume
     # The data stream at the micro batch size in force (auto_micro_batch may have halved it).
     data_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=state.micro_batch_size))
     stream = stream_from(len(splits.train), data_cfg, skip=state.micro_batches)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", tracker)
     pad_id = tokenizer.pad_token_id
     # Evaluation keeps no activations for backward, so it may batch wider, unless memory ran short.
     eval_batch = state.micro_batch_size if state.micro_batch_changes else max(cfg.train.micro_batch_size, 8)
@@ -574,15 +579,18 @@ def train(cfg: Config, *, show_progress: bool = False, keep_model: bool = False,
                                "trust_remote_code": cfg.model.trust_remote_code}
     write_json(run_dir / "summary.json", summary)
     phase = "prepare"
+    tracker = open_trackers(cfg, run_dir, resume=resume)
 
     def record(status: str, error: str, **extra: Any) -> None:
         summary.update(status=status, error=error, **extra)
         write_json(run_dir / "summary.json", summary)
+        if tracker is not None:
+            tracker.finish(summary)
 
     try:
         setup = prepare(cfg)
         phase = "train"
-        result = fit(cfg, run_dir, setup, show_progress=show_progress, resume=resume)
+        result = fit(cfg, run_dir, setup, show_progress=show_progress, resume=resume, tracker=tracker)
     except DivergedError as exc:
         record("diverged", str(exc), diverged_at_step=getattr(exc, "step", None),
                last_good_checkpoint=getattr(exc, "last_checkpoint", None))
@@ -614,6 +622,8 @@ def train(cfg: Config, *, show_progress: bool = False, keep_model: bool = False,
     model, tokenizer = result.pop("_model"), result.pop("_tokenizer")
     summary.update(error=None, **result)
     write_json(run_dir / "summary.json", summary)
+    if tracker is not None:
+        tracker.finish(summary)
     if keep_model:
         summary["_model"], summary["_tokenizer"] = model, tokenizer
     return summary
