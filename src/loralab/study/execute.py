@@ -68,6 +68,24 @@ def driver_lock(root: Path) -> Iterator[None]:
         f.close()
 
 
+@contextlib.contextmanager
+def study_log(path: Path) -> Iterator[None]:
+    """The driver's messages (units, fusion decisions, outcomes, halving) also go to the
+    study directory's study.log, appended by every invocation."""
+    logger = logging.getLogger("loralab.study")
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
+
+
 def run_study(study: Study, *, root: Path, options: StudyOptions | None = None, **kw: Any) -> dict[str, Any]:
     """Expand once, run what is left, record everything. Returns counts and the database path.
 
@@ -77,7 +95,7 @@ def run_study(study: Study, *, root: Path, options: StudyOptions | None = None, 
     opts = (options or StudyOptions(**kw)).check(study.runs)
     t0 = time.perf_counter()
     db_path = root / "study.db"
-    with driver_lock(root), Store(db_path) as store:
+    with driver_lock(root), study_log(root / "study.log"), Store(db_path) as store:
         sid, recovered = store.open_study(study.name, study.to_json(), root, study.runs)
         if recovered:
             log.info("recovered %d run(s) left running by a stopped driver: %s", len(recovered), ", ".join(recovered))

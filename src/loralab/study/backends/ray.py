@@ -76,11 +76,12 @@ class RayBackend:
             self.ray.init(address=address, include_dashboard=False, log_to_driver=False)
         self.gpus = float(self.ray.cluster_resources().get("GPU", 0))
         self.gpu_memory, self.cpus = gpu_memory, cpus
+        self.task = self.ray.remote(_unit_task)
 
     def start(self, unit: UnitSpec, *, memory: int | None, threads: int) -> RayHandle:
         """Submit the unit; ``threads`` (the driver machine's share) is not used: a node's
         CPUs are Ray's to give, ``cpus`` per task."""
         on_gpu = any(r.config.get("model", {}).get("device", "auto") != "cpu" for r in unit.runs)
         num_gpus = gpu_request(on_gpu=on_gpu, cluster_gpus=self.gpus, memory=memory, gpu_memory=self.gpu_memory)
-        remote = self.ray.remote(_unit_task).options(num_cpus=self.cpus, num_gpus=num_gpus, max_retries=0)
-        return RayHandle(self.ray, remote.remote(unit, self.cpus), unit)
+        ref = self.task.options(num_cpus=self.cpus, num_gpus=num_gpus, max_retries=0).remote(unit, self.cpus)
+        return RayHandle(self.ray, ref, unit)
