@@ -1,10 +1,11 @@
 """Benchmark (not a test): time to an answer for a rank x alpha grid, the plain way against
 successive halving + fusion, on this machine.
 
-1. The grid the plain way: `loralab study run GRID --workers 1`, every run to the last step,
-   each in its own process (what a study without --fuse/--halving does).
-2. The fast way: `loralab study run GRID --fuse --halving --eta 3 --min-steps 10`: every run of
-   the grid in one process over one shared base, the worse runs pruned at the rungs.
+1. The grid the plain way: `loralab study run GRID --workers 1 --no-fuse`, every run to the
+   last step, each in its own process.
+2. The fast way: `loralab study run GRID --halving --eta 3 --min-steps 10` (fusion is the
+   default): every run of the grid in one process over one shared base, the worse runs pruned
+   at the rungs; on the local backend, or with `--executor ray` on a local Ray instance.
 3. The seed-to-seed spread of the grid's best configuration: that configuration again with
    two more seeds (not counted in either time).
 
@@ -15,6 +16,7 @@ Results: printed and written to bench/results/time_to_answer.json.
 
     python bench/bench_time_to_answer.py            # 16 runs (r 2..128 x alpha 0.5..512), 90 steps
     python bench/bench_time_to_answer.py --steps 30 # a shorter check
+    python bench/bench_time_to_answer.py --executor ray  # the fast way through the Ray backend
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=90)
     ap.add_argument("--ranks", default="2,8,32,128")
     ap.add_argument("--alphas", default="0.5,8,128,512")
+    ap.add_argument("--executor", choices=["local", "ray"], default="local", help="the fast way's backend")
     args = ap.parse_args()
     ranks = [int(x) for x in args.ranks.split(",")]
     alphas = [float(x) for x in args.alphas.split(",")]
@@ -85,9 +88,9 @@ def main() -> None:
     spec_path = work / "grid.yaml"
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
 
-    plain_s = study(spec_path, work / "plain", "--workers", "1")
+    plain_s = study(spec_path, work / "plain", "--workers", "1", "--no-fuse")
     plain = final_losses(work / "plain" / "grid" / "study.db")
-    fast_s = study(spec_path, work / "fast", "--fuse", "--halving", "--eta", "3", "--min-steps", "10")
+    fast_s = study(spec_path, work / "fast", "--halving", "--eta", "3", "--min-steps", "10", "--executor", args.executor)
     fast = final_losses(work / "fast" / "grid" / "study.db")
 
     best_name = min((n for n, (s, v) in plain.items() if s == "completed"), key=lambda n: plain[n][1])
@@ -100,12 +103,12 @@ def main() -> None:
     seeds_spec["base"]["output"] = {"save_adapter": False}
     seeds_path = work / "seeds.yaml"
     seeds_path.write_text(yaml.safe_dump(seeds_spec, sort_keys=False), encoding="utf-8")
-    study(seeds_path, work / "seeds", "--workers", "1")
+    study(seeds_path, work / "seeds", "--workers", "1", "--no-fuse")
     repeats = [plain[best_name][1]] + [v for _, v in final_losses(work / "seeds" / "seeds" / "study.db").values()]
     spread = max(repeats) - min(repeats)
     gap = fast[fast_best][1] - plain[best_name][1]
     result = {
-        "runs": len(plain), "steps": args.steps, "grid_wall_s": plain_s, "fast_wall_s": fast_s,
+        "runs": len(plain), "steps": args.steps, "fast_executor": args.executor, "grid_wall_s": plain_s, "fast_wall_s": fast_s,
         "speedup": plain_s / fast_s, "grid_best": best_name, "grid_best_eval_loss": plain[best_name][1],
         "fast_best": fast_best, "fast_best_eval_loss": fast[fast_best][1],
         "best_config_over_3_seeds": repeats, "seed_spread_range": spread,

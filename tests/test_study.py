@@ -18,7 +18,8 @@ import yaml
 
 from loralab.config import config_from_dict
 from loralab.errors import ConfigError
-from loralab.study.execute import Halving, run_study
+from loralab.study.execute import run_study
+from loralab.study.policy import Halving
 from loralab.study.spec import load_study, preset_names
 from loralab.study.store import Store, metric_rows
 from waiting import wait_for
@@ -268,7 +269,8 @@ def test_successive_halving_stops_poor_runs(tmp_path):
     base = {**TINY_BASE, "train": {**TINY_BASE["train"], "max_steps": 16}}
     path = write_study(tmp_path, "halving", base=base, axes={"train.lr": [0.01, 1.0e-7]}, repeats=2)
     root = tmp_path / "runs" / "halving"
-    result = run_study(load_study(path, root=root), root=root, workers=2, halving=Halving(eta=2, min_steps=2))
+    # process-level halving: every run alone (fused, each seed's pair would prune inside its group)
+    result = run_study(load_study(path, root=root), root=root, workers=2, halving=Halving(eta=2, min_steps=2), fuse=False)
     # rungs at steps 2, 4, 8: 4 runs -> 2 -> 1 -> 1, which trains on to step 16
     assert result["counts"] == {"completed": 1, "stopped_early": 3}
     rows = rows_of(root / "study.db")
@@ -304,7 +306,7 @@ def test_max_memory_skips_runs_and_records_the_estimate(tmp_path):
 
 
 def test_budget_leaves_unstarted_runs_pending_for_the_next_invocation(tmp_path):
-    from loralab.study.command import parse_duration
+    from loralab.study.options import parse_duration
 
     assert [parse_duration(t, "--budget") for t in ("90s", "30m", "2h", "45")] == [90, 1800, 7200, 45]
     with pytest.raises(ConfigError, match="--budget"):
@@ -318,7 +320,7 @@ def test_budget_leaves_unstarted_runs_pending_for_the_next_invocation(tmp_path):
     assert done["counts"] == {"completed": 2} and not done["budget_spent"]
     assert {r["attempts"] for r in rows_of(root / "study.db").values()} == {1}
     with pytest.raises(ConfigError, match="--budget"):
-        run_study(load_study(path, root=root), root=root, budget_s=10, executor="ray")
+        run_study(load_study(path, root=root), root=root, budget_s=-1)
 
 
 def test_store_marks_running_as_interrupted_on_open(tmp_path):

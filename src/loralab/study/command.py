@@ -4,6 +4,8 @@
     loralab study run preset:rank_alpha_grid --quick --workers 2
     loralab study run my_study.yaml --model models/llama --data train.jsonl --max-memory 24GB
     loralab study run preset:rank_alpha_grid --halving --eta 3 --min-steps 20
+    loralab study run preset:rank_alpha_grid --executor ray --address ray://head:10001 --workers 8
+    loralab study run preset:rank_alpha_grid --gpus 0,1,2,3 --no-fuse
     loralab study status rank_alpha_grid-quick
     loralab study report rank_alpha_grid-quick --dest reports/
     loralab study export rank_alpha_grid-quick --format csv
@@ -42,16 +44,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a base config key for every run (repeatable)")
     add_track_arg(p)
     _root_arg(p)
-    p.add_argument("--workers", type=int, default=1, help="runs at a time (default 1)")
-    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--workers", type=int, help="units (a run or a fused group) at a time (default: one per GPU, else 1)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local", help="backend: local processes or Ray tasks")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    p.add_argument("--max-memory", help="skip runs whose estimated memory is over this, e.g. 8GB or 24GiB")
+    p.add_argument("--gpus", help="local backend: GPUs to use, e.g. 0,1,2,3 (default: every visible one)")
+    p.add_argument("--max-memory", help="skip runs whose estimated memory is over this, e.g. 8GB or 24GiB; "
+                                        "also the memory one device gives fused groups (default: the device's)")
     p.add_argument("--halving", action="store_true", help="successive halving on the study metric (stops poor runs early)")
-    p.add_argument("--eta", type=int, default=3, help="halving: keep the best 1/eta at each rung (default 3)")
-    p.add_argument("--min-steps", type=int, default=10, help="halving: the first rung's step (default 10)")
+    p.add_argument("--eta", type=int, help="halving: keep the best 1/eta at each rung (default 3)")
+    p.add_argument("--min-steps", type=int, help="halving: the first rung's step (default 10)")
     p.add_argument("--retries", type=int, default=1, help="times a killed run is run again in this invocation (default 1)")
     p.add_argument("--retry-failed", action="store_true", help="also run failed, diverged and out-of-memory runs again")
-    p.add_argument("--fuse", action="store_true", help="train runs that share a base in one process (needs loralab.train.fused)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="train runs that share a base in one process where they fit (default; --no-fuse: each alone)")
     p.add_argument("--budget", help="wall-time budget of this invocation, e.g. 90s, 30m, 2h: no run starts after it "
                                     "is spent; the rest stay pending for the next `study run`")
     p.add_argument("--dry-run", action="store_true", help="expand and check, print the runs, run nothing")
@@ -180,49 +185,30 @@ def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from loralab.study.execute import Halving, run_study
+    from loralab.study.execute import run_study
+    from loralab.study.options import StudyOptions
     from loralab.study.spec import load_study
     from loralab.study.store import TO_RUN
     from loralab.track import prepare_study_trackers, track_study
 
+    options = StudyOptions.from_args(args)  # refused here, before the study is even loaded
     study = load_study(args.study, quick=args.quick, model=args.model, data=args.data, overrides=args.overrides)
     track_study(study)
     root = study_root(args.out, study.name)
     study.place(root)
     if args.dry_run:
+        options.check(study.runs)
         rows = [{"name": r.name, **r.axes} for r in study.runs]
         _emit(args, {"study": study.name, "root": str(root), "runs": rows},
               f"study {study.name}: {len(rows)} runs in {root}\n" + table(rows, list(rows[0])))
         return 0
-    max_memory = None
-    if args.max_memory:
-        from loralab.estimate import parse_bytes
-
-        max_memory = parse_bytes(args.max_memory, "--max-memory")
     prepare_study_trackers(study)
-    halving = Halving(eta=args.eta, min_steps=args.min_steps) if args.halving else None
-    budget_s = parse_duration(args.budget, "--budget") if args.budget else None
-    result = run_study(study, root=root, workers=args.workers, executor=args.executor, address=args.address,
-                       max_memory=max_memory, halving=halving, retries=args.retries,
-                       retry_failed=args.retry_failed, fuse=args.fuse, budget_s=budget_s)
+    result = run_study(study, root=root, options=options)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result["counts"].items()))
     _emit(args, result, f"study {study.name}: {result['runs']} runs ({counts}); ran {result['ran']} in "
                         f"{result['wall_time_s']:.0f} s\ndatabase: {result['database']}\n"
                         f"next: loralab study status {study.name} --out {args.out}")
     return 0 if not any(s in result["counts"] for s in TO_RUN) else 1
-
-
-def parse_duration(text: str, key: str) -> float:
-    """'90s', '30m', '2h' or plain seconds -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600}
-    t = text.strip().lower()
-    try:
-        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise ConfigError(f"{key} {text!r} is not a duration: use e.g. 90s, 30m or 2h")
-    return value
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -1,0 +1,345 @@
+"""The scheduler: which runs train together, where, in what order, and how often again.
+
+    units = form_units(tasks, fuse=True, budget=24 * 2**30, workers=4, halving=False)
+    Scheduler(store, backend, workers=4, gpus=GpuSlots(["0", "1"], 80 * 2**30)).run(units)
+
+* Planning (``plan_tasks``): the runs still to do, each with its memory estimate
+  (``loralab.estimate``); runs over ``--max-memory`` are recorded skipped (the memory gate);
+  cheapest first.
+* Fusion (``form_units``): runs with equal ``train.fused.fuse_key`` (same base, data and
+  batch settings) become one fused group, as many as the estimate says fit the memory budget
+  together; the log says which runs were grouped and why the others train alone.
+* The pool (``Scheduler.run``): ``workers`` units at a time through a backend (local
+  processes or Ray). A unit whose process was killed is run again up to ``retries`` times
+  (from its checkpoints when it left any; a fused group's interrupted runs go on as a group);
+  no unit starts once the budget's deadline has passed.
+* GPUs (``GpuSlots``, local backend): each unit gets a GPU through CUDA_VISIBLE_DEVICES; a
+  GPU takes a second unit only when the estimates of both fit its memory. Units of runs on
+  ``model.device: cpu`` take no GPU, and on a machine without GPUs nothing changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from loralab.config import config_from_dict
+from loralab.errors import ConfigError, LoralabError
+from loralab.paths import child_dir
+from loralab.study.backends.process import RunSpec, UnitSpec, checkpoint_step
+from loralab.study.store import TO_RUN, Store
+
+log = logging.getLogger(__name__)
+POLL_S = 0.2
+# Estimate parts a fused group holds once, whatever its size: the frozen base, the
+# dequantization buffer of a 4-bit base, the framework's own memory. The rest (adapter,
+# gradients, optimizer state, activations of its rows) each run of the group adds.
+SHARED_PARTS = ("base_weights", "dequant_buffer", "framework")
+
+
+@dataclass
+class Task:
+    """One run still to do, as the scheduler sees it."""
+
+    run_id: int
+    name: str
+    config: dict[str, Any]
+    run_dir: Path
+    estimate: int | None = None  # estimated peak memory alone, bytes
+    memory: dict[str, int] | None = None  # the estimate by part
+    cost: float = 0.0  # estimated FLOPs of the whole run
+    attempts: int = 0
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.config.get("model", {}).get("device", "auto") != "cpu"
+
+
+def group_memory(tasks: list[Task]) -> int | None:
+    """Estimated peak memory of ``tasks`` trained as one fused group (None if one has no
+    estimate): the shared parts once, each run's own parts once per run."""
+    if any(t.memory is None for t in tasks):
+        return None
+    shared = sum(tasks[0].memory.get(p, 0) for p in SHARED_PARTS)  # type: ignore[union-attr]
+    return sum(t.memory["total"] for t in tasks) - (len(tasks) - 1) * shared  # type: ignore[index]
+
+
+@dataclass
+class Unit:
+    """What one process trains: one run, or a fused group of runs sharing one base."""
+
+    tasks: list[Task]
+    stop_at_step: int | None = None  # solo run: pause here (process-level halving)
+    prune: tuple[int, int, str, str] | None = None  # fused group: halving inside (eta, min_steps, metric, goal)
+
+    @property
+    def fused(self) -> bool:
+        return len(self.tasks) > 1
+
+    @property
+    def memory(self) -> int | None:
+        return group_memory(self.tasks)
+
+    @property
+    def cost(self) -> float:
+        return sum(t.cost for t in self.tasks)
+
+    @property
+    def on_gpu(self) -> bool:
+        return any(t.on_gpu for t in self.tasks)
+
+    @property
+    def name(self) -> str:
+        return "+".join(t.name for t in self.tasks)
+
+    def spec(self, env: dict[str, str] | None = None) -> UnitSpec:
+        return UnitSpec([RunSpec(t.name, t.run_dir, t.config) for t in self.tasks], stop_at_step=self.stop_at_step,
+                        prune=self.prune, env=dict(env or {}))
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | None, paused: bool = False) -> list[Task]:
+    """Runs still to do, with memory estimates, cheapest first; runs over ``max_memory`` are
+    recorded skipped. ``paused``: include runs paused at a halving rung (a restarted study)."""
+    from loralab.estimate import estimate_run
+
+    tasks = []
+    for row in store.runs(study_id, (*TO_RUN, "skipped", *(("paused",) if paused else ()))):
+        config = json.loads(row["config_json"])
+        cfg = config_from_dict(config, source=f"run {row['name']}")
+        memory, cost, trainable = None, 0.0, None
+        try:
+            est = estimate_run(cfg, device="cpu" if run_device(cfg.model.device) == "cpu" else "cuda")
+            memory, trainable = est.memory_bytes, est.trainable_params
+            cost = (est.flops_per_step or 0.0) * (cfg.train.max_steps or 1) * cfg.grad_accum
+        except LoralabError as exc:  # a model the estimate cannot describe: run it, unestimated
+            log.warning("run %s: no memory estimate (%s)", row["name"], exc)
+        total = memory["total"] if memory else None
+        store.set_estimate(row["id"], total, trainable)
+        if max_memory is not None and total is not None and total > max_memory:
+            store.skip(row["id"], f"estimated memory {total / 2**30:.2f} GiB is over --max-memory {max_memory / 2**30:.2f} GiB")
+            continue
+        if row["status"] == "skipped" and not (row["error"] or "").startswith("estimated memory"):
+            continue
+        tasks.append(Task(row["id"], row["name"], config, child_dir(root, row["name"], what="run name"),
+                          estimate=total, memory=memory, cost=cost, attempts=row["attempts"]))
+    tasks.sort(key=lambda t: (t.cost, t.estimate or 0, t.name))  # cheapest first
+    return tasks
+
+
+def run_device(device: str) -> str:
+    """``model.device`` as it resolves on this machine: cpu or cuda."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_memory(device: str) -> int:
+    """Memory of one device runs go to: the smallest visible GPU's, or this machine's RAM."""
+    if device == "cuda":
+        import torch
+
+        return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def form_units(tasks: list[Task], *, fuse: bool, budget: int | None, workers: int = 1,
+               halving: bool = False) -> list[Unit]:
+    """Fused groups wherever runs can share a base and fit ``budget`` together, the rest
+    alone; the log says which and why. Without ``halving``, groups are split (in halves, never
+    below two runs) while there are fewer units than ``workers``: a group trains in one
+    process, and idle workers are slower than smaller groups. With ``halving`` groups stay
+    whole, so pruning inside a group ranks as many runs as it can."""
+    if not fuse:
+        log.info("fusion: off (--no-fuse); every run trains alone")
+        return [Unit([t]) for t in tasks]
+    from loralab.train.fused import fuse_key
+
+    groups: dict[tuple, list[Task]] = {}
+    units: list[Unit] = []
+    for t in tasks:
+        step = checkpoint_step(t.run_dir) if t.attempts else 0
+        if halving and step:
+            log.info("fusion: %s trains alone: it goes on from its step-%d checkpoint at a halving rung", t.name, step)
+            units.append(Unit([t]))
+            continue
+        try:
+            key = (fuse_key(config_from_dict(t.config, source=f"run {t.name}")), step)
+        except ConfigError as exc:
+            log.info("fusion: %s trains alone: %s", t.name, exc)
+            units.append(Unit([t]))
+            continue
+        groups.setdefault(key, []).append(t)
+    for members in groups.values():
+        if len(members) == 1:
+            log.info("fusion: %s trains alone: no other run shares its base, data and training settings", members[0].name)
+        units += [Unit(chunk) for chunk in _fit_budget(members, budget)]
+    if not halving:
+        units = _spread(units, workers)
+    for u in units:
+        if u.fused:
+            mem = u.memory
+            log.info("fusion: %s train together (%d runs, estimated %s)", ", ".join(t.name for t in u.tasks),
+                     len(u.tasks), f"{mem / 2**30:.2f} GiB" if mem is not None else "memory unknown")
+    return sorted(units, key=lambda u: (u.cost, u.memory or 0, u.name))
+
+
+def _fit_budget(members: list[Task], budget: int | None) -> list[list[Task]]:
+    """Consecutive chunks of ``members`` whose group estimate stays within ``budget``."""
+    chunks: list[list[Task]] = [[]]
+    for t in members:
+        chunk = chunks[-1]
+        mem = group_memory([*chunk, t])
+        if chunk and budget is not None and mem is not None and mem > budget:
+            log.info("fusion: %s starts a new group: with %d more the estimate is %.2f GiB, over the budget %.2f GiB",
+                     t.name, len(chunk), mem / 2**30, budget / 2**30)
+            chunks.append([t])
+        else:
+            chunk.append(t)
+    return chunks
+
+
+def _spread(units: list[Unit], workers: int) -> list[Unit]:
+    units = list(units)
+    while len(units) < workers:
+        big = max(units, key=lambda u: len(u.tasks), default=None)
+        if big is None or len(big.tasks) < 4:
+            break
+        units.remove(big)
+        half = len(big.tasks) // 2
+        units += [Unit(big.tasks[:half]), Unit(big.tasks[half:])]
+    return units
+
+
+# ----------------------------------------------------------------------------- GPUs
+
+
+@dataclass
+class GpuSlots:
+    """The GPUs of the local backend and the estimated memory each already carries."""
+
+    ids: list[str]
+    capacity: int | None = None  # bytes one GPU gives the study (None: unknown, one unit per GPU)
+    used: dict[str, int] = field(default_factory=dict)
+    count: dict[str, int] = field(default_factory=dict)
+
+    def acquire(self, memory: int | None) -> str | None:
+        """A GPU for a unit of ``memory`` bytes: a free one, else one where it fits beside
+        what runs there; None when it has to wait."""
+        free = [g for g in self.ids if not self.count.get(g)]
+        fits = [g for g in self.ids if memory is not None and self.capacity is not None
+                and self.used.get(g, 0) + memory <= self.capacity]
+        pick = free[:1] or sorted(fits, key=lambda g: self.used.get(g, 0))[:1]
+        if not pick:
+            return None
+        g = pick[0]
+        self.used[g] = self.used.get(g, 0) + (memory if memory is not None else self.capacity or 0)
+        self.count[g] = self.count.get(g, 0) + 1
+        return g
+
+    def release(self, gpu: str, memory: int | None) -> None:
+        self.used[gpu] -= memory if memory is not None else self.capacity or 0
+        self.count[gpu] -= 1
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (none on CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    names = [n.strip() for n in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if n.strip()]
+    return names[: torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
+
+
+# ----------------------------------------------------------------------------- the pool
+
+
+class Handle(Protocol):
+    def poll(self) -> list[dict[str, Any]] | None: ...
+
+
+class Backend(Protocol):
+    """Runs units: ``start`` returns at once, the handle's ``poll`` gives one outcome per run
+    of the unit (in order) once its process has ended."""
+
+    name: str
+
+    def start(self, unit: UnitSpec, *, memory: int | None, threads: int) -> Handle: ...
+
+
+class Scheduler:
+    """One worker pool for every policy and backend: keeps ``workers`` units going, records
+    each run's outcome, runs killed runs again, honours the deadline and the GPU slots."""
+
+    def __init__(self, store: Store, backend: Backend, *, workers: int, retries: int = 1, max_attempts: int = 3,
+                 deadline: float | None = None, gpus: GpuSlots | None = None):
+        self.store, self.backend, self.workers = store, backend, workers
+        self.retries, self.max_attempts, self.deadline, self.gpus = retries, max_attempts, deadline, gpus
+        self.threads = max(1, (os.cpu_count() or 1) // workers)
+        self.tries: dict[int, int] = {}
+        self.budget_spent = False
+
+    def run(self, units: list[Unit]) -> bool:
+        """Run ``units`` until each of their runs has an outcome. False when the deadline
+        passed first: units not started stay pending for the next ``study run``."""
+        queue = list(units)
+        active: list[tuple[Unit, Handle, str | None]] = []
+        while queue or active:
+            if queue and self.deadline is not None and time.perf_counter() >= self.deadline:
+                log.info("study budget spent: %d unit(s) left pending for the next `study run`", len(queue))
+                queue.clear()
+                self.budget_spent = True
+                continue
+            while queue and len(active) < self.workers:
+                unit = queue[0]
+                gpu = self.gpus.acquire(unit.memory) if self.gpus is not None and unit.on_gpu else None
+                if self.gpus is not None and unit.on_gpu and gpu is None:
+                    break  # every GPU is full: wait for a unit to end
+                queue.pop(0)
+                active.append((unit, self._start(unit, gpu), gpu))
+            time.sleep(POLL_S)
+            for entry in list(active):
+                unit, handle, gpu = entry
+                results = handle.poll()
+                if results is None:
+                    continue
+                active.remove(entry)
+                if gpu is not None:
+                    self.gpus.release(gpu, unit.memory)  # type: ignore[union-attr]
+                again = [t for t, r in zip(unit.tasks, results, strict=True)
+                         if self.record(t, r) and self.tries[t.run_id] <= self.retries]
+                if again:  # killed: the interrupted runs go on together, from their checkpoints
+                    queue.append(Unit(again, stop_at_step=unit.stop_at_step, prune=unit.prune))
+        return not self.budget_spent
+
+    def _start(self, unit: Unit, gpu: str | None) -> Handle:
+        for t in unit.tasks:
+            self.store.start(t.run_id, run_dir=str(t.run_dir), estimated=t.estimate)
+            t.attempts += 1
+            self.tries[t.run_id] = self.tries.get(t.run_id, 0) + 1
+        env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+        log.info("start %s%s%s", unit.name, f" on GPU {gpu}" if gpu is not None else "",
+                 f" (to step {unit.stop_at_step})" if unit.stop_at_step else "")
+        return self.backend.start(unit.spec(env), memory=unit.memory, threads=self.threads)
+
+    def record(self, task: Task, result: dict[str, Any]) -> bool:
+        """Write one outcome; True when the run was interrupted and may be run again."""
+        status = result["status"]
+        if status == "interrupted" and task.attempts >= self.max_attempts:
+            status = "failed"
+            result["error"] = f"{result['error']} (attempt {task.attempts} of {self.max_attempts}; not run again)"
+        self.store.finish(task.run_id, status=status, summary=result.get("summary"), metrics=result.get("metrics"),
+                          error=result.get("error"), stopped_at_step=result.get("stopped_at_step"))
+        err = result.get("error")
+        log.info("run %s: %s%s", task.name, status, f" ({err.splitlines()[0]})" if err and status != "completed" else "")
+        return status == "interrupted"

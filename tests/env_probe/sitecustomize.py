@@ -1,0 +1,18 @@
+"""Imported by every Python process started with this folder on PYTHONPATH (tests only):
+a run process (``loralab.cli train`` or ``loralab.study.fuse``) writes the environment it
+received to $LORALAB_TEST_ENV_LOG/<pid>.json, so tests read what each child really got."""
+
+import json
+import os
+from pathlib import Path
+
+_dest = os.environ.get("LORALAB_TEST_ENV_LOG")
+if _dest:
+    _argv = Path("/proc/self/cmdline").read_bytes().decode(errors="replace").split("\0")
+    if ("loralab.cli" in _argv and "train" in _argv) or "loralab.study.fuse" in _argv:
+        Path(_dest).mkdir(parents=True, exist_ok=True)
+        Path(_dest, f"{os.getpid()}.json").write_text(json.dumps({
+            "argv": _argv,
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        }))

@@ -1,0 +1,362 @@
+"""The study scheduler: one flow, every flag combination run or refused, fusion by default,
+GPUs per worker (read from the environment each run process received), halving + fusion on a
+local Ray instance with the same survivors as the local backend."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import functools
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loralab.errors import ConfigError
+from loralab.study.execute import run_study
+from loralab.study.options import StudyOptions
+from loralab.study.policy import Halving
+from loralab.study.scheduler import GpuSlots, form_units, group_memory
+from loralab.study.spec import load_study
+from loralab.study.store import Store
+from waiting import wait_for
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PROBE = Path(__file__).resolve().parent / "env_probe"  # sitecustomize: children log their environment
+TINY = {
+    "model": {"path": "builtin:tiny", "device": "cpu"},
+    "data": {"path": "builtin:arithmetic_2ds", "limit": 32, "val_max_examples": 8, "max_seq_length": 48},
+    "lora": {"r": 4, "alpha": 8},
+    "train": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 4, "warmup_steps": 0, "log_every": 1},
+    "output": {"save_adapter": False},
+}
+
+
+def write_study(tmp_path: Path, name: str, base: dict | None = None, **spec) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "base": base or TINY, **spec}, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def rows_of(db: Path) -> dict[str, dict]:
+    with Store(db) as s:
+        return {r["name"]: r for r in s.runs(s.study_id(s.study_names()[0]))}
+
+
+def child_envs(log_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(log_dir.glob("*.json"))]
+
+
+def run_name(argv: list[str]) -> str:
+    """The run a `loralab train ... --out RUN_DIR` / `--resume RUN_DIR` process trains."""
+    flag = "--out" if "--out" in argv else "--resume"
+    return Path(argv[argv.index(flag) + 1]).name
+
+
+@pytest.fixture
+def probe_env(tmp_path, monkeypatch):
+    """Every run process started from here on logs its environment under the returned folder."""
+    log_dir = tmp_path / "envs"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SRC), str(PROBE)]))
+    monkeypatch.setenv("LORALAB_TEST_ENV_LOG", str(log_dir))
+    return log_dir
+
+
+# ----------------------------------------------------------------------------- the flow
+
+
+def test_study_modules_import_downward_only():
+    """command -> execute -> options -> policy -> scheduler -> backends: no circles, nothing
+    below imports what is above it (function-level imports included)."""
+    pkg = SRC / "loralab" / "study"
+    layer = {"command": 6, "execute": 5, "options": 4, "policy": 3, "scheduler": 2, "fuse": 1,
+             "backends.local": 1, "backends.ray": 1, "backends.process": 0}
+    graph: dict[str, set[str]] = {}
+    for path in pkg.rglob("*.py"):
+        mod = ".".join(path.relative_to(pkg).with_suffix("").parts)
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            imported |= {n.removeprefix("loralab.study.") for n in names if n.startswith("loralab.study.")}
+        graph[mod] = imported
+    for mod, deps in graph.items():
+        for dep in deps:
+            if mod in layer and dep in layer:
+                assert layer[dep] < layer[mod], f"{mod} imports {dep}, which is not below it"
+
+    def reach(start: str, seen: set[str]) -> set[str]:
+        for d in graph.get(start, ()):
+            if d not in seen:
+                seen.add(d)
+                reach(d, seen)
+        return seen
+
+    circles = [m for m in graph if m in reach(m, set())]
+    assert circles == []
+    assert not (pkg / "ray_exec.py").exists()
+
+
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    from loralab.cli import build_parser
+
+    return build_parser()
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    return _parser().parse_args(["study", "run", "preset:dropout", *argv])
+
+
+def test_every_flag_combination_runs_or_is_refused_with_a_message():
+    """Every combination of the scheduling flags: accepted, or refused (exit 2) naming a flag.
+    The accepted ones all run in tests: local x {fuse, no-fuse} x {halving, none} in
+    test_study.py, Ray x the same here (halving + fusion, and no-fuse with and without halving
+    in test_halving_and_fusion_on_ray_*) and in test_study.py (fused on Ray)."""
+    flags = {
+        "executor": [[], ["--executor", "ray"]],
+        "halving": [[], ["--halving"]],
+        "eta": [[], ["--eta", "2", "--min-steps", "1"]],
+        "fuse": [[], ["--fuse"], ["--no-fuse"]],
+        "retries": [[], ["--retries", "0"], ["--retries", "3"]],
+        "budget": [[], ["--budget", "30m"]],
+        "gpus": [[], ["--gpus", "0,1"]],
+        "address": [[], ["--address", "ray://head:10001"]],
+        "workers": [[], ["--workers", "2"]],
+        "max_memory": [[], ["--max-memory", "8GB"]],
+    }
+    accepted = refused = 0
+    for combo in itertools.product(*flags.values()):
+        on = dict(zip(flags, (bool(c) for c in combo), strict=True))
+        ray = on["executor"]
+        args = _parse(*itertools.chain.from_iterable(combo))
+        expect = ("--eta" if on["eta"] and not on["halving"] else
+                  "--gpus" if on["gpus"] and ray else
+                  "--address" if on["address"] and not ray else None)
+        if expect is None:
+            opts = StudyOptions.from_args(args)
+            accepted += 1
+            assert opts.executor == ("ray" if ray else "local") and opts.fuse == ("--no-fuse" not in combo[3])
+            assert (opts.halving is not None) == on["halving"] and opts.retries == int(combo[4][1] if combo[4] else 1)
+            assert opts.budget_s == (1800 if on["budget"] else None) and opts.gpus == (["0", "1"] if on["gpus"] else None)
+            assert opts.max_memory == (8 * 10**9 if on["max_memory"] else None)
+            if on["halving"]:
+                assert (opts.halving.eta, opts.halving.min_steps) == ((2, 1) if on["eta"] else (3, 10))
+        else:
+            with pytest.raises(ConfigError, match=expect):
+                StudyOptions.from_args(args)
+            refused += 1
+    assert accepted == 864 and accepted + refused == 2304  # local: any --gpus; Ray: any --address; --eta: with --halving
+    # through the command line: refused before the study is loaded, exit code 2, the flag named
+    from loralab.cli import main
+
+    for argv, flag in ((["--executor", "ray", "--gpus", "0"], "--gpus"), (["--address", "x"], "--address"),
+                       (["--eta", "2"], "--eta"), (["--retries", "-1"], "--retries"), (["--budget", "soon"], "--budget"),
+                       (["--gpus", ","], "--gpus")):
+        assert main(["study", "run", "preset:dropout", *argv]) == 2, flag
+    seen = subprocess.run([sys.executable, "-m", "loralab.cli", "study", "run", "preset:dropout", "--workers", "0"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert seen.returncode == 2 and "--workers must be >= 1" in seen.stderr, seen.stderr
+
+
+def test_halving_options_are_checked_against_the_runs(tmp_path):
+    study = load_study(write_study(tmp_path, "h", axes={"lora.r": [2, 4]}))
+    with pytest.raises(ConfigError, match="--min-steps 2 is not below train.max_steps 2"):
+        StudyOptions(halving=Halving(eta=3, min_steps=2)).check(study.runs)
+    with pytest.raises(ConfigError, match="--eta must be >= 2"):
+        StudyOptions(halving=Halving(eta=1, min_steps=1)).check(study.runs)
+    StudyOptions(halving=Halving(eta=2, min_steps=1), executor="ray", fuse=True, retries=2).check(study.runs)
+
+
+# ----------------------------------------------------------------------------- fusion and GPUs
+
+
+def _tasks(tmp_path: Path, study_path: Path):
+    from loralab.study.scheduler import plan_tasks
+
+    root = tmp_path / "plan"
+    study = load_study(study_path, root=root)
+    with Store(tmp_path / "plan.db") as store:
+        sid, _ = store.open_study(study.name, study.to_json(), root, study.runs)
+        return plan_tasks(store, sid, root, max_memory=None)
+
+
+def test_fusion_groups_what_fits_and_says_why_not(tmp_path, caplog):
+    tasks = _tasks(tmp_path, write_study(tmp_path, "fz", axes={"lora.r": [2, 4, 8, 16, 32]}))
+    (tmp_path / "d").mkdir()
+    dora = _tasks(tmp_path / "d", write_study(tmp_path, "fzd", axes={"lora.dora": [True]}))
+    both = tasks + dora
+    assert all(t.memory and t.memory["base_weights"] > 0 for t in both)
+    shared = sum(tasks[0].memory.get(p, 0) for p in ("base_weights", "dequant_buffer", "framework"))
+    assert group_memory(tasks[:2]) == tasks[0].memory["total"] + tasks[1].memory["total"] - shared
+    budget = group_memory(tasks[:3]) + 1  # three of the cheapest fit, not four
+    with caplog.at_level(logging.INFO, logger="loralab.study.scheduler"):
+        units = form_units(both, fuse=True, budget=budget, halving=True)
+    sizes = sorted(len(u.tasks) for u in units)
+    assert sizes == [1, 2, 3]  # r2 r4 r8 | r16 r32 | the DoRA run alone
+    assert all(group_memory(u.tasks) <= budget for u in units if u.fused)
+    text = caplog.text
+    assert "dora" in text.lower() and "trains alone" in text and "starts a new group" in text
+    assert "r2, r4, r8 train together (3 runs" in text
+    # without halving, groups split for idle workers (never below two runs); --no-fuse: all alone
+    assert sorted(len(u.tasks) for u in form_units(tasks, fuse=True, budget=None, workers=2)) == [2, 3]
+    assert [len(u.tasks) for u in form_units(tasks, fuse=False, budget=None)] == [1] * 5
+
+
+def test_gpu_slots_give_each_worker_a_gpu_and_share_only_what_fits():
+    gpus = GpuSlots(["0", "1"], capacity=10)
+    assert [gpus.acquire(4), gpus.acquire(4), gpus.acquire(4), gpus.acquire(4)] == ["0", "1", "0", "1"]
+    assert gpus.acquire(4) is None and gpus.acquire(None) is None  # full; unknown size waits for a free GPU
+    gpus.release("1", 4)
+    assert gpus.acquire(7) is None and gpus.acquire(6) == "1"
+    unknown = GpuSlots(["3"], capacity=None)  # capacity unknown: one unit per GPU
+    assert unknown.acquire(1) == "3" and unknown.acquire(1) is None
+
+
+@pytest.mark.slow
+def test_local_backend_gives_each_worker_its_gpu_from_the_environment(tmp_path, probe_env):
+    """Four runs, three on GPUs (model.device auto), one on the CPU; --gpus 0,1, --workers 4, and
+    --max-memory says two runs fit on one GPU: the third GPU run shares GPU 0."""
+    path = write_study(tmp_path, "gpu", axes={"lora.r": [2, 3, 4, 5]})
+    study = load_study(path)
+    for run in study.runs:
+        run.config["model"]["device"] = "cpu" if run.name == "r5" else "auto"
+    from loralab.config import config_from_dict
+    from loralab.estimate import estimate_run
+
+    est = max(estimate_run(config_from_dict(r.config), device="cpu").memory_bytes["total"] for r in study.runs)
+    root = tmp_path / "runs" / "gpu"
+    study.place(root)
+    result = run_study(study, root=root, workers=4, gpus=["0", "1"], max_memory=int(2.5 * est), fuse=False)
+    assert result["counts"] == {"completed": 4}
+    envs = {run_name(e["argv"]): e for e in child_envs(probe_env)}
+    assert sorted(envs) == ["r2", "r3", "r4", "r5"]
+    gpus = sorted(envs[n]["CUDA_VISIBLE_DEVICES"] for n in ("r2", "r3", "r4"))
+    assert gpus == ["0", "0", "1"]  # cheapest first: r2 -> GPU 0, r3 -> GPU 1, r4 -> beside r2 on GPU 0
+    assert envs["r5"]["CUDA_VISIBLE_DEVICES"] == os.environ.get("CUDA_VISIBLE_DEVICES")  # a CPU run: untouched
+    assert {e["OMP_NUM_THREADS"] for e in envs.values()} == {os.environ.get("OMP_NUM_THREADS") or str(max(1, os.cpu_count() // 4))}
+
+
+@pytest.mark.slow
+def test_fused_group_killed_is_run_again_with_retries(tmp_path):
+    base = {**TINY, "train": {**TINY["train"], "max_steps": 60}}
+    path = write_study(tmp_path, "kill", base=base, axes={"lora.r": [2, 4]})
+    out = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    driver = subprocess.Popen([sys.executable, "-m", "loralab.cli", "study", "run", str(path), "--out", str(out),
+                               "--retries", "1", "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def fused_child() -> int | None:
+        for p in subprocess.run(["pgrep", "-P", str(driver.pid)], capture_output=True, text=True).stdout.split():
+            argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+            if b"loralab.study.fuse" in argv and (out / "kill" / "r2" / "metrics.jsonl").is_file():
+                return int(p)
+        return None
+
+    os.kill(wait_for(fused_child, 240, "the fused group's process training"), signal.SIGKILL)
+    stdout, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 0, stderr[-2000:]
+    assert "fusion: r2, r4 train together" in stderr
+    study_log = (out / "kill" / "study.log").read_text(encoding="utf-8")
+    assert "fusion: r2, r4 train together" in study_log and "run r2: interrupted" in study_log
+    rows = rows_of(out / "kill" / "study.db")
+    assert {n: (r["status"], r["attempts"]) for n, r in rows.items()} == {"r2": ("completed", 2), "r4": ("completed", 2)}
+    with Store(out / "kill" / "study.db") as s:  # the rerun's series only: every step once
+        steps = sorted(m["step"] for m in s.metrics(rows["r2"]["id"]) if m["name"] == "train_loss")
+    assert steps == list(range(1, 61))
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+HALVING_BASE = {**TINY, "train": {**TINY["train"], "max_steps": 4}}
+HALVING_AXES = {"train.lr": [1.0e-5, 1.0e-3, 3.0e-3], "lora.dora": [False, True]}  # DoRA runs cannot be fused
+
+
+@pytest.fixture(scope="module")
+def ray_instance(tmp_path_factory):
+    """One local Ray instance for the module, declaring two GPUs (no GPU needed: Ray only
+    books them and sets CUDA_VISIBLE_DEVICES); its workers log run environments too."""
+    ray = pytest.importorskip("ray")
+    log_dir = tmp_path_factory.mktemp("ray-envs")
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(SRC), str(PROBE)]),
+                                       "LORALAB_TEST_ENV_LOG": str(log_dir)}})
+    yield log_dir
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_halving(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("local-halving")
+    root = tmp / "runs" / "hf"
+    result = run_study(load_study(write_study(tmp, "hf", HALVING_BASE, axes=HALVING_AXES), root=root), root=root,
+                       halving=Halving(eta=3, min_steps=2))
+    return result, rows_of(root / "study.db")
+
+
+def _outcomes(rows: dict[str, dict]) -> dict[str, tuple]:
+    return {n: (r["status"], r["stopped_at_step"], r["attempts"]) for n, r in rows.items()}
+
+
+@pytest.mark.slow
+def test_halving_and_fusion_locally(local_halving):
+    result, rows = local_halving
+    # three fusable runs prune inside their group, the three DoRA runs alone at the rungs: 1 of 3 each
+    assert result["counts"] == {"completed": 2, "stopped_early": 4}
+    for dora in ("dora_off", "dora_on"):
+        group = [r for n, r in rows.items() if n.endswith(dora)]
+        assert sorted((r["status"], r["stopped_at_step"]) for r in group) == \
+            [("completed", None), ("stopped_early", 2), ("stopped_early", 2)], dora
+    # one start each, but the DoRA survivor: started again from its rung-2 checkpoint
+    assert {n: r["attempts"] for n, r in rows.items() if r["attempts"] != 1} == \
+        {n: 2 for n, r in rows.items() if n.endswith("dora_on") and r["status"] == "completed"}
+
+
+@pytest.mark.slow
+def test_halving_and_fusion_on_ray_same_survivors_as_local(tmp_path, ray_instance, local_halving):
+    root = tmp_path / "runs" / "hf"
+    result = run_study(load_study(write_study(tmp_path, "hf", HALVING_BASE, axes=HALVING_AXES), root=root), root=root,
+                       halving=Halving(eta=3, min_steps=2), executor="ray", workers=2)
+    rows = rows_of(root / "study.db")
+    local = local_halving[1]
+    assert result["counts"] == local_halving[0]["counts"]
+    assert _outcomes(rows) == _outcomes(local)  # same survivors, same rungs, every run once
+    with Store(root / "study.db") as s:
+        for name, r in rows.items():
+            points = [(m["step"], m["name"]) for m in s.metrics(r["id"])]
+            assert len(points) == len(set(points)) and points  # no step recorded twice
+            assert r["final_eval_loss"] == pytest.approx(local[name]["final_eval_loss"], rel=1e-4)
+    envs = [e for e in child_envs(ray_instance) if "loralab.study.fuse" in e["argv"]]
+    assert len(envs) == 1 and any(a.startswith("--halving=3,2,") for a in envs[0]["argv"])
+
+
+@pytest.mark.slow
+def test_ray_tasks_request_a_gpu_share_and_cpus(tmp_path, ray_instance, caplog):
+    """Runs on model.device auto ask Ray for a GPU: half of one when --max-memory says two fit."""
+    path = write_study(tmp_path, "rg", axes={"lora.r": [2, 4]})
+    study = load_study(path)
+    for run in study.runs:
+        run.config["model"]["device"] = "auto"
+    from loralab.config import config_from_dict
+    from loralab.estimate import estimate_run
+
+    est = max(estimate_run(config_from_dict(r.config), device="cpu").memory_bytes["total"] for r in study.runs)
+    root = tmp_path / "runs" / "rg"
+    study.place(root)
+    before = {p.name for p in ray_instance.glob("*.json")}
+    with caplog.at_level(logging.INFO, logger="loralab.study.backends.ray"):
+        result = run_study(study, root=root, executor="ray", workers=2, fuse=False, max_memory=int(2.5 * est))
+    assert result["counts"] == {"completed": 2}
+    asked = [r.getMessage() for r in caplog.records if "Ray resources" in r.getMessage()]
+    assert len(asked) == 2 and all("'GPU': 0.5" in m and "'CPU': 1.0" in m for m in asked), asked
+    envs = [json.loads(p.read_text()) for p in ray_instance.glob("*.json") if p.name not in before]
+    assert sorted(run_name(e["argv"]) for e in envs) == ["r2", "r4"]
+    assert all(e["CUDA_VISIBLE_DEVICES"] in ("0", "1") for e in envs)  # Ray's GPU, inherited by the run
