@@ -65,3 +65,26 @@ def resolve_config(cfg: Config, *, budget_bytes: int | None = None) -> tuple[Con
         micro, notes["train.micro_batch_size"] = auto_micro_batch(cfg, budget_bytes=budget_bytes)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=micro))
     return cfg, notes
+
+
+def describe_hardware() -> dict[str, str]:
+    """The machine a study is driven from: CPU, cores, RAM and GPU (name and memory)."""
+    import platform
+
+    out = {"cpu": platform.processor() or platform.machine(), "cores": str(os.cpu_count() or "?"),
+           "ram": f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            out["cpu"] = names[0]
+    except OSError:
+        pass
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        out["gpu"] = f"{torch.cuda.device_count()} x {props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    else:
+        out["gpu"] = "none"
+    return out

@@ -77,6 +77,7 @@ class Study:
     seed: dict[str, Any] = field(default_factory=dict)  # the seed's own setup (see SEED_KEYS)
     profile: str = "seed"  # "tiny" when the shipped base's profile was applied
     deviations: list[dict[str, Any]] = field(default_factory=list)  # run config vs seed setup
+    hardware: dict[str, str] = field(default_factory=dict)  # the machine the study was loaded on
 
     def place(self, root: Path) -> None:
         """Put every run's directory under ``root`` (output.dir = root/<run name>)."""
@@ -89,7 +90,7 @@ class Study:
                 "claim": self.claim, "metric": self.metric, "goal": self.goal, "base": self.base,
                 "axes": self.axes, "tied": self.tied, "seeds": self.seeds, "findings": self.findings,
                 "source": self.source, "quick": self.quick, "seed": self.seed, "profile": self.profile,
-                "deviations": self.deviations}
+                "deviations": self.deviations, "hardware": self.hardware}
 
 
 # ----------------------------------------------------------------------------- where in the file
@@ -663,8 +664,9 @@ def load_study(
     )
     study.runs = expand(study, {k: t for k, (_, t) in tied.items()}, where)
     if resolve:
-        from loralab.resolve import resolve_config
+        from loralab.resolve import describe_hardware, resolve_config
 
+        study.hardware = describe_hardware()
         for run in study.runs:
             cfg, notes = resolve_config(config_from_dict(run.config, source=f"{label} (run {run.name})"))
             run.config = cfg.to_dict()
