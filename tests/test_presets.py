@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_BASE, VOCAB
 
+from conftest import TINY_BASE, VOCAB
 from loralab.config import config_from_dict
 from loralab.estimate import estimate_run
 from loralab.resolve import resolve_config
