@@ -242,3 +242,23 @@ def test_a_quick_preset_on_a_user_model_completes_and_reports(user_model, user_d
     assert f"{user_data}; {n_train} training / 6 validation examples" in top
     assert "| train.lr | 0.0003 | 0.0003 |" in md
     assert any(Path(p).name == "train_loss.png" for p in paths["pngs"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"tiny": {"bogus": 1}}, "unknown tiny key 'bogus'"),
+    ({"seed": {"setup": {"train": {"lr": -1}}}}, "train.lr must be > 0 (got -1.0)"),
+    ({"seed": {"model": ["llama"]}}, "seed.model must be text"),
+    ({"quick": {"tiny": {"train": {"optimiser": "sgd"}}}}, "unknown key train.optimiser"),
+])
+def test_bad_seed_or_profile_names_the_key_and_line(tmp_path, extra, message):
+    from loralab.errors import ConfigError
+
+    study = {"name": "s", "base": {"output": {"save_adapter": False}}, "axes": {"lora.r": [2, 4]}, **extra}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
+    with pytest.raises(ConfigError) as exc:
+        load_study(path, quick=True)
+    section = next(iter(extra))
+    line = next(i for i, t in enumerate(path.read_text().splitlines(), 1) if t.startswith(section + ":"))
+    assert message in str(exc.value) and f"{path}:" in str(exc.value)
+    assert int(str(exc.value).split(f"{path}:")[1].split(":")[0]) >= line

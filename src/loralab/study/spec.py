@@ -654,7 +654,11 @@ def load_study(
             raise ConfigError(f"{w}: {key} is both an axis and tied; remove one")
         tied[key] = (str(expr), parse_tied(key, expr, w))
     refuse_axis_overrides(overrides, data, axes, {k: e for k, (e, _) in tied.items()}, str(name))
-    seed = copy.deepcopy(_mapping(raw, "seed", where, SEED_KEYS))
+    seed = {k: v.strip() if isinstance(v, str) else copy.deepcopy(v)
+            for k, v in _mapping(raw, "seed", where, SEED_KEYS).items()}
+    for k in sorted(SEED_KEYS - {"setup"}):
+        if k in seed and not isinstance(seed[k], str):
+            raise ConfigError(f"{where('seed', k)}: seed.{k} must be text (got {seed[k]!r})")
     study = Study(
         name=str(name), description=_text(raw, "description", where), question=_text(raw, "question", where),
         claim=_text(raw, "claim", where), metric=metric, goal=goal, base=base, axes=axes,
