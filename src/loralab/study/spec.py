@@ -416,7 +416,7 @@ def checked_part(part: dict[str, Any], source: str) -> dict[str, Any]:
             errors.append(f"unknown section {section!r} (known: {', '.join(SECTIONS)})")
             continue
         built = _build_section(section, SECTIONS[section], keys, errors)
-        out.update({f"{section}.{k}": getattr(built, k) for k in (keys or {})})
+        out.update({f"{section}.{k}": getattr(built, k) for k in (keys or {}) if hasattr(built, k)})
     if errors:
         raise ConfigError(f"{source}: invalid configuration:\n  - " + "\n  - ".join(errors))
     return out
