@@ -214,7 +214,7 @@ def test_a_quick_preset_on_a_user_model_completes_and_reports(user_model, user_d
     # batch 64: two steps over the 120-odd training examples, so every run has a curve
     res = json.loads(cli("study", "run", "preset:consistency", "--quick", "--model", str(user_model),
                          "--data", str(user_data), "--set", "model.dtype=fp32", "--set", "train.batch_size=64",
-                         "--out", str(out), "--json").stdout)
+                         "--workers", "3", "--out", str(out), "--json").stdout)
     assert res["counts"] == {"completed": 3}
     db = out / "consistency-quick" / "study.db"
     import sqlite3

@@ -512,7 +512,8 @@ def deviation_text(d: dict[str, Any]) -> str:
         return fmt_config_value(v)
 
     seed = d.get("seed_ran") or show(d["seed"])
-    return f"{d['key']} {show(d['value'])} instead of the seed's {seed} (set by {d['source']})"
+    how = d["source"] if d["source"].startswith("auto:") else f"set by {d['source']}"
+    return f"{d['key']} {show(d['value'])} instead of the seed's {seed} ({how})"
 
 
 def fmt_config_value(v: Any) -> str:
