@@ -484,7 +484,7 @@ def test_real_study_report_is_self_contained(real_study, tmp_path):
     names = sorted(p.name for p in paths["pngs"])
     assert names == sorted(["curves_eval_loss_by_lora.r.png", "curves_eval_loss_by_lora.alpha.png",
                             "curves_world_pairs_pairs_accuracy.png", "heatmap_lora.r_lora.alpha.png",
-                            "pareto.png", "spread.png"])
+                            "pareto.png", "spread.png", "train_loss.png"])  # training loss: log_every 1
     for p in paths["pngs"]:
         assert p.parent == out and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

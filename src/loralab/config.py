@@ -100,7 +100,7 @@ class TrainConfig:
     scheduler: Literal["constant", "linear", "cosine"] = _f("cosine", "Decay after warmup: constant, linear or cosine to zero.")
     warmup_steps: int = _f(10, "Linear warmup from 0 to lr over this many optimizer steps.", ge=0)
     batch_size: int = _f(16, "Examples per optimizer step (global batch).", gt=0)
-    micro_batch_size: int = _f(16, "Examples per forward/backward; batch_size / micro_batch_size is gradient accumulation.", gt=0)
+    micro_batch_size: int | Literal["auto"] = _f(16, "Examples per forward/backward; batch_size / micro_batch_size is gradient accumulation. auto: the largest divisor of batch_size that loralab.estimate says fits in the device's memory (resolved before the run, see loralab.resolve).", gt=0)
     max_steps: int | None = _f(None, "Optimizer steps; when set it wins over epochs.", gt=0)
     epochs: float = _f(1.0, "Passes over the training data when max_steps is not set.", gt=0)
     grad_clip: float | None = _f(1.0, "Clip the global gradient norm to this value (null = off).", gt=0)
@@ -290,7 +290,7 @@ def _build_section(name: str, cls: type, raw: Any, errors: list[str]) -> Any:
 
 def _cross_checks(cfg: Config, errors: list[str]) -> None:
     t = cfg.train
-    if t.batch_size % t.micro_batch_size:
+    if t.micro_batch_size != "auto" and t.batch_size % t.micro_batch_size:
         errors.append(
             f"train.batch_size ({t.batch_size}) must be divisible by train.micro_batch_size "
             f"({t.micro_batch_size}); the quotient is the gradient accumulation"

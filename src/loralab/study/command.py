@@ -198,9 +198,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     study.place(root)
     if args.dry_run:
         options.check(study.runs)
+        from loralab.study.spec import deviation_text
+
         rows = [{"name": r.name, **r.axes} for r in study.runs]
-        _emit(args, {"study": study.name, "root": str(root), "runs": rows},
-              f"study {study.name}: {len(rows)} runs in {root}\n" + table(rows, list(rows[0])))
+        devs = [deviation_text(d) for d in study.deviations]
+        seed_line = f"seed: {study.seed['source']}\n" if study.seed.get("source") else ""
+        dev_lines = ("differences from the seed's setup:\n" + "\n".join(f"  - {d}" for d in devs) + "\n" if devs
+                     else "no difference from the seed's setup\n" if study.seed.get("setup") else "")
+        _emit(args, {"study": study.name, "root": str(root), "profile": study.profile, "runs": rows,
+                     "deviations": study.deviations},
+              f"study {study.name}: {len(rows)} runs in {root}\n{seed_line}{dev_lines}" + table(rows, list(rows[0])))
         return 0
     prepare_study_trackers(study)
     result = run_study(study, root=root, options=options)

@@ -28,6 +28,7 @@ from typing import Any
 
 from loralab.errors import LoralabError
 from loralab.study import stats
+from loralab.study.context import context_lines, study_context
 from loralab.study.findings import (
     PARETO_COSTS,
     SEED_KEY,
@@ -75,23 +76,25 @@ def write_report(db_path: str | Path, study_name: str, out_dir: str | Path) -> d
     data = read_study(db_path, study_name)
     found = findings_from(data)
     series = read_series(db_path, study_name)
+    ctx = study_context(db_path, study_name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = plot_curves(mpl_figure, data, found, series, out)
+    figures += plot_train_loss(mpl_figure, data, series, out)
     figures += plot_heatmap(mpl_figure, data, out)
     figures += plot_pareto(mpl_figure, data, out)
     figures += plot_spread(mpl_figure, data, out)
     remove_stale_figures(out, keep=[f.path for f in figures])
     paths = {
-        "html": _write_text(out / "report.html", render_html(data, found, figures)),
-        "markdown": _write_text(out / "report.md", render_markdown(data, found, figures)),
+        "html": _write_text(out / "report.html", render_html(data, found, figures, ctx)),
+        "markdown": _write_text(out / "report.md", render_markdown(data, found, figures, ctx)),
         "findings": _write_text(out / "findings.json", json.dumps(found, indent=2, default=str)),
         "pngs": [f.path for f in figures],
     }
     return paths
 
 
-REPORT_FIGURES = ("curves_*.png", "heatmap_*.png", "pareto.png", "spread.png")  # the names _save writes
+REPORT_FIGURES = ("curves_*.png", "train_loss*.png", "heatmap_*.png", "pareto.png", "spread.png")  # the names _save writes
 
 
 def remove_stale_figures(out: Path, keep: list[Path]) -> None:
@@ -141,6 +144,16 @@ def _slug(name: str) -> str:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def plain_numbers(ax) -> None:
+    """Tick labels show the values themselves: no '+1.2345e0' offset or scientific factor in a
+    corner, so runs that differ only in the last digits stay readable (log axes keep theirs)."""
+    for axis in (ax.xaxis, ax.yaxis):
+        fmt = axis.get_major_formatter()
+        if hasattr(fmt, "set_useOffset"):
+            fmt.set_useOffset(False)
+            fmt.set_scientific(False)
 
 
 def _tick_label(v: Any) -> str:
@@ -201,11 +214,28 @@ def _draw_curves(ax, data: StudyData, series, metric: str, axis: str | None) -> 
         ax.plot([s for s, _ in points], [v for _, v in points], color=color[key], label=label,
                 linestyle="-" if done else "--", alpha=0.85 if done else 0.5, marker="." if len(points) < 12 else None)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    plain_numbers(ax)
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     if seen:
         ax.legend(fontsize=8, title=axis, title_fontsize=8, loc="best")
+
+
+def plot_train_loss(mpl_figure, data: StudyData, series, out: Path) -> list[Figure]:
+    """The training loss (metrics.jsonl train lines, every train.log_every steps) of every run,
+    so a study with few evaluations still has curves."""
+    if not any(series.get(r.name, {}).get("train_loss") for r in data.runs):
+        return []
+    axis = data.axes[0] if data.axes else None
+    fig = mpl_figure(figsize=(7.5, 4.5))
+    ax = fig.add_subplot()
+    _draw_curves(ax, data, series, "train_loss", axis)
+    path = _save(fig, out / "train_loss.png")
+    by = f", colored by {axis}" if axis else ""
+    return [Figure(path, f"training loss against step{by}",
+                   "The loss of each optimizer step's batch as the run logged it (train.log_every); "
+                   "dashed lines are runs that did not complete.")]
 
 
 # ---------------------------------------------------------------- (b) heatmap over two axes
@@ -281,6 +311,7 @@ def plot_pareto(mpl_figure, data: StudyData, out: Path) -> list[Figure]:
             ax.annotate(name, (x, y), fontsize=6, xytext=(4, 4 if n % 2 == 0 else -10), textcoords="offset points")
         if attr == "params" and min(xs) > 0 and max(xs) / min(xs) > 10:
             ax.set_xscale("log")
+        plain_numbers(ax)
         ax.set_xlabel(label + (" (MiB)" if attr == "memory_bytes" else ""))
         ax.set_ylabel(f"final {data.metric}")
         ax.grid(alpha=0.3)
@@ -289,7 +320,25 @@ def plot_pareto(mpl_figure, data: StudyData, out: Path) -> list[Figure]:
     path = _save(fig, out / "pareto.png")
     return [Figure(path, f"cost against {data.metric}",
                    "One point per configuration (mean over its repeats); red: the Pareto frontier, "
-                   "configurations no other one beats on both the cost and the metric.")]
+                   "configurations no other one beats on both the cost and the metric. "
+                   + pareto_noise_note(data, points))]
+
+
+def pareto_noise_note(data: StudyData, points: list[dict]) -> str:
+    """Whether the frontier's quality differences stand out of the seed noise."""
+    values = [p["metric"] for p in points if p.get("metric") is not None]
+    if len(values) < 2:
+        return ""
+    span = max(values) - min(values)
+    if data.noise_sd is None:
+        return ("The study has no repeats, so seed noise is unknown: the frontier may be drawn from "
+                f"differences (largest {span:.3g}) that a different seed would reorder.")
+    if span <= 2 * data.noise_sd:
+        return (f"Every difference in {data.metric} between these configurations ({span:.3g} at most) is "
+                f"within the seed noise (2 x seed-to-seed SD = {2 * data.noise_sd:.3g}): this frontier "
+                "is drawn from noise; read the configurations as tied on quality.")
+    return (f"The metric spans {span:.3g}, against a seed-to-seed SD of {data.noise_sd:.3g}; differences "
+            f"under {2 * data.noise_sd:.3g} between neighbouring points are within the seed noise.")
 
 
 def _short(label: str) -> str:
@@ -312,6 +361,7 @@ def plot_spread(mpl_figure, data: StudyData, out: Path) -> list[Figure]:
                     label="mean and 95% interval" if i == 0 else None)
         ax.scatter(vals, [i] * len(vals), color="tab:orange", s=12, zorder=3, label="one seed" if i == 0 else None)
     ax.set_yticks(range(len(groups)), [_short(config_label(g[0], data.axes)) for g in groups], fontsize=7)
+    plain_numbers(ax)
     ax.set_xlabel(f"final {data.metric}")
     ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=7, loc="best")
@@ -351,12 +401,28 @@ def _header(data: StudyData) -> list[tuple[str, str]]:
     return out
 
 
-def render_markdown(data: StudyData, found: list[dict], figures: list[Figure]) -> str:
+def _deviation_block(ctx: dict[str, Any]) -> list[str]:
+    if not (ctx.get("seed") or {}).get("setup"):
+        return []
+    return ctx.get("deviations") or ["none: every run used the seed's setup"]
+
+
+def render_markdown(data: StudyData, found: list[dict], figures: list[Figure], ctx: dict[str, Any] | None = None) -> str:
     def cell(s: str) -> str:
         return s.replace("|", "\\|").replace("\n", " ")
 
+    ctx = ctx or {}
     lines = [f"# Study report: {data.name}", ""]
+    devs = _deviation_block(ctx)
+    if devs:
+        lines += ["**Differences from the seed's setup** (computed from the run configs):", ""]
+        lines += [f"- {cell(d)}" for d in devs] + [""]
+    lines += [f"- **{k}:** {cell(v)}" for k, v in context_lines(ctx)]
     lines += [f"- **{k}:** {cell(v)}" for k, v in _header(data)]
+    if ctx.get("setup"):
+        lines += ["", "## The seed's setup beside this study's", "", "| key | seed | this study | |", "|---|---|---|---|"]
+        lines += [f"| {r['key']} | {cell(r['seed'])} | {cell(r['runs'])} | {'differs' if r['differs'] else ''} |"
+                  for r in ctx["setup"]]
     lines += ["", "## Findings", ""]
     lines += [f"- **{f['kind']}**: {cell(f['text'])}" for f in found] or ["- none"]
     lines += ["", "## Plots", ""]
@@ -372,15 +438,30 @@ def render_markdown(data: StudyData, found: list[dict], figures: list[Figure]) -
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}
 th{background:#f3f3f3}img{max-width:100%}dt{font-weight:bold}dd{margin:0 0 .5em 1em}
-li{margin-bottom:.4em}.kind{font-family:monospace;color:#555}figure{margin:1.5em 0}"""
+li{margin-bottom:.4em}.kind{font-family:monospace;color:#555}figure{margin:1.5em 0}
+.dev{background:#fff6e0;border:1px solid #e0b84a;padding:.5em 1em;margin-bottom:1em}.differs td{background:#fff6e0}"""
 
 
-def render_html(data: StudyData, found: list[dict], figures: list[Figure]) -> str:
+def render_html(data: StudyData, found: list[dict], figures: list[Figure], ctx: dict[str, Any] | None = None) -> str:
     e = html.escape
+    ctx = ctx or {}
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Study report: {e(data.name)}</title>",
-             f"<style>{CSS}</style></head><body>", f"<h1>Study report: {e(data.name)}</h1><dl>"]
-    parts += [f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in _header(data)]
-    parts += ["</dl><h2>Findings</h2><ul>"]
+             f"<style>{CSS}</style></head><body>", f"<h1>Study report: {e(data.name)}</h1>"]
+    devs = _deviation_block(ctx)
+    if devs:
+        parts.append("<div class='dev'><b>Differences from the seed's setup</b> (computed from the run configs):<ul>")
+        parts += [f"<li>{e(d)}</li>" for d in devs]
+        parts.append("</ul></div>")
+    parts.append("<dl>")
+    parts += [f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in context_lines(ctx) + _header(data)]
+    parts.append("</dl>")
+    if ctx.get("setup"):
+        parts.append("<h2>The seed's setup beside this study's</h2><table><tr><th>key</th><th>seed</th>"
+                     "<th>this study</th></tr>")
+        parts += [f"<tr{' class=differs' if r['differs'] else ''}><td>{e(r['key'])}</td><td>{e(r['seed'])}</td>"
+                  f"<td>{e(r['runs'])}</td></tr>" for r in ctx["setup"]]
+        parts.append("</table>")
+    parts += ["<h2>Findings</h2><ul>"]
     parts += [f"<li><span class='kind'>{e(f['kind'])}</span>: {e(f['text'])}</li>" for f in found]
     parts += ["</ul><h2>Plots</h2>"]
     for f in figures:

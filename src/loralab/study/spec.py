@@ -27,13 +27,18 @@ from typing import Any
 
 import yaml
 
-from loralab.config import SECTIONS, config_from_dict, read_yaml
+from loralab.config import DEFAULT_MODEL, SECTIONS, config_from_dict, read_yaml
 from loralab.errors import ConfigError
 from loralab.paths import check_name
 
 TOP_KEYS = {"name", "description", "question", "claim", "metric", "metrics", "goal", "base", "base_config",
-            "axes", "tied", "repeats", "seeds", "quick", "findings"}
-QUICK_KEYS = {"base", "axes", "tied", "repeats", "seeds"}
+            "axes", "tied", "repeats", "seeds", "quick", "findings", "seed", "tiny"}
+QUICK_KEYS = {"base", "axes", "tied", "repeats", "seeds", "tiny"}
+# seed: what the cited experiment itself ran. setup is a partial training config in loralab's
+# keys (the seed's own values); the other keys are text for what a config cannot say.
+SEED_KEYS = {"source", "model", "data", "metric", "setup", "notes"}
+# tiny: the settings for the shipped base (builtin:tiny), applied only when the model is that one.
+TINY_KEYS = {"base", "metric", "goal"}
 FINDING_KINDS = {"axis_effect": ("axis",), "trend_within": ("axis", "within"),
                  "equivalence": ("axis", "reference"), "cost": ("axis", "baseline"),
                  "spread": (), "pareto": ()}
@@ -70,6 +75,10 @@ class Study:
     quick: bool = False
     runs: list[RunSpec] = field(default_factory=list)
     metrics: dict[str, str] = field(default_factory=dict)  # other metrics judged: {key: min | max}
+    seed: dict[str, Any] = field(default_factory=dict)  # the seed's own setup (see SEED_KEYS)
+    profile: str = "seed"  # "tiny" when the shipped base's profile was applied
+    deviations: list[dict[str, Any]] = field(default_factory=list)  # run config vs seed setup
+    hardware: dict[str, str] = field(default_factory=dict)  # the machine the study was loaded on
 
     def place(self, root: Path) -> None:
         """Put every run's directory under ``root`` (output.dir = root/<run name>)."""
@@ -81,7 +90,8 @@ class Study:
         return {"name": self.name, "description": self.description, "question": self.question,
                 "claim": self.claim, "metric": self.metric, "goal": self.goal, "base": self.base,
                 "axes": self.axes, "tied": self.tied, "seeds": self.seeds, "findings": self.findings,
-                "source": self.source, "quick": self.quick, "metrics": self.metrics}
+                "source": self.source, "quick": self.quick, "metrics": self.metrics, "seed": self.seed,
+                "profile": self.profile, "deviations": self.deviations, "hardware": self.hardware}
 
 
 # ----------------------------------------------------------------------------- where in the file
@@ -274,7 +284,9 @@ def eval_tied(tree: ast.Expression, raw: dict[str, Any], key: str, expr: str) ->
             return node.value
         name = _dotted(node)
         value = get_key(raw, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool):  # true/false count as 1/0: "16 * 2 ** (-0.5 * lora.rslora)"
+            return int(value)
+        if not isinstance(value, (int, float)):
             raise ConfigError(f"tied {key}: {name} is {value!r}, not a number, in {expr!r}")
         return value
 
@@ -353,6 +365,8 @@ def _read(source: str | Path) -> tuple[dict[str, Any], str, Path | None]:
 
 
 def _apply_quick(raw: dict[str, Any], where: _Where) -> dict[str, Any]:
+    """The study with its quick variant's axes, tied values and repeats in place. The quick
+    base configs are layered later (see ``_layers``), so their keys can be named as the source."""
     quick = raw.get("quick") or {}
     if not isinstance(quick, dict):
         raise ConfigError(f"{where('quick')}: quick must be a mapping ({', '.join(sorted(QUICK_KEYS))})")
@@ -360,7 +374,6 @@ def _apply_quick(raw: dict[str, Any], where: _Where) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{where('quick')}: unknown quick keys {sorted(unknown)} (known: {', '.join(sorted(QUICK_KEYS))})")
     out = dict(raw)
-    out["base"] = deep_merge(raw.get("base") or {}, quick.get("base") or {})
     out["axes"] = {**(raw.get("axes") or {}), **(quick.get("axes") or {})}
     out["tied"] = {**(raw.get("tied") or {}), **(quick.get("tied") or {})}
     for k in ("repeats", "seeds"):
@@ -369,6 +382,166 @@ def _apply_quick(raw: dict[str, Any], where: _Where) -> dict[str, Any]:
             out.pop("seeds", None)
             out[k] = quick[k]
     return out
+
+
+def _mapping(raw: dict[str, Any], key: str, where: _Where, known: set[str]) -> dict[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where(key)}: {key} must be a mapping ({', '.join(sorted(known))})")
+    unknown = set(value) - known
+    if unknown:
+        bad = sorted(unknown)[0]
+        raise ConfigError(f"{where(key, bad)}: unknown {key} key {bad!r} (known: {', '.join(sorted(known))})")
+    return value
+
+
+def _config_part(value: Any, what: str, where: str) -> dict[str, Any]:
+    """A partial training config (sections of keys), checked like a run's config."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {what} must be a training config mapping (model, lora, data, train, ...)")
+    checked_part(value, f"{where}: {what}")  # names a bad key now, not once per run
+    return copy.deepcopy(value)
+
+
+def checked_part(part: dict[str, Any], source: str) -> dict[str, Any]:
+    """{section.key: value} of a partial config, each value checked and converted like a full
+    config's (types, ranges), without the cross-key checks a partial config cannot pass."""
+    from loralab.config import _build_section
+
+    errors: list[str] = []
+    out: dict[str, Any] = {}
+    for section, keys in part.items():
+        if section not in SECTIONS:
+            errors.append(f"unknown section {section!r} (known: {', '.join(SECTIONS)})")
+            continue
+        built = _build_section(section, SECTIONS[section], keys, errors)
+        out.update({f"{section}.{k}": getattr(built, k) for k in (keys or {}) if hasattr(built, k)})
+    if errors:
+        raise ConfigError(f"{source}: invalid configuration:\n  - " + "\n  - ".join(errors))
+    return out
+
+
+def _flat_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """{"train.lr": 1e-5, ...} from {"train": {"lr": 1e-5}}."""
+    return {f"{s}.{k}": v for s, sec in raw.items() if isinstance(sec, dict) for k, v in sec.items()}
+
+
+def _layers(raw: dict[str, Any], where: _Where, base_dir: Path | None, *, quick: bool, tiny: bool,
+            model: str | None, data: str | None, overrides: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The base config's layers, lowest first, each with the words that name it as a source.
+
+    loralab's defaults <- the seed's setup <- the study's base <- the shipped base's profile
+    (only on builtin:tiny) <- the quick variant <- --model/--data <- --set."""
+    from loralab.config import apply_overrides
+
+    seed = _mapping(raw, "seed", where, SEED_KEYS)
+    tiny_profile = _mapping(raw, "tiny", where, TINY_KEYS)
+    quick_raw = raw.get("quick") or {}
+    layers = [("the seed's setup", _config_part(seed.get("setup"), "seed.setup", where("seed", "setup"))),
+              ("the study's base", _base_config(raw, where, base_dir))]
+    if tiny:
+        layers.append(("the shipped base's profile (tiny:)",
+                       _config_part(tiny_profile.get("base"), "tiny.base", where("tiny", "base"))))
+    if quick:
+        layers.append(("--quick", _config_part(quick_raw.get("base"), "quick.base", where("quick", "base"))))
+        if tiny:
+            layers.append(("--quick on the shipped base",
+                           _config_part(quick_raw.get("tiny"), "quick.tiny", where("quick", "tiny"))))
+    for key, value, flag in (("model.path", model, "--model"), ("data.path", data, "--data")):
+        if value is not None:
+            part: dict[str, Any] = {}
+            set_key(part, key, value)
+            layers.append((flag, part))
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        layers.append((f"--set {key}", apply_overrides({}, [item])))
+    return layers
+
+
+def _merge(layers: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(merged config, {section.key: the layer that set it last})."""
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for label, part in layers:
+        merged = deep_merge(merged, part)
+        for key in _flat_keys(part):
+            sources[key] = label
+    return merged, sources
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def deviations(seed_setup: dict[str, Any], runs: list[RunSpec], sources: dict[str, str],
+               skip: set[str]) -> list[dict[str, Any]]:
+    """Every key of the seed's setup whose value in a run's config differs from the seed's,
+    computed from the configs: [{key, value, seed, source}] (value is a list when runs differ).
+    ``skip`` holds the axes and tied keys: those differences are the study's question."""
+    if not seed_setup or not runs:
+        return []
+    seed_flat = checked_part(seed_setup, "seed.setup")
+    if "train.epochs" in seed_flat and "train.max_steps" not in seed_flat:
+        seed_flat["train.max_steps"] = None  # the seed counted epochs: a step count overrides them
+    out = []
+    for key in seed_flat:
+        if key in skip:
+            continue
+        want = seed_flat[key]
+        used = []
+        for run in runs:
+            v = get_key(run.config, key)
+            if not _same(v, want) and all(not _same(v, u) for u in used):
+                used.append(v)
+        if used:
+            out.append({"key": key, "value": used[0] if len(used) == 1 else used, "seed": want,
+                        "source": sources.get(key, "loralab's default")})
+            if key == "train.max_steps":
+                out[-1]["seed_ran"] = f"train.epochs {fmt_config_value(seed_flat['train.epochs'])}"
+    return out
+
+
+def deviation_text(d: dict[str, Any]) -> str:
+    """'train.lr 0.0001 instead of the seed's 1e-05 (set by --set train.lr)'."""
+    def show(v: Any) -> str:
+        if isinstance(v, list) and v and not all(isinstance(x, str) for x in v):
+            return " / ".join(show(x) for x in v)
+        return fmt_config_value(v)
+
+    seed = d.get("seed_ran") or show(d["seed"])
+    how = d["source"] if d["source"].startswith("auto:") else f"set by {d['source']}"
+    return f"{d['key']} {show(d['value'])} instead of the seed's {seed} ({how})"
+
+
+def fmt_config_value(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v).lower() if v is not None else "null"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(fmt_config_value(x) for x in v) + "]"
+    return str(v)
+
+
+def refuse_axis_overrides(overrides: list[str], data: str | None, axes: dict[str, Any], tied: dict[str, str],
+                          study: str) -> None:
+    """--set on a key the study varies (an axis) or derives (tied) would be overwritten in
+    every run without a word: refuse it, naming the axis."""
+    given = [(item.split("=", 1)[0].strip(), f"--set {item}") for item in overrides]
+    if data is not None:
+        given.append(("data.path", f"--data {data}"))
+    for key, flag in given:
+        if key in axes:
+            values = ", ".join(fmt_config_value(v) for v in axes[key])
+            raise ConfigError(f"{flag}: {key} is an axis of study {study} (values {values}); each run sets it, "
+                              f"so the override would be overwritten. Edit the study's axes instead.")
+        if key in tied:
+            raise ConfigError(f"{flag}: {key} is tied in study {study} ({key} = {tied[key]}); each run computes "
+                              f"it, so the override would be overwritten. Edit the study's tied: entry instead.")
 
 
 def _seeds(raw: dict[str, Any], where: _Where) -> list[int] | None:
@@ -424,12 +597,16 @@ def load_study(
     data: str | None = None,
     overrides: list[str] | None = None,
     root: Path | None = None,
+    resolve: bool = True,
 ) -> Study:
     """Read, check and expand a study file or ``preset:NAME``.
 
     ``model``/``data`` replace the base's model.path/data.path; ``overrides`` are
-    ``section.key=value`` strings applied to the base; ``root`` is where run directories go
-    (each run's output.dir is ``root/<run name>``)."""
+    ``section.key=value`` strings applied to the base (refused on an axis or a tied key);
+    ``root`` is where run directories go (each run's output.dir is ``root/<run name>``).
+    The shipped base's profile (``tiny:``) applies only when the model is builtin:tiny; every
+    difference between a run's config and the seed's setup is in ``study.deviations``.
+    ``resolve`` fills ``train.micro_batch_size: auto`` from the memory estimate."""
     raw, label, base_dir = _read(source)
     text = Path(label).read_text(encoding="utf-8")
     where = _Where(label, key_lines(text))
@@ -443,24 +620,24 @@ def load_study(
     check_name(str(name), what="study name")
     if quick:
         name = f"{name}-quick"  # its own database and run directories: its runs differ in steps
-    goal = raw.get("goal", "min")
+
+    overrides = list(overrides or [])
+    layer_kw = dict(quick=quick, model=model, data=data, overrides=overrides)
+    base, sources = _merge(_layers(raw, where, base_dir, tiny=False, **layer_kw))
+    tiny = get_key(base, "model.path") == DEFAULT_MODEL
+    if tiny:
+        base, sources = _merge(_layers(raw, where, base_dir, tiny=True, **layer_kw))
+    profile = _mapping(raw, "tiny", where, TINY_KEYS) if tiny else {}
+    goal = profile.get("goal", raw.get("goal", "min"))
     if goal not in ("min", "max"):
         raise ConfigError(f"{where('goal')}: goal must be min or max (got {goal!r})")
-    metric = raw.get("metric", "eval_loss")
+    metric = profile.get("metric", raw.get("metric", "eval_loss"))
     if not isinstance(metric, str) or not metric:
         raise ConfigError(f"{where('metric')}: metric must be a metrics.jsonl key such as eval_loss (got {metric!r})")
 
     from loralab.study.findings import other_metrics
 
     metrics = other_metrics(raw.get("metrics"), metric, where("metrics"))
-    base = _base_config(raw, where, base_dir)
-    from loralab.config import apply_overrides
-
-    for key, value in (("model.path", model), ("data.path", data)):
-        if value is not None:
-            set_key(base, key, value)
-    base = apply_overrides(base, list(overrides or []))
-
     axes_raw = raw.get("axes") or {}
     if not isinstance(axes_raw, dict):
         raise ConfigError(f"{where('axes')}: axes must be a mapping of config keys to values")
@@ -481,13 +658,30 @@ def load_study(
         if key in axes:
             raise ConfigError(f"{w}: {key} is both an axis and tied; remove one")
         tied[key] = (str(expr), parse_tied(key, expr, w))
+    refuse_axis_overrides(overrides, data, axes, {k: e for k, (e, _) in tied.items()}, str(name))
+    seed = {k: v.strip() if isinstance(v, str) else copy.deepcopy(v)
+            for k, v in _mapping(raw, "seed", where, SEED_KEYS).items()}
+    for k in sorted(SEED_KEYS - {"setup"}):
+        if k in seed and not isinstance(seed[k], str):
+            raise ConfigError(f"{where('seed', k)}: seed.{k} must be text (got {seed[k]!r})")
     study = Study(
         name=str(name), description=_text(raw, "description", where), question=_text(raw, "question", where),
         claim=_text(raw, "claim", where), metric=metric, goal=goal, base=base, axes=axes,
         tied={k: e for k, (e, _) in tied.items()}, seeds=seeds,
         findings=_check_findings(raw.get("findings"), axes, where), source=label, quick=quick, metrics=metrics,
+        seed=seed, profile="tiny" if tiny else "seed",
     )
     study.runs = expand(study, {k: t for k, (_, t) in tied.items()}, where)
+    if resolve:
+        from loralab.resolve import describe_hardware, resolve_config
+
+        study.hardware = describe_hardware()
+        for run in study.runs:
+            cfg, notes = resolve_config(config_from_dict(run.config, source=f"{label} (run {run.name})"))
+            run.config = cfg.to_dict()
+            for key, why in notes.items():
+                sources[key] = why
+    study.deviations = deviations(seed.get("setup") or {}, study.runs, sources, set(axes) | set(tied))
     if root is not None:
         study.place(root)
     return study

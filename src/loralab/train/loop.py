@@ -50,6 +50,7 @@ from loralab.data.packing import model_inputs, step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
 from loralab.evaluate.tasks import lower_is_better
 from loralab.models import keep_4bit_trainable, load_base, pick_device
+from loralab.resolve import resolve_config
 from loralab.track import Tracker, open_trackers
 from loralab.train.attention import NAME as ATTENTION
 from loralab.train.attention import segment_attention, supports_segments
@@ -563,6 +564,7 @@ def train(cfg: Config, *, show_progress: bool = False, keep_model: bool = False,
     """
     if resume and not cfg.output.dir:
         raise ConfigError("resume needs output.dir: the run directory to continue")
+    cfg = resolve_config(cfg)[0]  # train.micro_batch_size: auto -> a number, as a study resolves it
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
     if resume:
         check_resume_config(cfg, run_dir)
