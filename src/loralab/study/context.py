@@ -9,7 +9,6 @@ seed's setup beside the runs' with every difference computed from the stored con
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +46,13 @@ def _values(configs: list[dict[str, Any]], key: str) -> str:
 
 
 def _lengths(stats: Any) -> str | None:
-    """'median 112, p90 240, max 610 tokens' from summary["data_stats"] (any of its spellings)."""
-    if not isinstance(stats, dict):
+    """'min 12, median 112, p90 240, max 610 tokens' from summary["data_stats"]["token_lengths"]
+    (loralab.data.dataset.length_stats)."""
+    if not isinstance(stats, dict) or not isinstance(stats.get("token_lengths"), dict):
         return None
-    lengths = stats.get("token_lengths") or stats.get("lengths")
-    if isinstance(lengths, list) and lengths and all(isinstance(x, (int, float)) for x in lengths):
-        xs = sorted(lengths)
-        return (f"median {statistics.median(xs):.0f}, p90 {xs[int(0.9 * (len(xs) - 1))]:.0f}, "
-                f"max {xs[-1]:.0f} tokens")
-    parts = [f"{k} {v:g}" for k, v in stats.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool) and ("len" in k or k.startswith("p"))]
-    return ", ".join(parts) or None
+    d = stats["token_lengths"]
+    parts = [f"{k} {d[k]:g}" for k in ("min", "median", "p90", "max") if isinstance(d.get(k), (int, float))]
+    return (", ".join(parts) + " tokens") if parts else None
 
 
 def study_context(db_path: str | Path, study_name: str) -> dict[str, Any]:
