@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from userdata import instruction_records, write_jsonl
 
 from loralab.errors import ConfigError
 from loralab.study.spec import load_study
@@ -32,6 +31,7 @@ from loralab.tune import (
     study_file,
     summary_text,
 )
+from userdata import instruction_records, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_tune_killed_and_restarted_finishes_with_no_run_repeated_or_lost(tiny_mo
     assert len(repeats) == 3 * len(EXTRA_SEEDS) and all(s == "completed" for _, s, _ in repeats)
     for name, mtime in finished.items():  # a run finished before the kill was not trained again
         assert (tmp_path / "runs" / "tune" / name / "summary.json").stat().st_mtime_ns == mtime
-    for name, status, _ in rows:  # every logged step once, even for runs that were killed and resumed
+    for name, _status, _ in rows:  # every logged step once, even for runs that were killed and resumed
         steps = [json.loads(line)["step"] for line in
                  (tmp_path / "runs" / "tune" / name / "metrics.jsonl").read_text().splitlines()
                  if "train_loss" in line]
