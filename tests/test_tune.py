@@ -146,7 +146,8 @@ def test_separated_finalists_recommend_the_best():
 def _tune_cmd(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "loralab.cli", "tune", "--model", str(model), "--data", str(data), "--out", str(out),
             "--name", "tune", "--batch-size", "8", "--search", "train.lr,lora.r", "--widen", "lora.r=4,8",
-            "--widen", "train.lr=1e-3,3e-3,1e-2", "--fixed", "data.max_seq_length=256", "--fixed", "lora.dropout=0",
+            "--widen", "train.lr=1e-3,1e-2", "--fixed", "data.max_seq_length=256", "--fixed", "lora.dropout=0",
+            "--fixed", "data.limit=40", "--fixed", "data.val_fraction=0.15",
             "--workers", "2", *extra]
 
 
@@ -206,7 +207,7 @@ def test_tune_killed_and_restarted_finishes_with_no_run_repeated_or_lost(tiny_mo
     con.close()
     candidates = [r for r in rows if "train.seed" not in json.loads(r[2])]
     repeats = [r for r in rows if "train.seed" in json.loads(r[2])]
-    assert len(candidates) == 6  # 3 lr x 2 r, each recorded once
+    assert len(candidates) == 4  # 2 lr x 2 r, each recorded once
     assert {s for _, s, _ in rows} <= {"completed", "stopped_early"}
     assert len(repeats) == 3 * len(EXTRA_SEEDS) and all(s == "completed" for _, s, _ in repeats)
     for name, mtime in finished.items():  # a run finished before the kill was not trained again
