@@ -6,6 +6,7 @@
     loralab merge runs/r16 merged/
     loralab eval --model builtin:tiny --adapter runs/r16 --tasks arithmetic_2ds
     loralab estimate --model llama2-7b --r 8 --targets query,value
+    loralab tune --model DIR --data FILE --budget 2h
 
 Each subcommand lives in its own module and registers itself through ``register``; heavy
 imports (torch, transformers) happen inside the command, so ``loralab --help`` is quick.
@@ -29,6 +30,7 @@ COMMAND_MODULES = [
     "loralab.evaluate.command",
     "loralab.estimate",
     "loralab.study.command",
+    "loralab.tune",
 ]
 
 

@@ -1,0 +1,151 @@
+"""loralab tune against the full grid with repeats: same model, data and space.
+
+    python bench/bench_tune.py                 # ~20M-parameter model, 24 candidates, 3 seeds for the grid
+    python bench/bench_tune.py --quick         # the tiny base and a 6-candidate space (minutes)
+
+Both sides run as `loralab` processes on the same data; compute is the CPU time of each
+driver and everything it waited for (resource.getrusage(RUSAGE_CHILDREN) around the call).
+The grid trains every candidate with seeds 1, 2, 3 to the end; its best is the configuration
+with the best mean, and its seed-to-seed spread is the pooled standard deviation over every
+configuration and the best configuration's range. The tuned configuration's metric is its mean
+over the same three seeds, read from the grid's runs (the same configs and seeds), so the two
+are compared on equal terms. Target (issue 15): within the grid's seed spread of the grid's best
+at no more than a quarter of the grid's CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+MODEL_20M = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                 num_key_value_heads=6, max_position_embeddings=512)
+
+
+def build_model(out: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from loralab.models import BUILTIN_MODELS
+
+    tiny = BUILTIN_MODELS["builtin:tiny"]
+    base = json.loads((tiny / "config.json").read_text())
+    cfg = LlamaConfig(vocab_size=base["vocab_size"], bos_token_id=base["bos_token_id"],
+                      eos_token_id=base["eos_token_id"], pad_token_id=base["pad_token_id"], tie_word_embeddings=True,
+                      **MODEL_20M)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(str(out), safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / name, out / name)
+    return out
+
+
+def cpu_seconds_of(cmd: list[str], env: dict[str, str]) -> tuple[float, float, subprocess.CompletedProcess]:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr[-4000:])
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({out.returncode})")
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall, out
+
+
+def grid_results(db: Path) -> dict[str, dict]:
+    con = sqlite3.connect(db)
+    rows = con.execute("""SELECT r.axes_json, (SELECT m.value FROM metrics m WHERE m.run_id = r.id AND m.name = 'eval_loss'
+                                               ORDER BY m.step DESC LIMIT 1)
+                          FROM runs r WHERE r.status = 'completed'""").fetchall()
+    con.close()
+    out: dict[str, dict] = {}
+    for axes_json, value in rows:
+        axes = json.loads(axes_json)
+        key = json.dumps({k: v for k, v in axes.items() if k != "train.seed"}, sort_keys=True)
+        out.setdefault(key, {"axes": {k: v for k, v in axes.items() if k != "train.seed"}, "values": []})["values"].append(value)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--keep", type=Path, help="keep the work directory here")
+    args = ap.parse_args()
+
+    import bench_speed  # the generated world instructions of 38-282 tokens
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="bench-tune-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "train.jsonl"
+    n = 240 if args.quick else 960
+    data.write_text("".join(json.dumps(r) + "\n" for r in bench_speed.bench_records(n, 1)), encoding="utf-8")
+    model = "builtin:tiny" if args.quick else str(build_model(work / "model-20m"))
+    search = "train.lr,lora.r" if args.quick else "train.lr,lora.r,lora.targets"
+    widen = ["--widen", "lora.r=4,16", "--widen", "train.lr=3e-4,1e-3,3e-3"] if args.quick else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    loralab = [sys.executable, "-m", "loralab.cli"]
+    common = ["--model", model, "--data", str(data), "--batch-size", "8", "--workers", str(args.workers)]
+
+    tune_cpu, tune_wall, out = cpu_seconds_of(
+        loralab + ["tune", *common, "--search", search, *widen, "--out", str(work / "tune"), "--name", "tune", "--json"], env)
+    answer = json.loads(out.stdout)
+
+    plan = json.loads((work / "tune" / "tune" / "tune-plan.json").read_text())
+    spec = yaml.safe_load((work / "tune" / "tune" / "tune-study.yaml").read_text())
+    spec.update(name="grid", seeds=[1, 2, 3], findings=[{"kind": "spread"}])
+    spec["base"]["train"].pop("seed", None)
+    grid_file = work / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    grid_cpu, grid_wall, _ = cpu_seconds_of(
+        loralab + ["study", "run", str(grid_file), "--out", str(work / "grid"), "--workers", str(args.workers)], env)
+
+    grid = grid_results(work / "grid" / "grid" / "study.db")
+    means = {k: statistics.fmean(g["values"]) for k, g in grid.items() if len(g["values"]) == 3}
+    best_key = min(means, key=means.get)
+    pooled = statistics.fmean(statistics.variance(grid[k]["values"]) for k in means) ** 0.5
+    best_range = max(grid[best_key]["values"]) - min(grid[best_key]["values"])
+    tuned_key = json.dumps(answer["recommended"]["axes"], sort_keys=True)
+    tuned = means.get(tuned_key)
+    gap = None if tuned is None else tuned - means[best_key]
+    result = {
+        "model": model, "candidates": plan["candidates"], "max_steps": plan["max_steps"],
+        "tune": {"cpu_s": tune_cpu, "wall_s": tune_wall, "recommended": answer["recommended"]["axes"],
+                 "its_grid_mean": tuned, "its_tune_mean": answer["recommended"]["mean"],
+                 "steps": answer["compute"]["steps"]},
+        "grid": {"cpu_s": grid_cpu, "wall_s": grid_wall, "best": grid[best_key]["axes"], "best_mean": means[best_key],
+                 "seed_sd_pooled": pooled, "best_seed_range": best_range, "runs": 3 * len(means)},
+        "gap_to_grid_best": gap, "within_seed_spread": gap is not None and gap <= max(pooled, best_range),
+        "cpu_ratio": tune_cpu / grid_cpu,
+    }
+    print(json.dumps(result, indent=2))
+    print(f"\ntune: {tune_cpu:.0f} CPU s, recommends {result['tune']['recommended']} "
+          f"(grid mean {tuned if tuned is not None else float('nan'):.4f})")
+    print(f"grid: {grid_cpu:.0f} CPU s, best {result['grid']['best']} at {means[best_key]:.4f} "
+          f"(pooled seed SD {pooled:.4f}, best's range {best_range:.4f})")
+    print(f"tune / grid CPU time: {result['cpu_ratio']:.2f} (target <= 0.25); within the seed spread: "
+          f"{result['within_seed_spread']}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,609 @@
+"""``loralab tune``: the LoRA settings for your model, data and budget, with the evidence.
+
+    loralab tune --model models/my-llama --data train.jsonl --budget 2h --max-memory 24GB
+    loralab tune --model DIR --data FILE --budget-steps 3000 --fixed lora.targets=all --search lora.r,train.lr
+
+A tune is a study (same database, resumable after a kill, ``loralab study report`` works on
+it) in two phases:
+
+1. every candidate of a search space built from what the seeds teach trains under successive
+   halving on the metric (memory gate from ``loralab estimate``; candidates that share a base
+   train as fused groups where the scheduler fuses), so most candidates stop after a few steps;
+2. the best finalists train again with two more seeds, so the final comparison has a
+   seed-to-seed spread, and nothing is called best that the repeats do not support.
+
+The answer (``<out>/<name>/best.yaml``, ``tune.md``, ``tune.json``) is computed from the study
+database alone by :func:`recommend`, so it can be rebuilt or checked with SQL at any time.
+The search space and why each dimension is there: docs/tune.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import sqlite3
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loralab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# The scale alpha/r is held at 2 (alpha = 2r, Raschka's choice) and the effective learning
+# rate lr * alpha / r is searched instead of alpha and lr separately: under Adam, alpha x k with
+# lr / k trains alike (Determined, quoting the LoRA paper), so searching both wastes runs on
+# equivalent points. The seeds' own settings meet near 6e-4: Raschka lr 3e-4 at alpha = 2r,
+# Determined alpha x lr = 5.12e-3 at r = 8 (6.4e-4).
+SCALE = 2.0
+EFFECTIVE_LRS = [6e-5, 2e-4, 6e-4, 2e-3]
+RANKS = [8, 32, 128]              # log scale: rank mattered less than alpha at a fixed lr (Determined)
+TARGETS = [["query", "value"], ["all"]]  # all layers cost memory and may buy quality (Raschka)
+FINALISTS = 3                      # finalists repeated with more seeds
+EXTRA_SEEDS = [2, 3]               # finalists' repeats; candidates train with seed 1
+ETA = 3                            # successive halving keeps the best 1/ETA at each rung
+MAX_EPOCHS_DATA = 10_000           # above this many examples a second epoch is not searched
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+@dataclass
+class Dimension:
+    """One searched config key: its candidate values and what the seeds say about it."""
+
+    key: str
+    values: list[Any]
+    why: str
+    default: Any  # used when the dimension is not searched
+
+
+def default_dimensions(n_train: int) -> list[Dimension]:
+    """The search space the seeds suggest, before the user fixes or widens anything."""
+    epochs = [1, 2] if n_train <= MAX_EPOCHS_DATA else [1]
+    return [
+        Dimension("train.lr", [lr / SCALE for lr in EFFECTIVE_LRS],
+                  "effective lr (lr x alpha/r, alpha = 2r) on a log scale around the seeds' 6e-4; "
+                  "alpha and lr trade against each other under Adam", 3e-4),
+        Dimension("lora.r", list(RANKS), "rank on a log scale; at a fixed scale it mattered less than alpha", 8),
+        Dimension("lora.targets", copy.deepcopy(TARGETS),
+                  "q,v (the LoRA paper's default) or every linear layer (more memory, may buy quality)",
+                  ["query", "value"]),
+        Dimension("train.epochs", epochs,
+                  "a second epoch over instruction data can hurt (Raschka); searched only up to "
+                  f"{MAX_EPOCHS_DATA} examples", 1),
+    ]
+
+
+def parse_assignments(items: list[str], flag: str) -> dict[str, Any]:
+    """``key=value`` strings (values read as YAML; a comma list becomes a list)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"{flag} {item!r}: expected section.key=value, e.g. lora.targets=all")
+        out[key.strip()] = [yaml.safe_load(v) for v in text.split(",")] if "," in text else yaml.safe_load(text)
+    return out
+
+
+def build_space(dims: list[Dimension], *, fixed: dict[str, Any], search: list[str] | None = None,
+                widen: dict[str, list[Any]] | None = None) -> list[Dimension]:
+    """Apply ``--fixed`` (a key taken out of the search, set to the value given), ``--search``
+    (only these keys are searched; the others take their defaults) and ``--widen`` (the values
+    tried for a key)."""
+    known = {d.key for d in dims}
+    for flag, keys in (("--search", search or []), ("--widen", list(widen or {}))):
+        for key in keys:
+            if key not in known:
+                raise ConfigError(f"{flag} {key!r} is not a tuned dimension (tuned: {', '.join(sorted(known))})")
+            if key in fixed:
+                raise ConfigError(f"{flag} {key!r} is also given to --fixed; use one")
+    out = []
+    for d in dims:
+        if d.key in fixed or (search is not None and d.key not in search):
+            continue
+        values = list((widen or {}).get(d.key, d.values))
+        if d.key == "lora.targets":
+            values = [v if isinstance(v, list) else [v] for v in values]
+        out.append(Dimension(d.key, values, d.why, d.default))
+    return out
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    return max(1, math.ceil(n_train / batch_size))
+
+
+def halving_steps(n: int, rungs: list[int], max_steps: int) -> int:
+    """Optimizer steps successive halving spends on ``n`` candidates of ``max_steps`` steps."""
+    from loralab.halving import keep_count
+
+    total, done, alive = 0, 0, n
+    for rung in rungs:
+        total += alive * (rung - done)
+        done, alive = rung, keep_count(alive, ETA)
+    return total + alive * (max_steps - done)
+
+
+@dataclass
+class Plan:
+    """What a tune will run: the space, its base config, steps and the rungs."""
+
+    dims: list[Dimension]
+    base: dict[str, Any]
+    n_train: int
+    steps_per_epoch: int
+    max_steps: int
+    min_steps: int
+    candidates: int
+    planned_steps: int
+    grid_steps: int  # the same space as a full grid with every candidate repeated like the finalists
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dimensions": [{"key": d.key, "values": d.values, "why": d.why} for d in self.dims],
+                "n_train": self.n_train, "steps_per_epoch": self.steps_per_epoch, "max_steps": self.max_steps,
+                "min_steps": self.min_steps, "candidates": self.candidates, "planned_steps": self.planned_steps,
+                "grid_steps": self.grid_steps, "notes": self.notes}
+
+
+def _max_steps(dims: list[Dimension], base: dict[str, Any], spe: int) -> int:
+    epochs = next((d.values for d in dims if d.key == "train.epochs"), [base["train"].get("epochs", 1)])
+    return max(1, math.ceil(max(epochs) * spe))
+
+
+def halving_schedule(n: int, max_steps: int) -> tuple[int, list[int]]:
+    """(min_steps, rungs): as many rungs as leave at least FINALISTS candidates training to
+    the end, so the finalists all ran the full schedule; no rung when there are too few."""
+    from loralab.halving import halving_rungs, keep_count
+
+    k, alive = 0, n
+    while keep_count(alive, ETA) >= FINALISTS and max_steps // ETA ** (k + 1) >= 1:
+        alive, k = keep_count(alive, ETA), k + 1
+    if k == 0:
+        return max_steps, []
+    min_steps = math.ceil(max_steps / ETA ** k)
+    return min_steps, halving_rungs(min_steps, ETA, max_steps)
+
+
+def _cost(dims: list[Dimension], base: dict[str, Any], spe: int) -> tuple[int, int, int, int]:
+    """(candidates, max_steps, min_steps, planned optimizer steps) of a space."""
+    n = math.prod(len(d.values) for d in dims) if dims else 1
+    max_steps = _max_steps(dims, base, spe)
+    min_steps, rungs = halving_schedule(n, max_steps)
+    finals = min(FINALISTS, n) * len(EXTRA_SEEDS) * max_steps
+    return n, max_steps, min_steps, halving_steps(n, rungs, max_steps) + finals
+
+
+def fit_budget(dims: list[Dimension], base: dict[str, Any], spe: int, budget_steps: int | None) -> tuple[list[Dimension], list[str]]:
+    """Shrink the space (second epoch first, then the outer values of each dimension) until the
+    plan fits ``budget_steps``; refuse a budget below the smallest tune."""
+    notes: list[str] = []
+    if budget_steps is None:
+        return dims, notes
+    dims = copy.deepcopy(dims)
+    while _cost(dims, base, spe)[3] > budget_steps:
+        epochs = next((d for d in dims if d.key == "train.epochs" and len(d.values) > 1), None)
+        if epochs is not None:
+            epochs.values = epochs.values[:1]
+            notes.append("a second epoch was not searched: it does not fit --budget-steps")
+            continue
+        widest = max(dims, key=lambda d: len(d.values), default=None)
+        if widest is None or len(widest.values) <= 1:
+            raise ConfigError(f"--budget-steps {budget_steps} is below the smallest tune ({_cost(dims, base, spe)[3]} "
+                              "optimizer steps: one candidate and its repeats); raise it or train with loralab train")
+        dropped = widest.values.pop(-1 if len(widest.values) % 2 == 0 else 0)
+        notes.append(f"{widest.key} {dropped!r} was not searched: it does not fit --budget-steps")
+    return dims, notes
+
+
+def plan_tune(*, model: str, data: str, metric: str, fixed: dict[str, Any], search: list[str] | None = None,
+              widen: dict[str, list[Any]] | None = None, budget_steps: int | None = None,
+              max_memory: int | None = None, batch_size: int | None = None) -> Plan:
+    """The search space, base config and step counts for a model and data (reads the data and
+    the model's config; no weights are loaded)."""
+    from loralab.config import config_from_dict
+    from loralab.data.dataset import load_splits
+    from loralab.models import load_tokenizer, resolve_model_path
+
+    base: dict[str, Any] = {
+        "model": {"path": model}, "data": {"path": data},
+        "lora": {"dropout": 0.05}, "train": {"seed": 1, "warmup_steps": 0}, "eval": {}, "output": {"save_adapter": True},
+    }
+    if batch_size:
+        base["train"].update(batch_size=batch_size, micro_batch_size=batch_size)
+    if metric != "eval_loss":
+        base["eval"]["tasks"] = [metric.split("/", 1)[0]]
+    for key, value in fixed.items():
+        section, _, name = key.partition(".")
+        base.setdefault(section, {})[name] = value
+    cfg = config_from_dict(base, source="loralab tune")  # bad --fixed keys fail here, named
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.path), trust_remote_code=cfg.model.trust_remote_code)
+    splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed)
+    n_train = len(splits.train)
+    spe = steps_per_epoch(n_train, cfg.train.batch_size)
+    base["train"].setdefault("warmup_steps", 0)
+    dims = build_space(default_dimensions(n_train), fixed=fixed, search=search, widen=widen)
+    for d in default_dimensions(n_train):  # a dimension not searched takes its default, unless fixed
+        if d.key not in fixed and all(d.key != s.key for s in dims):
+            section, _, name = d.key.partition(".")
+            base[section][name] = d.default
+    if fixed.get("lora.alpha") is None:
+        base["lora"].pop("alpha", None)  # tied to 2r below
+    notes: list[str] = []
+    notes += quantization_for_memory(base, max_memory, dims)
+    dims, budget_notes = fit_budget(dims, base, spe, budget_steps)
+    notes += budget_notes
+    n, max_steps, min_steps, planned = _cost(dims, base, spe)
+    grid = n * (1 + len(EXTRA_SEEDS)) * max_steps
+    return Plan(dims=dims, base=base, n_train=n_train, steps_per_epoch=spe, max_steps=max_steps,
+                min_steps=min_steps, candidates=n, planned_steps=planned, grid_steps=grid, notes=notes)
+
+
+def quantization_for_memory(base: dict[str, Any], max_memory: int | None, dims: list[Dimension]) -> list[str]:
+    """4-bit only where memory demands it: nf4 when the cheapest candidate does not fit
+    ``max_memory`` unquantized but fits in nf4 (from ``loralab estimate``)."""
+    if max_memory is None or "mode" in base.get("quant", {}):
+        return []
+    from loralab.config import config_from_dict
+    from loralab.estimate import estimate_run
+
+    cheapest = copy.deepcopy(base)
+    ranks = next((d.values for d in dims if d.key == "lora.r"), [base["lora"].get("r", 8)])
+    cheapest["lora"].update(r=min(ranks), alpha=SCALE * min(ranks), targets=["query", "value"])
+
+    def total(mode: str) -> int:
+        cheapest["quant"] = {"mode": mode}
+        return estimate_run(config_from_dict(cheapest, source="loralab tune")).memory_bytes["total"]
+
+    plain = total("none")
+    if plain <= max_memory:
+        return []
+    quantized = total("nf4")
+    if quantized > max_memory:
+        raise ConfigError(f"--max-memory {max_memory / 2**30:.1f} GiB: even the cheapest candidate in nf4 needs "
+                          f"{quantized / 2**30:.1f} GiB by loralab estimate (unquantized {plain / 2**30:.1f} GiB)")
+    base["quant"] = {"mode": "nf4"}
+    return [f"quant.mode nf4: unquantized the cheapest candidate needs {plain / 2**30:.1f} GiB by loralab estimate, "
+            f"over --max-memory {max_memory / 2**30:.1f} GiB; in nf4 {quantized / 2**30:.1f} GiB"]
+
+
+def study_file(plan: Plan, *, name: str, metric: str, goal: str) -> dict[str, Any]:
+    """The phase-one study: every candidate, seed 1, ranked by successive halving."""
+    tied: dict[str, str] = {}
+    if "alpha" not in plan.base["lora"]:
+        tied["lora.alpha"] = f"{SCALE} * lora.r"
+    searched = {d.key for d in plan.dims}
+    if "train.epochs" in searched:
+        tied["train.max_steps"] = f"{plan.steps_per_epoch} * train.epochs"
+    else:
+        plan.base["train"]["max_steps"] = plan.max_steps
+    return {
+        "name": name,
+        "description": f"loralab tune: {plan.candidates} candidates under successive halving (eta {ETA}), "
+                       f"then the best {FINALISTS} with seeds {', '.join(map(str, EXTRA_SEEDS))} more.",
+        "question": "Which LoRA settings are best for this model, data and budget, and by how much?",
+        "claim": "The seeds: the effective learning rate matters most; rank matters less than alpha at a fixed lr; "
+                 "all layers may buy quality at a memory cost; a second epoch can hurt.",
+        "metric": metric, "goal": goal, "base": plan.base,
+        "axes": {d.key: d.values for d in plan.dims}, "tied": tied,
+        "findings": [{"kind": "axis_effect", "axis": d.key} for d in plan.dims] + [{"kind": "pareto"}],
+    }
+
+
+# ----------------------------------------------------------------------------- the answer
+
+
+@dataclass
+class Candidate:
+    name: str
+    axes: dict[str, Any]
+    config: dict[str, Any]
+    values: list[float]          # final metric per completed seed
+    trainable_params: int | None
+    peak_memory_bytes: int | None
+    train_time_s: float | None
+    run_dir: str | None
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+
+def _final(con: sqlite3.Connection, run_id: int, metric: str) -> float | None:
+    row = con.execute("SELECT value FROM metrics WHERE run_id = ? AND name = ? AND value IS NOT NULL "
+                      "ORDER BY step DESC LIMIT 1", (run_id, metric)).fetchone()
+    return None if row is None or not math.isfinite(row[0]) else float(row[0])
+
+
+def _key(axes: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in axes.items() if k != "train.seed"}, sort_keys=True)
+
+
+def read_candidates(db: Path, name: str, metric: str, goal: str) -> tuple[list[Candidate], dict[str, Any]]:
+    """Every completed configuration with its final metric per seed, best first, and the
+    study's step accounting."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    con.row_factory = sqlite3.Row
+    try:
+        sid = con.execute("SELECT id FROM studies WHERE name = ?", (name,)).fetchone()[0]
+        rows = con.execute("SELECT * FROM runs WHERE study_id = ? ORDER BY id", (sid,)).fetchall()
+        by_config: dict[str, Candidate] = {}
+        steps = 0
+        for r in rows:
+            config = json.loads(r["config_json"])
+            max_steps = config["train"]["max_steps"]
+            if r["status"] == "completed":
+                steps += max_steps
+            elif r["stopped_at_step"] is not None:
+                steps += r["stopped_at_step"]
+            value = _final(con, r["id"], metric) if r["status"] == "completed" else None
+            if value is None:
+                continue
+            axes = json.loads(r["axes_json"])
+            c = by_config.setdefault(_key(axes), Candidate(
+                name=r["name"], axes={k: v for k, v in axes.items() if k != "train.seed"}, config=config,
+                values=[], trainable_params=r["trainable_params"], peak_memory_bytes=r["peak_memory_bytes"],
+                train_time_s=0.0, run_dir=r["run_dir"]))
+            c.values.append(value)
+            c.train_time_s = (c.train_time_s or 0.0) + (r["train_time_s"] or 0.0)
+        time_s = sum(r["train_time_s"] or 0.0 for r in rows)
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+    finally:
+        con.close()
+    sign = 1 if goal == "min" else -1
+    ranked = sorted(by_config.values(), key=lambda c: sign * c.values[0])  # seed 1: what halving saw
+    return ranked, {"steps": steps, "train_time_s": time_s, "counts": counts}
+
+
+def pooled_sd(cands: list[Candidate]) -> tuple[float | None, int]:
+    """Seed-to-seed standard deviation pooled over repeated configurations, and its degrees of freedom."""
+    ss = sum(sum((v - c.mean) ** 2 for v in c.values) for c in cands if len(c.values) > 1)
+    df = sum(len(c.values) - 1 for c in cands if len(c.values) > 1)
+    return (math.sqrt(ss / df), df) if df else (None, 0)
+
+
+def t975(df: int) -> float:
+    return T975.get(df, 1.96 + 2.5 / df)
+
+
+def recommend(cands: list[Candidate], goal: str) -> dict[str, Any]:
+    """The recommendation the repeats support: the best mean among repeated finalists; runners-up
+    whose difference's 95% interval includes 0 are within noise, and among those the cheapest
+    (trainable parameters, then peak memory, then time) is recommended."""
+    repeated = [c for c in cands if len(c.values) > 1]
+    pool = repeated or cands[:1]
+    sign = 1 if goal == "min" else -1
+    best = min(pool, key=lambda c: sign * c.mean)
+    sd, df = pooled_sd(repeated)
+    comparisons = []
+    for c in pool:
+        if c is best:
+            continue
+        diff = c.mean - best.mean
+        half = t975(df) * sd * math.sqrt(1 / len(c.values) + 1 / len(best.values)) if sd is not None else None
+        comparisons.append({"name": c.name, "axes": c.axes, "mean": c.mean, "n": len(c.values), "diff": diff,
+                            "ci_half_width": half, "within_noise": half is not None and abs(diff) <= half})
+    near = [best] + [c for c, cmp in zip([c for c in pool if c is not best], comparisons, strict=True) if cmp["within_noise"]]
+    chosen = min(near, key=lambda c: (c.trainable_params or 0, c.peak_memory_bytes or 0, c.train_time_s or 0.0))
+    if not repeated:
+        why = "no finalist has repeats yet (the budget ran out before them): the best single run, not separable from seed noise"
+    elif chosen is best:
+        why = "the best mean over its seeds" + ("; no runner-up is within noise" if len(near) == 1 else
+                                                "; the runners-up within noise are not cheaper")
+    else:
+        why = (f"within noise of the best mean ({best.name}) and cheaper: "
+               f"{chosen.trainable_params:,} vs {best.trainable_params:,} trainable parameters")
+    half = t975(df) * sd / math.sqrt(len(chosen.values)) if sd is not None else None
+    return {"name": chosen.name, "axes": chosen.axes, "mean": chosen.mean, "n": len(chosen.values),
+            "ci_half_width": half, "seed_sd": sd, "best_mean": best.name, "why": why,
+            "within_noise": [c["name"] for c in comparisons if c["within_noise"]],
+            "comparisons": comparisons, "config": chosen.config, "run_dir": chosen.run_dir,
+            "trainable_params": chosen.trainable_params, "peak_memory_bytes": chosen.peak_memory_bytes}
+
+
+def effects(db: Path, name: str, metric: str, dims: list[str], sd: float | None) -> list[dict[str, Any]]:
+    """What mattered: for each searched key, the spread of level means of the metric at the first
+    rung (where every candidate has a value), against the seed noise."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        sid = con.execute("SELECT id FROM studies WHERE name = ?", (name,)).fetchone()[0]
+        first = con.execute("SELECT MIN(m.step) FROM metrics m JOIN runs r ON r.id = m.run_id WHERE r.study_id = ? "
+                            "AND m.name = ? AND m.value IS NOT NULL", (sid, metric)).fetchone()[0]
+        rows = con.execute("SELECT r.axes_json, m.value FROM metrics m JOIN runs r ON r.id = m.run_id "
+                           "WHERE r.study_id = ? AND m.name = ? AND m.step = ? AND m.value IS NOT NULL "
+                           "AND r.axes_json NOT LIKE '%train.seed%'", (sid, metric, first)).fetchall()
+    finally:
+        con.close()
+    out = []
+    for key in dims:
+        levels: dict[str, list[float]] = {}
+        for axes_json, value in rows:
+            if math.isfinite(value):
+                levels.setdefault(json.dumps(json.loads(axes_json).get(key)), []).append(value)
+        if len(levels) < 2:
+            continue
+        means = {k: statistics.fmean(v) for k, v in levels.items()}
+        hi, lo = max(means, key=means.get), min(means, key=means.get)
+        size = means[hi] - means[lo]
+        half = 1.96 * sd * math.sqrt(1 / len(levels[hi]) + 1 / len(levels[lo])) if sd is not None else None
+        out.append({"key": key, "step": first, "effect": size, "ci_half_width": half,
+                    "within_noise": half is not None and size <= half,
+                    "levels": {k: {"mean": m, "n": len(levels[k])} for k, m in means.items()}})
+    return sorted(out, key=lambda e: -e["effect"])
+
+
+# ----------------------------------------------------------------------------- running it
+
+
+def _study(spec: dict[str, Any], root: Path, *, extra_runs: list[Any] | None = None):
+    from loralab.study.spec import load_study
+
+    path = root / "tune-study.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    study = load_study(path, root=root)
+    if extra_runs:
+        study.runs += extra_runs
+        study.place(root)
+    return study
+
+
+def repeat_runs(finalists: list[Candidate]) -> list[Any]:
+    """The finalists again with EXTRA_SEEDS: run specs the study database takes beside phase one."""
+    from loralab.study.spec import RunSpec
+
+    runs = []
+    for c in finalists:
+        for seed in EXTRA_SEEDS:
+            config = copy.deepcopy(c.config)
+            config["train"]["seed"] = seed
+            runs.append(RunSpec(name=f"{c.name}-s{seed}", axes={**c.axes, "train.seed": seed}, config=config))
+    return runs
+
+
+def run_tune(*, model: str, data: str, out: str = "runs", name: str = "tune", metric: str = "eval_loss",
+             goal: str | None = None, fixed: dict[str, Any] | None = None, search: list[str] | None = None,
+             widen: dict[str, list[Any]] | None = None, budget_s: float | None = None, budget_steps: int | None = None, max_memory: int | None = None,
+             workers: int = 1, executor: str = "local", address: str | None = None,
+             batch_size: int | None = None) -> dict[str, Any]:
+    """Plan, run both phases (resuming whatever an earlier invocation left), write the answer."""
+    from loralab.paths import child_dir
+    from loralab.study.execute import Halving, run_study
+
+    goal = goal or ("min" if metric == "eval_loss" or metric.endswith(("loss", "perplexity")) else "max")
+    root = child_dir(Path(out), name, what="tune name")
+    root.mkdir(parents=True, exist_ok=True)
+    plan = plan_tune(model=model, data=data, metric=metric, fixed=fixed or {}, search=search, widen=widen,
+                     budget_steps=budget_steps, max_memory=max_memory, batch_size=batch_size)
+    spec = study_file(plan, name=name, metric=metric, goal=goal)
+    (root / "tune-plan.json").write_text(json.dumps(plan.to_json(), indent=2, default=str), encoding="utf-8")
+    log.info("tune %s: %d candidates, %d steps each, halving from step %d; planned %d optimizer steps "
+             "(a full grid with repeats: %d)", name, plan.candidates, plan.max_steps, plan.min_steps,
+             plan.planned_steps, plan.grid_steps)
+    common = dict(workers=workers, executor=executor, address=address, max_memory=max_memory)
+    study = _study(spec, root)
+    halving = Halving(eta=ETA, min_steps=plan.min_steps) if halving_schedule(plan.candidates, plan.max_steps)[1] else None
+    phase1 = run_study(study, root=root, halving=halving, budget_s=budget_s, **common)
+    finished = phase1.get("budget_spent") is not True and not any(s in phase1["counts"] for s in ("pending", "interrupted", "paused", "running"))
+    db = root / "study.db"
+    cands, _ = read_candidates(db, name, metric, goal)
+    if finished and cands:
+        spent = phase1["wall_time_s"]
+        left = None if budget_s is None else max(0.0, budget_s - spent)
+        study = _study(spec, root, extra_runs=repeat_runs(cands[:FINALISTS]))
+        run_study(study, root=root, budget_s=left, **common)
+    return write_answer(root, name=name, metric=metric, goal=goal, plan=plan)
+
+
+def write_answer(root: Path, *, name: str, metric: str, goal: str, plan: Plan) -> dict[str, Any]:
+    """best.yaml, tune.json and tune.md from the study database."""
+    db = root / "study.db"
+    cands, spent = read_candidates(db, name, metric, goal)
+    if not cands:
+        raise ConfigError(f"tune {name}: no candidate has completed yet, so there is nothing to recommend; run the "
+                          f"same command again to continue (with a larger --budget), or see loralab study status {name}")
+    rec = recommend(cands, goal)
+    found = effects(db, name, metric, [d.key for d in plan.dims], rec["seed_sd"])
+    per_step = spent["train_time_s"] / spent["steps"] if spent["steps"] else None
+    answer = {
+        "tune": name, "metric": metric, "goal": goal, "recommended": rec, "effects": found,
+        "compute": {"steps": spent["steps"], "train_time_s": spent["train_time_s"],
+                    "grid_steps": plan.grid_steps,
+                    "grid_train_time_s_estimate": per_step * plan.grid_steps if per_step else None,
+                    "fraction_of_grid": spent["steps"] / plan.grid_steps if plan.grid_steps else None},
+        "runs": spent["counts"], "plan": plan.to_json(),
+        "adapter": str(Path(rec["run_dir"]) / "adapter") if rec["run_dir"] else None,
+    }
+    best = copy.deepcopy(rec["config"])
+    best.get("output", {}).pop("dir", None)
+    best["train"]["seed"] = 1
+    (root / "best.yaml").write_text(f"# loralab tune {name}: {rec['why']}\n" + yaml.safe_dump(best, sort_keys=False),
+                                    encoding="utf-8")
+    (root / "tune.json").write_text(json.dumps(answer, indent=2, default=str), encoding="utf-8")
+    (root / "tune.md").write_text(summary_text(answer), encoding="utf-8")
+    answer["best_yaml"] = str(root / "best.yaml")
+    return answer
+
+
+def _pm(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def summary_text(a: dict[str, Any]) -> str:
+    """The answer a person reads in a minute."""
+    rec = a["recommended"]
+    lines = [f"# loralab tune {a['tune']}", "",
+             f"Recommended: {', '.join(f'{k} = {v}' for k, v in rec['axes'].items()) or 'the base settings'} "
+             f"(run {rec['name']}).",
+             f"{a['metric']}: {rec['mean']:.4g} +/- {_pm(rec['ci_half_width'])} (95% interval, {rec['n']} seeds).",
+             f"Why this one: {rec['why']}."]
+    if rec["within_noise"]:
+        lines.append(f"Within noise of it: {', '.join(rec['within_noise'])}.")
+    for c in rec["comparisons"]:
+        if not c["within_noise"]:
+            lines.append(f"{c['name']}: {c['diff']:+.4g} +/- {_pm(c['ci_half_width'])} from the best mean: beyond the noise.")
+    lines += ["", "What mattered (level means at the first rung, all candidates):"]
+    for e in a["effects"]:
+        verdict = "within noise" if e["within_noise"] else ("beyond noise" if e["ci_half_width"] is not None else "no noise estimate")
+        lines.append(f"- {e['key']}: {e['effect']:.3g} +/- {_pm(e['ci_half_width'])} across the values tried ({verdict})")
+    c = a["compute"]
+    lines += ["", f"Compute: {c['steps']:,} optimizer steps ({c['train_time_s']:.0f} s of training); a full grid of the "
+                  f"same space with the same repeats: {c['grid_steps']:,} steps"
+                  + (f" ({c['fraction_of_grid']:.0%} of it spent)." if c["fraction_of_grid"] else ".")]
+    for note in a["plan"]["notes"]:
+        lines.append(f"Note: {note}")
+    lines += [f"Train it: loralab train {Path(a.get('best_yaml', 'best.yaml')).name}", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="the LoRA settings for your model, data and budget, with the evidence",
+                       description="Search r, the effective learning rate, targets and epochs with successive "
+                                   "halving, repeat the finalists, and recommend what the repeats support.")
+    p.add_argument("--model", required=True, help="model directory or hub id (builtin:tiny works offline)")
+    p.add_argument("--data", required=True, help="training data (any format loralab train reads)")
+    p.add_argument("--metric", default="eval_loss", help="eval_loss or TASK/METRIC (e.g. arithmetic_2ds/exact_match)")
+    p.add_argument("--goal", choices=["min", "max"], help="default: min for losses, max otherwise")
+    p.add_argument("--budget", help="wall-clock budget (90s, 30m, 2h): no run starts after it")
+    p.add_argument("--budget-steps", type=int, help="total optimizer steps; the space shrinks to fit")
+    p.add_argument("--max-memory", help="memory per run, e.g. 24GB: gates runs and chooses 4-bit where needed")
+    p.add_argument("--fixed", action="append", default=[], metavar="KEY=VALUE", help="fix a setting (repeatable)")
+    p.add_argument("--search", help="comma list of the keys to search (default: all of them; the rest take defaults)")
+    p.add_argument("--widen", action="append", default=[], metavar="KEY=V1,V2,...", help="the values tried for a key (repeatable)")
+    p.add_argument("--batch-size", type=int, help="global batch (default: the config default)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--address", help="Ray cluster address")
+    p.add_argument("--out", default="runs", help="output root (default runs)")
+    p.add_argument("--name", default="tune", help="the tune's study name (default tune)")
+    p.add_argument("--json", action="store_true", help="print the answer as one JSON object")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from loralab.cli import emit_json
+    from loralab.estimate import parse_bytes
+    from loralab.study.command import parse_duration
+
+    search = [k.strip() for k in args.search.split(",") if k.strip()] if args.search else None
+    widen = {k: v if isinstance(v, list) else [v] for k, v in parse_assignments(args.widen, "--widen").items()}
+    answer = run_tune(
+        model=args.model, data=args.data, out=args.out, name=args.name, metric=args.metric, goal=args.goal,
+        fixed=parse_assignments(args.fixed, "--fixed"), search=search, widen=widen,
+        budget_s=parse_duration(args.budget, "--budget") if args.budget else None, budget_steps=args.budget_steps,
+        max_memory=parse_bytes(args.max_memory, "--max-memory") if args.max_memory else None,
+        workers=args.workers, executor=args.executor, address=args.address, batch_size=args.batch_size)
+    if args.json:
+        emit_json(answer)
+    else:
+        print(summary_text(answer))
+        print(f"config: {answer['best_yaml']}\nadapter: {answer['adapter']}")
+    return 0

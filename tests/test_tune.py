@@ -1,0 +1,248 @@
+"""loralab tune: the search space follows the seeds' equivalences, the answer is what the study
+database supports, a kill does not repeat or lose runs, and the summary names noise."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loralab.errors import ConfigError
+from loralab.study.spec import load_study
+from loralab.tune import (
+    EFFECTIVE_LRS,
+    EXTRA_SEEDS,
+    SCALE,
+    Candidate,
+    default_dimensions,
+    halving_schedule,
+    plan_tune,
+    recommend,
+    study_file,
+    summary_text,
+)
+from userdata import instruction_records, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def user_data(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("tune-data") / "train.jsonl", instruction_records(80, seed=3))
+
+
+def _expand(plan, tmp_path: Path):
+    spec = study_file(plan, name="t", metric="eval_loss", goal="min")
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    return load_study(path)
+
+
+# ----------------------------------------------------------------------------- the space
+
+
+def test_space_searches_the_effective_learning_rate_at_a_fixed_scale(tiny_model_dir, user_data, tmp_path):
+    plan = plan_tune(model=str(tiny_model_dir("llama")), data=str(user_data), metric="eval_loss", fixed={},
+                     batch_size=8)
+    keys = [d.key for d in plan.dims]
+    assert keys == ["train.lr", "lora.r", "lora.targets", "train.epochs"]
+    study = _expand(plan, tmp_path)
+    assert len(study.runs) == plan.candidates == 4 * 3 * 2 * 2
+    effective = set()
+    for run in study.runs:
+        lora, train = run.config["lora"], run.config["train"]
+        assert lora["alpha"] / lora["r"] == pytest.approx(SCALE)  # alpha tied to 2r: one scale for every rank
+        effective.add(round(train["lr"] * lora["alpha"] / lora["r"], 12))
+        assert train["max_steps"] == plan.steps_per_epoch * train["epochs"]
+    assert sorted(effective) == sorted(EFFECTIVE_LRS)
+    # alpha x k with lr / k is the same point: no two candidates differ only that way
+    points = {(r.config["lora"]["r"], r.config["train"]["lr"] * r.config["lora"]["alpha"],
+               str(r.config["lora"]["targets"]), r.config["train"]["epochs"]) for r in study.runs}
+    assert len(points) == len(study.runs)
+
+
+def test_fixed_search_and_widen_shape_the_space(tiny_model_dir, user_data, tmp_path):
+    model = str(tiny_model_dir("llama"))
+    plan = plan_tune(model=model, data=str(user_data), metric="eval_loss", fixed={"lora.targets": ["all"]},
+                     search=["train.lr", "lora.r"], widen={"lora.r": [4, 16]}, batch_size=8)
+    assert [(d.key, d.values) for d in plan.dims] == [("train.lr", [lr / SCALE for lr in EFFECTIVE_LRS]), ("lora.r", [4, 16])]
+    study = _expand(plan, tmp_path)
+    assert {tuple(r.config["lora"]["targets"]) for r in study.runs} == {("all",)}
+    assert {r.config["train"]["epochs"] for r in study.runs} == {1}  # not searched: the default
+    with pytest.raises(ConfigError, match="lora.dropout.*not a tuned dimension"):
+        plan_tune(model=model, data=str(user_data), metric="eval_loss", fixed={}, search=["lora.dropout"])
+    with pytest.raises(ConfigError, match="also given to --fixed"):
+        plan_tune(model=model, data=str(user_data), metric="eval_loss", fixed={"lora.r": 8}, widen={"lora.r": [4]})
+
+
+def test_epochs_capped_by_data_size():
+    assert [d.values for d in default_dimensions(500) if d.key == "train.epochs"] == [[1, 2]]
+    assert [d.values for d in default_dimensions(50_000) if d.key == "train.epochs"] == [[1]]
+
+
+def test_budget_steps_shrinks_the_space_or_refuses(tiny_model_dir, user_data):
+    model = str(tiny_model_dir("llama"))
+    full = plan_tune(model=model, data=str(user_data), metric="eval_loss", fixed={}, batch_size=8)
+    cut = plan_tune(model=model, data=str(user_data), metric="eval_loss", fixed={}, batch_size=8,
+                    budget_steps=full.planned_steps // 3)
+    assert cut.planned_steps <= full.planned_steps // 3 < full.planned_steps
+    assert cut.candidates < full.candidates
+    assert any("second epoch" in n for n in cut.notes)
+    with pytest.raises(ConfigError, match="below the smallest tune"):
+        plan_tune(model=model, data=str(user_data), metric="eval_loss", fixed={}, batch_size=8, budget_steps=5)
+
+
+def test_halving_leaves_enough_finalists():
+    for n in (1, 2, 4, 9, 16, 48, 200):
+        min_steps, rungs = halving_schedule(n, 90)
+        alive = n
+        for _ in rungs:
+            alive = max(1, math.ceil(alive / 3))
+        assert alive >= min(3, n)
+        assert not rungs or rungs[0] == min_steps
+
+
+# ----------------------------------------------------------------------------- the answer
+
+
+def _cand(name, values, params):
+    return Candidate(name=name, axes={"lora.r": params}, config={"train": {}}, values=values,
+                     trainable_params=params, peak_memory_bytes=1, train_time_s=1.0, run_dir=None)
+
+
+def test_within_noise_recommends_the_cheapest_and_says_so():
+    cands = [_cand("big", [1.00, 1.10, 0.95], 1000), _cand("small", [1.02, 1.12, 0.97], 100),
+             _cand("bad", [2.0, 2.1, 1.9], 50)]
+    rec = recommend(cands, "min")
+    assert rec["best_mean"] == "big" and rec["name"] == "small"
+    assert rec["within_noise"] == ["small"]
+    assert "within noise" in rec["why"] and "cheaper" in rec["why"]
+    text = summary_text({"tune": "t", "metric": "eval_loss", "recommended": rec, "effects": [],
+                         "compute": {"steps": 10, "train_time_s": 1.0, "grid_steps": 40, "fraction_of_grid": 0.25},
+                         "plan": {"notes": []}})
+    assert "Within noise of it: small" in text or "within noise of the best mean" in text
+    assert "bad: +" in text and "beyond the noise" in text
+
+
+def test_separated_finalists_recommend_the_best():
+    cands = [_cand("a", [1.00, 1.01, 0.99], 1000), _cand("b", [1.50, 1.51, 1.49], 10)]
+    rec = recommend(cands, "min")
+    assert rec["name"] == "a" and rec["within_noise"] == []
+    # pooled over both finalists: SD 0.01 with 4 degrees of freedom (t = 2.776)
+    assert rec["ci_half_width"] == pytest.approx(2.776 * 0.01 / math.sqrt(3), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _tune_cmd(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "loralab.cli", "tune", "--model", str(model), "--data", str(data), "--out", str(out),
+            "--name", "tune", "--batch-size", "8", "--search", "train.lr,lora.r", "--widen", "lora.r=4,8",
+            "--widen", "train.lr=1e-3,1e-2", "--fixed", "data.max_seq_length=256", "--fixed", "lora.dropout=0",
+            "--fixed", "data.limit=40", "--fixed", "data.val_fraction=0.15",
+            "--workers", "2", *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _sql_recommendation(db: Path) -> tuple[str, dict[str, list[float]]]:
+    """The best mean over seeds among completed configurations, recomputed with SQL."""
+    con = sqlite3.connect(db)
+    rows = con.execute("""
+        SELECT r.name, r.axes_json, (SELECT m.value FROM metrics m WHERE m.run_id = r.id AND m.name = 'eval_loss'
+                                     ORDER BY m.step DESC LIMIT 1)
+        FROM runs r WHERE r.status = 'completed'""").fetchall()
+    con.close()
+    groups: dict[str, list[float]] = {}
+    names: dict[str, str] = {}
+    for name, axes_json, value in rows:
+        axes = {k: v for k, v in json.loads(axes_json).items() if k != "train.seed"}
+        key = json.dumps(axes, sort_keys=True)
+        groups.setdefault(key, []).append(value)
+        names.setdefault(key, name)
+    repeated = {k: v for k, v in groups.items() if len(v) > 1}
+    best = min(repeated, key=lambda k: statistics.fmean(repeated[k]))
+    return names[best], {names[k]: v for k, v in repeated.items()}
+
+
+@pytest.mark.slow
+def test_tune_killed_and_restarted_finishes_with_no_run_repeated_or_lost(tiny_model_dir, user_data, tmp_path):
+    model = tiny_model_dir("llama")
+    cmd = _tune_cmd(model, user_data, tmp_path / "runs", "--json")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), start_new_session=True)
+    db = tmp_path / "runs" / "tune" / "study.db"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill the driver and its runs once a run has finished
+        if db.exists():
+            try:
+                con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+                done = con.execute("SELECT COUNT(*) FROM runs WHERE status IN ('completed', 'paused')").fetchone()[0]
+                con.close()
+            except sqlite3.Error:
+                done = 0
+            if done:
+                break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "tune").glob("*/summary.json")
+                if json.loads(p.read_text())["status"] == "completed"}
+
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    answer = json.loads(out.stdout)
+
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT name, status, axes_json FROM runs").fetchall()
+    con.close()
+    candidates = [r for r in rows if "train.seed" not in json.loads(r[2])]
+    repeats = [r for r in rows if "train.seed" in json.loads(r[2])]
+    assert len(candidates) == 4  # 2 lr x 2 r, each recorded once
+    assert {s for _, s, _ in rows} <= {"completed", "stopped_early"}
+    assert len(repeats) == 3 * len(EXTRA_SEEDS) and all(s == "completed" for _, s, _ in repeats)
+    for name, mtime in finished.items():  # a run finished before the kill was not trained again
+        assert (tmp_path / "runs" / "tune" / name / "summary.json").stat().st_mtime_ns == mtime
+    for name, _status, _ in rows:  # every logged step once, even for runs that were killed and resumed
+        steps = [json.loads(line)["step"] for line in
+                 (tmp_path / "runs" / "tune" / name / "metrics.jsonl").read_text().splitlines()
+                 if "train_loss" in line]
+        assert len(steps) == len(set(steps)), name
+
+    # the recommendation is what the database supports
+    best, groups = _sql_recommendation(db)
+    rec = answer["recommended"]
+    assert rec["best_mean"] == best
+    assert rec["mean"] == pytest.approx(statistics.fmean(groups[rec["name"]]), rel=1e-9)
+    assert rec["name"] == best or rec["name"] in rec["within_noise"]
+    best_yaml = yaml.safe_load((tmp_path / "runs" / "tune" / "best.yaml").read_text())
+    assert best_yaml["train"]["lr"] == rec["axes"]["train.lr"] and best_yaml["lora"]["r"] == rec["axes"]["lora.r"]
+    assert (Path(answer["adapter"]) / "adapter_model.safetensors").exists()
+    assert answer["compute"]["steps"] < answer["compute"]["grid_steps"]
+    assert "Recommended:" in (tmp_path / "runs" / "tune" / "tune.md").read_text()
+
+
+@pytest.mark.slow
+def test_budget_no_run_starts_after_it(tiny_model_dir, user_data, tmp_path):
+    t0 = time.time()
+    out = subprocess.run(_tune_cmd(tiny_model_dir("llama"), user_data, tmp_path / "runs", "--budget", "1s",
+                                   "--workers", "1"),
+                         capture_output=True, text=True, env=_env(), timeout=600)
+    con = sqlite3.connect(tmp_path / "runs" / "tune" / "study.db")
+    started = [r[0] for r in con.execute("SELECT started_at FROM runs WHERE started_at IS NOT NULL")]
+    pending = con.execute("SELECT COUNT(*) FROM runs WHERE status = 'pending'").fetchone()[0]
+    con.close()
+    assert pending > 0, out.stderr[-2000:]  # the budget stopped the tune before every candidate ran
+    assert started, out.stderr[-2000:]  # ... and after it had started some
+    # the driver starts ~5 s after t0 (imports, tokenizer, data); nothing starts 1 s of budget later
+    assert all(s <= t0 + 60 for s in started)
+    assert max(started, default=t0) - min(started, default=t0) <= 1.5
