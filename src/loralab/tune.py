@@ -210,11 +210,13 @@ def plan_tune(*, model: str, data: str, metric: str, fixed: dict[str, Any], sear
     from loralab.models import load_tokenizer, resolve_model_path
 
     base: dict[str, Any] = {
-        "model": {"path": model}, "data": {"path": data},
-        "lora": {"dropout": 0.05}, "train": {"seed": 1, "warmup_steps": 0}, "eval": {}, "output": {"save_adapter": True},
+        # sequence length from the data (up to the model's context), micro batch from memory
+        "model": {"path": model}, "data": {"path": data, "max_seq_length": "auto"},
+        "lora": {"dropout": 0.05}, "train": {"seed": 1, "warmup_steps": 0, "micro_batch_size": "auto"}, "eval": {},
+        "output": {"save_adapter": True},
     }
     if batch_size:
-        base["train"].update(batch_size=batch_size, micro_batch_size=batch_size)
+        base["train"]["batch_size"] = batch_size
     if metric != "eval_loss":
         base["eval"]["tasks"] = [metric.split("/", 1)[0]]
     for key, value in fixed.items():
@@ -591,7 +593,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     from loralab.cli import emit_json
     from loralab.estimate import parse_bytes
-    from loralab.study.command import parse_duration
+    from loralab.study.options import parse_duration
 
     search = [k.strip() for k in args.search.split(",") if k.strip()] if args.search else None
     widen = {k: v if isinstance(v, list) else [v] for k, v in parse_assignments(args.widen, "--widen").items()}
