@@ -196,6 +196,18 @@ def run_parameters(model: nn.Module, run: int) -> list[nn.Parameter]:
     return params
 
 
+def named_run_parameters(model: nn.Module, run: int, *, prefix: str = "") -> dict[str, nn.Parameter]:
+    """run_parameters under PEFT's names (``prefix`` + "<module>.lora_A.default.weight"), in the
+    same order, so a checkpoint reads the same whether its run trained alone or in a group."""
+    out = {}
+    for name, layer in batched_layers(model).items():
+        if str(run) in layer.adapters:
+            a = layer.adapters[str(run)]
+            out[f"{prefix}{name}.lora_A.default.weight"] = a.lora_A
+            out[f"{prefix}{name}.lora_B.default.weight"] = a.lora_B
+    return out
+
+
 def trained_weights(model: nn.Module, run: int) -> dict[str, LoraWeights]:
     """Run ``run``'s current weights, detached, keyed by base module name."""
     out = {}
