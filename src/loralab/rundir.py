@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,44 @@ class Status(str, Enum):
 
 # Statuses after which nothing is left to train: a resume returns the summary as it is.
 FINAL = frozenset({Status.COMPLETED, Status.DIVERGED, Status.STOPPED_EARLY})
+
+
+@dataclass
+class RunSummary:
+    """What a run measured: summary.json's fields for a completed, paused or stopped-early run
+    (besides status, error, run_dir, versions and trust_remote_code, written at the start).
+    Solo runs and members of a fused group report the same fields with the same meanings."""
+
+    steps: int  # optimizer steps planned (train.max_steps, or epochs x examples / batch)
+    steps_done: int  # optimizer steps taken so far (== steps when completed)
+    skipped_steps: int  # steps skipped as non-finite (train.on_nonfinite=skip)
+    resumed_from_step: int | None  # the checkpoint step this session started from; None without resume
+    checkpoint: str | None  # the newest checkpoint written or resumed from
+    micro_batch_size: int  # in force at the end (auto_micro_batch may have halved it)
+    micro_batch_changes: list[dict[str, int]]  # {"step", "from", "to"} per halving
+    packed_attention: str | None  # "per_example", "block_mask", or None unpacked
+    train_examples: int
+    val_examples: int
+    dropped_by_length_filter: int
+    truncated_to_no_response: int
+    final_eval_loss: float  # NaN when never evaluated or not finite
+    best_eval_loss: float | None
+    final_eval_tasks: dict[str, float]
+    best_eval_tasks: dict[str, float]
+    wall_time_s: float  # this run's wall time (its equal share of a group's), all sessions
+    train_time_s: float  # time in training steps (its share in a group)
+    train_cpu_time_s: float  # CPU seconds of training: steadier than wall time on a shared machine
+    tokens_seen: int
+    tokens_per_s: float  # tokens_seen / train_time_s
+    peak_memory_bytes: int  # the process's peak (CUDA: reserved + context; CPU: RSS); a group shares one
+    trainable_params: int
+    total_params: int
+    device: str
+    extra: dict[str, Any] = field(default_factory=dict)  # "fused": the group's shared figures
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        return {**out, **out.pop("extra")}
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from loralab.rundir import (
     FINAL,
     MetricsWriter,
     RunDir,
+    RunSummary,
     Status,
     clear_run_outputs,
     trim_metrics,
@@ -575,7 +576,7 @@ def take_step(run: Run, *, step: int, steps: int, loss: float, grad_norm: float,
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         run.opt.zero_grad(set_to_none=True)
         if run.cfg.train.on_nonfinite == "stop":
-            run.metrics.write(step=step, event="diverged", train_loss=loss, grad_norm=grad_norm)
+            run.metrics.write(step=step, event=Status.DIVERGED, train_loss=loss, grad_norm=grad_norm)
             last = latest_checkpoint(run.dir.root)
             run.status = Status.DIVERGED
             run.record(status=Status.DIVERGED, diverged_at_step=step, last_good_checkpoint=str(last) if last else None,
@@ -599,7 +600,7 @@ def stop_worst(going: list[Run], prune: Prune, *, step: int, steps: int, setup: 
     ranked = sorted(going, key=prune.score)
     for r in ranked[keep_count(len(ranked), prune.eta):]:
         r.status = Status.STOPPED_EARLY
-        r.metrics.write(step=step, event="stopped_early", rung=step)
+        r.metrics.write(step=step, event=Status.STOPPED_EARLY, rung=step)
         r.metrics.close()
         r.record(status=Status.STOPPED_EARLY, stopped_at_step=step,
                  **run_result(r, setup, steps=steps, extra={"fused": {"stopped_by": "successive halving in the group"}}))
@@ -638,35 +639,34 @@ def run_result(run: Run, setup: Setup, *, steps: int, extra: dict[str, Any] | No
     """The summary fields a run measured (the same for a solo run and a member of a group)."""
     st, splits = run.state, setup.splits
     trainable, total = setup.adapters.counts(run.index)
-    train_time = st.train_time_s
-    return {
-        "steps": steps,
-        "steps_done": st.step,
-        "skipped_steps": st.skipped_steps,
-        "resumed_from_step": run.resumed_from,
-        "checkpoint": str(run.checkpoint) if run.checkpoint else None,
-        "micro_batch_size": st.micro_batch_size,
-        "micro_batch_changes": st.micro_batch_changes,
-        "packed_attention": setup.attention,
-        "train_examples": len(splits.train),
-        "val_examples": len(splits.val),
-        "dropped_by_length_filter": splits.dropped_by_length,
-        "truncated_to_no_response": splits.truncated_to_nothing,
-        "final_eval_loss": st.eval_loss if st.eval_loss is not None else float("nan"),
-        "best_eval_loss": st.best_eval_loss,
-        "final_eval_tasks": {k: v[-1] for k, v in st.task_history.items()},
-        "best_eval_tasks": {k: best_of(k, v) for k, v in st.task_history.items()},
-        "wall_time_s": st.wall_time_s + run.session_wall_s,
-        "train_time_s": train_time,
-        "train_cpu_time_s": st.train_cpu_time_s,  # CPU seconds of training: steadier than wall time on a shared machine
-        "tokens_seen": st.tokens_seen,
-        "tokens_per_s": st.tokens_seen / train_time if train_time else 0.0,
-        "peak_memory_bytes": peak_memory_bytes if peak_memory_bytes is not None else PeakMemory(setup.device).bytes(),
-        "trainable_params": trainable,
-        "total_params": total,
-        "device": str(setup.device),
-        **(extra or {}),
-    }
+    return RunSummary(
+        steps=steps,
+        steps_done=st.step,
+        skipped_steps=st.skipped_steps,
+        resumed_from_step=run.resumed_from,
+        checkpoint=str(run.checkpoint) if run.checkpoint else None,
+        micro_batch_size=st.micro_batch_size,
+        micro_batch_changes=st.micro_batch_changes,
+        packed_attention=setup.attention,
+        train_examples=len(splits.train),
+        val_examples=len(splits.val),
+        dropped_by_length_filter=splits.dropped_by_length,
+        truncated_to_no_response=splits.truncated_to_nothing,
+        final_eval_loss=st.eval_loss if st.eval_loss is not None else float("nan"),
+        best_eval_loss=st.best_eval_loss,
+        final_eval_tasks={k: v[-1] for k, v in st.task_history.items()},
+        best_eval_tasks={k: best_of(k, v) for k, v in st.task_history.items()},
+        wall_time_s=st.wall_time_s + run.session_wall_s,
+        train_time_s=st.train_time_s,
+        train_cpu_time_s=st.train_cpu_time_s,
+        tokens_seen=st.tokens_seen,
+        tokens_per_s=st.tokens_seen / st.train_time_s if st.train_time_s else 0.0,
+        peak_memory_bytes=peak_memory_bytes if peak_memory_bytes is not None else PeakMemory(setup.device).bytes(),
+        trainable_params=trainable,
+        total_params=total,
+        device=str(setup.device),
+        extra=extra or {},
+    ).to_dict()
 
 
 def oom_details(cfg: Config, device: torch.device) -> dict[str, Any]:
