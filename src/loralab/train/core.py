@@ -330,22 +330,31 @@ def start_runs(runs: list[Run], adapters, *, steps: int, resume: bool, device: t
 # ----------------------------------------------------------------------------- the step
 
 
-def forward_backward(adapters, runs: list[Run], examples: list[Example], group: list[tuple[int, list[int]]],
-                     cfg: Config, *, pad_id: int, device: torch.device, segments: bool) -> tuple[torch.Tensor, int]:
-    """Accumulate every run's gradient of one optimizer step; ((runs,) mean losses on the
-    device, useful tokens). The step's examples are laid out once (padded, length-grouped or
-    packed, data.packing) and shared by the runs; each run's loss is the sum over the step's
-    response tokens divided by their count, in every layout. Counts and label positions are
-    taken on the host before a batch moves, so nothing here waits for the device."""
+def host_layout(examples: list[Example], group: list[tuple[int, list[int]]], cfg: Config, *, pad_id: int,
+                segments: bool) -> tuple[list[dict], int, int]:
+    """One optimizer step's micro batches on the host, laid out once for every run (padded,
+    length-grouped or packed, data.packing), each with its label positions; the step's response
+    tokens (the loss divisor) and useful tokens. All counted on the host before anything moves,
+    so the step never waits for the device to learn them."""
     batches = step_batches([examples[i] for _, idx in group for i in idx], micro_batch_size=cfg.train.micro_batch_size,
                            row_len=cfg.data.max_seq_length, pad_id=pad_id, device=torch.device("cpu"),
                            packing=cfg.data.packing, segments=segments, group_by_length=cfg.train.group_by_length)
     n_loss = sum(count_labels(b["labels"]) for b in batches)
-    tokens = sum(int(b["n_tokens"]) for b in batches)
+    tokens = sum(int(b.pop("n_tokens")) for b in batches)
+    for b in batches:
+        b["positions"] = label_positions(b["labels"])
+    return batches, n_loss, tokens
+
+
+def forward_backward(adapters, runs: list[Run], examples: list[Example], group: list[tuple[int, list[int]]],
+                     cfg: Config, *, pad_id: int, device: torch.device, segments: bool) -> tuple[torch.Tensor, int]:
+    """Accumulate every run's gradient of one optimizer step; ((runs,) mean losses, on the
+    device, and the step's useful tokens). Each run's loss is the sum over the step's response
+    tokens divided by their count, in every layout; nothing here waits for the device."""
+    batches, n_loss, tokens = host_layout(examples, group, cfg, pad_id=pad_id, segments=segments)
     step_loss = torch.zeros(len(runs), dtype=torch.float64, device=device)
     for batch in batches:
-        batch["positions"] = label_positions(batch["labels"])
-        batch = to_device({k: v for k, v in batch.items() if k != "n_tokens"}, device)
+        batch = to_device(batch, device)
         # backward inside the routing: activation checkpointing recomputes forwards during it
         with adapters.routed([r.index for r in runs], rows_each=batch["input_ids"].shape[0]):
             losses = run_losses(adapters.model, batch, len(runs), runs[0].cfg.train.autocast) / n_loss
