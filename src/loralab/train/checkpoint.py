@@ -73,6 +73,7 @@ class TrainState:
     best_eval_loss: float | None = None
     task_history: dict[str, list[float]] = field(default_factory=dict)
     micro_batch_changes: list[dict[str, int]] = field(default_factory=list)
+    grad_scaler: dict[str, Any] | None = None  # torch.amp.GradScaler's state when training in fp16
 
 
 def checkpoint_root(run_dir: Path) -> Path:

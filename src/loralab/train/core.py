@@ -59,6 +59,7 @@ from loralab.rundir import (
 )
 from loralab.train.attention import segment_attention
 from loralab.train.checkpoint import (
+    MANIFEST,
     DiskFullError,
     TrainState,
     clean_temporaries,
@@ -197,6 +198,7 @@ class Run:
     checkpoint: Path | None = None
     resumed_from: int | None = None
     session_wall_s: float = 0.0  # this session's share of the group's wall time
+    scaler: torch.amp.GradScaler | None = None  # fp16: the run's own loss scale
 
     def record(self, **fields: Any) -> None:
         """Update summary.json (atomically)."""
@@ -214,6 +216,16 @@ class Setup:
     tasks: list
     device: torch.device
     attention: str | None
+    fp16: bool = False  # the base computes in fp16: gradients go through a GradScaler
+
+
+def needs_grad_scaler(model, autocast: str) -> bool:
+    """Whether the forward computes in fp16, read from the loaded model (fp16 weights, or 4-bit
+    layers with an fp16 compute dtype), whatever config key set it, or from train.autocast."""
+    if autocast == "fp16":
+        return True
+    return any(p.dtype == torch.float16 for p in model.parameters()) or any(
+        getattr(m, "compute_dtype", None) == torch.float16 for m in model.modules())
 
 
 def load_group(cfgs: list[Config], *, fused: bool) -> Setup:
@@ -237,7 +249,7 @@ def load_group(cfgs: list[Config], *, fused: bool) -> Setup:
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}",
              100 * trainable / total)
     splits, tasks = load_data_and_tasks(cfg, base, tokenizer)
-    return Setup(adapters, tokenizer, splits, tasks, device, attention)
+    return Setup(adapters, tokenizer, splits, tasks, device, attention, needs_grad_scaler(base, cfg.train.autocast))
 
 
 def enable_activation_checkpointing(base, model_path: str) -> None:
@@ -293,18 +305,21 @@ def resume_step(runs: list[Run]) -> int:
             clean_temporaries(run.dir.checkpoints)  # half-written by a killed session
     first = runs[0]
     for path in reversed(complete_checkpoints(first.dir.checkpoints)):
-        others = [r.dir.checkpoints / path.name for r in runs[1:]]
-        problems = [(p, verify(p)) for p in [path, *others] if not p.is_dir() or verify(p) is not None]
-        if not problems:
+        paths = [path, *(r.dir.checkpoints / path.name for r in runs[1:])]
+        problems = {p: verify(p) if (p / MANIFEST).is_file() else "missing or without a manifest" for p in paths}
+        if not any(problems.values()):
             return int(path.name.split("-")[1])
-        for p, problem in problems:
-            log.warning("ignoring checkpoint %s: %s", p, problem or "missing")
+        for p, problem in problems.items():
+            if problem:
+                log.warning("ignoring checkpoint %s (step of every run of the group): %s", p, problem)
     return 0
 
 
-def start_runs(runs: list[Run], adapters, *, steps: int, resume: bool, device: torch.device) -> int:
-    """Each run's optimizer, schedule and state: fresh, or the common checkpoint's when resuming."""
+def start_runs(runs: list[Run], adapters, *, steps: int, resume: bool, device: torch.device, fp16: bool) -> int:
+    """Each run's optimizer, schedule, gradient scaler (fp16) and state: fresh, or the common
+    checkpoint's when resuming."""
     for run in runs:
+        run.scaler = torch.amp.GradScaler(device.type) if fp16 else None
         run.params = list(adapters.named_params(run.index).values())
         run.opt = build_optimizer(run.params, run.cfg.train)
         run.sched = build_scheduler(run.opt, run.cfg.train, steps)  # planned for the full run, also when pausing
@@ -319,6 +334,8 @@ def start_runs(runs: list[Run], adapters, *, steps: int, resume: bool, device: t
             path = run.dir.checkpoints / f"step-{step:06d}"
             run.state = load_checkpoint(path, params=adapters.named_params(run.index), opt=run.opt, sched=run.sched,
                                         device=device)
+            if run.scaler is not None and run.state.grad_scaler:
+                run.scaler.load_state_dict(run.state.grad_scaler)
             trim_metrics(run.dir.metrics, step)
             run.checkpoint = path
             log.info("resuming %s from %s (step %d)", run.dir.root, path, step)
@@ -358,7 +375,10 @@ def forward_backward(adapters, runs: list[Run], examples: list[Example], group: 
         # backward inside the routing: activation checkpointing recomputes forwards during it
         with adapters.routed([r.index for r in runs], rows_each=batch["input_ids"].shape[0]):
             losses = run_losses(adapters.model, batch, len(runs), runs[0].cfg.train.autocast) / n_loss
-            losses.sum().backward()
+            if runs[0].scaler is None:
+                losses.sum().backward()
+            else:  # fp16: each run's loss times its own scale, so small gradients stay representable
+                torch.stack([r.scaler.scale(loss) for r, loss in zip(runs, losses, strict=True)]).sum().backward()
         step_loss += losses.detach()
     return step_loss, tokens
 
@@ -492,7 +512,7 @@ def fit(runs: list[Run], setup: Setup, *, resume: bool, show_progress: bool, pru
     on_start()  # from here on, bad input is a failed run, not an invalid one
     steps = plan_steps(cfg, len(splits.train))
     stop = min(steps, cfg.train.stop_at_step or steps)
-    step = start_runs(runs, adapters, steps=steps, resume=resume, device=device)
+    step = start_runs(runs, adapters, steps=steps, resume=resume, device=device, fp16=setup.fp16)
     rungs = set(prune.rungs(steps)) if prune is not None else set()
     state0 = runs[0].state
     # The data stream at the micro batch size in force (auto_micro_batch may have halved it).
@@ -530,6 +550,9 @@ def fit(runs: list[Run], setup: Setup, *, resume: bool, show_progress: bool, pru
                 halve_micro_batch(data_cfg, live, done=step, peak=peak, where="in training")
                 stream = stream_from(len(splits.train), data_cfg, skip=live[0].state.micro_batches)
                 continue
+            for r in live:
+                if r.scaler is not None:
+                    r.scaler.unscale_(r.opt)  # on the device: no sync
             norms = [torch.nn.utils.clip_grad_norm_(r.params, r.cfg.train.grad_clip or float("inf")) for r in live]
             # the step's one host-device sync: every run's loss and gradient norm at once
             values = torch.cat([step_loss, torch.stack(norms).to(step_loss)]).tolist()
@@ -582,8 +605,17 @@ def take_step(run: Run, *, step: int, steps: int, loss: float, grad_norm: float,
     st.micro_batches += len(group)
     st.tokens_seen += tokens
     st.epoch = group[-1][0]
+    if run.scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
+        # fp16 overflow: the scaler's business, not divergence; the step is skipped, the scale lowered
+        run.opt.zero_grad(set_to_none=True)
+        run.scaler.update()
+        st.skipped_steps += 1
+        run.metrics.write(step=step, event="fp16_overflow", train_loss=loss, skipped_steps=st.skipped_steps)
+        return
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         run.opt.zero_grad(set_to_none=True)
+        if run.scaler is not None:
+            run.scaler.update()
         if run.cfg.train.on_nonfinite == "stop":
             run.metrics.write(step=step, event=Status.DIVERGED, train_loss=loss, grad_norm=grad_norm)
             last = latest_checkpoint(run.dir.root)
@@ -596,7 +628,9 @@ def take_step(run: Run, *, step: int, steps: int, loss: float, grad_norm: float,
         st.skipped_steps += 1
         run.metrics.write(step=step, event="skipped_nonfinite", train_loss=loss, skipped_steps=st.skipped_steps)
         return
-    run.opt.step()
+    run.opt.step()  # gradients known finite (unscaled already with fp16): no scaler.step and its sync
+    if run.scaler is not None:
+        run.scaler.update()
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)
     if step % run.cfg.train.log_every == 0 or step == steps:
@@ -621,6 +655,7 @@ def save_checkpoints(runs: list[Run], adapters, *, clock: Clock, keep_last: int,
     for r in runs:
         with clock.charge_to(r):
             r.state.wall_time_s = r.state.wall_time_s + r.session_wall_s
+            r.state.grad_scaler = r.scaler.state_dict() if r.scaler is not None else None
             try:
                 r.checkpoint = save_checkpoint(r.dir.root, r.state, params=adapters.named_params(r.index),
                                                opt=r.opt, sched=r.sched, keep_last=None, device=device)
