@@ -237,7 +237,7 @@ def test_eval_batch_is_at_most_the_micro_batch(model_dir, tmp_path, monkeypatch)
         return original(*args, batch_size=batch_size, **kw)
 
     monkeypatch.setattr(core, "evaluate_losses", spy)
-    train(make_cfg(model_dir, tmp_path / "r", **{**SHARED, **VARIANTS[0]}, train__max_steps=2))
+    train(make_cfg(model_dir, tmp_path / "r", **{**SHARED, **VARIANTS[0], "train__max_steps": 2}))
     assert seen == [2]
 
 
