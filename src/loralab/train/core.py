@@ -744,16 +744,19 @@ def flat_config(cfg: Config) -> dict[str, Any]:
     return {f"{section}.{key}": value for section, values in cfg.to_dict().items() for key, value in values.items()}
 
 
-def open_runs(cfgs: list[Config], run_dirs: list[Path], *, resume: bool, group_extra) -> tuple[list[Run], list[dict]]:
+def open_runs(cfgs: list[Config], run_dirs: list[Path], *, resume: bool, fused: bool,
+              group_extra) -> tuple[list[Run], list[dict]]:
     """The runs still to train (config.yaml and a running summary.json written before step 0),
-    and the summaries of runs a resume finds already finished (returned as they are)."""
+    and the summaries of runs a resume finds already finished (returned as they are): completed
+    runs, and in a group also runs that diverged or were stopped early (they left the group; a
+    solo diverged run resumes from its last good checkpoint, as a study's retry expects)."""
     runs, done = [], []
     for cfg, path in zip(cfgs, run_dirs, strict=True):
         rd = RunDir(path)
         if resume:
             check_resume_config(cfg, rd)
             previous = rd.read_summary()
-            if previous and previous.get("status") in FINAL:
+            if previous and previous.get("status") in (FINAL if fused else {Status.COMPLETED}):
                 log.info("%s is already %s; nothing to resume", path, previous["status"])
                 done.append(previous)
                 continue
@@ -782,7 +785,7 @@ def run_group(cfgs: list[Config], run_dirs: list[Path], *, fused: bool, resume: 
     ``out_of_memory`` with the estimate beside the measured peak, anything else ``failed``.
     Returns one summary per config, in order, and the set-up (for keep_model).
     """
-    runs, done = open_runs(cfgs, run_dirs, resume=resume, group_extra=group_extra)
+    runs, done = open_runs(cfgs, run_dirs, resume=resume, fused=fused, group_extra=group_extra)
     if not runs:
         return done, None
     clock = Clock()
