@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import make_cfg
-from loralab.batched_lora import initial_adapter
 from loralab.config import LoraConfig
 from loralab.errors import ConfigError, DataError, ModelError
 from loralab.train.fused import check_group, fuse_key, train_fused
+from loralab.train.group import initial_adapter
 from loralab.train.loop import train
 
 # One group mixing rank, alpha, rsLoRA, targets, init, optimizers, schedules and learning rates.

@@ -1,8 +1,8 @@
 """The training core: ONE loop over a group of K >= 1 LoRA runs that share a frozen base.
 
     from loralab.train.core import run_group
-    summaries = run_group([cfg], fused=False)          # a solo run: the PEFT model
-    summaries = run_group(cfgs, fused=True)            # K runs, one batched adapter layer
+    summaries, _ = run_group([cfg], [Path("runs/a")], fused=False)   # a solo run: the PEFT model
+    summaries, _ = run_group(cfgs, dirs, fused=True, resume=True)    # K runs, one batched adapter layer
 
 A solo run is a group of one over the PEFT model (loralab.train.loop.train); a fused group
 is K runs over one base with the batched adapter layer (loralab.train.fused.train_fused):
@@ -33,14 +33,6 @@ from typing import Any
 import torch
 
 from loralab.adapters import attach_lora, count_params, save_adapter
-from loralab.batched_lora import (
-    initial_adapter,
-    install,
-    named_run_parameters,
-    remove,
-    save_trained_adapter,
-    trained_weights,
-)
 from loralab.config import Config, dump_config, load_config
 from loralab.data.dataset import Example, Splits, collate, load_splits
 from loralab.data.packing import step_batches
@@ -69,6 +61,14 @@ from loralab.train.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
     verify,
+)
+from loralab.train.group import (
+    initial_adapter,
+    install,
+    named_run_parameters,
+    remove,
+    save_trained_adapter,
+    trained_weights,
 )
 from loralab.train.measure import PeakMemory, versions
 from loralab.train.optim import build_optimizer, build_scheduler
@@ -125,7 +125,7 @@ class SoloAdapters:
 
 
 class FusedAdapters:
-    """K runs' adapters in loralab.batched_lora's layer over one base; run k owns a block of rows."""
+    """K runs' adapters in loralab.train.group's layer over one base; run k owns a block of rows."""
 
     def __init__(self, base, cfgs: list[Config]):
         self.model = base

@@ -12,7 +12,7 @@ A fused group is a group of K runs in the training core (loralab.train.core), th
 run also goes through: the base is loaded once; each step builds the shared micro batches
 once (every run of a group sees the same data in the same order), stacks one copy per run
 along the batch dimension, and runs the base once over all of them; run k's rows go through
-run k's own adapters (loralab.batched_lora). Losses, gradient clipping, optimizer, schedule,
+run k's own adapters (loralab.train.group). Losses, gradient clipping, optimizer, schedule,
 metrics, checkpoints and the run directory are each run's own, exactly as train(cfg) writes
 them, with two additions to summary.json: "fused_with" (the other run directories of the
 group) and "fused" (the group's size and its shared times, attributed in equal shares).
