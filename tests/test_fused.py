@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import make_cfg
-from loralab.batched_lora import initial_adapter
 from loralab.config import LoraConfig
 from loralab.errors import ConfigError, DataError, ModelError
 from loralab.train.fused import check_group, fuse_key, train_fused
+from loralab.train.group import initial_adapter
 from loralab.train.loop import train
 
 # One group mixing rank, alpha, rsLoRA, targets, init, optimizers, schedules and learning rates.
@@ -170,8 +170,10 @@ def test_group_checks_name_the_key(tmp_path):
         check_group([a, make_cfg("builtin:tiny", tmp_path / "a", lora__r=4)])
     with pytest.raises(ConfigError, match="DoRA"):
         fuse_key(make_cfg("builtin:tiny", tmp_path / "d", lora__dora=True))
-    with pytest.raises(ConfigError, match="auto_micro_batch"):
-        fuse_key(make_cfg("builtin:tiny", tmp_path / "d", train__auto_micro_batch=True))
+    # what a solo run has, a group has: these are shared keys, not refusals
+    for kw in (dict(train__auto_micro_batch=True), dict(train__checkpoint_every=2), dict(train__stop_at_step=2),
+               dict(train__gradient_checkpointing=True)):
+        assert fuse_key(make_cfg("builtin:tiny", tmp_path / "d", **kw)) != fuse_key(a), kw
     with pytest.raises(ConfigError, match="at least one"):
         check_group([])
     from loralab.config import ModelConfig, QuantConfig
@@ -204,7 +206,7 @@ def test_a_diverging_run_stops_alone(tmp_path):
 
 
 def test_group_failure_is_recorded_in_every_run(tmp_path, monkeypatch):
-    import loralab.train.fused as fused
+    import loralab.train.core as core
 
     cfgs = [make_cfg("builtin:tiny", tmp_path / f"r{i}", data__path=str(tmp_path / "missing.jsonl"), lora__r=2 + i)
             for i in range(2)]
@@ -217,7 +219,7 @@ def test_group_failure_is_recorded_in_every_run(tmp_path, monkeypatch):
     def broken(*args, **kwargs):  # injected: an error of the same kind once training has begun
         raise DataError("injected during training")
 
-    monkeypatch.setattr(fused, "fused_backward", broken)
+    monkeypatch.setattr(core, "forward_backward", broken)
     cfgs = [make_cfg("builtin:tiny", tmp_path / f"t{i}", lora__r=2 + i) for i in range(2)]
     with pytest.raises(DataError, match="injected"):
         train_fused(cfgs)

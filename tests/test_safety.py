@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import loralab.train.checkpoint as ckpt_mod
-import loralab.train.loop as loop
+import loralab.train.core as core
 from loralab.errors import DivergedError, LoralabError
 from loralab.train.checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint
 from loralab.train.loop import train
@@ -42,21 +42,21 @@ def rows(cfg) -> list[dict]:
 
 def poison_step(monkeypatch, bad_step: int, where: str) -> None:
     """Make optimizer step ``bad_step`` non-finite: its loss (``where="loss"``) or one gradient."""
-    original = loop.forward_backward
+    original = core.forward_backward
     calls = {"n": 0}
 
-    def wrapped(model, *args, **kw):
+    def wrapped(adapters, *args, **kw):
         calls["n"] += 1
-        loss, tokens = original(model, *args, **kw)
+        losses, tokens = original(adapters, *args, **kw)
         if calls["n"] == bad_step:
             if where == "loss":
-                loss = float("nan")
+                losses = torch.full_like(losses, float("nan"))
             else:
-                p = next(p for p in model.parameters() if p.requires_grad)
+                p = next(p for p in adapters.model.parameters() if p.requires_grad)
                 p.grad[0, 0] = float("inf")
-        return loss, tokens
+        return losses, tokens
 
-    monkeypatch.setattr(loop, "forward_backward", wrapped)
+    monkeypatch.setattr(core, "forward_backward", wrapped)
 
 
 # ----------------------------------------------------------------------------- divergence
@@ -99,14 +99,14 @@ def test_nonfinite_skip_is_counted(model_dir, cfg_factory, monkeypatch):
 
 def oom_above(monkeypatch, limit: int) -> None:
     """Raise torch.OutOfMemoryError for micro batches larger than ``limit`` (before any compute)."""
-    original = loop.response_loss_sum
+    original = core.run_losses
 
-    def wrapped(model, batch, autocast):
+    def wrapped(model, batch, n_runs, autocast):
         if batch["input_ids"].shape[0] > limit:
             raise torch.OutOfMemoryError(f"injected: micro batch {batch['input_ids'].shape[0]} > {limit}")
-        return original(model, batch, autocast)
+        return original(model, batch, n_runs, autocast)
 
-    monkeypatch.setattr(loop, "response_loss_sum", wrapped)
+    monkeypatch.setattr(core, "run_losses", wrapped)
 
 
 def test_out_of_memory_reports_estimate_and_peak(model_dir, cfg_factory, monkeypatch):

@@ -243,15 +243,14 @@ def test_activation_checkpointing_keeps_the_loss_curve(cfg_factory, packing):
     assert b["final_eval_loss"] == pytest.approx(a["final_eval_loss"], rel=1e-5)
 
 
-def test_activation_checkpointing_is_estimated_and_never_fused(cfg_factory):
+def test_activation_checkpointing_is_estimated_and_fused_only_with_its_like(cfg_factory):
     from loralab.estimate import estimate_run
     from loralab.train.fused import fuse_key
 
     cfg = cfg_factory("builtin:tiny", train__gradient_checkpointing=True)
     on, off = estimate_run(cfg), estimate_run(cfg_factory("builtin:tiny"))
     assert on.memory_bytes["activations"] < off.memory_bytes["activations"]
-    with pytest.raises(ConfigError, match="train.gradient_checkpointing"):
-        fuse_key(cfg)
+    assert fuse_key(cfg) != fuse_key(cfg_factory("builtin:tiny"))  # a shared key: groups have it or not
 
 
 @pytest.mark.parametrize("compute_dtype", ["bf16", "fp32"])

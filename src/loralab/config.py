@@ -105,7 +105,7 @@ class TrainConfig:
     epochs: float = _f(1.0, "Passes over the training data when max_steps is not set.", gt=0)
     grad_clip: float | None = _f(1.0, "Clip the global gradient norm to this value (null = off).", gt=0)
     seed: int = _f(1337, "Seeds data order, dropout and adapter init.")
-    autocast: Literal["none", "bf16"] = _f("none", "bf16 autocast for the forward pass.")
+    autocast: Literal["none", "bf16", "fp16"] = _f("none", "Autocast for the forward pass: bf16, or fp16 (with a gradient scaler, as for any fp16 base).")
     group_by_length: bool = _f(False, "Sort each step's examples by length before cutting micro batches (same examples per step, less padding).")
     gradient_checkpointing: bool = _f(False, "Keep only each decoder layer's input and recompute the rest in backward (transformers' non-reentrant activation checkpointing): far less activation memory for one more forward of compute; same maths.")
     log_every: int = _f(10, "Write a train-loss line to metrics.jsonl every N steps.", gt=0)

@@ -10,7 +10,8 @@ A checkpoint is ``run_dir/checkpoints/step-000120/`` holding
     optimizer.safetensors      every tensor of the optimizer state
     optimizer.json             the rest of it: scalars and the parameter groups
     scheduler.json             the lr scheduler's state (its lambda is rebuilt from the config)
-    rng.safetensors, rng.json  torch CPU / CUDA generator states; Python and NumPy states
+    rng.safetensors, rng.json  torch CPU generator state and the training device's (CUDA) one only;
+                               Python and NumPy states
     trainer_state.json         data position (step, epoch, micro batches consumed) and bookkeeping
     manifest.json              written last: size and sha256 of every file above
 
@@ -72,6 +73,7 @@ class TrainState:
     best_eval_loss: float | None = None
     task_history: dict[str, list[float]] = field(default_factory=dict)
     micro_batch_changes: list[dict[str, int]] = field(default_factory=list)
+    grad_scaler: dict[str, Any] | None = None  # torch.amp.GradScaler's state when training in fp16
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -100,7 +102,7 @@ def _write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_json(path: Path, obj: Any) -> None:  # into a temporary directory renamed whole: no write_atomic
     # NaN stays NaN (a task score or an eval loss can be NaN); Python's json reads it back.
     _write_text(path, json.dumps(obj, indent=1))
 
@@ -138,12 +140,13 @@ def optimizer_parts(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor]
     return tensors, {"scalars": scalars, "param_groups": groups}
 
 
-def rng_parts() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Generator states of torch (CPU, each CUDA device), Python's random and NumPy."""
+def rng_parts(device: torch.device | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Generator states of torch (CPU, and the training device when it is a GPU), Python's random
+    and NumPy. Only the training device's: a run draws from no other GPU, and a checkpoint that
+    names one device resumes on any layout (a study child sees one GPU, a resume may see eight)."""
     tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = state
+    if device is not None and device.type == "cuda":
+        tensors["torch_device"] = torch.cuda.get_rng_state(device)
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return tensors, {
@@ -158,8 +161,13 @@ def scheduler_state(sched) -> dict[str, Any]:
     return {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, *, model, opt, sched, keep_last: int) -> Path:
-    """Write the checkpoint for ``state.step`` atomically; keep the newest ``keep_last``."""
+def save_checkpoint(run_dir: Path, state: TrainState, *, opt, sched, keep_last: int | None, model=None,
+                    params: dict[str, torch.Tensor] | None = None, device: torch.device | None = None) -> Path:
+    """Write the checkpoint for ``state.step`` atomically; keep the newest ``keep_last`` (None:
+    prune nothing now, the caller calls prune_checkpoints). ``params``: the trainable tensors by
+    name (or ``model``, whose trainable parameters are taken); ``device``: the training device,
+    whose generator state is kept."""
+    params = trainable_tensors(model) if params is None else params
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     clean_temporaries(root)
@@ -167,12 +175,12 @@ def save_checkpoint(run_dir: Path, state: TrainState, *, model, opt, sched, keep
     tmp = root / f".tmp-{step_name(state.step)}-{os.getpid()}"
     try:
         tmp.mkdir()
-        _write_tensors(tmp / "adapter.safetensors", trainable_tensors(model))
+        _write_tensors(tmp / "adapter.safetensors", params)
         opt_tensors, opt_json = optimizer_parts(opt)
         _write_tensors(tmp / "optimizer.safetensors", opt_tensors)
         _write_json(tmp / "optimizer.json", opt_json)
         _write_json(tmp / "scheduler.json", scheduler_state(sched))
-        rng_tensors, rng_json = rng_parts()
+        rng_tensors, rng_json = rng_parts(device)
         _write_tensors(tmp / "rng.safetensors", rng_tensors)
         _write_json(tmp / "rng.json", rng_json)
         _write_json(tmp / "trainer_state.json", asdict(state))
@@ -194,7 +202,8 @@ def save_checkpoint(run_dir: Path, state: TrainState, *, model, opt, sched, keep
                 f"last complete checkpoint: {previous or 'none'}"
             ) from None
         raise
-    prune(root, keep_last)
+    if keep_last is not None:
+        prune_checkpoints(root, keep_last)
     return final
 
 
@@ -210,7 +219,7 @@ def clean_temporaries(root: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def prune(root: Path, keep_last: int) -> None:
+def prune_checkpoints(root: Path, keep_last: int) -> None:
     for path in complete_checkpoints(root)[:-keep_last]:
         _remove(path, root)
 
@@ -276,26 +285,31 @@ def _restore_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _restore_rng(path: Path) -> None:
+def _restore_rng(path: Path, device: torch.device | None) -> None:
     tensors = load_file(str(path / "rng.safetensors"))
     meta = _read_json(path / "rng.json")
     torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    if device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # checkpoints of format 1 before this change kept every visible GPU's as torch_cuda_<i>
+        state = tensors.get("torch_device", tensors.get(f"torch_cuda_{index}", tensors.get("torch_cuda_0")))
+        if state is not None:
+            torch.cuda.set_rng_state(state, device)
     py = meta["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
     n = meta["numpy"]
     np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
 
 
-def load_checkpoint(path: Path, *, model, opt, sched) -> TrainState:
-    """Restore parameters, optimizer, scheduler and RNGs from ``path``; return the train state."""
+def load_checkpoint(path: Path, *, opt, sched, model=None, params: dict[str, torch.Tensor] | None = None,
+                    device: torch.device | None = None) -> TrainState:
+    """Restore parameters (``params`` by name, or ``model``'s trainable ones), optimizer,
+    scheduler and RNGs (``device``: the training device) from ``path``; return the train state."""
     problem = verify(path)
     if problem:
         raise ModelError(f"checkpoint {path}: {problem}")
     saved = load_file(str(path / "adapter.safetensors"))
-    params = trainable_tensors(model)
+    params = trainable_tensors(model) if params is None else params
     if saved.keys() != params.keys():
         missing, extra = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
         raise ModelError(f"checkpoint {path} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
@@ -306,5 +320,5 @@ def load_checkpoint(path: Path, *, model, opt, sched) -> TrainState:
             p.copy_(saved[name])
     _restore_optimizer(opt, path)
     sched.load_state_dict({**_read_json(path / "scheduler.json"), "lr_lambdas": [None] * len(opt.param_groups)})
-    _restore_rng(path)
+    _restore_rng(path, device)
     return TrainState(**_read_json(path / "trainer_state.json"))

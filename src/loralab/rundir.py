@@ -1,0 +1,190 @@
+"""A run directory: its layout, its statuses, its summary, and the one atomic-write helper.
+
+    from loralab.rundir import RunDir, Status, write_atomic
+    run = RunDir("runs/r1")
+    run.summary        # runs/r1/summary.json
+    write_atomic(run.summary, {"status": Status.COMPLETED})
+
+Layout (every module that reads or writes a run goes through these names)::
+
+    config.yaml        the resolved config, written before step 0
+    summary.json       status and measurements; written at the start (running) and at the end
+    metrics.jsonl      one JSON object per line: train/eval rows and events
+    adapter/           the trained adapter, PEFT format (completed and paused runs)
+    checkpoints/       step-000120/ ... resumable checkpoints (loralab.train.checkpoint)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+CONFIG = "config.yaml"
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+ADAPTER = "adapter"
+CHECKPOINTS = "checkpoints"
+
+
+class Status(str, Enum):
+    """Why a run ended (or that it has not): the strings summary.json, the study store and the
+    report read. A ``str`` Enum, so ``Status.COMPLETED == "completed"`` and JSON writes the string."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    PAUSED = "paused"  # train.stop_at_step reached; resumable
+    INVALID = "invalid"  # bad config, data or model found before the first step
+    FAILED = "failed"
+    DIVERGED = "diverged"  # non-finite loss or gradient with train.on_nonfinite=stop
+    OUT_OF_MEMORY = "out_of_memory"
+    STOPPED_EARLY = "stopped_early"  # pruned by successive halving
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Statuses after which nothing is left to train: a resume returns the summary as it is.
+FINAL = frozenset({Status.COMPLETED, Status.DIVERGED, Status.STOPPED_EARLY})
+
+
+@dataclass
+class RunSummary:
+    """What a run measured: summary.json's fields for a completed, paused or stopped-early run
+    (besides status, error, run_dir, versions and trust_remote_code, written at the start).
+    Solo runs and members of a fused group report the same fields with the same meanings."""
+
+    steps: int  # optimizer steps planned (train.max_steps, or epochs x examples / batch)
+    steps_done: int  # optimizer steps taken so far (== steps when completed)
+    skipped_steps: int  # steps skipped as non-finite (train.on_nonfinite=skip)
+    resumed_from_step: int | None  # the checkpoint step this session started from; None without resume
+    checkpoint: str | None  # the newest checkpoint written or resumed from
+    micro_batch_size: int  # in force at the end (auto_micro_batch may have halved it)
+    micro_batch_changes: list[dict[str, int]]  # {"step", "from", "to"} per halving
+    packed_attention: str | None  # "per_example", "block_mask", or None unpacked
+    train_examples: int
+    val_examples: int
+    dropped_by_length_filter: int
+    truncated_to_no_response: int
+    final_eval_loss: float  # NaN when never evaluated or not finite
+    best_eval_loss: float | None
+    final_eval_tasks: dict[str, float]
+    best_eval_tasks: dict[str, float]
+    wall_time_s: float  # this run's wall time (its equal share of a group's), all sessions
+    train_time_s: float  # time in training steps (its share in a group)
+    train_cpu_time_s: float  # CPU seconds of training: steadier than wall time on a shared machine
+    tokens_seen: int
+    tokens_per_s: float  # tokens_seen / train_time_s
+    peak_memory_bytes: int  # the process's peak (CUDA: reserved + context; CPU: RSS); a group shares one
+    trainable_params: int
+    total_params: int
+    device: str
+    extra: dict[str, Any] = field(default_factory=dict)  # "fused": the group's shared figures
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        return {**out, **out.pop("extra")}
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory."""
+
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def summary(self) -> Path:
+        return self.root / SUMMARY
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / ADAPTER
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    def read_summary(self) -> dict[str, Any] | None:
+        """summary.json as a dict; None when it is missing or unreadable."""
+        try:
+            return json.loads(self.summary.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+
+def write_atomic(path: str | Path, data: str | bytes | dict | list, *, fsync: bool = True) -> None:
+    """Write ``data`` so a reader never sees half a file: a temporary beside ``path``, flushed
+    and fsynced, then renamed over it. str is written as UTF-8, bytes as they are, a dict or
+    list as indented JSON (NaN stays NaN; other objects as ``str``)."""
+    path = Path(path)
+    if isinstance(data, (dict, list)):
+        data = json.dumps(data, indent=2, default=str)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:
+            f.write(payload)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class MetricsWriter:
+    """metrics.jsonl: one JSON object per line, flushed so a killed run keeps what it logged."""
+
+    def __init__(self, path: Path, tracker: Any = None):
+        self.f = Path(path).open("a", encoding="utf-8")
+        self.tracker = tracker  # experiment trackers get each row too (loralab.track.Tracker)
+
+    def write(self, **row: Any) -> None:
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+        if self.tracker is not None:
+            self.tracker.log(row)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Keep only the lines up to ``last_step`` (and drop a line cut off by a kill)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= last_step:
+            kept.append(line + "\n")
+    write_atomic(path, "".join(kept))
+
+
+def clear_run_outputs(run: RunDir) -> None:
+    """What an earlier run left that a fresh run must not inherit: checkpoints (never to be
+    resumed), metric lines (never to be appended to) and the adapter (never to stand for this
+    run if it fails)."""
+    import shutil
+
+    shutil.rmtree(run.checkpoints, ignore_errors=True)
+    shutil.rmtree(run.adapter, ignore_errors=True)
+    run.metrics.unlink(missing_ok=True)

@@ -1,0 +1,225 @@
+"""Several LoRA adapters over one frozen base, each owning a contiguous block of batch rows.
+
+PEFT's mixed-adapter batches are inference-only, so fused training (loralab.train.core)
+uses this small layer instead. The initial weights still come from PEFT, and the trained
+ones go back through PEFT to be saved, so an adapter is bit-for-bit what a solo run of the
+same config would start from, and is saved in exactly PEFT's format::
+
+    inits = [initial_adapter(base, cfg.lora, seed=cfg.train.seed) for cfg in cfgs]
+    routing = install(base, [i.weights for i in inits])
+    with routing.rows([0, 1, 2], rows_each=4):   # run k owns rows [4k, 4k + 4)
+        logits = base(input_ids=ids_for_three_runs).logits
+    remove(base)
+    save_trained_adapter(base, cfg.lora, seed=cfg.train.seed, weights=..., out_dir=...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loralab.adapters import attach_lora, count_params, save_adapter
+from loralab.config import LoraConfig
+from loralab.errors import ModelError
+
+
+@dataclass
+class LoraWeights:
+    """One run's adapter on one base module, in PEFT's layout."""
+
+    A: torch.Tensor  # (r, in_features)
+    B: torch.Tensor  # (out_features, r)
+    scaling: float  # alpha / r, or alpha / sqrt(r) with rsLoRA
+    dropout: float
+
+
+@dataclass
+class AdapterInit:
+    """A run's initial adapter: {base module name: weights}, and PEFT's parameter counts."""
+
+    weights: dict[str, LoraWeights]
+    trainable_params: int
+    total_params: int
+
+
+def _lora_layers(peft_model) -> Iterator[tuple[str, nn.Module]]:
+    """(base module name, PEFT LoRA layer) for every module holding the default adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in peft_model.base_model.model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            yield name, module
+
+
+def initial_adapter(base, lora: LoraConfig, *, seed: int) -> AdapterInit:
+    """The weights PEFT initialises for ``lora`` and ``seed``, read off and then removed again.
+
+    attach_lora seeds and calls get_peft_model exactly as a solo run does, so A (kaiming-uniform
+    or gaussian) and B (zeros) are the solo run's initial weights; unload() puts the original
+    base modules back, unchanged.
+    """
+    if lora.dora:
+        raise ModelError("lora.dora: DoRA cannot be trained fused (the batched LoRA layer has no magnitude vector)")
+    peft_model = attach_lora(base, lora, seed=seed)
+    trainable, total = count_params(peft_model)
+    weights = {}
+    for name, layer in _lora_layers(peft_model):
+        drop = layer.lora_dropout["default"]
+        weights[name] = LoraWeights(
+            A=layer.lora_A["default"].weight.detach().clone(),
+            B=layer.lora_B["default"].weight.detach().clone(),
+            scaling=float(layer.scaling["default"]),
+            dropout=float(drop.p) if isinstance(drop, nn.Dropout) else 0.0,
+        )
+    peft_model.unload()
+    return AdapterInit(weights=weights, trainable_params=trainable, total_params=total)
+
+
+def save_trained_adapter(base, lora: LoraConfig, *, seed: int, weights: dict[str, LoraWeights], out_dir: Path) -> None:
+    """Write ``weights`` as a PEFT adapter: attach PEFT's own layers, copy in, save, unload."""
+    peft_model = attach_lora(base, lora, seed=seed)
+    try:
+        layers = dict(_lora_layers(peft_model))
+        if set(layers) != set(weights):
+            raise ModelError(f"fused adapter modules {sorted(weights)} differ from PEFT's {sorted(layers)}")
+        with torch.no_grad():
+            for name, w in weights.items():
+                layers[name].lora_A["default"].weight.copy_(w.A)
+                layers[name].lora_B["default"].weight.copy_(w.B)
+        save_adapter(peft_model, out_dir)
+    finally:
+        peft_model.unload()
+
+
+class Routing:
+    """Which run owns which batch rows; one object shared by every batched layer of a model."""
+
+    def __init__(self) -> None:
+        self.segments: list[tuple[int, slice]] | None = None
+        self.total_rows: int | None = None  # None: one run owns whatever rows come (eval tasks)
+
+    @contextlib.contextmanager
+    def rows(self, runs: list[int], *, rows_each: int):
+        """Run ``runs[j]`` owns rows [j * rows_each, (j + 1) * rows_each) of the next forwards."""
+        self.segments = [(k, slice(j * rows_each, (j + 1) * rows_each)) for j, k in enumerate(runs)]
+        self.total_rows = len(runs) * rows_each
+        try:
+            yield self
+        finally:
+            self.segments, self.total_rows = None, None
+
+    @contextlib.contextmanager
+    def only(self, run: int):
+        """Every row goes through run ``run``'s adapter (evaluation tasks, generation)."""
+        self.segments, self.total_rows = [(run, slice(None))], None
+        try:
+            yield self
+        finally:
+            self.segments, self.total_rows = None, None
+
+
+class RunAdapter(nn.Module):
+    """One run's trainable A and B on one base module, computed as PEFT's lora.Linear does."""
+
+    def __init__(self, w: LoraWeights):
+        super().__init__()
+        self.lora_A = nn.Parameter(w.A.clone())  # (r, in)
+        self.lora_B = nn.Parameter(w.B.clone())  # (out, r)
+        self.scaling = w.scaling
+        self.dropout = nn.Dropout(w.dropout) if w.dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.dtype)
+        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+
+class BatchedLoraLinear(nn.Module):
+    """A frozen base linear layer (nn.Linear, Conv1D or bitsandbytes Linear4bit) plus one
+    adapter per run that targets it; the base matmul runs once over all rows."""
+
+    def __init__(self, base_layer: nn.Module, name: str, routing: Routing):
+        super().__init__()
+        self.base_layer = base_layer
+        self.name = name
+        self.routing = routing
+        self.adapters = nn.ModuleDict()  # str(run index) -> RunAdapter
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)  # (rows, seq, out), once for every run
+        segments = self.routing.segments
+        if segments is None:
+            raise ModelError(f"{self.name}: a fused model was called outside Routing.rows/only")
+        if self.routing.total_rows is not None and x.shape[0] != self.routing.total_rows:
+            raise ModelError(
+                f"{self.name} received {x.shape[0]} rows where the fused batch has {self.routing.total_rows}; "
+                "this module does not see the batch dimension first, so it cannot be fused"
+            )
+        pieces = []
+        for run, rows in segments:
+            piece = result[rows]
+            adapter = self.adapters[str(run)] if str(run) in self.adapters else None
+            if adapter is not None:  # result + delta in the promoted dtype, then back, as PEFT does
+                piece = (piece + adapter(x[rows])).to(result.dtype)
+            pieces.append(piece)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def install(model: nn.Module, runs: list[dict[str, LoraWeights]]) -> Routing:
+    """Wrap every base module some run targets; run k's adapters are runs[k]. Returns the routing."""
+    routing = Routing()
+    names = sorted({name for weights in runs for name in weights})
+    for name in names:
+        layer = BatchedLoraLinear(model.get_submodule(name), name, routing)
+        for k, weights in enumerate(runs):
+            if name in weights:
+                layer.adapters[str(k)] = RunAdapter(weights[name]).to(weights[name].A.device)
+        model.set_submodule(name, layer)
+    return routing
+
+
+def batched_layers(model: nn.Module) -> dict[str, BatchedLoraLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, BatchedLoraLinear)}
+
+
+def run_parameters(model: nn.Module, run: int) -> list[nn.Parameter]:
+    """Run ``run``'s trainable parameters, A then B per module, in module order."""
+    params = []
+    for layer in batched_layers(model).values():
+        if str(run) in layer.adapters:
+            params += [layer.adapters[str(run)].lora_A, layer.adapters[str(run)].lora_B]
+    return params
+
+
+def named_run_parameters(model: nn.Module, run: int, *, prefix: str = "") -> dict[str, nn.Parameter]:
+    """run_parameters under PEFT's names (``prefix`` + "<module>.lora_A.default.weight"), in the
+    same order, so a checkpoint reads the same whether its run trained alone or in a group."""
+    out = {}
+    for name, layer in batched_layers(model).items():
+        if str(run) in layer.adapters:
+            a = layer.adapters[str(run)]
+            out[f"{prefix}{name}.lora_A.default.weight"] = a.lora_A
+            out[f"{prefix}{name}.lora_B.default.weight"] = a.lora_B
+    return out
+
+
+def trained_weights(model: nn.Module, run: int) -> dict[str, LoraWeights]:
+    """Run ``run``'s current weights, detached, keyed by base module name."""
+    out = {}
+    for name, layer in batched_layers(model).items():
+        if str(run) in layer.adapters:
+            a = layer.adapters[str(run)]
+            out[name] = LoraWeights(A=a.lora_A.detach().clone(), B=a.lora_B.detach().clone(),
+                                    scaling=a.scaling, dropout=getattr(a.dropout, "p", 0.0))
+    return out
+
+
+def remove(model: nn.Module) -> None:
+    """Put the original base modules back."""
+    for name, layer in batched_layers(model).items():
+        model.set_submodule(name, layer.base_layer)
