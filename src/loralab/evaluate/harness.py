@@ -54,6 +54,7 @@ import yaml
 from loralab.errors import LoralabError
 from loralab.evaluate.metrics import Z95, Score, mc_prompt
 from loralab.evaluate.tasks import BUILTIN, HARNESS_PREFIX, Task, resolve_tasks
+from loralab.rundir import write_atomic
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "lm-evaluation-harness is not installed: pip install loralab[harness]"
@@ -69,18 +70,14 @@ def require_lm_eval():
 
 
 def _jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), fsync=False)
 
 
 def _yaml(path: Path, spec: dict) -> None:
     text = yaml.safe_dump(spec, sort_keys=False, allow_unicode=True)
     # lm-eval resolves ``!function`` tags; safe_dump cannot write one, so it is spliced in
     text = text.replace("'@@process_results_mc2@@'", "!function lm_eval.tasks.truthfulqa.utils.process_results_mc2")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text, fsync=False)
 
 
 def write_harness_tasks(task: Task, out_dir: Path) -> dict[str, tuple[str, str]]:

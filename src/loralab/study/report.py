@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loralab.errors import LoralabError
+from loralab.rundir import write_atomic
 from loralab.study import stats
 from loralab.study.context import context_lines, study_context
 from loralab.study.findings import (
@@ -108,16 +109,14 @@ def remove_stale_figures(out: Path, keep: list[Path]) -> None:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text, fsync=False)
     return path
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    write_atomic(path, buf.getvalue(), fsync=False)
     return path
 
 

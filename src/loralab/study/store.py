@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
 import sqlite3
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.errors import ConfigError, LoralabError
+from loralab.rundir import write_atomic
 
 # Statuses a run ends in; the others (pending, running, interrupted) mean "still to do".
 FINAL = ("completed", "failed", "diverged", "out_of_memory", "invalid", "paused", "skipped", "stopped_early")
@@ -244,11 +246,10 @@ class Store:
         columns = {"runs": [c[1] for c in self.db.execute("PRAGMA table_info(runs)")], "metrics": ["run", "step", "name", "value"]}
         for name, rows in tables.items():
             path = out_dir / f"{study_name}-{name}.csv"
-            tmp = path.with_name(path.name + ".tmp")
-            with tmp.open("w", newline="", encoding="utf-8") as f:
-                w = csv.DictWriter(f, fieldnames=columns[name])
-                w.writeheader()
-                w.writerows(rows)
-            tmp.replace(path)
+            buf = io.StringIO(newline="")
+            w = csv.DictWriter(buf, fieldnames=columns[name])
+            w.writeheader()
+            w.writerows(rows)
+            write_atomic(path, buf.getvalue())
             paths.append(path)
         return paths

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from loralab.config import TRACKERS, Config, TrackingConfig, config_from_dict, read_yaml
+from loralab.rundir import write_atomic
 
 log = logging.getLogger(__name__)
 TRACKING_FILE = "tracking.json"
@@ -153,9 +154,7 @@ class Tracker:
 
     def _save(self) -> None:
         try:
-            tmp = self.run_dir / (TRACKING_FILE + ".tmp")
-            tmp.write_text(json.dumps(self.records, indent=2, default=str), encoding="utf-8")
-            tmp.replace(self.run_dir / TRACKING_FILE)
+            write_atomic(self.run_dir / TRACKING_FILE, self.records, fsync=False)
         except OSError as exc:
             log.warning("tracking: could not write %s (%s)", self.run_dir / TRACKING_FILE, exc)
 
