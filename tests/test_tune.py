@@ -146,7 +146,7 @@ def test_separated_finalists_recommend_the_best():
 def _tune_cmd(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "loralab.cli", "tune", "--model", str(model), "--data", str(data), "--out", str(out),
             "--name", "tune", "--batch-size", "8", "--search", "train.lr,lora.r", "--widen", "lora.r=4,8",
-            "--widen", "train.lr=1e-3,1e-2", "--fixed", "data.max_seq_length=256", "--fixed", "lora.dropout=0",
+            "--widen", "train.lr=1e-3,1e-2", "--fixed", "lora.dropout=0",
             "--fixed", "data.limit=40", "--fixed", "data.val_fraction=0.15",
             "--workers", "2", *extra]
 

@@ -69,6 +69,7 @@ class RunSummary:
     val_examples: int
     dropped_by_length_filter: int
     truncated_to_no_response: int
+    data_stats: dict[str, Any]  # loralab.data.dataset Splits.stats: sizes, token lengths, truncation
     final_eval_loss: float  # NaN when never evaluated or not finite
     best_eval_loss: float | None
     final_eval_tasks: dict[str, float]
