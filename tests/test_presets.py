@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -102,7 +103,9 @@ def test_the_tiny_profile_never_reaches_a_user_run(quick, user_model, user_data)
         for key in tiny_keys - set(mine.axes) - set(mine.tied):
             for run in mine.runs:
                 got = get_key(run.config, key)
-                if get_key(want, key) == "auto":  # resolved on a user's model: a divisor of the batch
+                if key == "data.max_seq_length" and get_key(want, key) == "auto":
+                    assert got == "auto", (name, got)  # resolved by the run from its data's token lengths
+                elif get_key(want, key) == "auto":  # resolved on a user's model: a divisor of the batch
                     assert isinstance(got, int) and run.config["train"]["batch_size"] % got == 0, name
                 else:
                     assert got == get_key(want, key), (name, key, got)
@@ -225,7 +228,7 @@ def test_a_quick_preset_on_a_user_model_completes_and_reports(user_model, user_d
     con.close()
     for c in configs:  # the seed's setup, not the shipped base's
         assert c["train"]["lr"] == 3e-4 and c["train"]["batch_size"] == 64 and c["train"]["scheduler"] == "constant"
-        assert c["data"]["max_seq_length"] == 256 and 64 % c["train"]["micro_batch_size"] == 0
+        assert c["data"]["max_seq_length"] == "auto" and 64 % c["train"]["micro_batch_size"] == 0
     summary = json.loads(next((out / "consistency-quick").glob("*/summary.json")).read_text())
     n_train = summary["train_examples"]  # 122 after the 5% validation split, less any example
     assert n_train + summary["truncated_to_no_response"] == 122  # whose prompt fills max_seq_length
@@ -240,6 +243,8 @@ def test_a_quick_preset_on_a_user_model_completes_and_reports(user_model, user_d
     assert "train.batch_size 64 instead of the seed's 128 (set by --set train.batch_size)" in top
     assert f"{user_model} (LlamaForCausalLM, {summary['total_params']:,} parameters, dtype fp32, quantization none)" in top
     assert f"{user_data}; {n_train} training / 6 validation examples" in top
+    # the data's token lengths as the first run measured them (each seed holds out its own validation split)
+    assert re.search(r"token lengths: min \d+, median [\d.]+, p90 \d+, max \d+ tokens", top), top
     assert "| train.lr | 0.0003 | 0.0003 |" in md
     assert any(Path(p).name == "train_loss.png" for p in paths["pngs"])
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.errors import LoralabError
-from loralab.study.backends.process import outcome  # noqa: F401  (the run directory's outcome, read by reports' tests)
+from loralab.study.backends.process import outcome
 from loralab.study.options import StudyOptions
 from loralab.study.policy import Halving, run_all, run_halving
 from loralab.study.scheduler import (
@@ -99,6 +99,7 @@ def run_study(study: Study, *, root: Path, options: StudyOptions | None = None, 
         sid, recovered = store.open_study(study.name, study.to_json(), root, study.runs)
         if recovered:
             log.info("recovered %d run(s) left running by a stopped driver: %s", len(recovered), ", ".join(recovered))
+            record_finished(store, sid, recovered)
         if opts.retry_failed:
             store.reset([r["id"] for r in store.runs(sid, ("failed", "diverged", "out_of_memory", "invalid"))])
         tasks = plan_tasks(store, sid, root, max_memory=opts.max_memory, paused=opts.halving is not None)
@@ -117,6 +118,20 @@ def run_study(study: Study, *, root: Path, options: StudyOptions | None = None, 
             "ran": len(tasks), "already_done": done_before, "recovered": recovered, "counts": counts,
             "wall_time_s": time.perf_counter() - t0,
             "budget_spent": opts.budget_s is not None and any(s in counts for s in TO_RUN)}
+
+
+def record_finished(store: Store, sid: int, names: list[str]) -> None:
+    """Runs a stopped driver left behind that finished on their own (the process completed after
+    the driver died, or before it could record the outcome): recorded from their run directory,
+    not trained again."""
+    for row in store.runs(sid):
+        if row["name"] not in names or not row["run_dir"]:
+            continue
+        result = outcome(Path(row["run_dir"]), 0)
+        if result["status"] == "completed":
+            store.finish(row["id"], status="completed", summary=result["summary"], metrics=result["metrics"],
+                         error=None, stopped_at_step=None)
+            log.info("run %s: completed before the driver stopped; recorded from its run directory", row["name"])
 
 
 def _scheduler(store: Store, opts: StudyOptions, *, on_gpu: bool, t0: float) -> tuple[Scheduler, int | None]:

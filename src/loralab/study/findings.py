@@ -36,8 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loralab.errors import ConfigError, LoralabError
-from loralab.evaluate.tasks import lower_is_better
+from loralab.errors import LoralabError
 from loralab.study import stats
 from loralab.study.spec import FINDING_KINDS
 
@@ -112,28 +111,6 @@ def final_value(con: sqlite3.Connection, run: sqlite3.Row, metric: str) -> float
         (run["id"], metric),
     ).fetchone()
     return None if row is None else float(row[0])
-
-
-def other_metrics(raw: Any, metric: str, where: str = "metrics") -> dict[str, str]:
-    """A study file's ``metrics`` (judged besides ``metric``) as {metrics.jsonl key: goal}.
-
-    A list takes each goal from the metric's name (:func:`loralab.evaluate.tasks.lower_is_better`:
-    loss, perplexity, bits_per_byte are min, the rest max); a mapping gives it
-    (``{world_mc/mc2: max, eval_loss: min}``). The study's own ``metric`` is left out."""
-    if raw is None:
-        return {}
-    if isinstance(raw, list) and all(isinstance(m, str) and m for m in raw):
-        out = {m: "min" if lower_is_better(m) else "max" for m in raw}
-    elif isinstance(raw, dict) and all(isinstance(m, str) and m for m in raw):
-        for m, goal in raw.items():
-            if goal not in ("min", "max"):
-                raise ConfigError(f"{where}: metrics: {m}: goal must be min or max (got {goal!r})")
-        out = dict(raw)
-    else:
-        raise ConfigError(f"{where}: metrics must be a list of metrics.jsonl keys (world_mc/mc2, "
-                          f"harness:world_mc/mc1, ...) or a mapping of key to min/max (got {raw!r})")
-    out.pop(metric, None)
-    return out
 
 
 def read_study(db_path: str | Path, study_name: str) -> StudyData:

@@ -29,6 +29,7 @@ import yaml
 
 from loralab.config import DEFAULT_MODEL, SECTIONS, config_from_dict, read_yaml
 from loralab.errors import ConfigError
+from loralab.evaluate.tasks import lower_is_better
 from loralab.paths import check_name
 
 TOP_KEYS = {"name", "description", "question", "claim", "metric", "metrics", "goal", "base", "base_config",
@@ -589,6 +590,28 @@ def _text(raw: dict[str, Any], key: str, where: _Where, default: str = "") -> st
     return value.strip()
 
 
+def other_metrics(raw: Any, metric: str, where: str = "metrics") -> dict[str, str]:
+    """A study file's ``metrics`` (judged besides ``metric``) as {metrics.jsonl key: goal}.
+
+    A list takes each goal from the metric's name (:func:`loralab.evaluate.tasks.lower_is_better`:
+    loss, perplexity, bits_per_byte are min, the rest max); a mapping gives it
+    (``{world_mc/mc2: max, eval_loss: min}``). The study's own ``metric`` is left out."""
+    if raw is None:
+        return {}
+    if isinstance(raw, list) and all(isinstance(m, str) and m for m in raw):
+        out = {m: "min" if lower_is_better(m) else "max" for m in raw}
+    elif isinstance(raw, dict) and all(isinstance(m, str) and m for m in raw):
+        for m, goal in raw.items():
+            if goal not in ("min", "max"):
+                raise ConfigError(f"{where}: metrics: {m}: goal must be min or max (got {goal!r})")
+        out = dict(raw)
+    else:
+        raise ConfigError(f"{where}: metrics must be a list of metrics.jsonl keys (world_mc/mc2, "
+                          f"harness:world_mc/mc1, ...) or a mapping of key to min/max (got {raw!r})")
+    out.pop(metric, None)
+    return out
+
+
 def load_study(
     source: str | Path,
     *,
@@ -634,8 +657,6 @@ def load_study(
     metric = profile.get("metric", raw.get("metric", "eval_loss"))
     if not isinstance(metric, str) or not metric:
         raise ConfigError(f"{where('metric')}: metric must be a metrics.jsonl key such as eval_loss (got {metric!r})")
-
-    from loralab.study.findings import other_metrics
 
     metrics = other_metrics(raw.get("metrics"), metric, where("metrics"))
     axes_raw = raw.get("axes") or {}
