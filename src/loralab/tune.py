@@ -79,6 +79,17 @@ def default_dimensions(n_train: int) -> list[Dimension]:
     ]
 
 
+def _scalar(text: str) -> Any:
+    """A command-line value: YAML, except that 1e-3 is a number (YAML 1.1 wants 1.0e-3)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def parse_assignments(items: list[str], flag: str) -> dict[str, Any]:
     """``key=value`` strings (values read as YAML; a comma list becomes a list)."""
     out: dict[str, Any] = {}
@@ -86,7 +97,7 @@ def parse_assignments(items: list[str], flag: str) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or "." not in key:
             raise ConfigError(f"{flag} {item!r}: expected section.key=value, e.g. lora.targets=all")
-        out[key.strip()] = [yaml.safe_load(v) for v in text.split(",")] if "," in text else yaml.safe_load(text)
+        out[key.strip()] = [_scalar(v) for v in text.split(",")] if "," in text else _scalar(text)
     return out
 
 
