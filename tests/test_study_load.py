@@ -1,4 +1,4 @@
-"""A study under load: 52 short runs, 4 workers, crashing runs, a killed worker, a killed driver.
+"""A study under load: 24 short runs, 4 workers, crashing runs, a killed worker, a killed driver.
 
 Crashes are injected through the study itself: a quarter of the runs train on a data file
 whose second line is not JSON, so they fail at run time (after every config was checked)
@@ -27,8 +27,9 @@ from loralab.study.store import Store, metric_rows
 from waiting import wait_for
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-SEEDS = 13
+SEEDS = 6
 DATA = ["builtin:arithmetic_2ds", "builtin:arithmetic_4ds", "builtin:arithmetic"]
+RUNS = (len(DATA) + 1) * SEEDS  # the last data file crashes
 
 
 def _statuses(db: Path) -> dict[str, str]:
@@ -50,6 +51,13 @@ def _train_children(pid: int) -> dict[int, str]:
         if b"--out" in argv:
             out[int(p)] = argv[argv.index(b"--out") + 1].decode()
     return out
+
+
+def _final_status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("status")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 @pytest.mark.slow
@@ -89,8 +97,8 @@ def test_study_under_load(tmp_path):
         except ProcessLookupError:
             continue
     # 2. kill the driver with SIGKILL while runs are in flight
-    wait_for(lambda: sum(s not in ("pending", "running") for s in _statuses(db).values()) >= 20
-          and "running" in _statuses(db).values(), 900, "20 runs done with some running")
+    wait_for(lambda: sum(s not in ("pending", "running") for s in _statuses(db).values()) >= RUNS // 2
+          and "running" in _statuses(db).values(), 900, "half the runs done with some running")
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     with Store(db) as s:  # opening a store does not recover; only the driver does (read here)
@@ -100,6 +108,8 @@ def test_study_under_load(tmp_path):
     finished_before = {n: r["finished_at"] for n, r in before.items() if r["status"] in ("completed", "invalid")}
     assert left_running, "the driver was killed with runs in flight"
     time.sleep(1.0)  # the run processes die with the driver (PR_SET_PDEATHSIG)
+    # a run that wrote its final summary before the driver could record it is recorded, not rerun
+    done_on_disk = {n for n in left_running if _final_status(out / "load" / n) == "completed"}
     # 3. start the driver again and let it finish
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -109,8 +119,8 @@ def test_study_under_load(tmp_path):
     with Store(db) as s:
         assert s.integrity() == "ok"
         runs = {r["name"]: r for r in s.runs(sid)}
-        assert len(runs) == len(DATA) * SEEDS + SEEDS == 52
-        assert s.db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 52  # exactly once each
+        assert len(runs) == RUNS == 24
+        assert s.db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == RUNS  # exactly once each
         lost = 0
         for name, r in runs.items():
             expected = "invalid" if name.startswith("data_bad") else "completed"
@@ -126,7 +136,8 @@ def test_study_under_load(tmp_path):
     for name, finished in finished_before.items():  # nothing finished was run again
         assert runs[name]["finished_at"] == finished and runs[name]["attempts"] == before[name]["attempts"], name
     for name in left_running:
-        assert runs[name]["attempts"] == before[name]["attempts"] + 1, name
+        retried = 0 if name in done_on_disk else 1
+        assert runs[name]["attempts"] == before[name]["attempts"] + retried, name
     assert runs[victim]["attempts"] >= 2 and runs[victim]["status"] == "completed"
     figures = {
         "runs": len(runs),
