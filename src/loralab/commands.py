@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -173,10 +172,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not (run / "config.yaml").is_file():
             raise ConfigError(f"--resume {run}: no config.yaml there, so it is not a loralab run directory")
         cfg = load_config(run / "config.yaml", list(args.overrides) + [f"output.dir={run}"])
-        summary = train(cfg, show_progress=sys.stderr.isatty(), resume=True)
+        summary = train(cfg, show_progress=not args.json, resume=True)
     else:
         cfg = _checked_config(args)
-        summary = train(cfg, show_progress=sys.stderr.isatty())
+        summary = train(cfg, show_progress=not args.json)
     emit_json(summary) if args.json else _print_summary(summary)
     return 0
 
@@ -189,13 +188,13 @@ def arithmetic_test_set(task: str, n: int, template: str = "alpaca") -> tuple[li
     return [format_prompt(r["instruction"], r["input"], template=template) for r in records], [r["output"] for r in records]
 
 
-def _accuracy_rows(model, tokenizer, n: int) -> dict[str, dict]:
+def _accuracy_rows(model, tokenizer, n: int, *, progress: bool = False) -> dict[str, dict]:
     from loralab.evaluate.exact_match import exact_match
 
     out = {}
     for task in ("arithmetic_2ds", "arithmetic_4ds"):
         prompts, answers = arithmetic_test_set(task, n)
-        acc = exact_match(model, tokenizer, prompts, answers, max_new_tokens=8)
+        acc = exact_match(model, tokenizer, prompts, answers, max_new_tokens=8, progress=task if progress else None)
         lo, hi = acc.wilson()
         out[task] = {"exact_match": acc.value, "ci_low": lo, "ci_high": hi, "n": acc.n}
     return out
@@ -211,14 +210,14 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     cfg = _config(str(QUICKSTART), args)
     if not args.out and not args.name and not any(o.startswith("output.dir=") for o in args.overrides):
         cfg.output.dir = "runs/quickstart"
-    base, tokenizer = load_base(cfg.model, cfg.quant)
+    base, tokenizer = load_base(cfg.model, cfg.quant, progress=not args.json)
     log.info("evaluating the base model on %d held-out problems per task ...", args.eval_n)
-    before = _accuracy_rows(base, tokenizer, args.eval_n)
+    before = _accuracy_rows(base, tokenizer, args.eval_n, progress=not args.json)
     del base
     log.info("fine-tuning with LoRA (r=%d, alpha=%g, targets=%s) ...", cfg.lora.r, cfg.lora.alpha, ",".join(cfg.lora.targets))
-    summary = train(cfg, show_progress=sys.stderr.isatty(), keep_model=True)
+    summary = train(cfg, show_progress=not args.json, keep_model=True)
     model, tokenizer = summary.pop("_model"), summary.pop("_tokenizer")
-    after = _accuracy_rows(model, tokenizer, args.eval_n)
+    after = _accuracy_rows(model, tokenizer, args.eval_n, progress=not args.json)
     result = {"before": before, "after": after, "summary": summary, "total_time_s": time.perf_counter() - t0}
     from loralab.train.loop import write_json
 
@@ -243,7 +242,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from loralab.evaluate.exact_match import greedy_generate
     from loralab.models import load_base
 
-    model, tokenizer = load_base(*base_configs(args.model, args))
+    model, tokenizer = load_base(*base_configs(args.model, args), progress=not args.json)
     if args.adapter:
         model = load_adapter(model, args.adapter)
     prompts = args.prompt if args.raw else [format_prompt(p) for p in args.prompt]
@@ -281,7 +280,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             "merging into 4-bit weights rounds the merged weights back to 4 bits and loses most of the adapter. "
             "Pass --dequantize to merge into the dequantized 4-bit base (the weights the adapter was trained on), "
             "or --quant none to merge into the original full-precision weights")
-    model, tokenizer = load_base(model_cfg, quant)
+    model, tokenizer = load_base(model_cfg, quant, progress=not args.json)
     if quant.mode != "none":  # --dequantize: 4-bit -> plain Linear layers in the chosen dtype
         model = model.dequantize(dtype=DTYPES[resolve_dtype(model_cfg, model.device)])
     merged = load_adapter(model, run).merge_and_unload()

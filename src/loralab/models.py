@@ -217,9 +217,12 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     return tok
 
 
-def load_base(model: ModelConfig, quant: QuantConfig):
-    """(model, tokenizer) with every base weight frozen, loaded straight onto the chosen device."""
+def load_base(model: ModelConfig, quant: QuantConfig, *, progress: bool = False):
+    """(model, tokenizer) with every base weight frozen, loaded straight onto the chosen device.
+    ``progress``: transformers' loading (and download) bars on stderr, terminals only."""
     from transformers import AutoModelForCausalLM
+
+    from loralab.progress import library_bars
 
     path = resolve_model_path(model.path)
     device = pick_device(model.device)
@@ -237,7 +240,8 @@ def load_base(model: ModelConfig, quant: QuantConfig):
     elif bnb is not None:
         kwargs["device_map"] = {"": "cpu"}
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with library_bars(progress):
+            lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
         raise ModelError(f"model.path {model.path}: cannot load the model ({str(exc).splitlines()[0]})") from None
     if bnb is not None and device.type == "cpu":

@@ -57,9 +57,11 @@ def _fmt(x: float) -> str:
 
 
 def evaluate(model_path: str, adapters: list[str], tasks, *, batch_size: int = 16,
-             model_cfg: ModelConfig | None = None, quant: QuantConfig | None = None) -> list[dict]:
+             model_cfg: ModelConfig | None = None, quant: QuantConfig | None = None,
+             progress: bool = False) -> list[dict]:
     """Rows for the base and each adapter; ``model_cfg``/``quant`` (ModelConfig, QuantConfig)
-    say how the base is loaded (default: model.* defaults, unquantized)."""
+    say how the base is loaded (default: model.* defaults, unquantized); ``progress``: a bar
+    per task and scoring pass on stderr (terminals only)."""
     from loralab.adapters import load_adapter
     from loralab.config import ModelConfig, QuantConfig
     from loralab.models import load_base
@@ -68,12 +70,12 @@ def evaluate(model_path: str, adapters: list[str], tasks, *, batch_size: int = 1
     quant = quant or QuantConfig()
     rows = []
     for adapter in [None, *adapters]:
-        model, tok = load_base(model_cfg, quant)
+        model, tok = load_base(model_cfg, quant, progress=progress)
         if adapter is not None:
             model = load_adapter(model, adapter)
         for t in tasks:
             log.info("eval %s on %s (%d examples)", adapter or "base", t.name, len(t.items))
-            for metric, s in t.run(model, tok, batch_size=batch_size).items():
+            for metric, s in t.run(model, tok, batch_size=batch_size, progress=progress).items():
                 if s.skipped:
                     log.warning("%s: %d example(s) longer than the context window skipped for %s",
                                 t.name, s.skipped, metric)
@@ -102,7 +104,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tasks = resolve_tasks(args.tasks, args.limit)
         model_cfg, quant = base_configs(args.model, args)
         rows = evaluate(args.model, args.adapter, tasks, batch_size=args.batch_size, model_cfg=model_cfg,
-                        quant=quant)
+                        quant=quant, progress=not args.json)
     if args.json:
         emit_json({"results": rows})
         return 0

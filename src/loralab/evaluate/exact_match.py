@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loralab.progress import progress as progress_bar
+
 
 def _loose(text: str) -> str:
     return " ".join(text.lower().split()).rstrip(".").rstrip()
@@ -56,12 +58,13 @@ def end_token_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 16, batch_size: int = 32,
-                    stop: str | None = None) -> list[str]:
+                    stop: str | None = None, progress: str | None = None) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded batches, KV cache on), each cut at ``stop``.
 
     A row stops at any of the model's end tokens (:func:`end_token_ids`) and, while it is being
     generated, at ``stop`` (transformers' stop-string criterion), so a batch ends as soon as every
-    row has ended instead of after ``max_new_tokens``.
+    row has ended instead of after ``max_new_tokens``. ``progress``: the label of a bar counting
+    the prompts done (stderr, terminals only; :mod:`loralab.progress`); None draws none.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -72,14 +75,16 @@ def greedy_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     ends = end_token_ids(model, tokenizer)
     outputs: list[str] = []
     try:
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=ends,
-                                 **stop_kw)
-            new = gen[:, enc["input_ids"].shape[1]:].tolist()  # (batch, new tokens)
-            for row in tokenizer.batch_decode([_cut(r, ends) for r in new], skip_special_tokens=True):
-                outputs.append(row.split(stop)[0] if stop else row)
+        with progress_bar(len(prompts), desc=progress, unit="ex", enabled=progress is not None, leave=False) as bar:
+            for i in range(0, len(prompts), batch_size):
+                enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=ends,
+                                     **stop_kw)
+                new = gen[:, enc["input_ids"].shape[1]:].tolist()  # (batch, new tokens)
+                for row in tokenizer.batch_decode([_cut(r, ends) for r in new], skip_special_tokens=True):
+                    outputs.append(row.split(stop)[0] if stop else row)
+                bar.update(len(new))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -96,6 +101,8 @@ def _cut(tokens: list[int], ends: list[int]) -> list[int]:
 
 def exact_match(model, tokenizer, prompts: list[str], answers: list[str], *, normalize: str = "strip",
                 **gen_kw) -> Accuracy:
+    """Share of greedy generations equal to their answer after ``normalize``; ``gen_kw`` go to
+    :func:`greedy_generate` (max_new_tokens, batch_size, stop, progress)."""
     norm = NORMALIZERS[normalize]
     preds = greedy_generate(model, tokenizer, prompts, **gen_kw)
     correct = sum(norm(p) == norm(a) for p, a in zip(preds, answers, strict=True))

@@ -332,7 +332,8 @@ class HarnessTask:
                                          include_defaults=self.include_defaults)
         return self._manager
 
-    def run(self, model, tokenizer, *, batch_size: int = 16) -> dict[str, Score]:
+    def run(self, model, tokenizer, *, batch_size: int = 16, progress: bool = False) -> dict[str, Score]:
+        # progress: lm-eval's own bars stay inside score_in_memory (kept off there, see above)
         results = score_in_memory(model, tokenizer, list(self.names), manager=self.manager(),
                                   limit=self.limit, batch_size=batch_size)
         rows = harness_rows(results, model="", adapter=None, names=self.names)

@@ -55,6 +55,7 @@ import torch
 
 from loralab.errors import DataError
 from loralab.evaluate.exact_match import Accuracy, exact_match
+from loralab.progress import progress as progress_bar
 
 Z95 = 1.96
 
@@ -188,11 +189,12 @@ def token_logprobs(pred: torch.Tensor, targets: torch.Tensor, *,
 @torch.no_grad()
 def score_continuations(model, tokenizer, requests: list[tuple[str, str]], *, append_eos: bool = False,
                         batch_size: int = 16, max_length: int | None = None,
-                        encoding: str = "harness") -> list[Scored | None]:
+                        encoding: str = "harness", progress: str | None = None) -> list[Scored | None]:
     """Score each (context, continuation); ``None`` where the sequence exceeds the window.
 
     ``encoding``: "harness" (lm-eval's tokenization) or "training" (the training data's);
-    with ``append_eos`` the eos token is scored as the last continuation token.
+    with ``append_eos`` the eos token is scored as the last continuation token. ``progress``:
+    the label of a bar counting the requests scored (stderr, terminals only; None: no bar).
     """
     device = next(model.parameters()).device
     limit = max_length or context_window(model)
@@ -209,23 +211,26 @@ def score_continuations(model, tokenizer, requests: list[tuple[str, str]], *, ap
     out: list[Scored | None] = [None] * len(requests)
     was_training = model.training
     model.eval()
+    total = sum(len(ids) for ids in rows.values())  # requests that fit the window
     try:
-        for b in range(0, len(order), batch_size):
-            seqs = order[b : b + batch_size]
-            width = len(seqs[0])
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for r, s in enumerate(seqs):
-                ids[r, : len(s)] = torch.tensor(s)
-                mask[r, : len(s)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (batch, seq, vocab)
-            for r, s in enumerate(seqs):
-                for i in rows[s]:
-                    ctx, cont = encoded[i]
-                    start = len(ctx)
-                    pred = logits[r, start - 1 : start - 1 + len(cont)]  # (len(cont), vocab): rows predicting cont
-                    token_lp, greedy = token_logprobs(pred, torch.tensor(cont, device=pred.device))
-                    out[i] = Scored(token_lp.tolist(), greedy.tolist())
+        with progress_bar(total, desc=progress, unit="seq", enabled=progress is not None, leave=False) as bar:
+            for b in range(0, len(order), batch_size):
+                seqs = order[b : b + batch_size]
+                width = len(seqs[0])
+                ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(seqs), width), dtype=torch.long)
+                for r, s in enumerate(seqs):
+                    ids[r, : len(s)] = torch.tensor(s)
+                    mask[r, : len(s)] = 1
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (batch, seq, vocab)
+                for r, s in enumerate(seqs):
+                    for i in rows[s]:
+                        ctx, cont = encoded[i]
+                        start = len(ctx)
+                        pred = logits[r, start - 1 : start - 1 + len(cont)]  # (len(cont), vocab): rows predicting cont
+                        token_lp, greedy = token_logprobs(pred, torch.tensor(cont, device=pred.device))
+                        out[i] = Scored(token_lp.tolist(), greedy.tolist())
+                    bar.update(len(rows[s]))
     finally:
         model.train(was_training)
     return out
@@ -276,7 +281,7 @@ def mc2_from_lls(lls: list[float], labels: list[int]) -> float:
 
 
 def score_mc(model, tokenizer, questions: list[MCQuestion], *, preamble: str = "",
-             batch_size: int = 16) -> dict[str, Score]:
+             batch_size: int = 16, progress: str | None = None) -> dict[str, Score]:
     """MC1 (accuracy, Wilson) and MC2 (mean, normal interval); continuations are ``" " + choice``.
 
     All continuations of all questions go through :func:`score_continuations` in batches.
@@ -292,7 +297,7 @@ def score_mc(model, tokenizer, questions: list[MCQuestion], *, preamble: str = "
             s = len(reqs)
             reqs += [(ctx, " " + c) for c, _ in choices]
             spans[-1].append((s, [lab for _, lab in choices]))
-    scored = score_continuations(model, tokenizer, reqs, batch_size=batch_size)
+    scored = score_continuations(model, tokenizer, reqs, batch_size=batch_size, progress=progress)
     mc1_hits, mc1_n, mc2_vals, skipped1, skipped2 = 0, 0, [], 0, 0
     for (s1, lab1), (s2, lab2) in spans:
         if lab1:
@@ -319,7 +324,8 @@ def score_mc(model, tokenizer, questions: list[MCQuestion], *, preamble: str = "
 # --- minimal pairs --------------------------------------------------------------------------
 
 
-def score_pairs(model, tokenizer, pairs: list[tuple[str, str]], *, batch_size: int = 16) -> dict[str, Score]:
+def score_pairs(model, tokenizer, pairs: list[tuple[str, str]], *, batch_size: int = 16,
+                progress: str | None = None) -> dict[str, Score]:
     """pairs_accuracy: share of (good, bad) pairs where ll(good) > ll(bad) (strictly; Wilson).
 
     ll of a sentence is the sum of the log-probs of all its tokens after the start token:
@@ -327,7 +333,7 @@ def score_pairs(model, tokenizer, pairs: list[tuple[str, str]], *, batch_size: i
     BOS token (EOS for a tokenizer without one) followed by the sentence.
     """
     reqs = [("", s) for pair in pairs for s in pair]
-    scored = score_continuations(model, tokenizer, reqs, batch_size=batch_size)
+    scored = score_continuations(model, tokenizer, reqs, batch_size=batch_size, progress=progress)
     hits = n = skipped = 0
     for k in range(len(pairs)):
         g, b = scored[2 * k], scored[2 * k + 1]
@@ -353,14 +359,15 @@ def lettered_prompt(question: str, choices: list[str], template: str | None = No
     return f"{question}\n{lines}\nAnswer:"
 
 
-def score_lettered(model, tokenizer, items: list[tuple[str, int, int]], *, batch_size: int = 16) -> dict[str, Score]:
+def score_lettered(model, tokenizer, items: list[tuple[str, int, int]], *, batch_size: int = 16,
+                   progress: str | None = None) -> dict[str, Score]:
     """accuracy: 1 when ``" A"``, ``" B"``, ... with the highest ll after the formatted
     prompt is the answer's letter. ``items`` are (prompt, number of choices, answer index)."""
     reqs, spans = [], []
     for prompt, k, _ in items:
         spans.append(len(reqs))
         reqs += [(prompt, " " + LETTERS[i]) for i in range(k)]
-    scored = score_continuations(model, tokenizer, reqs, batch_size=batch_size)
+    scored = score_continuations(model, tokenizer, reqs, batch_size=batch_size, progress=progress)
     hits = n = skipped = 0
     for (_, k, ans), s in zip(items, spans, strict=True):
         part = scored[s : s + k]
@@ -378,7 +385,7 @@ def score_lettered(model, tokenizer, items: list[tuple[str, int, int]], *, batch
 
 def score_generation(model, tokenizer, prompts: list[str], answers: list[str], *, metrics: list[str],
                      stop: str | None = None, max_new_tokens: int = 16, batch_size: int = 16,
-                     normalize: str = "strip") -> dict[str, Score]:
+                     normalize: str = "strip", progress: str | None = None) -> dict[str, Score]:
     """Metrics for (prompt, answer) tasks; each is defined exactly as:
 
     * ``exact_match``: greedy generation (:func:`greedy_generate`, cut at ``stop``) compared
@@ -395,12 +402,14 @@ def score_generation(model, tokenizer, prompts: list[str], answers: list[str], *
       where the argmax equals the token; Wilson interval over tokens (n = token count).
 
     Examples whose prompt + response exceed the context window are skipped and counted.
+    ``progress``: the label of the bars of the two passes (teacher-forced, generation); None: no bars.
     """
     out: dict[str, Score] = {}
     want_tf = [m for m in metrics if m in ("greedy_match", "loss", "perplexity", "token_accuracy")]
     if want_tf:
         scored = score_continuations(model, tokenizer, list(zip(prompts, answers, strict=True)),
-                                     append_eos=True, batch_size=batch_size, encoding="training")
+                                     append_eos=True, batch_size=batch_size, encoding="training",
+                                     progress=progress and f"{progress} (scoring)")
         ok = [s for s in scored if s is not None]
         skipped = len(scored) - len(ok)
         if "greedy_match" in metrics:
@@ -418,7 +427,7 @@ def score_generation(model, tokenizer, prompts: list[str], answers: list[str], *
     if "exact_match" in metrics:
         out["exact_match"] = exact_match_score(model, tokenizer, prompts, answers, stop=stop,
                                                max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                               normalize=normalize)
+                                               normalize=normalize, progress=progress and f"{progress} (generation)")
     return {m: out[m] for m in metrics if m in out}
 
 
@@ -427,11 +436,11 @@ def _exp(x: float) -> float:
 
 
 def exact_match_score(model, tokenizer, prompts, answers, *, stop=None, max_new_tokens=16, batch_size=16,
-                      normalize: str = "strip") -> Score:
+                      normalize: str = "strip", progress: str | None = None) -> Score:
     """exact_match over the prompts that fit the window (prompt + max_new_tokens); the rest are skipped."""
     limit = context_window(model)
     keep = [i for i, p in enumerate(prompts)
             if limit is None or len(tokenizer(p)["input_ids"]) + max_new_tokens <= limit]
     acc = exact_match(model, tokenizer, [prompts[i] for i in keep], [answers[i] for i in keep], normalize=normalize,
-                      stop=stop, max_new_tokens=max_new_tokens, batch_size=batch_size)
+                      stop=stop, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     return accuracy_score(acc.correct, acc.n, len(prompts) - len(keep))

@@ -63,19 +63,23 @@ class Task:
     normalize: str = "strip"
     items: list = field(default_factory=list)
 
-    def run(self, model, tokenizer, *, batch_size: int = 16) -> dict[str, M.Score]:
+    def run(self, model, tokenizer, *, batch_size: int = 16, progress: bool = False) -> dict[str, M.Score]:
+        """The task's metrics; ``progress`` draws a bar per scoring pass, labelled with the
+        task's name (stderr, terminals only)."""
+        label = self.name if progress else None
         if self.format == "alpaca":
             prompts = [p for p, _ in self.items]
             answers = [a for _, a in self.items]
             res = M.score_generation(model, tokenizer, prompts, answers, metrics=self.metrics, stop=self.stop,
                                      max_new_tokens=self.max_new_tokens, batch_size=batch_size,
-                                     normalize=self.normalize)
+                                     normalize=self.normalize, progress=label)
         elif self.format == "mc":
-            res = M.score_mc(model, tokenizer, self.items, preamble=self.preamble, batch_size=batch_size)
+            res = M.score_mc(model, tokenizer, self.items, preamble=self.preamble, batch_size=batch_size,
+                             progress=label)
         elif self.format == "pairs":
-            res = M.score_pairs(model, tokenizer, self.items, batch_size=batch_size)
+            res = M.score_pairs(model, tokenizer, self.items, batch_size=batch_size, progress=label)
         else:
-            res = M.score_lettered(model, tokenizer, self.items, batch_size=batch_size)
+            res = M.score_lettered(model, tokenizer, self.items, batch_size=batch_size, progress=label)
         for m, s in res.items():
             if s.n == 0:
                 raise DataError(f"task {self.name}: every example is longer than the model's context "

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.errors import LoralabError
+from loralab.progress import progress
 from loralab.study.backends.process import outcome
 from loralab.study.options import StudyOptions
 from loralab.study.policy import Halving, run_all, run_halving
@@ -104,15 +105,16 @@ def run_study(study: Study, *, root: Path, options: StudyOptions | None = None, 
             store.reset([r["id"] for r in store.runs(sid, ("failed", "diverged", "out_of_memory", "invalid"))])
         tasks = plan_tasks(store, sid, root, max_memory=opts.max_memory, paused=opts.halving is not None)
         done_before = sum(n for s, n in store.counts(sid).items() if s not in TO_RUN)
-        scheduler, budget = _scheduler(store, opts, on_gpu=any(t.on_gpu for t in tasks), t0=t0)
-        units = form_units(tasks, fuse=opts.fuse, budget=budget, workers=scheduler.workers,
-                           halving=opts.halving is not None)
-        log.info("study %s: %d runs, %d to run as %d unit(s), %d worker(s), backend %s", study.name, len(study.runs),
-                 len(tasks), len(units), scheduler.workers, opts.executor)
-        if opts.halving is not None:
-            run_halving(scheduler, units, halving=opts.halving, metric=study.metric, goal=study.goal)
-        else:
-            run_all(scheduler, units)
+        with progress(len(tasks), desc=f"study {study.name}", unit="run", enabled=opts.progress) as bar:
+            scheduler, budget = _scheduler(store, opts, on_gpu=any(t.on_gpu for t in tasks), t0=t0, bar=bar)
+            units = form_units(tasks, fuse=opts.fuse, budget=budget, workers=scheduler.workers,
+                               halving=opts.halving is not None)
+            log.info("study %s: %d runs, %d to run as %d unit(s), %d worker(s), backend %s", study.name,
+                     len(study.runs), len(tasks), len(units), scheduler.workers, opts.executor)
+            if opts.halving is not None:
+                run_halving(scheduler, units, halving=opts.halving, metric=study.metric, goal=study.goal)
+            else:
+                run_all(scheduler, units)
         counts = store.counts(sid)
     return {"study": study.name, "database": str(db_path), "root": str(root), "runs": len(study.runs),
             "ran": len(tasks), "already_done": done_before, "recovered": recovered, "counts": counts,
@@ -134,12 +136,13 @@ def record_finished(store: Store, sid: int, names: list[str]) -> None:
             log.info("run %s: completed before the driver stopped; recorded from its run directory", row["name"])
 
 
-def _scheduler(store: Store, opts: StudyOptions, *, on_gpu: bool, t0: float) -> tuple[Scheduler, int | None]:
-    """The scheduler and its backend, and the memory one device gives a fused group."""
+def _scheduler(store: Store, opts: StudyOptions, *, on_gpu: bool, t0: float, bar=None) -> tuple[Scheduler, int | None]:
+    """The scheduler and its backend, and the memory one device gives a fused group; ``bar``
+    (a :func:`loralab.progress.progress` bar) counts the runs finished."""
     deadline = None if opts.budget_s is None else t0 + opts.budget_s
     device = run_device("auto") if on_gpu else "cpu"
     budget = opts.max_memory if opts.max_memory is not None else device_memory(device)
-    kw = {"retries": opts.retries, "max_attempts": opts.max_attempts, "deadline": deadline}
+    kw = {"retries": opts.retries, "max_attempts": opts.max_attempts, "deadline": deadline, "bar": bar}
     if opts.executor == "ray":
         from loralab.study.backends.ray import RayBackend
 

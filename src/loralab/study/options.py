@@ -36,6 +36,7 @@ class StudyOptions:
     fuse: bool = True  # fused groups wherever runs can share a base and fit
     budget_s: float | None = None  # no unit starts after this many seconds
     gpus: list[str] | None = None  # local backend: the GPUs to use (None: every visible one)
+    progress: bool = False  # a bar of runs finished on stderr (terminals only; the command: not --json)
 
     def check(self, runs: list[Any] | None = None) -> StudyOptions:
         """ConfigError for a value or combination that cannot run; returns self."""
@@ -78,6 +79,7 @@ class StudyOptions:
             max_memory=parse_bytes(args.max_memory, "--max-memory") if args.max_memory else None,
             halving=halving, retries=args.retries, retry_failed=args.retry_failed, fuse=args.fuse,
             budget_s=parse_duration(args.budget, "--budget") if args.budget else None, gpus=gpus,
+            progress=not args.json,
         ).check()
 
 

@@ -96,6 +96,8 @@ def run_halving(scheduler: Scheduler, units: list[Unit], *, halving: Halving, me
             store.finish(t.run_id, status="stopped_early", stopped_at_step=rung,
                          error=f"{CUT} {metric} {values[t.run_id]} at step {rung} was not in the best "
                                f"{len(ranked)} of {len(ranked) + len(cut)}")
+        if cut:
+            scheduler.finished("stopped_early", len(cut))
         log.info("halving at step %d: %d of %d runs go on (%s)", rung, len(ranked), len(ranked) + len(cut),
                  ", ".join(t.name for t in ranked))
         # go on: the promoted runs, runs too short to reach this rung, runs a restart found past it

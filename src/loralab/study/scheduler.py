@@ -13,6 +13,9 @@
   processes or Ray). A unit whose process was killed is run again up to ``retries`` times
   (from its checkpoints when it left any; a fused group's interrupted runs go on as a group);
   no unit starts once the budget's deadline has passed.
+* Progress: given a bar (:mod:`loralab.progress`), the pool moves it on each run that gets
+  its final outcome (not interrupted, not paused at a rung), so it shows runs finished of
+  runs to do, with the outcomes so far and an ETA.
 * GPUs (``GpuSlots``, local backend): each unit gets a GPU through CUDA_VISIBLE_DEVICES; a
   GPU takes a second unit only when the estimates of both fit its memory. Units of runs on
   ``model.device: cpu`` take no GPU, and on a machine without GPUs nothing changes.
@@ -26,13 +29,16 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from loralab.config import config_from_dict
 from loralab.errors import ConfigError, LoralabError
 from loralab.paths import child_dir
 from loralab.study.backends.process import RunSpec, UnitSpec, checkpoint_step
 from loralab.study.store import TO_RUN, Store
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
@@ -282,12 +288,21 @@ class Scheduler:
     each run's outcome, runs killed runs again, honours the deadline and the GPU slots."""
 
     def __init__(self, store: Store, backend: Backend, *, workers: int, retries: int = 1, max_attempts: int = 3,
-                 deadline: float | None = None, gpus: GpuSlots | None = None):
+                 deadline: float | None = None, gpus: GpuSlots | None = None, bar: tqdm | None = None):
         self.store, self.backend, self.workers = store, backend, workers
         self.retries, self.max_attempts, self.deadline, self.gpus = retries, max_attempts, deadline, gpus
         self.threads = max(1, (os.cpu_count() or 1) // workers)
         self.tries: dict[int, int] = {}
         self.budget_spent = False
+        self.bar = bar  # runs finished, of the runs to do (None: no bar)
+        self.outcomes: dict[str, int] = {}  # final statuses recorded so far, for the bar
+
+    def finished(self, status: str, n: int = 1) -> None:
+        """``n`` runs got their final ``status``: the bar moves on and shows the tally."""
+        self.outcomes[status] = self.outcomes.get(status, 0) + n
+        if self.bar is not None:
+            self.bar.set_postfix(self.outcomes, refresh=False)
+            self.bar.update(n)
 
     def run(self, units: list[Unit]) -> bool:
         """Run ``units`` until each of their runs has an outcome. False when the deadline
@@ -342,4 +357,6 @@ class Scheduler:
                           error=result.get("error"), stopped_at_step=result.get("stopped_at_step"))
         err = result.get("error")
         log.info("run %s: %s%s", task.name, status, f" ({err.splitlines()[0]})" if err and status != "completed" else "")
+        if status not in ("interrupted", "paused"):
+            self.finished(status)
         return status == "interrupted"

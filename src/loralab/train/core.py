@@ -39,6 +39,7 @@ from loralab.data.packing import step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
 from loralab.halving import halving_rungs, keep_count, rank_key
 from loralab.models import keep_4bit_trainable, load_base, pick_device
+from loralab.progress import progress
 from loralab.rundir import (
     FINAL,
     MetricsWriter,
@@ -230,12 +231,13 @@ def needs_grad_scaler(model, autocast: str) -> bool:
         getattr(m, "compute_dtype", None) == torch.float16 for m in model.modules())
 
 
-def load_group(cfgs: list[Config], *, fused: bool) -> Setup:
-    """Load the base once, put in the runs' adapters, read data and evaluation tasks."""
+def load_group(cfgs: list[Config], *, fused: bool, progress: bool = False) -> Setup:
+    """Load the base once, put in the runs' adapters, read data and evaluation tasks
+    (``progress``: transformers' loading bar, on a terminal)."""
     cfg = cfgs[0]  # every shared key is equal across a group (fused.check_group)
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.model.device)
-    base, tokenizer = load_base(cfg.model, cfg.quant)
+    base, tokenizer = load_base(cfg.model, cfg.quant, progress=progress)
     keep_4bit_trainable(base)
     if fused:
         adapters = FusedAdapters(base, cfgs)
@@ -528,9 +530,8 @@ def fit(runs: list[Run], setup: Setup, *, resume: bool, show_progress: bool, pru
     clock.charge(runs)  # set-up, in equal shares
 
     adapters.model.train()
-    bar = progress_bar(total=steps, initial=step, enabled=show_progress)
     with contextlib.ExitStack() as scope:
-        scope.callback(bar.close)
+        bar = scope.enter_context(progress(steps, unit="step", initial=step, enabled=show_progress))
         if setup.attention == "per_example":  # for the whole loop: activation checkpointing repeats forwards in backward
             scope.enter_context(segment_attention(adapters.model))
         while step < stop:
@@ -668,16 +669,6 @@ def save_checkpoints(runs: list[Run], adapters, *, clock: Clock, keep_last: int,
         prune_checkpoints(r.dir.checkpoints, keep_last)
 
 
-def progress_bar(*, total: int, initial: int, enabled: bool):
-    """One tqdm bar for the steps (off unless asked for and stderr is a terminal)."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", disable=not (enabled and sys.stderr.isatty()),
-                dynamic_ncols=True)
-
-
 # ----------------------------------------------------------------------------- summaries and failures
 
 
@@ -810,7 +801,7 @@ def run_group(cfgs: list[Config], run_dirs: list[Path], *, fused: bool, resume: 
     setup = None
     try:
         # Adapters are seeded per run: a group resumed with fewer runs still rebuilds the same ones.
-        setup = load_group([r.cfg for r in runs], fused=fused)
+        setup = load_group([r.cfg for r in runs], fused=fused, progress=show_progress)
         shared = fit(runs, setup, resume=resume, show_progress=show_progress, prune=prune, clock=clock,
                      on_start=on_start)
     except LoralabError as exc:
