@@ -515,3 +515,38 @@ def test_study_report_command_writes_the_report(real_study, capsys):
     assert Path(paths["html"]).is_file() and all(Path(p).is_file() for p in paths["pngs"])
     assert main(["study", "report", "no_such_study", "--out", str(out)]) == 2
     assert "no study 'no_such_study'" in capsys.readouterr().err
+
+
+def test_html_page_escapes_every_text_and_inlines_every_figure(tmp_path):
+    """The page (templates/report.html.j2, autoescaped) shows text from the database and the
+    spec as text, never as markup, and carries each PNG inline, byte for byte."""
+    from html.parser import HTMLParser
+
+    rows = two_level_rows(0.1) + [{"name": "a<b>&c", "axes": {"lora.alpha": 8, "train.seed": 9}, "status": "failed",
+                                   "error": "<script>alert(1)</script> & 'quotes'"}]
+    spec = {"axes": {"lora.alpha": [8, 64]}, "question": "Is alpha > 8 \"better\"?",
+            "findings": [{"kind": "axis_effect", "axis": "lora.alpha"}]}
+    paths = write_report(synthetic_db(tmp_path, spec, rows), "s", tmp_path / "out")
+    page = paths["html"].read_text(encoding="utf-8")
+
+    class Read(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.text, self.images = [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            if tag == "img":
+                self.images.append(dict(attrs)["src"])
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    read = Read()
+    read.feed(page)
+    text = "".join(read.text)
+    assert "script" not in read.tags and "b" in read.tags  # <b> only where the page itself bolds
+    assert "a<b>&c: failed: <script>alert(1)</script> & 'quotes'" in text
+    assert 'Is alpha > 8 "better"?' in text and "Study report: s" in text
+    assert [base64.b64decode(src.removeprefix("data:image/png;base64,")) for src in read.images] == \
+        [p.read_bytes() for p in paths["pngs"]] and len(read.images) >= 2

@@ -4,11 +4,12 @@
     # {"html": .../report.html, "markdown": .../report.md, "pngs": [...], "findings": .../findings.json}
 
 Everything is read from the study database (runs, metric series, the study spec); the
-findings come from loralab.study.findings. The HTML embeds every image as a base64 data URI
-and loads nothing from elsewhere; report.md references the PNG files next to it. Plots:
-the metric curves per run grouped by the axis under study, a heatmap over two numeric axes,
-cost (time, peak memory, trainable parameters) against quality with the Pareto frontier, and
-the spread across seeds wherever repeats exist.
+findings come from loralab.study.findings. The HTML page is the Jinja2 template
+templates/report.html.j2 (autoescaped); it embeds every image as a base64 data URI and loads
+nothing from elsewhere; report.md references the PNG files next to it. Plots: the metric
+curves per run grouped by the axis under study, a heatmap over two numeric axes, cost (time,
+peak memory, trainable parameters) against quality with the Pareto frontier, and the spread
+across seeds wherever repeats exist.
 
 matplotlib is the optional ``report`` extra; it is used through its object interface (no
 pyplot, so no global backend is switched) and renders with Agg.
@@ -17,7 +18,7 @@ pyplot, so no global backend is switched) and renders with Agg.
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import json
 import math
@@ -434,42 +435,22 @@ def render_markdown(data: StudyData, found: list[dict], figures: list[Figure], c
     return "\n".join(lines) + "\n"
 
 
-CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}
-th{background:#f3f3f3}img{max-width:100%}dt{font-weight:bold}dd{margin:0 0 .5em 1em}
-li{margin-bottom:.4em}.kind{font-family:monospace;color:#555}figure{margin:1.5em 0}
-.dev{background:#fff6e0;border:1px solid #e0b84a;padding:.5em 1em;margin-bottom:1em}.differs td{background:#fff6e0}"""
-
-
 def render_html(data: StudyData, found: list[dict], figures: list[Figure], ctx: dict[str, Any] | None = None) -> str:
-    e = html.escape
+    """The page, from templates/report.html.j2 (Jinja2, autoescaped), every PNG inlined."""
     ctx = ctx or {}
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Study report: {e(data.name)}</title>",
-             f"<style>{CSS}</style></head><body>", f"<h1>Study report: {e(data.name)}</h1>"]
-    devs = _deviation_block(ctx)
-    if devs:
-        parts.append("<div class='dev'><b>Differences from the seed's setup</b> (computed from the run configs):<ul>")
-        parts += [f"<li>{e(d)}</li>" for d in devs]
-        parts.append("</ul></div>")
-    parts.append("<dl>")
-    parts += [f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in context_lines(ctx) + _header(data)]
-    parts.append("</dl>")
-    if ctx.get("setup"):
-        parts.append("<h2>The seed's setup beside this study's</h2><table><tr><th>key</th><th>seed</th>"
-                     "<th>this study</th></tr>")
-        parts += [f"<tr{' class=differs' if r['differs'] else ''}><td>{e(r['key'])}</td><td>{e(r['seed'])}</td>"
-                  f"<td>{e(r['runs'])}</td></tr>" for r in ctx["setup"]]
-        parts.append("</table>")
-    parts += ["<h2>Findings</h2><ul>"]
-    parts += [f"<li><span class='kind'>{e(f['kind'])}</span>: {e(f['text'])}</li>" for f in found]
-    parts += ["</ul><h2>Plots</h2>"]
-    for f in figures:
-        b64 = base64.b64encode(f.path.read_bytes()).decode("ascii")
-        parts.append(f"<figure><figcaption><b>{e(f.title)}</b>. {e(f.caption)}</figcaption>"
-                     f"<img alt='{e(f.title)}' src='data:image/png;base64,{b64}'></figure>")
-    parts += ["<h2>Runs</h2><table><tr>" + "".join(f"<th>{e(c)}</th>" for c in RUN_COLUMNS) + "</tr>"]
-    parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in run_rows(data)]
-    parts += ["</table><h2>Runs left out of the statistics</h2><ul>"]
-    parts += [f"<li>{e(r.name)}: {e(why)}</li>" for r, why in data.excluded] or ["<li>none: every run completed</li>"]
-    parts.append("</ul></body></html>")
-    return "\n".join(parts) + "\n"
+    pngs = [{"title": f.title, "caption": f.caption, "png_base64": base64.b64encode(f.path.read_bytes()).decode("ascii")}
+            for f in figures]
+    return _templates().get_template("report.html.j2").render(
+        name=data.name, deviations=_deviation_block(ctx), header=context_lines(ctx) + _header(data),
+        setup=ctx.get("setup") or [], findings=found, figures=pngs, columns=RUN_COLUMNS, rows=run_rows(data),
+        excluded=[(r.name, why) for r, why in data.excluded])
+
+
+@functools.cache
+def _templates():
+    """The report's Jinja2 environment: templates shipped in loralab/study/templates, HTML
+    autoescaped, undefined names an error (a template typo fails the test, not the reader)."""
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("loralab.study", "templates"), autoescape=True,
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
