@@ -68,20 +68,12 @@ def count_params(peft_model) -> tuple[int, int]:
 
 
 def save_adapter(peft_model, out_dir: Path) -> None:
-    """Write adapter_config.json + adapter_model.safetensors atomically (tmp dir, then rename)."""
-    import os
-    import shutil
+    """Write adapter_config.json + adapter_model.safetensors atomically (loralab.rundir.atomic_dir:
+    a full disk or a kill leaves the previous adapter or none, never half of one)."""
+    from loralab.rundir import atomic_dir
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out_dir, fsync=False) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
-    except BaseException:  # a full disk, say: leave nothing half-written behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
 
 
 # Files that can only be read by unpickling, i.e. by running code chosen by whoever wrote them.

@@ -1,9 +1,15 @@
 """A run directory: its layout, its statuses, its summary, and the one atomic-write helper.
 
-    from loralab.rundir import RunDir, Status, write_atomic
+    from loralab.rundir import RunDir, Status, atomic_dir, write_atomic
     run = RunDir("runs/r1")
     run.summary        # runs/r1/summary.json
     write_atomic(run.summary, {"status": Status.COMPLETED})
+    with atomic_dir(run.adapter) as tmp:   # a directory: filled beside, renamed whole
+        model.save_pretrained(tmp)
+
+Every file or directory loralab writes for another reader (a run's files, checkpoints,
+adapters, reports, exports) goes through ``write_atomic`` or ``atomic_dir``: a reader, or a
+run resumed after a kill, sees the old version or the new one, never half of one.
 
 Layout (every module that reads or writes a run goes through these names)::
 
@@ -16,8 +22,11 @@ Layout (every module that reads or writes a run goes through these names)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -146,6 +155,53 @@ def write_atomic(path: str | Path, data: str | bytes | dict | list, *, fsync: bo
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
+    """Write a directory so a reader never sees half of it: the block fills a temporary beside
+    ``path`` (``.tmp-NAME-PID``, left over only by a kill and removed by the next write of
+    ``path``), which then replaces ``path`` whole (an existing ``path`` is removed first, with
+    :func:`remove_tree`). With ``fsync`` every file, the directory and its parent reach the disk
+    before and after the rename. On an error the temporary is removed and nothing changes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".tmp-{path.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if fsync:
+            for p in sorted(tmp.rglob("*")):
+                if p.is_file():
+                    fsync_path(p)
+            fsync_path(tmp)
+        if path.exists():
+            remove_tree(path)
+        os.replace(tmp, path)
+        if fsync:
+            fsync_path(path.parent)
+    except BaseException:  # a full disk, say, or a kill signal: nothing half-written under the real name
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory, renamed away first (``.tmp-delete-NAME-PID``) so a kill during the
+    removal never leaves half of it under its real name."""
+    doomed = path.with_name(f".tmp-delete-{path.name}-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory: the names in it, a rename's result)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class MetricsWriter:

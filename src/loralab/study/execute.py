@@ -28,7 +28,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loralab.errors import LoralabError
 from loralab.progress import progress
@@ -46,6 +46,9 @@ from loralab.study.scheduler import (
 )
 from loralab.study.spec import Study
 from loralab.study.store import TO_RUN, Store
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 __all__ = ["Halving", "StudyOptions", "run_study"]
 log = logging.getLogger(__name__)
@@ -136,7 +139,8 @@ def record_finished(store: Store, sid: int, names: list[str]) -> None:
             log.info("run %s: completed before the driver stopped; recorded from its run directory", row["name"])
 
 
-def _scheduler(store: Store, opts: StudyOptions, *, on_gpu: bool, t0: float, bar=None) -> tuple[Scheduler, int | None]:
+def _scheduler(store: Store, opts: StudyOptions, *, on_gpu: bool, t0: float,
+               bar: tqdm | None = None) -> tuple[Scheduler, int | None]:
     """The scheduler and its backend, and the memory one device gives a fused group; ``bar``
     (a :func:`loralab.progress.progress` bar) counts the runs finished."""
     deadline = None if opts.budget_s is None else t0 + opts.budget_s

@@ -235,9 +235,9 @@ class Store:
             paths = []
             for name, rows in tables.items():
                 path = out_dir / f"{study_name}-{name}.parquet"
-                tmp = path.with_name(path.name + ".tmp")
-                pq.write_table(pa.Table.from_pylist(rows), str(tmp))
-                tmp.replace(path)
+                buf = io.BytesIO()
+                pq.write_table(pa.Table.from_pylist(rows), buf)
+                write_atomic(path, buf.getvalue())
                 paths.append(path)
             return paths
         if fmt != "csv":

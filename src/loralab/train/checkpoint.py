@@ -16,7 +16,7 @@ A checkpoint is ``run_dir/checkpoints/step-000120/`` holding
     manifest.json              written last: size and sha256 of every file above
 
 It is written under ``checkpoints/.tmp-step-000120-<pid>``, each file fsynced, then the
-directory is renamed as a whole. A directory without a manifest, or whose files do not match
+directory is renamed as a whole (loralab.rundir.atomic_dir). A directory without a manifest, or whose files do not match
 it, is ignored; leftover temporaries are removed. Nothing here is pickled, and nothing is
 read with pickle: a checkpoint holding a pickled file (optimizer.pt, rng_state.pth, ...) is
 refused with ModelError rather than skipped, since someone put it there.
@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from loralab.adapters import refuse_pickles
 from loralab.errors import LoralabError, ModelError
+from loralab.rundir import atomic_dir, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -87,30 +88,15 @@ def step_name(step: int) -> str:
 # ----------------------------------------------------------------------------- writing
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_json(path: Path, obj: Any) -> None:  # into a temporary directory renamed whole: no write_atomic
+# Both write into the temporary directory atomic_dir renames whole (and fsyncs): no write_atomic.
+def _write_json(path: Path, obj: Any) -> None:
     # NaN stays NaN (a task score or an eval loss can be NaN); Python's json reads it back.
-    _write_text(path, json.dumps(obj, indent=1))
+    path.write_text(json.dumps(obj, indent=1), encoding="utf-8")
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     # clone: safetensors refuses tensors that share storage or are not contiguous
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path))
-    _fsync_path(path)
 
 
 def _sha256(path: Path) -> str:
@@ -172,29 +158,23 @@ def save_checkpoint(run_dir: Path, state: TrainState, *, opt, sched, keep_last: 
     root.mkdir(parents=True, exist_ok=True)
     clean_temporaries(root)
     final = root / step_name(state.step)
-    tmp = root / f".tmp-{step_name(state.step)}-{os.getpid()}"
     try:
-        tmp.mkdir()
-        _write_tensors(tmp / "adapter.safetensors", params)
-        opt_tensors, opt_json = optimizer_parts(opt)
-        _write_tensors(tmp / "optimizer.safetensors", opt_tensors)
-        _write_json(tmp / "optimizer.json", opt_json)
-        _write_json(tmp / "scheduler.json", scheduler_state(sched))
-        rng_tensors, rng_json = rng_parts(device)
-        _write_tensors(tmp / "rng.safetensors", rng_tensors)
-        _write_json(tmp / "rng.json", rng_json)
-        _write_json(tmp / "trainer_state.json", asdict(state))
-        if os.environ.get(PAUSE_ENV):
-            time.sleep(float(os.environ[PAUSE_ENV]))
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-        _write_json(tmp / MANIFEST, {"format": FORMAT, "step": state.step, "files": files})
-        _fsync_path(tmp)
-        if final.exists():  # a checkpoint of this step from an earlier session: replace it
-            _remove(final, root)
-        os.replace(tmp, final)
-        _fsync_path(root)
+        # a checkpoint of this step from an earlier session is replaced whole
+        with atomic_dir(final, fsync=True) as tmp:  # checkpoints/.tmp-step-000120-<pid>
+            _write_tensors(tmp / "adapter.safetensors", params)
+            opt_tensors, opt_json = optimizer_parts(opt)
+            _write_tensors(tmp / "optimizer.safetensors", opt_tensors)
+            _write_json(tmp / "optimizer.json", opt_json)
+            _write_json(tmp / "scheduler.json", scheduler_state(sched))
+            rng_tensors, rng_json = rng_parts(device)
+            _write_tensors(tmp / "rng.safetensors", rng_tensors)
+            _write_json(tmp / "rng.json", rng_json)
+            _write_json(tmp / "trainer_state.json", asdict(state))
+            if os.environ.get(PAUSE_ENV):
+                time.sleep(float(os.environ[PAUSE_ENV]))
+            files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+            _write_json(tmp / MANIFEST, {"format": FORMAT, "step": state.step, "files": files})
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
             previous = latest_checkpoint(run_dir)
             raise DiskFullError(
@@ -207,13 +187,6 @@ def save_checkpoint(run_dir: Path, state: TrainState, *, opt, sched, keep_last: 
     return final
 
 
-def _remove(path: Path, root: Path) -> None:
-    """Rename away first, so a kill during the removal never leaves a half-deleted checkpoint."""
-    doomed = root / f".tmp-delete-{path.name}-{os.getpid()}"
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
 def clean_temporaries(root: Path) -> None:
     for p in root.glob(".tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
@@ -221,7 +194,7 @@ def clean_temporaries(root: Path) -> None:
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:
     for path in complete_checkpoints(root)[:-keep_last]:
-        _remove(path, root)
+        remove_tree(path)  # renamed away first: a kill never leaves a half-deleted checkpoint
 
 
 # ----------------------------------------------------------------------------- finding
