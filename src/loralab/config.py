@@ -381,7 +381,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def dump_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    """config.yaml, atomically: a run killed while writing it leaves the old one (resume reads it)."""
+    from loralab.rundir import write_atomic
+
+    write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False), fsync=False)
 
 
 def config_reference() -> str:

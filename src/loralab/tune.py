@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from loralab.errors import ConfigError
+from loralab.rundir import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -458,7 +459,7 @@ def _study(spec: dict[str, Any], root: Path, *, extra_runs: list[Any] | None = N
     from loralab.study.spec import load_study
 
     path = root / "tune-study.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    write_atomic(path, yaml.safe_dump(spec, sort_keys=False), fsync=False)
     study = load_study(path, root=root)
     if extra_runs:
         study.runs += extra_runs
@@ -483,8 +484,9 @@ def run_tune(*, model: str, data: str, out: str = "runs", name: str = "tune", me
              goal: str | None = None, fixed: dict[str, Any] | None = None, search: list[str] | None = None,
              widen: dict[str, list[Any]] | None = None, budget_s: float | None = None, budget_steps: int | None = None, max_memory: int | None = None,
              workers: int = 1, executor: str = "local", address: str | None = None,
-             batch_size: int | None = None) -> dict[str, Any]:
-    """Plan, run both phases (resuming whatever an earlier invocation left), write the answer."""
+             batch_size: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Plan, run both phases (resuming whatever an earlier invocation left), write the answer;
+    ``progress``: each phase's bar of runs finished on stderr (terminals only)."""
     from loralab.paths import child_dir
     from loralab.study.execute import Halving, run_study
 
@@ -494,11 +496,11 @@ def run_tune(*, model: str, data: str, out: str = "runs", name: str = "tune", me
     plan = plan_tune(model=model, data=data, metric=metric, fixed=fixed or {}, search=search, widen=widen,
                      budget_steps=budget_steps, max_memory=max_memory, batch_size=batch_size)
     spec = study_file(plan, name=name, metric=metric, goal=goal)
-    (root / "tune-plan.json").write_text(json.dumps(plan.to_json(), indent=2, default=str), encoding="utf-8")
+    write_atomic(root / "tune-plan.json", plan.to_json(), fsync=False)
     log.info("tune %s: %d candidates, %d steps each, halving from step %d; planned %d optimizer steps "
              "(a full grid with repeats: %d)", name, plan.candidates, plan.max_steps, plan.min_steps,
              plan.planned_steps, plan.grid_steps)
-    common = dict(workers=workers, executor=executor, address=address, max_memory=max_memory)
+    common = dict(workers=workers, executor=executor, address=address, max_memory=max_memory, progress=progress)
     study = _study(spec, root)
     halving = Halving(eta=ETA, min_steps=plan.min_steps) if halving_schedule(plan.candidates, plan.max_steps)[1] else None
     phase1 = run_study(study, root=root, halving=halving, budget_s=budget_s, **common)
@@ -535,10 +537,10 @@ def write_answer(root: Path, *, name: str, metric: str, goal: str, plan: Plan) -
     best = copy.deepcopy(rec["config"])
     best.get("output", {}).pop("dir", None)
     best["train"]["seed"] = 1
-    (root / "best.yaml").write_text(f"# loralab tune {name}: {rec['why']}\n" + yaml.safe_dump(best, sort_keys=False),
-                                    encoding="utf-8")
-    (root / "tune.json").write_text(json.dumps(answer, indent=2, default=str), encoding="utf-8")
-    (root / "tune.md").write_text(summary_text(answer), encoding="utf-8")
+    write_atomic(root / "best.yaml", f"# loralab tune {name}: {rec['why']}\n" + yaml.safe_dump(best, sort_keys=False),
+                 fsync=False)
+    write_atomic(root / "tune.json", answer, fsync=False)
+    write_atomic(root / "tune.md", summary_text(answer), fsync=False)
     answer["best_yaml"] = str(root / "best.yaml")
     return answer
 
@@ -613,7 +615,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         fixed=parse_assignments(args.fixed, "--fixed"), search=search, widen=widen,
         budget_s=parse_duration(args.budget, "--budget") if args.budget else None, budget_steps=args.budget_steps,
         max_memory=parse_bytes(args.max_memory, "--max-memory") if args.max_memory else None,
-        workers=args.workers, executor=args.executor, address=args.address, batch_size=args.batch_size)
+        workers=args.workers, executor=args.executor, address=args.address, batch_size=args.batch_size,
+        progress=not args.json)
     if args.json:
         emit_json(answer)
     else:
