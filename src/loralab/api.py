@@ -154,7 +154,7 @@ def evaluate(model: str | Path = "builtin:tiny", *, adapters: list[str | Path] |
     """Score the base and each adapter (run or adapter directory) on tasks, as ``loralab eval``:
     one dict per (model, task, metric) with value, ci_low, ci_high, n."""
     from loralab.errors import DataError
-    from loralab.evaluate.command import evaluate as evaluate_models
+    from loralab.evaluate.score import evaluate as evaluate_models
     from loralab.evaluate.tasks import resolve_tasks
 
     if limit is not None and limit < 1:
@@ -248,14 +248,14 @@ class Study:
 
     def status(self) -> list[dict[str, Any]]:
         """One dict per run: name, status, axis values, the study metric, time and memory."""
-        from loralab.study.command import _run_rows
+        from loralab.study.findings import run_rows
         from loralab.study.store import Store
 
         if not self.database.is_file():
             raise ConfigError(f"no study {self.name!r} under {self.root.parent} ({self.database} does not exist); "
                               "run it first")
         with Store(self.database, readonly=True) as store:
-            return _run_rows(store, store.study_id(self.name), self.spec.metric)
+            return run_rows(store, store.study_id(self.name), self.spec.metric)
 
     def report(self, dest: str | Path | None = None) -> Report:
         """Write the HTML and Markdown report (``loralab study report``); returns it."""

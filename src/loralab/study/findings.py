@@ -34,11 +34,14 @@ import sqlite3
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loralab.errors import LoralabError
 from loralab.study import stats
 from loralab.study.spec import FINDING_KINDS
+
+if TYPE_CHECKING:
+    from loralab.study.store import Store
 
 SEED_KEY = "train.seed"
 NO_REPEATS = "no repeats: differences cannot be separated from seed noise"
@@ -111,6 +114,20 @@ def final_value(con: sqlite3.Connection, run: sqlite3.Row, metric: str) -> float
         (run["id"], metric),
     ).fetchone()
     return None if row is None else float(row[0])
+
+
+def run_rows(store: Store, study_id: int, metric: str) -> list[dict[str, Any]]:
+    """One dict per run of a study (``study status``, ``runs list``, ``Study.status()``): name,
+    status, axis values, the final value of ``metric``, time, memory, attempts."""
+    out = []
+    for r in store.runs(study_id):
+        row = {"name": r["name"], "status": r["status"], **json.loads(r["axes_json"]),
+               metric: final_value(store.db, r, metric), "wall_s": r["wall_time_s"],
+               "peak_MiB": r["peak_memory_bytes"] / 2**20 if r["peak_memory_bytes"] else None,
+               "est_MiB": r["estimated_memory_bytes"] / 2**20 if r["estimated_memory_bytes"] else None,
+               "attempts": r["attempts"], "stopped_at": r["stopped_at_step"]}
+        out.append(row)
+    return out
 
 
 def read_study(db_path: str | Path, study_name: str) -> StudyData:

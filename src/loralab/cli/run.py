@@ -1,4 +1,4 @@
-"""The core subcommands: quickstart, train, generate, merge.
+"""``loralab train``, ``quickstart``, ``generate``, ``merge``, and the model flags other commands share.
 
     loralab quickstart [--out runs/quickstart] [--json]
     loralab train run.yaml --set lora.r=16 --out runs/r16 [--json]
@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loralab.cli.output import emit_json
 from loralab.errors import ModelError
 
 if TYPE_CHECKING:
     from loralab.config import ModelConfig, QuantConfig
 
 log = logging.getLogger(__name__)
-QUICKSTART = Path(__file__).parent / "assets" / "configs" / "quickstart.yaml"
+QUICKSTART = Path(__file__).parent.parent / "assets" / "configs" / "quickstart.yaml"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -160,7 +161,6 @@ def _checked_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from loralab.cli import emit_json
     from loralab.train.loop import train
 
     if args.resume:
@@ -203,7 +203,6 @@ def _accuracy_rows(model, tokenizer, n: int) -> dict[str, dict]:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Accuracy of the tiny base, a LoRA run on arithmetic, accuracy again."""
-    from loralab.cli import emit_json
     from loralab.models import load_base
     from loralab.train.loop import train
 
@@ -238,7 +237,6 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from loralab.adapters import load_adapter
-    from loralab.cli import emit_json
     from loralab.data.templates import format_prompt
     from loralab.evaluate.exact_match import greedy_generate
     from loralab.models import load_base
@@ -261,7 +259,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import shutil
 
     from loralab.adapters import load_adapter
-    from loralab.cli import emit_json
     from loralab.config import read_yaml
     from loralab.models import DTYPES, load_base, resolve_dtype
 

@@ -25,7 +25,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from loralab.commands import add_track_arg
+from loralab.cli.output import emit_json
+from loralab.cli.run import add_track_arg
 from loralab.errors import ConfigError
 
 DEFAULT_ROOT = "runs"
@@ -158,23 +159,7 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _run_rows(store, sid: int, metric: str) -> list[dict[str, Any]]:
-    from loralab.study.findings import final_value  # the report's rule: one indexed query per run
-
-    out = []
-    for r in store.runs(sid):
-        row = {"name": r["name"], "status": r["status"], **json.loads(r["axes_json"]),
-               metric: final_value(store.db, r, metric), "wall_s": r["wall_time_s"],
-               "peak_MiB": r["peak_memory_bytes"] / 2**20 if r["peak_memory_bytes"] else None,
-               "est_MiB": r["estimated_memory_bytes"] / 2**20 if r["estimated_memory_bytes"] else None,
-               "attempts": r["attempts"], "stopped_at": r["stopped_at_step"]}
-        out.append(row)
-    return out
-
-
 def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
-    from loralab.cli import emit_json
-
     if args.json:
         emit_json(obj)
     else:
@@ -219,11 +204,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from loralab.study.findings import run_rows
+
     with open_store(args.out, args.name) as store:
         sid = store.study_id(args.name)
         spec = store.spec(args.name)
         metric = spec.get("metric", "eval_loss")
-        rows = _run_rows(store, sid, metric)
+        rows = run_rows(store, sid, metric)
         counts = store.counts(sid)
     cols = ["name", "status", *spec.get("axes", {}).keys(), metric, "wall_s", "peak_MiB", "est_MiB", "attempts", "stopped_at"]
     cols = [c for c in cols if c in ("name", "status", metric) or any(r.get(c) is not None for r in rows)]
@@ -288,12 +275,14 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
         names = [args.study]
     else:
         names = sorted(p.parent.name for p in Path(args.out).glob("*/study.db"))
+    from loralab.study.findings import run_rows
+
     rows: list[dict[str, Any]] = []
     for name in names:
         with open_store(args.out, name) as store:
             sid = store.study_id(name)
             metric = store.spec(name).get("metric", "eval_loss")
-            for r in _run_rows(store, sid, metric):
+            for r in run_rows(store, sid, metric):
                 if args.status and r["status"] != args.status:
                     continue
                 rows.append({"study": name, "name": r["name"], "status": r["status"], "metric": metric,
