@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from loralab.errors import ConfigError
+from loralab.rundir import Status
 
 log = logging.getLogger(__name__)
 
@@ -348,11 +349,11 @@ def read_candidates(db: Path, name: str, metric: str, goal: str) -> tuple[list[C
         for r in rows:
             config = json.loads(r["config_json"])
             max_steps = config["train"]["max_steps"]
-            if r["status"] == "completed":
+            if r["status"] == Status.COMPLETED:
                 steps += max_steps
             elif r["stopped_at_step"] is not None:
                 steps += r["stopped_at_step"]
-            value = _final(con, r["id"], metric) if r["status"] == "completed" else None
+            value = _final(con, r["id"], metric) if r["status"] == Status.COMPLETED else None
             if value is None:
                 continue
             axes = json.loads(r["axes_json"])
@@ -501,7 +502,7 @@ def run_tune(*, model: str, data: str, out: str = "runs", name: str = "tune", me
     study = _study(spec, root)
     halving = Halving(eta=ETA, min_steps=plan.min_steps) if halving_schedule(plan.candidates, plan.max_steps)[1] else None
     phase1 = run_study(study, root=root, halving=halving, budget_s=budget_s, **common)
-    finished = phase1.get("budget_spent") is not True and not any(s in phase1["counts"] for s in ("pending", "interrupted", "paused", "running"))
+    finished = phase1.get("budget_spent") is not True and not any(s in phase1["counts"] for s in (Status.PENDING, Status.INTERRUPTED, Status.PAUSED, Status.RUNNING))
     db = root / "study.db"
     cands, _ = read_candidates(db, name, metric, goal)
     if finished and cands:

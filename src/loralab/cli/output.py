@@ -1,6 +1,6 @@
 """What the commands print: one JSON object with --json, otherwise text.
 
-    emit_json({"status": "completed"})
+    emit_json({"results": rows})
 """
 
 from __future__ import annotations

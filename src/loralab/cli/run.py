@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from loralab.cli.output import emit_json
 from loralab.errors import ModelError
+from loralab.rundir import CONFIG, RunDir, Status, write_atomic
 
 if TYPE_CHECKING:
     from loralab.config import ModelConfig, QuantConfig
@@ -32,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="one LoRA / QLoRA fine-tuning run from a YAML config")
     p.add_argument("config", nargs="?", help="YAML config (defaults apply to missing keys)")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue RUN_DIR from its newest complete checkpoint, with RUN_DIR/config.yaml; "
+                   help=f"continue RUN_DIR from its newest complete checkpoint, with RUN_DIR/{CONFIG}; "
                         "--set may change only keys that leave the maths alone (train.stop_at_step, ...)")
     _run_args(p)
     p.set_defaults(func=cmd_train)
@@ -147,16 +148,15 @@ def _checked_config(args: argparse.Namespace):
     """The run's config; when it is invalid and the run directory is known, the run is stored as invalid."""
     from loralab.config import load_config
     from loralab.errors import ConfigError
-    from loralab.train.loop import write_json
 
     out = _out_override(args)  # a bad --name raises here, before anything is written
     try:
         return load_config(args.config, list(args.overrides) + out)
     except ConfigError as exc:
         if out:
-            run_dir = Path(out[0].split("=", 1)[1])
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / "summary.json", {"status": "invalid", "error": str(exc), "run_dir": str(run_dir)})
+            run = RunDir(out[0].split("=", 1)[1])
+            run.root.mkdir(parents=True, exist_ok=True)
+            write_atomic(run.summary, {"status": Status.INVALID, "error": str(exc), "run_dir": str(run.root)})
         raise
 
 
@@ -169,10 +169,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         if args.config or args.out or args.name:
             raise ConfigError("--resume RUN_DIR takes the config and the directory from RUN_DIR; drop CONFIG, --out and --name")
-        run = Path(args.resume)
-        if not (run / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run}: no config.yaml there, so it is not a loralab run directory")
-        cfg = load_config(run / "config.yaml", list(args.overrides) + [f"output.dir={run}"])
+        run = RunDir(args.resume)
+        if not run.config.is_file():
+            raise ConfigError(f"--resume {run.root}: no {CONFIG} there, so it is not a loralab run directory")
+        cfg = load_config(run.config, list(args.overrides) + [f"output.dir={run.root}"])
         summary = train(cfg, show_progress=sys.stderr.isatty(), resume=True)
     else:
         cfg = _checked_config(args)
@@ -219,9 +219,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     model, tokenizer = summary.pop("_model"), summary.pop("_tokenizer")
     after = _accuracy_rows(model, tokenizer, args.eval_n)
     result = {"before": before, "after": after, "summary": summary, "total_time_s": time.perf_counter() - t0}
-    from loralab.train.loop import write_json
-
-    write_json(Path(summary["run_dir"]) / "quickstart.json", {k: v for k, v in result.items() if k != "summary"})
+    write_atomic(RunDir(summary["run_dir"]).quickstart, {k: v for k, v in result.items() if k != "summary"})
     if args.json:
         emit_json(result)
         return 0
@@ -262,17 +260,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from loralab.config import read_yaml
     from loralab.models import DTYPES, load_base, resolve_dtype
 
-    run = Path(args.run_dir)
+    run = RunDir(args.run_dir)
     out = Path(args.out_dir)
     if out.exists():
         raise ModelError(f"{out} already exists; choose a new directory (nothing was overwritten)")
-    saved = (read_yaml(run / "config.yaml") or {}) if (run / "config.yaml").is_file() else {}
+    saved = (read_yaml(run.config) or {}) if run.config.is_file() else {}
     base_path = args.model or (saved.get("model") or {}).get("path")
     if base_path is None:
-        raise ModelError(f"{run}: no config.yaml to read the base model from; pass --model")
+        raise ModelError(f"{run.root}: no {CONFIG} to read the base model from; pass --model")
     model_cfg, quant = base_configs(base_path, args, saved)
     if quant.mode != "none" and not args.dequantize:
-        source = "--quant" if args.quant else f"the run's quant.mode in {run / 'config.yaml'}"
+        source = "--quant" if args.quant else f"the run's quant.mode in {run.config}"
         raise ModelError(
             f"the base would be loaded in 4 bits ({quant.mode}, from {source}); "
             "merging into 4-bit weights rounds the merged weights back to 4 bits and loses most of the adapter. "
@@ -281,7 +279,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     model, tokenizer = load_base(model_cfg, quant)
     if quant.mode != "none":  # --dequantize: 4-bit -> plain Linear layers in the chosen dtype
         model = model.dequantize(dtype=DTYPES[resolve_dtype(model_cfg, model.device)])
-    merged = load_adapter(model, run).merge_and_unload()
+    merged = load_adapter(model, run.root).merge_and_unload()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.config.use_cache = True
@@ -289,7 +287,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     tokenizer.save_pretrained(str(tmp))
     tmp.replace(out)
     if args.json:
-        emit_json({"merged": str(out), "base": base_path, "adapter": str(run)})
+        emit_json({"merged": str(out), "base": base_path, "adapter": str(run.root)})
     else:
         print(f"merged model written to {out}")
     return 0

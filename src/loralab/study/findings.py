@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loralab.errors import LoralabError
+from loralab.rundir import Status
 from loralab.study import stats
 from loralab.study.spec import FINDING_KINDS
 
@@ -144,7 +145,7 @@ def read_study(db_path: str | Path, study_name: str) -> StudyData:
         runs = []
         for r in con.execute("SELECT * FROM runs WHERE study_id = ? ORDER BY id", (srow["id"],)).fetchall():
             time_s = r["train_time_s"] if r["train_time_s"] is not None else r["wall_time_s"]
-            values = {m: final_value(con, r, m) if r["status"] == "completed" else None for m, _ in judged}
+            values = {m: final_value(con, r, m) if r["status"] == Status.COMPLETED else None for m, _ in judged}
             runs.append(Run(
                 id=r["id"], name=r["name"], axes=run_axes(r, spec), status=r["status"],
                 value=values[metric], values=values,
@@ -198,11 +199,11 @@ def run_axes(row: sqlite3.Row, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def exclusion_reason(run: Run, metric: str) -> str | None:
-    if run.status == "completed":
+    if run.status == Status.COMPLETED:
         if run.value is None or not math.isfinite(run.value):
             return f"completed but has no final {metric}"
         return None
-    if run.status == "stopped_early":
+    if run.status == Status.STOPPED_EARLY:
         at = f" at step {run.stopped_at_step}" if run.stopped_at_step is not None else ""
         return f"stopped early{at} (successive halving)"
     why = run.status.replace("_", " ")

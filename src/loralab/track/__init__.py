@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from loralab.config import TRACKERS, Config, TrackingConfig, config_from_dict, read_yaml
-from loralab.rundir import write_atomic
+from loralab.rundir import Status, write_atomic
 
 log = logging.getLogger(__name__)
 TRACKING_FILE = "tracking.json"
@@ -133,7 +133,7 @@ class Tracker:
         """The summary, the artifacts (default: the run's adapter/ when it has one), the end status."""
         if artifacts is None:
             adapter = self.run_dir / "adapter"
-            artifacts = {"adapter": adapter} if adapter.is_dir() and summary.get("status") == "completed" else {}
+            artifacts = {"adapter": adapter} if adapter.is_dir() and summary.get("status") == Status.COMPLETED else {}
         for backend, sink in list(self.sinks.items()):
             self._call(backend, sink.finish, summary, artifacts)
         self.sinks.clear()
@@ -277,7 +277,7 @@ def export_study(db_path: Path, name: str, backend: str, *, tracking_uri: str | 
     if backend != "tensorboard" and (report / "report.html").is_file():
         report_tracking = TrackingConfig(**{**tracking.__dict__, "run_name": f"{name}-report", "axes": []})
         tracker = Tracker(report, report_tracking).open({"study.name": name}, resume=False)
-        tracker.finish({"status": "completed"}, {"report": report})
+        tracker.finish({"status": Status.COMPLETED}, {"report": report})
         error = tracker.records.get(backend, {}).get("error")
         out.append({"run": f"{name}-report", "status": "report", "sent": error is None, "why": error})
     return out

@@ -30,10 +30,11 @@ from typing import IO, Any
 
 import yaml
 
+from loralab.rundir import Status
 from loralab.study.store import FINAL, metric_rows
 
-# What a run's own summary.json can end with ("skipped" is the driver's word, never a run's).
-FINAL_SUMMARY = tuple(s for s in FINAL if s != "skipped")
+# What a run's own summary.json can end with (SKIPPED is the driver's word, never a run's).
+FINAL_SUMMARY = tuple(s for s in FINAL if s != Status.SKIPPED)
 
 
 @dataclass
@@ -192,10 +193,10 @@ def outcome(run_dir: Path, returncode: int, log_path: Path | None = None) -> dic
                 "stopped_at_step": summary.get("stopped_at_step")}
     if returncode < 0:
         sig = signal.Signals(-returncode).name if -returncode in signal.Signals.__members__.values() else str(-returncode)
-        return {"status": "interrupted", "summary": summary, "metrics": rows,
+        return {"status": Status.INTERRUPTED, "summary": summary, "metrics": rows,
                 "error": f"the run process was killed by {sig} before it finished"}
     tail = log_tail(log_path or run_dir / "train.log")
-    return {"status": "failed", "summary": summary, "metrics": rows,
+    return {"status": Status.FAILED, "summary": summary, "metrics": rows,
             "error": f"the run process exited with code {returncode} without a final summary: {tail}"}
 
 
