@@ -30,6 +30,7 @@ from typing import Any
 
 from loralab.config import Config, apply_overrides, config_from_dict, read_yaml
 from loralab.errors import ConfigError, LoralabError
+from loralab.rundir import CONFIG, RunDir
 
 __all__ = ["Report", "Study", "TrainResult", "estimate", "evaluate", "load_config", "train"]
 
@@ -75,7 +76,7 @@ class TrainResult:
     @property
     def adapter(self) -> Path | None:
         """The PEFT adapter directory (load it with loralab.adapters.load_adapter or PEFT)."""
-        path = self.run_dir / "adapter"
+        path = RunDir(self.run_dir).adapter
         return path if path.is_dir() else None
 
     @property
@@ -111,7 +112,7 @@ class TrainResult:
         """metrics.jsonl, one dict per line (train lines and evaluation lines)."""
         from loralab.track import read_metrics
 
-        return read_metrics(self.run_dir / "metrics.jsonl")
+        return read_metrics(RunDir(self.run_dir).metrics)
 
     def metrics_frame(self):
         """metrics.jsonl as a pandas DataFrame (pandas is optional: pip install pandas)."""
@@ -139,9 +140,9 @@ def train(config: ConfigSource = None, *, out: str | Path | None = None, resume:
         extra.append(f"tracking.backends=[{track if isinstance(track, str) else ','.join(track)}]")
     if resume:
         run_dir = Path(out) if out is not None else Path(load_config(config).output.dir or "")
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"resume {run_dir}: no config.yaml there, so it is not a loralab run directory")
-        cfg = load_config(run_dir / "config.yaml", overrides=extra + [f"output.dir={run_dir}"])
+        if not RunDir(run_dir).config.is_file():
+            raise ConfigError(f"resume {run_dir}: no {CONFIG} there, so it is not a loralab run directory")
+        cfg = load_config(RunDir(run_dir).config, overrides=extra + [f"output.dir={run_dir}"])
     else:
         cfg = load_config(config, overrides=extra, **sections)
     summary = train_run(cfg, show_progress=show_progress, resume=resume)

@@ -35,9 +35,17 @@ FUSED_LOG = "fused.log"
 QUICKSTART = "quickstart.json"
 
 
+CHECKPOINT_GLOB = "step-*"  # every checkpoint folder under checkpoints/
+
+
 def checkpoint_name(step: int) -> str:
     """A checkpoint's folder under checkpoints/: step-000120."""
     return f"step-{step:06d}"
+
+
+def checkpoint_step_of(path: Path) -> int:
+    """The step a checkpoint folder holds: step-000120 -> 120."""
+    return int(path.name.rsplit("-", 1)[-1])
 
 
 class Status(str, Enum):

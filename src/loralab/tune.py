@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from loralab.errors import ConfigError
-from loralab.rundir import Status
+from loralab.rundir import RunDir, Status
 
 log = logging.getLogger(__name__)
 
@@ -530,7 +530,7 @@ def write_answer(root: Path, *, name: str, metric: str, goal: str, plan: Plan) -
                     "grid_train_time_s_estimate": per_step * plan.grid_steps if per_step else None,
                     "fraction_of_grid": spent["steps"] / plan.grid_steps if plan.grid_steps else None},
         "runs": spent["counts"], "plan": plan.to_json(),
-        "adapter": str(Path(rec["run_dir"]) / "adapter") if rec["run_dir"] else None,
+        "adapter": str(RunDir(rec["run_dir"]).adapter) if rec["run_dir"] else None,
     }
     best = copy.deepcopy(rec["config"])
     best.get("output", {}).pop("dir", None)

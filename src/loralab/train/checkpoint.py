@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from loralab.adapters import refuse_pickles
 from loralab.errors import LoralabError, ModelError
+from loralab.rundir import CHECKPOINT_GLOB, RunDir, checkpoint_name
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +75,6 @@ class TrainState:
     task_history: dict[str, list[float]] = field(default_factory=dict)
     micro_batch_changes: list[dict[str, int]] = field(default_factory=list)
     grad_scaler: dict[str, Any] | None = None  # torch.amp.GradScaler's state when training in fp16
-
-
-def checkpoint_root(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def step_name(step: int) -> str:
-    return f"step-{step:06d}"
 
 
 # ----------------------------------------------------------------------------- writing
@@ -168,11 +161,11 @@ def save_checkpoint(run_dir: Path, state: TrainState, *, opt, sched, keep_last: 
     name (or ``model``, whose trainable parameters are taken); ``device``: the training device,
     whose generator state is kept."""
     params = trainable_tensors(model) if params is None else params
-    root = checkpoint_root(run_dir)
+    root = RunDir(run_dir).checkpoints
     root.mkdir(parents=True, exist_ok=True)
     clean_temporaries(root)
-    final = root / step_name(state.step)
-    tmp = root / f".tmp-{step_name(state.step)}-{os.getpid()}"
+    final = root / checkpoint_name(state.step)
+    tmp = root / f".tmp-{checkpoint_name(state.step)}-{os.getpid()}"
     try:
         tmp.mkdir()
         _write_tensors(tmp / "adapter.safetensors", params)
@@ -231,7 +224,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Checkpoint directories that have a manifest, oldest first (no hashing here)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and (p / MANIFEST).is_file()]
+    found = [p for p in root.glob(CHECKPOINT_GLOB) if p.is_dir() and (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -256,7 +249,7 @@ def verify(path: Path) -> str | None:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint whose files match its manifest; damaged ones are skipped with a warning."""
-    for path in reversed(complete_checkpoints(checkpoint_root(run_dir))):
+    for path in reversed(complete_checkpoints(RunDir(run_dir).checkpoints)):
         problem = verify(path)
         if problem is None:
             return path
