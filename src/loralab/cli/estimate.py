@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loralab.cli.output import emit_json
+from loralab.cli.output import emit_json, table
 from loralab.errors import ConfigError
 from loralab.estimate import (
     FLAG_KEYS,
@@ -21,45 +21,6 @@ from loralab.estimate import (
     human_bytes,
     known_presets,
 )
-
-
-def format_table(est: Estimate) -> str:
-    """Human-readable summary."""
-    s = est.settings
-    lines = [
-        f"model            {est.model} ({est.model_type})",
-        f"setup            {s['dtype']} base, quant {s['quant']}, r={s['r']} on {','.join(s['targets'])} "
-        f"({est.lora_modules} modules), {s['optimizer']}, micro batch {s['micro_batch_size']} x {s['seq_len']} tokens"
-        + (", grad checkpointing" if s["grad_checkpointing"] else "") + f", {s['device']}",
-        f"total params     {est.total_params:,}",
-        f"trainable params {est.trainable_params:,} ({100 * est.trainable_share:.4f}%)",
-        "memory:",
-    ]
-    lines += [f"  {part:<18} {human_bytes(b):>12}" for part, b in est.memory_bytes.items()]
-    if est.budget_bytes is not None:
-        lines.append(f"budget           {human_bytes(est.budget_bytes)}: {'fits' if est.fits else 'does NOT fit'}; "
-                     f"largest micro batch that fits: {est.max_micro_batch}")
-    if est.time_per_step_s is not None:
-        lines.append(f"time per step    {est.time_per_step_s:.3f} s ({est.flops_per_step:.3e} FLOP per micro step)")
-    lines += ["approximate:"] + [f"  - {n}" for n in est.approximate]
-    return "\n".join(lines)
-
-
-def cmd_estimate(args: argparse.Namespace) -> int:
-    if not args.config and not args.model:
-        raise ConfigError("give a run config (loralab estimate run.yaml) or --model DIR_OR_PRESET "
-                          f"(presets: {', '.join(known_presets())})")
-    flags = {k: getattr(args, k) for k in FLAG_KEYS}
-    est = estimate_from_args(
-        args.config, args.set, grad_checkpointing=args.grad_checkpointing, budget=args.budget,
-        throughput=args.throughput, device=args.device, rslora=args.rslora, dora=args.dora,
-        double_quant=args.double_quant, **flags,
-    )
-    if args.json:
-        emit_json(est.to_dict())
-    else:
-        sys.stdout.write(format_table(est) + "\n")
-    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -89,3 +50,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--throughput", type=float, help="effective FLOP/s of the device, e.g. 100e12")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_estimate)
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    if not args.config and not args.model:
+        raise ConfigError("give a run config (loralab estimate run.yaml) or --model DIR_OR_PRESET "
+                          f"(presets: {', '.join(known_presets())})")
+    flags = {k: getattr(args, k) for k in FLAG_KEYS}
+    est = estimate_from_args(
+        args.config, args.set, grad_checkpointing=args.grad_checkpointing, budget=args.budget,
+        throughput=args.throughput, device=args.device, rslora=args.rslora, dora=args.dora,
+        double_quant=args.double_quant, **flags,
+    )
+    if args.json:
+        emit_json(est.to_dict())
+    else:
+        sys.stdout.write(format_table(est) + "\n")
+    return 0
+
+
+def format_table(est: Estimate) -> str:
+    """What a person reads: the setup, then memory by part, then what is approximate."""
+    s = est.settings
+    setup = (f"{s['dtype']} base, quant {s['quant']}, r={s['r']} on {','.join(s['targets'])} ({est.lora_modules} "
+             f"modules), {s['optimizer']}, micro batch {s['micro_batch_size']} x {s['seq_len']} tokens"
+             + (", grad checkpointing" if s["grad_checkpointing"] else "") + f", {s['device']}")
+    about = [("model", f"{est.model} ({est.model_type})"), ("setup", setup),
+             ("total params", f"{est.total_params:,}"),
+             ("trainable params", f"{est.trainable_params:,} ({100 * est.trainable_share:.4f}%)")]
+    if est.budget_bytes is not None:
+        about.append(("budget", f"{human_bytes(est.budget_bytes)}: {'fits' if est.fits else 'does NOT fit'}; "
+                                f"largest micro batch that fits: {est.max_micro_batch}"))
+    if est.time_per_step_s is not None:
+        about.append(("time per step", f"{est.time_per_step_s:.3f} s ({est.flops_per_step:.3e} FLOP per micro step)"))
+    memory = table([(part, human_bytes(b)) for part, b in est.memory_bytes.items()], ["memory", "size"],
+                   align=["left", "right"])
+    notes = "\n".join(["approximate:"] + [f"  - {n}" for n in est.approximate])
+    return f"{table(about)}\n\n{memory}\n\n{notes}"

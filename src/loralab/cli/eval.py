@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from loralab.cli.output import emit_json
+from loralab.cli.output import emit_json, table
 from loralab.cli.run import add_model_flags, base_configs
 
 
@@ -81,7 +81,7 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
     """task, metric, then one ``value [ci_low, ci_high] n=N`` column per model."""
     keys = list(dict.fromkeys((r["task"], r["metric"]) for r in rows))
     cell = {(r["task"], r["metric"], r["adapter"] or "base"): r for r in rows}
-    table = [["task", "metric", *cols]]
+    lines = []
     for task, metric in keys:
         line = [task, metric]
         for c in cols:
@@ -89,7 +89,5 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
             line.append("" if r is None else
                         f"{_fmt(r['value'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] n={r['n']}"
                         + (f" ({r['skipped']} skipped)" if r["skipped"] else ""))
-        table.append(line)
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        lines.append(line)
+    print(table(lines, ["task", "metric", *cols]))

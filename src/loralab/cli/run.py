@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loralab.cli.output import emit_json
+from loralab.cli.output import emit_json, table
 from loralab.errors import ModelError
 from loralab.rundir import CONFIG, RunDir, Status, write_atomic
 
@@ -140,8 +140,7 @@ def _print_summary(s: dict) -> None:
             ("steps", s["steps"]), ("final eval loss", f"{s['final_eval_loss']:.4f}"),
             ("train time", f"{s['train_time_s']:.1f} s (wall {s['wall_time_s']:.1f} s)"),
             ("tokens/s", f"{s['tokens_per_s']:.0f}"), ("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB")]
-    for k, v in rows:
-        print(f"{k:>26}: {v}")
+    print(table([(f"{k}:", v) for k, v in rows], align=["right", "left"]))
 
 
 def _checked_config(args: argparse.Namespace):
@@ -223,9 +222,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(result)
         return 0
-    print(f"{'task':<16}{'base':>10}{'LoRA':>10}   (exact match, n={args.eval_n} held-out problems)")
-    for task in before:
-        print(f"{task:<16}{before[task]['exact_match']:>10.1%}{after[task]['exact_match']:>10.1%}")
+    print(f"exact match on {args.eval_n} held-out problems per task:")
+    print(table([(task, f"{before[task]['exact_match']:.1%}", f"{after[task]['exact_match']:.1%}") for task in before],
+                ["task", "base", "LoRA"], align=["left", "right", "right"]))
     print(f"\ntrained {summary['trainable_params']:,} of {summary['total_params']:,} parameters in "
           f"{summary['train_time_s']:.1f} s ({summary['tokens_per_s']:.0f} tokens/s), "
           f"final eval loss {summary['final_eval_loss']:.4f}; total {result['total_time_s']:.0f} s")
