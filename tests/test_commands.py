@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from loralab.cli import main
+from loralab.rundir import CONFIG, FUSED_LOG, METRICS, QUICKSTART, SUMMARY, TRAIN_LOG
 
 SMALL = ["--set", "data.limit=64", "--set", "data.val_max_examples=16", "--set", "train.batch_size=8",
          "--set", "train.micro_batch_size=8"]
@@ -109,3 +113,46 @@ def test_eval_tasks_during_training(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_eval_tasks"]["arithmetic_2ds/loss"] == evals[-1]["arithmetic_2ds/loss"]
     assert summary["best_eval_tasks"]["arithmetic_2ds/loss"] == min(e["arithmetic_2ds/loss"] for e in evals)
+
+
+# ----------------------------------------------------------------------------- one place per concept
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loralab"
+
+
+def _code_strings(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every string literal in a module, f-string parts included, docstrings left out."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def _add_parser_calls(path: Path) -> list[int]:
+    return [node.lineno for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("add_parser", "add_subparsers")]
+
+
+def test_run_directory_names_and_the_command_line_each_live_in_one_place():
+    """Only rundir.py spells the run directory's file names (docstrings aside: prose may name
+    them); only loralab/cli/ defines subcommands."""
+    names = (SUMMARY, METRICS, CONFIG, TRAIN_LOG, FUSED_LOG, QUICKSTART)
+    modules = sorted(PACKAGE.rglob("*.py"))
+    spelled, parsers = {}, {}
+    for path in modules:
+        rel = path.relative_to(PACKAGE).as_posix()
+        for line, text in _code_strings(path):
+            for name in names:
+                if re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", text):  # not train.log_every
+                    spelled.setdefault(rel, []).append(f"{line}: {name}")
+        if calls := _add_parser_calls(path):
+            parsers[rel] = calls
+    # the checks see what they look for: rundir.py spells every name, cli/ adds the parsers
+    assert {n.split(": ")[1] for n in spelled.pop("rundir.py")} == set(names)
+    assert {"cli/run.py", "cli/eval.py", "cli/estimate.py", "cli/study.py", "cli/tune.py"} <= set(parsers)
+    assert spelled == {}, f"run-directory file names spelled outside rundir.py (use RunDir or its constants): {spelled}"
+    outside = {m: lines for m, lines in parsers.items() if not m.startswith("cli/")}
+    assert outside == {}, f"subcommands defined outside loralab/cli/: {outside}"

@@ -92,7 +92,7 @@ def test_wilson_known_case():
 
 
 def test_greedy_match_consistent_with_generation(tiny):
-    from loralab.commands import arithmetic_test_set
+    from loralab.cli.run import arithmetic_test_set
     from loralab.evaluate.exact_match import greedy_generate
 
     model, tok = tiny

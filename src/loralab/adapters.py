@@ -9,6 +9,7 @@ import torch
 from loralab.config import LoraConfig
 from loralab.errors import ModelError
 from loralab.roles import head_module_name, linear_module_names, resolve_targets
+from loralab.rundir import RunDir
 
 
 def peft_lora_config(model, lora: LoraConfig):
@@ -93,8 +94,8 @@ def refuse_pickles(directory: Path, what: str) -> None:
 def adapter_dir(run_or_adapter: str | Path) -> Path:
     """Accept a run directory (with adapter/) or an adapter directory itself; safetensors only."""
     p = Path(run_or_adapter)
-    if (p / "adapter" / "adapter_config.json").is_file():
-        p = p / "adapter"
+    if (RunDir(p).adapter / "adapter_config.json").is_file():
+        p = RunDir(p).adapter
     elif not (p / "adapter_config.json").is_file():
         raise ModelError(f"{p}: neither a run directory with adapter/ nor a PEFT adapter directory")
     refuse_pickles(p, "adapter")

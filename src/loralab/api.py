@@ -30,6 +30,7 @@ from typing import Any
 
 from loralab.config import Config, apply_overrides, config_from_dict, read_yaml
 from loralab.errors import ConfigError, LoralabError
+from loralab.rundir import CONFIG, RunDir
 
 __all__ = ["Report", "Study", "TrainResult", "estimate", "evaluate", "load_config", "train"]
 
@@ -75,7 +76,7 @@ class TrainResult:
     @property
     def adapter(self) -> Path | None:
         """The PEFT adapter directory (load it with loralab.adapters.load_adapter or PEFT)."""
-        path = self.run_dir / "adapter"
+        path = RunDir(self.run_dir).adapter
         return path if path.is_dir() else None
 
     @property
@@ -111,7 +112,7 @@ class TrainResult:
         """metrics.jsonl, one dict per line (train lines and evaluation lines)."""
         from loralab.track import read_metrics
 
-        return read_metrics(self.run_dir / "metrics.jsonl")
+        return read_metrics(RunDir(self.run_dir).metrics)
 
     def metrics_frame(self):
         """metrics.jsonl as a pandas DataFrame (pandas is optional: pip install pandas)."""
@@ -139,9 +140,9 @@ def train(config: ConfigSource = None, *, out: str | Path | None = None, resume:
         extra.append(f"tracking.backends=[{track if isinstance(track, str) else ','.join(track)}]")
     if resume:
         run_dir = Path(out) if out is not None else Path(load_config(config).output.dir or "")
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"resume {run_dir}: no config.yaml there, so it is not a loralab run directory")
-        cfg = load_config(run_dir / "config.yaml", overrides=extra + [f"output.dir={run_dir}"])
+        if not RunDir(run_dir).config.is_file():
+            raise ConfigError(f"resume {run_dir}: no {CONFIG} there, so it is not a loralab run directory")
+        cfg = load_config(RunDir(run_dir).config, overrides=extra + [f"output.dir={run_dir}"])
     else:
         cfg = load_config(config, overrides=extra, **sections)
     summary = train_run(cfg, show_progress=show_progress, resume=resume)
@@ -154,7 +155,7 @@ def evaluate(model: str | Path = "builtin:tiny", *, adapters: list[str | Path] |
     """Score the base and each adapter (run or adapter directory) on tasks, as ``loralab eval``:
     one dict per (model, task, metric) with value, ci_low, ci_high, n."""
     from loralab.errors import DataError
-    from loralab.evaluate.command import evaluate as evaluate_models
+    from loralab.evaluate.score import evaluate as evaluate_models
     from loralab.evaluate.tasks import resolve_tasks
 
     if limit is not None and limit < 1:
@@ -248,14 +249,14 @@ class Study:
 
     def status(self) -> list[dict[str, Any]]:
         """One dict per run: name, status, axis values, the study metric, time and memory."""
-        from loralab.study.command import _run_rows
+        from loralab.study.findings import run_rows
         from loralab.study.store import Store
 
         if not self.database.is_file():
             raise ConfigError(f"no study {self.name!r} under {self.root.parent} ({self.database} does not exist); "
                               "run it first")
         with Store(self.database, readonly=True) as store:
-            return _run_rows(store, store.study_id(self.name), self.spec.metric)
+            return run_rows(store, store.study_id(self.name), self.spec.metric)
 
     def report(self, dest: str | Path | None = None) -> Report:
         """Write the HTML and Markdown report (``loralab study report``); returns it."""

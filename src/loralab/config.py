@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from loralab.errors import ConfigError
+from loralab.rundir import METRICS
 
 DEFAULT_MODEL = "builtin:tiny"  # the tiny pretrained Llama shipped in loralab/assets
 DEFAULT_DATA = "builtin:arithmetic"  # the generated arithmetic instructions
@@ -108,7 +109,7 @@ class TrainConfig:
     autocast: Literal["none", "bf16", "fp16"] = _f("none", "Autocast for the forward pass: bf16, or fp16 (with a gradient scaler, as for any fp16 base).")
     group_by_length: bool = _f(False, "Sort each step's examples by length before cutting micro batches (same examples per step, less padding).")
     gradient_checkpointing: bool = _f(False, "Keep only each decoder layer's input and recompute the rest in backward (transformers' non-reentrant activation checkpointing): far less activation memory for one more forward of compute; same maths.")
-    log_every: int = _f(10, "Write a train-loss line to metrics.jsonl every N steps.", gt=0)
+    log_every: int = _f(10, f"Write a train-loss line to {METRICS} every N steps.", gt=0)
     on_nonfinite: Literal["stop", "skip"] = _f("stop", "A NaN/inf loss or gradient stops the run (diverged) or skips the step, counted.")
     checkpoint_every: int = _f(0, "Write a resumable checkpoint every N optimizer steps (0 = off).", ge=0)
     keep_last: int = _f(2, "Keep only the newest N checkpoints.", gt=0)

@@ -37,11 +37,9 @@ Formulas (bytes; b = micro batch, s = sequence length, e = activation dtype byte
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
@@ -490,7 +488,7 @@ def _settings(cfg: Config, gc: bool, device: str) -> dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------------- CLI path
+# ----------------------------------------------------------------------------- from flags (loralab.cli.estimate)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -509,7 +507,7 @@ def parse_bytes(text: str, key: str = "--budget") -> int:
 
 
 # flag -> config key (for --set style overrides)
-_FLAG_KEYS = {
+FLAG_KEYS = {
     "model": "model.path", "dtype": "model.dtype", "r": "lora.r", "targets": "lora.targets",
     "quant": "quant.mode", "optim": "train.optimizer", "micro_batch": "train.micro_batch_size",
     "seq_len": "data.max_seq_length", "momentum": "train.momentum",
@@ -542,7 +540,7 @@ def estimate_from_args(
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_path}: the top level must be a mapping of sections")
     raw = apply_overrides(raw, list(overrides or []))
-    sets = {key: flags[name] for name, key in _FLAG_KEYS.items() if flags.get(name) is not None}
+    sets = {key: flags[name] for name, key in FLAG_KEYS.items() if flags.get(name) is not None}
     sets |= {k: v for k, v in (("lora.rslora", rslora), ("lora.dora", dora), ("quant.double_quant", double_quant)) if v is not None}
     for key, value in sets.items():
         section, name = key.split(".")
@@ -561,73 +559,3 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return str(n)
-
-
-def format_table(est: Estimate) -> str:
-    """Human-readable summary."""
-    s = est.settings
-    lines = [
-        f"model            {est.model} ({est.model_type})",
-        f"setup            {s['dtype']} base, quant {s['quant']}, r={s['r']} on {','.join(s['targets'])} "
-        f"({est.lora_modules} modules), {s['optimizer']}, micro batch {s['micro_batch_size']} x {s['seq_len']} tokens"
-        + (", grad checkpointing" if s["grad_checkpointing"] else "") + f", {s['device']}",
-        f"total params     {est.total_params:,}",
-        f"trainable params {est.trainable_params:,} ({100 * est.trainable_share:.4f}%)",
-        "memory:",
-    ]
-    lines += [f"  {part:<18} {human_bytes(b):>12}" for part, b in est.memory_bytes.items()]
-    if est.budget_bytes is not None:
-        lines.append(f"budget           {human_bytes(est.budget_bytes)}: {'fits' if est.fits else 'does NOT fit'}; "
-                     f"largest micro batch that fits: {est.max_micro_batch}")
-    if est.time_per_step_s is not None:
-        lines.append(f"time per step    {est.time_per_step_s:.3f} s ({est.flops_per_step:.3e} FLOP per micro step)")
-    lines += ["approximate:"] + [f"  - {n}" for n in est.approximate]
-    return "\n".join(lines)
-
-
-def _run(args: argparse.Namespace) -> int:
-    if not args.config and not args.model:
-        raise ConfigError("give a run config (loralab estimate run.yaml) or --model DIR_OR_PRESET "
-                          f"(presets: {', '.join(known_presets())})")
-    flags = {k: getattr(args, k) for k in _FLAG_KEYS}
-    est = estimate_from_args(
-        args.config, args.set, grad_checkpointing=args.grad_checkpointing, budget=args.budget,
-        throughput=args.throughput, device=args.device, rslora=args.rslora, dora=args.dora,
-        double_quant=args.double_quant, **flags,
-    )
-    if args.json:
-        from loralab.cli import emit_json
-
-        emit_json(est.to_dict())
-    else:
-        sys.stdout.write(format_table(est) + "\n")
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    """Add the ``estimate`` subcommand."""
-    p = subparsers.add_parser(
-        "estimate",
-        help="parameters, memory and time of a LoRA/QLoRA run, from config.json alone",
-        description="Estimate trainable parameters, memory by part and step time without loading weights.",
-    )
-    p.add_argument("config", nargs="?", help="a loralab run config (YAML)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--model", help=f"model directory, config.json or preset ({', '.join(known_presets())})")
-    p.add_argument("--r", type=int, help="LoRA rank")
-    p.add_argument("--targets", help="comma-separated roles/modules, e.g. query,value or all")
-    p.add_argument("--quant", choices=["none", "nf4", "fp4"])
-    p.add_argument("--double-quant", dest="double_quant", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--optim", choices=list(OPTIMIZER_BYTES_PER_PARAM))
-    p.add_argument("--momentum", type=float, help="SGD momentum (a buffer per parameter when > 0)")
-    p.add_argument("--micro-batch", dest="micro_batch", type=int)
-    p.add_argument("--seq-len", dest="seq_len", type=int)
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--rslora", action="store_true", default=None)
-    p.add_argument("--dora", action="store_true", default=None)
-    p.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_true")
-    p.add_argument("--device", choices=["cuda", "cpu"], help="framework allowance to use (default: from model.device)")
-    p.add_argument("--budget", help="memory budget, e.g. 24GB or 80GiB; reports fits and the largest micro batch")
-    p.add_argument("--throughput", type=float, help="effective FLOP/s of the device, e.g. 100e12")
-    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    p.set_defaults(func=_run)

@@ -18,6 +18,8 @@ Layout (every module that reads or writes a run goes through these names)::
     metrics.jsonl      one JSON object per line: train/eval rows and events
     adapter/           the trained adapter, PEFT format (completed and paused runs)
     checkpoints/       step-000120/ ... resumable checkpoints (loralab.train.checkpoint)
+    train.log          a study's run process: its stderr (fused.log for a fused group's process)
+    quickstart.json    ``loralab quickstart``: accuracy before and after
 """
 
 from __future__ import annotations
@@ -37,12 +39,30 @@ SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
+TRAIN_LOG = "train.log"
+FUSED_LOG = "fused.log"
+QUICKSTART = "quickstart.json"
+
+
+CHECKPOINT_GLOB = "step-*"  # every checkpoint folder under checkpoints/
+
+
+def checkpoint_name(step: int) -> str:
+    """A checkpoint's folder under checkpoints/: step-000120."""
+    return f"step-{step:06d}"
+
+
+def checkpoint_step_of(path: Path) -> int:
+    """The step a checkpoint folder holds: step-000120 -> 120."""
+    return int(path.name.rsplit("-", 1)[-1])
 
 
 class Status(str, Enum):
     """Why a run ended (or that it has not): the strings summary.json, the study store and the
-    report read. A ``str`` Enum, so ``Status.COMPLETED == "completed"`` and JSON writes the string."""
+    report read. A ``str`` Enum, so ``Status.COMPLETED == "completed"`` and JSON writes the string.
+    PENDING, INTERRUPTED and SKIPPED are the study driver's words (study.db), never a run's own."""
 
+    PENDING = "pending"  # in a study, not started yet
     RUNNING = "running"
     COMPLETED = "completed"
     PAUSED = "paused"  # train.stop_at_step reached; resumable
@@ -51,6 +71,8 @@ class Status(str, Enum):
     DIVERGED = "diverged"  # non-finite loss or gradient with train.on_nonfinite=stop
     OUT_OF_MEMORY = "out_of_memory"
     STOPPED_EARLY = "stopped_early"  # pruned by successive halving
+    INTERRUPTED = "interrupted"  # its process or the study driver died; run again (resumes)
+    SKIPPED = "skipped"  # not started: the estimate says it does not fit --max-memory
 
     def __str__(self) -> str:
         return self.value
@@ -127,6 +149,21 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.root / CHECKPOINTS
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / checkpoint_name(step)
+
+    @property
+    def log(self) -> Path:
+        return self.root / TRAIN_LOG
+
+    @property
+    def fused_log(self) -> Path:
+        return self.root / FUSED_LOG
+
+    @property
+    def quickstart(self) -> Path:
+        return self.root / QUICKSTART
 
     def read_summary(self) -> dict[str, Any] | None:
         """summary.json as a dict; None when it is missing or unreadable."""

@@ -19,7 +19,6 @@ The search space and why each dimension is there: docs/tune.md.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -33,7 +32,7 @@ from typing import Any
 import yaml
 
 from loralab.errors import ConfigError
-from loralab.rundir import write_atomic
+from loralab.rundir import RunDir, Status, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -350,11 +349,11 @@ def read_candidates(db: Path, name: str, metric: str, goal: str) -> tuple[list[C
         for r in rows:
             config = json.loads(r["config_json"])
             max_steps = config["train"]["max_steps"]
-            if r["status"] == "completed":
+            if r["status"] == Status.COMPLETED:
                 steps += max_steps
             elif r["stopped_at_step"] is not None:
                 steps += r["stopped_at_step"]
-            value = _final(con, r["id"], metric) if r["status"] == "completed" else None
+            value = _final(con, r["id"], metric) if r["status"] == Status.COMPLETED else None
             if value is None:
                 continue
             axes = json.loads(r["axes_json"])
@@ -504,7 +503,7 @@ def run_tune(*, model: str, data: str, out: str = "runs", name: str = "tune", me
     study = _study(spec, root)
     halving = Halving(eta=ETA, min_steps=plan.min_steps) if halving_schedule(plan.candidates, plan.max_steps)[1] else None
     phase1 = run_study(study, root=root, halving=halving, budget_s=budget_s, **common)
-    finished = phase1.get("budget_spent") is not True and not any(s in phase1["counts"] for s in ("pending", "interrupted", "paused", "running"))
+    finished = phase1.get("budget_spent") is not True and not any(s in phase1["counts"] for s in (Status.PENDING, Status.INTERRUPTED, Status.PAUSED, Status.RUNNING))
     db = root / "study.db"
     cands, _ = read_candidates(db, name, metric, goal)
     if finished and cands:
@@ -532,7 +531,7 @@ def write_answer(root: Path, *, name: str, metric: str, goal: str, plan: Plan) -
                     "grid_train_time_s_estimate": per_step * plan.grid_steps if per_step else None,
                     "fraction_of_grid": spent["steps"] / plan.grid_steps if plan.grid_steps else None},
         "runs": spent["counts"], "plan": plan.to_json(),
-        "adapter": str(Path(rec["run_dir"]) / "adapter") if rec["run_dir"] else None,
+        "adapter": str(RunDir(rec["run_dir"]).adapter) if rec["run_dir"] else None,
     }
     best = copy.deepcopy(rec["config"])
     best.get("output", {}).pop("dir", None)
@@ -574,52 +573,3 @@ def summary_text(a: dict[str, Any]) -> str:
         lines.append(f"Note: {note}")
     lines += [f"Train it: loralab train {Path(a.get('best_yaml', 'best.yaml')).name}", ""]
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tune", help="the LoRA settings for your model, data and budget, with the evidence",
-                       description="Search r, the effective learning rate, targets and epochs with successive "
-                                   "halving, repeat the finalists, and recommend what the repeats support.")
-    p.add_argument("--model", required=True, help="model directory or hub id (builtin:tiny works offline)")
-    p.add_argument("--data", required=True, help="training data (any format loralab train reads)")
-    p.add_argument("--metric", default="eval_loss", help="eval_loss or TASK/METRIC (e.g. arithmetic_2ds/exact_match)")
-    p.add_argument("--goal", choices=["min", "max"], help="default: min for losses, max otherwise")
-    p.add_argument("--budget", help="wall-clock budget (90s, 30m, 2h): no run starts after it")
-    p.add_argument("--budget-steps", type=int, help="total optimizer steps; the space shrinks to fit")
-    p.add_argument("--max-memory", help="memory per run, e.g. 24GB: gates runs and chooses 4-bit where needed")
-    p.add_argument("--fixed", action="append", default=[], metavar="KEY=VALUE", help="fix a setting (repeatable)")
-    p.add_argument("--search", help="comma list of the keys to search (default: all of them; the rest take defaults)")
-    p.add_argument("--widen", action="append", default=[], metavar="KEY=V1,V2,...", help="the values tried for a key (repeatable)")
-    p.add_argument("--batch-size", type=int, help="global batch (default: the config default)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--executor", choices=["local", "ray"], default="local")
-    p.add_argument("--address", help="Ray cluster address")
-    p.add_argument("--out", default="runs", help="output root (default runs)")
-    p.add_argument("--name", default="tune", help="the tune's study name (default tune)")
-    p.add_argument("--json", action="store_true", help="print the answer as one JSON object")
-    p.set_defaults(func=cmd_tune)
-
-
-def cmd_tune(args: argparse.Namespace) -> int:
-    from loralab.cli import emit_json
-    from loralab.estimate import parse_bytes
-    from loralab.study.options import parse_duration
-
-    search = [k.strip() for k in args.search.split(",") if k.strip()] if args.search else None
-    widen = {k: v if isinstance(v, list) else [v] for k, v in parse_assignments(args.widen, "--widen").items()}
-    answer = run_tune(
-        model=args.model, data=args.data, out=args.out, name=args.name, metric=args.metric, goal=args.goal,
-        fixed=parse_assignments(args.fixed, "--fixed"), search=search, widen=widen,
-        budget_s=parse_duration(args.budget, "--budget") if args.budget else None, budget_steps=args.budget_steps,
-        max_memory=parse_bytes(args.max_memory, "--max-memory") if args.max_memory else None,
-        workers=args.workers, executor=args.executor, address=args.address, batch_size=args.batch_size,
-        progress=not args.json)
-    if args.json:
-        emit_json(answer)
-    else:
-        print(summary_text(answer))
-        print(f"config: {answer['best_yaml']}\nadapter: {answer['adapter']}")
-    return 0

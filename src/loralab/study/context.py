@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from loralab.rundir import RunDir
 from loralab.study.findings import open_db, study_row
 from loralab.study.spec import RunSpec, deviation_text, deviations, fmt_config_value, get_key
 
@@ -30,7 +31,7 @@ def _read_summary(run_dir: str | None) -> dict[str, Any]:
     if not run_dir:
         return {}
     try:
-        out = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+        out = json.loads(RunDir(run_dir).summary.read_text(encoding="utf-8"))
         return out if isinstance(out, dict) else {}
     except (OSError, ValueError):
         return {}

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from loralab.errors import LoralabError
 from loralab.progress import progress
+from loralab.rundir import Status
 from loralab.study.backends.process import outcome
 from loralab.study.options import StudyOptions
 from loralab.study.policy import Halving, run_all, run_halving
@@ -105,7 +106,7 @@ def run_study(study: Study, *, root: Path, options: StudyOptions | None = None, 
             log.info("recovered %d run(s) left running by a stopped driver: %s", len(recovered), ", ".join(recovered))
             record_finished(store, sid, recovered)
         if opts.retry_failed:
-            store.reset([r["id"] for r in store.runs(sid, ("failed", "diverged", "out_of_memory", "invalid"))])
+            store.reset([r["id"] for r in store.runs(sid, (Status.FAILED, Status.DIVERGED, Status.OUT_OF_MEMORY, Status.INVALID))])
         tasks = plan_tasks(store, sid, root, max_memory=opts.max_memory, paused=opts.halving is not None)
         done_before = sum(n for s, n in store.counts(sid).items() if s not in TO_RUN)
         with progress(len(tasks), desc=f"study {study.name}", unit="run", enabled=opts.progress) as bar:
@@ -133,8 +134,8 @@ def record_finished(store: Store, sid: int, names: list[str]) -> None:
         if row["name"] not in names or not row["run_dir"]:
             continue
         result = outcome(Path(row["run_dir"]), 0)
-        if result["status"] == "completed":
-            store.finish(row["id"], status="completed", summary=result["summary"], metrics=result["metrics"],
+        if result["status"] == Status.COMPLETED:
+            store.finish(row["id"], status=Status.COMPLETED, summary=result["summary"], metrics=result["metrics"],
                          error=None, stopped_at_step=None)
             log.info("run %s: completed before the driver stopped; recorded from its run directory", row["name"])
 

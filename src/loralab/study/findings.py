@@ -34,11 +34,15 @@ import sqlite3
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loralab.errors import LoralabError
+from loralab.rundir import Status
 from loralab.study import stats
 from loralab.study.spec import FINDING_KINDS
+
+if TYPE_CHECKING:
+    from loralab.study.store import Store
 
 SEED_KEY = "train.seed"
 NO_REPEATS = "no repeats: differences cannot be separated from seed noise"
@@ -113,6 +117,20 @@ def final_value(con: sqlite3.Connection, run: sqlite3.Row, metric: str) -> float
     return None if row is None else float(row[0])
 
 
+def run_rows(store: Store, study_id: int, metric: str) -> list[dict[str, Any]]:
+    """One dict per run of a study (``study status``, ``runs list``, ``Study.status()``): name,
+    status, axis values, the final value of ``metric``, time, memory, attempts."""
+    out = []
+    for r in store.runs(study_id):
+        row = {"name": r["name"], "status": r["status"], **json.loads(r["axes_json"]),
+               metric: final_value(store.db, r, metric), "wall_s": r["wall_time_s"],
+               "peak_MiB": r["peak_memory_bytes"] / 2**20 if r["peak_memory_bytes"] else None,
+               "est_MiB": r["estimated_memory_bytes"] / 2**20 if r["estimated_memory_bytes"] else None,
+               "attempts": r["attempts"], "stopped_at": r["stopped_at_step"]}
+        out.append(row)
+    return out
+
+
 def read_study(db_path: str | Path, study_name: str) -> StudyData:
     """The study's spec and runs, split into those the statistics use and those left out.
 
@@ -127,7 +145,7 @@ def read_study(db_path: str | Path, study_name: str) -> StudyData:
         runs = []
         for r in con.execute("SELECT * FROM runs WHERE study_id = ? ORDER BY id", (srow["id"],)).fetchall():
             time_s = r["train_time_s"] if r["train_time_s"] is not None else r["wall_time_s"]
-            values = {m: final_value(con, r, m) if r["status"] == "completed" else None for m, _ in judged}
+            values = {m: final_value(con, r, m) if r["status"] == Status.COMPLETED else None for m, _ in judged}
             runs.append(Run(
                 id=r["id"], name=r["name"], axes=run_axes(r, spec), status=r["status"],
                 value=values[metric], values=values,
@@ -181,11 +199,11 @@ def run_axes(row: sqlite3.Row, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def exclusion_reason(run: Run, metric: str) -> str | None:
-    if run.status == "completed":
+    if run.status == Status.COMPLETED:
         if run.value is None or not math.isfinite(run.value):
             return f"completed but has no final {metric}"
         return None
-    if run.status == "stopped_early":
+    if run.status == Status.STOPPED_EARLY:
         at = f" at step {run.stopped_at_step}" if run.stopped_at_step is not None else ""
         return f"stopped early{at} (successive halving)"
     why = run.status.replace("_", " ")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.errors import LoralabError
-from loralab.rundir import write_atomic
+from loralab.rundir import Status, write_atomic
 from loralab.study import stats
 from loralab.study.context import context_lines, study_context
 from loralab.study.findings import (
@@ -210,7 +210,7 @@ def _draw_curves(ax, data: StudyData, series, metric: str, axis: str | None) -> 
         if key not in seen:
             seen.add(key)
             label = fmt_value(run.axes.get(axis)) if axis else "runs"
-        done = run.status == "completed"
+        done = run.status == Status.COMPLETED
         ax.plot([s for s, _ in points], [v for _, v in points], color=color[key], label=label,
                 linestyle="-" if done else "--", alpha=0.85 if done else 0.5, marker="." if len(points) < 12 else None)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from loralab.config import config_from_dict
 from loralab.errors import ConfigError, LoralabError
 from loralab.paths import child_dir
+from loralab.rundir import Status
 from loralab.study.backends.process import RunSpec, UnitSpec, checkpoint_step
 from loralab.study.store import TO_RUN, Store
 
@@ -117,7 +118,7 @@ def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | Non
     from loralab.estimate import estimate_run
 
     tasks = []
-    for row in store.runs(study_id, (*TO_RUN, "skipped", *(("paused",) if paused else ()))):
+    for row in store.runs(study_id, (*TO_RUN, Status.SKIPPED, *((Status.PAUSED,) if paused else ()))):
         config = json.loads(row["config_json"])
         cfg = config_from_dict(config, source=f"run {row['name']}")
         memory, cost, trainable = None, 0.0, None
@@ -132,7 +133,7 @@ def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | Non
         if max_memory is not None and total is not None and total > max_memory:
             store.skip(row["id"], f"estimated memory {total / 2**30:.2f} GiB is over --max-memory {max_memory / 2**30:.2f} GiB")
             continue
-        if row["status"] == "skipped" and not (row["error"] or "").startswith("estimated memory"):
+        if row["status"] == Status.SKIPPED and not (row["error"] or "").startswith("estimated memory"):
             continue
         tasks.append(Task(row["id"], row["name"], config, child_dir(root, row["name"], what="run name"),
                           estimate=total, memory=memory, cost=cost, attempts=row["attempts"]))
@@ -350,13 +351,13 @@ class Scheduler:
     def record(self, task: Task, result: dict[str, Any]) -> bool:
         """Write one outcome; True when the run was interrupted and may be run again."""
         status = result["status"]
-        if status == "interrupted" and task.attempts >= self.max_attempts:
-            status = "failed"
+        if status == Status.INTERRUPTED and task.attempts >= self.max_attempts:
+            status = Status.FAILED
             result["error"] = f"{result['error']} (attempt {task.attempts} of {self.max_attempts}; not run again)"
         self.store.finish(task.run_id, status=status, summary=result.get("summary"), metrics=result.get("metrics"),
                           error=result.get("error"), stopped_at_step=result.get("stopped_at_step"))
         err = result.get("error")
-        log.info("run %s: %s%s", task.name, status, f" ({err.splitlines()[0]})" if err and status != "completed" else "")
-        if status not in ("interrupted", "paused"):
+        log.info("run %s: %s%s", task.name, status, f" ({err.splitlines()[0]})" if err and status != Status.COMPLETED else "")
+        if status not in (Status.INTERRUPTED, Status.PAUSED):
             self.finished(status)
-        return status == "interrupted"
+        return status == Status.INTERRUPTED

@@ -31,6 +31,7 @@ from loralab.config import DEFAULT_MODEL, SECTIONS, config_from_dict, read_yaml
 from loralab.errors import ConfigError
 from loralab.evaluate.tasks import lower_is_better
 from loralab.paths import check_name
+from loralab.rundir import METRICS
 
 TOP_KEYS = {"name", "description", "question", "claim", "metric", "metrics", "goal", "base", "base_config",
             "axes", "tied", "repeats", "seeds", "quick", "findings", "seed", "tiny"}
@@ -606,7 +607,7 @@ def other_metrics(raw: Any, metric: str, where: str = "metrics") -> dict[str, st
                 raise ConfigError(f"{where}: metrics: {m}: goal must be min or max (got {goal!r})")
         out = dict(raw)
     else:
-        raise ConfigError(f"{where}: metrics must be a list of metrics.jsonl keys (world_mc/mc2, "
+        raise ConfigError(f"{where}: metrics must be a list of {METRICS} keys (world_mc/mc2, "
                           f"harness:world_mc/mc1, ...) or a mapping of key to min/max (got {raw!r})")
     out.pop(metric, None)
     return out
@@ -656,7 +657,7 @@ def load_study(
         raise ConfigError(f"{where('goal')}: goal must be min or max (got {goal!r})")
     metric = profile.get("metric", raw.get("metric", "eval_loss"))
     if not isinstance(metric, str) or not metric:
-        raise ConfigError(f"{where('metric')}: metric must be a metrics.jsonl key such as eval_loss (got {metric!r})")
+        raise ConfigError(f"{where('metric')}: metric must be a {METRICS} key such as eval_loss (got {metric!r})")
 
     metrics = other_metrics(raw.get("metrics"), metric, where("metrics"))
     axes_raw = raw.get("axes") or {}

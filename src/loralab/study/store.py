@@ -3,7 +3,7 @@
     store = Store(Path("runs/rank_alpha_grid/study.db"))
     study_id = store.open_study(study)            # creates the study and its runs once
     store.start(run_id, run_dir=..., estimated=...)
-    store.finish(run_id, status="completed", summary=summary, metrics=rows)
+    store.finish(run_id, status=Status.COMPLETED, summary=summary, metrics=rows)
 
 WAL journal, a busy timeout and one transaction per change, so a reader (``study status``,
 a report) never sees half a result and a killed driver loses at most the run in flight.
@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from loralab.errors import ConfigError, LoralabError
-from loralab.rundir import write_atomic
+from loralab.rundir import Status, write_atomic
 
 # Statuses a run ends in; the others (pending, running, interrupted) mean "still to do".
-FINAL = ("completed", "failed", "diverged", "out_of_memory", "invalid", "paused", "skipped", "stopped_early")
-TO_RUN = ("pending", "interrupted")
+FINAL = (Status.COMPLETED, Status.FAILED, Status.DIVERGED, Status.OUT_OF_MEMORY, Status.INVALID, Status.PAUSED,
+         Status.SKIPPED, Status.STOPPED_EARLY)
+TO_RUN = (Status.PENDING, Status.INTERRUPTED)
 SUMMARY_FIELDS = ("wall_time_s", "train_time_s", "tokens_per_s", "peak_memory_bytes", "trainable_params",
                   "total_params", "final_eval_loss", "best_eval_loss")
 
@@ -135,14 +136,15 @@ class Store:
                             f"study {name!r} in {self.path} already has a run {run.name!r} with a different config; "
                             "give the study a new name (or another --out root) instead of mixing results")
                     continue
-                db.execute("INSERT INTO runs (study_id, name, axes_json, config_json, status) VALUES (?, ?, ?, ?, 'pending')",
-                           (sid, run.name, json.dumps(run.axes, default=str), config_json))
-            recovered = [r[0] for r in db.execute("SELECT name FROM runs WHERE study_id = ? AND status = 'running'", (sid,))]
-            db.execute("UPDATE runs SET status = 'interrupted', error = 'the study driver stopped while this run was running' "
-                       "WHERE study_id = ? AND status = 'running'", (sid,))
+                db.execute("INSERT INTO runs (study_id, name, axes_json, config_json, status) VALUES (?, ?, ?, ?, ?)",
+                           (sid, run.name, json.dumps(run.axes, default=str), config_json, Status.PENDING))
+            recovered = [r[0] for r in db.execute("SELECT name FROM runs WHERE study_id = ? AND status = ?",
+                                                  (sid, Status.RUNNING))]
+            db.execute("UPDATE runs SET status = ?, error = 'the study driver stopped while this run was running' "
+                       "WHERE study_id = ? AND status = ?", (Status.INTERRUPTED, sid, Status.RUNNING))
         return sid, recovered
 
-    def runs(self, study_id: int, statuses: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    def runs(self, study_id: int, statuses: tuple[Status, ...] | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM runs WHERE study_id = ?"
         args: list[Any] = [study_id]
         if statuses:
@@ -170,9 +172,9 @@ class Store:
 
     def start(self, run_id: int, *, run_dir: str, estimated: int | None) -> None:
         with self.tx() as db:
-            db.execute("UPDATE runs SET status = 'running', run_dir = ?, attempts = attempts + 1, started_at = ?, "
+            db.execute("UPDATE runs SET status = ?, run_dir = ?, attempts = attempts + 1, started_at = ?, "
                        "finished_at = NULL, error = NULL, estimated_memory_bytes = COALESCE(?, estimated_memory_bytes) WHERE id = ?",
-                       (run_dir, time.time(), estimated, run_id))
+                       (Status.RUNNING, run_dir, time.time(), estimated, run_id))
 
     def set_estimate(self, run_id: int, estimated: int | None, trainable: int | None) -> None:
         with self.tx() as db:
@@ -181,13 +183,14 @@ class Store:
 
     def skip(self, run_id: int, reason: str) -> None:
         with self.tx() as db:
-            db.execute("UPDATE runs SET status = 'skipped', error = ?, finished_at = ? WHERE id = ?", (reason, time.time(), run_id))
+            db.execute("UPDATE runs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+                       (Status.SKIPPED, reason, time.time(), run_id))
 
     def finish(
         self,
         run_id: int,
         *,
-        status: str,
+        status: str,  # a Status, or the string a run wrote into its summary.json
         summary: dict[str, Any] | None = None,
         metrics: list[tuple[int, str, float | None]] | None = None,
         error: str | None = None,
@@ -210,7 +213,7 @@ class Store:
     def reset(self, run_ids: list[int]) -> None:
         """Make runs pending again (``--retry-failed``)."""
         with self.tx() as db:
-            db.executemany("UPDATE runs SET status = 'pending' WHERE id = ?", [(i,) for i in run_ids])
+            db.executemany("UPDATE runs SET status = ? WHERE id = ?", [(Status.PENDING, i) for i in run_ids])
 
     # ------------------------------------------------------------------ export
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from loralab.config import TRACKERS, Config, TrackingConfig, config_from_dict, read_yaml
-from loralab.rundir import write_atomic
+from loralab.rundir import METRICS, SUMMARY, RunDir, Status, write_atomic
 
 log = logging.getLogger(__name__)
 TRACKING_FILE = "tracking.json"
@@ -132,8 +132,8 @@ class Tracker:
     def finish(self, summary: dict[str, Any], artifacts: dict[str, Path] | None = None) -> None:
         """The summary, the artifacts (default: the run's adapter/ when it has one), the end status."""
         if artifacts is None:
-            adapter = self.run_dir / "adapter"
-            artifacts = {"adapter": adapter} if adapter.is_dir() and summary.get("status") == "completed" else {}
+            adapter = RunDir(self.run_dir).adapter
+            artifacts = {"adapter": adapter} if adapter.is_dir() and summary.get("status") == Status.COMPLETED else {}
         for backend, sink in list(self.sinks.items()):
             self._call(backend, sink.finish, summary, artifacts)
         self.sinks.clear()
@@ -147,8 +147,8 @@ class Tracker:
             self._drop(backend, f"{type(exc).__name__}: {exc}")
 
     def _drop(self, backend: str, error: str) -> None:
-        log.warning("tracking: %s stopped (%s); the run goes on, and its metrics.jsonl and summary.json "
-                    "stay complete", backend, error.splitlines()[0] if error else error)
+        log.warning("tracking: %s stopped (%s); the run goes on, and its %s and %s stay complete",
+                    backend, error.splitlines()[0] if error else error, METRICS, SUMMARY)
         self.records[backend] = {"error": error}
         self._save()
 
@@ -194,13 +194,14 @@ def replay_run(run_dir: Path, tracking: TrackingConfig, *, artifacts: dict[str, 
     """Send a run directory's config.yaml, metrics.jsonl and summary.json to ``tracking``'s
     trackers as new tracker runs (fused runs, ``study export --to``)."""
     run_dir = Path(run_dir)
-    raw = read_yaml(run_dir / "config.yaml") or {}
-    params = flat_params(config_from_dict(raw, source=str(run_dir / "config.yaml")).to_dict())
+    run = RunDir(run_dir)
+    raw = read_yaml(run.config) or {}
+    params = flat_params(config_from_dict(raw, source=str(run.config)).to_dict())
     tracker = Tracker(run_dir, tracking, state=read_state(run_dir)).open(params, resume=False)
-    for row in read_metrics(run_dir / "metrics.jsonl"):
+    for row in read_metrics(run.metrics):
         tracker.log(row)
     try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        summary = json.loads(run.summary.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         summary = {"status": "unknown"}
     tracker.finish(summary, artifacts)
@@ -262,7 +263,7 @@ def export_study(db_path: Path, name: str, backend: str, *, tracking_uri: str | 
     out = []
     for r in runs:
         run_dir = Path(r["run_dir"]) if r["run_dir"] else None
-        if run_dir is None or not (run_dir / "config.yaml").is_file():
+        if run_dir is None or not RunDir(run_dir).config.is_file():
             out.append({"run": r["name"], "status": r["status"], "sent": False, "why": "never started"})
             continue
         previous = read_state(run_dir).get(backend)
@@ -277,7 +278,7 @@ def export_study(db_path: Path, name: str, backend: str, *, tracking_uri: str | 
     if backend != "tensorboard" and (report / "report.html").is_file():
         report_tracking = TrackingConfig(**{**tracking.__dict__, "run_name": f"{name}-report", "axes": []})
         tracker = Tracker(report, report_tracking).open({"study.name": name}, resume=False)
-        tracker.finish({"status": "completed"}, {"report": report})
+        tracker.finish({"status": Status.COMPLETED}, {"report": report})
         error = tracker.records.get(backend, {}).get("error")
         out.append({"run": f"{name}-report", "status": "report", "sent": error is None, "why": error})
     return out

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loralab.rundir import Status
 from loralab.track import run_label, summary_numbers
 
 BATCH = 100  # MLflow's log_batch takes at most 100 parameters per call
-END_STATUS = {"completed": "FINISHED", "paused": "KILLED", "stopped_early": "KILLED"}  # any other: FAILED
+END_STATUS = {Status.COMPLETED: "FINISHED", Status.PAUSED: "KILLED", Status.STOPPED_EARLY: "KILLED"}  # any other: FAILED
 
 
 class MlflowSink:

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from loralab.rundir import Status
 from loralab.track import run_label, summary_numbers
 
 
@@ -66,4 +67,4 @@ class WandbSink:
             art = wandb.Artifact(f"{self.run.name}-{name}".replace("/", "-"), type="model" if name == "adapter" else name)
             art.add_dir(str(path))
             self.run.log_artifact(art)
-        self.run.finish(exit_code=0 if summary.get("status") in ("completed", "paused") else 1)
+        self.run.finish(exit_code=0 if summary.get("status") in (Status.COMPLETED, Status.PAUSED) else 1)

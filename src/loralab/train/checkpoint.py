@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from loralab.adapters import refuse_pickles
 from loralab.errors import LoralabError, ModelError
-from loralab.rundir import atomic_dir, remove_tree
+from loralab.rundir import CHECKPOINT_GLOB, RunDir, atomic_dir, checkpoint_name, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +75,6 @@ class TrainState:
     task_history: dict[str, list[float]] = field(default_factory=dict)
     micro_batch_changes: list[dict[str, int]] = field(default_factory=list)
     grad_scaler: dict[str, Any] | None = None  # torch.amp.GradScaler's state when training in fp16
-
-
-def checkpoint_root(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def step_name(step: int) -> str:
-    return f"step-{step:06d}"
 
 
 # ----------------------------------------------------------------------------- writing
@@ -154,10 +146,10 @@ def save_checkpoint(run_dir: Path, state: TrainState, *, opt, sched, keep_last: 
     name (or ``model``, whose trainable parameters are taken); ``device``: the training device,
     whose generator state is kept."""
     params = trainable_tensors(model) if params is None else params
-    root = checkpoint_root(run_dir)
+    root = RunDir(run_dir).checkpoints
     root.mkdir(parents=True, exist_ok=True)
     clean_temporaries(root)
-    final = root / step_name(state.step)
+    final = root / checkpoint_name(state.step)
     try:
         # a checkpoint of this step from an earlier session is replaced whole
         with atomic_dir(final, fsync=True) as tmp:  # checkpoints/.tmp-step-000120-<pid>
@@ -204,7 +196,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Checkpoint directories that have a manifest, oldest first (no hashing here)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and (p / MANIFEST).is_file()]
+    found = [p for p in root.glob(CHECKPOINT_GLOB) if p.is_dir() and (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -229,7 +221,7 @@ def verify(path: Path) -> str | None:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint whose files match its manifest; damaged ones are skipped with a warning."""
-    for path in reversed(complete_checkpoints(checkpoint_root(run_dir))):
+    for path in reversed(complete_checkpoints(RunDir(run_dir).checkpoints)):
         problem = verify(path)
         if problem is None:
             return path

@@ -336,7 +336,7 @@ def start_runs(runs: list[Run], adapters, *, steps: int, resume: bool, device: t
             run.dir.metrics.unlink(missing_ok=True)
             run.state = TrainState(micro_batch_size=run.cfg.train.micro_batch_size)
         else:
-            path = run.dir.checkpoints / f"step-{step:06d}"
+            path = run.dir.checkpoint(step)
             run.state = load_checkpoint(path, params=adapters.named_params(run.index), opt=run.opt, sched=run.sched,
                                         device=device)
             if run.scaler is not None and run.state.grad_scaler:

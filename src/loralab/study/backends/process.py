@@ -30,10 +30,11 @@ from typing import IO, Any
 
 import yaml
 
+from loralab.rundir import RunDir, Status, checkpoint_step_of
 from loralab.study.store import FINAL, metric_rows
 
-# What a run's own summary.json can end with ("skipped" is the driver's word, never a run's).
-FINAL_SUMMARY = tuple(s for s in FINAL if s != "skipped")
+# What a run's own summary.json can end with (SKIPPED is the driver's word, never a run's).
+FINAL_SUMMARY = tuple(s for s in FINAL if s != Status.SKIPPED)
 
 
 @dataclass
@@ -64,7 +65,8 @@ class UnitSpec:
 
     @property
     def log_path(self) -> Path:
-        return self.runs[0].run_dir / ("fused.log" if self.fused else "train.log")
+        first = RunDir(self.runs[0].run_dir)
+        return first.fused_log if self.fused else first.log
 
 
 def loralab_env(threads: int | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -87,14 +89,14 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any]) -> Path:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    path = run_dir / "config.yaml"
+    path = RunDir(run_dir).config
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
 
 
 def resume_point(run_dir: Path) -> Path | None:
     """The newest complete checkpoint an interrupted run can continue from, if any."""
-    if not (run_dir / "config.yaml").is_file():
+    if not RunDir(run_dir).config.is_file():
         return None
     from loralab.train.checkpoint import latest_checkpoint
 
@@ -104,10 +106,10 @@ def resume_point(run_dir: Path) -> Path | None:
 def checkpoint_step(run_dir: Path) -> int:
     """The step of a run directory's newest complete checkpoint (0 when it has none); reads
     manifests only, no hashing."""
-    from loralab.train.checkpoint import checkpoint_root, complete_checkpoints
+    from loralab.train.checkpoint import complete_checkpoints
 
-    found = complete_checkpoints(checkpoint_root(run_dir))
-    return int(found[-1].name.rsplit("-", 1)[-1]) if found else 0
+    found = complete_checkpoints(RunDir(run_dir).checkpoints)
+    return checkpoint_step_of(found[-1]) if found else 0
 
 
 def train_command(config_path: Path, run_dir: Path) -> list[str]:
@@ -132,7 +134,7 @@ def fused_command(unit: UnitSpec) -> tuple[list[str], bool]:
     group holds a complete checkpoint (its configs are kept), else clean directories."""
     resume = any(resume_point(r.run_dir) is not None for r in unit.runs)
     if resume:
-        paths = [str(r.run_dir / "config.yaml") for r in unit.runs]
+        paths = [str(RunDir(r.run_dir).config) for r in unit.runs]
     else:
         paths = [str(prepare_run_dir(r.run_dir, r.config)) for r in unit.runs]
     args = [f"--halving={','.join(map(str, unit.prune))}"] if unit.prune else []
@@ -184,18 +186,18 @@ def outcome(run_dir: Path, returncode: int, log_path: Path | None = None) -> dic
     when it left no final summary; ``log_path`` defaults to the run's train.log)."""
     summary: dict[str, Any] = {}
     with contextlib.suppress(OSError, json.JSONDecodeError):
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        summary = json.loads(RunDir(run_dir).summary.read_text(encoding="utf-8"))
     status = summary.get("status")
-    rows = metric_rows(run_dir / "metrics.jsonl")
+    rows = metric_rows(RunDir(run_dir).metrics)
     if status in FINAL_SUMMARY:
         return {"status": status, "summary": summary, "metrics": rows, "error": summary.get("error"),
                 "stopped_at_step": summary.get("stopped_at_step")}
     if returncode < 0:
         sig = signal.Signals(-returncode).name if -returncode in signal.Signals.__members__.values() else str(-returncode)
-        return {"status": "interrupted", "summary": summary, "metrics": rows,
+        return {"status": Status.INTERRUPTED, "summary": summary, "metrics": rows,
                 "error": f"the run process was killed by {sig} before it finished"}
-    tail = log_tail(log_path or run_dir / "train.log")
-    return {"status": "failed", "summary": summary, "metrics": rows,
+    tail = log_tail(log_path or RunDir(run_dir).log)
+    return {"status": Status.FAILED, "summary": summary, "metrics": rows,
             "error": f"the run process exited with code {returncode} without a final summary: {tail}"}
 
 

@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 from loralab.errors import LoralabError
+from loralab.rundir import Status
 from loralab.study.backends.process import UnitSpec, run_unit
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class RayHandle:
             answer = self.ray.get(self.ref)
         except Exception as exc:  # the Ray worker died (killed node, lost task): the runs were interrupted
             first = str(exc).splitlines()[0] if str(exc) else ""
-            return [{"status": "interrupted", "error": f"the Ray task failed: {type(exc).__name__}: {first}"}
+            return [{"status": Status.INTERRUPTED, "error": f"the Ray task failed: {type(exc).__name__}: {first}"}
                     for _ in self.unit.runs]
         log.info("unit %s ran with Ray resources %s", "+".join(r.name for r in self.unit.runs), answer["resources"])
         return answer["outcomes"]

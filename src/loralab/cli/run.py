@@ -1,4 +1,4 @@
-"""The core subcommands: quickstart, train, generate, merge.
+"""``loralab train``, ``quickstart``, ``generate``, ``merge``, and the model flags other commands share.
 
     loralab quickstart [--out runs/quickstart] [--json]
     loralab train run.yaml --set lora.r=16 --out runs/r16 [--json]
@@ -17,20 +17,22 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loralab.cli.output import emit_json, table
 from loralab.errors import ModelError
+from loralab.rundir import CONFIG, RunDir, Status, atomic_dir, write_atomic
 
 if TYPE_CHECKING:
     from loralab.config import ModelConfig, QuantConfig
 
 log = logging.getLogger(__name__)
-QUICKSTART = Path(__file__).parent / "assets" / "configs" / "quickstart.yaml"
+QUICKSTART = Path(__file__).parent.parent / "assets" / "configs" / "quickstart.yaml"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="one LoRA / QLoRA fine-tuning run from a YAML config")
     p.add_argument("config", nargs="?", help="YAML config (defaults apply to missing keys)")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue RUN_DIR from its newest complete checkpoint, with RUN_DIR/config.yaml; "
+                   help=f"continue RUN_DIR from its newest complete checkpoint, with RUN_DIR/{CONFIG}; "
                         "--set may change only keys that leave the maths alone (train.stop_at_step, ...)")
     _run_args(p)
     p.set_defaults(func=cmd_train)
@@ -137,29 +139,26 @@ def _print_summary(s: dict) -> None:
             ("steps", s["steps"]), ("final eval loss", f"{s['final_eval_loss']:.4f}"),
             ("train time", f"{s['train_time_s']:.1f} s (wall {s['wall_time_s']:.1f} s)"),
             ("tokens/s", f"{s['tokens_per_s']:.0f}"), ("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB")]
-    for k, v in rows:
-        print(f"{k:>26}: {v}")
+    print(table([(f"{k}:", v) for k, v in rows], align=["right", "left"]))
 
 
 def _checked_config(args: argparse.Namespace):
     """The run's config; when it is invalid and the run directory is known, the run is stored as invalid."""
     from loralab.config import load_config
     from loralab.errors import ConfigError
-    from loralab.train.loop import write_json
 
     out = _out_override(args)  # a bad --name raises here, before anything is written
     try:
         return load_config(args.config, list(args.overrides) + out)
     except ConfigError as exc:
         if out:
-            run_dir = Path(out[0].split("=", 1)[1])
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / "summary.json", {"status": "invalid", "error": str(exc), "run_dir": str(run_dir)})
+            run = RunDir(out[0].split("=", 1)[1])
+            run.root.mkdir(parents=True, exist_ok=True)
+            write_atomic(run.summary, {"status": Status.INVALID, "error": str(exc), "run_dir": str(run.root)})
         raise
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from loralab.cli import emit_json
     from loralab.train.loop import train
 
     if args.resume:
@@ -168,10 +167,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         if args.config or args.out or args.name:
             raise ConfigError("--resume RUN_DIR takes the config and the directory from RUN_DIR; drop CONFIG, --out and --name")
-        run = Path(args.resume)
-        if not (run / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run}: no config.yaml there, so it is not a loralab run directory")
-        cfg = load_config(run / "config.yaml", list(args.overrides) + [f"output.dir={run}"])
+        run = RunDir(args.resume)
+        if not run.config.is_file():
+            raise ConfigError(f"--resume {run.root}: no {CONFIG} there, so it is not a loralab run directory")
+        cfg = load_config(run.config, list(args.overrides) + [f"output.dir={run.root}"])
         summary = train(cfg, show_progress=not args.json, resume=True)
     else:
         cfg = _checked_config(args)
@@ -202,7 +201,6 @@ def _accuracy_rows(model, tokenizer, n: int, *, progress: bool = False) -> dict[
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Accuracy of the tiny base, a LoRA run on arithmetic, accuracy again."""
-    from loralab.cli import emit_json
     from loralab.models import load_base
     from loralab.train.loop import train
 
@@ -219,15 +217,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     model, tokenizer = summary.pop("_model"), summary.pop("_tokenizer")
     after = _accuracy_rows(model, tokenizer, args.eval_n, progress=not args.json)
     result = {"before": before, "after": after, "summary": summary, "total_time_s": time.perf_counter() - t0}
-    from loralab.train.loop import write_json
-
-    write_json(Path(summary["run_dir"]) / "quickstart.json", {k: v for k, v in result.items() if k != "summary"})
+    write_atomic(RunDir(summary["run_dir"]).quickstart, {k: v for k, v in result.items() if k != "summary"})
     if args.json:
         emit_json(result)
         return 0
-    print(f"{'task':<16}{'base':>10}{'LoRA':>10}   (exact match, n={args.eval_n} held-out problems)")
-    for task in before:
-        print(f"{task:<16}{before[task]['exact_match']:>10.1%}{after[task]['exact_match']:>10.1%}")
+    print(f"exact match on {args.eval_n} held-out problems per task:")
+    print(table([(task, f"{before[task]['exact_match']:.1%}", f"{after[task]['exact_match']:.1%}") for task in before],
+                ["task", "base", "LoRA"], align=["left", "right", "right"]))
     print(f"\ntrained {summary['trainable_params']:,} of {summary['total_params']:,} parameters in "
           f"{summary['train_time_s']:.1f} s ({summary['tokens_per_s']:.0f} tokens/s), "
           f"final eval loss {summary['final_eval_loss']:.4f}; total {result['total_time_s']:.0f} s")
@@ -237,7 +233,6 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from loralab.adapters import load_adapter
-    from loralab.cli import emit_json
     from loralab.data.templates import format_prompt
     from loralab.evaluate.exact_match import greedy_generate
     from loralab.models import load_base
@@ -257,24 +252,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold the adapter into the base weights; the result loads with from_pretrained."""
-    import shutil
 
     from loralab.adapters import load_adapter
-    from loralab.cli import emit_json
     from loralab.config import read_yaml
     from loralab.models import DTYPES, load_base, resolve_dtype
 
-    run = Path(args.run_dir)
+    run = RunDir(args.run_dir)
     out = Path(args.out_dir)
     if out.exists():
         raise ModelError(f"{out} already exists; choose a new directory (nothing was overwritten)")
-    saved = (read_yaml(run / "config.yaml") or {}) if (run / "config.yaml").is_file() else {}
+    saved = (read_yaml(run.config) or {}) if run.config.is_file() else {}
     base_path = args.model or (saved.get("model") or {}).get("path")
     if base_path is None:
-        raise ModelError(f"{run}: no config.yaml to read the base model from; pass --model")
+        raise ModelError(f"{run.root}: no {CONFIG} to read the base model from; pass --model")
     model_cfg, quant = base_configs(base_path, args, saved)
     if quant.mode != "none" and not args.dequantize:
-        source = "--quant" if args.quant else f"the run's quant.mode in {run / 'config.yaml'}"
+        source = "--quant" if args.quant else f"the run's quant.mode in {run.config}"
         raise ModelError(
             f"the base would be loaded in 4 bits ({quant.mode}, from {source}); "
             "merging into 4-bit weights rounds the merged weights back to 4 bits and loses most of the adapter. "
@@ -283,15 +276,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     model, tokenizer = load_base(model_cfg, quant, progress=not args.json)
     if quant.mode != "none":  # --dequantize: 4-bit -> plain Linear layers in the chosen dtype
         model = model.dequantize(dtype=DTYPES[resolve_dtype(model_cfg, model.device)])
-    merged = load_adapter(model, run).merge_and_unload()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    merged = load_adapter(model, run.root).merge_and_unload()
     merged.config.use_cache = True
-    merged.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    tmp.replace(out)
+    with atomic_dir(out, fsync=False) as tmp:  # a kill leaves the old directory or the new one
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
     if args.json:
-        emit_json({"merged": str(out), "base": base_path, "adapter": str(run)})
+        emit_json({"merged": str(out), "base": base_path, "adapter": str(run.root)})
     else:
         print(f"merged model written to {out}")
     return 0

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from loralab.commands import add_track_arg
+from loralab.cli.output import emit_json, table
+from loralab.cli.run import add_track_arg
 from loralab.errors import ConfigError
 
 DEFAULT_ROOT = "runs"
@@ -137,44 +137,12 @@ def open_store(out: str, name: str):
 # ----------------------------------------------------------------------------- tables
 
 
-def fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        return f"{v:.4g}"
-    if isinstance(v, (dict, list)):
-        return json.dumps(v)
-    return str(v)
-
-
-def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
-
-
-def _run_rows(store, sid: int, metric: str) -> list[dict[str, Any]]:
-    from loralab.study.findings import final_value  # the report's rule: one indexed query per run
-
-    out = []
-    for r in store.runs(sid):
-        row = {"name": r["name"], "status": r["status"], **json.loads(r["axes_json"]),
-               metric: final_value(store.db, r, metric), "wall_s": r["wall_time_s"],
-               "peak_MiB": r["peak_memory_bytes"] / 2**20 if r["peak_memory_bytes"] else None,
-               "est_MiB": r["estimated_memory_bytes"] / 2**20 if r["estimated_memory_bytes"] else None,
-               "attempts": r["attempts"], "stopped_at": r["stopped_at_step"]}
-        out.append(row)
-    return out
+def columns(rows: list[dict[str, Any]], names: list[str]) -> str:
+    """Dict rows as a table of the columns ``names`` (a missing key shows as "-")."""
+    return table([[r.get(c) for c in names] for r in rows], names)
 
 
 def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
-    from loralab.cli import emit_json
-
     if args.json:
         emit_json(obj)
     else:
@@ -207,7 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                      else "no difference from the seed's setup\n" if study.seed.get("setup") else "")
         _emit(args, {"study": study.name, "root": str(root), "profile": study.profile, "runs": rows,
                      "deviations": study.deviations},
-              f"study {study.name}: {len(rows)} runs in {root}\n{seed_line}{dev_lines}" + table(rows, list(rows[0])))
+              f"study {study.name}: {len(rows)} runs in {root}\n{seed_line}{dev_lines}" + columns(rows, list(rows[0])))
         return 0
     prepare_study_trackers(study)
     result = run_study(study, root=root, options=options)
@@ -219,15 +187,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from loralab.study.findings import run_rows
+
     with open_store(args.out, args.name) as store:
         sid = store.study_id(args.name)
         spec = store.spec(args.name)
         metric = spec.get("metric", "eval_loss")
-        rows = _run_rows(store, sid, metric)
+        rows = run_rows(store, sid, metric)
         counts = store.counts(sid)
     cols = ["name", "status", *spec.get("axes", {}).keys(), metric, "wall_s", "peak_MiB", "est_MiB", "attempts", "stopped_at"]
     cols = [c for c in cols if c in ("name", "status", metric) or any(r.get(c) is not None for r in rows)]
-    text = f"study {args.name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + "\n" + table(rows, cols)
+    text = f"study {args.name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + "\n" + columns(rows, cols)
     _emit(args, {"study": args.name, "counts": counts, "metric": metric, "runs": rows}, text)
     return 0
 
@@ -252,7 +222,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     from loralab.study.spec import describe_preset, preset_names
 
     rows = [describe_preset(n) for n in preset_names()]
-    text = table(rows, ["name", "runs", "quick_runs", "metric", "question"])
+    text = columns(rows, ["name", "runs", "quick_runs", "metric", "question"])
     _emit(args, rows, text + "\n\nrun one: loralab study run preset:NAME --quick [--model DIR --data FILE]")
     return 0
 
@@ -275,7 +245,7 @@ def export_to_tracker(args: argparse.Namespace) -> int:
     rows = export_study(study_root(args.out, args.name) / "study.db", args.name, args.to,
                         tracking_uri=args.tracking_uri, project=args.project)
     sent = sum(r["sent"] for r in rows)
-    text = f"study {args.name}: {sent} of {len(rows)} sent to {args.to}\n" + table(rows, ["run", "status", "sent", "why"])
+    text = f"study {args.name}: {sent} of {len(rows)} sent to {args.to}\n" + columns(rows, ["run", "status", "sent", "why"])
     _emit(args, {"study": args.name, "to": args.to, "runs": rows}, text)
     return 0 if all(r["sent"] or r["why"] for r in rows) else 1
 
@@ -288,17 +258,19 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
         names = [args.study]
     else:
         names = sorted(p.parent.name for p in Path(args.out).glob("*/study.db"))
+    from loralab.study.findings import run_rows
+
     rows: list[dict[str, Any]] = []
     for name in names:
         with open_store(args.out, name) as store:
             sid = store.study_id(name)
             metric = store.spec(name).get("metric", "eval_loss")
-            for r in _run_rows(store, sid, metric):
+            for r in run_rows(store, sid, metric):
                 if args.status and r["status"] != args.status:
                     continue
                 rows.append({"study": name, "name": r["name"], "status": r["status"], "metric": metric,
                              "value": r[metric], "wall_s": r["wall_s"], "peak_MiB": r["peak_MiB"]})
-    text = table(rows, ["study", "name", "status", "metric", "value", "wall_s", "peak_MiB"]) if rows else "no runs"
+    text = columns(rows, ["study", "name", "status", "metric", "value", "wall_s", "peak_MiB"]) if rows else "no runs"
     _emit(args, rows, text)
     return 0
 
@@ -322,9 +294,8 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         d = _run_detail(store, store.study_id(args.study), args.run)
     keys = ["name", "status", "axes", "attempts", "run_dir", "wall_time_s", "train_time_s", "tokens_per_s",
             "peak_memory_bytes", "estimated_memory_bytes", "trainable_params", "total_params", "stopped_at_step", "error"]
-    lines = [f"{k:>24}: {fmt(d.get(k))}" for k in keys]
-    lines += [f"{'final ' + k:>24}: {fmt(v)}" for k, v in sorted(d["final_metrics"].items())]
-    _emit(args, d, "\n".join(lines))
+    rows = [(f"{k}:", d.get(k)) for k in keys] + [(f"final {k}:", v) for k, v in sorted(d["final_metrics"].items())]
+    _emit(args, d, table(rows, align=["right", "left"]))
     return 0
 
 
@@ -349,5 +320,5 @@ def cmd_runs_compare(args: argparse.Namespace) -> int:
             else:
                 row[d["name"]] = flat.get(f, d.get(f))
         rows.append(row)
-    _emit(args, {"runs": args.runs, "differences": differ, "rows": rows}, table(rows, ["field", *args.runs]))
+    _emit(args, {"runs": args.runs, "differences": differ, "rows": rows}, columns(rows, ["field", *args.runs]))
     return 0

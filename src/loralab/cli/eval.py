@@ -11,24 +11,18 @@ One table: task, metric, then one column per model (base, then each adapter) wit
 ``value [ci_low, ci_high] n=N``. ``--dtype``, ``--quant`` and ``--device`` load the base the way
 the run trained it (a QLoRA adapter is scored on its 4-bit base), for loralab's own scoring
 and for the harness bridge alike. With --json: ``{"results": [{model, adapter, task, metric,
-value, ci_low, ci_high, n, skipped}, ...]}``. The base is reloaded for each adapter so
-adapters never stack. ``--harness TASKS`` scores with lm-evaluation-harness instead
-(:mod:`loralab.evaluate.harness`) and prints its numbers in the same shape.
+value, ci_low, ci_high, n, skipped}, ...]}``, the rows of :mod:`loralab.evaluate.score`.
+``--harness TASKS`` scores with lm-evaluation-harness instead (:mod:`loralab.evaluate.harness`)
+and prints its numbers in the same shape.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import math
-from typing import TYPE_CHECKING
 
-from loralab.commands import add_model_flags, base_configs
-
-if TYPE_CHECKING:
-    from loralab.config import ModelConfig, QuantConfig
-
-log = logging.getLogger(__name__)
+from loralab.cli.output import emit_json, table
+from loralab.cli.run import add_model_flags, base_configs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,38 +50,9 @@ def _fmt(x: float) -> str:
     return "nan" if not math.isfinite(x) else f"{x:.3f}"
 
 
-def evaluate(model_path: str, adapters: list[str], tasks, *, batch_size: int = 16,
-             model_cfg: ModelConfig | None = None, quant: QuantConfig | None = None,
-             progress: bool = False) -> list[dict]:
-    """Rows for the base and each adapter; ``model_cfg``/``quant`` (ModelConfig, QuantConfig)
-    say how the base is loaded (default: model.* defaults, unquantized); ``progress``: a bar
-    per task and scoring pass on stderr (terminals only)."""
-    from loralab.adapters import load_adapter
-    from loralab.config import ModelConfig, QuantConfig
-    from loralab.models import load_base
-
-    model_cfg = model_cfg or ModelConfig(path=model_path)
-    quant = quant or QuantConfig()
-    rows = []
-    for adapter in [None, *adapters]:
-        model, tok = load_base(model_cfg, quant, progress=progress)
-        if adapter is not None:
-            model = load_adapter(model, adapter)
-        for t in tasks:
-            log.info("eval %s on %s (%d examples)", adapter or "base", t.name, len(t.items))
-            for metric, s in t.run(model, tok, batch_size=batch_size, progress=progress).items():
-                if s.skipped:
-                    log.warning("%s: %d example(s) longer than the context window skipped for %s",
-                                t.name, s.skipped, metric)
-                rows.append({"model": model_path, "adapter": adapter, "task": t.name, "metric": metric,
-                             "value": s.value, "ci_low": s.ci_low, "ci_high": s.ci_high, "n": s.n,
-                             "skipped": s.skipped})
-    return rows
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from loralab.cli import emit_json
     from loralab.errors import DataError
+    from loralab.evaluate.score import evaluate
     from loralab.evaluate.tasks import resolve_tasks
 
     if args.limit is not None and args.limit < 1:
@@ -116,7 +81,7 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
     """task, metric, then one ``value [ci_low, ci_high] n=N`` column per model."""
     keys = list(dict.fromkeys((r["task"], r["metric"]) for r in rows))
     cell = {(r["task"], r["metric"], r["adapter"] or "base"): r for r in rows}
-    table = [["task", "metric", *cols]]
+    lines = []
     for task, metric in keys:
         line = [task, metric]
         for c in cols:
@@ -124,7 +89,5 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
             line.append("" if r is None else
                         f"{_fmt(r['value'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] n={r['n']}"
                         + (f" ({r['skipped']} skipped)" if r["skipped"] else ""))
-        table.append(line)
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        lines.append(line)
+    print(table(lines, ["task", "metric", *cols]))

@@ -1,4 +1,5 @@
-"""The ``loralab`` command line. Thin: it parses arguments and calls the modules.
+"""The ``loralab`` command line, all of it in this package. Thin: it parses arguments, calls the
+library modules and prints what they return.
 
     loralab quickstart
     loralab train run.yaml --set lora.r=16 --set train.lr=1e-4 --out runs/r16
@@ -6,53 +7,42 @@
     loralab merge runs/r16 merged/
     loralab eval --model builtin:tiny --adapter runs/r16 --tasks arithmetic_2ds
     loralab estimate --model llama2-7b --r 8 --targets query,value
+    loralab study run preset:rank_alpha_grid --quick
+    loralab runs list --study rank_alpha_grid-quick
     loralab tune --model DIR --data FILE --budget 2h
 
-Each subcommand lives in its own module and registers itself through ``register``; heavy
-imports (torch, transformers) happen inside the command, so ``loralab --help`` is quick.
-Results go to stdout (one JSON object with --json); progress and logs go to stderr.
+One module per command family, each holding its argparse definition (``register``) and its
+handlers: run.py (train, quickstart, generate, merge, and the model flags the others share),
+eval.py, estimate.py, study.py (``study ...`` and ``runs ...``), tune.py; output.py prints
+(--json and tables). Heavy imports (torch, transformers) happen inside the handlers, so
+``loralab --help`` is quick. Results go to stdout (one JSON object with --json); progress and
+logs go to stderr. ``python -m loralab.cli ...`` runs the same as ``loralab ...``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import logging
 import sys
-from typing import Any
 
+from loralab.cli import estimate, run, study, tune
+from loralab.cli import eval as evaluate
+from loralab.cli.output import emit_json
 from loralab.errors import LoralabError
 
-# Modules that define ``register(subparsers)``; each adds one or more subcommands.
-COMMAND_MODULES = [
-    "loralab.commands",
-    "loralab.evaluate.command",
-    "loralab.estimate",
-    "loralab.study.command",
-    "loralab.tune",
-]
+__all__ = ["build_parser", "emit_json", "main"]
+
+# In the order ``loralab --help`` lists them.
+FAMILIES = (run, evaluate, estimate, study, tune)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loralab", description="LoRA / QLoRA fine-tuning lab.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # that part of loralab is not built yet
-                continue
-            raise
-        module.register(sub)
+    for family in FAMILIES:
+        family.register(sub)
     return parser
-
-
-def emit_json(obj: Any) -> None:
-    """Print one JSON object on stdout (the --json contract)."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +64,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

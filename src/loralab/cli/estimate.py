@@ -1,0 +1,89 @@
+"""``loralab estimate``: parameters, memory and time of a LoRA / QLoRA run, from config.json alone.
+
+    loralab estimate --model llama2-7b --r 8 --targets query,value --quant nf4 --budget 24GB
+    loralab estimate run.yaml --set lora.r=16 --budget 24GB --json
+
+The formulas live in :mod:`loralab.estimate`; this module parses the flags and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from loralab.cli.output import emit_json, table
+from loralab.errors import ConfigError
+from loralab.estimate import (
+    FLAG_KEYS,
+    OPTIMIZER_BYTES_PER_PARAM,
+    Estimate,
+    estimate_from_args,
+    human_bytes,
+    known_presets,
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``estimate`` subcommand."""
+    p = subparsers.add_parser(
+        "estimate",
+        help="parameters, memory and time of a LoRA/QLoRA run, from config.json alone",
+        description="Estimate trainable parameters, memory by part and step time without loading weights.",
+    )
+    p.add_argument("config", nargs="?", help="a loralab run config (YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--model", help=f"model directory, config.json or preset ({', '.join(known_presets())})")
+    p.add_argument("--r", type=int, help="LoRA rank")
+    p.add_argument("--targets", help="comma-separated roles/modules, e.g. query,value or all")
+    p.add_argument("--quant", choices=["none", "nf4", "fp4"])
+    p.add_argument("--double-quant", dest="double_quant", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--optim", choices=list(OPTIMIZER_BYTES_PER_PARAM))
+    p.add_argument("--momentum", type=float, help="SGD momentum (a buffer per parameter when > 0)")
+    p.add_argument("--micro-batch", dest="micro_batch", type=int)
+    p.add_argument("--seq-len", dest="seq_len", type=int)
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--rslora", action="store_true", default=None)
+    p.add_argument("--dora", action="store_true", default=None)
+    p.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_true")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="framework allowance to use (default: from model.device)")
+    p.add_argument("--budget", help="memory budget, e.g. 24GB or 80GiB; reports fits and the largest micro batch")
+    p.add_argument("--throughput", type=float, help="effective FLOP/s of the device, e.g. 100e12")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_estimate)
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    if not args.config and not args.model:
+        raise ConfigError("give a run config (loralab estimate run.yaml) or --model DIR_OR_PRESET "
+                          f"(presets: {', '.join(known_presets())})")
+    flags = {k: getattr(args, k) for k in FLAG_KEYS}
+    est = estimate_from_args(
+        args.config, args.set, grad_checkpointing=args.grad_checkpointing, budget=args.budget,
+        throughput=args.throughput, device=args.device, rslora=args.rslora, dora=args.dora,
+        double_quant=args.double_quant, **flags,
+    )
+    if args.json:
+        emit_json(est.to_dict())
+    else:
+        sys.stdout.write(format_table(est) + "\n")
+    return 0
+
+
+def format_table(est: Estimate) -> str:
+    """What a person reads: the setup, then memory by part, then what is approximate."""
+    s = est.settings
+    setup = (f"{s['dtype']} base, quant {s['quant']}, r={s['r']} on {','.join(s['targets'])} ({est.lora_modules} "
+             f"modules), {s['optimizer']}, micro batch {s['micro_batch_size']} x {s['seq_len']} tokens"
+             + (", grad checkpointing" if s["grad_checkpointing"] else "") + f", {s['device']}")
+    about = [("model", f"{est.model} ({est.model_type})"), ("setup", setup),
+             ("total params", f"{est.total_params:,}"),
+             ("trainable params", f"{est.trainable_params:,} ({100 * est.trainable_share:.4f}%)")]
+    if est.budget_bytes is not None:
+        about.append(("budget", f"{human_bytes(est.budget_bytes)}: {'fits' if est.fits else 'does NOT fit'}; "
+                                f"largest micro batch that fits: {est.max_micro_batch}"))
+    if est.time_per_step_s is not None:
+        about.append(("time per step", f"{est.time_per_step_s:.3f} s ({est.flops_per_step:.3e} FLOP per micro step)"))
+    memory = table([(part, human_bytes(b)) for part, b in est.memory_bytes.items()], ["memory", "size"],
+                   align=["left", "right"])
+    notes = "\n".join(["approximate:"] + [f"  - {n}" for n in est.approximate])
+    return f"{table(about)}\n\n{memory}\n\n{notes}"

@@ -1,0 +1,47 @@
+"""Score a base model and its adapters on tasks: the rows ``loralab eval`` and
+``loralab.api.evaluate`` print or return.
+
+    rows = evaluate("builtin:tiny", ["runs/r8"], resolve_tasks("arithmetic_2ds", 100))
+
+One row per (model, task, metric): ``{model, adapter, task, metric, value, ci_low, ci_high, n,
+skipped}``. The base is reloaded for each adapter so adapters never stack.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loralab.config import ModelConfig, QuantConfig
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(model_path: str, adapters: list[str], tasks, *, batch_size: int = 16,
+             model_cfg: ModelConfig | None = None, quant: QuantConfig | None = None,
+             progress: bool = False) -> list[dict]:
+    """Rows for the base and each adapter; ``model_cfg``/``quant`` (ModelConfig, QuantConfig)
+    say how the base is loaded (default: model.* defaults, unquantized); ``progress``: a bar
+    per task and scoring pass on stderr (terminals only)."""
+    from loralab.adapters import load_adapter
+    from loralab.config import ModelConfig, QuantConfig
+    from loralab.models import load_base
+
+    model_cfg = model_cfg or ModelConfig(path=model_path)
+    quant = quant or QuantConfig()
+    rows = []
+    for adapter in [None, *adapters]:
+        model, tok = load_base(model_cfg, quant, progress=progress)
+        if adapter is not None:
+            model = load_adapter(model, adapter)
+        for t in tasks:
+            log.info("eval %s on %s (%d examples)", adapter or "base", t.name, len(t.items))
+            for metric, s in t.run(model, tok, batch_size=batch_size, progress=progress).items():
+                if s.skipped:
+                    log.warning("%s: %d example(s) longer than the context window skipped for %s",
+                                t.name, s.skipped, metric)
+                rows.append({"model": model_path, "adapter": adapter, "task": t.name, "metric": metric,
+                             "value": s.value, "ci_low": s.ci_low, "ci_high": s.ci_high, "n": s.n,
+                             "skipped": s.skipped})
+    return rows
