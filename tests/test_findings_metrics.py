@@ -19,6 +19,7 @@ from loralab.errors import ConfigError, LoralabError
 from loralab.study import stats
 from loralab.study.findings import NO_REPEATS, findings
 from loralab.study.spec import load_study
+from studytools import sql
 
 SCHEMA = Path(loralab.study.__file__).with_name("schema.sql")
 NOISE = [0.004, -0.003, -0.001]  # fixed seed offsets: the pooled SD is their sample SD
@@ -184,14 +185,6 @@ def real_study(tmp_path_factory):
             store.finish(ids[run.name], status=result["status"], summary=result.get("summary"),
                          metrics=result.get("metrics"), error=result.get("error"))
     return root / "study.db"
-
-
-def sql(db: Path, query: str, *args):
-    con = sqlite3.connect(db)
-    try:
-        return con.execute(query, args).fetchall()
-    finally:
-        con.close()
 
 
 def final_by_sql(db: Path, metric: str) -> dict[tuple[float, int], float]:

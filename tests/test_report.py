@@ -20,6 +20,7 @@ from loralab.errors import LoralabError
 from loralab.study import stats
 from loralab.study.findings import NO_REPEATS, findings
 from loralab.study.report import write_report
+from studytools import sql
 
 SCHEMA = Path(loralab.study.__file__).with_name("schema.sql")
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 10: 2.228, 30: 2.042, 100: 1.984}
@@ -408,14 +409,6 @@ def real_study(tmp_path_factory):
                          metrics=result.get("metrics"), error=result.get("error"),
                          stopped_at_step=result.get("stopped_at_step"))
     return root / "study.db"
-
-
-def sql(db: Path, query: str, *args):
-    con = sqlite3.connect(db)
-    try:
-        return con.execute(query, args).fetchall()
-    finally:
-        con.close()
 
 
 @pytest.mark.slow

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
+import studytools
 from loralab.errors import ConfigError
 from loralab.study.execute import run_study
 from loralab.study.options import StudyOptions
@@ -26,28 +26,17 @@ from loralab.study.policy import Halving
 from loralab.study.scheduler import GpuSlots, form_units, group_memory
 from loralab.study.spec import load_study
 from loralab.study.store import Store
+from studytools import TINY as TINY48
+from studytools import rows_of
 from waiting import wait_for
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PROBE = Path(__file__).resolve().parent / "env_probe"  # sitecustomize: children log their environment
-TINY = {
-    "model": {"path": "builtin:tiny", "device": "cpu"},
-    "data": {"path": "builtin:arithmetic_2ds", "limit": 32, "val_max_examples": 8, "max_seq_length": 48},
-    "lora": {"r": 4, "alpha": 8},
-    "train": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 4, "warmup_steps": 0, "log_every": 1},
-    "output": {"save_adapter": False},
-}
+TINY = {**TINY48, "data": {**TINY48["data"], "limit": 32}}
 
 
 def write_study(tmp_path: Path, name: str, base: dict | None = None, **spec) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"name": name, "base": base or TINY, **spec}, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def rows_of(db: Path) -> dict[str, dict]:
-    with Store(db) as s:
-        return {r["name"]: r for r in s.runs(s.study_id(s.study_names()[0]))}
+    return studytools.write_study(tmp_path, name, base or TINY, **spec)
 
 
 def child_envs(log_dir: Path) -> list[dict]:

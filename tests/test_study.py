@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from loralab.config import config_from_dict
 from loralab.errors import ConfigError
@@ -22,28 +21,10 @@ from loralab.study.execute import run_study
 from loralab.study.policy import Halving
 from loralab.study.spec import load_study, preset_names
 from loralab.study.store import Store, metric_rows
+from studytools import TINY, rows_of, write_study
 from waiting import wait_for
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-TINY_BASE = {
-    "model": {"path": "builtin:tiny", "device": "cpu"},
-    "data": {"path": "builtin:arithmetic_2ds", "limit": 48, "val_max_examples": 8, "max_seq_length": 48},
-    "lora": {"r": 4, "alpha": 8},
-    "train": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 4, "warmup_steps": 0, "log_every": 1},
-    "output": {"save_adapter": False},
-}
-
-
-def write_study(tmp_path: Path, name: str = "s", **spec) -> Path:
-    body = {"name": name, "base": spec.pop("base", TINY_BASE), **spec}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def rows_of(db: Path) -> dict[str, dict]:
-    with Store(db) as s:
-        return {r["name"]: r for r in s.runs(s.study_id(s.study_names()[0]))}
 
 
 def cli(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -220,8 +201,8 @@ def test_driver_killed_then_rerun_repeats_nothing_and_loses_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_sigkilled_run_is_recorded_interrupted_then_resumed(tmp_path):
-    train = {**TINY_BASE["train"], "max_steps": 40, "checkpoint_every": 5}
-    path = write_study(tmp_path, "kill", axes={"lora.r": [2]}, base={**TINY_BASE, "train": train})
+    train = {**TINY["train"], "max_steps": 40, "checkpoint_every": 5}
+    path = write_study(tmp_path, "kill", axes={"lora.r": [2]}, base={**TINY, "train": train})
     out = tmp_path / "runs"
     db = out / "kill" / "study.db"
     env = {**os.environ, "PYTHONPATH": SRC}
@@ -266,7 +247,7 @@ def test_ray_executor_on_a_local_instance(tmp_path):
 
 @pytest.mark.slow
 def test_successive_halving_stops_poor_runs(tmp_path):
-    base = {**TINY_BASE, "train": {**TINY_BASE["train"], "max_steps": 16}}
+    base = {**TINY, "train": {**TINY["train"], "max_steps": 16}}
     path = write_study(tmp_path, "halving", base=base, axes={"train.lr": [0.01, 1.0e-7]}, repeats=2)
     root = tmp_path / "runs" / "halving"
     # process-level halving: every run alone (fused, each seed's pair would prune inside its group)
@@ -374,7 +355,7 @@ def test_fuse_trains_a_group_in_one_process(tmp_path):
 
 
 def test_fuse_with_halving_prunes_inside_the_group(tmp_path):
-    base = {**TINY_BASE, "train": {**TINY_BASE["train"], "max_steps": 4}}
+    base = {**TINY, "train": {**TINY["train"], "max_steps": 4}}
     path = write_study(tmp_path, "fh", base=base, axes={"train.lr": [1.0e-5, 1.0e-3, 3.0e-3]})
     root = tmp_path / "runs" / "fh"
     result = run_study(load_study(path, root=root), root=root, fuse=True, halving=Halving(eta=3, min_steps=2))
