@@ -62,6 +62,11 @@ def load_config(source: ConfigSource = None, *, overrides: list[str] | None = No
     return config_from_dict(apply_overrides(raw, list(overrides or [])), source=label)
 
 
+def _summary_field(key: str) -> property:
+    """A read-only attribute that is summary.json's ``key`` (None when the run did not record it)."""
+    return property(lambda self: self.summary.get(key), doc=f"summary.json's {key} (None when absent)")
+
+
 @dataclass
 class TrainResult:
     """What a run left: its summary.json fields, its directory and its adapter."""
@@ -79,33 +84,13 @@ class TrainResult:
         path = RunDir(self.run_dir).adapter
         return path if path.is_dir() else None
 
-    @property
-    def final_eval_loss(self) -> float | None:
-        return self.summary.get("final_eval_loss")
-
-    @property
-    def best_eval_loss(self) -> float | None:
-        return self.summary.get("best_eval_loss")
-
-    @property
-    def tokens_per_s(self) -> float | None:
-        return self.summary.get("tokens_per_s")
-
-    @property
-    def peak_memory_bytes(self) -> int | None:
-        return self.summary.get("peak_memory_bytes")
-
-    @property
-    def trainable_params(self) -> int | None:
-        return self.summary.get("trainable_params")
-
-    @property
-    def total_params(self) -> int | None:
-        return self.summary.get("total_params")
-
-    @property
-    def wall_time_s(self) -> float | None:
-        return self.summary.get("wall_time_s")
+    final_eval_loss = _summary_field("final_eval_loss")
+    best_eval_loss = _summary_field("best_eval_loss")
+    tokens_per_s = _summary_field("tokens_per_s")
+    peak_memory_bytes = _summary_field("peak_memory_bytes")
+    trainable_params = _summary_field("trainable_params")
+    total_params = _summary_field("total_params")
+    wall_time_s = _summary_field("wall_time_s")
 
     @property
     def metrics(self) -> list[dict[str, Any]]:
