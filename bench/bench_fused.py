@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -87,13 +88,18 @@ def child(mode: str, spec: Path) -> None:
 
 
 def spawn(args: list[str]) -> tuple[float, dict | None]:
+    """Wall seconds of a fresh process and its RESULT line, with ``cpu_s``: the CPU seconds the
+    process used (user + system, imports included), steadier than wall time on a shared machine."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
         raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    return wall, (json.loads(lines[-1][7:]) if lines else None)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, {**(json.loads(lines[-1][7:]) if lines else {}), "cpu_s": cpu}
 
 
 def measure(mode: str, model: str, k: int, steps: int, tmp: Path, tag: str) -> dict:
@@ -101,21 +107,21 @@ def measure(mode: str, model: str, k: int, steps: int, tmp: Path, tag: str) -> d
     spec = tmp / f"{tag}.json"
     spec.write_text(json.dumps(run_configs(model, out, k, steps=steps)))
     wall, res = spawn([__file__, "--child", mode, str(spec)])
-    return {"wall_s": wall, **res}
+    return {"wall_s": wall, **res}  # res has cpu_s
 
 
 def measure_cli(model: str, k: int, steps: int, tmp: Path, tag: str) -> dict:
     """K `loralab train` processes one after another."""
     import yaml
 
-    total, losses = 0.0, []
+    total, cpu, losses = 0.0, 0.0, []
     for i, cfg in enumerate(run_configs(model, tmp / tag, k, steps=steps)):
         path = tmp / f"{tag}-{i}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        wall, _ = spawn(["-m", "loralab.cli", "train", str(path)])
-        total += wall
+        wall, res = spawn(["-m", "loralab.cli", "train", str(path)])
+        total, cpu = total + wall, cpu + res["cpu_s"]
         losses.append(json.loads((Path(cfg["output"]["dir"]) / "summary.json").read_text())["final_eval_loss"])
-    return {"wall_s": total, "final_eval_loss": losses}
+    return {"wall_s": total, "cpu_s": cpu, "final_eval_loss": losses}
 
 
 def compare(model: str, name: str, *, k: int, steps: int, repeats: int, tmp: Path, cli: bool) -> dict:
@@ -123,14 +129,17 @@ def compare(model: str, name: str, *, k: int, steps: int, repeats: int, tmp: Pat
     for rep in range(repeats):
         fused.append(measure("fused", model, k, steps, tmp, f"{name}-fused-{rep}"))
         seq.append(measure("sequential", model, k, steps, tmp, f"{name}-seq-{rep}"))
-        print(f"  {name} repeat {rep}: fused {fused[-1]['wall_s']:.1f} s, sequential {seq[-1]['wall_s']:.1f} s",
-              flush=True)
+        print(f"  {name} repeat {rep}: fused {fused[-1]['wall_s']:.1f} s ({fused[-1]['cpu_s']:.1f} CPU s), "
+              f"sequential {seq[-1]['wall_s']:.1f} s ({seq[-1]['cpu_s']:.1f} CPU s)", flush=True)
     f_wall = statistics.median(r["wall_s"] for r in fused)
     s_wall = statistics.median(r["wall_s"] for r in seq)
+    f_cpu = statistics.median(r["cpu_s"] for r in fused)
+    s_cpu = statistics.median(r["cpu_s"] for r in seq)
     diff = max(abs(a - b) / abs(b) for a, b in zip(fused[0]["final_eval_loss"], seq[0]["final_eval_loss"], strict=True))
     row = {
         "case": name, "model": model, "k": k, "steps": steps, "micro_batch": 1, "batch": 4, "repeats": repeats,
         "fused_wall_s": f_wall, "sequential_in_process_wall_s": s_wall, "speedup_vs_in_process": s_wall / f_wall,
+        "fused_cpu_s": f_cpu, "sequential_in_process_cpu_s": s_cpu, "cpu_speedup_vs_in_process": s_cpu / f_cpu,
         "fused_walls": [r["wall_s"] for r in fused], "sequential_walls": [r["wall_s"] for r in seq],
         "fused_peak_rss_mib": fused[0]["peak_rss_mib"], "sequential_peak_rss_mib": seq[0]["peak_rss_mib"],
         "final_eval_loss_fused": fused[0]["final_eval_loss"], "final_eval_loss_sequential": seq[0]["final_eval_loss"],
@@ -140,7 +149,9 @@ def compare(model: str, name: str, *, k: int, steps: int, repeats: int, tmp: Pat
         c = measure_cli(model, k, steps, tmp, f"{name}-cli")
         row["sequential_cli_wall_s"] = c["wall_s"]
         row["speedup_vs_cli"] = c["wall_s"] / f_wall
-        print(f"  {name}: {k} loralab train processes {c['wall_s']:.1f} s", flush=True)
+        row["sequential_cli_cpu_s"] = c["cpu_s"]
+        row["cpu_speedup_vs_cli"] = c["cpu_s"] / f_cpu
+        print(f"  {name}: {k} loralab train processes {c['wall_s']:.1f} s ({c['cpu_s']:.1f} CPU s)", flush=True)
     return row
 
 
@@ -197,13 +208,15 @@ def main() -> None:
     result["load_average_end"] = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "fused.json").write_text(json.dumps(result, indent=2))
-    print("\n| case | K | steps | fused s | sequential (in-process) s | speedup | sequential (`loralab train` each) s | speedup |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| case | K | steps | fused s | sequential (in-process) s | speedup | sequential (`loralab train` each) s | speedup |"
+          " speedup in CPU s (in-process / `loralab train` each) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for c in result["cases"]:
         cli = (f"{c['sequential_cli_wall_s']:.1f} | {c['speedup_vs_cli']:.2f}x" if "sequential_cli_wall_s" in c
                else "- | -")
         print(f"| {c['case']} | {c['k']} | {c['steps']} | {c['fused_wall_s']:.1f} | {c['sequential_in_process_wall_s']:.1f} | "
-              f"{c['speedup_vs_in_process']:.2f}x | {cli} |")
+              f"{c['speedup_vs_in_process']:.2f}x | {cli} | {c['cpu_speedup_vs_in_process']:.2f}x / "
+              f"{c.get('cpu_speedup_vs_cli', float('nan')):.2f}x |")
     print("\n| K | peak RSS MiB |\n|---|---|")
     for m in result["memory_vs_k"]:
         print(f"| {m['k']} | {m['peak_rss_mib']:.0f} |")
