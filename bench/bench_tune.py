@@ -2,6 +2,7 @@
 
     python bench/bench_tune.py                 # ~20M-parameter model, 24 candidates, 3 seeds for the grid
     python bench/bench_tune.py --quick         # the tiny base and a 6-candidate space (minutes)
+    python bench/bench_tune.py --tiny --records 240   # the full 24-candidate space on the tiny base
 
 Both sides run as `loralab` processes on the same data; compute is the CPU time of each
 driver and everything it waited for (resource.getrusage(RUSAGE_CHILDREN) around the call).
@@ -84,7 +85,9 @@ def grid_results(db: Path) -> dict[str, dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="the tiny base, 240 records, a 6-candidate space")
+    ap.add_argument("--tiny", action="store_true", help="the shipped tiny base instead of the ~20M model")
+    ap.add_argument("--records", type=int, help="instruction records generated (default 960; 240 with --quick)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--keep", type=Path, help="keep the work directory here")
@@ -95,9 +98,9 @@ def main() -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-tune-"))
     work.mkdir(parents=True, exist_ok=True)
     data = work / "train.jsonl"
-    n = 240 if args.quick else 960
+    n = args.records or (240 if args.quick else 960)
     data.write_text("".join(json.dumps(r) + "\n" for r in bench_speed.bench_records(n, 1)), encoding="utf-8")
-    model = "builtin:tiny" if args.quick else str(build_model(work / "model-20m"))
+    model = "builtin:tiny" if args.quick or args.tiny else str(build_model(work / "model-20m"))
     search = "train.lr,lora.r" if args.quick else "train.lr,lora.r,lora.targets"
     widen = ["--widen", "lora.r=4,16", "--widen", "train.lr=3e-4,1e-3,3e-3"] if args.quick else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
