@@ -228,7 +228,7 @@ def test_out_of_memory_in_evaluation_is_out_of_memory(model_dir, tmp_path, monke
         assert s["status"] == "out_of_memory" and s["estimated_memory_bytes"] > 0 and s["peak_memory_bytes"] > 0
 
 
-def test_eval_batch_is_at_most_the_micro_batch(model_dir, tmp_path, monkeypatch):
+def test_eval_batch_is_the_micro_batch_on_a_gpu_and_at_least_8_on_cpu(model_dir, tmp_path, monkeypatch):
     seen = []
     original = core.evaluate_losses
 
@@ -237,8 +237,12 @@ def test_eval_batch_is_at_most_the_micro_batch(model_dir, tmp_path, monkeypatch)
         return original(*args, batch_size=batch_size, **kw)
 
     monkeypatch.setattr(core, "evaluate_losses", spy)
-    train(make_cfg(model_dir, tmp_path / "r", **{**SHARED, **VARIANTS[0], "train__max_steps": 2}))
-    assert seen == [2]
+    cfg = make_cfg(model_dir, tmp_path / "r", **{**SHARED, **VARIANTS[0], "train__max_steps": 2})
+    train(cfg)
+    assert cfg.train.micro_batch_size == 2 and seen == [8]  # CPU: no gradients, memory rarely the limit
+    shrunk = core.TrainState(micro_batch_size=2, micro_batch_changes=[{"step": 1, "from": 4, "to": 2}])
+    assert core.eval_batch_size(cfg, core.TrainState(), torch.device("cuda")) == 2  # what the estimate checked
+    assert core.eval_batch_size(cfg, shrunk, torch.device("cpu")) == 2  # after an out-of-memory
 
 
 def test_final_evaluation_after_a_skipped_last_step(model_dir, tmp_path, monkeypatch):

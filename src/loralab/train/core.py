@@ -421,6 +421,15 @@ def run_eval_tasks(model, tokenizer, tasks, *, batch_size: int) -> dict[str, flo
     return out
 
 
+def eval_batch_size(data_cfg: Config, state: TrainState, device: torch.device) -> int:
+    """Examples per evaluation forward. On an accelerator the micro batch, the size the memory
+    estimate checked. On CPU at least 8: no gradients are kept, memory is rarely the limit, and a
+    micro batch of 1 would score the validation set one example at a time (a fifth of a short
+    run's time); once an out-of-memory has shrunk the micro batch, the micro batch."""
+    micro = data_cfg.train.micro_batch_size
+    return micro if device.type != "cpu" or state.micro_batch_changes else max(micro, 8)
+
+
 def evaluate(setup: Setup, runs: list[Run], *, step: int, batch_size: int) -> None:
     """Validation loss of every run in shared forwards, tasks run by run; into metrics.jsonl
     and each run's state."""
@@ -572,7 +581,7 @@ def fit(runs: list[Run], setup: Setup, *, resume: bool, show_progress: bool, pru
             if going and ((cfg.eval.every and step % cfg.eval.every == 0) or step == stop or rung):
                 while True:
                     try:
-                        evaluate(setup, going, step=step, batch_size=data_cfg.train.micro_batch_size)
+                        evaluate(setup, going, step=step, batch_size=eval_batch_size(data_cfg, state0, device))
                         break
                     except torch.OutOfMemoryError:
                         if not may_halve(cfg, data_cfg):
