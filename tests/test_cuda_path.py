@@ -240,9 +240,9 @@ def loaded(monkeypatch):
     calls = []
     real = models.load_base
 
-    def spy(model_cfg, quant):
+    def spy(model_cfg, quant, **kw):  # kw: progress
         calls.append((model_cfg, quant))
-        return real(model_cfg, quant)
+        return real(model_cfg, quant, **kw)
 
     monkeypatch.setattr(models, "load_base", spy)
     return calls
