@@ -64,7 +64,7 @@ def load_config(source: ConfigSource = None, *, overrides: list[str] | None = No
 
 def _summary_field(key: str) -> property:
     """A read-only attribute that is summary.json's ``key`` (None when the run did not record it)."""
-    return property(lambda self: self.summary.get(key), doc=f"summary.json's {key} (None when absent)")
+    return property(lambda self: self.summary.get(key), doc=f"the run summary's {key} (None when absent)")
 
 
 @dataclass
