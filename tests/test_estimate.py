@@ -344,3 +344,11 @@ def test_cli_errors_exit_2(capsys):
     assert main(["estimate"]) == 2
     assert main(["estimate", "--model", "llama2-7b", "--micro-batch", "0"]) == 2
     assert "micro_batch_size" in capsys.readouterr().err
+
+
+def test_auto_micro_batch_is_estimated_per_example_and_says_so():
+    auto = estimate_run(cfg("llama2-7b", train__micro_batch_size="auto", train__batch_size=16), budget_bytes=80 * 2**30)
+    one = estimate_run(cfg("llama2-7b", train__micro_batch_size=1, train__batch_size=16), budget_bytes=80 * 2**30)
+    assert auto.memory_bytes == one.memory_bytes and auto.settings["micro_batch_size"] == 1
+    assert auto.max_micro_batch == one.max_micro_batch > 1
+    assert any("micro_batch_size: auto" in n for n in auto.approximate)

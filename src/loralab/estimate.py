@@ -441,6 +441,9 @@ def estimate_run(
     )
 
     cfg = replace(cfg, model=replace(cfg.model, dtype=resolve_dtype(cfg.model, dev)))
+    auto_micro = cfg.train.micro_batch_size == "auto"
+    if auto_micro:  # estimated per example; max_micro_batch says what a run would resolve it to
+        cfg = replace(cfg, train=replace(cfg.train, micro_batch_size=1))
     micro = cfg.train.micro_batch_size
     mem = _memory(shape, cfg, modules, micro=micro, gc=grad_checkpointing, device=dev)
     est = Estimate(
@@ -457,6 +460,9 @@ def estimate_run(
     if auto_length:
         est.approximate.append(f"data.max_seq_length: auto estimated at the model's context ({cfg.data.max_seq_length}), "
                                "the most it resolves to; a run resolves it from the data")
+    if auto_micro:
+        est.approximate.append("train.micro_batch_size: auto estimated at micro batch 1; a run takes the largest "
+                               "divisor of train.batch_size that fits (see the budget's largest micro batch)")
     if budget_bytes is not None:
         est.budget_bytes = budget_bytes
         est.fits = mem["total"] <= budget_bytes
