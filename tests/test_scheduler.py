@@ -199,6 +199,20 @@ def test_fusion_groups_what_fits_and_says_why_not(tmp_path, caplog):
     assert [len(u.tasks) for u in form_units(tasks, fuse=False, budget=None)] == [1] * 5
 
 
+def test_cpu_workers_share_the_machines_ram_for_fused_groups(tmp_path):
+    """Two local workers on the CPU train two units at once in one RAM: each unit's fused group
+    may estimate half of it; --max-memory, when given, is each unit's own."""
+    from loralab.study.execute import _scheduler
+    from loralab.study.scheduler import device_memory
+    from loralab.study.store import Store
+
+    ram = device_memory("cpu")
+    store = Store(tmp_path / "s.db")
+    budgets = [_scheduler(store, StudyOptions(**kw), on_gpu=False, t0=0.0)[1]
+               for kw in ({}, {"workers": 2}, {"workers": 3, "max_memory": 5 * 2**30})]
+    assert budgets == [ram, ram // 2, 5 * 2**30]
+
+
 def test_gpu_slots_give_each_worker_a_gpu_and_share_only_what_fits():
     gpus = GpuSlots(["0", "1"], capacity=10)
     assert [gpus.acquire(4), gpus.acquire(4), gpus.acquire(4), gpus.acquire(4)] == ["0", "1", "0", "1"]

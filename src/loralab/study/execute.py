@@ -142,11 +142,14 @@ def record_finished(store: Store, sid: int, names: list[str]) -> None:
 
 def _scheduler(store: Store, opts: StudyOptions, *, on_gpu: bool, t0: float,
                bar: tqdm | None = None) -> tuple[Scheduler, int | None]:
-    """The scheduler and its backend, and the memory one device gives a fused group; ``bar``
+    """The scheduler and its backend, and the memory a fused group may estimate (one GPU's, or
+    this machine's RAM shared by the workers, unless --max-memory says); ``bar``
     (a :func:`loralab.progress.progress` bar) counts the runs finished."""
     deadline = None if opts.budget_s is None else t0 + opts.budget_s
     device = run_device("auto") if on_gpu else "cpu"
-    budget = opts.max_memory if opts.max_memory is not None else device_memory(device)
+    budget = opts.max_memory
+    if budget is None:  # units on the CPU share this machine's RAM with the other workers' units
+        budget = device_memory(device) // (1 if device == "cuda" else max(1, opts.workers or 1))
     kw = {"retries": opts.retries, "max_attempts": opts.max_attempts, "deadline": deadline, "bar": bar}
     if opts.executor == "ray":
         from loralab.study.backends.ray import RayBackend
