@@ -25,6 +25,7 @@ from loralab.tune import (
     SCALE,
     Candidate,
     default_dimensions,
+    edge_notes,
     halving_schedule,
     plan_tune,
     recommend,
@@ -138,6 +139,21 @@ def test_separated_finalists_recommend_the_best():
     assert rec["name"] == "a" and rec["within_noise"] == []
     # pooled over both finalists: SD 0.01 with 4 degrees of freedom (t = 2.776)
     assert rec["ci_half_width"] == pytest.approx(2.776 * 0.01 / math.sqrt(3), rel=1e-6)
+
+
+def test_a_recommendation_at_the_end_of_a_range_says_how_to_widen_it():
+    dims = default_dimensions(1000)  # lr 3e-5 .. 1e-3, r 8 / 32 / 128, targets, epochs 1 / 2
+    lrs = [lr / SCALE for lr in EFFECTIVE_LRS]
+    inside = edge_notes(dims, {"train.lr": lrs[1], "lora.r": 32, "lora.targets": ["all"], "train.epochs": 2})
+    assert inside == []  # targets are not ordered; epochs are capped by the data, not the range
+    top, bottom = edge_notes(dims, {"train.lr": lrs[-1], "lora.r": 8})
+    assert top.startswith(f"train.lr = {lrs[-1]:g} is the largest value tried")
+    assert top.endswith("--widen train.lr=3e-05,0.0001,0.0003,0.001,0.0033")  # one more step of x3.33
+    assert "lora.r = 8 is the smallest" in bottom and bottom.endswith("--widen lora.r=2,8,32,128")
+    text = summary_text({"tune": "t", "metric": "eval_loss", "effects": [], "plan": {"notes": []}, "edges": [top],
+                         "recommended": recommend([_cand("a", [1.0, 1.1], 10)], "min"),
+                         "compute": {"steps": 1, "train_time_s": 1.0, "grid_steps": 4, "fraction_of_grid": 0.25}})
+    assert f"Note: {top}" in text
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -454,6 +454,28 @@ def effects(db: Path, name: str, metric: str, dims: list[str], sd: float | None)
 # ----------------------------------------------------------------------------- running it
 
 
+def edge_notes(dims: list[Dimension], axes: dict[str, Any]) -> list[str]:
+    """Searched numbers (learning rate, rank) whose recommended value is the end of the range
+    tried: the best may lie beyond it, and the note says which --widen would look."""
+    notes = []
+    for d in dims:
+        nums = sorted(v for v in d.values if isinstance(v, int | float) and not isinstance(v, bool))
+        if d.key == "train.epochs" or len(nums) < 2 or len(nums) != len(d.values) or axes.get(d.key) not in nums:
+            continue  # epochs are capped by the data's size, not by the range
+        value = axes[d.key]
+        if value not in (nums[0], nums[-1]):
+            continue
+        largest = value == nums[-1]
+        neighbour = nums[-2] if largest else nums[1]
+        beyond = value * value / neighbour  # one more step of the same ratio
+        beyond = round(beyond) if all(isinstance(v, int) for v in nums) else float(f"{beyond:.2g}")
+        wider = [*nums, beyond] if largest else [beyond, *nums]
+        notes.append(f"{d.key} = {value:g} is the {'largest' if largest else 'smallest'} value tried, so a "
+                     f"{'larger' if largest else 'smaller'} one may do better: --widen {d.key}="
+                     + ",".join(f"{v:g}" for v in wider))
+    return notes
+
+
 def _study(spec: dict[str, Any], root: Path, *, extra_runs: list[Any] | None = None):
     from loralab.study.spec import load_study
 
@@ -530,7 +552,7 @@ def write_answer(root: Path, *, name: str, metric: str, goal: str, plan: Plan) -
                     "grid_steps": plan.grid_steps,
                     "grid_train_time_s_estimate": per_step * plan.grid_steps if per_step else None,
                     "fraction_of_grid": spent["steps"] / plan.grid_steps if plan.grid_steps else None},
-        "runs": spent["counts"], "plan": plan.to_json(),
+        "runs": spent["counts"], "plan": plan.to_json(), "edges": edge_notes(plan.dims, rec["axes"]),
         "adapter": str(RunDir(rec["run_dir"]).adapter) if rec["run_dir"] else None,
     }
     best = copy.deepcopy(rec["config"])
@@ -569,7 +591,7 @@ def summary_text(a: dict[str, Any]) -> str:
     lines += ["", f"Compute: {c['steps']:,} optimizer steps ({c['train_time_s']:.0f} s of training); a full grid of the "
                   f"same space with the same repeats: {c['grid_steps']:,} steps"
                   + (f" ({c['fraction_of_grid']:.0%} of it spent)." if c["fraction_of_grid"] else ".")]
-    for note in a["plan"]["notes"]:
+    for note in [*a["plan"]["notes"], *a.get("edges", [])]:
         lines.append(f"Note: {note}")
     lines += [f"Train it: loralab train {Path(a.get('best_yaml', 'best.yaml')).name}", ""]
     return "\n".join(lines)
