@@ -1,7 +1,7 @@
 """loralab tune against the full grid with repeats: same model, data and space.
 
     python bench/bench_tune.py                 # ~20M-parameter model, 24 candidates, 3 seeds for the grid
-    python bench/bench_tune.py --records 240 --workers 2   # the run docs/tune.md reports (~2.3 h on 2 cores)
+    python bench/bench_tune.py --records 240 --workers 2   # the run docs/tune.md reports (2.6 h on 2 cores)
     python bench/bench_tune.py --quick         # the tiny base and a 6-candidate space (minutes)
     python bench/bench_tune.py --tiny --records 240   # the full 24-candidate space on the tiny base
 
