@@ -169,8 +169,9 @@ def main() -> int:
 
     if args.report:
         tune = json.loads((args.report / "tune" / "tune" / "tune.json").read_text())
+        model = yaml.safe_load((args.report / "tune" / "tune" / "tune-study.yaml").read_text())["base"]["model"]["path"]
         result = compare(args.report, answer_axes=tune["recommended"]["axes"], answer_mean=tune["recommended"]["mean"],
-                         steps=tune["compute"]["steps"], model=str(args.report), tune_cpu=None, tune_wall=None,
+                         steps=tune["compute"]["steps"], model=model, tune_cpu=None, tune_wall=None,
                          grid_cpu=None, grid_wall=None)
     else:
         result = measure(args)
