@@ -300,6 +300,28 @@ def qlora_run(tmp_path_factory):
     return run
 
 
+def test_a_4bit_base_evaluates_with_the_arithmetic_it_trains_with():
+    """Evaluation (eval mode, no grad) multiplies a CPU 4-bit base exactly as training does, in
+    quant.compute_dtype; bitsandbytes' own eval-mode default on AVX512-BF16 CPUs is a bf16 kernel."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    quant = QuantConfig(mode="nf4", compute_dtype="fp32")
+    model, _ = load_base(ModelConfig(device="cpu"), quant)
+    ids = torch.tensor([[0, 5, 77, 300, 12, 9, 41, 3]])
+    with torch.no_grad():
+        trained = model.train()(input_ids=ids).logits
+        scored = model.eval()(input_ids=ids).logits
+        again = model.train()(input_ids=ids).logits  # an evaluation changes nothing for the steps after it
+    assert torch.equal(trained, scored) and torch.equal(trained, again)
+    if has_avx512bf16():  # the kernel loralab keeps bitsandbytes from switching to: visibly other arithmetic
+        raw, _ = load_base(ModelConfig(device="cpu"), quant)
+        for m in raw.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = True
+        with torch.no_grad():
+            assert (raw.eval()(input_ids=ids).logits - trained).abs().max() > 1e-4
+
+
 def test_merge_refuses_a_4bit_base_and_says_how(qlora_run, tmp_path, capsys):
     rc = main(["merge", str(qlora_run), str(tmp_path / "merged")])
     err = capsys.readouterr().err
@@ -329,6 +351,17 @@ def test_merge_dequantize_gives_the_model_the_adapter_was_trained_on(qlora_run, 
         unquantized = plain(input_ids=ids).logits
     assert (got - want).abs().max() < 1e-3
     assert (unquantized - want).abs().max() > 10 * (got - want).abs().max()  # 4-bit rounding is visible
+    # Module by module: each merged weight is the dequantized 4-bit weight plus the adapter's delta.
+    import bitsandbytes.functional as bnbf
+
+    merged_modules = dict(merged.named_modules())
+    adapted = [(n, m) for n, m in trained_on.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    assert len(adapted) == 2 * merged.config.num_hidden_layers  # query and value of every layer
+    for name, layer in adapted:
+        w4 = layer.base_layer.weight
+        expected = bnbf.dequantize_4bit(w4.data, w4.quant_state).float() + layer.get_delta_weight("default").float()
+        got_w = merged_modules[name.removeprefix("base_model.model.")].weight
+        assert (got_w - expected).abs().max() < 1e-6, name
 
     out2 = tmp_path / "merged-full"
     assert main(["merge", str(qlora_run), str(out2), "--quant", "none"]) == 0  # the original weights

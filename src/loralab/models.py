@@ -187,14 +187,18 @@ def check_cpu_4bit(lm, quant: QuantConfig) -> None:
             )
 
 
-def keep_4bit_trainable(lm) -> None:
-    """Keep bitsandbytes' 4-bit weights in their training layout on CPU.
+def pin_4bit_kernel(lm) -> None:
+    """Give every CPU 4-bit layer one kernel, in training and in evaluation alike.
 
     bitsandbytes (0.49, 0.50) repacks a CPU 4-bit weight into an inference layout the first
     time its layer runs in eval mode on an input without grad (on CPUs with AVX512-BF16), and
-    from then on multiplies with a kernel autograd cannot go through, also in train mode: every
-    step after an evaluation would silently lose the gradient through the frozen 4-bit layers.
-    A base that is going to be trained never repacks.
+    from then on multiplies with that layout's kernel, which computes in bf16 whatever
+    ``quant.compute_dtype`` says (7e-3 from the fp32 product on a 256x256 layer) and which
+    autograd cannot go through, also in train mode. Left alone, a QLoRA run would be scored
+    with other arithmetic than it was trained with, ``loralab eval`` would score the same
+    adapter differently on different CPUs, and every step after an evaluation would lose the
+    gradient through the frozen 4-bit layers. So no base loralab loads ever repacks: the
+    dequantize-and-multiply path in ``quant.compute_dtype`` serves every forward.
     """
     for module in lm.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
@@ -246,6 +250,7 @@ def load_base(model: ModelConfig, quant: QuantConfig, *, progress: bool = False)
         raise ModelError(f"model.path {model.path}: cannot load the model ({str(exc).splitlines()[0]})") from None
     if bnb is not None and device.type == "cpu":
         check_cpu_4bit(lm, quant)
+        pin_4bit_kernel(lm)
     for p in lm.parameters():
         p.requires_grad_(False)
     lm.config.use_cache = False

@@ -38,7 +38,7 @@ from loralab.data.dataset import Example, Splits, collate, load_splits, model_co
 from loralab.data.packing import step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
 from loralab.halving import halving_rungs, keep_count, rank_key
-from loralab.models import keep_4bit_trainable, load_base, pick_device
+from loralab.models import load_base, pick_device
 from loralab.progress import progress
 from loralab.rundir import (
     FINAL,
@@ -238,7 +238,6 @@ def load_group(cfgs: list[Config], *, fused: bool, progress: bool = False) -> Se
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.model.device)
     base, tokenizer = load_base(cfg.model, cfg.quant, progress=progress)
-    keep_4bit_trainable(base)
     if fused:
         adapters = FusedAdapters(base, cfgs)
         attention = packed_attention(cfg, base)  # a property of the base, checked before the adapters go in
