@@ -12,12 +12,28 @@ import torch
 from loralab.config import load_config
 from loralab.models import BUILTIN_MODELS
 
-torch.set_num_threads(2)
-
 TINY_BASE = BUILTIN_MODELS["builtin:tiny"]
 VOCAB = 1280
 BOS, EOS, PAD = 0, 1, 2
 ARCHS = ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "phi3", "gemma"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _two_threads():
+    """The suite's runs use 2 torch threads (the machine's cores); the process's count is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test that gains nothing from more on a shared CPU; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _hf_config(arch: str):

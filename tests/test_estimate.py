@@ -26,7 +26,7 @@ from loralab.estimate import (
     resolve_model_config,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models gain nothing from threads on a shared CPU
 ALL_BUT_HEAD = ["query", "key", "value", "projection", "mlp"]
 
 

@@ -13,7 +13,7 @@ from loralab.evaluate import metrics as M
 from loralab.evaluate.exact_match import Accuracy
 from loralab.evaluate.tasks import load_items, load_task_file, resolve_tasks
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models gain nothing from threads on a shared CPU
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from loralab.evaluate.tasks import resolve_tasks
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install loralab[harness])")
 
-torch.set_num_threads(1)  # a 2.9M-parameter model gains nothing from threads on a shared CPU
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models gain nothing from threads on a shared CPU
 LIMIT = 12
 
 

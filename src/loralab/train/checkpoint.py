@@ -24,6 +24,7 @@ refused with ModelError rather than skipped, since someone put it there.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -75,6 +76,52 @@ class TrainState:
     task_history: dict[str, list[float]] = field(default_factory=dict)
     micro_batch_changes: list[dict[str, int]] = field(default_factory=list)
     grad_scaler: dict[str, Any] | None = None  # torch.amp.GradScaler's state when training in fp16
+    arithmetic: dict[str, Any] | None = None  # arithmetic_settings() the run trained with (None: older checkpoint)
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+
+def arithmetic_settings() -> dict[str, Any]:
+    """The process settings that change a step's floating-point result on the same inputs: the
+    CPU thread count (how a matmul's sums are split), the fp32 matmul precision (TF32 on GPUs)
+    and torch's deterministic-algorithms switch."""
+    return {"threads": torch.get_num_threads(),
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+
+
+def _apply_arithmetic(settings: dict[str, Any]) -> None:
+    torch.set_num_threads(settings["threads"])
+    torch.set_float32_matmul_precision(settings["float32_matmul_precision"])
+    torch.use_deterministic_algorithms(settings["deterministic_algorithms"])
+
+
+@contextlib.contextmanager
+def pinned_arithmetic(recorded: dict[str, Any] | None, *, where: str):
+    """Train with the arithmetic settings a run started with, and restore the process's after.
+
+    A run resumed in a process set up otherwise (a study worker's one thread, a shell's two)
+    would not be bit-exact: the thread count alone moves fp32 training by 6e-6 in 15 steps.
+    So the settings recorded at step 0 are put back for the resumed steps and said in the log.
+    A checkpoint from before they were recorded resumes as it is, with a warning.
+    """
+    before = arithmetic_settings()
+    if recorded is None:
+        log.warning("%s: the checkpoint does not record the thread count and matmul settings it was trained with; "
+                    "the resumed steps are bit-exact only if this process uses the same (now %s)", where, before)
+        yield
+        return
+    changed = {k: (before[k], v) for k, v in recorded.items() if before.get(k) != v}
+    if changed:
+        log.info("%s: resuming with the settings it trained with, for a bit-exact resume: %s", where,
+                 ", ".join(f"{k} {v} (this process had {b})" for k, (b, v) in changed.items()))
+        _apply_arithmetic(recorded)
+    try:
+        yield
+    finally:
+        if changed:
+            _apply_arithmetic(before)
 
 
 # ----------------------------------------------------------------------------- writing

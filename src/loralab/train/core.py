@@ -56,10 +56,12 @@ from loralab.train.checkpoint import (
     MANIFEST,
     DiskFullError,
     TrainState,
+    arithmetic_settings,
     clean_temporaries,
     complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
+    pinned_arithmetic,
     prune_checkpoints,
     save_checkpoint,
     verify,
@@ -333,7 +335,7 @@ def start_runs(runs: list[Run], adapters, *, steps: int, resume: bool, device: t
     for run in runs:
         if step == 0:
             run.dir.metrics.unlink(missing_ok=True)
-            run.state = TrainState(micro_batch_size=run.cfg.train.micro_batch_size)
+            run.state = TrainState(micro_batch_size=run.cfg.train.micro_batch_size, arithmetic=arithmetic_settings())
         else:
             path = run.dir.checkpoint(step)
             run.state = load_checkpoint(path, params=adapters.named_params(run.index), opt=run.opt, sched=run.sched,
@@ -539,6 +541,8 @@ def fit(runs: list[Run], setup: Setup, *, resume: bool, show_progress: bool, pru
 
     adapters.model.train()
     with contextlib.ExitStack() as scope:
+        if step > 0:
+            scope.enter_context(pinned_arithmetic(state0.arithmetic, where=str(runs[0].dir.root)))
         bar = scope.enter_context(progress(steps, unit="step", initial=step, enabled=show_progress))
         if setup.attention == "per_example":  # for the whole loop: activation checkpointing repeats forwards in backward
             scope.enter_context(segment_attention(adapters.model))
