@@ -217,6 +217,14 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     return tok
 
 
+def remote_code_hint(error: str, trusted: bool) -> str:
+    """How to allow a model's own Python code, when transformers refused to run it."""
+    if trusted or "custom code" not in error:
+        return ""
+    return ("; the model ships Python code of its own (auto_map in its config.json), which loralab runs only "
+            "with model.trust_remote_code: true: set it if you trust that code (docs/security.md)")
+
+
 def load_base(model: ModelConfig, quant: QuantConfig, *, progress: bool = False):
     """(model, tokenizer) with every base weight frozen, loaded straight onto the chosen device.
     ``progress``: transformers' loading (and download) bars on stderr, terminals only."""
@@ -243,7 +251,8 @@ def load_base(model: ModelConfig, quant: QuantConfig, *, progress: bool = False)
         with library_bars(progress):
             lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
-        raise ModelError(f"model.path {model.path}: cannot load the model ({str(exc).splitlines()[0]})") from None
+        raise ModelError(f"model.path {model.path}: cannot load the model ({str(exc).splitlines()[0]})"
+                         f"{remote_code_hint(str(exc), model.trust_remote_code)}") from None
     if bnb is not None and device.type == "cpu":
         check_cpu_4bit(lm, quant)
     for p in lm.parameters():
