@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from loralab.errors import LoralabError
-from loralab.study.backends.ray import check_token_auth, ensure_token
+from loralab.study.backends.ray import LOCAL_INSTANCE_ENV, check_token_auth, connect, ensure_token
 from studytools import rows_of, write_study
 from waiting import wait_for
 
@@ -203,7 +204,7 @@ def test_a_ray_without_token_authentication_is_refused():
     check_token_auth("2.60.0")
 
 
-def test_the_token_is_written_private_once(tmp_path, monkeypatch):
+def test_the_token_is_written_private_once(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("HOME", str(tmp_path))
     for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(name, raising=False)
@@ -213,6 +214,26 @@ def test_the_token_is_written_private_once(tmp_path, monkeypatch):
     assert len(token) == 64 and int(token, 16) >= 0
     assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
     assert ensure_token() == path and path.read_text() == token  # an existing token is the user's: kept
+    path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="loralab.study.backends.ray"):
+        assert ensure_token() == path and path.read_text() == token
+    assert f"{path}, the Ray token, is readable by other users of this machine: chmod 600 it" in caplog.text
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "elsewhere"))
     assert ensure_token() is None  # the user said where the token is: nothing written
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_ray_address_in_the_environment_joins_that_cluster(monkeypatch):
+    """RAY_ADDRESS is where Ray's own init would go: a cluster the user chose, joined as it is,
+    without loralab's local-instance settings."""
+    import types
+
+    calls = []
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=lambda **kw: calls.append(kw))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    for name in LOCAL_INSTANCE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert connect(None) is fake
+    assert calls == [{"address": "ray://head:10001", "include_dashboard": False, "log_to_driver": False}]
+    assert not any(name in os.environ for name in LOCAL_INSTANCE_ENV)

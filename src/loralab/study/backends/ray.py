@@ -68,6 +68,8 @@ def ensure_token() -> Path | None:
         return None
     path = Path.home() / ".ray" / "auth_token"
     if path.exists():
+        if path.stat().st_mode & 0o077:
+            log.warning("%s, the Ray token, is readable by other users of this machine: chmod 600 it", path)
         return path
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -80,9 +82,12 @@ def ensure_token() -> Path | None:
 def _apply_to_imported_ray(ray: Any) -> None:
     """Ray was imported before LOCAL_INSTANCE_ENV was set (a notebook, a test): make this
     process read it too, as Ray itself does when it turns token authentication on."""
-    from ray._private import ray_constants
-    from ray._raylet import Config
-
+    try:
+        from ray._private import ray_constants
+        from ray._raylet import Config
+    except ImportError:
+        raise LoralabError(f"Ray {ray.__version__} was imported before loralab could turn its token authentication "
+                           "on, and cannot be told afterwards: run the study in a fresh process") from None
     ray_constants.ENABLE_RAY_CLUSTER = False
     Config.initialize("")
 
@@ -110,8 +115,10 @@ def connect(address: str | None) -> Any:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         return ray
+    address = address or os.environ.get("RAY_ADDRESS") or None  # where Ray itself would go
     if address is None:
         return start_local_instance()
+    log.info("joining the Ray cluster at %s (docs/security.md: securing a cluster)", address)
     ray = import_ray()
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
     return ray
