@@ -389,27 +389,37 @@ def test_tied_expression_that_reaches_for_code_is_refused(tmp_path, capsys, expr
     assert not marker.exists() and not (tmp_path / "runs").exists()
 
 
-def custom_code_model(model_dir: Path, out: Path, marker: Path) -> Path:
-    """A copy of ``model_dir`` whose config.json sends transformers to a Python file of its own
-    (auto_map), as a hub repository with custom code does; importing that file creates ``marker``."""
+def custom_code_model(model_dir: Path, out: Path, marker: Path, part: str) -> Path:
+    """A copy of ``model_dir`` whose config.json (``part="model"``) or tokenizer_config.json
+    (``part="tokenizer"``) sends transformers to a Python file of its own (auto_map), as a hub
+    repository with custom code does; importing that file creates ``marker``."""
     import shutil
 
     shutil.copytree(model_dir, out)
-    config = json.loads((out / "config.json").read_text())
-    config.update(model_type="loralab_custom", architectures=["CustomForCausalLM"],
-                  auto_map={"AutoConfig": "custom_code.CustomConfig",
-                            "AutoModelForCausalLM": "custom_code.CustomForCausalLM"})
-    (out / "config.json").write_text(json.dumps(config))
-    (out / "custom_code.py").write_text(
-        "from pathlib import Path\n"
-        "from transformers import LlamaConfig, LlamaForCausalLM\n"
-        f"Path({str(marker)!r}).write_text('ran')\n"
-        "class CustomConfig(LlamaConfig):\n    model_type = 'loralab_custom'\n"
-        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    plant = f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+    if part == "model":
+        config = json.loads((out / "config.json").read_text())
+        config.update(model_type="loralab_custom", architectures=["CustomForCausalLM"],
+                      auto_map={"AutoConfig": "custom_code.CustomConfig",
+                                "AutoModelForCausalLM": "custom_code.CustomForCausalLM"})
+        (out / "config.json").write_text(json.dumps(config))
+        (out / "custom_code.py").write_text(
+            plant + "from transformers import LlamaConfig, LlamaForCausalLM\n"
+            "class CustomConfig(LlamaConfig):\n    model_type = 'loralab_custom'\n"
+            "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    else:
+        config = json.loads((out / "tokenizer_config.json").read_text())
+        config.update(tokenizer_class="CustomTokenizer", auto_map={"AutoTokenizer": [None, "custom_code.CustomTokenizer"]})
+        (out / "tokenizer_config.json").write_text(json.dumps(config))
+        (out / "custom_code.py").write_text(
+            plant + "from transformers import PreTrainedTokenizerFast\n"
+            "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
     return out
 
 
-def test_model_code_runs_only_with_trust_remote_code(model_dir, tmp_path, cfg_factory, monkeypatch):
+@pytest.mark.parametrize(("part", "what", "loaded"), [("model", "the model", "CustomForCausalLM"),
+                                                      ("tokenizer", "a tokenizer", "CustomTokenizer")])
+def test_model_code_runs_only_with_trust_remote_code(model_dir, tmp_path, cfg_factory, monkeypatch, part, what, loaded):
     import sys
 
     import transformers.dynamic_module_utils as dynamic
@@ -418,11 +428,11 @@ def test_model_code_runs_only_with_trust_remote_code(model_dir, tmp_path, cfg_fa
     from loralab.models import load_base
 
     marker = tmp_path / "ran"
-    custom = custom_code_model(model_dir, tmp_path / "custom", marker)
+    custom = custom_code_model(model_dir, tmp_path / "custom", marker, part)
     with pytest.raises(ModelError) as exc:
         train(cfg_factory(custom))
     assert exc.value.exit_code == 2
-    assert f"model.path {custom}: cannot load the model" in str(exc.value)
+    assert f"model.path {custom}: cannot load {what}" in str(exc.value)
     assert "runs only with model.trust_remote_code: true" in str(exc.value)
     assert not marker.exists()
     # the control: with the key set, transformers imports the file (into a module cache of this test's)
@@ -430,8 +440,8 @@ def test_model_code_runs_only_with_trust_remote_code(model_dir, tmp_path, cfg_fa
     monkeypatch.setattr(sys, "path", list(sys.path))
     cfg = cfg_factory(custom, model__trust_remote_code="true")
     try:
-        lm, _ = load_base(cfg.model, cfg.quant)
+        lm, tokenizer = load_base(cfg.model, cfg.quant)
     finally:  # the modules imported from that cache go with it
         for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
             del sys.modules[name]
-    assert type(lm).__name__ == "CustomForCausalLM" and marker.read_text() == "ran"
+    assert loaded in (type(lm).__name__, type(tokenizer).__name__) and marker.read_text() == "ran"
