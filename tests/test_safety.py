@@ -352,3 +352,96 @@ def test_trust_remote_code_is_recorded(model_dir, cfg_factory, paused_run):
     cfg = cfg_factory(model_dir, train__max_steps=1, model__trust_remote_code="true")
     assert train(cfg)["trust_remote_code"] is True
     assert summary_of(cfg)["trust_remote_code"] is True
+
+
+def test_yaml_object_tag_refused_in_a_study_file(tmp_path, capsys):
+    from loralab.cli import main
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f"name: evil\nbase:\n  lora:\n    r: !!python/object/apply:os.system ['touch {marker}']\n"
+                    "axes:\n  lora.alpha: [8]\n", encoding="utf-8")
+    assert main(["study", "run", str(evil), "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert f"{evil}:4: not valid YAML" in err and "safe_load" in err
+    assert not marker.exists() and not (tmp_path / "runs").exists()
+
+
+# test_study.py::test_invalid_studies_are_refused_with_the_key has __import__(...).system(...) and ().__class__
+@pytest.mark.parametrize(("expr", "found"), [
+    ("(lambda: __import__('os').system('touch {marker}'))()", "found Call"),
+    ("abs(lora.r)", "found Call"),
+    ("[__import__('os').system('touch {marker}') for _ in 'x']", "found ListComp"),
+    ("lora.r.__class__.__base__.__subclasses__()", "found Call"),
+    ("lora.r.__class__", "'lora.r.__class__' in 'lora.r.__class__' is not a training-config key"),
+    ("lora.r if __import__('os').system('touch {marker}') else 2", "found IfExp"),
+])
+def test_tied_expression_that_reaches_for_code_is_refused(tmp_path, capsys, expr, found):
+    from loralab.cli import main
+    from studytools import write_study
+
+    marker = tmp_path / "ran"
+    expr = expr.replace("{marker}", str(marker))
+    path = write_study(tmp_path, axes={"lora.r": [2]}, tied={"lora.alpha": expr})
+    assert main(["study", "run", str(path), "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "tied lora.alpha" in err and found in err and str(path) in err
+    assert not marker.exists() and not (tmp_path / "runs").exists()
+
+
+def custom_code_model(model_dir: Path, out: Path, marker: Path, part: str) -> Path:
+    """A copy of ``model_dir`` whose config.json (``part="model"``) or tokenizer_config.json
+    (``part="tokenizer"``) sends transformers to a Python file of its own (auto_map), as a hub
+    repository with custom code does; importing that file creates ``marker``."""
+    import shutil
+
+    shutil.copytree(model_dir, out)
+    plant = f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+    if part == "model":
+        config = json.loads((out / "config.json").read_text())
+        config.update(model_type="loralab_custom", architectures=["CustomForCausalLM"],
+                      auto_map={"AutoConfig": "custom_code.CustomConfig",
+                                "AutoModelForCausalLM": "custom_code.CustomForCausalLM"})
+        (out / "config.json").write_text(json.dumps(config))
+        (out / "custom_code.py").write_text(
+            plant + "from transformers import LlamaConfig, LlamaForCausalLM\n"
+            "class CustomConfig(LlamaConfig):\n    model_type = 'loralab_custom'\n"
+            "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    else:
+        config = json.loads((out / "tokenizer_config.json").read_text())
+        config.update(tokenizer_class="CustomTokenizer", auto_map={"AutoTokenizer": [None, "custom_code.CustomTokenizer"]})
+        (out / "tokenizer_config.json").write_text(json.dumps(config))
+        (out / "custom_code.py").write_text(
+            plant + "from transformers import PreTrainedTokenizerFast\n"
+            "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    return out
+
+
+@pytest.mark.parametrize(("part", "what", "loaded"), [("model", "the model", "CustomForCausalLM"),
+                                                      ("tokenizer", "a tokenizer", "CustomTokenizer")])
+def test_model_code_runs_only_with_trust_remote_code(model_dir, tmp_path, cfg_factory, monkeypatch, part, what, loaded):
+    import sys
+
+    import transformers.dynamic_module_utils as dynamic
+
+    from loralab.errors import ModelError
+    from loralab.models import load_base
+
+    marker = tmp_path / "ran"
+    custom = custom_code_model(model_dir, tmp_path / "custom", marker, part)
+    with pytest.raises(ModelError) as exc:
+        train(cfg_factory(custom))
+    assert exc.value.exit_code == 2
+    assert f"model.path {custom}: cannot load {what}" in str(exc.value)
+    assert "runs only with model.trust_remote_code: true" in str(exc.value)
+    assert not marker.exists()
+    # the control: with the key set, transformers imports the file (into a module cache of this test's)
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    cfg = cfg_factory(custom, model__trust_remote_code="true")
+    try:
+        lm, tokenizer = load_base(cfg.model, cfg.quant)
+    finally:  # the modules imported from that cache go with it
+        for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
+            del sys.modules[name]
+    assert loaded in (type(lm).__name__, type(tokenizer).__name__) and marker.read_text() == "ran"

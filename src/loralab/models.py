@@ -205,6 +205,14 @@ def pin_4bit_kernel(lm) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def remote_code_hint(error: str, trusted: bool) -> str:
+    """How to allow a model's (or its tokenizer's) own Python code, when transformers refused to run it."""
+    if trusted or "custom code" not in error:
+        return ""
+    return ("; the model ships Python code of its own (auto_map in its config files), which loralab runs only "
+            "with model.trust_remote_code: true: set it if you trust that code (docs/security.md)")
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -215,7 +223,8 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model.path {path}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
+        raise ModelError(f"model.path {path}: cannot load a tokenizer ({str(exc).splitlines()[0]})"
+                         f"{remote_code_hint(str(exc), trust_remote_code)}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -247,7 +256,8 @@ def load_base(model: ModelConfig, quant: QuantConfig, *, progress: bool = False)
         with library_bars(progress):
             lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
-        raise ModelError(f"model.path {model.path}: cannot load the model ({str(exc).splitlines()[0]})") from None
+        raise ModelError(f"model.path {model.path}: cannot load the model ({str(exc).splitlines()[0]})"
+                         f"{remote_code_hint(str(exc), model.trust_remote_code)}") from None
     if bnb is not None and device.type == "cpu":
         check_cpu_4bit(lm, quant)
         pin_4bit_kernel(lm)

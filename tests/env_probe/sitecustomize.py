@@ -16,3 +16,15 @@ if _dest:
             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         }))
+
+# $LORALAB_TEST_GATE: a run process waits (up to 120 s) until that file exists, so a test can
+# look at what is running while the run is under way.
+_gate = os.environ.get("LORALAB_TEST_GATE")
+if _gate:
+    import time
+
+    _argv = Path("/proc/self/cmdline").read_bytes().decode(errors="replace").split("\0")
+    if "loralab.cli" in _argv and "train" in _argv:
+        _end = time.time() + 120
+        while not Path(_gate).exists() and time.time() < _end:
+            time.sleep(0.1)
