@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"continue RUN_DIR from its newest complete checkpoint, with RUN_DIR/{CONFIG}; "
                         "--set may change only keys that leave the maths alone (train.stop_at_step, ...)")
     _run_args(p)
+    add_force_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("quickstart", help="fine-tune the shipped tiny base on arithmetic, accuracy before/after")
@@ -50,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stop", help="cut each generation at this string (generation stops there too)")
     add_model_flags(p)
+    add_force_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -61,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dequantize", action="store_true",
                    help="with a 4-bit base (--quant nf4/fp4, or a QLoRA run's own quant.mode): load it in 4 bits, "
                         "dequantize it to --dtype and merge there, giving the weights the adapter was trained on")
+    add_force_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_merge)
 
@@ -77,6 +80,12 @@ def add_model_flags(p: argparse.ArgumentParser, *, from_run: bool = False) -> No
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None if from_run else "auto",
                    help="auto = cuda when usable, else cpu; cuda fails clearly when CUDA is not usable"
                         + (default or " (default auto)"))
+
+
+def add_force_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="use an adapter on a base other than the one it records it was trained on "
+                        "(refused otherwise, naming both bases)")
 
 
 def base_configs(path: str, args: argparse.Namespace, run: dict | None = None) -> tuple[ModelConfig, QuantConfig]:
@@ -159,6 +168,7 @@ def _checked_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from loralab.adapters import check_adapter_base
     from loralab.train.loop import train
 
     if args.resume:
@@ -171,6 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not run.config.is_file():
             raise ConfigError(f"--resume {run.root}: no {CONFIG} there, so it is not a loralab run directory")
         cfg = load_config(run.config, list(args.overrides) + [f"output.dir={run.root}"])
+        check_adapter_base(run.root, cfg.model.path, force=args.force, trust_remote_code=cfg.model.trust_remote_code)
         summary = train(cfg, show_progress=not args.json, resume=True)
     else:
         cfg = _checked_config(args)
@@ -232,11 +243,14 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from loralab.adapters import load_adapter
+    from loralab.adapters import adapter_dir, check_adapter_base, load_adapter
     from loralab.data.templates import format_prompt
     from loralab.evaluate.exact_match import greedy_generate
     from loralab.models import load_base
 
+    if args.adapter:  # checked before the base loads
+        adapter_dir(args.adapter)
+        check_adapter_base(args.adapter, args.model, force=args.force)
     model, tokenizer = load_base(*base_configs(args.model, args), progress=not args.json)
     if args.adapter:
         model = load_adapter(model, args.adapter)
@@ -253,7 +267,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold the adapter into the base weights; the result loads with from_pretrained."""
 
-    from loralab.adapters import load_adapter
+    from loralab.adapters import adapter_dir, check_adapter_base, load_adapter
     from loralab.config import read_yaml
     from loralab.models import DTYPES, load_base, resolve_dtype
 
@@ -266,6 +280,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if base_path is None:
         raise ModelError(f"{run.root}: no {CONFIG} to read the base model from; pass --model")
     model_cfg, quant = base_configs(base_path, args, saved)
+    adapter_dir(run.root)
+    check_adapter_base(run.root, base_path, force=args.force)
     if quant.mode != "none" and not args.dequantize:
         source = "--quant" if args.quant else f"the run's quant.mode in {run.config}"
         raise ModelError(

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from loralab.adapters import attach_lora, count_params, save_adapter
+from loralab.adapters import attach_lora, base_record, count_params, save_adapter
 from loralab.config import Config, TrackingConfig, dump_config, load_config
 from loralab.data.dataset import Example, Splits, collate, load_splits, model_context
 from loralab.data.packing import step_batches
@@ -771,7 +771,9 @@ def open_runs(cfgs: list[Config], run_dirs: list[Path], *, resume: bool, fused: 
             clear_run_outputs(rd)
         dump_config(cfg, rd.config)
         summary = {"status": Status.RUNNING, "error": None, "run_dir": str(path), "versions": versions(),
-                   "trust_remote_code": cfg.model.trust_remote_code, **group_extra(path)}
+                   "trust_remote_code": cfg.model.trust_remote_code,
+                   "base": base_record(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code),
+                   **group_extra(path)}
         run = Run(len(runs), cfg, rd, summary)
         if not fused:  # a fused group's runs go to their trackers when the group ends (loralab.track)
             run.tracker = open_trackers(cfg, path, resume=resume)

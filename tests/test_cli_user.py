@@ -1,0 +1,97 @@
+"""The command line as a user meets it (issue 26): adapters know their base, checks come before
+work, exit codes and JSON mean what they say. Each test runs ``loralab ...`` on small random-init
+models of real architectures and instruction data, and checks the message, the exit code and
+that nothing was half-written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loralab.adapters import BASE_RECORD
+from loralab.cli import main
+from userdata import instruction_records, write_jsonl
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def train_args(model: Path, data: Path, out: Path, *more: str) -> list[str]:
+    """``loralab train`` of a 2-step run on ``model`` and ``data`` into ``out``."""
+    sets = {"model.path": model, "model.device": "cpu", "data.path": data, "data.max_seq_length": 256,
+            "train.max_steps": 2, "train.batch_size": 4, "train.micro_batch_size": 4, "train.warmup_steps": 0}
+    return ["train", "--out", str(out), *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")], *more]
+
+
+@pytest.fixture(scope="module")
+def qwen_run(tiny_model_dir, tmp_path_factory):
+    """A completed run trained on a tiny Qwen2."""
+    root = tmp_path_factory.mktemp("user")
+    data = write_jsonl(root / "train.jsonl", instruction_records(24))
+    out = root / "qwen1"
+    assert main(train_args(tiny_model_dir("qwen2"), data, out)) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- 1. adapters know their base
+
+
+def test_adapter_records_its_base_and_refuses_another(capsys, caplog, qwen_run, tiny_model_dir, tmp_path):
+    record = json.loads((qwen_run / "adapter" / BASE_RECORD).read_text())
+    assert record["model_type"] == "qwen2" and record["architectures"] == ["Qwen2ForCausalLM"]
+    assert record["sizes"]["hidden_size"] == 32 and record["path"] == str(tiny_model_dir("qwen2"))
+    llama = str(tiny_model_dir("llama"))
+    merged = tmp_path / "merged"
+    for argv in (["eval", "--model", llama, "--adapter", str(qwen_run), "--tasks", "arithmetic_2ds", "--limit", "2"],
+                 ["generate", "--model", llama, "--adapter", str(qwen_run), "Hi"],
+                 ["merge", str(qwen_run), str(merged), "--model", llama]):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2, argv
+        assert out == ""
+        assert f"adapter {qwen_run} was trained on {tiny_model_dir('qwen2')} (qwen2 Qwen2ForCausalLM" in err
+        assert f"not on {llama} (llama LlamaForCausalLM" in err and "--force" in err
+    assert not merged.exists() and not list(tmp_path.iterdir())  # nothing half-written
+
+    # --force uses it knowingly, with a warning naming both bases
+    code, out, err = run_cli(capsys, "generate", "--model", llama, "--adapter", str(qwen_run), "--force",
+                             "--max-new-tokens", "2", "Hi")
+    assert code == 0 and "was trained on" in caplog.text and "--force: using it anyway" in caplog.text
+
+
+def test_adapter_on_its_own_base_and_an_older_adapter(capsys, caplog, qwen_run, tiny_model_dir, tmp_path):
+    caplog.set_level("INFO", logger="loralab")
+    qwen = str(tiny_model_dir("qwen2"))
+    code, _, err = run_cli(capsys, "generate", "--model", qwen, "--adapter", str(qwen_run), "--max-new-tokens", "2", "Hi")
+    assert code == 0 and "trained on" not in caplog.text
+    # an adapter saved before loralab recorded bases: accepted, with a one-line note
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in (qwen_run / "adapter").iterdir():
+        if f.name != BASE_RECORD:
+            (old / f.name).write_bytes(f.read_bytes())
+    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_model_dir("llama")), "--adapter", str(old),
+                           "--max-new-tokens", "2", "Hi")
+    assert code == 0 and f"note: {old} has no record of its base model" in caplog.text
+
+
+def test_resume_refuses_a_changed_base(capsys, tiny_model_dir, tmp_path):
+    """A paused run whose base directory was replaced by another model: --resume refuses it."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir("qwen2"), base)
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24))
+    run = tmp_path / "paused"
+    assert main(train_args(base, data, run, "--set", "train.stop_at_step=1")) == 0
+    assert json.loads((run / "summary.json").read_text())["base"]["model_type"] == "qwen2"
+    shutil.rmtree(base)
+    shutil.copytree(tiny_model_dir("llama"), base)
+    before = (run / "summary.json").read_text()
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--set", "train.stop_at_step=null")
+    assert code == 2 and f"adapter {run} was trained on {base} (qwen2" in err and "(llama LlamaForCausalLM" in err
+    assert (run / "summary.json").read_text() == before  # the paused run is left as it was
