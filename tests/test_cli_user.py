@@ -95,3 +95,48 @@ def test_resume_refuses_a_changed_base(capsys, tiny_model_dir, tmp_path):
     code, _, err = run_cli(capsys, "train", "--resume", str(run), "--set", "train.stop_at_step=null")
     assert code == 2 and f"adapter {run} was trained on {base} (qwen2" in err and "(llama LlamaForCausalLM" in err
     assert (run / "summary.json").read_text() == before  # the paused run is left as it was
+
+
+# ----------------------------------------------------------------------------- 4. no validation examples
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as strict parsers do."""
+    def refuse(name: str):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_validation_set_truncated_away_is_refused_before_training(capsys, tiny_model_dir, tmp_path):
+    short = [{"instruction": f"What is {a} plus 1?", "input": "", "output": str(a + 1)} for a in range(16)]
+    long = [{"instruction": "Summarize: " + "the river runs by the old mill " * 20, "input": "", "output": "A mill."}
+            for _ in range(9)]
+    data = write_jsonl(tmp_path / "train.jsonl", short)
+    val = write_jsonl(tmp_path / "val.jsonl", long)
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, *train_args(tiny_model_dir("qwen2"), data, out, "--set", f"data.val_path={val}",
+                                                   "--set", "data.max_seq_length=48", "--json"))
+    assert code == 2 and stdout == ""
+    assert (f"{val}: all 9 validation examples are longer than data.max_seq_length = 48 (as set) and lose every "
+            "response token to truncation, so the run could not be evaluated") in err
+    summary = strict_json((out / "summary.json").read_text())
+    assert summary["status"] == "invalid" and "all 9 validation examples" in summary["error"]
+    assert not (out / "adapter").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_no_validation_set_trains_without_evaluation_and_json_is_strict(capsys, caplog, tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(16))
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, *train_args(tiny_model_dir("qwen2"), data, out, "--set", "data.val_fraction=0",
+                                                  "--json"))
+    assert code == 0
+    summary = strict_json(stdout)  # strict JSON: null, never NaN
+    assert summary["status"] == "completed" and summary["val_examples"] == 0 and summary["final_eval_loss"] is None
+    assert "no validation examples (data.val_fraction = 0): the run trains without evaluation" in caplog.text
+    assert strict_json((out / "summary.json").read_text())["final_eval_loss"] is None
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        strict_json(line)
+    code, stdout, _ = run_cli(capsys, *train_args(tiny_model_dir("qwen2"), data, tmp_path / "run2",
+                                                  "--set", "data.val_fraction=0"))
+    assert code == 0 and "final eval loss:  none (no validation examples: trained without evaluation)" in stdout

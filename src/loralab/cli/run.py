@@ -142,10 +142,15 @@ def _out_override(args: argparse.Namespace) -> list[str]:
     return [f"output.dir={args.out}"] if args.out else []
 
 
+def _eval_loss_text(s: dict) -> str:
+    loss = s.get("final_eval_loss")
+    return f"{loss:.4f}" if loss is not None else "none (no validation examples: trained without evaluation)"
+
+
 def _print_summary(s: dict) -> None:
     rows = [("run directory", s["run_dir"]), ("status", s["status"]),
             ("trainable / total params", f"{s['trainable_params']:,} / {s['total_params']:,}"),
-            ("steps", s["steps"]), ("final eval loss", f"{s['final_eval_loss']:.4f}"),
+            ("steps", s["steps"]), ("final eval loss", _eval_loss_text(s)),
             ("train time", f"{s['train_time_s']:.1f} s (wall {s['wall_time_s']:.1f} s)"),
             ("tokens/s", f"{s['tokens_per_s']:.0f}"), ("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB")]
     print(table([(f"{k}:", v) for k, v in rows], align=["right", "left"]))
@@ -237,7 +242,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
                 ["task", "base", "LoRA"], align=["left", "right", "right"]))
     print(f"\ntrained {summary['trainable_params']:,} of {summary['total_params']:,} parameters in "
           f"{summary['train_time_s']:.1f} s ({summary['tokens_per_s']:.0f} tokens/s), "
-          f"final eval loss {summary['final_eval_loss']:.4f}; total {result['total_time_s']:.0f} s")
+          f"final eval loss {_eval_loss_text(summary)}; total {result['total_time_s']:.0f} s")
     print(f"run directory: {summary['run_dir']}")
     return 0
 

@@ -229,13 +229,24 @@ def load_splits(cfg: DataConfig, tokenizer, *, seed: int, context: int | None = 
         return [e for e in out if e.n_loss_tokens], truncated, sum(not e.n_loss_tokens for e in out)
 
     train, truncated, empty = cut(full_train)
-    val, truncated_val, _ = cut(full_val)
+    val, truncated_val, empty_val = cut(full_val)
+    how = f"auto, capped by the model's context of {context}" if cfg.max_seq_length == "auto" else "as set"
     if not train:
-        how = f"auto, capped by the model's context of {context}" if cfg.max_seq_length == "auto" else "as set"
         raise DataError(
             f"{cfg.path}: all {empty} training examples lose every response token to truncation at "
             f"data.max_seq_length = {max_len} ({how}); raise it (or set it to auto) or shorten the prompts"
         )
+    if full_val and not val:  # evaluation would score nothing: refused before training, not a NaN loss
+        source = cfg.val_path or f"{cfg.path} (the held-out data.val_fraction = {cfg.val_fraction})"
+        raise DataError(
+            f"{source}: all {empty_val} validation examples are longer than data.max_seq_length = {max_len} "
+            f"({how}) and lose every response token to truncation, so the run could not be evaluated; raise "
+            "data.max_seq_length (or set it to auto) or shorten the prompts"
+        )
+    if not full_val:
+        log.warning("no validation examples (%s): the run trains without evaluation and its final_eval_loss is null",
+                    "data.val_fraction = 0" if not cfg.val_path and cfg.val_fraction == 0 else
+                    f"none in {cfg.val_path or cfg.path} after the response-length filter and the split")
     stats = {
         "format": "messages" if kept[0].messages is not None else ("prompt_completion" if "prompt" in kept[0].prompt else "alpaca"),
         "n_train": len(train), "n_val": len(val), **split_info,

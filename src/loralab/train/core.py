@@ -445,7 +445,8 @@ def evaluate(setup: Setup, runs: list[Run], *, step: int, batch_size: int) -> No
             task_values = run_eval_tasks(setup.adapters.model, setup.tokenizer, setup.tasks, batch_size=batch_size)
         for k, v in task_values.items():
             state.task_history.setdefault(k, []).append(v)
-        run.metrics.write(step=step, eval_loss=eval_loss, tokens_seen=state.tokens_seen, **task_values)
+        run.metrics.write(step=step, eval_loss=eval_loss if setup.splits.val else None, tokens_seen=state.tokens_seen,
+                          **task_values)
 
 
 def halve_micro_batch(data_cfg: Config, runs: list[Run], *, done: int, peak: PeakMemory, where: str) -> None:
@@ -700,7 +701,7 @@ def run_result(run: Run, setup: Setup, *, steps: int, extra: dict[str, Any] | No
         dropped_by_length_filter=splits.dropped_by_length,
         truncated_to_no_response=splits.truncated_to_nothing,
         data_stats=splits.stats,
-        final_eval_loss=st.eval_loss if st.eval_loss is not None else float("nan"),
+        final_eval_loss=st.eval_loss,
         best_eval_loss=st.best_eval_loss,
         final_eval_tasks={k: v[-1] for k, v in st.task_history.items()},
         best_eval_tasks={k: best_of(k, v) for k, v in st.task_history.items()},
