@@ -140,3 +140,84 @@ def test_no_validation_set_trains_without_evaluation_and_json_is_strict(capsys, 
     code, stdout, _ = run_cli(capsys, *train_args(tiny_model_dir("qwen2"), data, tmp_path / "run2",
                                                   "--set", "data.val_fraction=0"))
     assert code == 0 and "final eval loss:  none (no validation examples: trained without evaluation)" in stdout
+
+
+# ----------------------------------------------------------------------------- 2. study run: checks first, exit codes
+
+
+def study_base(model: Path, data: Path) -> dict:
+    return {"model": {"path": str(model), "device": "cpu"},
+            "data": {"path": str(data), "max_seq_length": 256, "val_max_examples": 4},
+            "lora": {"r": 4, "alpha": 8},
+            "train": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 4, "warmup_steps": 0, "log_every": 1},
+            "output": {"save_adapter": False}}
+
+
+def test_study_dry_run_makes_the_runs_checks_and_a_real_run_starts_none(capsys, tiny_model_dir, tmp_path):
+    from studytools import write_study
+
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24))
+    study = write_study(tmp_path, "s", base=study_base(tiny_model_dir("qwen2"), data), axes={"lora.r": [4, 8]})
+    out = tmp_path / "runs"
+    bad = ["--model", str(tmp_path / "modles" / "qwen"), "--data", str(tmp_path / "trian.jsonl"), "--out", str(out)]
+    code, stdout, err = run_cli(capsys, "study", "run", str(study), *bad, "--dry-run")
+    assert code == 2
+    assert "2 of 2 runs cannot run:" in stdout
+    assert f"model.path {tmp_path / 'modles' / 'qwen'}: no such directory [all 2 runs]" in stdout
+    assert f"dataset file {tmp_path / 'trian.jsonl'} does not exist [all 2 runs]" in stdout
+    code, stdout, err = run_cli(capsys, "study", "run", str(study), *bad)
+    assert code == 2 and stdout == ""
+    assert "2 of 2 runs cannot run:" in err and "nothing was started" in err
+    assert not out.exists()  # no database, no run directory
+
+    # roles against the architecture: GPT-2 fuses query, key and value
+    gpt2 = write_study(tmp_path, "g", base=study_base(tiny_model_dir("gpt2"), data), axes={"lora.r": [4, 8]})
+    code, stdout, err = run_cli(capsys, "study", "run", str(gpt2), "--out", str(out))
+    assert code == 2 and "lora.targets asks for query, value alone, but GPT-2 fuses query, key and value" in err
+    assert not out.exists()
+
+
+@pytest.mark.slow  # two studies, each run in its own `loralab train` process: ~25 s
+def test_study_exit_codes_and_name(capsys, tiny_model_dir, tmp_path):
+    from studytools import write_study
+
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24))
+    study = write_study(tmp_path, "s", base=study_base(tiny_model_dir("qwen2"), data), axes={"lora.r": [4]})
+    out = tmp_path / "runs"
+    code, stdout, _ = run_cli(capsys, "study", "run", str(study), "--out", str(out))
+    assert code == 0 and "1 runs (1 completed)" in stdout
+    # the same study with a changed config: refused, pointing at --name
+    code, _, err = run_cli(capsys, "study", "run", str(study), "--out", str(out), "--set", "data.val_max_examples=2")
+    assert code == 2 and "already has a run 'r4' with a different config" in err and "--name NEW_NAME" in err
+    # --name starts a fresh study; its run ends invalid (every validation example truncated away): exit 1
+    long = [{"instruction": "Summarize: " + "the river runs by the old mill " * 20, "input": "", "output": "A mill."}] * 3
+    val = write_jsonl(tmp_path / "val.jsonl", long)
+    code, stdout, _ = run_cli(capsys, "study", "run", str(study), "--out", str(out), "--name", "s-val",
+                              "--set", f"data.val_path={val}", "--set", "data.max_seq_length=48")
+    assert code == 1 and "study s-val: 1 runs (1 invalid)" in stdout
+    assert (out / "s-val" / "study.db").is_file() and (out / "s" / "study.db").is_file()
+
+
+# ----------------------------------------------------------------------------- 3. the study metric is checked
+
+
+def test_study_metric_is_checked_against_what_the_runs_write(capsys, tiny_model_dir, tmp_path):
+    from studytools import write_study
+
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24))
+    base = study_base(tiny_model_dir("qwen2"), data)
+    out = tmp_path / "runs"
+    for metric, hint in (("eval_los", "did you mean eval_loss?"),
+                         ("arithmetic_2ds/exact_mach", "did you mean arithmetic_2ds/exact_match?")):
+        study = write_study(tmp_path, "m", base={**base, "eval": {"tasks": ["arithmetic_2ds"], "limit": 2}},
+                            axes={"lora.r": [4]}, metric=metric)
+        for dry in (["--dry-run"], []):
+            code, stdout, err = run_cli(capsys, "study", "run", str(study), "--out", str(out), *dry)
+            assert code == 2 and stdout == ""
+            assert f"{study}: metric {metric!r} is not written by any run of study m ({hint})" in err
+            assert "arithmetic_2ds/exact_match" in err and "eval_loss" in err
+    assert not out.exists()
+    # a task metric the runs do write passes
+    study = write_study(tmp_path, "m", base={**base, "eval": {"tasks": ["arithmetic_2ds"], "limit": 2}},
+                        axes={"lora.r": [4]}, metric="arithmetic_2ds/exact_match")
+    assert run_cli(capsys, "study", "run", str(study), "--out", str(out), "--dry-run")[0] == 0

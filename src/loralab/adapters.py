@@ -125,7 +125,10 @@ def read_base_identity(model_path: str, *, trust_remote_code: bool = False) -> d
     try:
         config = AutoConfig.from_pretrained(resolve_model_path(model_path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model.path {model_path}: cannot read its config.json ({str(exc).splitlines()[0]})") from None
+        local = model_path.startswith("builtin:") or Path(model_path).expanduser().exists()
+        what = "" if local else "no such local directory, and as a hub id "
+        raise ModelError(f"model.path {model_path}: {what}its config.json cannot be read "
+                         f"({str(exc).splitlines()[0]})") from None
     return base_identity(config, model_path)
 
 

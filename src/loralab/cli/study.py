@@ -27,6 +27,7 @@ from typing import Any
 from loralab.cli.output import emit_json, table
 from loralab.cli.run import add_track_arg
 from loralab.errors import ConfigError
+from loralab.rundir import Status
 
 DEFAULT_ROOT = "runs"
 
@@ -38,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = ssub.add_parser("run", help="expand a study into runs and execute what is not done yet")
     p.add_argument("study", help="study YAML file or preset:NAME (see `loralab study presets`)")
     p.add_argument("--quick", action="store_true", help="the study's quick variant (fewer steps and points); its name gets -quick")
+    p.add_argument("--name", help="study name (default: the study file's name, -quick with --quick): a new name "
+                                  "starts a fresh study, e.g. after changing a config the old study's runs were made with")
     p.add_argument("--model", help="base model for every run (replaces base model.path)")
     p.add_argument("--data", help="dataset for every run (replaces base data.path)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -59,7 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train runs that share a base in one process where they fit (default; --no-fuse: each alone)")
     p.add_argument("--budget", help="wall-time budget of this invocation, e.g. 90s, 30m, 2h: no run starts after it "
                                     "is spent; the rest stay pending for the next `study run`")
-    p.add_argument("--dry-run", action="store_true", help="expand and check, print the runs, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="expand and make every check a run makes before it starts (model, roles, data, tasks, "
+                        "metric, memory gate), print the runs and those that cannot run, run nothing")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
 
@@ -155,17 +160,20 @@ def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from loralab.study.execute import run_study
     from loralab.study.options import StudyOptions
+    from loralab.study.preflight import preflight
     from loralab.study.spec import load_study
-    from loralab.study.store import TO_RUN
     from loralab.track import prepare_study_trackers, track_study
 
     options = StudyOptions.from_args(args)  # refused here, before the study is even loaded
     study = load_study(args.study, quick=args.quick, model=args.model, data=args.data, overrides=args.overrides)
+    if args.name:
+        study.name = args.name  # checked by study_root: one path component
     track_study(study)
     root = study_root(args.out, study.name)
     study.place(root)
+    options.check(study.runs)
+    checks = preflight(study, max_memory=options.max_memory)  # every run's own checks, before any starts
     if args.dry_run:
-        options.check(study.runs)
         from loralab.study.spec import deviation_text
 
         rows = [{"name": r.name, **r.axes} for r in study.runs]
@@ -173,17 +181,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed_line = f"seed: {study.seed['source']}\n" if study.seed.get("source") else ""
         dev_lines = ("differences from the seed's setup:\n" + "\n".join(f"  - {d}" for d in devs) + "\n" if devs
                      else "no difference from the seed's setup\n" if study.seed.get("setup") else "")
+        skipped = "".join(f"\nwould be skipped: {n}: {why}" for n, why in checks.skipped.items())
         _emit(args, {"study": study.name, "root": str(root), "profile": study.profile, "runs": rows,
-                     "deviations": study.deviations},
-              f"study {study.name}: {len(rows)} runs in {root}\n{seed_line}{dev_lines}" + columns(rows, list(rows[0])))
-        return 0
+                     "deviations": study.deviations, **checks.to_json()},
+              f"study {study.name}: {len(rows)} runs in {root}\n{seed_line}{dev_lines}" + columns(rows, list(rows[0]))
+              + skipped + (f"\n{checks.text()}" if checks.cannot_run else ""))
+        return 2 if checks.cannot_run else 0
+    if checks.cannot_run:
+        raise ConfigError(f"{checks.text()}\nnothing was started; fix these (loralab study run ... --dry-run "
+                          "checks again without running)")
     prepare_study_trackers(study)
     result = run_study(study, root=root, options=options)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result["counts"].items()))
     _emit(args, result, f"study {study.name}: {result['runs']} runs ({counts}); ran {result['ran']} in "
                         f"{result['wall_time_s']:.0f} s\ndatabase: {result['database']}\n"
                         f"next: loralab study status {study.name} --out {args.out}")
-    return 0 if not any(s in result["counts"] for s in TO_RUN) else 1
+    return 0 if all(s in FINE for s in result["counts"]) else 1
+
+
+# The statuses of a study that went as asked: exit code 0. Anything else (failed, invalid,
+# diverged, out of memory, or runs left pending by --budget) is exit code 1.
+FINE = (Status.COMPLETED, Status.STOPPED_EARLY, Status.SKIPPED)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
