@@ -221,3 +221,26 @@ def test_study_metric_is_checked_against_what_the_runs_write(capsys, tiny_model_
     study = write_study(tmp_path, "m", base={**base, "eval": {"tasks": ["arithmetic_2ds"], "limit": 2}},
                         axes={"lora.r": [4]}, metric="arithmetic_2ds/exact_match")
     assert run_cli(capsys, "study", "run", str(study), "--out", str(out), "--dry-run")[0] == 0
+
+
+# ----------------------------------------------------------------------------- 6. errors name their source
+
+
+def test_set_errors_name_the_flag_not_the_file(capsys, tiny_model_dir, tmp_path):
+    config = tmp_path / "qwen.yaml"
+    config.write_text(f"model:\n  path: {tiny_model_dir('qwen2')}\n  device: cpu\nlora:\n  r: 8\n", encoding="utf-8")
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "train", str(config), "--set", "lora.rank=4", "--out", str(out))
+    assert code == 2 and stdout == ""
+    assert "loralab train: error: --set lora.rank=4: unknown key lora.rank (did you mean lora.r?); lora has r, " in err
+    assert "qwen.yaml" not in err
+    assert json.loads((out / "summary.json").read_text())["status"] == "invalid"  # recorded, nothing else written
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
+    # a problem in the file is still the file's; one on the command line is the flag's
+    config.write_text("lora:\n  rank: 8\n", encoding="utf-8")
+    code, _, err = run_cli(capsys, "train", str(config), "--set", "train.lr=-1", "--out", str(out))
+    assert code == 2 and f"{config}: invalid configuration:" in err
+    assert "  - unknown key lora.rank (did you mean lora.r?)" in err
+    assert "  - --set train.lr=-1: train.lr must be > 0 (got -1.0)" in err
+    code, _, err = run_cli(capsys, "estimate", "--model", "tiny", "--set", "lora.lora_alpha=32")
+    assert code == 2 and "--set lora.lora_alpha=32: unknown key lora.lora_alpha (did you mean lora.alpha?)" in err

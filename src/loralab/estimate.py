@@ -46,7 +46,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from loralab.config import Config, apply_overrides, config_from_dict, read_yaml
+from loralab.config import Config, apply_overrides, config_from_dict, override_origins, read_yaml
 from loralab.errors import ConfigError, ModelError
 
 GIB = 1024**3
@@ -555,7 +555,7 @@ def estimate_from_args(
         raw["train"]["batch_size"] = sets["train.micro_batch_size"]
     if isinstance(raw.get("lora", {}).get("targets"), str):
         raw["lora"]["targets"] = [t.strip() for t in raw["lora"]["targets"].split(",") if t.strip()]
-    cfg = config_from_dict(raw, source=str(config_path or "estimate"))
+    cfg = config_from_dict(raw, source=str(config_path or "estimate"), origins=override_origins(list(overrides or [])))
     return estimate_run(cfg, grad_checkpointing=grad_checkpointing, budget_bytes=budget_bytes, throughput=throughput, device=device)
 
 
