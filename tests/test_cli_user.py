@@ -244,3 +244,31 @@ def test_set_errors_name_the_flag_not_the_file(capsys, tiny_model_dir, tmp_path)
     assert "  - --set train.lr=-1: train.lr must be > 0 (got -1.0)" in err
     code, _, err = run_cli(capsys, "estimate", "--model", "tiny", "--set", "lora.lora_alpha=32")
     assert code == 2 and "--set lora.lora_alpha=32: unknown key lora.lora_alpha (did you mean lora.alpha?)" in err
+
+
+# ----------------------------------------------------------------------------- 7. data before the model
+
+
+def test_data_is_checked_before_the_model_loads_and_the_hint_maps_the_columns(capsys, caplog, tiny_model_dir, tmp_path):
+    import csv
+
+    caplog.set_level("INFO", logger="loralab")
+    data = tmp_path / "qa.csv"
+    with data.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "question", "answer"])
+        w.writerows([i, f"What is {i} plus 1?", f"It is {i + 1}."] for i in range(16))
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, *train_args(tiny_model_dir("qwen2"), data, out))
+    assert code == 2
+    assert f"{data}, row 0: missing field instruction, output (format alpaca needs instruction, output)" in err
+    assert "the record has columns id, question, answer" in err
+    hint = '--set data.columns="{instruction: question, output: answer}"'
+    assert hint in err
+    assert "trainable params" not in caplog.text  # no model was loaded, no adapter attached
+    assert json.loads((out / "summary.json").read_text())["status"] == "invalid"
+    assert not (out / "adapter").exists() and not (out / "metrics.jsonl").exists()
+    # the line the message shows is the one that works
+    code, _, _ = run_cli(capsys, *train_args(tiny_model_dir("qwen2"), data, tmp_path / "run2"), "--set",
+                         "data.columns={instruction: question, output: answer}")
+    assert code == 0

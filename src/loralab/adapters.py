@@ -118,18 +118,9 @@ def base_identity(config, path: str | None = None) -> dict[str, Any]:
 
 def read_base_identity(model_path: str, *, trust_remote_code: bool = False) -> dict[str, Any]:
     """:func:`base_identity` of the model at ``model_path``, from its config.json alone (no weights load)."""
-    from transformers import AutoConfig
+    from loralab.models import read_config
 
-    from loralab.models import resolve_model_path
-
-    try:
-        config = AutoConfig.from_pretrained(resolve_model_path(model_path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        local = model_path.startswith("builtin:") or Path(model_path).expanduser().exists()
-        what = "" if local else "no such local directory, and as a hub id "
-        raise ModelError(f"model.path {model_path}: {what}its config.json cannot be read "
-                         f"({str(exc).splitlines()[0]})") from None
-    return base_identity(config, model_path)
+    return base_identity(read_config(model_path, trust_remote_code=trust_remote_code), model_path)
 
 
 def base_record(model_path: str, *, trust_remote_code: bool = False) -> dict[str, Any] | None:

@@ -85,7 +85,8 @@ def to_records(rows: list[tuple[str, Any]], fmt: str, columns: dict[str, str]) -
         if missing:
             mapped = [f"data.columns maps {k} to {col[k]}" for k in FIELDS[fmt] if col[k] in missing and col[k] != k]
             raise DataError(f"{where}: missing field {', '.join(missing)} (format {fmt} needs "
-                            f"{', '.join(col[k] for k in FIELDS[fmt])}{'; ' + '; '.join(mapped) if mapped else ''})")
+                            f"{', '.join(col[k] for k in FIELDS[fmt])}{'; ' + '; '.join(mapped) if mapped else ''}); "
+                            + columns_hint(fmt, rec, columns))
         values = {k: rec.get(col[k]) for k in col}
         if values["input"] is None:  # absent, or an empty cell of a CSV/parquet column
             values["input"] = ""
@@ -97,6 +98,29 @@ def to_records(rows: list[tuple[str, Any]], fmt: str, columns: dict[str, str]) -
         else:
             out.append(Record(where, {"prompt": values["prompt"]}, values["completion"]))
     return out
+
+
+# Column names datasets often use for loralab's fields, most likely first (the hint of a missing-field error).
+LIKELY_COLUMNS = {"instruction": ("question", "query", "prompt", "problem", "instruction_text", "text", "input_text"),
+                  "output": ("answer", "response", "completion", "target", "solution", "output_text", "label"),
+                  "prompt": ("question", "instruction", "query", "text", "input_text"),
+                  "completion": ("answer", "response", "output", "target", "solution", "label")}
+
+
+def columns_hint(fmt: str, rec: dict[str, Any], columns: dict[str, str]) -> str:
+    """The record's columns and the data.columns line that would map them to ``fmt``'s fields."""
+    free = [c for c in rec if c not in columns.values()]
+    mapping = dict(columns)
+    for field_name in FIELDS[fmt]:
+        if mapping.get(field_name, field_name) in rec:
+            continue
+        guess = next((c for c in LIKELY_COLUMNS[field_name] if c in free), None)
+        mapping[field_name] = guess or f"<your {field_name} column>"
+        if guess:
+            free.remove(guess)
+    line = "{" + ", ".join(f"{k}: {v}" for k, v in mapping.items()) + "}"
+    return (f"the record has columns {', '.join(map(str, rec)) or '(none)'}: map them to loralab's fields with "
+            f"data.columns, e.g. --set data.columns=\"{line}\" (in the YAML, under data: columns: {line})")
 
 
 @dataclass

@@ -38,7 +38,7 @@ from loralab.data.dataset import Example, Splits, collate, load_splits, model_co
 from loralab.data.packing import step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
 from loralab.halving import halving_rungs, keep_count, rank_key
-from loralab.models import keep_4bit_trainable, load_base, pick_device
+from loralab.models import keep_4bit_trainable, load_base, load_tokenizer, pick_device, read_config
 from loralab.progress import progress
 from loralab.rundir import (
     FINAL,
@@ -232,12 +232,16 @@ def needs_grad_scaler(model, autocast: str) -> bool:
 
 
 def load_group(cfgs: list[Config], *, fused: bool, progress: bool = False) -> Setup:
-    """Load the base once, put in the runs' adapters, read data and evaluation tasks
+    """Read and check the data and evaluation tasks (with the tokenizer and config.json: bad
+    data fails before any weights load), then load the base once and put in the runs' adapters
     (``progress``: transformers' loading bar, on a terminal)."""
     cfg = cfgs[0]  # every shared key is equal across a group (fused.check_group)
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.model.device)
-    base, tokenizer = load_base(cfg.model, cfg.quant, progress=progress)
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    model_config = read_config(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    splits, tasks = load_data_and_tasks(cfg, model_config, tokenizer)
+    base, tokenizer = load_base(cfg.model, cfg.quant, progress=progress, tokenizer=tokenizer)
     keep_4bit_trainable(base)
     if fused:
         adapters = FusedAdapters(base, cfgs)
@@ -252,7 +256,6 @@ def load_group(cfgs: list[Config], *, fused: bool, progress: bool = False) -> Se
     trainable, total = adapters.counts(0)
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}",
              100 * trainable / total)
-    splits, tasks = load_data_and_tasks(cfg, base, tokenizer)
     return Setup(adapters, tokenizer, splits, tasks, device, attention, needs_grad_scaler(base, cfg.train.autocast))
 
 
@@ -266,12 +269,14 @@ def enable_activation_checkpointing(base, model_path: str) -> None:
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def load_data_and_tasks(cfg: Config, model, tokenizer) -> tuple[Splits, list]:
-    """The run's splits, checked against the model's context, and its evaluation tasks
-    (resolved before training, so a bad task file fails at once)."""
-    splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed, context=model_context(model.config))
+def load_data_and_tasks(cfg: Config, model_config, tokenizer) -> tuple[Splits, list]:
+    """The run's splits, checked against the model's context (``model_config``: its transformers
+    config, or the model), and its evaluation tasks (resolved before training, so a bad task file
+    fails at once)."""
+    model_config = getattr(model_config, "config", model_config)
+    splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed, context=model_context(model_config))
     cfg.data.max_seq_length = splits.stats["max_seq_length"]  # data.max_seq_length: auto, resolved from the data
-    check_context(cfg, model, splits)
+    check_context(cfg, model_config, splits)
     if splits.truncated_to_nothing:
         log.warning("%d examples lost every response token to truncation at max_seq_length=%d and were skipped",
                     splits.truncated_to_nothing, cfg.data.max_seq_length)
@@ -283,9 +288,9 @@ def load_data_and_tasks(cfg: Config, model, tokenizer) -> tuple[Splits, list]:
     return splits, tasks
 
 
-def check_context(cfg: Config, model, splits: Splits) -> None:
+def check_context(cfg: Config, model_config, splits: Splits) -> None:
     """Refuse examples longer than the positions the model was built for (before they crash a step)."""
-    config = model.config
+    config = getattr(model_config, "config", model_config)
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if not context:
         return
