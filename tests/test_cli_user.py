@@ -186,6 +186,8 @@ def test_study_exit_codes_and_name(capsys, tiny_model_dir, tmp_path):
     out = tmp_path / "runs"
     code, stdout, _ = run_cli(capsys, "study", "run", str(study), "--out", str(out))
     assert code == 0 and "1 runs (1 completed)" in stdout
+    code, stdout, _ = run_cli(capsys, "study", "report", "s", "--out", str(out))  # 11: paths printed as text
+    assert code == 0 and "PosixPath" not in stdout and f"html: {out / 's' / 'report' / 'report.html'}" in stdout
     # the same study with a changed config: refused, pointing at --name
     code, _, err = run_cli(capsys, "study", "run", str(study), "--out", str(out), "--set", "data.val_max_examples=2")
     assert code == 2 and "already has a run 'r4' with a different config" in err and "--name NEW_NAME" in err
@@ -272,3 +274,38 @@ def test_data_is_checked_before_the_model_loads_and_the_hint_maps_the_columns(ca
     code, _, _ = run_cli(capsys, *train_args(tiny_model_dir("qwen2"), data, tmp_path / "run2"), "--set",
                          "data.columns={instruction: question, output: answer}")
     assert code == 0
+
+
+# ----------------------------------------------------------------------------- 11. smaller things
+
+
+def test_smaller_things(capsys, caplog, tiny_model_dir, tmp_path):
+    from loralab.evaluate.metrics import mean_score
+
+    caplog.set_level("INFO", logger="loralab")
+    # warmup longer than the run: said at once
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24))
+    run = tmp_path / "paused"
+    assert main(train_args(tiny_model_dir("qwen2"), data, run, "--set", "train.warmup_steps=10",
+                           "--set", "train.stop_at_step=1")) == 0
+    assert ("train.warmup_steps = 10 is more than the run's 2 steps: the learning rate never reaches train.lr = "
+            "0.0003 (it peaks at 2/10 of it, 6e-05)") in caplog.text
+    # resuming a paused run as it is pauses again at once: said, and --help says how to finish it
+    caplog.clear()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "the run is paused at step 1 by train.stop_at_step = 1 and pauses again at once; finish it with " \
+           "--set train.stop_at_step=null" in caplog.text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "finish it with --set train.stop_at_step=null" in " ".join(capsys.readouterr().out.split())
+    # MC2, a probability: its interval stays in [0, 1], from the command line as in the library
+    low = mean_score([0.0, 0.0, 0.9], bounds=(0.0, 1.0))
+    assert low.ci_low == 0.0 and low.ci_high == pytest.approx(0.3 + 1.96 * (0.27 / 3) ** 0.5)
+    code, stdout, _ = run_cli(capsys, "eval", "--model", "builtin:tiny", "--tasks", "world_mc", "--limit", "3", "--json")
+    mc2 = next(r for r in json.loads(stdout)["results"] if r["metric"] == "mc2")
+    assert code == 0 and 0.0 <= mc2["ci_low"] <= mc2["value"] <= mc2["ci_high"] <= 1.0
+    # --json is one object everywhere
+    code, stdout, _ = run_cli(capsys, "study", "presets", "--json")
+    assert code == 0 and {p["name"] for p in json.loads(stdout)["presets"]} >= {"rank_alpha_grid", "targets"}
+    code, stdout, _ = run_cli(capsys, "runs", "list", "--out", str(tmp_path / "none"), "--json")
+    assert code == 0 and json.loads(stdout) == {"runs": []}

@@ -33,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", help="YAML config (defaults apply to missing keys)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help=f"continue RUN_DIR from its newest complete checkpoint, with RUN_DIR/{CONFIG}; "
-                        "--set may change only keys that leave the maths alone (train.stop_at_step, ...)")
+                        "--set may change only keys that leave the maths alone (train.stop_at_step, ...). "
+                        "A run paused by train.stop_at_step keeps it: finish it with "
+                        "--set train.stop_at_step=null, or pause later with --set train.stop_at_step=N")
     _run_args(p)
     add_force_arg(p)
     p.set_defaults(func=cmd_train)
@@ -186,6 +188,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not run.config.is_file():
             raise ConfigError(f"--resume {run.root}: no {CONFIG} there, so it is not a loralab run directory")
         cfg = load_config(run.config, list(args.overrides) + [f"output.dir={run.root}"])
+        check_not_paused_again(run, cfg)
         check_adapter_base(run.root, cfg.model.path, force=args.force, trust_remote_code=cfg.model.trust_remote_code)
         summary = train(cfg, show_progress=not args.json, resume=True)
     else:
@@ -193,6 +196,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train(cfg, show_progress=not args.json)
     emit_json(summary) if args.json else _print_summary(summary)
     return 0
+
+
+def check_not_paused_again(run: RunDir, cfg) -> None:
+    """Say so when a paused run is resumed with the train.stop_at_step it paused at: it pauses
+    again at once (a warning, not an error: a study's driver may resume a run to the same rung)."""
+    summary = run.read_summary() or {}
+    at, stop = summary.get("steps_done"), cfg.train.stop_at_step
+    if summary.get("status") == Status.PAUSED and at is not None and stop is not None and stop <= at:
+        log.warning("WARNING: --resume %s: the run is paused at step %d by train.stop_at_step = %d and pauses again at "
+                    "once; finish it with --set train.stop_at_step=null, or pause later with "
+                    "--set train.stop_at_step=N (N > %d)", run.root, at, stop, at)
 
 
 def arithmetic_test_set(task: str, n: int, template: str = "alpaca") -> tuple[list[str], list[str]]:

@@ -228,7 +228,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not db.is_file():
         raise ConfigError(f"no study {args.name!r} under {args.out} ({db} does not exist)")
     paths = write_report(db, args.name, Path(args.dest) if args.dest else root / "report")
-    _emit(args, paths, "\n".join(f"{k}: {v}" for k, v in paths.items()))
+    paths = {k: [str(p) for p in v] if isinstance(v, (list, tuple)) else str(v) for k, v in paths.items()}
+    _emit(args, paths, "\n".join(f"{k}: {', '.join(v) if isinstance(v, list) else v}" for k, v in paths.items()))
     if args.open:
         import webbrowser
 
@@ -241,7 +242,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
     rows = [describe_preset(n) for n in preset_names()]
     text = columns(rows, ["name", "runs", "quick_runs", "metric", "question"])
-    _emit(args, rows, text + "\n\nrun one: loralab study run preset:NAME --quick [--model DIR --data FILE]")
+    _emit(args, {"presets": rows}, text + "\n\nrun one: loralab study run preset:NAME --quick [--model DIR --data FILE]")
     return 0
 
 
@@ -289,7 +290,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
                 rows.append({"study": name, "name": r["name"], "status": r["status"], "metric": metric,
                              "value": r[metric], "wall_s": r["wall_s"], "peak_MiB": r["peak_MiB"]})
     text = columns(rows, ["study", "name", "status", "metric", "value", "wall_s", "peak_MiB"]) if rows else "no runs"
-    _emit(args, rows, text)
+    _emit(args, {"runs": rows}, text)
     return 0
 
 

@@ -280,12 +280,22 @@ def load_data_and_tasks(cfg: Config, model_config, tokenizer) -> tuple[Splits, l
     if splits.truncated_to_nothing:
         log.warning("%d examples lost every response token to truncation at max_seq_length=%d and were skipped",
                     splits.truncated_to_nothing, cfg.data.max_seq_length)
+    warn_if_warmup_outlasts(cfg, plan_steps(cfg, len(splits.train)))
     tasks = []
     if cfg.eval.tasks:
         from loralab.evaluate.tasks import resolve_tasks
 
         tasks = resolve_tasks(",".join(cfg.eval.tasks), cfg.eval.limit)
     return splits, tasks
+
+
+def warn_if_warmup_outlasts(cfg: Config, steps: int) -> None:
+    """train.warmup_steps beyond the run's steps: the learning rate never reaches train.lr."""
+    warmup = cfg.train.warmup_steps
+    if warmup > steps:
+        log.warning("WARNING: train.warmup_steps = %d is more than the run's %d steps: the learning rate never "
+                    "reaches train.lr = %g (it peaks at %d/%d of it, %.3g); set train.warmup_steps below %d",
+                    warmup, steps, cfg.train.lr, steps, warmup, cfg.train.lr * steps / warmup, steps)
 
 
 def check_context(cfg: Config, model_config, splits: Splits) -> None:
