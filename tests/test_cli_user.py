@@ -309,3 +309,30 @@ def test_smaller_things(capsys, caplog, tiny_model_dir, tmp_path):
     assert code == 0 and {p["name"] for p in json.loads(stdout)["presets"]} >= {"rank_alpha_grid", "targets"}
     code, stdout, _ = run_cli(capsys, "runs", "list", "--out", str(tmp_path / "none"), "--json")
     assert code == 0 and json.loads(stdout) == {"runs": []}
+
+
+# ----------------------------------------------------------------------------- 9. runs of `loralab train`
+
+
+def test_runs_list_show_compare_see_train_runs(capsys, tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24))
+    out = tmp_path / "runs"
+    for name, r in (("a", 4), ("b", 8)):
+        assert main(train_args(tiny_model_dir("qwen2"), data, out / name, "--set", f"lora.r={r}")) == 0
+    capsys.readouterr()
+    code, stdout, _ = run_cli(capsys, "runs", "list", "--out", str(out), "--json")
+    rows = json.loads(stdout)["runs"]
+    assert code == 0 and [(r["name"], r["status"], r["study"]) for r in rows] == [("a", "completed", None),
+                                                                                   ("b", "completed", None)]
+    summary_a = json.loads((out / "a" / "summary.json").read_text())
+    assert rows[0]["value"] == pytest.approx(summary_a["final_eval_loss"])
+    code, stdout, _ = run_cli(capsys, "runs", "show", str(out / "a"), "--json")
+    shown = json.loads(stdout)
+    assert code == 0 and shown["status"] == "completed" and shown["config"]["lora"]["r"] == 4
+    assert shown["final_metrics"]["eval_loss"] == pytest.approx(summary_a["final_eval_loss"])
+    code, stdout, _ = run_cli(capsys, "runs", "compare", "a", "b", "--out", str(out), "--json")
+    compared = json.loads(stdout)
+    assert code == 0 and compared["differences"] == ["lora.r"]
+    assert {r["field"]: (r["a"], r["b"]) for r in compared["rows"]}["lora.r"] == (4, 8)
+    code, _, err = run_cli(capsys, "runs", "show", "nope", "--out", str(out))
+    assert code == 2 and f"no run directory nope (nor {out / 'nope'})" in err

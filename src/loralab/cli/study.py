@@ -27,7 +27,7 @@ from typing import Any
 from loralab.cli.output import emit_json, table
 from loralab.cli.run import add_track_arg
 from loralab.errors import ConfigError
-from loralab.rundir import Status
+from loralab.rundir import SUMMARY, Status
 
 DEFAULT_ROOT = "runs"
 
@@ -98,23 +98,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    runs = sub.add_parser("runs", help="the runs of studies: list, show, compare")
+    runs = sub.add_parser("runs", help="runs, of studies or of `loralab train`: list, show, compare")
     rsub = runs.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
     p = rsub.add_parser("list", help="one line per run")
-    p.add_argument("--study", help="only this study (default: every study under --out)")
+    p.add_argument("--study", help="only this study (default: every study under --out, and the run directories "
+                                   "of `loralab train` there)")
     p.add_argument("--status", help="only runs with this status")
     _root_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs_list)
     p = rsub.add_parser("show", help="one run: axes, outcome, final metrics")
-    p.add_argument("run")
-    p.add_argument("--study", required=True)
+    p.add_argument("run", help="a run directory (or its name under --out), or with --study a run of that study")
+    p.add_argument("--study", help="the study RUN belongs to (default: RUN is a run directory)")
     _root_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs_show)
     p = rsub.add_parser("compare", help="runs side by side: config differences and final metrics")
-    p.add_argument("runs", nargs="+")
-    p.add_argument("--study", required=True)
+    p.add_argument("runs", nargs="+", help="run directories (or names under --out), or with --study runs of that study")
+    p.add_argument("--study", help="the study the runs belong to (default: each is a run directory)")
     _root_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs_compare)
@@ -289,6 +290,13 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
                     continue
                 rows.append({"study": name, "name": r["name"], "status": r["status"], "metric": metric,
                              "value": r[metric], "wall_s": r["wall_s"], "peak_MiB": r["peak_MiB"]})
+    if not args.study:  # `loralab train` runs: run directories directly under --out
+        for d in sorted(p.parent for p in Path(args.out).glob(f"*/{SUMMARY}")):
+            r = _dir_detail(d, d.name)
+            if not args.status or r["status"] == args.status:
+                rows.append({"study": None, "name": r["name"], "status": r["status"], "metric": "eval_loss",
+                             "value": r["final_metrics"].get("eval_loss"), "wall_s": r.get("wall_time_s"),
+                             "peak_MiB": r["peak_memory_bytes"] / 2**20 if r.get("peak_memory_bytes") else None})
     text = columns(rows, ["study", "name", "status", "metric", "value", "wall_s", "peak_MiB"]) if rows else "no runs"
     _emit(args, {"runs": rows}, text)
     return 0
@@ -308,9 +316,42 @@ def _run_detail(store, sid: int, name: str) -> dict[str, Any]:
     return detail
 
 
-def cmd_runs_show(args: argparse.Namespace) -> int:
+def run_directory(out: str, run: str) -> Path:
+    """A run given without --study: a run directory, or the name of one under ``out``."""
+    for p in (Path(run), Path(out) / run):
+        if (p / SUMMARY).is_file():
+            return p
+    raise ConfigError(f"no run directory {run} (nor {Path(out) / run}) with a {SUMMARY}; give a run directory, "
+                      "or --study NAME for a run of a study")
+
+
+def _dir_detail(run_dir: Path, name: str) -> dict[str, Any]:
+    """A run directory as runs show/compare describe a study's run: its summary, config and the
+    last value of every metric in its metrics.jsonl."""
+    from loralab.config import read_yaml
+    from loralab.rundir import RunDir
+    from loralab.study.store import metric_rows
+
+    rd = RunDir(run_dir)
+    summary = rd.read_summary() or {}
+    rows = sorted(metric_rows(rd.metrics))
+    final = {name: value for _, name, value in rows}
+    config = (read_yaml(rd.config) or {}) if rd.config.is_file() else {}
+    return {**summary, "name": name, "run_dir": str(run_dir), "axes": {}, "attempts": None,
+            "config": config, "final_metrics": final, "metric_points": len(rows)}
+
+
+def _details(args: argparse.Namespace, names: list[str]) -> list[dict[str, Any]]:
+    """Each named run's detail: of --study's runs, or of run directories."""
+    if not args.study:
+        return [_dir_detail(run_directory(args.out, n), n) for n in names]
     with open_store(args.out, args.study) as store:
-        d = _run_detail(store, store.study_id(args.study), args.run)
+        sid = store.study_id(args.study)
+        return [_run_detail(store, sid, n) for n in names]
+
+
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    d = _details(args, [args.run])[0]
     keys = ["name", "status", "axes", "attempts", "run_dir", "wall_time_s", "train_time_s", "tokens_per_s",
             "peak_memory_bytes", "estimated_memory_bytes", "trainable_params", "total_params", "stopped_at_step", "error"]
     rows = [(f"{k}:", d.get(k)) for k in keys] + [(f"final {k}:", v) for k, v in sorted(d["final_metrics"].items())]
@@ -323,9 +364,7 @@ def _flat(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_runs_compare(args: argparse.Namespace) -> int:
-    with open_store(args.out, args.study) as store:
-        sid = store.study_id(args.study)
-        details = [_run_detail(store, sid, n) for n in args.runs]
+    details = _details(args, args.runs)
     flats = [_flat(d["config"]) for d in details]
     differ = sorted(k for k in flats[0] if k != "output.dir" and any(f.get(k) != flats[0].get(k) for f in flats))
     metric_names = sorted({k for d in details for k in d["final_metrics"]})
