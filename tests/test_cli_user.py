@@ -336,3 +336,33 @@ def test_runs_list_show_compare_see_train_runs(capsys, tiny_model_dir, tmp_path)
     assert {r["field"]: (r["a"], r["b"]) for r in compared["rows"]}["lora.r"] == (4, 8)
     code, _, err = run_cli(capsys, "runs", "show", "nope", "--out", str(out))
     assert code == 2 and f"no run directory nope (nor {out / 'nope'})" in err
+
+
+# ----------------------------------------------------------------------------- 10. a run picks its device
+
+
+def test_device_accepts_cuda_n_and_the_commands_take_device(capsys, tiny_model_dir, tmp_path):
+    import torch
+
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24))
+    qwen = tiny_model_dir("qwen2")
+    code, _, err = run_cli(capsys, *train_args(qwen, data, tmp_path / "bad", "--set", "model.device=gpu1"))
+    assert code == 2 and "model.device must be auto, cpu, cuda or cuda:N (a GPU's index, e.g. cuda:1) (got 'gpu1')" in err
+    for argv in (["generate", "--device", "gpu1", "Hi"], ["eval", "--model", str(qwen), "--device", "gpu1"],
+                 ["train", "--device", "gpu1"]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2 and "--device must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    # cuda:N is a device: taken from --set and --device alike, refused clearly where it is not usable
+    out = tmp_path / "gpu"
+    for flag in (["--set", "model.device=cuda:1"], ["--device", "cuda:1"]):
+        code, _, err = run_cli(capsys, *train_args(qwen, data, out), *flag)
+        if not torch.cuda.is_available():
+            assert code == 2 and "model.device is cuda:1 but CUDA is not usable" in err
+        elif torch.cuda.device_count() < 2:
+            assert code == 2 and "model.device is cuda:1 but this process sees 1 CUDA device(s)" in err
+    # --device on train is --set model.device
+    code, _, _ = run_cli(capsys, *train_args(qwen, data, tmp_path / "cpu"), "--device", "cpu")
+    assert code == 0 and "device: cpu" in (tmp_path / "cpu" / "config.yaml").read_text()
+    code, _, _ = run_cli(capsys, "generate", "--model", str(qwen), "--device", "cpu", "--max-new-tokens", "2", "Hi")
+    assert code == 0

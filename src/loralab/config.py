@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -43,9 +44,10 @@ class ModelConfig:
         "auto", "dtype of the frozen base weights that are not quantized; auto = bf16 on GPUs that support it "
                 "(compute capability >= 8), fp16 on older GPUs, fp32 on CPU (loralab.models.resolve_dtype).")
     trust_remote_code: bool = _f(False, "Run the model repository's own Python code. Off unless you trust it.")
-    device: Literal["auto", "cpu", "cuda"] = _f(
+    device: str = _f(
         "auto", "auto = cuda when usable, else cpu (with a loud warning where an NVIDIA driver answers but "
-                "this torch cannot use it); cuda = an error when CUDA is not usable, never a CPU run.")
+                "this torch cannot use it); cuda = an error when CUDA is not usable, never a CPU run; cuda:N = "
+                "the Nth visible GPU.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _f(
         "sdpa", "transformers' attention kernel for the base: sdpa (PyTorch's fused attention), eager, or "
                 "flash_attention_2 (needs the flash-attn package, a CUDA device and bf16/fp16).")
@@ -312,7 +314,20 @@ def _build_section(name: str, cls: type, raw: Any, errors: list[str], origins: d
     return cls(**values)
 
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_problem(device: str, key: str = "model.device") -> str | None:
+    """Why ``device`` is not a model.device (auto, cpu, cuda, cuda:N), or None."""
+    if DEVICE.fullmatch(device):
+        return None
+    return f"{key} must be auto, cpu, cuda or cuda:N (a GPU's index, e.g. cuda:1) (got {device!r})"
+
+
 def _cross_checks(cfg: Config, errors: list[str]) -> None:
+    device = device_problem(cfg.model.device)
+    if device:
+        errors.append(device)
     t = cfg.train
     if t.micro_batch_size != "auto" and t.batch_size % t.micro_batch_size:
         errors.append(

@@ -94,10 +94,16 @@ def choose_device(name: str) -> tuple[torch.device, str | None]:
     if name == "cpu":
         return torch.device("cpu"), None
     problem = cuda_problem()
+    if problem is None and name.startswith("cuda:"):
+        index, count = int(name.split(":")[1]), torch.cuda.device_count()
+        if index >= count:
+            raise ModelError(f"model.device is {name} but this process sees {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1} (CUDA_VISIBLE_DEVICES renumbers them from 0)")
+        return torch.device("cuda", index), None
     if problem is None:
         return torch.device("cuda", torch.cuda.current_device()), None
-    if name == "cuda":
-        raise ModelError(f"model.device is cuda but CUDA is not usable: {problem}")
+    if name.startswith("cuda"):
+        raise ModelError(f"model.device is {name} but CUDA is not usable: {problem}")
     if not nvidia_driver_answers():
         return torch.device("cpu"), None
     note = f"model.device auto ran on the CPU although nvidia-smi shows an NVIDIA GPU: {problem}"

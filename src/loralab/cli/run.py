@@ -79,9 +79,19 @@ def add_model_flags(p: argparse.ArgumentParser, *, from_run: bool = False) -> No
     p.add_argument("--quant", choices=["none", "nf4", "fp4"], default=None if from_run else "none",
                    help="load the base in 4 bits with bitsandbytes, as a QLoRA run trained it" + (default or
                                                                                                   " (default none)"))
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None if from_run else "auto",
-                   help="auto = cuda when usable, else cpu; cuda fails clearly when CUDA is not usable"
-                        + (default or " (default auto)"))
+    p.add_argument("--device", type=device_arg, default=None if from_run else "auto",
+                   help="auto = cuda when usable, else cpu; cuda (or cuda:N, the Nth GPU) fails clearly when CUDA "
+                        "is not usable" + (default or " (default auto)"))
+
+
+def device_arg(text: str) -> str:
+    """--device's value, checked as model.device is (auto, cpu, cuda, cuda:N)."""
+    from loralab.config import device_problem
+
+    problem = device_problem(text, "--device")
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def add_force_arg(p: argparse.ArgumentParser) -> None:
@@ -113,6 +123,9 @@ def base_configs(path: str, args: argparse.Namespace, run: dict | None = None) -
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set lora.r=16 (repeatable)")
+    p.add_argument("--device", dest="overrides", action="append", metavar="DEVICE",
+                   type=lambda text: f"model.device={device_arg(text)}",
+                   help="short for --set model.device=DEVICE: auto, cpu, cuda or cuda:N (the Nth GPU)")
     add_track_arg(p)
     p.add_argument("--out", help="run directory (output.dir)")
     p.add_argument("--name", help="run name: the run directory is runs/NAME (checked: one path component, "
