@@ -366,3 +366,41 @@ def test_device_accepts_cuda_n_and_the_commands_take_device(capsys, tiny_model_d
     assert code == 0 and "device: cpu" in (tmp_path / "cpu" / "config.yaml").read_text()
     code, _, _ = run_cli(capsys, "generate", "--model", str(qwen), "--device", "cpu", "--max-new-tokens", "2", "Hi")
     assert code == 0
+
+
+# ----------------------------------------------------------------------------- 5. generate --adapter RUN_DIR
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_generate_uses_the_runs_model_and_chat_template(capsys, caplog, tiny_model_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    caplog.set_level("INFO", logger="loralab")
+    model = tmp_path / "chat-qwen"
+    shutil.copytree(tiny_model_dir("qwen2"), model)
+    tok = AutoTokenizer.from_pretrained(str(model))
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.chat_template = CHATML
+    tok.save_pretrained(str(model))
+    chats = [{"messages": [{"role": "user", "content": f"What is {i} plus 1?"},
+                           {"role": "assistant", "content": f"It is {i + 1}."}]} for i in range(24)]
+    run = tmp_path / "chat-run"
+    assert main(train_args(model, write_jsonl(tmp_path / "chat.jsonl", chats), run)) == 0
+    capsys.readouterr()
+    # no --model: the run's base, and the chat template it trained with
+    code, stdout, _ = run_cli(capsys, "generate", "--adapter", str(run), "--max-new-tokens", "2", "--json", "Hi")
+    result = json.loads(stdout)
+    assert code == 0 and result["model"] == str(model) and result["template"] == "chat"
+    assert f"generating with {run} on {model}, prompt template chat" in caplog.text
+    # --template overrides; an Alpaca run keeps Alpaca
+    code, stdout, _ = run_cli(capsys, "generate", "--adapter", str(run), "--template", "alpaca", "--max-new-tokens",
+                              "2", "--json", "Hi")
+    assert code == 0 and json.loads(stdout)["template"] == "alpaca"
+    from loralab.cli.run import generation_prompt
+
+    assert generation_prompt("Hi", "chat", tok) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"

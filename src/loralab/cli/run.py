@@ -46,13 +46,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("generate", help="greedy generation from a base model, optionally with an adapter")
-    p.add_argument("prompt", nargs="+", help="instruction(s); wrapped in the Alpaca template unless --raw")
-    p.add_argument("--model", default="builtin:tiny")
-    p.add_argument("--adapter", help="run directory or PEFT adapter directory")
-    p.add_argument("--raw", action="store_true", help="send the prompt as is, without a template")
+    p.add_argument("prompt", nargs="+", help="instruction(s), in the prompt template the run trained with (--template)")
+    p.add_argument("--model", help="base model (default: the adapter's run's model.path, else the base the adapter "
+                                   "records, else builtin:tiny)")
+    p.add_argument("--adapter", help="run directory or PEFT adapter directory; a run directory also gives the "
+                                     "model, its dtype, quantization and prompt template")
+    p.add_argument("--template", choices=["alpaca", "chat", "none"],
+                   help="prompt template: alpaca, chat (the tokenizer's chat template, one user turn) or none "
+                        "(default: the run's: chat for a run trained on chat data, else its data.template; "
+                        "alpaca without a run)")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is (--template none)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stop", help="cut each generation at this string (generation stops there too)")
-    add_model_flags(p)
+    add_model_flags(p, from_run=True)
     add_force_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
@@ -276,24 +282,59 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from loralab.adapters import adapter_dir, check_adapter_base, load_adapter
-    from loralab.data.templates import format_prompt
     from loralab.evaluate.exact_match import greedy_generate
     from loralab.models import load_base
 
+    run = adapter_run(args.adapter)
+    model_path = args.model or run["model_path"] or "builtin:tiny"
+    template = "none" if args.raw else args.template or run["template"] or "alpaca"
     if args.adapter:  # checked before the base loads
         adapter_dir(args.adapter)
-        check_adapter_base(args.adapter, args.model, force=args.force)
-    model, tokenizer = load_base(*base_configs(args.model, args), progress=not args.json)
+        check_adapter_base(args.adapter, model_path, force=args.force)
+        log.info("generating with %s on %s, prompt template %s", args.adapter, model_path, template)
+    model, tokenizer = load_base(*base_configs(model_path, args, run["config"]), progress=not args.json)
     if args.adapter:
         model = load_adapter(model, args.adapter)
-    prompts = args.prompt if args.raw else [format_prompt(p) for p in args.prompt]
+    prompts = [generation_prompt(p, template, tokenizer) for p in args.prompt]
     outs = greedy_generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stop=args.stop)
     if args.json:
-        emit_json({"generations": [{"prompt": p, "output": o} for p, o in zip(args.prompt, outs, strict=True)]})
+        emit_json({"model": model_path, "adapter": args.adapter, "template": template,
+                   "generations": [{"prompt": p, "output": o} for p, o in zip(args.prompt, outs, strict=True)]})
     else:
         for o in outs:
             print(o.strip())
     return 0
+
+
+def adapter_run(adapter: str | None) -> dict:
+    """What an adapter's run says about using it: ``config`` (the run's config.yaml, or {}),
+    ``model_path`` (the run's model.path, else the base the adapter records) and ``template``
+    (chat for a run trained on chat data, else its data.template); None where unknown."""
+    from loralab.adapters import recorded_base
+    from loralab.config import read_yaml
+
+    if not adapter:
+        return {"config": {}, "model_path": None, "template": None}
+    run = RunDir(adapter)
+    config = (read_yaml(run.config) or {}) if run.config.is_file() else {}
+    trained_on = ((run.read_summary() or {}).get("data_stats") or {}).get("format")
+    template = "chat" if trained_on == "messages" else (config.get("data") or {}).get("template")
+    model_path = (config.get("model") or {}).get("path") or (recorded_base(adapter) or {}).get("path")
+    return {"config": config, "model_path": model_path, "template": template}
+
+
+def generation_prompt(prompt: str, template: str, tokenizer) -> str:
+    """``prompt`` in ``template``. A chat template's own BOS is left to the tokenizer, which adds
+    it when it encodes the prompt, so the model sees one BOS as in training."""
+    from loralab.data.templates import format_prompt
+
+    text = format_prompt(prompt, template=template, tokenizer=tokenizer)
+    bos = tokenizer.bos_token
+    if template == "chat" and bos and text.startswith(bos):
+        ids = tokenizer("", add_special_tokens=True)["input_ids"]
+        if ids and ids[0] == tokenizer.bos_token_id:
+            text = text[len(bos):]
+    return text
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
