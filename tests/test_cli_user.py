@@ -404,3 +404,36 @@ def test_generate_uses_the_runs_model_and_chat_template(capsys, caplog, tiny_mod
     from loralab.cli.run import generation_prompt
 
     assert generation_prompt("Hi", "chat", tok) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+# ----------------------------------------------------------------------------- 8. estimate as the run would be
+
+
+def test_estimate_uses_this_machines_device_and_counts_as_train(capsys, tiny_model_dir, tmp_path):
+    import torch
+
+    from loralab.models import resolve_dtype
+
+    qwen = tiny_model_dir("qwen2")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {{path: {qwen}}}\ndata: {{max_seq_length: 256}}\n", encoding="utf-8")
+    code, stdout, _ = run_cli(capsys, "estimate", str(config), "--json")
+    est = json.loads(stdout)
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    assert code == 0 and est["settings"]["device"] == here and est["settings"]["dtype"] == resolve_dtype("auto", here)
+    assert any(n.startswith(f"model.device auto: estimated for {here}, where a run would train on this machine")
+               for n in est["approximate"])
+    code, stdout, _ = run_cli(capsys, "estimate", str(config))
+    assert f"total params      {est['total_params']:,} (base {est['base_params']:,} + adapter" in stdout
+    assert f"({100 * est['trainable_share']:.4f}% of {est['total_params']:,})" in stdout
+    # the same counts as the run: total = base + adapter, the share's denominator in both
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24))
+    code, stdout, _ = run_cli(capsys, *train_args(qwen, data, tmp_path / "run"), "--json")
+    summary = json.loads(stdout)
+    assert (summary["total_params"], summary["trainable_params"]) == (est["total_params"], est["trainable_params"])
+    code, stdout, _ = run_cli(capsys, *train_args(qwen, data, tmp_path / "run2"))
+    share = 100 * est["trainable_params"] / est["total_params"]
+    assert f"{est['trainable_params']:,} / {est['total_params']:,} ({share:.4f}%; total = base + adapter)" in stdout
+    # an explicit device still estimates for it (a GPU run planned on a laptop)
+    code, stdout, _ = run_cli(capsys, "estimate", str(config), "--device", "cuda", "--json")
+    assert json.loads(stdout)["settings"]["device"] == "cuda"

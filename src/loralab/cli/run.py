@@ -170,7 +170,8 @@ def _eval_loss_text(s: dict) -> str:
 
 def _print_summary(s: dict) -> None:
     rows = [("run directory", s["run_dir"]), ("status", s["status"]),
-            ("trainable / total params", f"{s['trainable_params']:,} / {s['total_params']:,}"),
+            ("trainable / total params", f"{s['trainable_params']:,} / {s['total_params']:,} "
+                                         f"({100 * s['trainable_params'] / s['total_params']:.4f}%; total = base + adapter)"),
             ("steps", s["steps"]), ("final eval loss", _eval_loss_text(s)),
             ("train time", f"{s['train_time_s']:.1f} s (wall {s['wall_time_s']:.1f} s)"),
             ("tokens/s", f"{s['tokens_per_s']:.0f}"), ("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB")]
