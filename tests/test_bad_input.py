@@ -107,6 +107,11 @@ def test_adapter_for_another_base_names_the_module(tiny_model_dir, tmp_path, cap
     other = tiny_model_dir("llama_h64")  # hidden size 64 instead of 32
     code = main(["generate", "--model", str(other), "--adapter", str(run), "--max-new-tokens", "2", "hi"])
     err = capsys.readouterr().err
+    assert code == 2  # refused from config.json, before loading (tests/test_cli_user.py)
+    assert "was trained on" in err and "hidden_size 32" in err and "hidden_size 64" in err
+    # --force goes on to load it: the shapes do not fit, and the message names the module
+    code = main(["generate", "--model", str(other), "--adapter", str(run), "--max-new-tokens", "2", "--force", "hi"])
+    err = capsys.readouterr().err
     assert code == 2
     assert "does not fit this base model" in err
     assert "q_proj.lora_A" in err and "size mismatch" in err

@@ -47,7 +47,7 @@ def trainable(model: str, targets: list[str], r: int = 8, **kw) -> int:
 
 def test_llama2_7b_seed_counts():
     est = estimate_run(cfg("llama2-7b", lora__r=8, lora__targets=["query", "value"]))
-    assert est.total_params == 6_738_415_616
+    assert est.base_params == 6_738_415_616 and est.total_params == 6_738_415_616 + 4_194_304
     assert est.trainable_params == 4_194_304
 
 
@@ -110,7 +110,7 @@ def test_70b_answers_quickly():
     start = time.perf_counter()
     est = estimate_run(cfg("llama2-70b", quant__mode="nf4", lora__targets=["all"]), budget_bytes=80 * 2**30)
     assert time.perf_counter() - start < 20
-    assert est.memory_bytes["base_weights"] < 0.6 * est.total_params  # ~4.1-4.5 bits/weight
+    assert est.memory_bytes["base_weights"] < 0.6 * est.base_params  # ~4.1-4.5 bits/weight
 
 
 def test_builtin_tiny():
@@ -165,7 +165,7 @@ def test_counts_match_peft(tmp_path, arch, r, rslora, dora):
     peft_trainable, peft_all = wrapped.get_nb_trainable_parameters()
     est = estimate_run(cfg(path, lora__r=r, lora__targets=targets, lora__rslora=rslora, lora__dora=dora))
     assert est.trainable_params == peft_trainable
-    assert est.total_params + est.trainable_params == peft_all
+    assert est.total_params == peft_all == est.base_params + est.trainable_params  # as a run's summary counts
     assert est.lora_modules == len(t.modules)
 
 
@@ -321,7 +321,8 @@ def test_cli_json(capsys):
                  "--micro-batch", "1", "--seq-len", "512", "--budget", "24GB", "--throughput", "100e12", "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["total_params"] == 6_738_415_616 and out["trainable_params"] == 4_194_304
+    assert out["base_params"] == 6_738_415_616 and out["trainable_params"] == 4_194_304
+    assert out["total_params"] == 6_738_415_616 + 4_194_304
     assert out["memory_bytes"]["total"] == sum(v for k, v in out["memory_bytes"].items() if k != "total")
     assert {"fits", "max_micro_batch", "time_per_step_s", "approximate", "trainable_share"} <= set(out)
 

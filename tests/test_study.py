@@ -140,7 +140,7 @@ def test_local_study_two_workers_crash_recorded_and_commands(tmp_path):
     out = tmp_path / "runs"
     status = json.loads(cli("study", "status", "mix", "--out", str(out), "--json").stdout)
     assert status["counts"] == {"completed": 2, "invalid": 2} and len(status["runs"]) == 4
-    listed = json.loads(cli("runs", "list", "--out", str(out), "--status", "invalid", "--json").stdout)
+    listed = json.loads(cli("runs", "list", "--out", str(out), "--status", "invalid", "--json").stdout)["runs"]
     assert sorted(r["name"] for r in listed) == ["data_bad-s1", "data_bad-s2"]
     shown = json.loads(cli("runs", "show", "data_arithmetic_2ds-s1", "--study", "mix", "--out", str(out), "--json").stdout)
     assert shown["final_metrics"]["eval_loss"] == pytest.approx(rows["data_arithmetic_2ds-s1"]["final_eval_loss"])

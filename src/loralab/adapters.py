@@ -1,15 +1,31 @@
-"""LoRA adapters through PEFT: attach by role, count, save, load, merge."""
+"""LoRA adapters through PEFT: attach by role, count, save, load, merge.
+
+An adapter knows its base: :func:`save_adapter` writes ``loralab_base.json`` beside PEFT's files
+(the base's path or hub id, its config.json architecture and sizes, and a hash of those), and
+:func:`check_adapter_base` compares it with the base a command is about to load, before it loads.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from loralab.config import LoraConfig
-from loralab.errors import ModelError
+from loralab.errors import LoralabError, ModelError
 from loralab.roles import head_module_name, linear_module_names, resolve_targets
 from loralab.rundir import RunDir
+
+log = logging.getLogger(__name__)
+BASE_RECORD = "loralab_base.json"  # in the adapter directory, beside adapter_config.json
+# config.json keys that decide the shapes an adapter is made for (each architecture uses some of them).
+SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "intermediate_size", "n_inner", "ffn_dim", "num_hidden_layers",
+             "n_layer", "num_attention_heads", "n_head", "num_key_value_heads", "head_dim", "vocab_size",
+             "word_embed_proj_dim")
 
 
 def peft_lora_config(model, lora: LoraConfig):
@@ -69,12 +85,89 @@ def count_params(peft_model) -> tuple[int, int]:
 
 
 def save_adapter(peft_model, out_dir: Path) -> None:
-    """Write adapter_config.json + adapter_model.safetensors atomically (loralab.rundir.atomic_dir:
-    a full disk or a kill leaves the previous adapter or none, never half of one)."""
+    """Write adapter_config.json + adapter_model.safetensors + the base's identity (BASE_RECORD)
+    atomically (loralab.rundir.atomic_dir: a full disk or a kill leaves the previous adapter or
+    none, never half of one)."""
     from loralab.rundir import atomic_dir
 
+    config = peft_model.get_base_model().config
     with atomic_dir(out_dir, fsync=False) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / BASE_RECORD).write_text(json.dumps(base_identity(config), indent=2) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- the base an adapter belongs to
+
+
+def base_identity(config, path: str | None = None) -> dict[str, Any]:
+    """A base model's identity from its transformers config: path (builtin:NAME, a directory or a
+    hub id), model_type, architectures, the sizes in SIZE_KEYS it has, and ``hash``, a digest of
+    all but the path (two copies of one model in different places have the same hash)."""
+    from loralab.models import BUILTIN_MODELS
+
+    path = path or getattr(config, "name_or_path", "") or ""
+    for name, directory in BUILTIN_MODELS.items():
+        if path and Path(path).resolve() == directory.resolve():
+            path = name
+    raw = config.to_dict()
+    shape = {"model_type": raw.get("model_type"), "architectures": raw.get("architectures") or [],
+             "sizes": {k: raw[k] for k in SIZE_KEYS if isinstance(raw.get(k), int)}}
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+    return {"path": str(path), **shape, "hash": digest}
+
+
+def read_base_identity(model_path: str, *, trust_remote_code: bool = False) -> dict[str, Any]:
+    """:func:`base_identity` of the model at ``model_path``, from its config.json alone (no weights load)."""
+    from loralab.models import read_config
+
+    return base_identity(read_config(model_path, trust_remote_code=trust_remote_code), model_path)
+
+
+def base_record(model_path: str, *, trust_remote_code: bool = False) -> dict[str, Any] | None:
+    """:func:`read_base_identity`, or None where the config cannot be read (the run's loading
+    reports that problem itself); what a run's summary.json records as ``base``."""
+    try:
+        return read_base_identity(model_path, trust_remote_code=trust_remote_code)
+    except LoralabError:
+        return None
+
+
+def describe_base(identity: dict[str, Any]) -> str:
+    """``path (model_type Arch, hidden_size 32, num_hidden_layers 2, ...)`` for messages."""
+    sizes = ", ".join(f"{k} {v}" for k, v in identity.get("sizes", {}).items())
+    arch = " ".join([identity.get("model_type") or "?", *identity.get("architectures", [])])
+    return f"{identity.get('path') or '?'} ({arch}; {sizes})"
+
+
+def recorded_base(run_or_adapter: str | Path) -> dict[str, Any] | None:
+    """The base identity recorded with an adapter or run directory: the adapter's BASE_RECORD,
+    else the run's summary.json ``base`` (a paused run has no adapter yet); None for older runs."""
+    p = Path(run_or_adapter)
+    for candidate in (RunDir(p).adapter / BASE_RECORD, p / BASE_RECORD):
+        if candidate.is_file():
+            return json.loads(candidate.read_text(encoding="utf-8"))
+    return (RunDir(p).read_summary() or {}).get("base")
+
+
+def check_adapter_base(run_or_adapter: str | Path, model_path: str, *, force: bool = False,
+                       trust_remote_code: bool = False) -> None:
+    """Refuse (ModelError, exit 2) an adapter recorded for a different base than ``model_path``,
+    naming both; with ``force`` only warn. Checked from config.json, before any weights load. An
+    adapter saved without the record (older loralab) is accepted with a note."""
+    recorded = recorded_base(run_or_adapter)
+    if recorded is None:
+        log.info("note: %s has no record of its base model (saved by an older loralab); not checked against %s",
+                 run_or_adapter, model_path)
+        return
+    current = read_base_identity(model_path, trust_remote_code=trust_remote_code)
+    if recorded.get("hash") == current["hash"]:
+        return
+    message = (f"adapter {run_or_adapter} was trained on {describe_base(recorded)}, not on {describe_base(current)}; "
+               "an adapter only means something on the base it was trained on")
+    if force:
+        log.warning("WARNING: %s (--force: using it anyway)", message)
+        return
+    raise ModelError(f"{message}. Pass --model with the adapter's base, or --force to use it anyway")
 
 
 # Files that can only be read by unpickling, i.e. by running code chosen by whoever wrote them.

@@ -10,6 +10,8 @@ is reported at once, each naming its key::
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -42,9 +44,10 @@ class ModelConfig:
         "auto", "dtype of the frozen base weights that are not quantized; auto = bf16 on GPUs that support it "
                 "(compute capability >= 8), fp16 on older GPUs, fp32 on CPU (loralab.models.resolve_dtype).")
     trust_remote_code: bool = _f(False, "Run the model repository's own Python code. Off unless you trust it.")
-    device: Literal["auto", "cpu", "cuda"] = _f(
+    device: str = _f(
         "auto", "auto = cuda when usable, else cpu (with a loud warning where an NVIDIA driver answers but "
-                "this torch cannot use it); cuda = an error when CUDA is not usable, never a CPU run.")
+                "this torch cannot use it); cuda = an error when CUDA is not usable, never a CPU run; cuda:N = "
+                "the Nth visible GPU.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _f(
         "sdpa", "transformers' attention kernel for the base: sdpa (PyTorch's fused attention), eager, or "
                 "flash_attention_2 (needs the flash-attn package, a CUDA device and bf16/fp16).")
@@ -261,7 +264,25 @@ def _check_range(key: str, value: Any, meta: dict[str, Any]) -> str | None:
     return None
 
 
-def _build_section(name: str, cls: type, raw: Any, errors: list[str]) -> Any:
+# Names other tools give loralab's keys (PEFT's, transformers' TrainingArguments'): the did-you-mean of an unknown key.
+ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora",
+           "use_dora": "dora", "target_modules": "targets", "learning_rate": "lr", "num_train_epochs": "epochs",
+           "gradient_accumulation_steps": "batch_size", "per_device_train_batch_size": "micro_batch_size",
+           "lr_scheduler_type": "scheduler", "max_grad_norm": "grad_clip", "torch_dtype": "dtype",
+           "max_length": "max_seq_length", "model_name_or_path": "path"}
+
+
+def did_you_mean(key: str, known: list[str]) -> str | None:
+    """The known name closest to ``key``: an alias (rank -> r), a near spelling, or a shared prefix."""
+    if ALIASES.get(key) in known:
+        return ALIASES[key]
+    close = difflib.get_close_matches(key, known, n=1) or [k for k in known if k.startswith(key[:3])]
+    return close[0] if close else None
+
+
+def _build_section(name: str, cls: type, raw: Any, errors: list[str], origins: dict[str, str] | None = None) -> Any:
+    """The section's dataclass; each problem goes to ``errors`` naming its key, prefixed with the
+    key's origin (``--set lora.rank=4``) where ``origins`` has one."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -270,26 +291,43 @@ def _build_section(name: str, cls: type, raw: Any, errors: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in fields(cls)}
     values: dict[str, Any] = {}
+
+    def problem(full: str, text: str) -> None:
+        errors.append(f"{origins[full]}: {text}" if full in (origins or {}) else text)
+
     for key, value in raw.items():
         full = f"{name}.{key}"
         if key not in known:
-            close = [k for k in known if k.startswith(str(key)[:3])]
-            hint = f"; did you mean {name}.{close[0]}?" if close else ""
-            errors.append(f"unknown key {full}{hint} (known: {', '.join(known)})")
+            close = did_you_mean(str(key), list(known))
+            hint = f" (did you mean {name}.{close}?)" if close else ""
+            problem(full, f"unknown key {full}{hint}; {name} has {', '.join(known)}")
             continue
         ok, converted = _coerce(value, hints[key])
         if not ok:
-            errors.append(f"{full} must be {_describe(hints[key])} (got {value!r})")
+            problem(full, f"{full} must be {_describe(hints[key])} (got {value!r})")
             continue
-        problem = _check_range(full, converted, dict(known[key].metadata))
-        if problem:
-            errors.append(problem)
+        out_of_range = _check_range(full, converted, dict(known[key].metadata))
+        if out_of_range:
+            problem(full, out_of_range)
             continue
         values[key] = converted
     return cls(**values)
 
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_problem(device: str, key: str = "model.device") -> str | None:
+    """Why ``device`` is not a model.device (auto, cpu, cuda, cuda:N), or None."""
+    if DEVICE.fullmatch(device):
+        return None
+    return f"{key} must be auto, cpu, cuda or cuda:N (a GPU's index, e.g. cuda:1) (got {device!r})"
+
+
 def _cross_checks(cfg: Config, errors: list[str]) -> None:
+    device = device_problem(cfg.model.device)
+    if device:
+        errors.append(device)
     t = cfg.train
     if t.micro_batch_size != "auto" and t.batch_size % t.micro_batch_size:
         errors.append(
@@ -313,9 +351,12 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
                       "map loralab's field to your column, e.g. {instruction: question}")
 
 
-def config_from_dict(raw: Any, *, source: str = "config") -> Config:
-    """Build and check a Config from nested dicts; raise ConfigError listing every problem."""
+def config_from_dict(raw: Any, *, source: str = "config", origins: dict[str, str] | None = None) -> Config:
+    """Build and check a Config from nested dicts; raise ConfigError listing every problem.
+    ``origins`` ({"lora.r": "--set lora.r=4"}, from :func:`override_origins`) names where a key
+    came from when that is not ``source``: its problems are blamed on the flag, not the file."""
     errors: list[str] = []
+    origins = origins or {}
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -325,15 +366,27 @@ def config_from_dict(raw: Any, *, source: str = "config") -> Config:
     sections = {}
     for key in raw:
         if key not in SECTIONS:
-            errors.append(f"unknown section {key!r} (known: {', '.join(SECTIONS)})")
+            close = did_you_mean(str(key), list(SECTIONS))
+            origin = next((o for k, o in origins.items() if k.split(".")[0] == key), None)
+            errors.append(f"{origin + ': ' if origin else ''}unknown section {key!r}"
+                          f"{f' (did you mean {close}?)' if close else ''} (known: {', '.join(SECTIONS)})")
     for name, cls in SECTIONS.items():
-        sections[name] = _build_section(name, cls, raw.get(name), errors)
+        sections[name] = _build_section(name, cls, raw.get(name), errors, origins)
     cfg = Config(**sections)
     if not errors:
         _cross_checks(cfg, errors)
+    flagged = [e for e in errors if e.startswith("--set ")]
+    if errors and len(flagged) == len(errors) == 1:
+        raise ConfigError(errors[0])  # --set lora.rank=4: unknown key lora.rank (did you mean lora.r?); ...
     if errors:
-        raise ConfigError(f"{source}: invalid configuration:\n  - " + "\n  - ".join(errors))
+        head = "invalid configuration" if len(flagged) == len(errors) else f"{source}: invalid configuration"
+        raise ConfigError(f"{head}:\n  - " + "\n  - ".join(errors))
     return cfg
+
+
+def override_origins(overrides: list[str]) -> dict[str, str]:
+    """{"section.key": "--set section.key=value"} for ``--set`` strings (the last of a key wins)."""
+    return {item.split("=", 1)[0].strip(): f"--set {item}" for item in overrides if "=" in item}
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -378,7 +431,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
     raw = apply_overrides(raw or {}, overrides or [])
-    return config_from_dict(raw, source=str(path) if path else "config")
+    return config_from_dict(raw, source=str(path) if path else "config", origins=override_origins(overrides or []))
 
 
 def dump_config(cfg: Config, path: Path) -> None:

@@ -46,7 +46,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from loralab.config import Config, apply_overrides, config_from_dict, read_yaml
+from loralab.config import Config, apply_overrides, config_from_dict, override_origins, read_yaml
 from loralab.errors import ConfigError, ModelError
 
 GIB = 1024**3
@@ -320,9 +320,10 @@ class Estimate:
 
     model: str
     model_type: str
-    total_params: int
+    total_params: int  # base + adapter, as PEFT and a run's summary count them (the share's denominator)
     trainable_params: int
-    trainable_share: float
+    trainable_share: float  # trainable_params / total_params
+    base_params: int  # the base model alone (Llama 2 7B: 6,738,415,616)
     memory_bytes: dict[str, int]
     settings: dict[str, Any]
     lora_modules: int = 0
@@ -435,7 +436,7 @@ def estimate_run(
     shape = describe_model(cfg.model.path)
     modules = lora_modules(shape, list(cfg.lora.targets))
     n_train = sum(math.prod(s) for s in lora_tensor_shapes(shape, modules, cfg.lora.r, cfg.lora.dora))
-    dev = device or ("cpu" if cfg.model.device == "cpu" else "cuda")
+    dev = device or machine_device(cfg.model.device)
     from loralab.models import (
         resolve_dtype,  # model.dtype auto: the dtype the run would load on dev
     )
@@ -449,14 +450,18 @@ def estimate_run(
     est = Estimate(
         model=cfg.model.path,
         model_type=shape.model_type,
-        total_params=shape.total_params,
+        total_params=shape.total_params + n_train,
         trainable_params=n_train,
         trainable_share=n_train / (shape.total_params + n_train),
+        base_params=shape.total_params,
         memory_bytes=mem,
         lora_modules=len(modules),
         settings=_settings(cfg, grad_checkpointing, dev),
         approximate=_notes(shape, cfg, dev),
     )
+    if device is None and cfg.model.device == "auto":
+        est.approximate.append(f"model.device auto: estimated for {dev}, where a run would train on this machine "
+                               f"(with {est.settings['dtype']} weights); --device cuda or cpu estimates for another")
     if auto_length:
         est.approximate.append(f"data.max_seq_length: auto estimated at the model's context ({cfg.data.max_seq_length}), "
                                "the most it resolves to; a run resolves it from the data")
@@ -474,6 +479,17 @@ def estimate_run(
         factor = QUANT_TIME_FACTOR if cfg.quant.mode != "none" else 1.0
         est.time_per_step_s = est.flops_per_step / throughput * factor * cfg.grad_accum
     return est
+
+
+def machine_device(device: str) -> str:
+    """The kind of device (cpu or cuda) a run with ``model.device`` ``device`` uses on this
+    machine: auto is cuda only where CUDA is usable; cuda and cuda:N are cuda (an estimate for a
+    GPU run may be made anywhere)."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu" if device == "cpu" else "cuda"
 
 
 def _settings(cfg: Config, gc: bool, device: str) -> dict[str, Any]:
@@ -555,7 +571,7 @@ def estimate_from_args(
         raw["train"]["batch_size"] = sets["train.micro_batch_size"]
     if isinstance(raw.get("lora", {}).get("targets"), str):
         raw["lora"]["targets"] = [t.strip() for t in raw["lora"]["targets"].split(",") if t.strip()]
-    cfg = config_from_dict(raw, source=str(config_path or "estimate"))
+    cfg = config_from_dict(raw, source=str(config_path or "estimate"), origins=override_origins(list(overrides or [])))
     return estimate_run(cfg, grad_checkpointing=grad_checkpointing, budget_bytes=budget_bytes, throughput=throughput, device=device)
 
 

@@ -94,10 +94,16 @@ def choose_device(name: str) -> tuple[torch.device, str | None]:
     if name == "cpu":
         return torch.device("cpu"), None
     problem = cuda_problem()
+    if problem is None and name.startswith("cuda:"):
+        index, count = int(name.split(":")[1]), torch.cuda.device_count()
+        if index >= count:
+            raise ModelError(f"model.device is {name} but this process sees {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1} (CUDA_VISIBLE_DEVICES renumbers them from 0)")
+        return torch.device("cuda", index), None
     if problem is None:
         return torch.device("cuda", torch.cuda.current_device()), None
-    if name == "cuda":
-        raise ModelError(f"model.device is cuda but CUDA is not usable: {problem}")
+    if name.startswith("cuda"):
+        raise ModelError(f"model.device is {name} but CUDA is not usable: {problem}")
     if not nvidia_driver_answers():
         return torch.device("cpu"), None
     note = f"model.device auto ran on the CPU although nvidia-smi shows an NVIDIA GPU: {problem}"
@@ -230,9 +236,22 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     return tok
 
 
-def load_base(model: ModelConfig, quant: QuantConfig, *, progress: bool = False):
+def read_config(path: str, *, trust_remote_code: bool = False):
+    """The transformers config of the model at ``path`` (config.json alone: no weights are read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        local = path.startswith("builtin:") or Path(path).expanduser().exists()
+        what = "" if local else "no such local directory, and as a hub id "
+        raise ModelError(f"model.path {path}: {what}its config.json cannot be read ({str(exc).splitlines()[0]})") from None
+
+
+def load_base(model: ModelConfig, quant: QuantConfig, *, progress: bool = False, tokenizer=None):
     """(model, tokenizer) with every base weight frozen, loaded straight onto the chosen device.
-    ``progress``: transformers' loading (and download) bars on stderr, terminals only."""
+    ``progress``: transformers' loading (and download) bars on stderr, terminals only;
+    ``tokenizer``: one already loaded (by :func:`load_tokenizer`), else it is loaded here."""
     from transformers import AutoModelForCausalLM
 
     from loralab.progress import library_bars
@@ -241,7 +260,7 @@ def load_base(model: ModelConfig, quant: QuantConfig, *, progress: bool = False)
     device = pick_device(model.device)
     dtype = resolve_dtype(model, device)
     attn = check_attention(model, device, dtype, quant)
-    tokenizer = load_tokenizer(model.path, trust_remote_code=model.trust_remote_code)
+    tokenizer = tokenizer or load_tokenizer(model.path, trust_remote_code=model.trust_remote_code)
     kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn, trust_remote_code=model.trust_remote_code,
                   use_safetensors=True)
     bnb = quantization_config(quant)

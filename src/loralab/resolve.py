@@ -23,10 +23,10 @@ CPU_SHARE = 0.5  # of physical RAM: leave the rest to other workers and the OS
 
 def device_budget_bytes(device: str) -> int:
     """Memory one run may plan for: the GPU's total memory, or half of the machine's RAM."""
-    if device == "cuda":
+    if device.startswith("cuda"):  # cuda or cuda:N
         import torch
 
-        return int(torch.cuda.mem_get_info()[1] * 0.9)
+        return int(torch.cuda.mem_get_info(torch.device(device))[1] * 0.9)
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * CPU_SHARE)
 
 
@@ -46,7 +46,7 @@ def auto_micro_batch(cfg: Config, *, budget_bytes: int | None = None) -> tuple[i
     budget = budget_bytes if budget_bytes is not None else device_budget_bytes(device)
     probe = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=1))
     try:
-        est = estimate_run(probe, budget_bytes=budget, device=device)
+        est = estimate_run(probe, budget_bytes=budget, device=device.split(":")[0])  # cuda:N estimates as cuda
     except LoralabError as exc:  # no estimate (the model cannot be described): the safe choice
         return 1, f"auto: no memory estimate ({str(exc).splitlines()[0]}), so micro batch 1"
     fits = est.max_micro_batch or 0

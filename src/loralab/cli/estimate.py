@@ -45,7 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rslora", action="store_true", default=None)
     p.add_argument("--dora", action="store_true", default=None)
     p.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_true")
-    p.add_argument("--device", choices=["cuda", "cpu"], help="framework allowance to use (default: from model.device)")
+    p.add_argument("--device", choices=["cuda", "cpu"],
+                   help="device to estimate for: its dtype (model.dtype auto) and framework allowance (default: "
+                        "model.device; auto = the device a run would use on this machine)")
     p.add_argument("--budget", help="memory budget, e.g. 24GB or 80GiB; reports fits and the largest micro batch")
     p.add_argument("--throughput", type=float, help="effective FLOP/s of the device, e.g. 100e12")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -53,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    if not args.config and not args.model:
+    if not args.config and not args.model and not any(o.startswith("model.path=") for o in args.set):
         raise ConfigError("give a run config (loralab estimate run.yaml) or --model DIR_OR_PRESET "
                           f"(presets: {', '.join(known_presets())})")
     flags = {k: getattr(args, k) for k in FLAG_KEYS}
@@ -76,8 +78,8 @@ def format_table(est: Estimate) -> str:
              f"modules), {s['optimizer']}, micro batch {s['micro_batch_size']} x {s['seq_len']} tokens"
              + (", grad checkpointing" if s["grad_checkpointing"] else "") + f", {s['device']}")
     about = [("model", f"{est.model} ({est.model_type})"), ("setup", setup),
-             ("total params", f"{est.total_params:,}"),
-             ("trainable params", f"{est.trainable_params:,} ({100 * est.trainable_share:.4f}%)")]
+             ("total params", f"{est.total_params:,} (base {est.base_params:,} + adapter {est.trainable_params:,})"),
+             ("trainable params", f"{est.trainable_params:,} ({100 * est.trainable_share:.4f}% of {est.total_params:,})")]
     if est.budget_bytes is not None:
         about.append(("budget", f"{human_bytes(est.budget_bytes)}: {'fits' if est.fits else 'does NOT fit'}; "
                                 f"largest micro batch that fits: {est.max_micro_batch}"))

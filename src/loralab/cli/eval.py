@@ -22,7 +22,7 @@ import argparse
 import math
 
 from loralab.cli.output import emit_json, table
-from loralab.cli.run import add_model_flags, base_configs
+from loralab.cli.run import add_force_arg, add_model_flags, base_configs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--harness-dir", default=None, metavar="DIR",
                    help="keep the lm-eval task files loralab writes here (default: a temporary directory)")
     add_model_flags(p)
+    add_force_arg(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -51,6 +52,7 @@ def _fmt(x: float) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from loralab.adapters import adapter_dir, check_adapter_base
     from loralab.errors import DataError
     from loralab.evaluate.score import evaluate
     from loralab.evaluate.tasks import resolve_tasks
@@ -59,6 +61,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise DataError("--limit must be a positive integer")
     if args.batch_size < 1:
         raise DataError("--batch-size must be a positive integer")
+    for adapter in args.adapter:  # every adapter checked before any model loads
+        adapter_dir(adapter)
+        check_adapter_base(adapter, args.model, force=args.force)
     if args.harness is not None:
         from loralab.evaluate.harness import evaluate_harness
 

@@ -14,9 +14,21 @@ from typing import Any
 
 
 def emit_json(obj: Any) -> None:
-    """Print one JSON object on stdout (the --json contract)."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Print one JSON object on stdout (the --json contract): strict JSON, a non-finite number
+    (NaN, inf) as null, which every JSON parser reads."""
+    sys.stdout.write(json.dumps(finite(obj), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float, at any depth of dicts, lists and tuples, as None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def cell(value: Any) -> str:

@@ -33,8 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", help="YAML config (defaults apply to missing keys)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help=f"continue RUN_DIR from its newest complete checkpoint, with RUN_DIR/{CONFIG}; "
-                        "--set may change only keys that leave the maths alone (train.stop_at_step, ...)")
+                        "--set may change only keys that leave the maths alone (train.stop_at_step, ...). "
+                        "A run paused by train.stop_at_step keeps it: finish it with "
+                        "--set train.stop_at_step=null, or pause later with --set train.stop_at_step=N")
     _run_args(p)
+    add_force_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("quickstart", help="fine-tune the shipped tiny base on arithmetic, accuracy before/after")
@@ -43,13 +46,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("generate", help="greedy generation from a base model, optionally with an adapter")
-    p.add_argument("prompt", nargs="+", help="instruction(s); wrapped in the Alpaca template unless --raw")
-    p.add_argument("--model", default="builtin:tiny")
-    p.add_argument("--adapter", help="run directory or PEFT adapter directory")
-    p.add_argument("--raw", action="store_true", help="send the prompt as is, without a template")
+    p.add_argument("prompt", nargs="+", help="instruction(s), in the prompt template the run trained with (--template)")
+    p.add_argument("--model", help="base model (default: the adapter's run's model.path, else the base the adapter "
+                                   "records, else builtin:tiny)")
+    p.add_argument("--adapter", help="run directory or PEFT adapter directory; a run directory also gives the "
+                                     "model, its dtype, quantization and prompt template")
+    p.add_argument("--template", choices=["alpaca", "chat", "none"],
+                   help="prompt template: alpaca, chat (the tokenizer's chat template, one user turn) or none "
+                        "(default: the run's: chat for a run trained on chat data, else its data.template; "
+                        "alpaca without a run)")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is (--template none)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stop", help="cut each generation at this string (generation stops there too)")
-    add_model_flags(p)
+    add_model_flags(p, from_run=True)
+    add_force_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -61,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dequantize", action="store_true",
                    help="with a 4-bit base (--quant nf4/fp4, or a QLoRA run's own quant.mode): load it in 4 bits, "
                         "dequantize it to --dtype and merge there, giving the weights the adapter was trained on")
+    add_force_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_merge)
 
@@ -74,9 +85,25 @@ def add_model_flags(p: argparse.ArgumentParser, *, from_run: bool = False) -> No
     p.add_argument("--quant", choices=["none", "nf4", "fp4"], default=None if from_run else "none",
                    help="load the base in 4 bits with bitsandbytes, as a QLoRA run trained it" + (default or
                                                                                                   " (default none)"))
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None if from_run else "auto",
-                   help="auto = cuda when usable, else cpu; cuda fails clearly when CUDA is not usable"
-                        + (default or " (default auto)"))
+    p.add_argument("--device", type=device_arg, default=None if from_run else "auto",
+                   help="auto = cuda when usable, else cpu; cuda (or cuda:N, the Nth GPU) fails clearly when CUDA "
+                        "is not usable" + (default or " (default auto)"))
+
+
+def device_arg(text: str) -> str:
+    """--device's value, checked as model.device is (auto, cpu, cuda, cuda:N)."""
+    from loralab.config import device_problem
+
+    problem = device_problem(text, "--device")
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def add_force_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="use an adapter on a base other than the one it records it was trained on "
+                        "(refused otherwise, naming both bases)")
 
 
 def base_configs(path: str, args: argparse.Namespace, run: dict | None = None) -> tuple[ModelConfig, QuantConfig]:
@@ -102,6 +129,9 @@ def base_configs(path: str, args: argparse.Namespace, run: dict | None = None) -
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set lora.r=16 (repeatable)")
+    p.add_argument("--device", dest="overrides", action="append", metavar="DEVICE",
+                   type=lambda text: f"model.device={device_arg(text)}",
+                   help="short for --set model.device=DEVICE: auto, cpu, cuda or cuda:N (the Nth GPU)")
     add_track_arg(p)
     p.add_argument("--out", help="run directory (output.dir)")
     p.add_argument("--name", help="run name: the run directory is runs/NAME (checked: one path component, "
@@ -133,10 +163,16 @@ def _out_override(args: argparse.Namespace) -> list[str]:
     return [f"output.dir={args.out}"] if args.out else []
 
 
+def _eval_loss_text(s: dict) -> str:
+    loss = s.get("final_eval_loss")
+    return f"{loss:.4f}" if loss is not None else "none (no validation examples: trained without evaluation)"
+
+
 def _print_summary(s: dict) -> None:
     rows = [("run directory", s["run_dir"]), ("status", s["status"]),
-            ("trainable / total params", f"{s['trainable_params']:,} / {s['total_params']:,}"),
-            ("steps", s["steps"]), ("final eval loss", f"{s['final_eval_loss']:.4f}"),
+            ("trainable / total params", f"{s['trainable_params']:,} / {s['total_params']:,} "
+                                         f"({100 * s['trainable_params'] / s['total_params']:.4f}%; total = base + adapter)"),
+            ("steps", s["steps"]), ("final eval loss", _eval_loss_text(s)),
             ("train time", f"{s['train_time_s']:.1f} s (wall {s['wall_time_s']:.1f} s)"),
             ("tokens/s", f"{s['tokens_per_s']:.0f}"), ("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB")]
     print(table([(f"{k}:", v) for k, v in rows], align=["right", "left"]))
@@ -159,6 +195,7 @@ def _checked_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from loralab.adapters import check_adapter_base
     from loralab.train.loop import train
 
     if args.resume:
@@ -171,12 +208,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not run.config.is_file():
             raise ConfigError(f"--resume {run.root}: no {CONFIG} there, so it is not a loralab run directory")
         cfg = load_config(run.config, list(args.overrides) + [f"output.dir={run.root}"])
+        check_not_paused_again(run, cfg)
+        check_adapter_base(run.root, cfg.model.path, force=args.force, trust_remote_code=cfg.model.trust_remote_code)
         summary = train(cfg, show_progress=not args.json, resume=True)
     else:
         cfg = _checked_config(args)
         summary = train(cfg, show_progress=not args.json)
     emit_json(summary) if args.json else _print_summary(summary)
     return 0
+
+
+def check_not_paused_again(run: RunDir, cfg) -> None:
+    """Say so when a paused run is resumed with the train.stop_at_step it paused at: it pauses
+    again at once (a warning, not an error: a study's driver may resume a run to the same rung)."""
+    summary = run.read_summary() or {}
+    at, stop = summary.get("steps_done"), cfg.train.stop_at_step
+    if summary.get("status") == Status.PAUSED and at is not None and stop is not None and stop <= at:
+        log.warning("WARNING: --resume %s: the run is paused at step %d by train.stop_at_step = %d and pauses again at "
+                    "once; finish it with --set train.stop_at_step=null, or pause later with "
+                    "--set train.stop_at_step=N (N > %d)", run.root, at, stop, at)
 
 
 def arithmetic_test_set(task: str, n: int, template: str = "alpaca") -> tuple[list[str], list[str]]:
@@ -226,34 +276,72 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
                 ["task", "base", "LoRA"], align=["left", "right", "right"]))
     print(f"\ntrained {summary['trainable_params']:,} of {summary['total_params']:,} parameters in "
           f"{summary['train_time_s']:.1f} s ({summary['tokens_per_s']:.0f} tokens/s), "
-          f"final eval loss {summary['final_eval_loss']:.4f}; total {result['total_time_s']:.0f} s")
+          f"final eval loss {_eval_loss_text(summary)}; total {result['total_time_s']:.0f} s")
     print(f"run directory: {summary['run_dir']}")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from loralab.adapters import load_adapter
-    from loralab.data.templates import format_prompt
+    from loralab.adapters import adapter_dir, check_adapter_base, load_adapter
     from loralab.evaluate.exact_match import greedy_generate
     from loralab.models import load_base
 
-    model, tokenizer = load_base(*base_configs(args.model, args), progress=not args.json)
+    run = adapter_run(args.adapter)
+    model_path = args.model or run["model_path"] or "builtin:tiny"
+    template = "none" if args.raw else args.template or run["template"] or "alpaca"
+    if args.adapter:  # checked before the base loads
+        adapter_dir(args.adapter)
+        check_adapter_base(args.adapter, model_path, force=args.force)
+        log.info("generating with %s on %s, prompt template %s", args.adapter, model_path, template)
+    model, tokenizer = load_base(*base_configs(model_path, args, run["config"]), progress=not args.json)
     if args.adapter:
         model = load_adapter(model, args.adapter)
-    prompts = args.prompt if args.raw else [format_prompt(p) for p in args.prompt]
+    prompts = [generation_prompt(p, template, tokenizer) for p in args.prompt]
     outs = greedy_generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stop=args.stop)
     if args.json:
-        emit_json({"generations": [{"prompt": p, "output": o} for p, o in zip(args.prompt, outs, strict=True)]})
+        emit_json({"model": model_path, "adapter": args.adapter, "template": template,
+                   "generations": [{"prompt": p, "output": o} for p, o in zip(args.prompt, outs, strict=True)]})
     else:
         for o in outs:
             print(o.strip())
     return 0
 
 
+def adapter_run(adapter: str | None) -> dict:
+    """What an adapter's run says about using it: ``config`` (the run's config.yaml, or {}),
+    ``model_path`` (the run's model.path, else the base the adapter records) and ``template``
+    (chat for a run trained on chat data, else its data.template); None where unknown."""
+    from loralab.adapters import recorded_base
+    from loralab.config import read_yaml
+
+    if not adapter:
+        return {"config": {}, "model_path": None, "template": None}
+    run = RunDir(adapter)
+    config = (read_yaml(run.config) or {}) if run.config.is_file() else {}
+    trained_on = ((run.read_summary() or {}).get("data_stats") or {}).get("format")
+    template = "chat" if trained_on == "messages" else (config.get("data") or {}).get("template")
+    model_path = (config.get("model") or {}).get("path") or (recorded_base(adapter) or {}).get("path")
+    return {"config": config, "model_path": model_path, "template": template}
+
+
+def generation_prompt(prompt: str, template: str, tokenizer) -> str:
+    """``prompt`` in ``template``. A chat template's own BOS is left to the tokenizer, which adds
+    it when it encodes the prompt, so the model sees one BOS as in training."""
+    from loralab.data.templates import format_prompt
+
+    text = format_prompt(prompt, template=template, tokenizer=tokenizer)
+    bos = tokenizer.bos_token
+    if template == "chat" and bos and text.startswith(bos):
+        ids = tokenizer("", add_special_tokens=True)["input_ids"]
+        if ids and ids[0] == tokenizer.bos_token_id:
+            text = text[len(bos):]
+    return text
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold the adapter into the base weights; the result loads with from_pretrained."""
 
-    from loralab.adapters import load_adapter
+    from loralab.adapters import adapter_dir, check_adapter_base, load_adapter
     from loralab.config import read_yaml
     from loralab.models import DTYPES, load_base, resolve_dtype
 
@@ -266,6 +354,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if base_path is None:
         raise ModelError(f"{run.root}: no {CONFIG} to read the base model from; pass --model")
     model_cfg, quant = base_configs(base_path, args, saved)
+    adapter_dir(run.root)
+    check_adapter_base(run.root, base_path, force=args.force)
     if quant.mode != "none" and not args.dequantize:
         source = "--quant" if args.quant else f"the run's quant.mode in {run.config}"
         raise ModelError(

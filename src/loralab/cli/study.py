@@ -27,6 +27,7 @@ from typing import Any
 from loralab.cli.output import emit_json, table
 from loralab.cli.run import add_track_arg
 from loralab.errors import ConfigError
+from loralab.rundir import SUMMARY, Status
 
 DEFAULT_ROOT = "runs"
 
@@ -38,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = ssub.add_parser("run", help="expand a study into runs and execute what is not done yet")
     p.add_argument("study", help="study YAML file or preset:NAME (see `loralab study presets`)")
     p.add_argument("--quick", action="store_true", help="the study's quick variant (fewer steps and points); its name gets -quick")
+    p.add_argument("--name", help="study name (default: the study file's name, -quick with --quick): a new name "
+                                  "starts a fresh study, e.g. after changing a config the old study's runs were made with")
     p.add_argument("--model", help="base model for every run (replaces base model.path)")
     p.add_argument("--data", help="dataset for every run (replaces base data.path)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -59,7 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train runs that share a base in one process where they fit (default; --no-fuse: each alone)")
     p.add_argument("--budget", help="wall-time budget of this invocation, e.g. 90s, 30m, 2h: no run starts after it "
                                     "is spent; the rest stay pending for the next `study run`")
-    p.add_argument("--dry-run", action="store_true", help="expand and check, print the runs, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="expand and make every check a run makes before it starts (model, roles, data, tasks, "
+                        "metric, memory gate), print the runs and those that cannot run, run nothing")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
 
@@ -93,23 +98,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    runs = sub.add_parser("runs", help="the runs of studies: list, show, compare")
+    runs = sub.add_parser("runs", help="runs, of studies or of `loralab train`: list, show, compare")
     rsub = runs.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
     p = rsub.add_parser("list", help="one line per run")
-    p.add_argument("--study", help="only this study (default: every study under --out)")
+    p.add_argument("--study", help="only this study (default: every study under --out, and the run directories "
+                                   "of `loralab train` there)")
     p.add_argument("--status", help="only runs with this status")
     _root_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs_list)
     p = rsub.add_parser("show", help="one run: axes, outcome, final metrics")
-    p.add_argument("run")
-    p.add_argument("--study", required=True)
+    p.add_argument("run", help="a run directory (or its name under --out), or with --study a run of that study")
+    p.add_argument("--study", help="the study RUN belongs to (default: RUN is a run directory)")
     _root_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs_show)
     p = rsub.add_parser("compare", help="runs side by side: config differences and final metrics")
-    p.add_argument("runs", nargs="+")
-    p.add_argument("--study", required=True)
+    p.add_argument("runs", nargs="+", help="run directories (or names under --out), or with --study runs of that study")
+    p.add_argument("--study", help="the study the runs belong to (default: each is a run directory)")
     _root_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs_compare)
@@ -155,17 +161,20 @@ def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from loralab.study.execute import run_study
     from loralab.study.options import StudyOptions
+    from loralab.study.preflight import preflight
     from loralab.study.spec import load_study
-    from loralab.study.store import TO_RUN
     from loralab.track import prepare_study_trackers, track_study
 
     options = StudyOptions.from_args(args)  # refused here, before the study is even loaded
     study = load_study(args.study, quick=args.quick, model=args.model, data=args.data, overrides=args.overrides)
+    if args.name:
+        study.name = args.name  # checked by study_root: one path component
     track_study(study)
     root = study_root(args.out, study.name)
     study.place(root)
+    options.check(study.runs)
+    checks = preflight(study, max_memory=options.max_memory)  # every run's own checks, before any starts
     if args.dry_run:
-        options.check(study.runs)
         from loralab.study.spec import deviation_text
 
         rows = [{"name": r.name, **r.axes} for r in study.runs]
@@ -173,17 +182,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed_line = f"seed: {study.seed['source']}\n" if study.seed.get("source") else ""
         dev_lines = ("differences from the seed's setup:\n" + "\n".join(f"  - {d}" for d in devs) + "\n" if devs
                      else "no difference from the seed's setup\n" if study.seed.get("setup") else "")
+        skipped = "".join(f"\nwould be skipped: {n}: {why}" for n, why in checks.skipped.items())
         _emit(args, {"study": study.name, "root": str(root), "profile": study.profile, "runs": rows,
-                     "deviations": study.deviations},
-              f"study {study.name}: {len(rows)} runs in {root}\n{seed_line}{dev_lines}" + columns(rows, list(rows[0])))
-        return 0
+                     "deviations": study.deviations, **checks.to_json()},
+              f"study {study.name}: {len(rows)} runs in {root}\n{seed_line}{dev_lines}" + columns(rows, list(rows[0]))
+              + skipped + (f"\n{checks.text()}" if checks.cannot_run else ""))
+        return 2 if checks.cannot_run else 0
+    if checks.cannot_run:
+        raise ConfigError(f"{checks.text()}\nnothing was started; fix these (loralab study run ... --dry-run "
+                          "checks again without running)")
     prepare_study_trackers(study)
     result = run_study(study, root=root, options=options)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result["counts"].items()))
     _emit(args, result, f"study {study.name}: {result['runs']} runs ({counts}); ran {result['ran']} in "
                         f"{result['wall_time_s']:.0f} s\ndatabase: {result['database']}\n"
                         f"next: loralab study status {study.name} --out {args.out}")
-    return 0 if not any(s in result["counts"] for s in TO_RUN) else 1
+    return 0 if all(s in FINE for s in result["counts"]) else 1
+
+
+# The statuses of a study that went as asked: exit code 0. Anything else (failed, invalid,
+# diverged, out of memory, or runs left pending by --budget) is exit code 1.
+FINE = (Status.COMPLETED, Status.STOPPED_EARLY, Status.SKIPPED)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -210,7 +229,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not db.is_file():
         raise ConfigError(f"no study {args.name!r} under {args.out} ({db} does not exist)")
     paths = write_report(db, args.name, Path(args.dest) if args.dest else root / "report")
-    _emit(args, paths, "\n".join(f"{k}: {v}" for k, v in paths.items()))
+    paths = {k: [str(p) for p in v] if isinstance(v, (list, tuple)) else str(v) for k, v in paths.items()}
+    _emit(args, paths, "\n".join(f"{k}: {', '.join(v) if isinstance(v, list) else v}" for k, v in paths.items()))
     if args.open:
         import webbrowser
 
@@ -223,7 +243,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
     rows = [describe_preset(n) for n in preset_names()]
     text = columns(rows, ["name", "runs", "quick_runs", "metric", "question"])
-    _emit(args, rows, text + "\n\nrun one: loralab study run preset:NAME --quick [--model DIR --data FILE]")
+    _emit(args, {"presets": rows}, text + "\n\nrun one: loralab study run preset:NAME --quick [--model DIR --data FILE]")
     return 0
 
 
@@ -270,8 +290,15 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
                     continue
                 rows.append({"study": name, "name": r["name"], "status": r["status"], "metric": metric,
                              "value": r[metric], "wall_s": r["wall_s"], "peak_MiB": r["peak_MiB"]})
+    if not args.study:  # `loralab train` runs: run directories directly under --out
+        for d in sorted(p.parent for p in Path(args.out).glob(f"*/{SUMMARY}")):
+            r = _dir_detail(d, d.name)
+            if not args.status or r["status"] == args.status:
+                rows.append({"study": None, "name": r["name"], "status": r["status"], "metric": "eval_loss",
+                             "value": r["final_metrics"].get("eval_loss"), "wall_s": r.get("wall_time_s"),
+                             "peak_MiB": r["peak_memory_bytes"] / 2**20 if r.get("peak_memory_bytes") else None})
     text = columns(rows, ["study", "name", "status", "metric", "value", "wall_s", "peak_MiB"]) if rows else "no runs"
-    _emit(args, rows, text)
+    _emit(args, {"runs": rows}, text)
     return 0
 
 
@@ -289,9 +316,42 @@ def _run_detail(store, sid: int, name: str) -> dict[str, Any]:
     return detail
 
 
-def cmd_runs_show(args: argparse.Namespace) -> int:
+def run_directory(out: str, run: str) -> Path:
+    """A run given without --study: a run directory, or the name of one under ``out``."""
+    for p in (Path(run), Path(out) / run):
+        if (p / SUMMARY).is_file():
+            return p
+    raise ConfigError(f"no run directory {run} (nor {Path(out) / run}) with a {SUMMARY}; give a run directory, "
+                      "or --study NAME for a run of a study")
+
+
+def _dir_detail(run_dir: Path, name: str) -> dict[str, Any]:
+    """A run directory as runs show/compare describe a study's run: its summary, config and the
+    last value of every metric in its metrics.jsonl."""
+    from loralab.config import read_yaml
+    from loralab.rundir import RunDir
+    from loralab.study.store import metric_rows
+
+    rd = RunDir(run_dir)
+    summary = rd.read_summary() or {}
+    rows = sorted(metric_rows(rd.metrics))
+    final = {name: value for _, name, value in rows}
+    config = (read_yaml(rd.config) or {}) if rd.config.is_file() else {}
+    return {**summary, "name": name, "run_dir": str(run_dir), "axes": {}, "attempts": None,
+            "config": config, "final_metrics": final, "metric_points": len(rows)}
+
+
+def _details(args: argparse.Namespace, names: list[str]) -> list[dict[str, Any]]:
+    """Each named run's detail: of --study's runs, or of run directories."""
+    if not args.study:
+        return [_dir_detail(run_directory(args.out, n), n) for n in names]
     with open_store(args.out, args.study) as store:
-        d = _run_detail(store, store.study_id(args.study), args.run)
+        sid = store.study_id(args.study)
+        return [_run_detail(store, sid, n) for n in names]
+
+
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    d = _details(args, [args.run])[0]
     keys = ["name", "status", "axes", "attempts", "run_dir", "wall_time_s", "train_time_s", "tokens_per_s",
             "peak_memory_bytes", "estimated_memory_bytes", "trainable_params", "total_params", "stopped_at_step", "error"]
     rows = [(f"{k}:", d.get(k)) for k in keys] + [(f"final {k}:", v) for k, v in sorted(d["final_metrics"].items())]
@@ -304,9 +364,7 @@ def _flat(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_runs_compare(args: argparse.Namespace) -> int:
-    with open_store(args.out, args.study) as store:
-        sid = store.study_id(args.study)
-        details = [_run_detail(store, sid, n) for n in args.runs]
+    details = _details(args, args.runs)
     flats = [_flat(d["config"]) for d in details]
     differ = sorted(k for k in flats[0] if k != "output.dir" and any(f.get(k) != flats[0].get(k) for f in flats))
     metric_names = sorted({k for d in details for k in d["final_metrics"]})

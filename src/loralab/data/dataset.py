@@ -85,7 +85,8 @@ def to_records(rows: list[tuple[str, Any]], fmt: str, columns: dict[str, str]) -
         if missing:
             mapped = [f"data.columns maps {k} to {col[k]}" for k in FIELDS[fmt] if col[k] in missing and col[k] != k]
             raise DataError(f"{where}: missing field {', '.join(missing)} (format {fmt} needs "
-                            f"{', '.join(col[k] for k in FIELDS[fmt])}{'; ' + '; '.join(mapped) if mapped else ''})")
+                            f"{', '.join(col[k] for k in FIELDS[fmt])}{'; ' + '; '.join(mapped) if mapped else ''}); "
+                            + columns_hint(fmt, rec, columns))
         values = {k: rec.get(col[k]) for k in col}
         if values["input"] is None:  # absent, or an empty cell of a CSV/parquet column
             values["input"] = ""
@@ -97,6 +98,29 @@ def to_records(rows: list[tuple[str, Any]], fmt: str, columns: dict[str, str]) -
         else:
             out.append(Record(where, {"prompt": values["prompt"]}, values["completion"]))
     return out
+
+
+# Column names datasets often use for loralab's fields, most likely first (the hint of a missing-field error).
+LIKELY_COLUMNS = {"instruction": ("question", "query", "prompt", "problem", "instruction_text", "text", "input_text"),
+                  "output": ("answer", "response", "completion", "target", "solution", "output_text", "label"),
+                  "prompt": ("question", "instruction", "query", "text", "input_text"),
+                  "completion": ("answer", "response", "output", "target", "solution", "label")}
+
+
+def columns_hint(fmt: str, rec: dict[str, Any], columns: dict[str, str]) -> str:
+    """The record's columns and the data.columns line that would map them to ``fmt``'s fields."""
+    free = [c for c in rec if c not in columns.values()]
+    mapping = dict(columns)
+    for field_name in FIELDS[fmt]:
+        if mapping.get(field_name, field_name) in rec:
+            continue
+        guess = next((c for c in LIKELY_COLUMNS[field_name] if c in free), None)
+        mapping[field_name] = guess or f"<your {field_name} column>"
+        if guess:
+            free.remove(guess)
+    line = "{" + ", ".join(f"{k}: {v}" for k, v in mapping.items()) + "}"
+    return (f"the record has columns {', '.join(map(str, rec)) or '(none)'}: map them to loralab's fields with "
+            f"data.columns, e.g. --set data.columns=\"{line}\" (in the YAML, under data: columns: {line})")
 
 
 @dataclass
@@ -229,13 +253,24 @@ def load_splits(cfg: DataConfig, tokenizer, *, seed: int, context: int | None = 
         return [e for e in out if e.n_loss_tokens], truncated, sum(not e.n_loss_tokens for e in out)
 
     train, truncated, empty = cut(full_train)
-    val, truncated_val, _ = cut(full_val)
+    val, truncated_val, empty_val = cut(full_val)
+    how = f"auto, capped by the model's context of {context}" if cfg.max_seq_length == "auto" else "as set"
     if not train:
-        how = f"auto, capped by the model's context of {context}" if cfg.max_seq_length == "auto" else "as set"
         raise DataError(
             f"{cfg.path}: all {empty} training examples lose every response token to truncation at "
             f"data.max_seq_length = {max_len} ({how}); raise it (or set it to auto) or shorten the prompts"
         )
+    if full_val and not val:  # evaluation would score nothing: refused before training, not a NaN loss
+        source = cfg.val_path or f"{cfg.path} (the held-out data.val_fraction = {cfg.val_fraction})"
+        raise DataError(
+            f"{source}: all {empty_val} validation examples are longer than data.max_seq_length = {max_len} "
+            f"({how}) and lose every response token to truncation, so the run could not be evaluated; raise "
+            "data.max_seq_length (or set it to auto) or shorten the prompts"
+        )
+    if not full_val:
+        log.warning("no validation examples (%s): the run trains without evaluation and its final_eval_loss is null",
+                    "data.val_fraction = 0" if not cfg.val_path and cfg.val_fraction == 0 else
+                    f"none in {cfg.val_path or cfg.path} after the response-length filter and the split")
     stats = {
         "format": "messages" if kept[0].messages is not None else ("prompt_completion" if "prompt" in kept[0].prompt else "alpaca"),
         "n_train": len(train), "n_val": len(val), **split_info,

@@ -77,8 +77,9 @@ def accuracy_score(correct: int, n: int, skipped: int = 0) -> Score:
     return Score(acc.value, lo, hi, n, skipped)
 
 
-def mean_score(values: list[float], skipped: int = 0) -> Score:
-    """Mean with the normal-approximation 95% interval of the mean (sample sd)."""
+def mean_score(values: list[float], skipped: int = 0, *, bounds: tuple[float, float] | None = None) -> Score:
+    """Mean with the normal-approximation 95% interval of the mean (sample sd); ``bounds``: the
+    range the values live in (MC2, a probability: (0, 1)), which the interval is clipped to."""
     n = len(values)
     if not n:
         return Score(float("nan"), float("nan"), float("nan"), 0, skipped)
@@ -87,7 +88,10 @@ def mean_score(values: list[float], skipped: int = 0) -> Score:
         return Score(mean, float("nan"), float("nan"), n, skipped)
     var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
     half = Z95 * math.sqrt(var / n)
-    return Score(mean, mean - half, mean + half, n, skipped)
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return Score(mean, lo, hi, n, skipped)
 
 
 @dataclass
@@ -317,7 +321,7 @@ def score_mc(model, tokenizer, questions: list[MCQuestion], *, preamble: str = "
     if any(q.mc1 for q in questions):
         out["mc1"] = accuracy_score(mc1_hits, mc1_n, skipped1)
     if any(q.mc2 for q in questions):
-        out["mc2"] = mean_score(mc2_vals, skipped2)
+        out["mc2"] = mean_score(mc2_vals, skipped2, bounds=(0.0, 1.0))  # a probability: the interval stays in [0, 1]
     return out
 
 

@@ -134,7 +134,8 @@ class Store:
                     if existing[run.name] != config_json:
                         raise ConfigError(
                             f"study {name!r} in {self.path} already has a run {run.name!r} with a different config; "
-                            "give the study a new name (or another --out root) instead of mixing results")
+                            "start a fresh study with `loralab study run ... --name NEW_NAME` (or another --out root) "
+                            "instead of mixing results")
                     continue
                 db.execute("INSERT INTO runs (study_id, name, axes_json, config_json, status) VALUES (?, ?, ?, ?, ?)",
                            (sid, run.name, json.dumps(run.axes, default=str), config_json, Status.PENDING))

@@ -32,13 +32,13 @@ from typing import Any
 
 import torch
 
-from loralab.adapters import attach_lora, count_params, save_adapter
+from loralab.adapters import attach_lora, base_record, count_params, save_adapter
 from loralab.config import Config, TrackingConfig, dump_config, load_config
 from loralab.data.dataset import Example, Splits, collate, load_splits, model_context
 from loralab.data.packing import step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
 from loralab.halving import halving_rungs, keep_count, rank_key
-from loralab.models import load_base, pick_device
+from loralab.models import load_base, load_tokenizer, pick_device, read_config
 from loralab.progress import progress
 from loralab.rundir import (
     FINAL,
@@ -234,12 +234,16 @@ def needs_grad_scaler(model, autocast: str) -> bool:
 
 
 def load_group(cfgs: list[Config], *, fused: bool, progress: bool = False) -> Setup:
-    """Load the base once, put in the runs' adapters, read data and evaluation tasks
+    """Read and check the data and evaluation tasks (with the tokenizer and config.json: bad
+    data fails before any weights load), then load the base once and put in the runs' adapters
     (``progress``: transformers' loading bar, on a terminal)."""
     cfg = cfgs[0]  # every shared key is equal across a group (fused.check_group)
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.model.device)
-    base, tokenizer = load_base(cfg.model, cfg.quant, progress=progress)
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    model_config = read_config(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    splits, tasks = load_data_and_tasks(cfg, model_config, tokenizer)
+    base, tokenizer = load_base(cfg.model, cfg.quant, progress=progress, tokenizer=tokenizer)
     if fused:
         adapters = FusedAdapters(base, cfgs)
         attention = packed_attention(cfg, base)  # a property of the base, checked before the adapters go in
@@ -253,7 +257,6 @@ def load_group(cfgs: list[Config], *, fused: bool, progress: bool = False) -> Se
     trainable, total = adapters.counts(0)
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}",
              100 * trainable / total)
-    splits, tasks = load_data_and_tasks(cfg, base, tokenizer)
     return Setup(adapters, tokenizer, splits, tasks, device, attention, needs_grad_scaler(base, cfg.train.autocast))
 
 
@@ -267,15 +270,18 @@ def enable_activation_checkpointing(base, model_path: str) -> None:
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def load_data_and_tasks(cfg: Config, model, tokenizer) -> tuple[Splits, list]:
-    """The run's splits, checked against the model's context, and its evaluation tasks
-    (resolved before training, so a bad task file fails at once)."""
-    splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed, context=model_context(model.config))
+def load_data_and_tasks(cfg: Config, model_config, tokenizer) -> tuple[Splits, list]:
+    """The run's splits, checked against the model's context (``model_config``: its transformers
+    config, or the model), and its evaluation tasks (resolved before training, so a bad task file
+    fails at once)."""
+    model_config = getattr(model_config, "config", model_config)
+    splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed, context=model_context(model_config))
     cfg.data.max_seq_length = splits.stats["max_seq_length"]  # data.max_seq_length: auto, resolved from the data
-    check_context(cfg, model, splits)
+    check_context(cfg, model_config, splits)
     if splits.truncated_to_nothing:
         log.warning("%d examples lost every response token to truncation at max_seq_length=%d and were skipped",
                     splits.truncated_to_nothing, cfg.data.max_seq_length)
+    warn_if_warmup_outlasts(cfg, plan_steps(cfg, len(splits.train)))
     tasks = []
     if cfg.eval.tasks:
         from loralab.evaluate.tasks import resolve_tasks
@@ -284,9 +290,18 @@ def load_data_and_tasks(cfg: Config, model, tokenizer) -> tuple[Splits, list]:
     return splits, tasks
 
 
-def check_context(cfg: Config, model, splits: Splits) -> None:
+def warn_if_warmup_outlasts(cfg: Config, steps: int) -> None:
+    """train.warmup_steps beyond the run's steps: the learning rate never reaches train.lr."""
+    warmup = cfg.train.warmup_steps
+    if warmup > steps:
+        log.warning("WARNING: train.warmup_steps = %d is more than the run's %d steps: the learning rate never "
+                    "reaches train.lr = %g (it peaks at %d/%d of it, %.3g); set train.warmup_steps below %d",
+                    warmup, steps, cfg.train.lr, steps, warmup, cfg.train.lr * steps / warmup, steps)
+
+
+def check_context(cfg: Config, model_config, splits: Splits) -> None:
     """Refuse examples longer than the positions the model was built for (before they crash a step)."""
-    config = model.config
+    config = getattr(model_config, "config", model_config)
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if not context:
         return
@@ -446,7 +461,8 @@ def evaluate(setup: Setup, runs: list[Run], *, step: int, batch_size: int) -> No
             task_values = run_eval_tasks(setup.adapters.model, setup.tokenizer, setup.tasks, batch_size=batch_size)
         for k, v in task_values.items():
             state.task_history.setdefault(k, []).append(v)
-        run.metrics.write(step=step, eval_loss=eval_loss, tokens_seen=state.tokens_seen, **task_values)
+        run.metrics.write(step=step, eval_loss=eval_loss if setup.splits.val else None, tokens_seen=state.tokens_seen,
+                          **task_values)
 
 
 def halve_micro_batch(data_cfg: Config, runs: list[Run], *, done: int, peak: PeakMemory, where: str) -> None:
@@ -703,7 +719,7 @@ def run_result(run: Run, setup: Setup, *, steps: int, extra: dict[str, Any] | No
         dropped_by_length_filter=splits.dropped_by_length,
         truncated_to_no_response=splits.truncated_to_nothing,
         data_stats=splits.stats,
-        final_eval_loss=st.eval_loss if st.eval_loss is not None else float("nan"),
+        final_eval_loss=st.eval_loss,
         best_eval_loss=st.best_eval_loss,
         final_eval_tasks={k: v[-1] for k, v in st.task_history.items()},
         best_eval_tasks={k: best_of(k, v) for k, v in st.task_history.items()},
@@ -774,7 +790,9 @@ def open_runs(cfgs: list[Config], run_dirs: list[Path], *, resume: bool, fused: 
             clear_run_outputs(rd)
         dump_config(cfg, rd.config)
         summary = {"status": Status.RUNNING, "error": None, "run_dir": str(path), "versions": versions(),
-                   "trust_remote_code": cfg.model.trust_remote_code, **group_extra(path)}
+                   "trust_remote_code": cfg.model.trust_remote_code,
+                   "base": base_record(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code),
+                   **group_extra(path)}
         run = Run(len(runs), cfg, rd, summary)
         if not fused:  # a fused group's runs go to their trackers when the group ends (loralab.track)
             run.tracker = open_trackers(cfg, path, resume=resume)

@@ -1,0 +1,439 @@
+"""The command line as a user meets it (issue 26): adapters know their base, checks come before
+work, exit codes and JSON mean what they say. Each test runs ``loralab ...`` on small random-init
+models of real architectures and instruction data, and checks the message, the exit code and
+that nothing was half-written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loralab.adapters import BASE_RECORD
+from loralab.cli import main
+from userdata import instruction_records, write_jsonl
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def train_args(model: Path, data: Path, out: Path, *more: str) -> list[str]:
+    """``loralab train`` of a 2-step run on ``model`` and ``data`` into ``out``."""
+    sets = {"model.path": model, "model.device": "cpu", "data.path": data, "data.max_seq_length": 256,
+            "train.max_steps": 2, "train.batch_size": 4, "train.micro_batch_size": 4, "train.warmup_steps": 0}
+    return ["train", "--out", str(out), *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")], *more]
+
+
+@pytest.fixture(scope="module")
+def qwen_run(tiny_model_dir, tmp_path_factory):
+    """A completed run trained on a tiny Qwen2."""
+    root = tmp_path_factory.mktemp("user")
+    data = write_jsonl(root / "train.jsonl", instruction_records(24))
+    out = root / "qwen1"
+    assert main(train_args(tiny_model_dir("qwen2"), data, out)) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- 1. adapters know their base
+
+
+def test_adapter_records_its_base_and_refuses_another(capsys, caplog, qwen_run, tiny_model_dir, tmp_path):
+    record = json.loads((qwen_run / "adapter" / BASE_RECORD).read_text())
+    assert record["model_type"] == "qwen2" and record["architectures"] == ["Qwen2ForCausalLM"]
+    assert record["sizes"]["hidden_size"] == 32 and record["path"] == str(tiny_model_dir("qwen2"))
+    llama = str(tiny_model_dir("llama"))
+    merged = tmp_path / "merged"
+    for argv in (["eval", "--model", llama, "--adapter", str(qwen_run), "--tasks", "arithmetic_2ds", "--limit", "2"],
+                 ["generate", "--model", llama, "--adapter", str(qwen_run), "Hi"],
+                 ["merge", str(qwen_run), str(merged), "--model", llama]):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2, argv
+        assert out == ""
+        assert f"adapter {qwen_run} was trained on {tiny_model_dir('qwen2')} (qwen2 Qwen2ForCausalLM" in err
+        assert f"not on {llama} (llama LlamaForCausalLM" in err and "--force" in err
+    assert not merged.exists() and not list(tmp_path.iterdir())  # nothing half-written
+
+    # --force uses it knowingly, with a warning naming both bases
+    code, out, err = run_cli(capsys, "generate", "--model", llama, "--adapter", str(qwen_run), "--force",
+                             "--max-new-tokens", "2", "Hi")
+    assert code == 0 and "was trained on" in caplog.text and "--force: using it anyway" in caplog.text
+
+
+def test_adapter_on_its_own_base_and_an_older_adapter(capsys, caplog, qwen_run, tiny_model_dir, tmp_path):
+    caplog.set_level("INFO", logger="loralab")
+    qwen = str(tiny_model_dir("qwen2"))
+    code, _, err = run_cli(capsys, "generate", "--model", qwen, "--adapter", str(qwen_run), "--max-new-tokens", "2", "Hi")
+    assert code == 0 and "trained on" not in caplog.text
+    # an adapter saved before loralab recorded bases: accepted, with a one-line note
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in (qwen_run / "adapter").iterdir():
+        if f.name != BASE_RECORD:
+            (old / f.name).write_bytes(f.read_bytes())
+    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_model_dir("llama")), "--adapter", str(old),
+                           "--max-new-tokens", "2", "Hi")
+    assert code == 0 and f"note: {old} has no record of its base model" in caplog.text
+
+
+def test_resume_refuses_a_changed_base(capsys, tiny_model_dir, tmp_path):
+    """A paused run whose base directory was replaced by another model: --resume refuses it."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir("qwen2"), base)
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24))
+    run = tmp_path / "paused"
+    assert main(train_args(base, data, run, "--set", "train.stop_at_step=1")) == 0
+    assert json.loads((run / "summary.json").read_text())["base"]["model_type"] == "qwen2"
+    shutil.rmtree(base)
+    shutil.copytree(tiny_model_dir("llama"), base)
+    before = (run / "summary.json").read_text()
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--set", "train.stop_at_step=null")
+    assert code == 2 and f"adapter {run} was trained on {base} (qwen2" in err and "(llama LlamaForCausalLM" in err
+    assert (run / "summary.json").read_text() == before  # the paused run is left as it was
+
+
+# ----------------------------------------------------------------------------- 4. no validation examples
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as strict parsers do."""
+    def refuse(name: str):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_validation_set_truncated_away_is_refused_before_training(capsys, tiny_model_dir, tmp_path):
+    short = [{"instruction": f"What is {a} plus 1?", "input": "", "output": str(a + 1)} for a in range(16)]
+    long = [{"instruction": "Summarize: " + "the river runs by the old mill " * 20, "input": "", "output": "A mill."}
+            for _ in range(9)]
+    data = write_jsonl(tmp_path / "train.jsonl", short)
+    val = write_jsonl(tmp_path / "val.jsonl", long)
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, *train_args(tiny_model_dir("qwen2"), data, out, "--set", f"data.val_path={val}",
+                                                   "--set", "data.max_seq_length=48", "--json"))
+    assert code == 2 and stdout == ""
+    assert (f"{val}: all 9 validation examples are longer than data.max_seq_length = 48 (as set) and lose every "
+            "response token to truncation, so the run could not be evaluated") in err
+    summary = strict_json((out / "summary.json").read_text())
+    assert summary["status"] == "invalid" and "all 9 validation examples" in summary["error"]
+    assert not (out / "adapter").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_no_validation_set_trains_without_evaluation_and_json_is_strict(capsys, caplog, tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(16))
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, *train_args(tiny_model_dir("qwen2"), data, out, "--set", "data.val_fraction=0",
+                                                  "--json"))
+    assert code == 0
+    summary = strict_json(stdout)  # strict JSON: null, never NaN
+    assert summary["status"] == "completed" and summary["val_examples"] == 0 and summary["final_eval_loss"] is None
+    assert "no validation examples (data.val_fraction = 0): the run trains without evaluation" in caplog.text
+    assert strict_json((out / "summary.json").read_text())["final_eval_loss"] is None
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        strict_json(line)
+    code, stdout, _ = run_cli(capsys, *train_args(tiny_model_dir("qwen2"), data, tmp_path / "run2",
+                                                  "--set", "data.val_fraction=0"))
+    assert code == 0 and "final eval loss:  none (no validation examples: trained without evaluation)" in stdout
+
+
+# ----------------------------------------------------------------------------- 2. study run: checks first, exit codes
+
+
+def study_base(model: Path, data: Path) -> dict:
+    return {"model": {"path": str(model), "device": "cpu"},
+            "data": {"path": str(data), "max_seq_length": 256, "val_max_examples": 4},
+            "lora": {"r": 4, "alpha": 8},
+            "train": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 4, "warmup_steps": 0, "log_every": 1},
+            "output": {"save_adapter": False}}
+
+
+def test_study_dry_run_makes_the_runs_checks_and_a_real_run_starts_none(capsys, tiny_model_dir, tmp_path):
+    from studytools import write_study
+
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24))
+    study = write_study(tmp_path, "s", base=study_base(tiny_model_dir("qwen2"), data), axes={"lora.r": [4, 8]})
+    out = tmp_path / "runs"
+    bad = ["--model", str(tmp_path / "modles" / "qwen"), "--data", str(tmp_path / "trian.jsonl"), "--out", str(out)]
+    code, stdout, err = run_cli(capsys, "study", "run", str(study), *bad, "--dry-run")
+    assert code == 2
+    assert "2 of 2 runs cannot run:" in stdout
+    assert f"model.path {tmp_path / 'modles' / 'qwen'}: no such directory [all 2 runs]" in stdout
+    assert f"dataset file {tmp_path / 'trian.jsonl'} does not exist [all 2 runs]" in stdout
+    code, stdout, err = run_cli(capsys, "study", "run", str(study), *bad)
+    assert code == 2 and stdout == ""
+    assert "2 of 2 runs cannot run:" in err and "nothing was started" in err
+    assert not out.exists()  # no database, no run directory
+
+    # roles against the architecture: GPT-2 fuses query, key and value
+    gpt2 = write_study(tmp_path, "g", base=study_base(tiny_model_dir("gpt2"), data), axes={"lora.r": [4, 8]})
+    code, stdout, err = run_cli(capsys, "study", "run", str(gpt2), "--out", str(out))
+    assert code == 2 and "lora.targets asks for query, value alone, but GPT-2 fuses query, key and value" in err
+    assert not out.exists()
+
+
+@pytest.mark.slow  # two studies, each run in its own `loralab train` process: ~25 s
+def test_study_exit_codes_and_name(capsys, tiny_model_dir, tmp_path):
+    from studytools import write_study
+
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24))
+    study = write_study(tmp_path, "s", base=study_base(tiny_model_dir("qwen2"), data), axes={"lora.r": [4]})
+    out = tmp_path / "runs"
+    code, stdout, _ = run_cli(capsys, "study", "run", str(study), "--out", str(out))
+    assert code == 0 and "1 runs (1 completed)" in stdout
+    code, stdout, _ = run_cli(capsys, "study", "report", "s", "--out", str(out))  # 11: paths printed as text
+    assert code == 0 and "PosixPath" not in stdout and f"html: {out / 's' / 'report' / 'report.html'}" in stdout
+    # the same study with a changed config: refused, pointing at --name
+    code, _, err = run_cli(capsys, "study", "run", str(study), "--out", str(out), "--set", "data.val_max_examples=2")
+    assert code == 2 and "already has a run 'r4' with a different config" in err and "--name NEW_NAME" in err
+    # --name starts a fresh study; its run ends invalid (every validation example truncated away): exit 1
+    long = [{"instruction": "Summarize: " + "the river runs by the old mill " * 20, "input": "", "output": "A mill."}] * 3
+    val = write_jsonl(tmp_path / "val.jsonl", long)
+    code, stdout, _ = run_cli(capsys, "study", "run", str(study), "--out", str(out), "--name", "s-val",
+                              "--set", f"data.val_path={val}", "--set", "data.max_seq_length=48")
+    assert code == 1 and "study s-val: 1 runs (1 invalid)" in stdout
+    assert (out / "s-val" / "study.db").is_file() and (out / "s" / "study.db").is_file()
+
+
+# ----------------------------------------------------------------------------- 3. the study metric is checked
+
+
+def test_study_metric_is_checked_against_what_the_runs_write(capsys, tiny_model_dir, tmp_path):
+    from studytools import write_study
+
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24))
+    base = study_base(tiny_model_dir("qwen2"), data)
+    out = tmp_path / "runs"
+    for metric, hint in (("eval_los", "did you mean eval_loss?"),
+                         ("arithmetic_2ds/exact_mach", "did you mean arithmetic_2ds/exact_match?")):
+        study = write_study(tmp_path, "m", base={**base, "eval": {"tasks": ["arithmetic_2ds"], "limit": 2}},
+                            axes={"lora.r": [4]}, metric=metric)
+        for dry in (["--dry-run"], []):
+            code, stdout, err = run_cli(capsys, "study", "run", str(study), "--out", str(out), *dry)
+            assert code == 2 and stdout == ""
+            assert f"{study}: metric {metric!r} is not written by any run of study m ({hint})" in err
+            assert "arithmetic_2ds/exact_match" in err and "eval_loss" in err
+    assert not out.exists()
+    # a task metric the runs do write passes
+    study = write_study(tmp_path, "m", base={**base, "eval": {"tasks": ["arithmetic_2ds"], "limit": 2}},
+                        axes={"lora.r": [4]}, metric="arithmetic_2ds/exact_match")
+    assert run_cli(capsys, "study", "run", str(study), "--out", str(out), "--dry-run")[0] == 0
+
+
+# ----------------------------------------------------------------------------- 6. errors name their source
+
+
+def test_set_errors_name_the_flag_not_the_file(capsys, tiny_model_dir, tmp_path):
+    config = tmp_path / "qwen.yaml"
+    config.write_text(f"model:\n  path: {tiny_model_dir('qwen2')}\n  device: cpu\nlora:\n  r: 8\n", encoding="utf-8")
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "train", str(config), "--set", "lora.rank=4", "--out", str(out))
+    assert code == 2 and stdout == ""
+    assert "loralab train: error: --set lora.rank=4: unknown key lora.rank (did you mean lora.r?); lora has r, " in err
+    assert "qwen.yaml" not in err
+    assert json.loads((out / "summary.json").read_text())["status"] == "invalid"  # recorded, nothing else written
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
+    # a problem in the file is still the file's; one on the command line is the flag's
+    config.write_text("lora:\n  rank: 8\n", encoding="utf-8")
+    code, _, err = run_cli(capsys, "train", str(config), "--set", "train.lr=-1", "--out", str(out))
+    assert code == 2 and f"{config}: invalid configuration:" in err
+    assert "  - unknown key lora.rank (did you mean lora.r?)" in err
+    assert "  - --set train.lr=-1: train.lr must be > 0 (got -1.0)" in err
+    code, _, err = run_cli(capsys, "estimate", "--model", "tiny", "--set", "lora.lora_alpha=32")
+    assert code == 2 and "--set lora.lora_alpha=32: unknown key lora.lora_alpha (did you mean lora.alpha?)" in err
+
+
+# ----------------------------------------------------------------------------- 7. data before the model
+
+
+def test_data_is_checked_before_the_model_loads_and_the_hint_maps_the_columns(capsys, caplog, tiny_model_dir, tmp_path):
+    import csv
+
+    caplog.set_level("INFO", logger="loralab")
+    data = tmp_path / "qa.csv"
+    with data.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "question", "answer"])
+        w.writerows([i, f"What is {i} plus 1?", f"It is {i + 1}."] for i in range(16))
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, *train_args(tiny_model_dir("qwen2"), data, out))
+    assert code == 2
+    assert f"{data}, row 0: missing field instruction, output (format alpaca needs instruction, output)" in err
+    assert "the record has columns id, question, answer" in err
+    hint = '--set data.columns="{instruction: question, output: answer}"'
+    assert hint in err
+    assert "trainable params" not in caplog.text  # no model was loaded, no adapter attached
+    assert json.loads((out / "summary.json").read_text())["status"] == "invalid"
+    assert not (out / "adapter").exists() and not (out / "metrics.jsonl").exists()
+    # the line the message shows is the one that works
+    code, _, _ = run_cli(capsys, *train_args(tiny_model_dir("qwen2"), data, tmp_path / "run2"), "--set",
+                         "data.columns={instruction: question, output: answer}")
+    assert code == 0
+
+
+# ----------------------------------------------------------------------------- 11. smaller things
+
+
+def test_smaller_things(capsys, caplog, tiny_model_dir, tmp_path):
+    from loralab.evaluate.metrics import mean_score
+
+    caplog.set_level("INFO", logger="loralab")
+    # warmup longer than the run: said at once
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24))
+    run = tmp_path / "paused"
+    assert main(train_args(tiny_model_dir("qwen2"), data, run, "--set", "train.warmup_steps=10",
+                           "--set", "train.stop_at_step=1")) == 0
+    assert ("train.warmup_steps = 10 is more than the run's 2 steps: the learning rate never reaches train.lr = "
+            "0.0003 (it peaks at 2/10 of it, 6e-05)") in caplog.text
+    # resuming a paused run as it is pauses again at once: said, and --help says how to finish it
+    caplog.clear()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "the run is paused at step 1 by train.stop_at_step = 1 and pauses again at once; finish it with " \
+           "--set train.stop_at_step=null" in caplog.text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "finish it with --set train.stop_at_step=null" in " ".join(capsys.readouterr().out.split())
+    # MC2, a probability: its interval stays in [0, 1], from the command line as in the library
+    low = mean_score([0.0, 0.0, 0.9], bounds=(0.0, 1.0))
+    assert low.ci_low == 0.0 and low.ci_high == pytest.approx(0.3 + 1.96 * (0.27 / 3) ** 0.5)
+    code, stdout, _ = run_cli(capsys, "eval", "--model", "builtin:tiny", "--tasks", "world_mc", "--limit", "3", "--json")
+    mc2 = next(r for r in json.loads(stdout)["results"] if r["metric"] == "mc2")
+    assert code == 0 and 0.0 <= mc2["ci_low"] <= mc2["value"] <= mc2["ci_high"] <= 1.0
+    # --json is one object everywhere
+    code, stdout, _ = run_cli(capsys, "study", "presets", "--json")
+    assert code == 0 and {p["name"] for p in json.loads(stdout)["presets"]} >= {"rank_alpha_grid", "targets"}
+    code, stdout, _ = run_cli(capsys, "runs", "list", "--out", str(tmp_path / "none"), "--json")
+    assert code == 0 and json.loads(stdout) == {"runs": []}
+
+
+# ----------------------------------------------------------------------------- 9. runs of `loralab train`
+
+
+def test_runs_list_show_compare_see_train_runs(capsys, tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24))
+    out = tmp_path / "runs"
+    for name, r in (("a", 4), ("b", 8)):
+        assert main(train_args(tiny_model_dir("qwen2"), data, out / name, "--set", f"lora.r={r}")) == 0
+    capsys.readouterr()
+    code, stdout, _ = run_cli(capsys, "runs", "list", "--out", str(out), "--json")
+    rows = json.loads(stdout)["runs"]
+    assert code == 0 and [(r["name"], r["status"], r["study"]) for r in rows] == [("a", "completed", None),
+                                                                                   ("b", "completed", None)]
+    summary_a = json.loads((out / "a" / "summary.json").read_text())
+    assert rows[0]["value"] == pytest.approx(summary_a["final_eval_loss"])
+    code, stdout, _ = run_cli(capsys, "runs", "show", str(out / "a"), "--json")
+    shown = json.loads(stdout)
+    assert code == 0 and shown["status"] == "completed" and shown["config"]["lora"]["r"] == 4
+    assert shown["final_metrics"]["eval_loss"] == pytest.approx(summary_a["final_eval_loss"])
+    code, stdout, _ = run_cli(capsys, "runs", "compare", "a", "b", "--out", str(out), "--json")
+    compared = json.loads(stdout)
+    assert code == 0 and compared["differences"] == ["lora.r"]
+    assert {r["field"]: (r["a"], r["b"]) for r in compared["rows"]}["lora.r"] == (4, 8)
+    code, _, err = run_cli(capsys, "runs", "show", "nope", "--out", str(out))
+    assert code == 2 and f"no run directory nope (nor {out / 'nope'})" in err
+
+
+# ----------------------------------------------------------------------------- 10. a run picks its device
+
+
+def test_device_accepts_cuda_n_and_the_commands_take_device(capsys, tiny_model_dir, tmp_path):
+    import torch
+
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24))
+    qwen = tiny_model_dir("qwen2")
+    code, _, err = run_cli(capsys, *train_args(qwen, data, tmp_path / "bad", "--set", "model.device=gpu1"))
+    assert code == 2 and "model.device must be auto, cpu, cuda or cuda:N (a GPU's index, e.g. cuda:1) (got 'gpu1')" in err
+    for argv in (["generate", "--device", "gpu1", "Hi"], ["eval", "--model", str(qwen), "--device", "gpu1"],
+                 ["train", "--device", "gpu1"]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2 and "--device must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    # cuda:N is a device: taken from --set and --device alike, refused clearly where it is not usable
+    out = tmp_path / "gpu"
+    for flag in (["--set", "model.device=cuda:1"], ["--device", "cuda:1"]):
+        code, _, err = run_cli(capsys, *train_args(qwen, data, out), *flag)
+        if not torch.cuda.is_available():
+            assert code == 2 and "model.device is cuda:1 but CUDA is not usable" in err
+        elif torch.cuda.device_count() < 2:
+            assert code == 2 and "model.device is cuda:1 but this process sees 1 CUDA device(s)" in err
+    # --device on train is --set model.device
+    code, _, _ = run_cli(capsys, *train_args(qwen, data, tmp_path / "cpu"), "--device", "cpu")
+    assert code == 0 and "device: cpu" in (tmp_path / "cpu" / "config.yaml").read_text()
+    code, _, _ = run_cli(capsys, "generate", "--model", str(qwen), "--device", "cpu", "--max-new-tokens", "2", "Hi")
+    assert code == 0
+
+
+# ----------------------------------------------------------------------------- 5. generate --adapter RUN_DIR
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_generate_uses_the_runs_model_and_chat_template(capsys, caplog, tiny_model_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    caplog.set_level("INFO", logger="loralab")
+    model = tmp_path / "chat-qwen"
+    shutil.copytree(tiny_model_dir("qwen2"), model)
+    tok = AutoTokenizer.from_pretrained(str(model))
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.chat_template = CHATML
+    tok.save_pretrained(str(model))
+    chats = [{"messages": [{"role": "user", "content": f"What is {i} plus 1?"},
+                           {"role": "assistant", "content": f"It is {i + 1}."}]} for i in range(24)]
+    run = tmp_path / "chat-run"
+    assert main(train_args(model, write_jsonl(tmp_path / "chat.jsonl", chats), run)) == 0
+    capsys.readouterr()
+    # no --model: the run's base, and the chat template it trained with
+    code, stdout, _ = run_cli(capsys, "generate", "--adapter", str(run), "--max-new-tokens", "2", "--json", "Hi")
+    result = json.loads(stdout)
+    assert code == 0 and result["model"] == str(model) and result["template"] == "chat"
+    assert f"generating with {run} on {model}, prompt template chat" in caplog.text
+    # --template overrides; an Alpaca run keeps Alpaca
+    code, stdout, _ = run_cli(capsys, "generate", "--adapter", str(run), "--template", "alpaca", "--max-new-tokens",
+                              "2", "--json", "Hi")
+    assert code == 0 and json.loads(stdout)["template"] == "alpaca"
+    from loralab.cli.run import generation_prompt
+
+    assert generation_prompt("Hi", "chat", tok) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+# ----------------------------------------------------------------------------- 8. estimate as the run would be
+
+
+def test_estimate_uses_this_machines_device_and_counts_as_train(capsys, tiny_model_dir, tmp_path):
+    import torch
+
+    from loralab.models import resolve_dtype
+
+    qwen = tiny_model_dir("qwen2")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {{path: {qwen}}}\ndata: {{max_seq_length: 256}}\n", encoding="utf-8")
+    code, stdout, _ = run_cli(capsys, "estimate", str(config), "--json")
+    est = json.loads(stdout)
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    assert code == 0 and est["settings"]["device"] == here and est["settings"]["dtype"] == resolve_dtype("auto", here)
+    assert any(n.startswith(f"model.device auto: estimated for {here}, where a run would train on this machine")
+               for n in est["approximate"])
+    code, stdout, _ = run_cli(capsys, "estimate", str(config))
+    assert f"total params      {est['total_params']:,} (base {est['base_params']:,} + adapter" in stdout
+    assert f"({100 * est['trainable_share']:.4f}% of {est['total_params']:,})" in stdout
+    # the same counts as the run: total = base + adapter, the share's denominator in both
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24))
+    code, stdout, _ = run_cli(capsys, *train_args(qwen, data, tmp_path / "run"), "--json")
+    summary = json.loads(stdout)
+    assert (summary["total_params"], summary["trainable_params"]) == (est["total_params"], est["trainable_params"])
+    code, stdout, _ = run_cli(capsys, *train_args(qwen, data, tmp_path / "run2"))
+    share = 100 * est["trainable_params"] / est["total_params"]
+    assert f"{est['trainable_params']:,} / {est['total_params']:,} ({share:.4f}%; total = base + adapter)" in stdout
+    # an explicit device still estimates for it (a GPU run planned on a laptop)
+    code, stdout, _ = run_cli(capsys, "estimate", str(config), "--device", "cuda", "--json")
+    assert json.loads(stdout)["settings"]["device"] == "cuda"
