@@ -52,6 +52,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "speed.json"
+WORKER_SCRIPT = __file__  # the script whose --worker runs loralab's side (bench_user.py sets its own)
 REPEATS = 1  # --repeats: runs of each side per case
 THREADS = 1  # --threads; one by default: on a machine shared with other jobs a second thread mostly adds spin-waiting
 GLOBAL_BATCH = 16
@@ -141,13 +142,13 @@ def build_big_model(out: Path) -> Path:
     return out
 
 
-def example_lengths(model_path: str, train: Path, val: Path) -> list[int]:
+def example_lengths(model_path: str, train: Path, val: Path, *, max_len: int = MAX_LEN) -> list[int]:
     from loralab.config import DataConfig
     from loralab.data.dataset import load_splits
     from loralab.models import load_tokenizer
 
     tok = load_tokenizer(model_path)
-    splits = load_splits(DataConfig(path=str(train), val_path=str(val), max_seq_length=MAX_LEN), tok, seed=0)
+    splits = load_splits(DataConfig(path=str(train), val_path=str(val), max_seq_length=max_len), tok, seed=0)
     return [len(e.input_ids) for e in splits.train]
 
 
@@ -221,11 +222,12 @@ def run_worker(kind: str, spec: dict) -> dict:
     if kind == "reference":
         cmd = [sys.executable, str(REPO / "bench" / "reference_trainer.py"), "--model", spec["model"],
                "--train", spec["train"], "--val", spec["val"], "--dtype", spec["dtype"], "--quant", spec["quant"],
-               "--micro-batch", str(spec["micro_batch"]), "--batch", str(GLOBAL_BATCH), "--steps", str(spec["steps"]),
-               "--lr", str(LR), "--warmup", str(WARMUP), "--max-len", str(MAX_LEN), "--seed", str(spec["seed"]),
+               "--micro-batch", str(spec["micro_batch"]), "--batch", str(spec.get("batch", GLOBAL_BATCH)),
+               "--steps", str(spec["steps"]), "--lr", str(spec.get("lr", LR)), "--warmup", str(WARMUP),
+               "--max-len", str(spec.get("max_len", MAX_LEN)), "--seed", str(spec["seed"]),
                "--threads", str(THREADS), "--out", str(out)]
     else:
-        cmd = [sys.executable, __file__, "--worker", kind, "--spec", json.dumps(spec), "--worker-out", str(out)]
+        cmd = [sys.executable, WORKER_SCRIPT, "--worker", kind, "--spec", json.dumps(spec), "--worker-out", str(out)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0

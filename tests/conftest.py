@@ -118,6 +118,9 @@ def make_cfg(model_path, out_dir, *overrides: str, **kw):
     base = {
         "model.path": str(model_path),
         "model.device": "cpu",
+        # fp32: these configs serve maths checks to 1e-6 (fused = solo, packed = padded, resumed =
+        # uninterrupted); bf16, auto's choice on CPUs with AMX/AVX512-BF16, has tests of its own.
+        "model.dtype": "fp32",
         "data.path": "builtin:arithmetic_2ds",
         "data.limit": 64,
         "data.val_max_examples": 16,

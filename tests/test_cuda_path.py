@@ -76,9 +76,14 @@ def fake_nvidia_smi(tmp_path, monkeypatch, *, ok: bool = True, cuda_version: str
 # --- dtype -------------------------------------------------------------------------------------
 
 
-def test_auto_dtype_is_fp32_on_cpu_and_follows_the_gpu(monkeypatch):
+def test_auto_dtype_is_bf16_where_the_device_multiplies_it_natively(monkeypatch):
     assert ModelConfig().dtype == "auto"
+    monkeypatch.setattr(models, "cpu_bf16_feature", lambda: "AMX-BF16")
+    name, why = models.dtype_choice("auto", "cpu")
+    assert name == "bf16" and "the CPU has AMX-BF16" in why
+    monkeypatch.setattr(models, "cpu_bf16_feature", lambda: None)  # an older CPU: bf16 would be emulated
     assert resolve_dtype("auto", "cpu") == "fp32"
+    assert "neither AMX-BF16 nor AVX512-BF16" in models.dtype_choice("auto", "cpu")[1]
     assert resolve_dtype(ModelConfig(dtype="bf16"), "cpu") == "bf16"
     assert resolve_dtype("fp16", torch.device("cpu")) == "fp16"
     assert resolve_dtype("auto", "cuda") == "bf16"  # a GPU that is not here (estimates): today's GPUs
@@ -87,6 +92,15 @@ def test_auto_dtype_is_fp32_on_cpu_and_follows_the_gpu(monkeypatch):
     fake_cuda(monkeypatch, (7, 5))  # T4: no bf16
     assert resolve_dtype("auto", torch.device("cuda", 0)) == "fp16"
     assert resolve_dtype("fp32", "cuda") == "fp32"
+
+
+def test_this_cpus_bf16_feature_is_read_from_the_hardware():
+    """The detection agrees with the kernel's own list of CPU flags."""
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
+    want = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+    assert models.cpu_bf16_feature() == want
+    assert resolve_dtype("auto", "cpu") == ("fp32" if want is None else "bf16")
 
 
 def test_load_base_goes_straight_to_the_gpu_in_bf16(monkeypatch, captured):
@@ -108,13 +122,18 @@ def test_load_base_on_an_older_gpu_is_fp16(monkeypatch, captured):
     assert captured[0]["dtype"] is torch.float16
 
 
-def test_load_base_on_cpu_is_fp32_without_device_map(captured):
+def test_load_base_on_cpu_has_no_device_map_and_auto_follows_the_cpu(captured, monkeypatch, caplog):
+    monkeypatch.setattr(models, "cpu_bf16_feature", lambda: None)
     model, _ = load_base(ModelConfig(device="cpu"), QuantConfig())
-    (kw,) = captured
-    assert "device_map" not in kw and kw["dtype"] is torch.float32
+    assert "device_map" not in captured[-1] and captured[-1]["dtype"] is torch.float32
     assert next(model.parameters()).device.type == "cpu"
     assert next(model.parameters()).dtype == torch.float32
     assert model.config._attn_implementation == "sdpa"
+    monkeypatch.setattr(models, "cpu_bf16_feature", lambda: "AVX512-BF16")
+    with caplog.at_level("INFO", logger="loralab.models"):
+        model, _ = load_base(ModelConfig(device="cpu"), QuantConfig())
+    assert captured[-1]["dtype"] is torch.bfloat16 and next(model.parameters()).dtype == torch.bfloat16
+    assert "model.dtype: auto -> bf16 (the CPU has AVX512-BF16" in caplog.text
 
 
 def test_attention_implementation_is_passed_and_flash_needs_its_package(monkeypatch, captured, cfg_factory):
@@ -218,8 +237,12 @@ def test_auto_without_a_driver_is_a_quiet_cpu(tmp_path, monkeypatch, caplog):
     assert choose_device("auto") == (torch.device("cuda", 0), None)
 
 
-def test_estimate_resolves_auto_for_its_device():
+def test_estimate_resolves_auto_for_its_device(monkeypatch):
     from loralab.estimate import estimate_from_args
+
+    monkeypatch.setattr(models, "cpu_bf16_feature", lambda: "AMX-BF16")
+    assert estimate_from_args(model="llama2-7b", dtype="auto", device="cpu").settings["dtype"] == "bf16"
+    monkeypatch.setattr(models, "cpu_bf16_feature", lambda: None)
 
     cpu = estimate_from_args(model="llama2-7b", dtype="auto", device="cpu")
     gpu = estimate_from_args(model="llama2-7b", dtype="auto", device="cuda")
@@ -341,9 +364,9 @@ def test_merge_dequantize_gives_the_model_the_adapter_was_trained_on(qlora_run, 
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     assert not any("Linear4bit" in type(m).__name__ for m in merged.modules())
     quant = QuantConfig(mode="nf4", compute_dtype="fp32")
-    base, _ = load_base(ModelConfig(device="cpu"), quant)
+    base, _ = load_base(ModelConfig(device="cpu", dtype="fp32"), quant)  # like with like: the merge is fp32
     trained_on = load_adapter(base, qlora_run).eval()
-    plain, _ = load_base(ModelConfig(device="cpu"), QuantConfig())
+    plain, _ = load_base(ModelConfig(device="cpu", dtype="fp32"), QuantConfig())
     ids = torch.tensor([[0, 5, 77, 300, 12, 9]])
     with torch.no_grad():
         want = trained_on(input_ids=ids).logits
@@ -448,7 +471,7 @@ def gqa_model(tiny_model_dir):
     """The conftest llama: 4 query heads sharing 2 key/value heads."""
     from loralab.train import attention
 
-    model, _ = load_base(ModelConfig(path=str(tiny_model_dir("llama")), device="cpu"), QuantConfig())
+    model, _ = load_base(ModelConfig(path=str(tiny_model_dir("llama")), device="cpu", dtype="fp32"), QuantConfig())
     assert model.config.num_key_value_heads < model.config.num_attention_heads
     before = dict(attention._chosen)
     yield model.eval()

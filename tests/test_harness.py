@@ -47,7 +47,7 @@ def _loralab_model(adapter_dir=None, dtype=torch.float32):
     from loralab.config import ModelConfig, QuantConfig
     from loralab.models import load_base
 
-    model, tok = load_base(ModelConfig(path="builtin:tiny"), QuantConfig())
+    model, tok = load_base(ModelConfig(path="builtin:tiny", dtype="fp32"), QuantConfig())
     if adapter_dir is not None:
         model = load_adapter(model, adapter_dir)
     return model.to(dtype).eval(), tok
@@ -114,7 +114,7 @@ def test_cli_harness_json_columns(tmp_path, adapter, capsys):
     from loralab.cli import main
 
     rc = main(["eval", "--harness", "world_mc", "--model", "builtin:tiny", "--adapter", str(adapter),
-               "--limit", "4", "--batch-size", "1", "--harness-dir", str(tmp_path / "tasks"), "--json"])
+               "--limit", "4", "--batch-size", "1", "--harness-dir", str(tmp_path / "tasks"), "--dtype", "fp32", "--json"])
     assert rc == 0
     rows = json.loads(capsys.readouterr().out)["results"]
     got = {(r["adapter"], r["metric"]): r for r in rows}

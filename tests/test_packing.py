@@ -41,7 +41,7 @@ def test_pack_rows_places_every_example_once_within_the_row_length():
 
 
 def test_packed_logits_equal_each_example_alone():
-    cfg = load_config(None, ["model.device=cpu"])
+    cfg = load_config(None, ["model.device=cpu", "model.dtype=fp32"])  # a maths check to 1e-5
     model, tok = load_base(cfg.model, cfg.quant)
     examples = load_splits(cfg.data, tok, seed=0).train[:7]
     batch = collate_packed([examples[:4], examples[4:]], tok.pad_token_id, CPU)  # two rows, 3-4 examples each
@@ -203,7 +203,7 @@ def test_the_loss_needs_logits_at_label_positions_only():
     from loralab.data.dataset import collate
     from loralab.train.loop import keeps_logits, label_positions, response_loss_sum
 
-    cfg = load_config(None, ["model.device=cpu"])
+    cfg = load_config(None, ["model.device=cpu", "model.dtype=fp32"])  # a maths check to 1e-5
     model, tok = load_base(cfg.model, cfg.quant)
     examples = load_splits(cfg.data, tok, seed=0).train[:5]
     batch = collate(examples, tok.pad_token_id, CPU)

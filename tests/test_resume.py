@@ -169,6 +169,17 @@ def test_the_thread_check_can_fail(reference, model_dir, tmp_path, monkeypatch):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_bf16_pause_and_resume_equals_the_uninterrupted_bf16_run(model_dir, tmp_path):
+    """bf16, the default where the CPU multiplies it natively, resumes bit for bit too."""
+    whole = tmp_path / "whole"
+    summary = train(run_cfg(model_dir, whole, model__dtype="bf16"))
+    assert summary["dtype"] == "bf16"
+    out = tmp_path / "paused"
+    assert train(run_cfg(model_dir, out, model__dtype="bf16", train__stop_at_step=5))["status"] == "paused"
+    assert main(["train", "--resume", str(out), "--set", "train.stop_at_step=null"]) == 0
+    assert_same_run(out, whole)
+
+
 def test_resume_refuses_a_change_of_maths(model_dir, tmp_path):
     out = tmp_path / "changed"
     train(run_cfg(model_dir, out, train__stop_at_step=2))

@@ -4,8 +4,8 @@
 
 The device and dtype are decided here, once: :func:`choose_device` (``model.device``: auto,
 cpu, cuda; a CUDA that is asked for but not usable is an error, never a silent CPU run) and
-:func:`resolve_dtype` (``model.dtype: auto`` = bf16 on GPUs of compute capability >= 8, fp16
-on older GPUs, fp32 on CPU). An unquantized base is loaded straight onto its device with
+:func:`resolve_dtype` (``model.dtype: auto`` = bf16 on GPUs of compute capability >= 8 and on
+CPUs with AMX-BF16 or AVX512-BF16, fp16 on older GPUs, fp32 on other CPUs). An unquantized base is loaded straight onto its device with
 ``device_map``, never into host memory first.
 """
 
@@ -119,23 +119,54 @@ def pick_device(name: str) -> torch.device:
     return choose_device(name)[0]
 
 
+@functools.cache
+def cpu_bf16_feature() -> str | None:
+    """The instruction set that makes this CPU multiply bf16 natively, faster than fp32
+    ("AMX-BF16", "AVX512-BF16"); None where it has neither and bf16 would be emulated."""
+    get = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.8
+    caps = get() if get is not None else {}
+    if not caps:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        except OSError:
+            flags = []
+        caps = {flag: True for flag in flags}
+    for key, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")):
+        if caps.get(key):
+            return name
+    return None
+
+
+def dtype_choice(cfg_or_name: ModelConfig | str, device: torch.device | str) -> tuple[str, str]:
+    """(dtype name, why) for ``model.dtype`` on ``device``: see :func:`resolve_dtype`."""
+    name = cfg_or_name if isinstance(cfg_or_name, str) else cfg_or_name.dtype
+    if name != "auto":
+        return name, "set in the config"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return "bf16", "auto: a CUDA device that is not on this machine, taken as a current GPU"
+        major, minor = torch.cuda.get_device_capability(dev)
+        if major >= 8:
+            return "bf16", f"auto: the GPU (compute capability {major}.{minor}) multiplies bf16 natively"
+        return "fp16", f"auto: the GPU (compute capability {major}.{minor}) has no native bf16"
+    feature = cpu_bf16_feature()
+    if feature is not None:
+        return "bf16", f"auto: the CPU has {feature}, so bf16 matmuls run natively, several times faster than fp32"
+    return "fp32", "auto: the CPU has neither AMX-BF16 nor AVX512-BF16, so bf16 would be emulated and slower"
+
+
 def resolve_dtype(cfg_or_name: ModelConfig | str, device: torch.device | str) -> str:
     """The dtype name (fp32, bf16, fp16) ``model.dtype`` means on ``device``.
 
-    auto: fp32 on the CPU (so CPU numbers are those of an fp32 run), bf16 on a GPU of compute
-    capability >= 8 (Ampere and newer), fp16 on older GPUs. For a CUDA device that is not
-    here (an estimate made on a laptop) auto means bf16, today's GPUs.
+    auto: bf16 wherever the device multiplies bf16 natively and faster than fp32 (GPUs of
+    compute capability >= 8, CPUs with AMX-BF16 or AVX512-BF16), fp16 on older GPUs, fp32 on
+    other CPUs. For a CUDA device that is not here (an estimate made on a laptop) auto means
+    bf16, today's GPUs. bf16 is the base's dtype only: the adapters, their gradients, the
+    optimizer state and the loss stay fp32 (docs/performance.md, "Precision").
     """
-    name = cfg_or_name if isinstance(cfg_or_name, str) else cfg_or_name.dtype
-    if name != "auto":
-        return name
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return "fp32"
-    if not torch.cuda.is_available():
-        return "bf16"
-    major, _minor = torch.cuda.get_device_capability(dev)
-    return "bf16" if major >= 8 else "fp16"
+    return dtype_choice(cfg_or_name, device)[0]
 
 
 def enable_tf32() -> None:
@@ -248,6 +279,16 @@ def read_config(path: str, *, trust_remote_code: bool = False):
         raise ModelError(f"model.path {path}: {what}its config.json cannot be read ({str(exc).splitlines()[0]})") from None
 
 
+def stored_dtype(path: str, *, trust_remote_code: bool = False) -> str | None:
+    """The dtype name (fp32, bf16, fp16) the base's weights are stored in, from config.json; None
+    when it does not say."""
+    stored = getattr(read_config(path, trust_remote_code=trust_remote_code), "dtype", None)
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return names.get(stored)
+
+
 def load_base(model: ModelConfig, quant: QuantConfig, *, progress: bool = False, tokenizer=None):
     """(model, tokenizer) with every base weight frozen, loaded straight onto the chosen device.
     ``progress``: transformers' loading (and download) bars on stderr, terminals only;
@@ -258,7 +299,9 @@ def load_base(model: ModelConfig, quant: QuantConfig, *, progress: bool = False,
 
     path = resolve_model_path(model.path)
     device = pick_device(model.device)
-    dtype = resolve_dtype(model, device)
+    dtype, why = dtype_choice(model, device)
+    if model.dtype == "auto":
+        log.info("model.dtype: auto -> %s (%s)", dtype, why.removeprefix("auto: "))
     attn = check_attention(model, device, dtype, quant)
     tokenizer = tokenizer or load_tokenizer(model.path, trust_remote_code=model.trust_remote_code)
     kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn, trust_remote_code=model.trust_remote_code,

@@ -114,6 +114,8 @@ class RunSummary:
     trainable_params: int
     total_params: int
     device: str
+    dtype: str  # the base's dtype (model.dtype resolved: "bf16" where auto found native bf16); adapters are fp32
+    dtype_reason: str  # why: "set in the config", or what auto found ("the CPU has AMX-BF16, ...")
     extra: dict[str, Any] = field(default_factory=dict)  # "fused": the group's shared figures
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -343,7 +344,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     from loralab.adapters import adapter_dir, check_adapter_base, load_adapter
     from loralab.config import read_yaml
-    from loralab.models import DTYPES, load_base, resolve_dtype
+    import torch
+
+    from loralab.models import DTYPES, load_base, stored_dtype
 
     run = RunDir(args.run_dir)
     out = Path(args.out_dir)
@@ -363,10 +366,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
             "merging into 4-bit weights rounds the merged weights back to 4 bits and loses most of the adapter. "
             "Pass --dequantize to merge into the dequantized 4-bit base (the weights the adapter was trained on), "
             "or --quant none to merge into the original full-precision weights")
+    # Merged in fp32 whatever the run trained in (B @ A added to bf16 weights would round it
+    # away), then saved in --dtype or the dtype the base is stored in.
+    save_dtype = args.dtype or stored_dtype(base_path, trust_remote_code=model_cfg.trust_remote_code) or "fp32"
+    model_cfg = dataclasses.replace(model_cfg, dtype="fp32")
     model, tokenizer = load_base(model_cfg, quant, progress=not args.json)
-    if quant.mode != "none":  # --dequantize: 4-bit -> plain Linear layers in the chosen dtype
-        model = model.dequantize(dtype=DTYPES[resolve_dtype(model_cfg, model.device)])
-    merged = load_adapter(model, run.root).merge_and_unload()
+    if quant.mode != "none":  # --dequantize: 4-bit -> plain Linear layers
+        model = model.dequantize(dtype=torch.float32)
+    merged = load_adapter(model, run.root).merge_and_unload().to(DTYPES[save_dtype])
     merged.config.use_cache = True
     with atomic_dir(out, fsync=False) as tmp:  # a kill leaves the old directory or the new one
         merged.save_pretrained(str(tmp), safe_serialization=True)

@@ -38,7 +38,7 @@ from loralab.data.dataset import Example, Splits, collate, load_splits, model_co
 from loralab.data.packing import step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
 from loralab.halving import halving_rungs, keep_count, rank_key
-from loralab.models import load_base, load_tokenizer, pick_device, read_config
+from loralab.models import dtype_choice, load_base, load_tokenizer, pick_device, read_config
 from loralab.progress import progress
 from loralab.rundir import (
     FINAL,
@@ -705,6 +705,7 @@ def run_result(run: Run, setup: Setup, *, steps: int, extra: dict[str, Any] | No
     """The summary fields a run measured (the same for a solo run and a member of a group)."""
     st, splits = run.state, setup.splits
     trainable, total = setup.adapters.counts(run.index)
+    dtype, dtype_reason = dtype_choice(run.cfg.model, setup.device)
     return RunSummary(
         steps=steps,
         steps_done=st.step,
@@ -732,6 +733,8 @@ def run_result(run: Run, setup: Setup, *, steps: int, extra: dict[str, Any] | No
         trainable_params=trainable,
         total_params=total,
         device=str(setup.device),
+        dtype=dtype,
+        dtype_reason=dtype_reason,
         extra=extra or {},
     ).to_dict()
 
