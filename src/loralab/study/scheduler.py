@@ -3,9 +3,11 @@
     units = form_units(tasks, fuse=True, budget=24 * 2**30, workers=4, halving=False)
     Scheduler(store, backend, workers=4, gpus=GpuSlots(["0", "1"], 80 * 2**30)).run(units)
 
-* Planning (``plan_tasks``): the runs still to do, each with its memory estimate
-  (``loralab.estimate``); runs over ``--max-memory`` are recorded skipped (the memory gate);
-  cheapest first.
+* Planning (``plan_tasks``): the runs still to do, each checked alone first
+  (``loralab.preflight``: rank, roles, dtype and quantization on this device; a run that fails
+  is recorded invalid with its own message and never joins a group), each with its memory
+  estimate (``loralab.estimate``); runs over ``--max-memory`` are recorded skipped (the
+  memory gate); cheapest first.
 * Fusion (``form_units``): runs with equal ``train.fused.fuse_key`` (same base, data and
   batch settings) become one fused group, as many as the estimate says fit the memory budget
   together; the log says which runs were grouped and why the others train alone.
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from loralab.config import config_from_dict
-from loralab.errors import ConfigError, LoralabError
+from loralab.errors import ConfigError, LoralabError, ModelError
 from loralab.paths import child_dir
 from loralab.rundir import Status
 from loralab.study.backends.process import RunSpec, UnitSpec, checkpoint_step
@@ -113,14 +115,22 @@ class Unit:
 
 
 def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | None, paused: bool = False) -> list[Task]:
-    """Runs still to do, with memory estimates, cheapest first; runs over ``max_memory`` are
-    recorded skipped. ``paused``: include runs paused at a halving rung (a restarted study)."""
+    """Runs still to do, with memory estimates, cheapest first; runs that fail their own checks
+    are recorded invalid, runs over ``max_memory`` skipped. ``paused``: include runs paused at a
+    halving rung (a restarted study)."""
     from loralab.estimate import estimate_run
+    from loralab.preflight import check_run
 
     tasks = []
     for row in store.runs(study_id, (*TO_RUN, Status.SKIPPED, *((Status.PAUSED,) if paused else ()))):
         config = json.loads(row["config_json"])
         cfg = config_from_dict(config, source=f"run {row['name']}")
+        try:  # before grouping: an invalid run alone, under its own message
+            check_run(cfg, device=run_device(cfg.model.device))
+        except (ConfigError, ModelError) as exc:
+            store.finish(row["id"], status=Status.INVALID, error=str(exc))
+            log.info("run %s: %s (%s)", row["name"], Status.INVALID, str(exc).splitlines()[0])
+            continue
         memory, cost, trainable = None, 0.0, None
         try:
             est = estimate_run(cfg, device="cpu" if run_device(cfg.model.device) == "cpu" else "cuda")
