@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,10 +12,13 @@ import pytest
 import studytools
 from conftest import make_cfg
 from loralab.cli import main
+from loralab.errors import ConfigError
 from loralab.train.fused import train_fused
 from loralab.train.loop import train
+from loralab.tune import plan_tune
 from studytools import rows_of
 from test_fused import assert_same_run
+from userdata import instruction_records, write_jsonl
 
 RANK_MESSAGE = "lora.r = 128 is larger than the dimensions of model.layers.0.self_attn.q_proj (64 x 64)"
 
@@ -96,3 +101,62 @@ def test_a_run_failing_in_its_evaluation_ends_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(core, "run_eval_tasks", real)
     train(make_cfg("builtin:tiny", tmp_path / "s4", lora__r=4, **kw))
     assert_same_run(tmp_path / "s4", tmp_path / "f4")
+
+
+# ----------------------------------------------------------------------------- tune respects the model
+
+
+def long_record(i: int) -> dict:
+    """An instruction record of about 700 tokens with the shipped tokenizer."""
+    body = " ".join(f"Step {k} of the report on item {i} keeps the water warm and the road clear." for k in range(60))
+    return {"instruction": f"Write a long report on item {i}.", "input": "", "output": body}
+
+
+@pytest.fixture
+def model_512(tiny_model_dir, tmp_path) -> Path:
+    """The 64-dim Llama with a 512-position context (rotary: the weights do not change)."""
+    out = tmp_path / "llama-512"
+    shutil.copytree(tiny_model_dir("llama_h64"), out)
+    config = json.loads((out / "config.json").read_text())
+    config["max_position_embeddings"] = 512
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.slow
+def test_tune_resolves_the_context_and_ranks_from_the_model(model_512, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(20, seed=3) + [long_record(0), long_record(1)])
+    out = tmp_path / "runs"
+    code = main(["tune", "--model", str(model_512), "--data", str(data), "--out", str(out), "--name", "t",
+                 "--batch-size", "8", "--search", "lora.r", "--fixed", "train.lr=1e-3", "--fixed", "lora.dropout=0",
+                 "--fixed", "data.val_fraction=0.15", "--json"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    rows = rows_of(out / "t" / "study.db")
+    assert {r["status"] for r in rows.values()} == {"completed"}
+    assert {json.loads(r["config_json"])["lora"]["r"] for r in rows.values()} == {8, 32}  # 128 > 64 dropped
+    for r in rows.values():  # the longest example is ~700 tokens: auto stops at the context, as in loralab train
+        stats = json.loads((Path(r["run_dir"]) / "summary.json").read_text())["data_stats"]
+        assert stats["max_seq_length"] == stats["context"] == 512
+    note = "lora.r 128 not searched: above 64, the smallest dimension of an adapted matrix"
+    assert note in (out / "t" / "tune.md").read_text()
+    assert any(note in n for n in json.loads((out / "t" / "tune-plan.json").read_text())["notes"])
+
+
+def test_tune_refuses_a_budget_too_small_to_search(model_512, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(40, seed=3))
+    out = tmp_path / "runs"
+    args = ["tune", "--model", str(model_512), "--data", str(data), "--out", str(out), "--batch-size", "8"]
+    assert main([*args, "--budget-steps", "20"]) == 2
+    err = capsys.readouterr().err
+    found = re.search(r"--budget-steps 20 is too small for a search: comparing two values of each searched key "
+                      r"\(train.lr, lora.r, lora.targets\) takes 8 candidates and their repeats, (\d+) optimizer "
+                      r"steps, at least about \d+ s on this machine; give at least --budget-steps (\d+)", err)
+    assert found and found.group(1) == found.group(2), err
+    assert not out.exists()  # nothing half-written
+    least = int(found.group(1))  # the budget named is the smallest that searches
+    plan = plan_tune(model=str(model_512), data=str(data), metric="eval_loss", fixed={}, batch_size=8,
+                     budget_steps=least)
+    assert plan.candidates == 8 and plan.planned_steps <= least
+    with pytest.raises(ConfigError, match="too small for a search"):
+        plan_tune(model=str(model_512), data=str(data), metric="eval_loss", fixed={}, batch_size=8,
+                  budget_steps=least - 1)

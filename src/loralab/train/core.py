@@ -34,12 +34,13 @@ import torch
 
 from loralab.adapters import attach_lora, count_params, save_adapter
 from loralab.config import Config, TrackingConfig, dump_config, load_config
-from loralab.data.dataset import Example, Splits, collate, load_splits, model_context
+from loralab.data.dataset import Example, Splits, collate
 from loralab.data.packing import step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
 from loralab.halving import halving_rungs, keep_count, rank_key
 from loralab.models import keep_4bit_trainable, load_base, pick_device
 from loralab.progress import progress
+from loralab.resolve import resolve_data
 from loralab.rundir import (
     FINAL,
     MetricsWriter,
@@ -319,9 +320,7 @@ def enable_activation_checkpointing(base, model_path: str) -> None:
 def load_data_and_tasks(cfg: Config, model, tokenizer) -> tuple[Splits, list]:
     """The run's splits, checked against the model's context, and its evaluation tasks
     (resolved before training, so a bad task file fails at once)."""
-    splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed, context=model_context(model.config))
-    cfg.data.max_seq_length = splits.stats["max_seq_length"]  # data.max_seq_length: auto, resolved from the data
-    check_context(cfg, model, splits)
+    splits = resolve_data(cfg, tokenizer, model.config)  # data.max_seq_length: auto, as loralab tune resolves it
     if splits.truncated_to_nothing:
         log.warning("%d examples lost every response token to truncation at max_seq_length=%d and were skipped",
                     splits.truncated_to_nothing, cfg.data.max_seq_length)
@@ -331,21 +330,6 @@ def load_data_and_tasks(cfg: Config, model, tokenizer) -> tuple[Splits, list]:
 
         tasks = resolve_tasks(",".join(cfg.eval.tasks), cfg.eval.limit)
     return splits, tasks
-
-
-def check_context(cfg: Config, model, splits: Splits) -> None:
-    """Refuse examples longer than the positions the model was built for (before they crash a step)."""
-    config = model.config
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if not context:
-        return
-    longest = max(len(e.input_ids) for e in splits.train + splits.val)
-    if longest > context:
-        raise DataError(
-            f"{cfg.data.path}: an example is {longest} tokens long, more than the model's context of {context} "
-            f"positions (max_position_embeddings in {cfg.model.path}/config.json); set data.max_seq_length "
-            f"<= {context} (now {cfg.data.max_seq_length})"
-        )
 
 
 # ----------------------------------------------------------------------------- resume
