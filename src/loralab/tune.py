@@ -226,21 +226,17 @@ def fit_budget(dims: list[Dimension], base: dict[str, Any], spe: int, budget_ste
 def too_small(dims: list[Dimension], base: dict[str, Any], spe: int, budget: str,
               seconds_per_step: float | None) -> ConfigError:
     """The refusal of a budget below the smallest search, naming the smallest budget that searches."""
+    from loralab.estimate import human_duration
+
     least = smallest_search(dims)
     n, _, _, steps = _cost(least, base, spe)
     keys = [d.key for d in least if len(d.values) > 1]
-    when = f", at least about {_duration(steps * seconds_per_step)} on this machine" if seconds_per_step else ""
+    when = f", at least about {human_duration(steps * seconds_per_step)} on this machine" if seconds_per_step else ""
     return ConfigError(
         f"{budget} is too small for a search: comparing two values of each searched key "
         f"({', '.join(keys) or 'none'}) takes {n} candidates and their repeats, {steps} optimizer steps{when}; "
         f"give at least --budget-steps {steps}, search fewer keys (--search), or train one configuration "
         "with loralab train")
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def fit_ranks(dims: list[Dimension], base: dict[str, Any]) -> list[str]:
@@ -318,9 +314,11 @@ def plan_tune(*, model: str, data: str, metric: str, fixed: dict[str, Any], sear
     dims, budget_notes = fit_budget(dims, base, spe, budget_steps, seconds_per_step=per_step)
     notes += budget_notes
     if budget_s is not None and per_step is not None:
+        from loralab.estimate import human_duration
+
         least = _cost(smallest_search(dims), base, spe)[3]
         if least * per_step > budget_s:
-            raise too_small(dims, base, spe, f"--budget {_duration(budget_s)}", per_step)
+            raise too_small(dims, base, spe, f"--budget {human_duration(budget_s)}", per_step)
     n, max_steps, min_steps, planned = _cost(dims, base, spe)
     grid = n * (1 + len(EXTRA_SEEDS)) * max_steps
     return Plan(dims=dims, base=base, n_train=n_train, steps_per_epoch=spe, max_steps=max_steps,

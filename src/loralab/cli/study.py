@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from loralab.cli.output import emit_json, table
 from loralab.cli.run import add_track_arg
 from loralab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "runs"
 
@@ -156,6 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from loralab.study.execute import run_study
     from loralab.study.options import StudyOptions
     from loralab.study.spec import load_study
+    from loralab.study.steps import step_plan
     from loralab.study.store import TO_RUN
     from loralab.track import prepare_study_trackers, track_study
 
@@ -164,6 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     track_study(study)
     root = study_root(args.out, study.name)
     study.place(root)
+    steps = step_plan(study)  # each run's steps, tokens and time, said before any compute is spent
     if args.dry_run:
         options.check(study.runs)
         from loralab.study.spec import deviation_text
@@ -173,10 +178,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed_line = f"seed: {study.seed['source']}\n" if study.seed.get("source") else ""
         dev_lines = ("differences from the seed's setup:\n" + "\n".join(f"  - {d}" for d in devs) + "\n" if devs
                      else "no difference from the seed's setup\n" if study.seed.get("setup") else "")
+        warning = steps.warning()
         _emit(args, {"study": study.name, "root": str(root), "profile": study.profile, "runs": rows,
-                     "deviations": study.deviations},
-              f"study {study.name}: {len(rows)} runs in {root}\n{seed_line}{dev_lines}" + columns(rows, list(rows[0])))
+                     "deviations": study.deviations, "steps": steps.to_json()},
+              f"study {study.name}: {len(rows)} runs in {root}\n{seed_line}{dev_lines}" + columns(rows, list(rows[0]))
+              + "".join(f"\n{line}" for line in steps.lines()) + (f"\nWARNING: {warning}" if warning else ""))
         return 0
+    for line in steps.lines():
+        log.info("%s", line)
+    if steps.warning():
+        log.warning("WARNING: %s", steps.warning())
     prepare_study_trackers(study)
     result = run_study(study, root=root, options=options)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result["counts"].items()))
