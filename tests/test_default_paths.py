@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -160,3 +161,47 @@ def test_tune_refuses_a_budget_too_small_to_search(model_512, tmp_path, capsys):
     with pytest.raises(ConfigError, match="too small for a search"):
         plan_tune(model=str(model_512), data=str(data), metric="eval_loss", fixed={}, batch_size=8,
                   budget_steps=least - 1)
+
+
+# ----------------------------------------------------------------------------- a study that cannot answer
+
+
+def degenerate_study(tmp_path: Path, model: Path) -> Path:
+    """Two settings, 2 optimizer steps per run (8 examples at batch 4, 1 epoch) where the seed
+    made 390, judged on exact match, which a random-init model scores 0 on: it cannot answer."""
+    base = {"model": {"path": str(model), "device": "cpu"},
+            "data": {"path": "builtin:arithmetic_2ds", "limit": 8, "val_max_examples": 4, "max_seq_length": 48},
+            "lora": {"alpha": 8}, "train": {"epochs": 1, "batch_size": 4, "micro_batch_size": 4, "warmup_steps": 0},
+            "eval": {"tasks": ["arithmetic_2ds"], "limit": 4}, "output": {"save_adapter": False}}
+    return studytools.write_study(tmp_path, "degenerate", base=base, axes={"lora.r": [2, 4]},
+                                  metric="arithmetic_2ds/exact_match", goal="max",
+                                  seed={"source": "a seed", "steps": 390},
+                                  findings=[{"kind": "axis_effect", "axis": "lora.r"}])
+
+
+@pytest.mark.slow
+def test_a_study_that_cannot_answer_says_so(tiny_model_dir, tmp_path, capsys, caplog):
+    path = degenerate_study(tmp_path, tiny_model_dir("llama"))
+    out = tmp_path / "runs"
+    assert main(["study", "run", str(path), "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "every run: 2 optimizer steps instead of the seed's about 390 (8 examples at batch 4, 1 epoch)" in text
+    assert "the study: 2 runs, 4 optimizer steps" in text and "of training on this machine" in text
+    assert ("WARNING: 2 of 2 runs train fewer than 20 optimizer steps (fewest: r2, 2 optimizer steps") in text
+    assert ("Fix: more data (at least 80 examples at batch 4), or more epochs (--set train.epochs=10)") in text
+
+    with caplog.at_level(logging.INFO, logger="loralab.cli.study"):
+        assert main(["study", "run", str(path), "--out", str(out)]) == 0
+    assert "WARNING: 2 of 2 runs train fewer than 20 optimizer steps" in caplog.text  # said before the runs
+    assert main(["study", "report", "degenerate", "--out", str(out)]) == 0
+    report = (out / "degenerate" / "report" / "report.md").read_text().splitlines()
+    assert report[0] == "# Study report: degenerate"
+    assert report[2].startswith("**Verdict: The study could not answer its question: every run trained at most "
+                                "2 optimizer steps, under the 20 it takes to leave the initialisation")
+    assert ("every completed run scored arithmetic_2ds/exact_match = 0 (the metric's floor), so no setting can be "
+            "told from another; judge it on a metric that can move here (eval_loss, or a harness task)") in report[2]
+    assert "## What the runs showed (not results: see the verdict)" in report and "## Findings" not in report
+    assert "drawn as a point: there is no curve to show." in "\n".join(report)
+    found = json.loads((out / "degenerate" / "report" / "findings.json").read_text())
+    assert found[0]["kind"] == "verdict" and found[0]["answered"] is False and len(found[0]["reasons"]) == 2
+    assert [f["result"] for f in found[1:]] == [False]

@@ -81,11 +81,14 @@ class StepPlan:
             fix = f"raise train.max_steps to at least {FLOOR_STEPS} (--set train.max_steps={FLOOR_STEPS})"
         else:
             per_epoch = r.examples * r.epochs
-            batch = 2 ** int(math.log2(max(1, per_epoch // FLOOR_STEPS)))
-            epochs = math.ceil(FLOOR_STEPS * r.batch_size / r.examples)
-            fix = (f"a smaller batch (--set train.batch_size={batch} gives {math.ceil(per_epoch / batch)} steps), "
-                   f"more data (at least {math.ceil(FLOOR_STEPS * r.batch_size / r.epochs)} examples at batch "
-                   f"{r.batch_size}), or more epochs (--set train.epochs={epochs})")
+            fixes = []
+            if per_epoch >= FLOOR_STEPS:  # a batch small enough exists
+                batch = 2 ** int(math.log2(per_epoch // FLOOR_STEPS))
+                fixes.append(f"a smaller batch (--set train.batch_size={batch} gives {math.ceil(per_epoch / batch)} steps)")
+            fixes.append(f"more data (at least {math.ceil(FLOOR_STEPS * r.batch_size / r.epochs)} examples at batch "
+                         f"{r.batch_size})")
+            fixes.append(f"more epochs (--set train.epochs={math.ceil(FLOOR_STEPS * r.batch_size / r.examples)})")
+            fix = ", ".join(fixes[:-1]) + f", or {fixes[-1]}"
         return (f"{len(short)} of {len(self.runs)} runs train fewer than {FLOOR_STEPS} optimizer steps (fewest: "
                 f"{r.name}, {r.describe(self.seed_steps)}): too few for the study to tell its settings apart. Fix: {fix}")
 
