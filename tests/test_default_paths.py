@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -205,3 +206,35 @@ def test_a_study_that_cannot_answer_says_so(tiny_model_dir, tmp_path, capsys, ca
     found = json.loads((out / "degenerate" / "report" / "findings.json").read_text())
     assert found[0]["kind"] == "verdict" and found[0]["answered"] is False and len(found[0]["reasons"]) == 2
     assert [f["result"] for f in found[1:]] == [False]
+
+
+# ----------------------------------------------------------------------------- clean output
+
+LIBRARY_NOISE = ("bitsandbytes", "kernels-community", "FutureWarning", "warnings.warn", "is_gradient_checkpointing",
+                 "trainable params", "transformers", "peft")
+
+
+@pytest.mark.slow
+def test_a_plain_train_prints_loralab_lines_only(tmp_path):
+    """The quickstart's config as a user runs it (a subprocess, stderr not a terminal), a few
+    steps: stderr holds no line of bitsandbytes, transformers or PEFT; -v shows them again."""
+    import subprocess
+    import sys
+
+    from loralab.cli.run import QUICKSTART
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {k: v for k, v in os.environ.items() if k != "LORALAB_VERBOSE"} | {"PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+
+    def train(*flags: str, out: str) -> str:
+        cmd = [sys.executable, "-m", "loralab.cli", *flags, "train", str(QUICKSTART), "--set", "train.max_steps=4",
+               "--set", "eval.every=2", "--set", "data.limit=64", "--out", str(tmp_path / out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "status:  completed" in done.stdout
+        return done.stderr
+
+    plain = train(out="plain")
+    assert [line for line in plain.splitlines() if any(word in line for word in LIBRARY_NOISE)] == [], plain
+    loud = train("-v", out="loud")
+    assert "is_gradient_checkpointing" in loud and "trainable params: " in loud

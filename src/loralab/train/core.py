@@ -301,8 +301,9 @@ def load_group(cfgs: list[Config], *, fused: bool, progress: bool = False) -> Se
     if not fused:
         attention = packed_attention(cfg, adapters.model)
     trainable, total = adapters.counts(min(k for k in range(len(cfgs)) if k not in adapters.rejected))
-    log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}",
-             100 * trainable / total)
+    # debug: the run's summary says it; at info it read as PEFT's own line beside loralab's (-v shows it)
+    log.debug("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}",
+              100 * trainable / total)
     splits, tasks = load_data_and_tasks(cfg, base, tokenizer)
     return Setup(adapters, tokenizer, splits, tasks, device, attention, needs_grad_scaler(base, cfg.train.autocast))
 
