@@ -194,6 +194,9 @@ def test_a_study_that_cannot_answer_says_so(tiny_model_dir, tmp_path, capsys, ca
     with caplog.at_level(logging.INFO, logger="loralab.cli.study"):
         assert main(["study", "run", str(path), "--out", str(out)]) == 0
     assert "WARNING: 2 of 2 runs train fewer than 20 optimizer steps" in caplog.text  # said before the runs
+    assert ("WARNING: the base scores arithmetic_2ds/exact_match = 0, the metric's floor (a run must learn the task "
+            "to move it)") in caplog.text
+    assert json.loads((out / "degenerate" / "base_score.json").read_text())["edge"] == "floor"
     assert main(["study", "report", "degenerate", "--out", str(out)]) == 0
     report = (out / "degenerate" / "report" / "report.md").read_text().splitlines()
     assert report[0] == "# Study report: degenerate"

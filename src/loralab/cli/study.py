@@ -188,6 +188,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("%s", line)
     if steps.warning():
         log.warning("WARNING: %s", steps.warning())
+    from loralab.study.baseline import base_warning, score_base
+
+    base = score_base(study, root)  # the study metric on the base, once: can it move at all?
+    if base is not None:
+        log.info("the base scores %s = %.4g before training", base["metric"], base["value"])
+    if base_warning(base):
+        log.warning("WARNING: %s", base_warning(base))
     prepare_study_trackers(study)
     result = run_study(study, root=root, options=options)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result["counts"].items()))
