@@ -19,7 +19,7 @@ from loralab.train.fused import train_fused
 from loralab.train.loop import train
 from loralab.tune import plan_tune
 from studytools import rows_of
-from test_fused import assert_same_run
+from test_fused import assert_same_run, curve
 from userdata import instruction_records, write_jsonl
 
 RANK_MESSAGE = "lora.r = 128 is larger than the dimensions of model.layers.0.self_attn.q_proj (64 x 64)"
@@ -241,3 +241,29 @@ def test_a_plain_train_prints_loralab_lines_only(tmp_path):
     assert [line for line in plain.splitlines() if any(word in line for word in LIBRARY_NOISE)] == [], plain
     loud = train("-v", out="loud")
     assert "is_gradient_checkpointing" in loud and "trainable params: " in loud
+
+
+# ----------------------------------------------------------------------------- a run's result is its own
+
+
+@pytest.mark.slow
+def test_a_runs_result_does_not_depend_on_its_group(tmp_path):
+    """With LoRA dropout on (tune's default), the same run trains to the same numbers in a group
+    of 2 and of 4 with other partners; with activation checkpointing the recomputed forwards
+    draw the same masks, so it follows the run without it."""
+    kw = dict(lora__dropout=0.1, train__max_steps=4, train__lr=3e-3, data__limit=32, data__val_max_examples=8,
+              train__batch_size=8, train__micro_batch_size=4)
+    n = iter(range(100))
+
+    def run(**extra):
+        return make_cfg("builtin:tiny", tmp_path / f"r{next(n)}", lora__r=4, **kw, **extra)
+
+    def partner(r: int, **extra):
+        return make_cfg("builtin:tiny", tmp_path / f"p{next(n)}", lora__r=r, **{**kw, **extra})
+
+    pair = train_fused([run(), partner(8)])[0]
+    four = train_fused([partner(2, train__lr=1e-3), partner(16), run(), partner(8, lora__alpha=32.0)])[2]
+    assert pair["final_eval_loss"] == four["final_eval_loss"]
+    assert curve(Path(pair["run_dir"]), "train_loss") == curve(Path(four["run_dir"]), "train_loss")
+    gc = train_fused([run(train__gradient_checkpointing=True), partner(8, train__gradient_checkpointing=True)])[0]
+    assert curve(Path(gc["run_dir"]), "train_loss") == pytest.approx(curve(Path(pair["run_dir"]), "train_loss"), rel=1e-5)

@@ -112,8 +112,8 @@ class SoloAdapters:
         self.model = model
         self.trainable, self.total = count_params(model)
 
-    def routed(self, runs: list[int], *, rows_each: int):
-        return contextlib.nullcontext()
+    def routed(self, runs: list[int], *, rows_each: int, draw: int | None = None):
+        return contextlib.nullcontext()  # PEFT's own dropout draws from the global generator
 
     def only(self, run: int):
         return contextlib.nullcontext()
@@ -152,10 +152,10 @@ class FusedAdapters:
 
     def install(self) -> None:
         self.routing = install(self.model, [self.inits[k].weights if k in self.inits else {}
-                                            for k in range(len(self.cfgs))])
+                                            for k in range(len(self.cfgs))], seeds=[c.train.seed for c in self.cfgs])
 
-    def routed(self, runs: list[int], *, rows_each: int):
-        return self.routing.rows(runs, rows_each=rows_each)
+    def routed(self, runs: list[int], *, rows_each: int, draw: int | None = None):
+        return self.routing.rows(runs, rows_each=rows_each, draw=draw)
 
     def only(self, run: int):
         return self.routing.only(run)
@@ -410,10 +410,14 @@ def forward_backward(adapters, runs: list[Run], examples: list[Example], group: 
     tokens divided by their count, in every layout; nothing here waits for the device."""
     batches, n_loss, tokens = host_layout(examples, group, cfg, pad_id=pad_id, segments=segments)
     step_loss = torch.zeros(len(runs), dtype=torch.float64, device=device)
-    for batch in batches:
+    first = runs[0].state.micro_batches  # the micro batches before this step (equal in every live run)
+    for j, batch in enumerate(batches):
         batch = to_device(batch, device)
-        # backward inside the routing: activation checkpointing recomputes forwards during it
-        with adapters.routed([r.index for r in runs], rows_each=batch["input_ids"].shape[0]):
+        # backward inside the routing: activation checkpointing recomputes forwards during it;
+        # draw numbers the micro batch (unique: a step has at most batch_size of them, packed or
+        # not); with each run's seed it seeds the run's dropout masks, the same in any group
+        draw = first * cfg.train.batch_size + j
+        with adapters.routed([r.index for r in runs], rows_each=batch["input_ids"].shape[0], draw=draw):
             losses = run_losses(adapters.model, batch, len(runs), runs[0].cfg.train.autocast) / n_loss
             if runs[0].scaler is None:
                 losses.sum().backward()
