@@ -32,9 +32,13 @@ def h64_base(model: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_an_invalid_rank_is_recorded_alone_before_grouping(tiny_model_dir, tmp_path, caplog):
+def test_an_invalid_rank_is_recorded_alone_before_grouping(tiny_model_dir, tmp_path, capsys):
     model = tiny_model_dir("llama_h64")
     path = studytools.write_study(tmp_path, "ranks", base=h64_base(model), axes={"lora.r": [4, 8, 128]})
+    assert main(["study", "run", str(path), "--out", str(tmp_path / "runs"), "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert f"r128: invalid here, recorded alone and not trained: {RANK_MESSAGE}" in dry
+    assert "the study: 2 runs to train" in dry
     assert main(["study", "run", str(path), "--out", str(tmp_path / "runs"), "--json"]) == 0
     rows = rows_of(tmp_path / "runs" / "ranks" / "study.db")
     assert {n: r["status"] for n, r in rows.items()} == {"r4": "completed", "r8": "completed", "r128": "invalid"}
@@ -187,7 +191,7 @@ def test_a_study_that_cannot_answer_says_so(tiny_model_dir, tmp_path, capsys, ca
     assert main(["study", "run", str(path), "--out", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "every run: 2 optimizer steps instead of the seed's about 390 (8 examples at batch 4, 1 epoch)" in text
-    assert "the study: 2 runs, 4 optimizer steps" in text and "of training on this machine" in text
+    assert "the study: 2 runs to train, 4 optimizer steps" in text and "of training on this machine" in text
     assert ("WARNING: 2 of 2 runs train fewer than 20 optimizer steps (fewest: r2, 2 optimizer steps") in text
     assert ("Fix: more data (at least 80 examples at batch 4), or more epochs (--set train.epochs=10)") in text
 

@@ -182,7 +182,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         _emit(args, {"study": study.name, "root": str(root), "profile": study.profile, "runs": rows,
                      "deviations": study.deviations, "steps": steps.to_json()},
               f"study {study.name}: {len(rows)} runs in {root}\n{seed_line}{dev_lines}" + columns(rows, list(rows[0]))
-              + "".join(f"\n{line}" for line in steps.lines()) + (f"\nWARNING: {warning}" if warning else ""))
+              + "".join(f"\n{line}" for line in steps.invalid_lines() + steps.lines())
+              + (f"\nWARNING: {warning}" if warning else ""))
         return 0
     for line in steps.lines():
         log.info("%s", line)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from loralab.config import Config, config_from_dict
@@ -48,8 +48,9 @@ class RunSteps:
 
 @dataclass
 class StepPlan:
-    runs: list[RunSteps]
+    runs: list[RunSteps]  # the runs that will train
     seed_steps: int | None  # the seed's optimizer steps per run, where the study file states them
+    invalid: dict[str, str] = field(default_factory=dict)  # run name -> why it is invalid here (loralab.preflight)
 
     @property
     def seconds(self) -> float | None:
@@ -59,6 +60,8 @@ class StepPlan:
     def lines(self) -> list[str]:
         """Each run's steps and tokens (one line when every run trains alike), against the seed's
         steps, and the time of the whole study."""
+        if not self.runs:
+            return ["no run can train here"]
         alike = {(r.steps, r.examples, r.batch_size, r.epochs, r.max_steps) for r in self.runs}
         if len(alike) == 1:
             out = [f"every run: {self.runs[0].describe(self.seed_steps)}"]
@@ -66,15 +69,19 @@ class StepPlan:
             out = [f"{r.name}: {r.describe(self.seed_steps)}" for r in self.runs]
         total = self.seconds
         steps = sum(r.steps for r in self.runs)
-        out.append(f"the study: {len(self.runs)} runs, {steps} optimizer steps, about {_count(sum(r.tokens for r in self.runs))} "
+        out.append(f"the study: {len(self.runs)} runs to train, {steps} optimizer steps, about {_count(sum(r.tokens for r in self.runs))} "
                    "tokens" + (f"; at least about {human_duration(total)} of training on this machine (a lower bound: "
                                "evaluations and start-up not counted)" if total is not None else ""))
         return out
 
+    def invalid_lines(self) -> list[str]:
+        """The runs that would be recorded invalid (alone, never in a group), with their reason."""
+        return [f"{name}: invalid here, recorded alone and not trained: {why}" for name, why in self.invalid.items()]
+
     def warning(self) -> str | None:
         """Why the study cannot answer when its runs train fewer than FLOOR_STEPS steps, and the fix."""
         short = [r for r in self.runs if r.steps < FLOOR_STEPS]
-        if not short:
+        if not short or not self.runs:
             return None
         r = min(short, key=lambda x: x.steps)
         if r.max_steps:
@@ -93,17 +100,26 @@ class StepPlan:
                 f"{r.name}, {r.describe(self.seed_steps)}): too few for the study to tell its settings apart. Fix: {fix}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"runs": [r.__dict__ for r in self.runs], "seed_steps": self.seed_steps,
+        return {"runs": [r.__dict__ for r in self.runs], "seed_steps": self.seed_steps, "invalid": self.invalid,
                 "seconds_lower_bound": self.seconds, "floor": FLOOR_STEPS, "warning": self.warning()}
 
 
 def step_plan(study: Any) -> StepPlan:
     """Every run's steps, tokens and time, from its config and data (tokenizer and data read once
     per distinct model and data settings; no weights load)."""
+    from loralab.errors import ConfigError, ModelError
+    from loralab.preflight import check_run
+    from loralab.study.scheduler import run_device
+
     data_cache: dict[str, tuple[int, float, int]] = {}
-    runs = []
+    runs, invalid = [], {}
     for spec in study.runs:
         cfg = config_from_dict(spec.config, source=f"run {spec.name}")
+        try:  # the scheduler's own check: such a run never trains
+            check_run(cfg, device=run_device(cfg.model.device))
+        except (ConfigError, ModelError) as exc:
+            invalid[spec.name] = str(exc)
+            continue
         n_train, mean_len, seq = _data(cfg, data_cache)
         from loralab.train.step import plan_steps
 
@@ -112,7 +128,7 @@ def step_plan(study: Any) -> StepPlan:
                              epochs=cfg.train.epochs, max_steps=cfg.train.max_steps or None,
                              tokens=round(steps * cfg.train.batch_size * mean_len),
                              seconds=_seconds(cfg, seq, steps)))
-    return StepPlan(runs=runs, seed_steps=study.seed.get("steps"))
+    return StepPlan(runs=runs, seed_steps=study.seed.get("steps"), invalid=invalid)
 
 
 def _data(cfg: Config, cache: dict[str, tuple[int, float, int]]) -> tuple[int, float, int]:
