@@ -271,3 +271,47 @@ def test_a_runs_result_does_not_depend_on_its_group(tmp_path):
     assert curve(Path(pair["run_dir"]), "train_loss") == curve(Path(four["run_dir"]), "train_loss")
     gc = train_fused([run(train__gradient_checkpointing=True), partner(8, train__gradient_checkpointing=True)])[0]
     assert curve(Path(gc["run_dir"]), "train_loss") == pytest.approx(curve(Path(pair["run_dir"]), "train_loss"), rel=1e-5)
+
+
+class MemoryBoundBackend:
+    """Stands in for a device where three runs' activations do not fit together but one run's
+    does: a fused unit of more than ``fits`` runs ends out of memory in every run (as
+    run_group records it), a smaller one completes. No training: the scheduler's reaction is
+    what is tested."""
+
+    name = "memory-bound"
+
+    def __init__(self, fits: int):
+        self.fits, self.units = fits, []
+
+    def start(self, unit, *, memory, threads):
+        self.units.append([r.name for r in unit.runs])
+        oom = len(unit.runs) > self.fits
+        out = [{"status": "out_of_memory" if oom else "completed", "summary": {}, "metrics": [],
+                "error": "CUDA out of memory. Tried to allocate 2.00 GiB" if oom else None} for _ in unit.runs]
+
+        class Done:
+            def poll(self):
+                return out
+
+        return Done()
+
+
+def test_a_group_out_of_memory_is_split_not_failed(tmp_path, caplog):
+    from loralab.study.scheduler import Scheduler, form_units, plan_tasks
+    from loralab.study.spec import load_study
+    from loralab.study.store import Store
+
+    path = studytools.write_study(tmp_path, "oom", axes={"lora.r": [2, 4, 8]})
+    root = tmp_path / "runs"
+    study = load_study(path, root=root)
+    backend = MemoryBoundBackend(fits=1)
+    with Store(root / "study.db") as store, caplog.at_level(logging.INFO, logger="loralab.study.scheduler"):
+        sid, _ = store.open_study(study.name, study.to_json(), root, study.runs)
+        units = form_units(plan_tasks(store, sid, root, max_memory=None), fuse=True, budget=None)
+        assert [len(u.tasks) for u in units] == [3]
+        Scheduler(store, backend, workers=1).run(units)
+    assert backend.units == [["r2", "r4", "r8"], ["r2"], ["r4", "r8"], ["r4"], ["r8"]]
+    assert {n: r["status"] for n, r in rows_of(root / "study.db").items()} == dict.fromkeys(["r2", "r4", "r8"], "completed")
+    assert ("fusion: r2+r4+r8 ran out of memory together (CUDA out of memory. Tried to allocate 2.00 GiB); "
+            "training them again as r2 and r4, r8") in caplog.text

@@ -14,7 +14,8 @@
 * The pool (``Scheduler.run``): ``workers`` units at a time through a backend (local
   processes or Ray). A unit whose process was killed is run again up to ``retries`` times
   (from its checkpoints when it left any; a fused group's interrupted runs go on as a group);
-  no unit starts once the budget's deadline has passed.
+  a fused group that runs out of memory as a whole trains again as two halves, never recorded
+  as each run's failure; no unit starts once the budget's deadline has passed.
 * Progress: given a bar (:mod:`loralab.progress`), the pool moves it on each run that gets
   its final outcome (not interrupted, not paused at a rung), so it shows runs finished of
   runs to do, with the outcomes so far and an ETA.
@@ -342,11 +343,24 @@ class Scheduler:
                 active.remove(entry)
                 if gpu is not None:
                     self.gpus.release(gpu, unit.memory)  # type: ignore[union-attr]
+                if unit.fused and all(r["status"] == Status.OUT_OF_MEMORY for r in results):
+                    queue += self.split(unit, results[0].get("error"))  # the group's memory, not a run's failure
+                    continue
                 again = [t for t, r in zip(unit.tasks, results, strict=True)
                          if self.record(t, r) and self.tries[t.run_id] <= self.retries]
                 if again:  # killed: the interrupted runs go on together, from their checkpoints
                     queue.append(Unit(again, stop_at_step=unit.stop_at_step, prune=unit.prune))
         return not self.budget_spent
+
+    def split(self, unit: Unit, error: str | None) -> list[Unit]:
+        """A fused group that ran out of memory as a whole trains again as two halves (its runs
+        from their checkpoints where they left any); a run alone that runs out is its own outcome."""
+        half = len(unit.tasks) // 2
+        parts = [unit.tasks[:half], unit.tasks[half:]]
+        self.store.reset([t.run_id for t in unit.tasks])
+        log.info("fusion: %s ran out of memory together (%s); training them again as %s", unit.name,
+                 (error or "out of memory").splitlines()[0], " and ".join(", ".join(t.name for t in p) for p in parts))
+        return [Unit(p, stop_at_step=unit.stop_at_step, prune=unit.prune) for p in parts]
 
     def _start(self, unit: Unit, gpu: str | None) -> Handle:
         for t in unit.tasks:
