@@ -37,7 +37,7 @@ def test_an_invalid_rank_is_recorded_alone_before_grouping(tiny_model_dir, tmp_p
     path = studytools.write_study(tmp_path, "ranks", base=h64_base(model), axes={"lora.r": [4, 8, 128]})
     assert main(["study", "run", str(path), "--out", str(tmp_path / "runs"), "--dry-run"]) == 0
     dry = capsys.readouterr().out
-    assert f"r128: invalid here, recorded alone and not trained: {RANK_MESSAGE}" in dry
+    assert f"r128: invalid here, will not train: {RANK_MESSAGE}" in dry
     assert "the study: 2 runs to train" in dry
     assert main(["study", "run", str(path), "--out", str(tmp_path / "runs"), "--json"]) == 0
     rows = rows_of(tmp_path / "runs" / "ranks" / "study.db")

@@ -75,8 +75,8 @@ class StepPlan:
         return out
 
     def invalid_lines(self) -> list[str]:
-        """The runs that would be recorded invalid (alone, never in a group), with their reason."""
-        return [f"{name}: invalid here, recorded alone and not trained: {why}" for name, why in self.invalid.items()]
+        """The runs that would be recorded invalid (never in a fused group), with their reason."""
+        return [f"{name}: invalid here, will not train: {why}" for name, why in self.invalid.items()]
 
     def warning(self) -> str | None:
         """Why the study cannot answer when its runs train fewer than FLOOR_STEPS steps, and the fix."""
@@ -107,7 +107,7 @@ class StepPlan:
 def step_plan(study: Any) -> StepPlan:
     """Every run's steps, tokens and time, from its config and data (tokenizer and data read once
     per distinct model and data settings; no weights load)."""
-    from loralab.errors import ConfigError, ModelError
+    from loralab.errors import ConfigError, DataError, ModelError
     from loralab.preflight import check_run
     from loralab.study.scheduler import run_device
 
@@ -115,12 +115,12 @@ def step_plan(study: Any) -> StepPlan:
     runs, invalid = [], {}
     for spec in study.runs:
         cfg = config_from_dict(spec.config, source=f"run {spec.name}")
-        try:  # the scheduler's own check: such a run never trains
+        try:  # the scheduler's own check (such a run never trains), then the run's data
             check_run(cfg, device=run_device(cfg.model.device))
-        except (ConfigError, ModelError) as exc:
+            n_train, mean_len, seq = _data(cfg, data_cache)
+        except (ConfigError, ModelError, DataError) as exc:
             invalid[spec.name] = str(exc)
             continue
-        n_train, mean_len, seq = _data(cfg, data_cache)
         from loralab.train.step import plan_steps
 
         steps = plan_steps(cfg, n_train)
