@@ -51,7 +51,7 @@ def _expand(plan, tmp_path: Path):
 
 
 def test_space_searches_the_effective_learning_rate_at_a_fixed_scale(tiny_model_dir, user_data, tmp_path):
-    plan = plan_tune(model=str(tiny_model_dir("llama")), data=str(user_data), metric="eval_loss", fixed={},
+    plan = plan_tune(model=str(tiny_model_dir("llama_wide")), data=str(user_data), metric="eval_loss", fixed={},
                      batch_size=8)
     keys = [d.key for d in plan.dims]
     assert keys == ["train.lr", "lora.r", "lora.targets", "train.epochs"]
@@ -90,14 +90,15 @@ def test_epochs_capped_by_data_size():
 
 
 def test_budget_steps_shrinks_the_space_or_refuses(tiny_model_dir, user_data):
-    model = str(tiny_model_dir("llama"))
+    model = str(tiny_model_dir("llama_wide"))
     full = plan_tune(model=model, data=str(user_data), metric="eval_loss", fixed={}, batch_size=8)
     cut = plan_tune(model=model, data=str(user_data), metric="eval_loss", fixed={}, batch_size=8,
                     budget_steps=full.planned_steps // 3)
     assert cut.planned_steps <= full.planned_steps // 3 < full.planned_steps
     assert cut.candidates < full.candidates
     assert any("second epoch" in n for n in cut.notes)
-    with pytest.raises(ConfigError, match="below the smallest tune"):
+    assert all(len(d.values) >= 2 for d in cut.dims if d.key != "train.epochs")  # still a search of every key
+    with pytest.raises(ConfigError, match="--budget-steps 5 is too small for a search"):
         plan_tune(model=model, data=str(user_data), metric="eval_loss", fixed={}, batch_size=8, budget_steps=5)
 
 

@@ -40,14 +40,7 @@ def peft_lora_config(model, lora: LoraConfig):
         targets=lora.targets,
     )
     modules = dict(model.named_modules())
-    for name in targets.modules:
-        m = modules[name]
-        dims = _in_out(m)
-        if dims and lora.r > min(dims):
-            raise ModelError(
-                f"lora.r = {lora.r} is larger than the dimensions of {name} ({dims[0]} x {dims[1]}); "
-                f"a rank above {min(dims)} adds parameters but no expressiveness"
-            )
+    check_rank(lora.r, {name: _in_out(modules[name]) for name in targets.modules})
     return PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -59,6 +52,17 @@ def peft_lora_config(model, lora: LoraConfig):
         task_type="CAUSAL_LM",
         fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
     )
+
+
+def check_rank(r: int, dims: dict[str, tuple[int, int] | None]) -> None:
+    """ModelError when rank ``r`` is above a dimension of an adapted module ({name: (in, out)});
+    one check for a loaded model (PEFT's config) and a meta-device one (loralab.preflight)."""
+    for name, d in dims.items():
+        if d and r > min(d):
+            raise ModelError(
+                f"lora.r = {r} is larger than the dimensions of {name} ({d[0]} x {d[1]}); "
+                f"a rank above {min(d)} adds parameters but no expressiveness"
+            )
 
 
 def _in_out(module) -> tuple[int, int] | None:

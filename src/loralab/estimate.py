@@ -387,6 +387,35 @@ def step_flops(shape: ModelShape, cfg: Config, n_train: int, gc: bool) -> float:
     return float(tokens * (2 * passes * matmul + 6 * n_train + attention * (passes + 1)))
 
 
+@lru_cache(maxsize=4)
+def matmul_throughput(device: str = "cpu") -> float:
+    """FLOP/s this machine's ``device`` reaches on a 512 x 512 fp32 matmul, measured for about
+    0.1 s. A small model's step runs below it (kernel launches, the optimizer, data), so times
+    made with it are lower bounds: what ``loralab tune`` and ``study run --dry-run`` say about
+    time ("at least about")."""
+    import time
+
+    import torch
+
+    dev = torch.device(device)
+    a, b = torch.randn(512, 512, device=dev), torch.randn(512, 512, device=dev)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    a @ b  # warm-up
+    sync()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.1:
+        a @ b
+        reps += 1
+        if reps % 8 == 0:
+            sync()
+    sync()
+    return 2 * 512**3 * reps / (time.perf_counter() - t0)
+
+
 def _notes(shape: ModelShape, cfg: Config, device: str) -> list[str]:
     notes = [
         "activations assume SDPA/flash attention (no s^2 score matrix) and full-length sequences",
@@ -581,3 +610,12 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return str(n)
+
+
+def human_duration(seconds: float) -> str:
+    """under 1 s, 90 s, 14 min, 2.5 h."""
+    if seconds < 1:
+        return "under 1 s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"

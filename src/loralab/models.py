@@ -214,11 +214,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.mo
 
 def check_cpu_4bit(lm, quant: QuantConfig) -> None:
     """bitsandbytes' CPU 4-bit kernels fail (a bare RuntimeError) on layers narrower than a block."""
-    for name, module in lm.named_modules():
-        in_features = getattr(module, "in_features", None)
-        if type(module).__name__ == "Linear4bit" and in_features is not None and in_features < quant.block_size:
+    check_cpu_4bit_widths({name: module.in_features for name, module in lm.named_modules()
+                           if type(module).__name__ == "Linear4bit" and getattr(module, "in_features", None)}, quant)
+
+
+def check_cpu_4bit_widths(in_features: dict[str, int], quant: QuantConfig) -> None:
+    """check_cpu_4bit on {quantized layer: in_features}, for a loaded or a meta-device model."""
+    for name, width in in_features.items():
+        if width < quant.block_size:
             raise ModelError(
-                f"quant.mode {quant.mode} cannot run on this machine's CPU for {name}: in_features {in_features} is "
+                f"quant.mode {quant.mode} cannot run on this machine's CPU for {name}: in_features {width} is "
                 f"below the 4-bit block size {quant.block_size} that bitsandbytes' CPU kernels need; use "
                 "quant.mode none here, or a CUDA device"
             )

@@ -5,7 +5,11 @@
     notes                        # {"train.micro_batch_size": "auto: ..."} (why each value is what it is)
 
 ``loralab train`` and ``loralab study run`` both call this, so a study's runs and a single run
-resolve alike. ``train.micro_batch_size: auto`` is the same maths as any other micro batch
+resolve alike. ``resolve_data`` is the one resolution of ``data.max_seq_length: auto``
+(the longest example, capped by the model's context) for ``loralab train`` (the loaded model's
+config) and ``loralab tune`` (the model's config.json, before any weights load)::
+
+    splits = resolve_data(cfg, tokenizer, model.config)   # cfg.data.max_seq_length is a number now ``train.micro_batch_size: auto`` is the same maths as any other micro batch
 (loralab's loss per step does not depend on it); it only decides how much of the device a
 forward uses.
 """
@@ -14,9 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import TYPE_CHECKING, Any
 
 from loralab.config import Config
-from loralab.errors import LoralabError
+from loralab.errors import DataError, LoralabError
+
+if TYPE_CHECKING:
+    from loralab.data.dataset import Splits
 
 CPU_SHARE = 0.5  # of physical RAM: leave the rest to other workers and the OS
 
@@ -65,6 +73,34 @@ def resolve_config(cfg: Config, *, budget_bytes: int | None = None) -> tuple[Con
         micro, notes["train.micro_batch_size"] = auto_micro_batch(cfg, budget_bytes=budget_bytes)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=micro))
     return cfg, notes
+
+
+def resolve_data(cfg: Config, tokenizer: Any, model_config: Any) -> Splits:
+    """The run's splits, ``data.max_seq_length: auto`` resolved from the data and capped by the
+    context of ``model_config`` (transformers' config), written back into ``cfg``, and checked
+    against that context."""
+    from loralab.data.dataset import load_splits, model_context
+
+    splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed, context=model_context(model_config))
+    cfg.data.max_seq_length = splits.stats["max_seq_length"]
+    check_context(cfg, model_config, splits)
+    return splits
+
+
+def check_context(cfg: Config, model_config: Any, splits: Splits) -> None:
+    """Refuse examples longer than the positions the model was built for (before they crash a step)."""
+    from loralab.data.dataset import model_context
+
+    context = model_context(model_config)
+    if not context:
+        return
+    longest = max(len(e.input_ids) for e in splits.train + splits.val)
+    if longest > context:
+        raise DataError(
+            f"{cfg.data.path}: an example is {longest} tokens long, more than the model's context of {context} "
+            f"positions (max_position_embeddings in {cfg.model.path}/config.json); set data.max_seq_length "
+            f"<= {context} (now {cfg.data.max_seq_length})"
+        )
 
 
 def describe_hardware() -> dict[str, str]:

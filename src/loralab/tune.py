@@ -189,9 +189,22 @@ def _cost(dims: list[Dimension], base: dict[str, Any], spe: int) -> tuple[int, i
     return n, max_steps, min_steps, halving_steps(n, rungs, max_steps) + finals
 
 
-def fit_budget(dims: list[Dimension], base: dict[str, Any], spe: int, budget_steps: int | None) -> tuple[list[Dimension], list[str]]:
-    """Shrink the space (second epoch first, then the outer values of each dimension) until the
-    plan fits ``budget_steps``; refuse a budget below the smallest tune."""
+def smallest_search(dims: list[Dimension]) -> list[Dimension]:
+    """The least a tune can run and still be a search: two values of every searched key (one
+    epoch: a second one is what a budget drops first)."""
+    out = []
+    for d in dims:
+        keep = 1 if d.key == "train.epochs" else 2
+        out.append(Dimension(d.key, d.values[:keep], d.why, d.default))
+    return out
+
+
+def fit_budget(dims: list[Dimension], base: dict[str, Any], spe: int, budget_steps: int | None,
+               *, seconds_per_step: float | None = None) -> tuple[list[Dimension], list[str]]:
+    """Shrink the space (second epoch first, then the outer values of each dimension, never
+    below two values of a searched key) until the plan fits ``budget_steps``; refuse a budget
+    too small to search, naming the smallest that does (steps, and time from
+    ``seconds_per_step`` when known)."""
     notes: list[str] = []
     if budget_steps is None:
         return dims, notes
@@ -203,22 +216,70 @@ def fit_budget(dims: list[Dimension], base: dict[str, Any], spe: int, budget_ste
             notes.append("a second epoch was not searched: it does not fit --budget-steps")
             continue
         widest = max(dims, key=lambda d: len(d.values), default=None)
-        if widest is None or len(widest.values) <= 1:
-            raise ConfigError(f"--budget-steps {budget_steps} is below the smallest tune ({_cost(dims, base, spe)[3]} "
-                              "optimizer steps: one candidate and its repeats); raise it or train with loralab train")
+        if widest is None or len(widest.values) <= 2:
+            raise too_small(dims, base, spe, f"--budget-steps {budget_steps}", seconds_per_step)
         dropped = widest.values.pop(-1 if len(widest.values) % 2 == 0 else 0)
         notes.append(f"{widest.key} {dropped!r} was not searched: it does not fit --budget-steps")
     return dims, notes
 
 
+def too_small(dims: list[Dimension], base: dict[str, Any], spe: int, budget: str,
+              seconds_per_step: float | None) -> ConfigError:
+    """The refusal of a budget below the smallest search, naming the smallest budget that searches."""
+    from loralab.estimate import human_duration
+
+    least = smallest_search(dims)
+    n, _, _, steps = _cost(least, base, spe)
+    keys = [d.key for d in least if len(d.values) > 1]
+    when = f", at least about {human_duration(steps * seconds_per_step)} on this machine" if seconds_per_step else ""
+    return ConfigError(
+        f"{budget} is too small for a search: comparing two values of each searched key "
+        f"({', '.join(keys) or 'none'}) takes {n} candidates and their repeats, {steps} optimizer steps{when}; "
+        f"give at least --budget-steps {steps}, search fewer keys (--search), or train one configuration "
+        "with loralab train")
+
+
+def fit_ranks(dims: list[Dimension], base: dict[str, Any]) -> list[str]:
+    """Drop the ranks above the smallest dimension of a matrix the targets adapt (the most a rank
+    can mean, loralab.preflight): searched ones with a note, a fixed one refused."""
+    from loralab.config import config_from_dict
+    from loralab.preflight import smallest_dimension
+
+    targets = next((d.values for d in dims if d.key == "lora.targets"), [base["lora"].get("targets", ["query", "value"])])
+    limits = []
+    for t in targets:
+        cfg = config_from_dict({**base, "lora": {**base["lora"], "targets": t}}, source="loralab tune")
+        found = smallest_dimension(cfg)
+        if found is not None:
+            limits.append(found)
+    if not limits:
+        return []
+    limit, module = min(limits)
+    ranks = next((d for d in dims if d.key == "lora.r"), None)
+    if ranks is None:
+        r = base["lora"].get("r", 8)
+        if r > limit:
+            raise ConfigError(f"lora.r = {r} is larger than the dimensions of {module} (smallest {limit}); "
+                              f"fix lora.r at {limit} or less")
+        return []
+    over = [r for r in ranks.values if r > limit]
+    if not over:
+        return []
+    ranks.values = [r for r in ranks.values if r <= limit] or [limit]
+    return [f"lora.r {', '.join(map(str, over))} not searched: above {limit}, the smallest dimension of an "
+            f"adapted matrix ({module}); a larger rank adds parameters but no expressiveness"]
+
+
 def plan_tune(*, model: str, data: str, metric: str, fixed: dict[str, Any], search: list[str] | None = None,
               widen: dict[str, list[Any]] | None = None, budget_steps: int | None = None,
-              max_memory: int | None = None, batch_size: int | None = None) -> Plan:
+              max_memory: int | None = None, batch_size: int | None = None, budget_s: float | None = None) -> Plan:
     """The search space, base config and step counts for a model and data (reads the data and
-    the model's config; no weights are loaded)."""
+    the model's config; no weights are loaded). A budget (``budget_steps``, ``budget_s``) too
+    small to compare two values of each searched key is refused (ConfigError)."""
     from loralab.config import config_from_dict
-    from loralab.data.dataset import load_splits
+    from loralab.estimate import load_model_config, resolve_model_config
     from loralab.models import load_tokenizer, resolve_model_path
+    from loralab.resolve import resolve_data
 
     base: dict[str, Any] = {
         # sequence length from the data (up to the model's context), micro batch from memory
@@ -235,7 +296,8 @@ def plan_tune(*, model: str, data: str, metric: str, fixed: dict[str, Any], sear
         base.setdefault(section, {})[name] = value
     cfg = config_from_dict(base, source="loralab tune")  # bad --fixed keys fail here, named
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.path), trust_remote_code=cfg.model.trust_remote_code)
-    splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed)
+    # data.max_seq_length: auto as loralab train resolves it: capped by the model's context
+    splits = resolve_data(cfg, tokenizer, load_model_config(resolve_model_config(cfg.model.path)))
     n_train = len(splits.train)
     spe = steps_per_epoch(n_train, cfg.train.batch_size)
     base["train"].setdefault("warmup_steps", 0)
@@ -246,14 +308,41 @@ def plan_tune(*, model: str, data: str, metric: str, fixed: dict[str, Any], sear
             base[section][name] = d.default
     if fixed.get("lora.alpha") is None:
         base["lora"].pop("alpha", None)  # tied to 2r below
-    notes: list[str] = []
+    notes: list[str] = fit_ranks(dims, base)
     notes += quantization_for_memory(base, max_memory, dims)
-    dims, budget_notes = fit_budget(dims, base, spe, budget_steps)
+    per_step = seconds_per_step(base, dims, cfg.data.max_seq_length)
+    dims, budget_notes = fit_budget(dims, base, spe, budget_steps, seconds_per_step=per_step)
     notes += budget_notes
+    if budget_s is not None and per_step is not None:
+        from loralab.estimate import human_duration
+
+        least = _cost(smallest_search(dims), base, spe)[3]
+        if least * per_step > budget_s:
+            raise too_small(dims, base, spe, f"--budget {human_duration(budget_s)}", per_step)
     n, max_steps, min_steps, planned = _cost(dims, base, spe)
     grid = n * (1 + len(EXTRA_SEEDS)) * max_steps
     return Plan(dims=dims, base=base, n_train=n_train, steps_per_epoch=spe, max_steps=max_steps,
                 min_steps=min_steps, candidates=n, planned_steps=planned, grid_steps=grid, notes=notes)
+
+
+def seconds_per_step(base: dict[str, Any], dims: list[Dimension], max_seq_length: int) -> float | None:
+    """A lower bound on one optimizer step's time on this machine: loralab estimate's FLOPs of the
+    cheapest candidate at the data's sequence length, at this machine's measured matmul rate."""
+    from loralab.config import config_from_dict
+    from loralab.errors import LoralabError
+    from loralab.estimate import estimate_run, matmul_throughput
+    from loralab.study.scheduler import run_device
+
+    cheapest = copy.deepcopy(base)
+    ranks = next((d.values for d in dims if d.key == "lora.r"), [base["lora"].get("r", 8)])
+    cheapest["lora"].update(r=min(ranks), alpha=SCALE * min(ranks))
+    cheapest["data"]["max_seq_length"] = max_seq_length
+    try:
+        cfg = config_from_dict(cheapest, source="loralab tune")
+        device = run_device(cfg.model.device)
+        return estimate_run(cfg, device=device, throughput=matmul_throughput(device)).time_per_step_s
+    except LoralabError:  # a model the estimate cannot describe: no time, steps only
+        return None
 
 
 def quantization_for_memory(base: dict[str, Any], max_memory: int | None, dims: list[Dimension]) -> list[str]:
@@ -513,9 +602,11 @@ def run_tune(*, model: str, data: str, out: str = "runs", name: str = "tune", me
 
     goal = goal or ("min" if metric == "eval_loss" or metric.endswith(("loss", "perplexity")) else "max")
     root = child_dir(Path(out), name, what="tune name")
-    root.mkdir(parents=True, exist_ok=True)
     plan = plan_tune(model=model, data=data, metric=metric, fixed=fixed or {}, search=search, widen=widen,
-                     budget_steps=budget_steps, max_memory=max_memory, batch_size=batch_size)
+                     budget_steps=budget_steps, max_memory=max_memory, batch_size=batch_size, budget_s=budget_s)
+    root.mkdir(parents=True, exist_ok=True)  # after the plan: a refused tune leaves nothing behind
+    for note in plan.notes:
+        log.info("tune %s: %s", name, note)
     spec = study_file(plan, name=name, metric=metric, goal=goal)
     write_atomic(root / "tune-plan.json", plan.to_json(), fsync=False)
     log.info("tune %s: %d candidates, %d steps each, halving from step %d; planned %d optimizer steps "

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from loralab.cli import estimate, run, study, tune
 from loralab.cli import eval as evaluate
 from loralab.cli.output import emit_json
 from loralab.errors import LoralabError
+from loralab.quiet import quiet_libraries, verbose
 
 __all__ = ["build_parser", "emit_json", "main"]
 
@@ -38,7 +40,8 @@ FAMILIES = (run, evaluate, estimate, study, tune)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loralab", description="LoRA / QLoRA fine-tuning lab.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging and every library message on stderr (also LORALAB_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for family in FAMILIES:
         family.register(sub)
@@ -48,11 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ["LORALAB_VERBOSE"] = "1"  # for the run processes a study starts, too
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose() else logging.INFO,
         format="%(message)s",
         stream=sys.stderr,
     )
+    quiet_libraries()
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

@@ -342,10 +342,10 @@ def generation_prompt(prompt: str, template: str, tokenizer) -> str:
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold the adapter into the base weights; the result loads with from_pretrained."""
 
-    from loralab.adapters import adapter_dir, check_adapter_base, load_adapter
-    from loralab.config import read_yaml
     import torch
 
+    from loralab.adapters import adapter_dir, check_adapter_base, load_adapter
+    from loralab.config import read_yaml
     from loralab.models import DTYPES, load_base, stored_dtype
 
     run = RunDir(args.run_dir)

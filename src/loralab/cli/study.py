@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from loralab.cli.output import emit_json, table
 from loralab.cli.run import add_track_arg
 from loralab.errors import ConfigError
 from loralab.rundir import SUMMARY, Status
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "runs"
 
@@ -163,6 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from loralab.study.options import StudyOptions
     from loralab.study.preflight import preflight
     from loralab.study.spec import load_study
+    from loralab.study.steps import step_plan
     from loralab.track import prepare_study_trackers, track_study
 
     options = StudyOptions.from_args(args)  # refused here, before the study is even loaded
@@ -174,6 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     study.place(root)
     options.check(study.runs)
     checks = preflight(study, max_memory=options.max_memory)  # every run's own checks, before any starts
+    steps = step_plan(study)  # each run's steps, tokens and time, said before any compute is spent
     if args.dry_run:
         from loralab.study.spec import deviation_text
 
@@ -183,14 +188,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         dev_lines = ("differences from the seed's setup:\n" + "\n".join(f"  - {d}" for d in devs) + "\n" if devs
                      else "no difference from the seed's setup\n" if study.seed.get("setup") else "")
         skipped = "".join(f"\nwould be skipped: {n}: {why}" for n, why in checks.skipped.items())
+        warning = steps.warning()
         _emit(args, {"study": study.name, "root": str(root), "profile": study.profile, "runs": rows,
-                     "deviations": study.deviations, **checks.to_json()},
+                     "deviations": study.deviations, "steps": steps.to_json(), **checks.to_json()},
               f"study {study.name}: {len(rows)} runs in {root}\n{seed_line}{dev_lines}" + columns(rows, list(rows[0]))
+              + "".join(f"\n{line}" for line in steps.invalid_lines() + steps.lines())
+              + (f"\nWARNING: {warning}" if warning else "")
               + skipped + (f"\n{checks.text()}" if checks.cannot_run else ""))
         return 2 if checks.cannot_run else 0
     if checks.cannot_run:
         raise ConfigError(f"{checks.text()}\nnothing was started; fix these (loralab study run ... --dry-run "
                           "checks again without running)")
+    for line in steps.lines():
+        log.info("%s", line)
+    if steps.warning():
+        log.warning("WARNING: %s", steps.warning())
+    from loralab.study.baseline import base_warning, score_base
+
+    base = score_base(study, root)  # the study metric on the base, once: can it move at all?
+    if base is not None:
+        log.info("the base scores %s = %.4g before training", base["metric"], base["value"])
+    if base_warning(base):
+        log.warning("WARNING: %s", base_warning(base))
     prepare_study_trackers(study)
     result = run_study(study, root=root, options=options)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result["counts"].items()))

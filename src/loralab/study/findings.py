@@ -62,6 +62,7 @@ class Run:
     stopped_at_step: int | None = None
     error: str | None = None
     values: dict[str, float | None] = field(default_factory=dict)  # final value of every judged metric
+    steps: int | None = None  # the last optimizer step it logged
 
 
 @dataclass
@@ -151,6 +152,8 @@ def read_study(db_path: str | Path, study_name: str) -> StudyData:
                 value=values[metric], values=values,
                 time_s=time_s, memory_bytes=r["peak_memory_bytes"], params=r["trainable_params"],
                 stopped_at_step=r["stopped_at_step"], error=r["error"],
+                steps=con.execute("SELECT MAX(step) FROM metrics WHERE run_id = ? AND name = 'train_loss'",
+                                  (r["id"],)).fetchone()[0],
             ))
     finally:
         con.close()
@@ -661,6 +664,41 @@ def pareto(data: StudyData) -> dict[str, Any]:
     return out
 
 
+def verdict(data: StudyData) -> dict[str, Any] | None:
+    """Why the study could not answer its question, or None when it could: its runs trained
+    too few steps, every completed run scored the same value (a metric at its floor or
+    ceiling), or every difference between settings is within the seed noise. Each reason says
+    what would answer it."""
+    from loralab.study.steps import FLOOR_STEPS
+
+    if not data.ok:
+        return None
+    reasons = []
+    steps = [r.steps for r in data.ok if r.steps]
+    if steps and max(steps) < FLOOR_STEPS:
+        reasons.append(f"every run trained at most {max(steps)} optimizer step{'s' * (max(steps) != 1)}, under "
+                       f"the {FLOOR_STEPS} it takes to leave the initialisation; give the runs more steps (a smaller "
+                       "batch, more data or more epochs: loralab study run --dry-run counts them)")
+    values = [r.value for r in data.ok]
+    if len(values) > 1 and max(values) - min(values) <= 1e-9 * max(1.0, abs(max(values))):
+        v = values[0]
+        edge = (" (the metric's floor)" if v == 0 and data.goal == "max" else
+                " (the metric's ceiling)" if v == 1 and data.goal == "max" and "/" in data.metric else "")
+        reasons.append(f"every completed run scored {data.metric} = {v:.4g}{edge}, so no setting can be told from "
+                       "another; judge it on a metric that can move here (eval_loss, or a harness task)")
+    elif data.noise_sd is not None:
+        cmps = [axis_effect(data, a)["comparison"] for a in data.axes if a != SEED_KEY]
+        cmps = [c for c in cmps if c is not None]
+        if cmps and not any(c["beyond_noise"] for c in cmps):
+            reasons.append(f"every difference between settings is within the seed noise (seed-to-seed SD "
+                           f"{data.noise_sd:.2g}); more repeats or longer runs would narrow it")
+    if not reasons:
+        return None
+    return {"kind": "verdict", "answered": False, "metric": data.metric, "reasons": reasons,
+            "text": "The study could not answer its question: " + "; ".join(reasons) + ". The findings below "
+                    "are what the runs showed, not results."}
+
+
 def excluded(data: StudyData) -> dict[str, Any]:
     rows = [{"run": r.name, "status": r.status, "reason": why, "stopped_at_step": r.stopped_at_step}
             for r, why in data.excluded]
@@ -808,9 +846,21 @@ def _metric_findings(data: StudyData, *, with_excluded: bool = True) -> list[dic
 def findings_from(data: StudyData) -> list[dict[str, Any]]:
     """Findings of an already-read study (the report reads the study once for both).
 
+    A study that could not answer opens with its ``verdict`` (see :func:`verdict`), and every
+    other finding is marked ``"result": False``: what the runs showed, not an answer.
     One metric: the study's findings. Several: the runs left out, an ``across_metrics``
     finding per varying axis, then every finding once per metric (its text opens with
     ``[metric]``), the runs a metric alone lacks listed with that metric's findings."""
+    out = _all_findings(data)
+    v = verdict(data)
+    if v is None:
+        return out
+    for f in out:
+        f["result"] = False
+    return [v, *out]
+
+
+def _all_findings(data: StudyData) -> list[dict[str, Any]]:
     if len(data.metrics) <= 1:
         return _metric_findings(data)
     out = [excluded(data)] if data.excluded else []

@@ -21,7 +21,10 @@ from typing import Any
 def main(argv: list[str]) -> int:
     """Train the configs together, each into its own directory."""
     from loralab.config import load_config
+    from loralab.quiet import quiet_libraries
     from loralab.train.fused import Prune, train_fused
+
+    quiet_libraries()  # as loralab train does: the group's log holds loralab's lines
 
     prune_arg = next((a for a in argv if a.startswith("--halving=")), None)
     resume = "--resume" in argv

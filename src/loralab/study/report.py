@@ -188,7 +188,10 @@ def plot_curves(mpl_figure, data: StudyData, found: list[dict], series, out: Pat
             suffix = f"_by_{_slug(axis)}" if axis and len(group_axes) > 1 and metric == data.metric else ""
             path = _save(fig, out / f"curves_{_slug(metric)}{suffix}.png")
             by = f", colored by {axis}" if axis else ""
+            single = all(len(series.get(r.name, {}).get(metric) or []) <= 1 for r in data.runs)
             figures.append(Figure(path, f"{metric} against step{by}",
+                                  f"Each run has one value of {metric} (one evaluation), drawn as a point: there is "
+                                  "no curve to show." if single else
                                   "One line per run; dashed lines are runs that did not complete."))
     return figures
 
@@ -211,8 +214,10 @@ def _draw_curves(ax, data: StudyData, series, metric: str, axis: str | None) -> 
             seen.add(key)
             label = fmt_value(run.axes.get(axis)) if axis else "runs"
         done = run.status == Status.COMPLETED
+        # one point (a single evaluation) is no line: a visible marker instead
+        marker = "o" if len(points) == 1 else "." if len(points) < 12 else None
         ax.plot([s for s, _ in points], [v for _, v in points], color=color[key], label=label,
-                linestyle="-" if done else "--", alpha=0.85 if done else 0.5, marker="." if len(points) < 12 else None)
+                linestyle="-" if done else "--", alpha=0.85 if done else 0.5, marker=marker)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     plain_numbers(ax)
     ax.set_xlabel("step")
@@ -413,6 +418,9 @@ def render_markdown(data: StudyData, found: list[dict], figures: list[Figure], c
 
     ctx = ctx or {}
     lines = [f"# Study report: {data.name}", ""]
+    verdict, found = split_verdict(found)
+    if verdict:
+        lines += [f"**Verdict: {cell(verdict['text'])}**", ""]
     devs = _deviation_block(ctx)
     if devs:
         lines += ["**Differences from the seed's setup** (computed from the run configs):", ""]
@@ -423,7 +431,7 @@ def render_markdown(data: StudyData, found: list[dict], figures: list[Figure], c
         lines += ["", "## The seed's setup beside this study's", "", "| key | seed | this study | |", "|---|---|---|---|"]
         lines += [f"| {r['key']} | {cell(r['seed'])} | {cell(r['runs'])} | {'differs' if r['differs'] else ''} |"
                   for r in ctx["setup"]]
-    lines += ["", "## Findings", ""]
+    lines += ["", f"## {findings_title(verdict)}", ""]
     lines += [f"- **{f['kind']}**: {cell(f['text'])}" for f in found] or ["- none"]
     lines += ["", "## Plots", ""]
     for f in figures:
@@ -440,10 +448,22 @@ def render_html(data: StudyData, found: list[dict], figures: list[Figure], ctx: 
     ctx = ctx or {}
     pngs = [{"title": f.title, "caption": f.caption, "png_base64": base64.b64encode(f.path.read_bytes()).decode("ascii")}
             for f in figures]
+    verdict, found = split_verdict(found)
     return _templates().get_template("report.html.j2").render(
-        name=data.name, deviations=_deviation_block(ctx), header=context_lines(ctx) + _header(data),
+        name=data.name, verdict=verdict["text"] if verdict else None, findings_title=findings_title(verdict),
+        deviations=_deviation_block(ctx), header=context_lines(ctx) + _header(data),
         setup=ctx.get("setup") or [], findings=found, figures=pngs, columns=RUN_COLUMNS, rows=run_rows(data),
         excluded=[(r.name, why) for r, why in data.excluded])
+
+
+def split_verdict(found: list[dict]) -> tuple[dict | None, list[dict]]:
+    """(the verdict of a study that could not answer, or None; the other findings)."""
+    verdict = next((f for f in found if f["kind"] == "verdict"), None)
+    return verdict, [f for f in found if f is not verdict]
+
+
+def findings_title(verdict: dict | None) -> str:
+    return "What the runs showed (not results: see the verdict)" if verdict else "Findings"
 
 
 @functools.cache

@@ -3,16 +3,19 @@
     units = form_units(tasks, fuse=True, budget=24 * 2**30, workers=4, halving=False)
     Scheduler(store, backend, workers=4, gpus=GpuSlots(["0", "1"], 80 * 2**30)).run(units)
 
-* Planning (``plan_tasks``): the runs still to do, each with its memory estimate
-  (``loralab.estimate``); runs over ``--max-memory`` are recorded skipped (the memory gate);
-  cheapest first.
+* Planning (``plan_tasks``): the runs still to do, each checked alone first
+  (``loralab.preflight``: rank, roles, dtype and quantization on this device; a run that fails
+  is recorded invalid with its own message and never joins a group), each with its memory
+  estimate (``loralab.estimate``); runs over ``--max-memory`` are recorded skipped (the
+  memory gate); cheapest first.
 * Fusion (``form_units``): runs with equal ``train.fused.fuse_key`` (same base, data and
   batch settings) become one fused group, as many as the estimate says fit the memory budget
   together; the log says which runs were grouped and why the others train alone.
 * The pool (``Scheduler.run``): ``workers`` units at a time through a backend (local
   processes or Ray). A unit whose process was killed is run again up to ``retries`` times
   (from its checkpoints when it left any; a fused group's interrupted runs go on as a group);
-  no unit starts once the budget's deadline has passed.
+  a fused group that runs out of memory as a whole trains again as two halves, never recorded
+  as each run's failure; no unit starts once the budget's deadline has passed.
 * Progress: given a bar (:mod:`loralab.progress`), the pool moves it on each run that gets
   its final outcome (not interrupted, not paused at a rung), so it shows runs finished of
   runs to do, with the outcomes so far and an ETA.
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from loralab.config import config_from_dict
-from loralab.errors import ConfigError, LoralabError
+from loralab.errors import ConfigError, LoralabError, ModelError
 from loralab.paths import child_dir
 from loralab.rundir import Status
 from loralab.study.backends.process import RunSpec, UnitSpec, checkpoint_step
@@ -113,14 +116,22 @@ class Unit:
 
 
 def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | None, paused: bool = False) -> list[Task]:
-    """Runs still to do, with memory estimates, cheapest first; runs over ``max_memory`` are
-    recorded skipped. ``paused``: include runs paused at a halving rung (a restarted study)."""
+    """Runs still to do, with memory estimates, cheapest first; runs that fail their own checks
+    are recorded invalid, runs over ``max_memory`` skipped. ``paused``: include runs paused at a
+    halving rung (a restarted study)."""
     from loralab.estimate import estimate_run
+    from loralab.preflight import check_run
 
     tasks = []
     for row in store.runs(study_id, (*TO_RUN, Status.SKIPPED, *((Status.PAUSED,) if paused else ()))):
         config = json.loads(row["config_json"])
         cfg = config_from_dict(config, source=f"run {row['name']}")
+        try:  # before grouping: an invalid run alone, under its own message
+            check_run(cfg, device=run_device(cfg.model.device))
+        except (ConfigError, ModelError) as exc:
+            store.finish(row["id"], status=Status.INVALID, error=str(exc))
+            log.info("run %s: %s (%s)", row["name"], Status.INVALID, str(exc).splitlines()[0])
+            continue
         memory, cost, trainable = None, 0.0, None
         try:
             est = estimate_run(cfg, device="cpu" if run_device(cfg.model.device) == "cpu" else "cuda")
@@ -332,11 +343,24 @@ class Scheduler:
                 active.remove(entry)
                 if gpu is not None:
                     self.gpus.release(gpu, unit.memory)  # type: ignore[union-attr]
+                if unit.fused and all(r["status"] == Status.OUT_OF_MEMORY for r in results):
+                    queue += self.split(unit, results[0].get("error"))  # the group's memory, not a run's failure
+                    continue
                 again = [t for t, r in zip(unit.tasks, results, strict=True)
                          if self.record(t, r) and self.tries[t.run_id] <= self.retries]
                 if again:  # killed: the interrupted runs go on together, from their checkpoints
                     queue.append(Unit(again, stop_at_step=unit.stop_at_step, prune=unit.prune))
         return not self.budget_spent
+
+    def split(self, unit: Unit, error: str | None) -> list[Unit]:
+        """A fused group that ran out of memory as a whole trains again as two halves (its runs
+        from their checkpoints where they left any); a run alone that runs out is its own outcome."""
+        half = len(unit.tasks) // 2
+        parts = [unit.tasks[:half], unit.tasks[half:]]
+        self.store.reset([t.run_id for t in unit.tasks])
+        log.info("fusion: %s ran out of memory together (%s); training them again as %s", unit.name,
+                 (error or "out of memory").splitlines()[0], " and ".join(", ".join(t.name for t in p) for p in parts))
+        return [Unit(p, stop_at_step=unit.stop_at_step, prune=unit.prune) for p in parts]
 
     def _start(self, unit: Unit, gpu: str | None) -> Handle:
         for t in unit.tasks:

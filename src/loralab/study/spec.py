@@ -38,7 +38,7 @@ TOP_KEYS = {"name", "description", "question", "claim", "metric", "metrics", "go
 QUICK_KEYS = {"base", "axes", "tied", "repeats", "seeds", "tiny"}
 # seed: what the cited experiment itself ran. setup is a partial training config in loralab's
 # keys (the seed's own values); the other keys are text for what a config cannot say.
-SEED_KEYS = {"source", "model", "data", "metric", "setup", "notes"}
+SEED_KEYS = {"source", "model", "data", "metric", "setup", "notes", "steps"}  # steps: the seed's optimizer steps per run
 # tiny: the settings for the shipped base (builtin:tiny), applied only when the model is that one.
 TINY_KEYS = {"base", "metric", "goal"}
 FINDING_KINDS = {"axis_effect": ("axis",), "trend_within": ("axis", "within"),
@@ -683,9 +683,12 @@ def load_study(
     refuse_axis_overrides(overrides, data, axes, {k: e for k, (e, _) in tied.items()}, str(name))
     seed = {k: v.strip() if isinstance(v, str) else copy.deepcopy(v)
             for k, v in _mapping(raw, "seed", where, SEED_KEYS).items()}
-    for k in sorted(SEED_KEYS - {"setup"}):
+    for k in sorted(SEED_KEYS - {"setup", "steps"}):
         if k in seed and not isinstance(seed[k], str):
             raise ConfigError(f"{where('seed', k)}: seed.{k} must be text (got {seed[k]!r})")
+    if "steps" in seed and (not isinstance(seed["steps"], int) or isinstance(seed["steps"], bool) or seed["steps"] < 1):
+        raise ConfigError(f"{where('seed', 'steps')}: seed.steps must be a whole number of optimizer steps "
+                          f"(got {seed['steps']!r})")
     study = Study(
         name=str(name), description=_text(raw, "description", where), question=_text(raw, "question", where),
         claim=_text(raw, "claim", where), metric=metric, goal=goal, base=base, axes=axes,

@@ -34,12 +34,13 @@ import torch
 
 from loralab.adapters import attach_lora, base_record, count_params, save_adapter
 from loralab.config import Config, TrackingConfig, dump_config, load_config
-from loralab.data.dataset import Example, Splits, collate, load_splits, model_context
+from loralab.data.dataset import Example, Splits, collate
 from loralab.data.packing import step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
 from loralab.halving import halving_rungs, keep_count, rank_key
 from loralab.models import dtype_choice, load_base, load_tokenizer, pick_device, read_config
 from loralab.progress import progress
+from loralab.resolve import resolve_data
 from loralab.rundir import (
     FINAL,
     MetricsWriter,
@@ -104,14 +105,17 @@ RESUME_MAY_CHANGE = frozenset({
 
 
 class SoloAdapters:
-    """A group of one: the PEFT model. ``routed`` and ``only`` have nothing to route."""
+    """A group of one: the PEFT model. ``routed`` and ``only`` have nothing to route. Its run's
+    failures are the run's: none is ``rejected`` alone, and a failing save raises."""
+
+    rejected: dict[int, LoralabError] = {}
 
     def __init__(self, model):
         self.model = model
         self.trainable, self.total = count_params(model)
 
-    def routed(self, runs: list[int], *, rows_each: int):
-        return contextlib.nullcontext()
+    def routed(self, runs: list[int], *, rows_each: int, draw: int | None = None):
+        return contextlib.nullcontext()  # PEFT's own dropout draws from the global generator
 
     def only(self, run: int):
         return contextlib.nullcontext()
@@ -129,19 +133,31 @@ class SoloAdapters:
 
 
 class FusedAdapters:
-    """K runs' adapters in loralab.train.group's layer over one base; run k owns a block of rows."""
+    """K runs' adapters in loralab.train.group's layer over one base; run k owns a block of rows.
+
+    A run whose adapters cannot be built (its rank, its roles against this base) is
+    ``rejected`` alone, with its own error: it gets no adapter and the others train on."""
 
     def __init__(self, base, cfgs: list[Config]):
         self.model = base
         self.cfgs = cfgs
-        self.inits = [initial_adapter(base, c.lora, seed=c.train.seed) for c in cfgs]
+        self.inits: dict[int, Any] = {}
+        self.rejected: dict[int, LoralabError] = {}
+        for k, c in enumerate(cfgs):
+            try:
+                self.inits[k] = initial_adapter(base, c.lora, seed=c.train.seed)
+            except (ConfigError, ModelError) as exc:  # raised before PEFT touches the base
+                self.rejected[k] = exc
+        if not self.inits:
+            raise RunsRejected(self.rejected)
         self.routing = None
 
     def install(self) -> None:
-        self.routing = install(self.model, [i.weights for i in self.inits])
+        self.routing = install(self.model, [self.inits[k].weights if k in self.inits else {}
+                                            for k in range(len(self.cfgs))], seeds=[c.train.seed for c in self.cfgs])
 
-    def routed(self, runs: list[int], *, rows_each: int):
-        return self.routing.rows(runs, rows_each=rows_each)
+    def routed(self, runs: list[int], *, rows_each: int, draw: int | None = None):
+        return self.routing.rows(runs, rows_each=rows_each, draw=draw)
 
     def only(self, run: int):
         return self.routing.only(run)
@@ -158,9 +174,44 @@ class FusedAdapters:
         weights = {r.index: trained_weights(self.model, r.index) for r in runs}
         remove(self.model)  # PEFT's own layers go in to save
         for r in runs:
-            with charge_to(r):
+            with charge_to(r), fails_alone(r, runs, "saving its adapter"):
                 save_trained_adapter(self.model, r.cfg.lora, seed=r.cfg.train.seed, weights=weights[r.index],
                                      out_dir=r.dir.adapter)
+
+
+class RunsRejected(ModelError):
+    """Every run of a group was rejected while its adapters were built; ``errors`` holds each
+    run's own error, by run index."""
+
+    def __init__(self, errors: dict[int, LoralabError]):
+        super().__init__("; ".join(str(e) for e in errors.values()))
+        self.errors = errors
+
+
+@contextlib.contextmanager
+def fails_alone(run: Run, group: list[Run], doing: str):
+    """An error of ``run``'s own (its evaluation, its save) ends ``run`` alone, status failed with
+    its own error, while another run of the group still trains. Raised as before when no other
+    run is left (a solo run fails as a run), and always for out-of-memory and a full disk,
+    which belong to the group."""
+    try:
+        yield
+    except Exception as exc:
+        others = [r for r in group if r is not run and r.status is Status.RUNNING]
+        disk_full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+        if not others or disk_full or isinstance(exc, torch.OutOfMemoryError):
+            raise
+        end_alone(run, Status.FAILED, f"{doing}: {type(exc).__name__}: {exc}")
+
+
+def end_alone(run: Run, status: Status, error: str) -> None:
+    """``run`` leaves its group with ``status`` and its own ``error``; the others go on."""
+    log.warning("%s: %s; it ends alone, the rest of its group goes on", run.dir.root, error)
+    run.status = status
+    if run.metrics is not None and not run.metrics.f.closed:
+        run.metrics.write(step=run.state.step, event=status)
+        run.metrics.close()
+    run.record(status=status, error=error)
 
 
 def stack_runs(batch: dict, n: int) -> dict:
@@ -254,9 +305,10 @@ def load_group(cfgs: list[Config], *, fused: bool, progress: bool = False) -> Se
         enable_activation_checkpointing(base, cfg.model.path)
     if not fused:
         attention = packed_attention(cfg, adapters.model)
-    trainable, total = adapters.counts(0)
-    log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}",
-             100 * trainable / total)
+    trainable, total = adapters.counts(min(k for k in range(len(cfgs)) if k not in adapters.rejected))
+    # debug: the run's summary says it; at info it read as PEFT's own line beside loralab's (-v shows it)
+    log.debug("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}",
+              100 * trainable / total)
     return Setup(adapters, tokenizer, splits, tasks, device, attention, needs_grad_scaler(base, cfg.train.autocast))
 
 
@@ -275,9 +327,7 @@ def load_data_and_tasks(cfg: Config, model_config, tokenizer) -> tuple[Splits, l
     config, or the model), and its evaluation tasks (resolved before training, so a bad task file
     fails at once)."""
     model_config = getattr(model_config, "config", model_config)
-    splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed, context=model_context(model_config))
-    cfg.data.max_seq_length = splits.stats["max_seq_length"]  # data.max_seq_length: auto, resolved from the data
-    check_context(cfg, model_config, splits)
+    splits = resolve_data(cfg, tokenizer, model_config)  # data.max_seq_length: auto, as loralab tune resolves it
     if splits.truncated_to_nothing:
         log.warning("%d examples lost every response token to truncation at max_seq_length=%d and were skipped",
                     splits.truncated_to_nothing, cfg.data.max_seq_length)
@@ -297,21 +347,6 @@ def warn_if_warmup_outlasts(cfg: Config, steps: int) -> None:
         log.warning("WARNING: train.warmup_steps = %d is more than the run's %d steps: the learning rate never "
                     "reaches train.lr = %g (it peaks at %d/%d of it, %.3g); set train.warmup_steps below %d",
                     warmup, steps, cfg.train.lr, steps, warmup, cfg.train.lr * steps / warmup, steps)
-
-
-def check_context(cfg: Config, model_config, splits: Splits) -> None:
-    """Refuse examples longer than the positions the model was built for (before they crash a step)."""
-    config = getattr(model_config, "config", model_config)
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if not context:
-        return
-    longest = max(len(e.input_ids) for e in splits.train + splits.val)
-    if longest > context:
-        raise DataError(
-            f"{cfg.data.path}: an example is {longest} tokens long, more than the model's context of {context} "
-            f"positions (max_position_embeddings in {cfg.model.path}/config.json); set data.max_seq_length "
-            f"<= {context} (now {cfg.data.max_seq_length})"
-        )
 
 
 # ----------------------------------------------------------------------------- resume
@@ -391,10 +426,14 @@ def forward_backward(adapters, runs: list[Run], examples: list[Example], group: 
     tokens divided by their count, in every layout; nothing here waits for the device."""
     batches, n_loss, tokens = host_layout(examples, group, cfg, pad_id=pad_id, segments=segments)
     step_loss = torch.zeros(len(runs), dtype=torch.float64, device=device)
-    for batch in batches:
+    first = runs[0].state.micro_batches  # the micro batches before this step (equal in every live run)
+    for j, batch in enumerate(batches):
         batch = to_device(batch, device)
-        # backward inside the routing: activation checkpointing recomputes forwards during it
-        with adapters.routed([r.index for r in runs], rows_each=batch["input_ids"].shape[0]):
+        # backward inside the routing: activation checkpointing recomputes forwards during it;
+        # draw numbers the micro batch (unique: a step has at most batch_size of them, packed or
+        # not); with each run's seed it seeds the run's dropout masks, the same in any group
+        draw = first * cfg.train.batch_size + j
+        with adapters.routed([r.index for r in runs], rows_each=batch["input_ids"].shape[0], draw=draw):
             losses = run_losses(adapters.model, batch, len(runs), runs[0].cfg.train.autocast) / n_loss
             if runs[0].scaler is None:
                 losses.sum().backward()
@@ -449,6 +488,7 @@ def eval_batch_size(data_cfg: Config, state: TrainState, device: torch.device) -
 def evaluate(setup: Setup, runs: list[Run], *, step: int, batch_size: int) -> None:
     """Validation loss of every run in shared forwards, tasks run by run; into metrics.jsonl
     and each run's state."""
+    runs = [r for r in runs if r.status is Status.RUNNING]  # a retried evaluation skips runs that ended in the last try
     cfg = runs[0].cfg
     losses = evaluate_losses(setup.adapters, [r.index for r in runs], setup.splits.val, batch_size=batch_size,
                              pad_id=setup.tokenizer.pad_token_id, device=setup.device, autocast=cfg.train.autocast)
@@ -457,8 +497,11 @@ def evaluate(setup: Setup, runs: list[Run], *, step: int, batch_size: int) -> No
         state.eval_loss = finite_or_none(eval_loss)
         if state.eval_loss is not None:
             state.best_eval_loss = min(state.best_eval_loss or math.inf, state.eval_loss)
-        with setup.adapters.only(run.index):
+        task_values = {}
+        with setup.adapters.only(run.index), fails_alone(run, runs, f"evaluation at step {step}"):
             task_values = run_eval_tasks(setup.adapters.model, setup.tokenizer, setup.tasks, batch_size=batch_size)
+        if run.status is not Status.RUNNING:
+            continue
         for k, v in task_values.items():
             state.task_history.setdefault(k, []).append(v)
         run.metrics.write(step=step, eval_loss=eval_loss if setup.splits.val else None, tokens_seen=state.tokens_seen,
@@ -608,6 +651,7 @@ def fit(runs: list[Run], setup: Setup, *, resume: bool, show_progress: bool, pru
                         halve_micro_batch(data_cfg, going, done=step, peak=peak, where="in evaluation")
                         stream = stream_from(len(splits.train), data_cfg, skip=going[0].state.micro_batches)
                 clock.charge(going)
+                going = [r for r in going if r.status is Status.RUNNING]  # a run whose evaluation failed ended alone
             if rung:
                 stop_worst(going, prune, step=step, steps=steps, setup=setup)
                 going = [r for r in going if r.status is Status.RUNNING]
@@ -626,7 +670,8 @@ def fit(runs: list[Run], setup: Setup, *, resume: bool, show_progress: bool, pru
     if saved:
         adapters.save(saved, clock.charge_to)
     for r in finished:
-        r.status = Status.COMPLETED if stop == steps else Status.PAUSED
+        if r.status is Status.RUNNING:  # not a run whose save failed alone
+            r.status = Status.COMPLETED if stop == steps else Status.PAUSED
     return {"steps": steps, "group_train_time_s": group_train_s, "peak_memory_bytes": peak.bytes()}
 
 
@@ -835,8 +880,16 @@ def run_group(cfgs: list[Config], run_dirs: list[Path], *, fused: bool, resume: 
     try:
         # Adapters are seeded per run: a group resumed with fewer runs still rebuilds the same ones.
         setup = load_group([r.cfg for r in runs], fused=fused, progress=show_progress)
-        shared = fit(runs, setup, resume=resume, show_progress=show_progress, prune=prune, clock=clock,
-                     on_start=on_start)
+        for r in runs:  # a run whose own adapters cannot be built is invalid alone
+            if r.index in setup.adapters.rejected:
+                end_alone(r, Status.INVALID, str(setup.adapters.rejected[r.index]))
+        shared = fit([r for r in runs if r.status is Status.RUNNING], setup, resume=resume,
+                     show_progress=show_progress, prune=prune, clock=clock, on_start=on_start)
+    except RunsRejected as exc:
+        for r in runs:
+            r.record(status=Status.INVALID, error=str(exc.errors[r.index]))
+        finish_tracking(runs)
+        raise
     except LoralabError as exc:
         invalid = not started and isinstance(exc, (ConfigError, DataError, ModelError))
         fail(Status.INVALID if invalid else Status.FAILED, str(exc))

@@ -6,9 +6,14 @@ ones go back through PEFT to be saved, so an adapter is bit-for-bit what a solo 
 same config would start from, and is saved in exactly PEFT's format::
 
     inits = [initial_adapter(base, cfg.lora, seed=cfg.train.seed) for cfg in cfgs]
-    routing = install(base, [i.weights for i in inits])
-    with routing.rows([0, 1, 2], rows_each=4):   # run k owns rows [4k, 4k + 4)
+    routing = install(base, [i.weights for i in inits], seeds=[cfg.train.seed for cfg in cfgs])
+    with routing.rows([0, 1, 2], rows_each=4, draw=7):   # run k owns rows [4k, 4k + 4); micro batch 7
         logits = base(input_ids=ids_for_three_runs).logits
+
+LoRA dropout in a group draws each run's masks from a generator of its own, seeded by the
+run's seed, the module and the micro batch (``draw``): a run's masks, and so its result, are
+the same in whatever group it trains, and a forward recomputed by activation checkpointing
+draws the same masks again.
     remove(base)
     save_trained_adapter(base, cfg.lora, seed=cfg.train.seed, weights=..., out_dir=...)
 """
@@ -16,6 +21,7 @@ same config would start from, and is saved in exactly PEFT's format::
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,16 +109,19 @@ class Routing:
     def __init__(self) -> None:
         self.segments: list[tuple[int, slice]] | None = None
         self.total_rows: int | None = None  # None: one run owns whatever rows come (eval tasks)
+        self.draw: int | None = None  # the micro batch being trained: seeds each run's dropout masks
 
     @contextlib.contextmanager
-    def rows(self, runs: list[int], *, rows_each: int):
-        """Run ``runs[j]`` owns rows [j * rows_each, (j + 1) * rows_each) of the next forwards."""
+    def rows(self, runs: list[int], *, rows_each: int, draw: int | None = None):
+        """Run ``runs[j]`` owns rows [j * rows_each, (j + 1) * rows_each) of the next forwards;
+        ``draw`` numbers the micro batch (its dropout masks)."""
         self.segments = [(k, slice(j * rows_each, (j + 1) * rows_each)) for j, k in enumerate(runs)]
         self.total_rows = len(runs) * rows_each
+        self.draw = draw
         try:
             yield self
         finally:
-            self.segments, self.total_rows = None, None
+            self.segments, self.total_rows, self.draw = None, None, None
 
     @contextlib.contextmanager
     def only(self, run: int):
@@ -127,16 +136,28 @@ class Routing:
 class RunAdapter(nn.Module):
     """One run's trainable A and B on one base module, computed as PEFT's lora.Linear does."""
 
-    def __init__(self, w: LoraWeights):
+    def __init__(self, w: LoraWeights, *, key: int = 0):
         super().__init__()
         self.lora_A = nn.Parameter(w.A.clone())  # (r, in)
         self.lora_B = nn.Parameter(w.B.clone())  # (out, r)
         self.scaling = w.scaling
         self.dropout = nn.Dropout(w.dropout) if w.dropout > 0 else nn.Identity()
+        self.key = key  # the run's seed and the module: with the micro batch, its dropout masks
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, draw: int | None = None) -> torch.Tensor:
         x = x.to(self.lora_A.dtype)
-        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        if isinstance(self.dropout, nn.Dropout) and self.training and draw is not None:
+            x = x * self.mask(x, draw)
+        else:
+            x = self.dropout(x)
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+    def mask(self, x: torch.Tensor, draw: int) -> torch.Tensor:
+        """Inverted-dropout mask of x's shape from a generator seeded by (run, module, micro
+        batch) alone: the same in every group, and again when the forward is recomputed."""
+        p = self.dropout.p
+        g = torch.Generator(device=x.device).manual_seed((self.key * 1_000_003 + draw) % 2**63)
+        return torch.empty_like(x).bernoulli_(1 - p, generator=g) / (1 - p)
 
 
 class BatchedLoraLinear(nn.Module):
@@ -165,20 +186,22 @@ class BatchedLoraLinear(nn.Module):
             piece = result[rows]
             adapter = self.adapters[str(run)] if str(run) in self.adapters else None
             if adapter is not None:  # result + delta in the promoted dtype, then back, as PEFT does
-                piece = (piece + adapter(x[rows])).to(result.dtype)
+                piece = (piece + adapter(x[rows], self.routing.draw)).to(result.dtype)
             pieces.append(piece)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-def install(model: nn.Module, runs: list[dict[str, LoraWeights]]) -> Routing:
-    """Wrap every base module some run targets; run k's adapters are runs[k]. Returns the routing."""
+def install(model: nn.Module, runs: list[dict[str, LoraWeights]], *, seeds: list[int] | None = None) -> Routing:
+    """Wrap every base module some run targets; run k's adapters are runs[k], its dropout masks
+    keyed by seeds[k] (default 0). Returns the routing."""
     routing = Routing()
     names = sorted({name for weights in runs for name in weights})
     for name in names:
         layer = BatchedLoraLinear(model.get_submodule(name), name, routing)
         for k, weights in enumerate(runs):
             if name in weights:
-                layer.adapters[str(k)] = RunAdapter(weights[name]).to(weights[name].A.device)
+                key = (seeds[k] if seeds else 0) * 2**32 + zlib.crc32(name.encode())
+                layer.adapters[str(k)] = RunAdapter(weights[name], key=key).to(weights[name].A.device)
         model.set_submodule(name, layer)
     return routing
 

@@ -23,11 +23,10 @@ from typing import Any
 
 from loralab.config import Config
 from loralab.errors import ConfigError
-from loralab.resolve import resolve_config
+from loralab.resolve import check_context, resolve_config
 from loralab.rundir import MetricsWriter, RunDir, clear_run_outputs, trim_metrics, write_atomic
 from loralab.train.core import (
     RESUME_MAY_CHANGE,
-    check_context,
     enable_activation_checkpointing,
     evaluate_losses,
     load_data_and_tasks,

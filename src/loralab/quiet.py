@@ -1,0 +1,34 @@
+"""Library output a loralab user cannot act on, filtered where it starts; ``-v`` or
+``LORALAB_VERBOSE=1`` shows everything.
+
+    quiet_libraries()   # once per process, by the CLI (and a fused group's process)
+
+Each filter names one message and says why it is dropped; anything else a library says still
+reaches the user. Children started by a study inherit ``LORALAB_VERBOSE``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+
+def verbose() -> bool:
+    """Whether the user asked to see everything (``-v`` sets LORALAB_VERBOSE=1 for children too)."""
+    return os.environ.get("LORALAB_VERBOSE", "") not in ("", "0")
+
+
+def quiet_libraries() -> None:
+    """Drop the library messages below, unless verbose."""
+    if verbose():
+        return
+    # bitsandbytes warns at import ("Failed to load CPU gemm_4bit_forward from kernels-community
+    # ... trust_remote_code") when its optional CPU kernel package cannot load. PEFT imports
+    # bitsandbytes whenever it is installed (peft/helpers.py), so every run printed it, quantized
+    # or not; its own CPU kernels are used instead, and a 4-bit run the CPU cannot train is
+    # refused by loralab.models in loralab's words. Errors still show.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # transformers deprecates PreTrainedModel.is_gradient_checkpointing and PEFT's PeftModel reads
+    # it in its constructor: a FutureWarning about PEFT's code on every run, nothing a user can change.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)

@@ -1,0 +1,168 @@
+"""What each run of a study will train, said before it trains: optimizer steps, tokens, time.
+
+    plan = step_plan(study)
+    plan.lines()     # ["every run: 2 optimizer steps (165 examples at batch 128, 1 epoch) instead of the seed's about 390, ..."]
+    plan.warning()   # below FLOOR_STEPS: why the study cannot answer, and the fix
+
+``loralab study run`` and its ``--dry-run`` print these before any compute is spent. Steps
+come from the run's own config and data as ``loralab train`` counts them (the data resolved by
+``loralab.resolve.resolve_data``, steps by ``loralab.train.step.plan_steps``); the seed's step
+count is ``seed.steps`` of the study file where the seed states it. The time is a lower bound:
+``loralab estimate``'s FLOPs at this machine's measured matmul rate, evaluations not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from loralab.config import Config, config_from_dict
+from loralab.errors import LoralabError
+from loralab.estimate import human_duration
+
+FLOOR_STEPS = 20  # below this, a run has barely left its initialisation and settings cannot be told apart
+
+
+@dataclass
+class RunSteps:
+    """One run's training, counted before it starts."""
+
+    name: str
+    steps: int  # optimizer steps
+    examples: int  # training examples after filtering and the validation split
+    batch_size: int
+    epochs: float
+    max_steps: int | None  # train.max_steps when it decides the steps
+    tokens: int  # tokens the run trains on (steps x batch x mean example length)
+    seconds: float | None  # lower bound on its training time on this machine
+
+    def describe(self, seed_steps: int | None = None) -> str:
+        """"2 optimizer steps instead of the seed's about 390 (165 examples at batch 128, 1 epoch), about 41k tokens"."""
+        how = (f"train.max_steps {self.max_steps}" if self.max_steps
+               else f"{self.examples} examples at batch {self.batch_size}, {self.epochs:g} epoch{'s' * (self.epochs != 1)}")
+        seed = f" instead of the seed's about {seed_steps}" if seed_steps else ""
+        return f"{self.steps} optimizer step{'s' * (self.steps != 1)}{seed} ({how}), about {_count(self.tokens)} tokens"
+
+
+@dataclass
+class StepPlan:
+    runs: list[RunSteps]  # the runs that will train
+    seed_steps: int | None  # the seed's optimizer steps per run, where the study file states them
+    invalid: dict[str, str] = field(default_factory=dict)  # run name -> why it is invalid here (loralab.preflight)
+
+    @property
+    def seconds(self) -> float | None:
+        times = [r.seconds for r in self.runs]
+        return None if not times or any(t is None for t in times) else sum(times)  # type: ignore[misc]
+
+    def lines(self) -> list[str]:
+        """Each run's steps and tokens (one line when every run trains alike), against the seed's
+        steps, and the time of the whole study."""
+        if not self.runs:
+            return ["no run can train here"]
+        alike = {(r.steps, r.examples, r.batch_size, r.epochs, r.max_steps) for r in self.runs}
+        if len(alike) == 1:
+            out = [f"every run: {self.runs[0].describe(self.seed_steps)}"]
+        else:
+            out = [f"{r.name}: {r.describe(self.seed_steps)}" for r in self.runs]
+        total = self.seconds
+        steps = sum(r.steps for r in self.runs)
+        out.append(f"the study: {len(self.runs)} runs to train, {steps} optimizer steps, about {_count(sum(r.tokens for r in self.runs))} "
+                   "tokens" + (f"; at least about {human_duration(total)} of training on this machine (a lower bound: "
+                               "evaluations and start-up not counted)" if total is not None else ""))
+        return out
+
+    def invalid_lines(self) -> list[str]:
+        """The runs that would be recorded invalid (never in a fused group), with their reason."""
+        return [f"{name}: invalid here, will not train: {why}" for name, why in self.invalid.items()]
+
+    def warning(self) -> str | None:
+        """Why the study cannot answer when its runs train fewer than FLOOR_STEPS steps, and the fix."""
+        short = [r for r in self.runs if r.steps < FLOOR_STEPS]
+        if not short or not self.runs:
+            return None
+        r = min(short, key=lambda x: x.steps)
+        if r.max_steps:
+            fix = f"raise train.max_steps to at least {FLOOR_STEPS} (--set train.max_steps={FLOOR_STEPS})"
+        else:
+            per_epoch = r.examples * r.epochs
+            fixes = []
+            if per_epoch >= FLOOR_STEPS:  # a batch small enough exists
+                batch = 2 ** int(math.log2(per_epoch // FLOOR_STEPS))
+                fixes.append(f"a smaller batch (--set train.batch_size={batch} gives {math.ceil(per_epoch / batch)} steps)")
+            fixes.append(f"more data (at least {math.ceil(FLOOR_STEPS * r.batch_size / r.epochs)} examples at batch "
+                         f"{r.batch_size})")
+            fixes.append(f"more epochs (--set train.epochs={math.ceil(FLOOR_STEPS * r.batch_size / r.examples)})")
+            fix = ", ".join(fixes[:-1]) + f", or {fixes[-1]}"
+        return (f"{len(short)} of {len(self.runs)} runs train fewer than {FLOOR_STEPS} optimizer steps (fewest: "
+                f"{r.name}, {r.describe(self.seed_steps)}): too few for the study to tell its settings apart. Fix: {fix}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"runs": [r.__dict__ for r in self.runs], "seed_steps": self.seed_steps, "invalid": self.invalid,
+                "seconds_lower_bound": self.seconds, "floor": FLOOR_STEPS, "warning": self.warning()}
+
+
+def step_plan(study: Any) -> StepPlan:
+    """Every run's steps, tokens and time, from its config and data (tokenizer and data read once
+    per distinct model and data settings; no weights load)."""
+    from loralab.errors import ConfigError, DataError, ModelError
+    from loralab.preflight import check_run
+    from loralab.study.scheduler import run_device
+
+    data_cache: dict[str, tuple[int, float, int]] = {}
+    runs, invalid = [], {}
+    for spec in study.runs:
+        cfg = config_from_dict(spec.config, source=f"run {spec.name}")
+        try:  # the scheduler's own check (such a run never trains), then the run's data
+            check_run(cfg, device=run_device(cfg.model.device))
+            n_train, mean_len, seq = _data(cfg, data_cache)
+        except (ConfigError, ModelError, DataError) as exc:
+            invalid[spec.name] = str(exc)
+            continue
+        from loralab.train.step import plan_steps
+
+        steps = plan_steps(cfg, n_train)
+        runs.append(RunSteps(name=spec.name, steps=steps, examples=n_train, batch_size=cfg.train.batch_size,
+                             epochs=cfg.train.epochs, max_steps=cfg.train.max_steps or None,
+                             tokens=round(steps * cfg.train.batch_size * mean_len),
+                             seconds=_seconds(cfg, seq, steps)))
+    return StepPlan(runs=runs, seed_steps=study.seed.get("steps"), invalid=invalid)
+
+
+def _data(cfg: Config, cache: dict[str, tuple[int, float, int]]) -> tuple[int, float, int]:
+    """(training examples, mean tokens per example, resolved max_seq_length) of a run's data."""
+    from loralab.estimate import load_model_config, resolve_model_config
+    from loralab.models import load_tokenizer
+    from loralab.resolve import resolve_data
+
+    key = json.dumps([cfg.model.path, cfg.to_dict()["data"], cfg.train.seed], sort_keys=True, default=str)
+    if key not in cache:
+        tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        splits = resolve_data(cfg, tokenizer, load_model_config(resolve_model_config(cfg.model.path)))
+        mean = sum(len(e.input_ids) for e in splits.train) / len(splits.train)
+        cache[key] = (len(splits.train), mean, int(cfg.data.max_seq_length))
+    return cache[key]
+
+
+def _seconds(cfg: Config, seq: int, steps: int) -> float | None:
+    from dataclasses import replace
+
+    from loralab.estimate import estimate_run, matmul_throughput
+    from loralab.study.scheduler import run_device
+
+    try:
+        device = run_device(cfg.model.device)
+        est = estimate_run(replace(cfg, data=replace(cfg.data, max_seq_length=seq)), device=device,
+                           throughput=matmul_throughput(device))
+    except LoralabError:
+        return None
+    return est.time_per_step_s * steps if est.time_per_step_s is not None else None
+
+
+def _count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
