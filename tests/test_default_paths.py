@@ -39,7 +39,8 @@ def test_an_invalid_rank_is_recorded_alone_before_grouping(tiny_model_dir, tmp_p
     dry = capsys.readouterr().out
     assert f"r128: invalid here, will not train: {RANK_MESSAGE}" in dry
     assert "the study: 2 runs to train" in dry
-    assert main(["study", "run", str(path), "--out", str(tmp_path / "runs"), "--json"]) == 0
+    # exit 1: a run of the study ended invalid (0 only when every run completed)
+    assert main(["study", "run", str(path), "--out", str(tmp_path / "runs"), "--json"]) == 1
     rows = rows_of(tmp_path / "runs" / "ranks" / "study.db")
     assert {n: r["status"] for n, r in rows.items()} == {"r4": "completed", "r8": "completed", "r128": "invalid"}
     assert rows["r128"]["error"].startswith(RANK_MESSAGE)

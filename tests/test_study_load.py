@@ -64,7 +64,10 @@ def _final_status(run_dir: Path) -> str | None:
 def test_study_under_load(tmp_path):
     t0 = time.time()
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"instruction": "What is 1 plus 1?", "input": "", "output": "2"}\n{oops\n', encoding="utf-8")
+    # Crashing runs: records that parse (so `study run` starts, as its checks read but do not
+    # tokenize the data) whose prompts outgrow max_seq_length, so each run fails when it starts.
+    long_prompt = {"instruction": "Explain " + "the river and the hill " * 30, "input": "", "output": "It flows."}
+    bad.write_text((json.dumps(long_prompt) + "\n") * 4, encoding="utf-8")
     study = {
         "name": "load",
         "base": {
@@ -126,7 +129,7 @@ def test_study_under_load(tmp_path):
             expected = "invalid" if name.startswith("data_bad") else "completed"
             assert r["status"] == expected, (name, r["status"], r["error"])
             if expected == "invalid":
-                assert "bad.jsonl:2" in r["error"], r["error"]
+                assert "bad.jsonl" in r["error"] and "truncation" in r["error"], r["error"]
             stored = {(m["step"], m["name"]) for m in s.metrics(r["id"])}
             on_disk = {(st, n) for st, n, _ in metric_rows(out / "load" / name / "metrics.jsonl")}
             lost += len(on_disk - stored)
