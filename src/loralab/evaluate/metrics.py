@@ -105,10 +105,6 @@ class Scored:
     def ll(self) -> float:
         return math.fsum(self.logprobs)
 
-    @property
-    def all_greedy(self) -> bool:
-        return all(self.greedy)
-
 
 def context_window(model) -> int | None:
     cfg = getattr(model, "config", None)
