@@ -287,7 +287,7 @@ def test_max_memory_skips_runs_and_records_the_estimate(tmp_path):
 
 
 def test_budget_leaves_unstarted_runs_pending_for_the_next_invocation(tmp_path):
-    from loralab.study.options import parse_duration
+    from loralab.units import parse_duration
 
     assert [parse_duration(t, "--budget") for t in ("90s", "30m", "2h", "45")] == [90, 1800, 7200, 45]
     with pytest.raises(ConfigError, match="--budget"):

@@ -22,8 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from loralab.config import TRACKERS, Config, TrackingConfig, config_from_dict, read_yaml
+from loralab.config import TRACKERS, Config, TrackingConfig, config_from_dict, flat_keys, read_yaml
 from loralab.rundir import METRICS, SUMMARY, RunDir, Status, write_atomic
+from loralab.units import is_number
 
 log = logging.getLogger(__name__)
 TRACKING_FILE = "tracking.json"
@@ -49,11 +50,6 @@ def run_label(tracking: TrackingConfig, run_dir: Path) -> tuple[str, str]:
     return tracking.experiment or "loralab", tracking.run_name or Path(run_dir).resolve().name
 
 
-def flat_params(config: dict[str, Any]) -> dict[str, Any]:
-    """``{"lora.r": 8, ...}`` from a nested config dict (the run's resolved config.yaml)."""
-    return {f"{s}.{k}": v for s, sec in config.items() if isinstance(sec, dict) for k, v in sec.items()}
-
-
 def axis_tags(tracking: TrackingConfig, params: dict[str, Any]) -> dict[str, str]:
     """The study's axis values of this run, as tracker tags."""
     return {key: json.dumps(params[key]) if isinstance(params[key], list) else str(params[key])
@@ -62,16 +58,12 @@ def axis_tags(tracking: TrackingConfig, params: dict[str, Any]) -> dict[str, str
 
 def summary_numbers(summary: dict[str, Any]) -> dict[str, float]:
     """The summary's numbers for a tracker: SUMMARY_NUMBERS plus final/best task metrics."""
-    out = {k: float(summary[k]) for k in SUMMARY_NUMBERS if _is_number(summary.get(k))}
+    out = {k: float(summary[k]) for k in SUMMARY_NUMBERS if is_number(summary.get(k))}
     for group in ("final_eval_tasks", "best_eval_tasks"):
         for k, v in (summary.get(group) or {}).items():
-            if _is_number(v):
+            if is_number(v):
                 out[f"{group.removesuffix('_tasks')}/{k}"] = float(v)
     return out
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def open_sink(backend: str, *, run_dir: Path, tracking: TrackingConfig, tags: dict[str, str],
@@ -124,7 +116,7 @@ class Tracker:
 
     def log(self, row: dict[str, Any]) -> None:
         """One metrics.jsonl row: its numbers at its step (strings such as ``event`` are left out)."""
-        values = {k: float(v) for k, v in row.items() if k != "step" and _is_number(v)}
+        values = {k: float(v) for k, v in row.items() if k != "step" and is_number(v)}
         if values and isinstance(row.get("step"), int):
             for backend, sink in list(self.sinks.items()):
                 self._call(backend, sink.log_metrics, row["step"], values)
@@ -173,7 +165,7 @@ def open_trackers(cfg: Config, run_dir: Path, *, resume: bool = False) -> Tracke
     if not cfg.tracking.backends:
         return None
     tracker = Tracker(run_dir, cfg.tracking, state=read_state(run_dir) if resume else None)
-    return tracker.open(flat_params(cfg.to_dict()), resume=resume)
+    return tracker.open(flat_keys(cfg.to_dict()), resume=resume)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -196,7 +188,7 @@ def replay_run(run_dir: Path, tracking: TrackingConfig, *, artifacts: dict[str, 
     run_dir = Path(run_dir)
     run = RunDir(run_dir)
     raw = read_yaml(run.config) or {}
-    params = flat_params(config_from_dict(raw, source=str(run.config)).to_dict())
+    params = flat_keys(config_from_dict(raw, source=str(run.config)).to_dict())
     tracker = Tracker(run_dir, tracking, state=read_state(run_dir)).open(params, resume=False)
     for row in read_metrics(run.metrics):
         tracker.log(row)
