@@ -16,7 +16,7 @@ import torch
 from loralab.errors import LoralabError
 from loralab.evaluate import harness as H
 from loralab.evaluate import metrics as M
-from loralab.evaluate.tasks import resolve_tasks
+from loralab.evaluate.task_list import resolve_tasks
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install loralab[harness])")
 

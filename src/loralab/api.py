@@ -141,7 +141,7 @@ def evaluate(model: str | Path = "builtin:tiny", *, adapters: list[str | Path] |
     one dict per (model, task, metric) with value, ci_low, ci_high, n."""
     from loralab.errors import DataError
     from loralab.evaluate.score import evaluate as evaluate_models
-    from loralab.evaluate.tasks import resolve_tasks
+    from loralab.evaluate.task_list import resolve_tasks
 
     if limit is not None and limit < 1:
         raise DataError("--limit must be a positive integer")

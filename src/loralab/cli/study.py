@@ -279,7 +279,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def export_to_tracker(args: argparse.Namespace) -> int:
     """``study export NAME --to mlflow|tensorboard|wandb``: each run a tracker run, after the fact."""
-    from loralab.track import export_study
+    from loralab.study.export import export_study
 
     open_store(args.out, args.name).close()  # a clear error when there is no such study
     rows = export_study(study_root(args.out, args.name) / "study.db", args.name, args.to,

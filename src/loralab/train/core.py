@@ -334,7 +334,7 @@ def load_data_and_tasks(cfg: Config, model_config, tokenizer) -> tuple[Splits, l
     warn_if_warmup_outlasts(cfg, plan_steps(cfg, len(splits.train)))
     tasks = []
     if cfg.eval.tasks:
-        from loralab.evaluate.tasks import resolve_tasks
+        from loralab.evaluate.task_list import resolve_tasks
 
         tasks = resolve_tasks(",".join(cfg.eval.tasks), cfg.eval.limit)
     return splits, tasks
