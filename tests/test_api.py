@@ -75,6 +75,7 @@ def test_train_result_resume_estimate_and_evaluate(tmp_path):
         (None, "arithmetic_2ds", "exact_match", 4), (str(out), "arithmetic_2ds", "exact_match", 4)]
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path):
     """examples/quickstart.ipynb runs top to bottom (a train, an eval, an estimate, a study and
     its report shown inline), in a fresh kernel, in a scratch directory."""

@@ -43,6 +43,7 @@ def test_train_json_contract(trained_run):
     assert summary["peak_memory_bytes"] > 10 * 2**20
 
 
+@pytest.mark.slow
 def test_quickstart_short(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "quickstart", "--out", str(tmp_path / "qs"), "--eval-n", "10",
                            "--set", "train.max_steps=5", "--json")
@@ -101,6 +102,7 @@ def test_bad_config_exits_2_and_names_key(capsys, tmp_path):
     assert summary["status"] == "invalid" and "lora.r must be > 0" in summary["error"]
 
 
+@pytest.mark.slow
 def test_eval_tasks_during_training(tmp_path):
     out = tmp_path / "evrun"
     code = main(["train", "--out", str(out), "--set", "train.max_steps=4", "--set", "eval.every=2",

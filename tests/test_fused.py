@@ -333,6 +333,7 @@ def test_halving_inside_a_fused_group(tmp_path):
     assert out[best]["final_eval_loss"] == pytest.approx(solo["final_eval_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_fused_packed_runs_equal_their_solo_packed_runs(tmp_path):
     """data.packing lays out a fused step exactly as a solo step."""
     kw = dict(lora__dropout=0.0, train__max_steps=3, train__batch_size=4, train__micro_batch_size=2,

@@ -115,6 +115,7 @@ def _run(cfg_factory, data, **kw):
     return summary, [r["train_loss"] for r in rows if "train_loss" in r]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_on_prompt", [False, True])
 def test_packed_and_grouped_training_follow_the_padded_loss_curve(cfg_factory, small_alpaca_file, train_on_prompt,
                                                                   monkeypatch):

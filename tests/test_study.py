@@ -114,6 +114,7 @@ def test_every_preset_loads_full_and_quick():
 # ----------------------------------------------------------------------------- execution
 
 
+@pytest.mark.slow
 def test_local_study_two_workers_crash_recorded_and_commands(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "What is 1 plus 1?", "input": "", "output": "2"}\nnot json\n', encoding="utf-8")
