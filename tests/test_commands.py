@@ -33,6 +33,7 @@ def trained_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_train_json_contract(trained_run):
     summary = json.loads((trained_run / "summary.json").read_text())
     for key in ("status", "error", "wall_time_s", "train_time_s", "tokens_per_s", "peak_memory_bytes",
@@ -58,6 +59,7 @@ def test_quickstart_short(capsys, tmp_path):
     assert json.loads((tmp_path / "qs" / "quickstart.json").read_text())["after"] == result["after"]
 
 
+@pytest.mark.slow
 def test_merge_matches_adapter_logits(capsys, trained_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -77,12 +79,14 @@ def test_merge_matches_adapter_logits(capsys, trained_run, tmp_path):
     assert (a - c).abs().max() > 1e-3  # the merge changed the weights
 
 
+@pytest.mark.slow
 def test_merge_refuses_existing_output(capsys, trained_run, tmp_path):
     (tmp_path / "taken").mkdir()
     code, _, err = run_cli(capsys, "merge", str(trained_run), str(tmp_path / "taken"))
     assert code == 2 and "already exists" in err
 
 
+@pytest.mark.slow
 def test_generate_with_adapter(capsys, trained_run):
     code, out, _ = run_cli(capsys, "generate", "--adapter", str(trained_run), "--max-new-tokens", "4",
                            "--json", "What is 12 plus 30?")

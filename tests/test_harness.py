@@ -142,6 +142,7 @@ def test_only_mc_and_pairs_become_harness_tasks(tmp_path):
         H.write_harness_tasks(t, tmp_path)
 
 
+@pytest.mark.slow
 def test_unknown_harness_task_is_named(capsys):
     from loralab.cli import main
 
