@@ -181,6 +181,7 @@ def test_the_thread_check_can_fail(reference, model_dir, tmp_path, monkeypatch):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_bf16_pause_and_resume_equals_the_uninterrupted_bf16_run(model_dir, tmp_path):
     """bf16, the default where the CPU multiplies it natively, resumes bit for bit too."""
     whole = tmp_path / "whole"

@@ -343,6 +343,7 @@ def test_study_readers_never_write_the_database(tmp_path):
     assert rows_of(db)["r4"]["status"] == "pending" and rows_of(db)["r2"]["status"] == "skipped"
 
 
+@pytest.mark.slow
 def test_fuse_trains_a_group_in_one_process(tmp_path):
     path = write_study(tmp_path, "fuse", axes={"lora.r": [2, 4], "train.lr": [1.0e-3]})
     root = tmp_path / "runs" / "fuse"
@@ -355,6 +356,7 @@ def test_fuse_trains_a_group_in_one_process(tmp_path):
         assert summary["fused_with"] and r["final_eval_loss"] == pytest.approx(summary["final_eval_loss"])
 
 
+@pytest.mark.slow
 def test_fuse_with_halving_prunes_inside_the_group(tmp_path):
     base = {**TINY, "train": {**TINY["train"], "max_steps": 4}}
     path = write_study(tmp_path, "fh", base=base, axes={"train.lr": [1.0e-5, 1.0e-3, 3.0e-3]})
