@@ -16,7 +16,7 @@ import torch
 
 from loralab.config import ModelConfig, QuantConfig
 from loralab.evaluate import metrics as M
-from loralab.evaluate.tasks import resolve_tasks
+from loralab.evaluate.task_list import resolve_tasks
 from loralab.models import load_base
 
 

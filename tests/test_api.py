@@ -52,6 +52,7 @@ def test_errors_are_loralab_errors_with_the_command_lines_message(tmp_path):
         api.train(out=tmp_path / "nothing", resume=True)
 
 
+@pytest.mark.slow
 def test_train_result_resume_estimate_and_evaluate(tmp_path):
     out = tmp_path / "run"
     paused = api.train(out=out, overrides=["train.stop_at_step=2"], **SMALL)
@@ -75,6 +76,7 @@ def test_train_result_resume_estimate_and_evaluate(tmp_path):
         (None, "arithmetic_2ds", "exact_match", 4), (str(out), "arithmetic_2ds", "exact_match", 4)]
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path):
     """examples/quickstart.ipynb runs top to bottom (a train, an eval, an estimate, a study and
     its report shown inline), in a fresh kernel, in a scratch directory."""
@@ -93,6 +95,7 @@ def test_quickstart_notebook_executes(tmp_path):
     assert statuses == {"completed"}
 
 
+@pytest.mark.slow
 def test_study_run_with_no_budget_left_then_resume_then_report(tmp_path):
     import yaml
 

@@ -33,6 +33,7 @@ def trained_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_train_json_contract(trained_run):
     summary = json.loads((trained_run / "summary.json").read_text())
     for key in ("status", "error", "wall_time_s", "train_time_s", "tokens_per_s", "peak_memory_bytes",
@@ -43,6 +44,7 @@ def test_train_json_contract(trained_run):
     assert summary["peak_memory_bytes"] > 10 * 2**20
 
 
+@pytest.mark.slow
 def test_quickstart_short(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "quickstart", "--out", str(tmp_path / "qs"), "--eval-n", "10",
                            "--set", "train.max_steps=5", "--json")
@@ -57,6 +59,7 @@ def test_quickstart_short(capsys, tmp_path):
     assert json.loads((tmp_path / "qs" / "quickstart.json").read_text())["after"] == result["after"]
 
 
+@pytest.mark.slow
 def test_merge_matches_adapter_logits(capsys, trained_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -76,12 +79,14 @@ def test_merge_matches_adapter_logits(capsys, trained_run, tmp_path):
     assert (a - c).abs().max() > 1e-3  # the merge changed the weights
 
 
+@pytest.mark.slow
 def test_merge_refuses_existing_output(capsys, trained_run, tmp_path):
     (tmp_path / "taken").mkdir()
     code, _, err = run_cli(capsys, "merge", str(trained_run), str(tmp_path / "taken"))
     assert code == 2 and "already exists" in err
 
 
+@pytest.mark.slow
 def test_generate_with_adapter(capsys, trained_run):
     code, out, _ = run_cli(capsys, "generate", "--adapter", str(trained_run), "--max-new-tokens", "4",
                            "--json", "What is 12 plus 30?")
@@ -101,6 +106,7 @@ def test_bad_config_exits_2_and_names_key(capsys, tmp_path):
     assert summary["status"] == "invalid" and "lora.r must be > 0" in summary["error"]
 
 
+@pytest.mark.slow
 def test_eval_tasks_during_training(tmp_path):
     out = tmp_path / "evrun"
     code = main(["train", "--out", str(out), "--set", "train.max_steps=4", "--set", "eval.every=2",

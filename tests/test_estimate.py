@@ -21,10 +21,10 @@ from loralab.estimate import (
     lora_modules,
     lora_tensor_shapes,
     optimizer_state_bytes,
-    parse_bytes,
     quantized_bytes,
     resolve_model_config,
 )
+from loralab.units import parse_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models gain nothing from threads on a shared CPU
 ALL_BUT_HEAD = ["query", "key", "value", "projection", "mlp"]

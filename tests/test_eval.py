@@ -11,7 +11,8 @@ import torch
 from loralab.errors import DataError
 from loralab.evaluate import metrics as M
 from loralab.evaluate.exact_match import Accuracy
-from loralab.evaluate.tasks import load_items, load_task_file, resolve_tasks
+from loralab.evaluate.task_list import resolve_tasks
+from loralab.evaluate.tasks import load_items, load_task_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models gain nothing from threads on a shared CPU
 

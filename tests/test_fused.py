@@ -212,6 +212,7 @@ def test_group_checks_name_the_key(tmp_path):
 # ----------------------------------------------------------------------------- failures
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_alone(tmp_path):
     kw = dict(lora__dropout=0.0, train__max_steps=5, train__optimizer="sgd", train__scheduler="constant",
               train__warmup_steps=0, train__grad_clip="null", data__limit=32)
@@ -280,6 +281,7 @@ def test_fused_gpt2_conv1d_and_eval_tasks(tiny_model_dir, tmp_path):
             assert fused[i]["final_eval_tasks"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
 
 
+@pytest.mark.slow
 def test_fused_qlora_nf4(tiny_model_dir, tmp_path):
     """Real bitsandbytes 4-bit base (fp32 compute): fused equals solo."""
     path = tiny_model_dir("llama_h64")
@@ -293,6 +295,7 @@ def test_fused_qlora_nf4(tiny_model_dir, tmp_path):
         assert_same_run(tmp_path / f"s{i}", tmp_path / f"f{i}")
 
 
+@pytest.mark.slow
 def test_dropout_trains_and_is_reproducible(tmp_path):
     kw = dict(lora__dropout=0.3, train__max_steps=3, data__limit=24, train__lr=3e-3)
     runs = []
@@ -303,6 +306,7 @@ def test_dropout_trains_and_is_reproducible(tmp_path):
     assert curve(tmp_path / "0-0", "train_loss") != curve(tmp_path / "0-1", "train_loss")
 
 
+@pytest.mark.slow
 def test_halving_inside_a_fused_group(tmp_path):
     """Rungs at steps 3 and 6 (eta 2): the worse half stops at each; the survivor trains on
     exactly as it would alone."""
@@ -333,6 +337,7 @@ def test_halving_inside_a_fused_group(tmp_path):
     assert out[best]["final_eval_loss"] == pytest.approx(solo["final_eval_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_fused_packed_runs_equal_their_solo_packed_runs(tmp_path):
     """data.packing lays out a fused step exactly as a solo step."""
     kw = dict(lora__dropout=0.0, train__max_steps=3, train__batch_size=4, train__micro_batch_size=2,
@@ -345,6 +350,7 @@ def test_fused_packed_runs_equal_their_solo_packed_runs(tmp_path):
         assert fused[i]["tokens_seen"] == solo["tokens_seen"]
 
 
+@pytest.mark.slow
 def test_fused_rerun_into_the_same_directories_starts_clean(tmp_path):
     kw = dict(lora__dropout=0.0, train__max_steps=2, train__batch_size=4, train__micro_batch_size=4, data__limit=16,
               data__val_max_examples=4)

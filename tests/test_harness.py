@@ -16,7 +16,7 @@ import torch
 from loralab.errors import LoralabError
 from loralab.evaluate import harness as H
 from loralab.evaluate import metrics as M
-from loralab.evaluate.tasks import resolve_tasks
+from loralab.evaluate.task_list import resolve_tasks
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install loralab[harness])")
 
@@ -142,6 +142,7 @@ def test_only_mc_and_pairs_become_harness_tasks(tmp_path):
         H.write_harness_tasks(t, tmp_path)
 
 
+@pytest.mark.slow
 def test_unknown_harness_task_is_named(capsys):
     from loralab.cli import main
 

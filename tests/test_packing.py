@@ -14,7 +14,8 @@ from loralab.config import load_config
 from loralab.data.dataset import IGNORE, Example, load_splits
 from loralab.data.packing import collate_packed, model_inputs, pack_rows, step_batches
 from loralab.models import load_base
-from loralab.train.loop import micro_batches, train
+from loralab.train.loop import train
+from loralab.train.step import micro_batches
 
 CPU = torch.device("cpu")
 
@@ -114,6 +115,7 @@ def _run(cfg_factory, data, **kw):
     return summary, [r["train_loss"] for r in rows if "train_loss" in r]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_on_prompt", [False, True])
 def test_packed_and_grouped_training_follow_the_padded_loss_curve(cfg_factory, small_alpaca_file, train_on_prompt,
                                                                   monkeypatch):
@@ -180,7 +182,7 @@ def test_models_whose_attention_is_more_than_a_causal_softmax_keep_block_masks(c
     from transformers import AutoModelForCausalLM
 
     from loralab.train.attention import supports_segments
-    from loralab.train.loop import packed_attention
+    from loralab.train.step import packed_attention
 
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1280)
@@ -201,7 +203,7 @@ def test_the_loss_needs_logits_at_label_positions_only():
     import torch.nn.functional as F
 
     from loralab.data.dataset import collate
-    from loralab.train.loop import keeps_logits, label_positions, response_loss_sum
+    from loralab.train.step import keeps_logits, label_positions, response_loss_sum
 
     cfg = load_config(None, ["model.device=cpu", "model.dtype=fp32"])  # a maths check to 1e-5
     model, tok = load_base(cfg.model, cfg.quant)

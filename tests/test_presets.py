@@ -176,6 +176,7 @@ def test_set_on_an_axis_or_tied_key_is_refused_naming_it(user_model):
     assert proc.returncode == 2 and "train.lr is tied in study alpha_lr_equivalence" in proc.stderr
 
 
+@pytest.mark.slow
 def test_dry_run_lists_the_differences(user_model, user_data, tmp_path):
     proc = cli("study", "run", "preset:dropout", "--quick", "--model", str(user_model), "--data", str(user_data),
                "--set", "train.lr=1e-4", "--dry-run", "--json", "--out", str(tmp_path))

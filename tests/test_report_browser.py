@@ -117,6 +117,7 @@ def report(tmp_path_factory) -> Path:
     return Path(write_report(root / "study.db", "web", root / "report")["html"])
 
 
+@pytest.mark.slow
 def test_report_in_headless_chromium(chromium, report):
     page = chromium
     for domain in ("Page", "Runtime", "Log", "Network"):

@@ -26,7 +26,7 @@ from conftest import make_cfg
 from loralab.cli import main
 from loralab.config import dump_config
 from loralab.errors import ConfigError
-from loralab.train.checkpoint import PAUSE_ENV, complete_checkpoints, latest_checkpoint, verify
+from loralab.train.checkpoint import complete_checkpoints, latest_checkpoint, verify
 from loralab.train.loop import train
 
 STEPS = 16
@@ -35,6 +35,18 @@ RUN = dict(train__max_steps=STEPS, train__batch_size=8, train__micro_batch_size=
 SRC = Path(loralab.__file__).resolve().parents[1]
 # The CLI in a fresh process, with the same thread count as this one (conftest sets 2).
 CHILD = "import sys, torch; torch.set_num_threads(2); from loralab.cli import main; raise SystemExit(main(sys.argv[1:]))"
+# CHILD, sleeping 1 s inside each checkpoint write after the payload, before the manifest and the
+# rename, so a test can SIGKILL it exactly there.
+CHILD_PAUSED_IN_WRITE = (
+    "import time\n"
+    "from loralab.train import checkpoint as ck\n"
+    "_write_json = ck._write_json\n"
+    "def _paused(path, obj):\n"
+    "    if path.name == ck.MANIFEST:\n"
+    "        time.sleep(1.0)\n"
+    "    _write_json(path, obj)\n"
+    "ck._write_json = _paused\n"
+) + CHILD
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +181,7 @@ def test_the_thread_check_can_fail(reference, model_dir, tmp_path, monkeypatch):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_bf16_pause_and_resume_equals_the_uninterrupted_bf16_run(model_dir, tmp_path):
     """bf16, the default where the CPU multiplies it natively, resumes bit for bit too."""
     whole = tmp_path / "whole"
@@ -224,9 +237,9 @@ def write_run_dir(model_dir: Path, out: Path, **kw) -> None:
     dump_config(cfg, out / "config.yaml")
 
 
-def start_child(out: Path, env_extra: dict[str, str] | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-c", CHILD, "train", "--resume", str(out)], env=env,
+def start_child(out: Path, code: str = CHILD) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen([sys.executable, "-c", code, "train", "--resume", str(out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -253,8 +266,7 @@ def sigkill(proc: subprocess.Popen) -> None:
 def test_sigkill_during_checkpoint_write(reference, model_dir, tmp_path):
     out = tmp_path / "killed-in-write"
     write_run_dir(model_dir, out, train__checkpoint_every=3)
-    # The hook sleeps inside each write after the payload, before the manifest and the rename.
-    child = start_child(out, {PAUSE_ENV: "1.0"})
+    child = start_child(out, CHILD_PAUSED_IN_WRITE)
     writing = lambda: any((p / "trainer_state.json").exists() for p in (out / "checkpoints").glob(".tmp-step-000006-*"))  # noqa: E731
     assert wait_for(writing, child), child.stderr.read().decode()[-2000:]
     sigkill(child)

@@ -142,6 +142,7 @@ def test_auto_micro_batch_halves_until_it_fits(model_dir, cfg_factory, monkeypat
     assert state["micro_batches"] == state["step"] * 4  # the data position counted at that size
 
 
+@pytest.mark.slow
 def test_auto_micro_batch_keeps_whole_micro_batches_per_step(model_dir, cfg_factory, monkeypatch):
     """Global batch 15 at micro batch 5: halving to 2 would make steps of 14 examples; the
     largest divisor of 15 at most 2 is 1."""

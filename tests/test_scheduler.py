@@ -5,7 +5,6 @@ local Ray instance with the same survivors as the local backend."""
 from __future__ import annotations
 
 import argparse
-import ast
 import functools
 import itertools
 import json
@@ -59,38 +58,6 @@ def probe_env(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- the flow
-
-
-def test_study_modules_import_downward_only():
-    """command -> execute -> options -> policy -> scheduler -> backends: no circles, nothing
-    below imports what is above it (function-level imports included)."""
-    pkg = SRC / "loralab" / "study"
-    layer = {"command": 6, "execute": 5, "options": 4, "policy": 3, "scheduler": 2, "fuse": 1,
-             "backends.local": 1, "backends.ray": 1, "backends.process": 0}
-    graph: dict[str, set[str]] = {}
-    for path in pkg.rglob("*.py"):
-        mod = ".".join(path.relative_to(pkg).with_suffix("").parts)
-        imported = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
-                [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            imported |= {n.removeprefix("loralab.study.") for n in names if n.startswith("loralab.study.")}
-        graph[mod] = imported
-    for mod, deps in graph.items():
-        for dep in deps:
-            if mod in layer and dep in layer:
-                assert layer[dep] < layer[mod], f"{mod} imports {dep}, which is not below it"
-
-    def reach(start: str, seen: set[str]) -> set[str]:
-        for d in graph.get(start, ()):
-            if d not in seen:
-                seen.add(d)
-                reach(d, seen)
-        return seen
-
-    circles = [m for m in graph if m in reach(m, set())]
-    assert circles == []
-    assert not (pkg / "ray_exec.py").exists()
 
 
 @functools.cache

@@ -114,6 +114,7 @@ def test_every_preset_loads_full_and_quick():
 # ----------------------------------------------------------------------------- execution
 
 
+@pytest.mark.slow
 def test_local_study_two_workers_crash_recorded_and_commands(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "What is 1 plus 1?", "input": "", "output": "2"}\nnot json\n', encoding="utf-8")
@@ -287,7 +288,7 @@ def test_max_memory_skips_runs_and_records_the_estimate(tmp_path):
 
 
 def test_budget_leaves_unstarted_runs_pending_for_the_next_invocation(tmp_path):
-    from loralab.study.options import parse_duration
+    from loralab.units import parse_duration
 
     assert [parse_duration(t, "--budget") for t in ("90s", "30m", "2h", "45")] == [90, 1800, 7200, 45]
     with pytest.raises(ConfigError, match="--budget"):
@@ -342,6 +343,7 @@ def test_study_readers_never_write_the_database(tmp_path):
     assert rows_of(db)["r4"]["status"] == "pending" and rows_of(db)["r2"]["status"] == "skipped"
 
 
+@pytest.mark.slow
 def test_fuse_trains_a_group_in_one_process(tmp_path):
     path = write_study(tmp_path, "fuse", axes={"lora.r": [2, 4], "train.lr": [1.0e-3]})
     root = tmp_path / "runs" / "fuse"
@@ -354,6 +356,7 @@ def test_fuse_trains_a_group_in_one_process(tmp_path):
         assert summary["fused_with"] and r["final_eval_loss"] == pytest.approx(summary["final_eval_loss"])
 
 
+@pytest.mark.slow
 def test_fuse_with_halving_prunes_inside_the_group(tmp_path):
     base = {**TINY, "train": {**TINY["train"], "max_steps": 4}}
     path = write_study(tmp_path, "fh", base=base, axes={"train.lr": [1.0e-5, 1.0e-3, 3.0e-3]})

@@ -123,6 +123,7 @@ def assert_same_series(got: dict[str, list[tuple[int, float]]], want: dict[str, 
         assert [v for _, v in g] == pytest.approx([v for _, v in w], rel=rel, nan_ok=True), name
 
 
+@pytest.mark.slow
 def test_every_tracker_holds_the_run_and_a_resume_continues_its_tracker_run(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -171,6 +172,7 @@ def test_every_tracker_holds_the_run_and_a_resume_continues_its_tracker_run(tmp_
     assert ("model", "run-adapter") in wb["artifacts"]
 
 
+@pytest.mark.slow
 def test_a_failing_tracker_never_fails_the_run(tmp_path, monkeypatch, caplog):
     """The library missing (wandb), the server down (mlflow), the folder unusable (tensorboard)."""
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
@@ -236,6 +238,7 @@ def test_tracking_config_shorthand_and_bad_names(tmp_path):
     assert bad.returncode == 2 and "tracking.backends must be a list of one of" in bad.stderr
 
 
+@pytest.mark.slow
 def test_study_run_track_and_export_after_the_fact(tmp_path):
     """`study run --track mlflow --fuse`: one experiment (the study), one MLflow run per run
     (the two runs trained in one fused process), tagged with its axes; `study export --to tensorboard` writes each run's tb/ afterwards; a second

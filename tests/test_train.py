@@ -67,6 +67,7 @@ def tiny_run(tmp_path_factory):
     return cfg, out, summary
 
 
+@pytest.mark.slow
 def test_real_run_loss_decreases(tiny_run):
     _, run_dir, summary = tiny_run
     losses = train_losses(run_dir)
@@ -80,6 +81,7 @@ def test_real_run_loss_decreases(tiny_run):
     assert summary["final_eval_loss"] == pytest.approx(evals[-1]["eval_loss"])
 
 
+@pytest.mark.slow
 def test_real_run_summary(tiny_run):
     _, run_dir, summary = tiny_run
     on_disk = json.loads((run_dir / "summary.json").read_text())
@@ -98,6 +100,7 @@ def test_real_run_summary(tiny_run):
     assert "_model" not in on_disk
 
 
+@pytest.mark.slow
 def test_real_run_metrics_and_files(tiny_run):
     cfg, run_dir, _ = tiny_run
     rows = read_metrics(run_dir)
@@ -113,6 +116,7 @@ def test_real_run_metrics_and_files(tiny_run):
     assert load_config(run_dir / "config.yaml") == cfg
 
 
+@pytest.mark.slow
 def test_peft_reload_matches_in_memory(tiny_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -228,6 +232,7 @@ def unquantized_trainable(tiny_model_dir):
     return peft.get_nb_trainable_parameters()[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packing", [False, True])
 def test_activation_checkpointing_keeps_the_loss_curve(cfg_factory, packing):
     kw = dict(lora__dropout=0.0, train__max_steps=4, train__lr=3e-3, data__packing=packing, train__micro_batch_size=4)

@@ -141,7 +141,7 @@ def evaluate(model: str | Path = "builtin:tiny", *, adapters: list[str | Path] |
     one dict per (model, task, metric) with value, ci_low, ci_high, n."""
     from loralab.errors import DataError
     from loralab.evaluate.score import evaluate as evaluate_models
-    from loralab.evaluate.tasks import resolve_tasks
+    from loralab.evaluate.task_list import resolve_tasks
 
     if limit is not None and limit < 1:
         raise DataError("--limit must be a positive integer")
@@ -157,7 +157,8 @@ def estimate(config: ConfigSource = None, *, budget: str | None = None, device: 
              overrides: list[str] | None = None, **sections: dict[str, Any]):
     """Memory (and, with ``throughput`` FLOP/s, time) of a run before running it, as
     ``loralab estimate``; ``budget`` ("24GB") adds whether it fits and the largest micro batch."""
-    from loralab.estimate import estimate_run, parse_bytes
+    from loralab.estimate import estimate_run
+    from loralab.units import parse_bytes
 
     cfg = load_config(config, overrides=overrides, **sections)
     return estimate_run(cfg, grad_checkpointing=grad_checkpointing, throughput=throughput, device=device,
@@ -218,9 +219,9 @@ class Study:
     def run(self, *, workers: int = 1, executor: str = "local", retries: int = 1, retry_failed: bool = False,
             fuse: bool = False, max_memory: str | None = None, budget_s: float | None = None) -> dict[str, Any]:
         """Run what is not done yet, as ``loralab study run``; returns counts per status."""
-        from loralab.estimate import parse_bytes
         from loralab.study.execute import run_study
         from loralab.track import prepare_study_trackers
+        from loralab.units import parse_bytes
 
         limit = parse_bytes(max_memory, "--max-memory") if max_memory else None
         prepare_study_trackers(self.spec)

@@ -427,6 +427,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def flat_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """``{"train.lr": 1e-5, ...}`` from ``{"train": {"lr": 1e-5}}`` (a config as a dict, such as
+    ``cfg.to_dict()`` or a run's config.yaml); top-level entries that are not sections are left out."""
+    return {f"{s}.{k}": v for s, sec in raw.items() if isinstance(sec, dict) for k, v in sec.items()}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     raw = read_yaml(path) if path else {}
     if raw is not None and not isinstance(raw, dict):

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
@@ -48,6 +47,7 @@ from typing import Any
 
 from loralab.config import Config, apply_overrides, config_from_dict, override_origins, read_yaml
 from loralab.errors import ConfigError, ModelError
+from loralab.units import parse_bytes
 
 GIB = 1024**3
 # RSS of a fresh python after importing torch+transformers+peft (425 MiB measured) and
@@ -541,22 +541,6 @@ def _settings(cfg: Config, gc: bool, device: str) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- from flags (loralab.cli.estimate)
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str, key: str = "--budget") -> int:
-    """'24GB' (10^9), '24GiB' (2^30), '500MB', '2.5e10' (bytes) -> bytes; must be > 0."""
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[+-]?\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else ""
-    if not m or unit not in _UNITS:
-        raise ConfigError(f"{key} must be a size such as 24GB, 24GiB or 500MB (got {text!r})")
-    value = float(m.group(1)) * _UNITS[unit]
-    if value <= 0:
-        raise ConfigError(f"{key} must be > 0 (got {text!r})")
-    return int(value)
-
-
 # flag -> config key (for --set style overrides)
 FLAG_KEYS = {
     "model": "model.path", "dtype": "model.dtype", "r": "lora.r", "targets": "lora.targets",
@@ -602,20 +586,3 @@ def estimate_from_args(
         raw["lora"]["targets"] = [t.strip() for t in raw["lora"]["targets"].split(",") if t.strip()]
     cfg = config_from_dict(raw, source=str(config_path or "estimate"), origins=override_origins(list(overrides or [])))
     return estimate_run(cfg, grad_checkpointing=grad_checkpointing, budget_bytes=budget_bytes, throughput=throughput, device=device)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def human_duration(seconds: float) -> str:
-    """under 1 s, 90 s, 14 min, 2.5 h."""
-    if seconds < 1:
-        return "under 1 s"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"

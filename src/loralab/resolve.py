@@ -48,7 +48,8 @@ def _device(cfg: Config) -> str:
 
 def auto_micro_batch(cfg: Config, *, budget_bytes: int | None = None) -> tuple[int, str]:
     """(largest divisor of train.batch_size whose estimated memory fits, why)."""
-    from loralab.estimate import estimate_run, human_bytes
+    from loralab.estimate import estimate_run
+    from loralab.units import human_bytes
 
     device = _device(cfg)
     budget = budget_bytes if budget_bytes is not None else device_budget_bytes(device)

@@ -33,6 +33,7 @@ import yaml
 
 from loralab.errors import ConfigError
 from loralab.rundir import RunDir, Status, write_atomic
+from loralab.study.store import open_readonly
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ def fit_budget(dims: list[Dimension], base: dict[str, Any], spe: int, budget_ste
 def too_small(dims: list[Dimension], base: dict[str, Any], spe: int, budget: str,
               seconds_per_step: float | None) -> ConfigError:
     """The refusal of a budget below the smallest search, naming the smallest budget that searches."""
-    from loralab.estimate import human_duration
+    from loralab.units import human_duration
 
     least = smallest_search(dims)
     n, _, _, steps = _cost(least, base, spe)
@@ -314,7 +315,7 @@ def plan_tune(*, model: str, data: str, metric: str, fixed: dict[str, Any], sear
     dims, budget_notes = fit_budget(dims, base, spe, budget_steps, seconds_per_step=per_step)
     notes += budget_notes
     if budget_s is not None and per_step is not None:
-        from loralab.estimate import human_duration
+        from loralab.units import human_duration
 
         least = _cost(smallest_search(dims), base, spe)[3]
         if least * per_step > budget_s:
@@ -428,8 +429,7 @@ def _key(axes: dict[str, Any]) -> str:
 def read_candidates(db: Path, name: str, metric: str, goal: str) -> tuple[list[Candidate], dict[str, Any]]:
     """Every completed configuration with its final metric per seed, best first, and the
     study's step accounting."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    con.row_factory = sqlite3.Row
+    con = open_readonly(db)
     try:
         sid = con.execute("SELECT id FROM studies WHERE name = ?", (name,)).fetchone()[0]
         rows = con.execute("SELECT * FROM runs WHERE study_id = ? ORDER BY id", (sid,)).fetchall()
@@ -512,7 +512,7 @@ def recommend(cands: list[Candidate], goal: str) -> dict[str, Any]:
 def effects(db: Path, name: str, metric: str, dims: list[str], sd: float | None) -> list[dict[str, Any]]:
     """What mattered: for each searched key, the spread of level means of the metric at the first
     rung (where every candidate has a value), against the seed noise."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    con = open_readonly(db)
     try:
         sid = con.execute("SELECT id FROM studies WHERE name = ?", (name,)).fetchone()[0]
         first = con.execute("SELECT MIN(m.step) FROM metrics m JOIN runs r ON r.id = m.run_id WHERE r.study_id = ? "

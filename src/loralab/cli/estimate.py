@@ -18,9 +18,9 @@ from loralab.estimate import (
     OPTIMIZER_BYTES_PER_PARAM,
     Estimate,
     estimate_from_args,
-    human_bytes,
     known_presets,
 )
+from loralab.units import human_bytes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

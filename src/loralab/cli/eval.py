@@ -55,7 +55,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from loralab.adapters import adapter_dir, check_adapter_base
     from loralab.errors import DataError
     from loralab.evaluate.score import evaluate
-    from loralab.evaluate.tasks import resolve_tasks
+    from loralab.evaluate.task_list import resolve_tasks
 
     if args.limit is not None and args.limit < 1:
         raise DataError("--limit must be a positive integer")

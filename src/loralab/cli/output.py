@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from loralab.units import is_number
+
 
 def emit_json(obj: Any) -> None:
     """Print one JSON object on stdout (the --json contract): strict JSON, a non-finite number
@@ -43,10 +45,6 @@ def cell(value: Any) -> str:
     return str(value)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def table(rows: Sequence[Sequence[Any]], headers: Sequence[str] = (), *,
           align: Sequence[str] | None = None) -> str:
     """``rows`` in padded columns (tabulate): a dashed rule under ``headers``, or bare columns
@@ -56,6 +54,6 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str] = (), *,
     from tabulate import tabulate  # ~0.1 s to import: only commands that print a table pay it
 
     if align is None and rows:
-        align = ["right" if all(v is None or _is_number(v) for v in column) else "left" for column in zip(*rows, strict=True)]
+        align = ["right" if all(v is None or is_number(v) for v in column) else "left" for column in zip(*rows, strict=True)]
     return tabulate([[cell(v) for v in row] for row in rows], headers=list(headers),
                     tablefmt="simple" if headers else "plain", colalign=align, disable_numparse=True)

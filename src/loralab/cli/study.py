@@ -27,6 +27,7 @@ from typing import Any
 
 from loralab.cli.output import emit_json, table
 from loralab.cli.run import add_track_arg
+from loralab.config import flat_keys
 from loralab.errors import ConfigError
 from loralab.rundir import SUMMARY, Status
 
@@ -278,7 +279,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def export_to_tracker(args: argparse.Namespace) -> int:
     """``study export NAME --to mlflow|tensorboard|wandb``: each run a tracker run, after the fact."""
-    from loralab.track import export_study
+    from loralab.study.export import export_study
 
     open_store(args.out, args.name).close()  # a clear error when there is no such study
     rows = export_study(study_root(args.out, args.name) / "study.db", args.name, args.to,
@@ -378,13 +379,9 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _flat(config: dict[str, Any]) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, sec in config.items() if isinstance(sec, dict) for k, v in sec.items()}
-
-
 def cmd_runs_compare(args: argparse.Namespace) -> int:
     details = _details(args, args.runs)
-    flats = [_flat(d["config"]) for d in details]
+    flats = [flat_keys(d["config"]) for d in details]
     differ = sorted(k for k in flats[0] if k != "output.dir" and any(f.get(k) != flats[0].get(k) for f in flats))
     metric_names = sorted({k for d in details for k in d["final_metrics"]})
     fields = ["status"] + differ + ["wall_time_s", "peak_memory_bytes", "trainable_params"] + [f"final {m}" for m in metric_names]

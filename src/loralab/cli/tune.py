@@ -39,9 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from loralab.estimate import parse_bytes
-    from loralab.study.options import parse_duration
     from loralab.tune import parse_assignments, run_tune, summary_text
+    from loralab.units import parse_bytes, parse_duration
 
     search = [k.strip() for k in args.search.split(",") if k.strip()] if args.search else None
     widen = {k: v if isinstance(v, list) else [v] for k, v in parse_assignments(args.widen, "--widen").items()}

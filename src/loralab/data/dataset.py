@@ -197,8 +197,13 @@ def split_records(cfg: DataConfig, *, seed: int) -> tuple[list[Record], list[Rec
 
 
 def model_context(config) -> int | None:
-    """The positions a model was built for (max_position_embeddings, n_positions for GPT-2), or None."""
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    """The positions a model was built for, from its transformers config (max_position_embeddings;
+    n_positions for GPT-2; max_sequence_length), or None. The one reader of a model's context."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def resolve_max_seq_length(setting: int | str, lengths: list[int], context: int | None) -> int:

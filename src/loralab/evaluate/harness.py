@@ -53,7 +53,7 @@ import yaml
 
 from loralab.errors import LoralabError
 from loralab.evaluate.metrics import Z95, Score, mc_prompt
-from loralab.evaluate.tasks import BUILTIN, HARNESS_PREFIX, Task, resolve_tasks
+from loralab.evaluate.tasks import BUILTIN, HARNESS_PREFIX, Task, resolve_task
 from loralab.rundir import write_atomic
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def prepare_tasks(spec: str, out_dir: Path, limit: int | None,
             if include_path is not None:
                 include_path.append(str(Path(item).resolve().parent))
         elif kind == "loralab":
-            (task,) = resolve_tasks(item, limit)
+            task = resolve_task(item, limit)
             names.update(write_harness_tasks(task, out_dir))
         else:
             names[item] = None
@@ -361,7 +361,7 @@ def resolve_harness_task(spec: str, limit: int | None = None) -> HarnessTask:
     kind = task_kind(spec)
     names = prepare_tasks(spec, out, limit, include)
     if kind == "loralab":
-        label, items = next(iter(names.values()))[0], resolve_tasks(spec, limit)[0].items
+        label, items = next(iter(names.values()))[0], resolve_task(spec, limit).items
     else:
         label, items = lm_eval_task_file(Path(spec)) if kind == "file" else spec, []
     task = HarnessTask(HARNESS_PREFIX + label, label, names, include, include_defaults=kind == "lm-eval",

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loralab.data.dataset import model_context
 from loralab.errors import DataError
 from loralab.evaluate.exact_match import Accuracy, exact_match
 from loralab.progress import progress as progress_bar
@@ -104,19 +105,6 @@ class Scored:
     @property
     def ll(self) -> float:
         return math.fsum(self.logprobs)
-
-    @property
-    def all_greedy(self) -> bool:
-        return all(self.greedy)
-
-
-def context_window(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
 
 
 def _tok_encode(tokenizer, text: str) -> list[int]:
@@ -201,7 +189,7 @@ def score_continuations(model, tokenizer, requests: list[tuple[str, str]], *, ap
     the label of a bar counting the requests scored (stderr, terminals only; None: no bar).
     """
     device = next(model.parameters()).device
-    limit = max_length or context_window(model)
+    limit = max_length or model_context(getattr(model, "config", None))
     encoded = encode_requests(tokenizer, requests, encoding=encoding, append_eos=append_eos)
     # The model reads (context + continuation)[:-1]: the last token is only ever a target.
     # Requests with the same input row (e.g. one-token choices " A", " B" after one prompt)
@@ -442,7 +430,7 @@ def _exp(x: float) -> float:
 def exact_match_score(model, tokenizer, prompts, answers, *, stop=None, max_new_tokens=16, batch_size=16,
                       normalize: str = "strip", progress: str | None = None) -> Score:
     """exact_match over the prompts that fit the window (prompt + max_new_tokens); the rest are skipped."""
-    limit = context_window(model)
+    limit = model_context(getattr(model, "config", None))
     keep = [i for i, p in enumerate(prompts)
             if limit is None or len(tokenizer(p)["input_ids"]) + max_new_tokens <= limit]
     acc = exact_match(model, tokenizer, [prompts[i] for i in keep], [answers[i] for i in keep], normalize=normalize,

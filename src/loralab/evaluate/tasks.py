@@ -17,8 +17,9 @@ Record layouts: alpaca ``{instruction, input?, output}`` (prompt template fields
 ``{question, mc1_targets, mc2_targets}`` with choice -> 0/1; pairs ``{good, bad}``;
 lettered ``{question, choices: [...], answer: "B" or 1}``.
 
-``harness:NAME`` in a task list (``--tasks``, a run's ``eval.tasks``) is scored by
-lm-evaluation-harness instead (:mod:`loralab.evaluate.harness`): a loralab task of format mc
+``harness:NAME`` in a task list (``--tasks``, a run's ``eval.tasks``, resolved by
+:mod:`loralab.evaluate.task_list`) is scored by lm-evaluation-harness instead
+(:mod:`loralab.evaluate.harness`): a loralab task of format mc
 or pairs, an lm-eval task YAML file, or an lm-eval task name.
 """
 
@@ -239,29 +240,17 @@ def lower_is_better(key: str) -> bool:
     return metric.endswith(LOWER_IS_BETTER)
 
 
-def resolve_tasks(spec: str, limit: int | None = None) -> list:
-    """Comma-separated built-in names, YAML task files and/or ``harness:NAME`` tasks, with
-    their examples loaded (a ``harness:`` task is a :class:`loralab.evaluate.harness.HarnessTask`,
-    scored by lm-evaluation-harness; it has the same ``name`` and ``run`` as a Task)."""
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    if not names:
-        raise DataError("--tasks: no task given")
-    tasks = []
-    for name in names:
-        if name.startswith(HARNESS_PREFIX):
-            from loralab.evaluate.harness import resolve_harness_task
-
-            tasks.append(resolve_harness_task(name[len(HARNESS_PREFIX):], limit))
-            continue
-        if name in BUILTIN:
-            b = BUILTIN[name]
-            t = Task(name, b["path"], b["format"], list(FORMAT_METRICS[b["format"]]),
-                     max_new_tokens=b.get("max_new_tokens", 16))
-        elif name.endswith((".yaml", ".yml")) or Path(name).is_file():
-            t = load_task_file(name)
-        else:
-            raise DataError(f"--tasks: unknown task {name!r} (built-in: {', '.join(BUILTIN)}; a .yaml task file; "
-                            "or harness:NAME for an lm-evaluation-harness task)")
-        t.items = load_items(t, limit)
-        tasks.append(t)
-    return tasks
+def resolve_task(name: str, limit: int | None = None) -> Task:
+    """A loralab task (a built-in name or a YAML task file) with its examples loaded. A list
+    that may hold ``harness:`` tasks is resolved by :func:`loralab.evaluate.task_list.resolve_tasks`."""
+    if name in BUILTIN:
+        b = BUILTIN[name]
+        t = Task(name, b["path"], b["format"], list(FORMAT_METRICS[b["format"]]),
+                 max_new_tokens=b.get("max_new_tokens", 16))
+    elif name.endswith((".yaml", ".yml")) or Path(name).is_file():
+        t = load_task_file(name)
+    else:
+        raise DataError(f"--tasks: unknown task {name!r} (built-in: {', '.join(BUILTIN)}; a .yaml task file; "
+                        "or harness:NAME for an lm-evaluation-harness task)")
+    t.items = load_items(t, limit)
+    return t

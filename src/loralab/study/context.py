@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from loralab.rundir import RunDir
-from loralab.study.findings import open_db, study_row
+from loralab.study.findings import study_row
 from loralab.study.spec import RunSpec, deviation_text, deviations, fmt_config_value, get_key
+from loralab.study.store import open_readonly
 
 
 def _model_config(path: str) -> dict[str, Any]:
@@ -57,7 +58,7 @@ def _lengths(stats: Any) -> str | None:
 
 
 def study_context(db_path: str | Path, study_name: str) -> dict[str, Any]:
-    con = open_db(db_path)
+    con = open_readonly(db_path)
     try:
         srow = study_row(con, study_name, db_path)
         spec = json.loads(srow["spec_json"])

@@ -40,6 +40,7 @@ from loralab.errors import LoralabError
 from loralab.rundir import Status
 from loralab.study import stats
 from loralab.study.spec import FINDING_KINDS
+from loralab.study.store import open_readonly
 
 if TYPE_CHECKING:
     from loralab.study.store import Store
@@ -90,16 +91,6 @@ class StudyData:
 
 # ---------------------------------------------------------------- reading the database
 
-def open_db(db_path: str | Path) -> sqlite3.Connection:
-    """Open a study database read-only; a missing file is a clear error, not a new empty file."""
-    path = Path(db_path)
-    if not path.is_file():
-        raise LoralabError(f"no study database at {path}")
-    con = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
-    con.row_factory = sqlite3.Row
-    return con
-
-
 def study_row(con: sqlite3.Connection, study_name: str, db_path: str | Path) -> sqlite3.Row:
     row = con.execute("SELECT id, name, spec_json, root FROM studies WHERE name = ?", (study_name,)).fetchone()
     if row is None:
@@ -136,7 +127,7 @@ def read_study(db_path: str | Path, study_name: str) -> StudyData:
     """The study's spec and runs, split into those the statistics use and those left out.
 
     Each run's ``value`` is the study metric's; ``values`` holds every judged metric's."""
-    con = open_db(db_path)
+    con = open_readonly(db_path)
     try:
         srow = study_row(con, study_name, db_path)
         spec = json.loads(srow["spec_json"])

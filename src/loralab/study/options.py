@@ -17,6 +17,7 @@ from typing import Any
 
 from loralab.errors import ConfigError
 from loralab.study.policy import Halving
+from loralab.units import parse_duration
 
 BACKENDS = ("local", "ray")
 
@@ -64,7 +65,7 @@ class StudyOptions:
     @classmethod
     def from_args(cls, args: Any) -> StudyOptions:
         """The options of ``loralab study run``'s parsed command line, checked."""
-        from loralab.estimate import parse_bytes
+        from loralab.units import parse_bytes
 
         if not args.halving and (args.eta is not None or args.min_steps is not None):
             raise ConfigError("--eta and --min-steps set successive halving's rungs: add --halving")
@@ -81,16 +82,3 @@ class StudyOptions:
             budget_s=parse_duration(args.budget, "--budget") if args.budget else None, gpus=gpus,
             progress=not args.json,
         ).check()
-
-
-def parse_duration(text: str, key: str) -> float:
-    """'90s', '30m', '2h' or plain seconds -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600}
-    t = text.strip().lower()
-    try:
-        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise ConfigError(f"{key} {text!r} is not a duration: use e.g. 90s, 30m or 2h")
-    return value

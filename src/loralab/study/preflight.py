@@ -141,7 +141,7 @@ def data_problem(data_json: str, seed: int) -> str | None:
 def tasks_problem(tasks: tuple[str, ...]) -> str | None:
     if not tasks:
         return None
-    from loralab.evaluate.tasks import resolve_tasks
+    from loralab.evaluate.task_list import resolve_tasks
 
     return _problem(lambda: resolve_tasks(",".join(tasks), 1))
 
@@ -149,7 +149,7 @@ def tasks_problem(tasks: tuple[str, ...]) -> str | None:
 def run_metrics(cfg: Config) -> set[str] | None:
     """The metrics.jsonl keys a run of ``cfg`` writes: the loop's and ``task/metric`` per
     evaluation task; None when an lm-evaluation-harness task makes them known only at run time."""
-    from loralab.evaluate.tasks import resolve_tasks
+    from loralab.evaluate.task_list import resolve_tasks
 
     names = set(LOOP_METRICS)
     for task in resolve_tasks(",".join(cfg.eval.tasks), 1) if cfg.eval.tasks else []:

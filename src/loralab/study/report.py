@@ -41,13 +41,14 @@ from loralab.study.findings import (
     findings_from,
     fmt_value,
     levels,
-    open_db,
     pareto_points,
     read_study,
     repeat_groups,
     study_row,
     tied_to,
 )
+from loralab.study.store import open_readonly
+from loralab.units import is_number
 
 NOT_CURVES = {"train_loss", "lr", "tokens_seen", "grad_norm", "epoch"}
 MIB = 1024 * 1024
@@ -123,7 +124,7 @@ def _save(fig, path: Path) -> Path:
 
 def read_series(db_path: str | Path, study_name: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """{run name: {metric name: [(step, value), ...]}} for every run of the study."""
-    con = open_db(db_path)
+    con = open_readonly(db_path)
     try:
         sid = study_row(con, study_name, db_path)["id"]
         rows = con.execute(
@@ -142,10 +143,6 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "metric"
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def plain_numbers(ax) -> None:
     """Tick labels show the values themselves: no '+1.2345e0' offset or scientific factor in a
     corner, so runs that differ only in the last digits stay readable (log axes keep theirs)."""
@@ -158,7 +155,7 @@ def plain_numbers(ax) -> None:
 
 def _tick_label(v: Any) -> str:
     """Powers of two as 2^k (the seeds' grids are log-spaced), everything else as is."""
-    if _is_number(v) and v > 0:
+    if is_number(v) and v > 0:
         k = math.log2(v)
         if abs(k - round(k)) < 1e-9:
             return f"$2^{{{int(round(k))}}}$"
@@ -247,7 +244,7 @@ def plot_train_loss(mpl_figure, data: StudyData, series, out: Path) -> list[Figu
 
 def heatmap_axes(data: StudyData) -> tuple[str, str] | None:
     """The first two numeric axes that are not tied to each other (r x alpha), or None."""
-    numeric = [a for a in data.axes if all(_is_number(r.axes.get(a)) for r in data.runs)]
+    numeric = [a for a in data.axes if all(is_number(r.axes.get(a)) for r in data.runs)]
     for i, a in enumerate(numeric):
         for b in numeric[i + 1:]:
             if b not in tied_to(data, a) and a not in tied_to(data, b):

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from loralab.config import DEFAULT_MODEL, SECTIONS, config_from_dict, read_yaml
+from loralab.config import DEFAULT_MODEL, SECTIONS, config_from_dict, flat_keys, read_yaml
 from loralab.errors import ConfigError
 from loralab.evaluate.tasks import lower_is_better
 from loralab.paths import check_name
@@ -425,11 +425,6 @@ def checked_part(part: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def _flat_keys(raw: dict[str, Any]) -> dict[str, Any]:
-    """{"train.lr": 1e-5, ...} from {"train": {"lr": 1e-5}}."""
-    return {f"{s}.{k}": v for s, sec in raw.items() if isinstance(sec, dict) for k, v in sec.items()}
-
-
 def _layers(raw: dict[str, Any], where: _Where, base_dir: Path | None, *, quick: bool, tiny: bool,
             model: str | None, data: str | None, overrides: list[str]) -> list[tuple[str, dict[str, Any]]]:
     """The base config's layers, lowest first, each with the words that name it as a source.
@@ -468,7 +463,7 @@ def _merge(layers: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], di
     sources: dict[str, str] = {}
     for label, part in layers:
         merged = deep_merge(merged, part)
-        for key in _flat_keys(part):
+        for key in flat_keys(part):
             sources[key] = label
     return merged, sources
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from loralab.config import Config, config_from_dict
 from loralab.errors import LoralabError
-from loralab.estimate import human_duration
+from loralab.units import human_duration
 
 FLOOR_STEPS = 20  # below this, a run has barely left its initialisation and settings cannot be told apart
 

@@ -61,20 +61,33 @@ def metric_rows(metrics_jsonl: Path) -> list[tuple[int, str, float | None]]:
     return [(s, n, v) for (s, n), v in rows.items()]
 
 
+def open_readonly(db_path: Path | str) -> sqlite3.Connection:
+    """A read-only connection to a study database, rows as sqlite3.Row: SQLite itself refuses
+    writes (mode=ro), whatever the file's permissions. A missing file is a clear error, not a
+    new empty database. Every reader of a study database opens it here."""
+    path = Path(db_path)
+    if not path.is_file():
+        raise ConfigError(f"no study database at {path}")
+    # isolation_level=None: no implicit transactions (and a reader has none to commit).
+    con = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", timeout=30, isolation_level=None, uri=True)
+    con.row_factory = sqlite3.Row
+    con.execute("PRAGMA busy_timeout = 30000")
+    return con
+
+
 class Store:
     """Transactional access to one study database."""
 
     def __init__(self, db_path: Path | str, *, readonly: bool = False):
         self.path = Path(db_path)
-        if readonly and not self.path.is_file():
-            raise ConfigError(f"no study database at {self.path}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: no implicit transactions; every write goes through tx().
-        # readonly: SQLite itself refuses writes (mode=ro), whatever the file's permissions.
-        target, uri = (self.path.resolve().as_uri() + "?mode=ro", True) if readonly else (str(self.path), False)
-        self.db = sqlite3.connect(target, timeout=30, isolation_level=None, uri=uri)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA busy_timeout = 30000")
+        if readonly:
+            self.db = open_readonly(self.path)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: no implicit transactions; every write goes through tx().
+            self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA busy_timeout = 30000")
         self.db.execute("PRAGMA foreign_keys = ON")
         if not readonly:
             self.db.execute("PRAGMA journal_mode = WAL")

@@ -11,7 +11,8 @@
 metrics.jsonl and summary.json stay the run's own records; a tracker is a copy. A tracker
 that fails (library missing, server down, its folder unwritable) is dropped with a warning
 and the run goes on. ``<run dir>/tracking.json`` holds each tracker's run id, so a resumed
-run continues the same tracker run. The backends: tensorboard.py, mlflow_sink.py, wandb_sink.py.
+run continues the same tracker run. The backends: tensorboard.py, mlflow_sink.py, wandb_sink.py,
+each a Sink (loralab.track.sink, which they import instead of this package).
 """
 
 from __future__ import annotations
@@ -20,58 +21,23 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from loralab.config import TRACKERS, Config, TrackingConfig, config_from_dict, read_yaml
+from loralab.config import TRACKERS, Config, TrackingConfig, config_from_dict, flat_keys, read_yaml
 from loralab.rundir import METRICS, SUMMARY, RunDir, Status, write_atomic
+from loralab.track.sink import Sink, run_label
+from loralab.units import is_number
 
 log = logging.getLogger(__name__)
 TRACKING_FILE = "tracking.json"
 INSTALL_HINT = {"tensorboard": "pip install 'loralab[tensorboard]'", "mlflow": "pip install 'loralab[mlflow]'",
                 "wandb": "pip install 'loralab[wandb]'"}
-# Summary fields a tracker receives as numbers (the rest, e.g. versions and paths, stay in summary.json).
-SUMMARY_NUMBERS = ("steps", "steps_done", "skipped_steps", "wall_time_s", "train_time_s", "tokens_seen",
-                   "tokens_per_s", "peak_memory_bytes", "trainable_params", "total_params",
-                   "final_eval_loss", "best_eval_loss")
-
-
-class Sink(Protocol):
-    """One tracker run. Built by ``open_sink``; every method may raise (the Tracker drops it)."""
-
-    def state(self) -> dict[str, Any]: ...  # what tracking.json keeps to continue this tracker run
-    def log_params(self, params: dict[str, Any]) -> None: ...
-    def log_metrics(self, step: int, values: dict[str, float]) -> None: ...
-    def finish(self, summary: dict[str, Any], artifacts: dict[str, Path]) -> None: ...
-
-
-def run_label(tracking: TrackingConfig, run_dir: Path) -> tuple[str, str]:
-    """(experiment or group, run name) for ``run_dir``."""
-    return tracking.experiment or "loralab", tracking.run_name or Path(run_dir).resolve().name
-
-
-def flat_params(config: dict[str, Any]) -> dict[str, Any]:
-    """``{"lora.r": 8, ...}`` from a nested config dict (the run's resolved config.yaml)."""
-    return {f"{s}.{k}": v for s, sec in config.items() if isinstance(sec, dict) for k, v in sec.items()}
 
 
 def axis_tags(tracking: TrackingConfig, params: dict[str, Any]) -> dict[str, str]:
     """The study's axis values of this run, as tracker tags."""
     return {key: json.dumps(params[key]) if isinstance(params[key], list) else str(params[key])
             for key in tracking.axes if key in params}
-
-
-def summary_numbers(summary: dict[str, Any]) -> dict[str, float]:
-    """The summary's numbers for a tracker: SUMMARY_NUMBERS plus final/best task metrics."""
-    out = {k: float(summary[k]) for k in SUMMARY_NUMBERS if _is_number(summary.get(k))}
-    for group in ("final_eval_tasks", "best_eval_tasks"):
-        for k, v in (summary.get(group) or {}).items():
-            if _is_number(v):
-                out[f"{group.removesuffix('_tasks')}/{k}"] = float(v)
-    return out
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def open_sink(backend: str, *, run_dir: Path, tracking: TrackingConfig, tags: dict[str, str],
@@ -124,7 +90,7 @@ class Tracker:
 
     def log(self, row: dict[str, Any]) -> None:
         """One metrics.jsonl row: its numbers at its step (strings such as ``event`` are left out)."""
-        values = {k: float(v) for k, v in row.items() if k != "step" and _is_number(v)}
+        values = {k: float(v) for k, v in row.items() if k != "step" and is_number(v)}
         if values and isinstance(row.get("step"), int):
             for backend, sink in list(self.sinks.items()):
                 self._call(backend, sink.log_metrics, row["step"], values)
@@ -173,7 +139,7 @@ def open_trackers(cfg: Config, run_dir: Path, *, resume: bool = False) -> Tracke
     if not cfg.tracking.backends:
         return None
     tracker = Tracker(run_dir, cfg.tracking, state=read_state(run_dir) if resume else None)
-    return tracker.open(flat_params(cfg.to_dict()), resume=resume)
+    return tracker.open(flat_keys(cfg.to_dict()), resume=resume)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -196,7 +162,7 @@ def replay_run(run_dir: Path, tracking: TrackingConfig, *, artifacts: dict[str, 
     run_dir = Path(run_dir)
     run = RunDir(run_dir)
     raw = read_yaml(run.config) or {}
-    params = flat_params(config_from_dict(raw, source=str(run.config)).to_dict())
+    params = flat_keys(config_from_dict(raw, source=str(run.config)).to_dict())
     tracker = Tracker(run_dir, tracking, state=read_state(run_dir)).open(params, resume=False)
     for row in read_metrics(run.metrics):
         tracker.log(row)
@@ -245,40 +211,3 @@ def prepare_study_trackers(study: Any) -> None:
                 client.create_experiment(name)
         except Exception as exc:  # each run reports its own tracker problems; the study goes on
             log.warning("tracking: the study's MLflow experiment could not be prepared (%s)", exc)
-
-
-def export_study(db_path: Path, name: str, backend: str, *, tracking_uri: str | None = None,
-                 project: str = "loralab") -> list[dict[str, Any]]:
-    """Send a finished or partly finished study to ``backend``: one tracker run per run that
-    has a run directory (experiment/group = the study, axes as tags), and the study report
-    (``<study dir>/report``, when written) as the artifact of a run named ``<study>-report``.
-    A run already in that tracker (its tracking.json says so) is not sent twice."""
-    from loralab.study.store import Store
-
-    with Store(db_path, readonly=True) as store:
-        spec = store.spec(name)
-        runs = store.runs(store.study_id(name))
-    tracking = TrackingConfig(backends=[backend], tracking_uri=tracking_uri, project=project, experiment=name,
-                              axes=list(spec.get("axes") or {}))
-    out = []
-    for r in runs:
-        run_dir = Path(r["run_dir"]) if r["run_dir"] else None
-        if run_dir is None or not RunDir(run_dir).config.is_file():
-            out.append({"run": r["name"], "status": r["status"], "sent": False, "why": "never started"})
-            continue
-        previous = read_state(run_dir).get(backend)
-        if isinstance(previous, dict) and "error" not in previous:
-            out.append({"run": r["name"], "status": r["status"], "sent": False, "why": f"already in {backend}"})
-            continue
-        tracker = replay_run(run_dir, tracking)
-        error = tracker.records.get(backend, {}).get("error")
-        out.append({"run": r["name"], "status": r["status"], "sent": error is None, "why": error,
-                    **({} if error else tracker.records[backend])})
-    report = Path(db_path).parent / "report"
-    if backend != "tensorboard" and (report / "report.html").is_file():
-        report_tracking = TrackingConfig(**{**tracking.__dict__, "run_name": f"{name}-report", "axes": []})
-        tracker = Tracker(report, report_tracking).open({"study.name": name}, resume=False)
-        tracker.finish({"status": Status.COMPLETED}, {"report": report})
-        error = tracker.records.get(backend, {}).get("error")
-        out.append({"run": f"{name}-report", "status": "report", "sent": error is None, "why": error})
-    return out

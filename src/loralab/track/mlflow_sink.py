@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.rundir import Status
-from loralab.track import run_label, summary_numbers
+from loralab.track.sink import run_label, summary_numbers
 
 BATCH = 100  # MLflow's log_batch takes at most 100 parameters per call
 END_STATUS = {Status.COMPLETED: "FINISHED", Status.PAUSED: "KILLED", Status.STOPPED_EARLY: "KILLED"}  # any other: FAILED

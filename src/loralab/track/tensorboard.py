@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loralab.track import summary_numbers
+from loralab.track.sink import summary_numbers
 
 TB_DIR = "tb"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.rundir import Status
-from loralab.track import run_label, summary_numbers
+from loralab.track.sink import run_label, summary_numbers
 
 
 def wandb_mode(setting: str) -> str:

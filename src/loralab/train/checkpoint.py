@@ -29,10 +29,8 @@ import errno
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,9 +47,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-# Test hook: seconds to sleep inside a checkpoint write, after the payload and before the
-# manifest, so a test can SIGKILL the process exactly there.
-PAUSE_ENV = "LORALAB_TEST_CHECKPOINT_PAUSE_S"
 
 
 class DiskFullError(LoralabError):
@@ -209,8 +204,6 @@ def save_checkpoint(run_dir: Path, state: TrainState, *, opt, sched, keep_last: 
             _write_tensors(tmp / "rng.safetensors", rng_tensors)
             _write_json(tmp / "rng.json", rng_json)
             _write_json(tmp / "trainer_state.json", asdict(state))
-            if os.environ.get(PAUSE_ENV):
-                time.sleep(float(os.environ[PAUSE_ENV]))
             files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
             _write_json(tmp / MANIFEST, {"format": FORMAT, "step": state.step, "files": files})
     except OSError as exc:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from loralab.adapters import attach_lora, base_record, count_params, save_adapter
-from loralab.config import Config, TrackingConfig, dump_config, load_config
+from loralab.config import Config, TrackingConfig, dump_config, flat_keys, load_config
 from loralab.data.dataset import Example, Splits, collate
 from loralab.data.packing import step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
@@ -334,7 +334,7 @@ def load_data_and_tasks(cfg: Config, model_config, tokenizer) -> tuple[Splits, l
     warn_if_warmup_outlasts(cfg, plan_steps(cfg, len(splits.train)))
     tasks = []
     if cfg.eval.tasks:
-        from loralab.evaluate.tasks import resolve_tasks
+        from loralab.evaluate.task_list import resolve_tasks
 
         tasks = resolve_tasks(",".join(cfg.eval.tasks), cfg.eval.limit)
     return splits, tasks
@@ -800,8 +800,8 @@ def check_resume_config(cfg: Config, run_dir: RunDir) -> None:
     """Refuse a resume whose config changes anything but RESUME_MAY_CHANGE."""
     if not run_dir.config.is_file():
         return  # never started: the run starts from step 0
-    saved = flat_config(load_config(run_dir.config))
-    now = flat_config(cfg)
+    saved = flat_keys(load_config(run_dir.config).to_dict())
+    now = flat_keys(cfg.to_dict())
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE)
     if changed:
         detail = ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in changed)
@@ -809,10 +809,6 @@ def check_resume_config(cfg: Config, run_dir: RunDir) -> None:
             f"cannot resume {run_dir.root} with a changed {detail}: the result would no longer equal an "
             f"uninterrupted run; on resume only {', '.join(sorted(RESUME_MAY_CHANGE))} may change"
         )
-
-
-def flat_config(cfg: Config) -> dict[str, Any]:
-    return {f"{section}.{key}": value for section, values in cfg.to_dict().items() for key, value in values.items()}
 
 
 def open_runs(cfgs: list[Config], run_dirs: list[Path], *, resume: bool, fused: bool,

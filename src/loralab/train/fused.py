@@ -31,10 +31,10 @@ from typing import Any
 from loralab.config import Config
 from loralab.errors import ConfigError
 from loralab.track import track_finished
-from loralab.train.core import Prune, run_group, run_losses, stack_runs
+from loralab.train.core import Prune, run_group
 from loralab.train.loop import default_run_dir
 
-__all__ = ["PER_RUN_KEYS", "Prune", "check_group", "fuse_key", "run_losses", "stack_runs", "train_fused"]
+__all__ = ["PER_RUN_KEYS", "Prune", "check_group", "fuse_key", "train_fused"]
 
 log = logging.getLogger(__name__)
 

@@ -210,18 +210,9 @@ def batched_layers(model: nn.Module) -> dict[str, BatchedLoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, BatchedLoraLinear)}
 
 
-def run_parameters(model: nn.Module, run: int) -> list[nn.Parameter]:
-    """Run ``run``'s trainable parameters, A then B per module, in module order."""
-    params = []
-    for layer in batched_layers(model).values():
-        if str(run) in layer.adapters:
-            params += [layer.adapters[str(run)].lora_A, layer.adapters[str(run)].lora_B]
-    return params
-
-
 def named_run_parameters(model: nn.Module, run: int, *, prefix: str = "") -> dict[str, nn.Parameter]:
-    """run_parameters under PEFT's names (``prefix`` + "<module>.lora_A.default.weight"), in the
-    same order, so a checkpoint reads the same whether its run trained alone or in a group."""
+    """Run ``run``'s trainable parameters, A then B per module in module order, under PEFT's names
+    (``prefix`` + "<module>.lora_A.default.weight"), so a checkpoint reads the same whether its run trained alone or in a group."""
     out = {}
     for name, layer in batched_layers(model).items():
         if str(run) in layer.adapters:

@@ -23,52 +23,13 @@ from typing import Any
 
 from loralab.config import Config
 from loralab.errors import ConfigError
-from loralab.resolve import check_context, resolve_config
-from loralab.rundir import MetricsWriter, RunDir, clear_run_outputs, trim_metrics, write_atomic
-from loralab.train.core import (
-    RESUME_MAY_CHANGE,
-    enable_activation_checkpointing,
-    evaluate_losses,
-    load_data_and_tasks,
-    oom_details,
-    raise_if_diverged,
-    run_eval_tasks,
-    run_group,
-)
-from loralab.train.step import (
-    best_of,
-    forward_logits,
-    keeps_logits,
-    label_positions,
-    micro_batches,
-    packed_attention,
-    plan_steps,
-    response_loss_sum,
-    seed_everything,
-    token_loss_sum,
-)
-
-# Old import paths of names that moved to loralab.train.core / step / loralab.rundir.
-__all__ = [
-    "RESUME_MAY_CHANGE", "MetricsWriter", "best_of", "check_context", "clear_run_outputs", "default_run_dir",
-    "enable_activation_checkpointing", "evaluate_loss", "forward_logits", "keeps_logits", "label_positions",
-    "load_data_and_tasks", "micro_batches", "oom_details", "packed_attention", "plan_steps", "read_summary",
-    "response_loss_sum", "run_eval_tasks", "seed_everything", "token_loss_sum", "train", "trim_metrics", "write_json",
-]
+from loralab.resolve import resolve_config
+from loralab.train.core import evaluate_losses, raise_if_diverged, run_group
 
 
 def default_run_dir(cfg: Config) -> Path:
     stem = Path(cfg.model.path.replace("builtin:", "")).name or "model"
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically: a reader never sees half a file (loralab.rundir.write_atomic)."""
-    write_atomic(path, obj)
-
-
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    return RunDir(run_dir).read_summary()
 
 
 def evaluate_loss(model, examples, *, batch_size: int, pad_id: int, device, autocast: str) -> float:

@@ -54,11 +54,6 @@ def cuda_context_bytes(device: torch.device) -> int:
     return max(0, int(used) - int(torch.cuda.memory_reserved(device)))
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """PeakMemory(device).bytes(): the process's peak since the last reset."""
-    return PeakMemory(device).bytes()
-
-
 def versions() -> dict[str, str]:
     import importlib.metadata as md
 
