@@ -81,6 +81,11 @@ def test_auto_dtype_is_bf16_where_the_device_multiplies_it_natively(monkeypatch)
     monkeypatch.setattr(models, "cpu_bf16_feature", lambda: "AMX-BF16")
     name, why = models.dtype_choice("auto", "cpu")
     assert name == "bf16" and "the CPU has AMX-BF16" in why
+    # a narrow model trains faster in fp32 even there (the shipped base: width 192)
+    name, why = models.dtype_choice("auto", "cpu", width=192)
+    assert name == "fp32" and "hidden size 192 (under 512)" in why
+    assert resolve_dtype("auto", "cpu", width=640) == "bf16"
+    assert resolve_dtype("auto", "cuda", width=192) == "bf16"  # GPUs: bf16 whatever the width
     monkeypatch.setattr(models, "cpu_bf16_feature", lambda: None)  # an older CPU: bf16 would be emulated
     assert resolve_dtype("auto", "cpu") == "fp32"
     assert "neither AMX-BF16 nor AVX512-BF16" in models.dtype_choice("auto", "cpu")[1]
@@ -130,10 +135,15 @@ def test_load_base_on_cpu_has_no_device_map_and_auto_follows_the_cpu(captured, m
     assert next(model.parameters()).dtype == torch.float32
     assert model.config._attn_implementation == "sdpa"
     monkeypatch.setattr(models, "cpu_bf16_feature", lambda: "AVX512-BF16")
+    monkeypatch.setattr(models, "CPU_BF16_MIN_WIDTH", 64)  # the shipped base (width 192) counts as wide here
     with caplog.at_level("INFO", logger="loralab.models"):
         model, _ = load_base(ModelConfig(device="cpu"), QuantConfig())
     assert captured[-1]["dtype"] is torch.bfloat16 and next(model.parameters()).dtype == torch.bfloat16
     assert "model.dtype: auto -> bf16 (the CPU has AVX512-BF16" in caplog.text
+    monkeypatch.setattr(models, "CPU_BF16_MIN_WIDTH", 512)
+    with caplog.at_level("INFO", logger="loralab.models"):
+        model, _ = load_base(ModelConfig(device="cpu"), QuantConfig())
+    assert captured[-1]["dtype"] is torch.float32 and "hidden size 192 (under 512) fp32 trains faster" in caplog.text
 
 
 def test_attention_implementation_is_passed_and_flash_needs_its_package(monkeypatch, captured, cfg_factory):

@@ -43,7 +43,8 @@ class ModelConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = _f(
         "auto", "dtype of the frozen base weights that are not quantized (adapters, optimizer and loss stay fp32); "
                 "auto = bf16 where the device multiplies bf16 natively (GPUs of compute capability >= 8, CPUs with "
-                "AMX-BF16 or AVX512-BF16), fp16 on older GPUs, fp32 on other CPUs (loralab.models.resolve_dtype).")
+                "AMX-BF16 or AVX512-BF16, for models of hidden size >= 512), fp16 on older GPUs, fp32 on other CPUs and "
+                "for narrower models on a CPU (loralab.models.resolve_dtype).")
     trust_remote_code: bool = _f(False, "Run the model repository's own Python code. Off unless you trust it.")
     device: str = _f(
         "auto", "auto = cuda when usable, else cpu (with a loud warning where an NVIDIA driver answers but "

@@ -470,7 +470,7 @@ def estimate_run(
         resolve_dtype,  # model.dtype auto: the dtype the run would load on dev
     )
 
-    cfg = replace(cfg, model=replace(cfg.model, dtype=resolve_dtype(cfg.model, dev)))
+    cfg = replace(cfg, model=replace(cfg.model, dtype=resolve_dtype(cfg.model, dev, width=shape.hidden)))
     auto_micro = cfg.train.micro_batch_size == "auto"
     if auto_micro:  # estimated per example; max_micro_batch says what a run would resolve it to
         cfg = replace(cfg, train=replace(cfg.train, micro_batch_size=1))

@@ -39,7 +39,7 @@ def check_run(cfg: Config, *, device: str) -> None:
     modules = lora_modules(shape, list(cfg.lora.targets))
     check_rank(cfg.lora.r, {m: shape.linears[m] for m in modules})
     dev = torch.device(device)
-    check_attention(cfg.model, dev, resolve_dtype(cfg.model, dev), cfg.quant)
+    check_attention(cfg.model, dev, resolve_dtype(cfg.model, dev, width=shape.hidden), cfg.quant)
     if cfg.quant.mode != "none" and dev.type == "cpu":
         check_cpu_4bit_widths({m: shape.linears[m][0] for m in shape.quantizable}, cfg.quant)
 

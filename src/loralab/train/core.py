@@ -38,7 +38,14 @@ from loralab.data.dataset import Example, Splits, collate
 from loralab.data.packing import step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
 from loralab.halving import halving_rungs, keep_count, rank_key
-from loralab.models import dtype_choice, load_base, load_tokenizer, pick_device, read_config
+from loralab.models import (
+    dtype_choice,
+    load_base,
+    load_tokenizer,
+    model_width,
+    pick_device,
+    read_config,
+)
 from loralab.progress import progress
 from loralab.resolve import resolve_data
 from loralab.rundir import (
@@ -750,7 +757,7 @@ def run_result(run: Run, setup: Setup, *, steps: int, extra: dict[str, Any] | No
     """The summary fields a run measured (the same for a solo run and a member of a group)."""
     st, splits = run.state, setup.splits
     trainable, total = setup.adapters.counts(run.index)
-    dtype, dtype_reason = dtype_choice(run.cfg.model, setup.device)
+    dtype, dtype_reason = dtype_choice(run.cfg.model, setup.device, width=model_width(setup.adapters.model.config))
     return RunSummary(
         steps=steps,
         steps_done=st.step,
