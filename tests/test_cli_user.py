@@ -412,7 +412,7 @@ def test_generate_uses_the_runs_model_and_chat_template(capsys, caplog, tiny_mod
 def test_estimate_uses_this_machines_device_and_counts_as_train(capsys, tiny_model_dir, tmp_path):
     import torch
 
-    from loralab.models import resolve_dtype
+    from loralab.models import model_width, read_config, resolve_dtype
 
     qwen = tiny_model_dir("qwen2")
     config = tmp_path / "run.yaml"
@@ -420,7 +420,8 @@ def test_estimate_uses_this_machines_device_and_counts_as_train(capsys, tiny_mod
     code, stdout, _ = run_cli(capsys, "estimate", str(config), "--json")
     est = json.loads(stdout)
     here = "cuda" if torch.cuda.is_available() else "cpu"
-    assert code == 0 and est["settings"]["device"] == here and est["settings"]["dtype"] == resolve_dtype("auto", here)
+    assert code == 0 and est["settings"]["device"] == here and est["settings"]["dtype"] == resolve_dtype(
+        "auto", here, width=model_width(read_config(str(qwen))))
     assert any(n.startswith(f"model.device auto: estimated for {here}, where a run would train on this machine")
                for n in est["approximate"])
     code, stdout, _ = run_cli(capsys, "estimate", str(config))
