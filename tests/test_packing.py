@@ -196,7 +196,12 @@ def test_models_whose_attention_is_more_than_a_causal_softmax_keep_block_masks(c
     cfg = cfg_factory("builtin:tiny", data__packing=True, data__max_seq_length=64)
     assert packed_attention(cfg, plain) == "per_example"
     assert packed_attention(cfg, AutoModelForCausalLM.from_config(tf.MistralConfig(sliding_window=32, **small))) == "block_mask"
-    assert packed_attention(cfg_factory("builtin:tiny"), plain) is None  # not packed
+    windowed_32 = AutoModelForCausalLM.from_config(tf.MistralConfig(sliding_window=32, **small))
+    auto = cfg_factory("builtin:tiny", data__max_seq_length=64)  # data.packing: auto, the default
+    assert auto.data.packing == "auto"
+    assert packed_attention(auto, plain) == "per_example"
+    assert packed_attention(auto, windowed_32) is None  # a block mask computes the masked blocks: padded instead
+    assert packed_attention(cfg_factory("builtin:tiny", data__packing=False), plain) is None  # not packed
 
 
 def test_the_loss_needs_logits_at_label_positions_only():

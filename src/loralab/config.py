@@ -93,7 +93,7 @@ class DataConfig:
     max_response_chars: int | None = _f(None, "Drop examples whose response is longer (characters); 800 with min 201 is the seeds' 'hard' Text-to-SQL subset.", gt=0)
     limit: int | None = _f(None, "Use only the first N training examples (after the split).", gt=0)
     shuffle: bool = _f(True, "Shuffle the training examples each epoch (seeded).")
-    packing: bool = _f(False, "Pack each step's examples end to end, up to micro_batch_size x max_seq_length tokens per forward, attention kept inside each example (one attention call per example where the model allows, else a block mask); same maths, no padding.")
+    packing: bool | Literal["auto"] = _f("auto", "Pack each step's examples end to end, up to micro_batch_size x max_seq_length tokens per forward, attention kept inside each example; same maths, no padding. true: one attention call per example where the model allows, else a block mask over the row; auto: packed where the model allows per-example attention, padded micro batches otherwise (a block mask computes the masked blocks too); false: padded.")
 
 
 @dataclass
@@ -113,6 +113,7 @@ class TrainConfig:
     seed: int = _f(1337, "Seeds data order, dropout and adapter init.")
     autocast: Literal["none", "bf16", "fp16"] = _f("none", "Autocast for the forward pass: bf16, or fp16 (with a gradient scaler, as for any fp16 base).")
     group_by_length: bool = _f(False, "Sort each step's examples by length before cutting micro batches (same examples per step, less padding).")
+    compile: bool | Literal["auto"] = _f("auto", "torch.compile each decoder layer (fuses the element-wise work between matmuls; checked against eager on one micro batch, eager if it fails or differs; compile time reported apart). auto: when the run plans enough tokens to repay the compile (loralab.train.compiled.MIN_TOKENS).")
     gradient_checkpointing: bool = _f(False, "Keep only each decoder layer's input and recompute the rest in backward (transformers' non-reentrant activation checkpointing): far less activation memory for one more forward of compute; same maths.")
     log_every: int = _f(10, f"Write a train-loss line to {METRICS} every N steps.", gt=0)
     on_nonfinite: Literal["stop", "skip"] = _f("stop", "A NaN/inf loss or gradient stops the run (diverged) or skips the step, counted.")

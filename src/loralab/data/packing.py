@@ -94,7 +94,8 @@ def model_inputs(batch: dict) -> dict:
     mask (so transformers builds none: loralab.train.attention keeps attention inside examples)."""
     if "segments" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-                "attention_mask": torch.ones_like(batch["input_ids"]), "loralab_segments": batch["segments"]}
+                "attention_mask": torch.ones_like(batch["input_ids"]),
+                "loralab_segments": torch.tensor(batch["segments"])}  # a tensor: compiled layers never specialize on it
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -72,6 +72,7 @@ class TrainState:
     micro_batch_changes: list[dict[str, int]] = field(default_factory=list)
     grad_scaler: dict[str, Any] | None = None  # torch.amp.GradScaler's state when training in fp16
     arithmetic: dict[str, Any] | None = None  # arithmetic_settings() the run trained with (None: older checkpoint)
+    compiled: bool | None = None  # whether its decoder layers trained compiled (train.compile; None: older checkpoint)
 
 
 # ----------------------------------------------------------------------------- arithmetic

@@ -60,6 +60,7 @@ from loralab.rundir import (
 )
 from loralab.track import Tracker, open_trackers
 from loralab.train.attention import segment_attention
+from loralab.train.compiled import CompileReport, compile_choice, compile_layers, eager, uncompile
 from loralab.train.checkpoint import (
     MANIFEST,
     DiskFullError,
@@ -280,6 +281,7 @@ class Setup:
     device: torch.device
     attention: str | None
     fp16: bool = False  # the base computes in fp16: gradients go through a GradScaler
+    compiled: CompileReport = CompileReport(False, "not trained yet")  # train.compile, decided as training starts
 
 
 def needs_grad_scaler(model, autocast: str) -> bool:
@@ -411,14 +413,14 @@ def start_runs(runs: list[Run], adapters, *, steps: int, resume: bool, device: t
 
 
 def host_layout(examples: list[Example], group: list[tuple[int, list[int]]], cfg: Config, *, pad_id: int,
-                segments: bool) -> tuple[list[dict], int, int]:
+                attention: str | None) -> tuple[list[dict], int, int]:
     """One optimizer step's micro batches on the host, laid out once for every run (padded,
     length-grouped or packed, data.packing), each with its label positions; the step's response
     tokens (the loss divisor) and useful tokens. All counted on the host before anything moves,
     so the step never waits for the device to learn them."""
     batches = step_batches([examples[i] for _, idx in group for i in idx], micro_batch_size=cfg.train.micro_batch_size,
                            row_len=cfg.data.max_seq_length, pad_id=pad_id, device=torch.device("cpu"),
-                           packing=cfg.data.packing, segments=segments, group_by_length=cfg.train.group_by_length)
+                           packing=attention is not None, segments=attention == "per_example", group_by_length=cfg.train.group_by_length)
     n_loss = sum(count_labels(b["labels"]) for b in batches)
     tokens = sum(int(b.pop("n_tokens")) for b in batches)
     for b in batches:
@@ -427,11 +429,12 @@ def host_layout(examples: list[Example], group: list[tuple[int, list[int]]], cfg
 
 
 def forward_backward(adapters, runs: list[Run], examples: list[Example], group: list[tuple[int, list[int]]],
-                     cfg: Config, *, pad_id: int, device: torch.device, segments: bool) -> tuple[torch.Tensor, int]:
+                     cfg: Config, *, pad_id: int, device: torch.device, attention: str | None
+                     ) -> tuple[torch.Tensor, int]:
     """Accumulate every run's gradient of one optimizer step; ((runs,) mean losses, on the
     device, and the step's useful tokens). Each run's loss is the sum over the step's response
     tokens divided by their count, in every layout; nothing here waits for the device."""
-    batches, n_loss, tokens = host_layout(examples, group, cfg, pad_id=pad_id, segments=segments)
+    batches, n_loss, tokens = host_layout(examples, group, cfg, pad_id=pad_id, attention=attention)
     step_loss = torch.zeros(len(runs), dtype=torch.float64, device=device)
     first = runs[0].state.micro_batches  # the micro batches before this step (equal in every live run)
     for j, batch in enumerate(batches):
@@ -612,6 +615,9 @@ def fit(runs: list[Run], setup: Setup, *, resume: bool, show_progress: bool, pru
         bar = scope.enter_context(progress(steps, unit="step", initial=step, enabled=show_progress))
         if setup.attention == "per_example":  # for the whole loop: activation checkpointing repeats forwards in backward
             scope.enter_context(segment_attention(adapters.model))
+        setup.compiled = compile_for_training(setup, runs, data_cfg, steps=steps, step=step)
+        clock.charge(runs)  # the compile is set-up, not training time
+        peak.reset()
         while step < stop:
             live = [r for r in runs if r.status is Status.RUNNING]
             if not live:
@@ -621,7 +627,7 @@ def fit(runs: list[Run], setup: Setup, *, resume: bool, show_progress: bool, pru
             group = [next(stream) for _ in range(data_cfg.grad_accum)]
             try:
                 step_loss, tokens = forward_backward(adapters, live, splits.train, group, data_cfg, pad_id=pad_id,
-                                                     device=device, segments=setup.attention == "per_example")
+                                                     device=device, attention=setup.attention)
             except torch.OutOfMemoryError:
                 for r in live:
                     r.opt.zero_grad(set_to_none=True)
@@ -650,7 +656,8 @@ def fit(runs: list[Run], setup: Setup, *, resume: bool, show_progress: bool, pru
             if going and ((cfg.eval.every and step % cfg.eval.every == 0) or step == stop or rung):
                 while True:
                     try:
-                        evaluate(setup, going, step=step, batch_size=eval_batch_size(data_cfg, state0, device))
+                        with eager():
+                            evaluate(setup, going, step=step, batch_size=eval_batch_size(data_cfg, state0, device))
                         break
                     except torch.OutOfMemoryError:
                         if not may_halve(cfg, data_cfg):
@@ -669,6 +676,8 @@ def fit(runs: list[Run], setup: Setup, *, resume: bool, show_progress: bool, pru
             if going:
                 bar.set_postfix(loss=f"{sum(values[i] for i, r in enumerate(live) if r in going) / len(going):.4f}")
 
+    if setup.compiled.on:
+        uncompile(adapters.model)  # what the model is used for next (saving, generation) runs eager
     finished = [r for r in runs if r.status is Status.RUNNING]
     for r in runs:
         if r.metrics is not None and not r.metrics.f.closed:
@@ -680,6 +689,36 @@ def fit(runs: list[Run], setup: Setup, *, resume: bool, show_progress: bool, pru
         if r.status is Status.RUNNING:  # not a run whose save failed alone
             r.status = Status.COMPLETED if stop == steps else Status.PAUSED
     return {"steps": steps, "group_train_time_s": group_train_s, "peak_memory_bytes": peak.bytes()}
+
+
+def compile_for_training(setup: Setup, runs: list[Run], data_cfg: Config, *, steps: int, step: int) -> CompileReport:
+    """train.compile for this session: as the run started when resuming, else decided from the
+    tokens still to train; when on, checked on the next step's micro batches (then thrown away)."""
+    state0 = runs[0].state
+    if step > 0 and state0.compiled is not None:
+        on, reason = state0.compiled, f"as the run started (train.compile: {data_cfg.train.compile})"
+    else:
+        train = setup.splits.train
+        mean = sum(len(e.input_ids) for e in train) / max(1, len(train))
+        on, reason = compile_choice(data_cfg.train.compile, setup.device,
+                                    int((steps - step) * data_cfg.train.batch_size * mean))
+    report = CompileReport(False, reason)
+    if on:
+        stream = stream_from(len(setup.splits.train), data_cfg, skip=state0.micro_batches)
+        group = [next(stream) for _ in range(data_cfg.grad_accum)]
+
+        def probe(model) -> torch.Tensor:
+            losses, _ = forward_backward(setup.adapters, runs, setup.splits.train, group, data_cfg,
+                                         pad_id=setup.tokenizer.pad_token_id, device=setup.device,
+                                         attention=setup.attention)
+            return losses
+
+        report = compile_layers(setup.adapters.model, probe, reason)
+        if not report.on:
+            log.warning("%s: %s", runs[0].dir.root, report.reason)
+    for r in runs:
+        r.state.compiled = report.on
+    return report
 
 
 def take_step(run: Run, *, step: int, steps: int, loss: float, grad_norm: float, group, tokens: int) -> None:
@@ -787,6 +826,9 @@ def run_result(run: Run, setup: Setup, *, steps: int, extra: dict[str, Any] | No
         device=str(setup.device),
         dtype=dtype,
         dtype_reason=dtype_reason,
+        compiled=setup.compiled.on,
+        compile_reason=setup.compiled.reason,
+        compile_time_s=setup.compiled.seconds,
         extra=extra or {},
     ).to_dict()
 

@@ -116,8 +116,9 @@ def response_loss_sum(model, batch: dict, autocast: str) -> torch.Tensor:
 
 def packed_attention(cfg: Config, model) -> str | None:
     """How packed examples are kept apart: "per_example" (one attention call per example,
-    loralab.train.attention) where the model supports it, else "block_mask"; None unpacked."""
-    if not cfg.data.packing:
+    loralab.train.attention) where the model supports it, else "block_mask"; None unpacked
+    (data.packing false, or auto on a model that needs the block mask)."""
+    if cfg.data.packing is False:
         return None
     window = getattr(model.config, "sliding_window", None) if getattr(model.config, "use_sliding_window", True) else None
     longest = cfg.data.max_seq_length
@@ -125,9 +126,10 @@ def packed_attention(cfg: Config, model) -> str | None:
         from loralab.data.dataset import model_context
 
         longest = model_context(model.config) or 0
-    if window is not None and window < longest:  # examples may outgrow the window: masks handle it
-        return "block_mask"
-    return "per_example" if supports_segments(model) else "block_mask"
+    per_example = not (window is not None and window < longest) and supports_segments(model)  # else masks handle it
+    if per_example:
+        return "per_example"
+    return "block_mask" if cfg.data.packing is True else None
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
