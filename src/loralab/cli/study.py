@@ -226,7 +226,7 @@ FINE = (Status.COMPLETED, Status.STOPPED_EARLY, Status.SKIPPED)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from loralab.study.findings import run_rows
+    from loralab.study.results import run_rows
 
     with open_store(args.out, args.name) as store:
         sid = store.study_id(args.name)
@@ -298,7 +298,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
         names = [args.study]
     else:
         names = sorted(p.parent.name for p in Path(args.out).glob("*/study.db"))
-    from loralab.study.findings import run_rows
+    from loralab.study.results import run_rows
 
     rows: list[dict[str, Any]] = []
     for name in names:

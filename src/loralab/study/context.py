@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.rundir import RunDir
-from loralab.study.findings import study_row
+from loralab.study.results import study_row
 from loralab.study.spec import RunSpec, deviation_text, deviations, fmt_config_value, get_key
 from loralab.study.store import open_readonly
 

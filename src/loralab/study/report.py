@@ -31,23 +31,9 @@ from loralab.errors import LoralabError
 from loralab.rundir import Status, write_atomic
 from loralab.study import stats
 from loralab.study.context import context_lines, study_context
-from loralab.study.findings import (
-    PARETO_COSTS,
-    SEED_KEY,
-    StudyData,
-    at_level,
-    canon,
-    config_label,
-    findings_from,
-    fmt_value,
-    levels,
-    pareto_points,
-    read_study,
-    repeat_groups,
-    study_row,
-    tied_to,
-)
-from loralab.study.store import open_readonly
+from loralab.study.findings import PARETO_COSTS, findings_from, pareto_points
+from loralab.study.levels import at_level, config_label, fmt_value, levels, tied_to
+from loralab.study.results import SEED_KEY, StudyData, canon, read_series, read_study, repeat_groups
 from loralab.units import is_number
 
 NOT_CURVES = {"train_loss", "lr", "tokens_seen", "grad_norm", "epoch"}
@@ -120,23 +106,6 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     write_atomic(path, buf.getvalue(), fsync=False)
     return path
-
-
-def read_series(db_path: str | Path, study_name: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """{run name: {metric name: [(step, value), ...]}} for every run of the study."""
-    con = open_readonly(db_path)
-    try:
-        sid = study_row(con, study_name, db_path)["id"]
-        rows = con.execute(
-            "SELECT r.name, m.name, m.step, m.value FROM metrics m JOIN runs r ON r.id = m.run_id "
-            "WHERE r.study_id = ? AND m.value IS NOT NULL ORDER BY r.id, m.name, m.step", (sid,)
-        ).fetchall()
-    finally:
-        con.close()
-    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
-    for run, name, step, value in rows:
-        out.setdefault(run, {}).setdefault(name, []).append((int(step), float(value)))
-    return out
 
 
 def _slug(name: str) -> str:
