@@ -124,7 +124,7 @@ def compare(data: StudyData, runs: list[RunResult], axis: str, a: Any, b: Any, a
     if sd is not None:
         # Var(mean over cells of (mean_a - mean_b)) = sd^2 / C^2 * sum_c (1/n_ac + 1/n_bc)
         inv = sum(1 / len(ca[c]) + 1 / len(cb[c]) for c in common)
-        half = stats.t_quantile(0.975, df) * sd * math.sqrt(inv) / len(common)
+        half = stats.t_half_width(sd, df, math.sqrt(inv) / len(common))
         out.update(half_width=half, low=diff - half, high=diff + half, beyond_noise=abs(diff) > half)
     return out
 
@@ -150,7 +150,7 @@ def level_stats(data: StudyData, runs: list[RunResult], axis: str) -> list[dict[
                "low": None, "high": None}
         if data.noise_sd is not None:
             inv = sum(1 / len(c) for c in cells.values())
-            half = stats.t_quantile(0.975, data.noise_df) * data.noise_sd * math.sqrt(inv) / len(cells)
+            half = stats.t_half_width(data.noise_sd, data.noise_df, math.sqrt(inv) / len(cells))
             row.update(low=m - half, high=m + half)
         out.append(row)
     return out
