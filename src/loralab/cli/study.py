@@ -181,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     checks = preflight(study, max_memory=options.max_memory)  # every run's own checks, before any starts
     steps = step_plan(study)  # each run's steps, tokens and time, said before any compute is spent
     if args.dry_run:
-        from loralab.study.spec import deviation_text
+        from loralab.study.deviations import deviation_text
 
         rows = [{"name": r.name, **r.axes} for r in study.runs]
         devs = [deviation_text(d) for d in study.deviations]
