@@ -26,6 +26,7 @@ from typing import Any
 
 from loralab.errors import ConfigError, LoralabError
 from loralab.rundir import Status, write_atomic
+from loralab.units import is_number
 
 # Statuses a run ends in, as the study sees it; the others (pending, running, interrupted) mean
 # "still to do". (rundir.FINAL is narrower: the statuses after which a run has nothing left to train.)
@@ -57,7 +58,7 @@ def metric_rows(metrics_jsonl: Path) -> list[tuple[int, str, float | None]]:
         if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
             continue
         for k, v in rec.items():
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if k != "step" and is_number(v):
                 rows[(rec["step"], k)] = _finite(float(v))
     return [(s, n, v) for (s, n), v in rows.items()]
 
