@@ -73,13 +73,14 @@ def _asset(*parts: str) -> Path:
     return Path(str(resources.files("loralab").joinpath("assets", *parts)))
 
 
-def preset_dir() -> Path:
+def model_preset_dir() -> Path:
+    """The shipped model config.json presets (llama2-7b, ...); study presets are study.spec.preset_dir."""
     return _asset("model_configs")
 
 
 def known_presets() -> list[str]:
     """Preset names: the shipped config.json files plus ``tiny`` (the builtin base)."""
-    return sorted([p.stem for p in preset_dir().glob("*.json")] + ["tiny"])
+    return sorted([p.stem for p in model_preset_dir().glob("*.json")] + ["tiny"])
 
 
 def resolve_model_config(spec: str) -> Path:
@@ -89,8 +90,8 @@ def resolve_model_config(spec: str) -> Path:
         if not path.is_file():
             raise ModelError(f"the builtin tiny base is not installed ({path} is missing)")
         return path
-    if (preset_dir() / f"{spec}.json").is_file():
-        return preset_dir() / f"{spec}.json"
+    if (model_preset_dir() / f"{spec}.json").is_file():
+        return model_preset_dir() / f"{spec}.json"
     p = Path(spec).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():

@@ -347,7 +347,7 @@ def plot_spread(mpl_figure, data: StudyData, out: Path) -> list[Figure]:
 RUN_COLUMNS = ("run", "axes", "status", "final metric", "time (s)", "peak memory (MiB)", "trainable params")
 
 
-def run_rows(data: StudyData) -> list[list[str]]:
+def run_table(data: StudyData) -> list[list[str]]:
     left_out = {r.name: why for r, why in data.excluded}
     rows = []
     for r in data.runs:
@@ -403,7 +403,7 @@ def render_markdown(data: StudyData, found: list[dict], figures: list[Figure], c
     for f in figures:
         lines += [f"### {f.title}", "", f"![{f.title}]({f.path.name})", "", f.caption, ""]
     lines += ["## Runs", "", "| " + " | ".join(RUN_COLUMNS) + " |", "|" + "---|" * len(RUN_COLUMNS)]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in run_rows(data)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in run_table(data)]
     lines += ["", "## Runs left out of the statistics", ""]
     lines += [f"- {r.name}: {cell(why)}" for r, why in data.excluded] or ["- none: every run completed"]
     return "\n".join(lines) + "\n"
@@ -418,7 +418,7 @@ def render_html(data: StudyData, found: list[dict], figures: list[Figure], ctx: 
     return _templates().get_template("report.html.j2").render(
         name=data.name, verdict=verdict["text"] if verdict else None, findings_title=findings_title(verdict),
         deviations=_deviation_block(ctx), header=context_lines(ctx) + _header(data),
-        setup=ctx.get("setup") or [], findings=found, figures=pngs, columns=RUN_COLUMNS, rows=run_rows(data),
+        setup=ctx.get("setup") or [], findings=found, figures=pngs, columns=RUN_COLUMNS, rows=run_table(data),
         excluded=[(r.name, why) for r, why in data.excluded])
 
 
