@@ -248,7 +248,7 @@ def test_auto_without_a_driver_is_a_quiet_cpu(tmp_path, monkeypatch, caplog):
 
 
 def test_estimate_resolves_auto_for_its_device(monkeypatch):
-    from loralab.estimate import estimate_from_args
+    from loralab.cli.estimate import estimate_from_args
 
     monkeypatch.setattr(models, "cpu_bf16_feature", lambda: "AMX-BF16")
     assert estimate_from_args(model="llama2-7b", dtype="auto", device="cpu").settings["dtype"] == "bf16"

@@ -9,13 +9,13 @@ import time
 import pytest
 import torch
 
+from loralab.cli.estimate import estimate_from_args
 from loralab.config import config_from_dict
 from loralab.errors import ConfigError, ModelError
 from loralab.estimate import (
     OPTIMIZER_BYTES_PER_PARAM,
     base_weight_bytes,
     describe_model,
-    estimate_from_args,
     estimate_run,
     known_presets,
     lora_modules,

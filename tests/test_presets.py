@@ -22,7 +22,8 @@ from conftest import TINY_BASE, VOCAB
 from loralab.config import config_from_dict
 from loralab.estimate import estimate_run
 from loralab.resolve import resolve_config
-from loralab.study.spec import deep_merge, get_key, load_study, preset_dir, preset_names
+from loralab.study.keys import deep_merge, get_key
+from loralab.study.spec import load_study, preset_dir, preset_names
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 WORDS = ("river delta soil farming water city history market price energy light sound music model "

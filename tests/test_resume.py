@@ -75,7 +75,7 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-def assert_same_run(run_dir: Path, ref_dir: Path) -> None:
+def assert_bit_identical(run_dir: Path, ref_dir: Path) -> None:
     """Same adapter bit for bit, the same train lines (loss, lr, tokens, grad norm) each step exactly once."""
     a, b = adapter(run_dir), adapter(ref_dir)
     assert a.keys() == b.keys() and len(a) > 0
@@ -134,7 +134,7 @@ def test_stop_at_step_then_resume_equals_uninterrupted(reference, model_dir, tmp
     assert main(["train", "--resume", str(out), "--set", "train.stop_at_step=5"]) == 0
     assert json.loads((out / "summary.json").read_text())["status"] == "paused"
     assert main(["train", "--resume", str(out), "--set", "train.stop_at_step=null"]) == 0
-    assert_same_run(out, reference)
+    assert_bit_identical(out, reference)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from_step"] == 5
     # each pause evaluated the adapter it left, so a study can rank paused runs
@@ -163,7 +163,7 @@ def test_resume_in_a_process_with_another_thread_count_is_exact(reference, model
     with caplog.at_level("INFO", logger="loralab.train.checkpoint"):
         _resume_with_one_thread(model_dir, out)
     assert "threads 2 (this process had 1)" in caplog.text
-    assert_same_run(out, reference)
+    assert_bit_identical(out, reference)
 
 
 def test_the_thread_check_can_fail(reference, model_dir, tmp_path, monkeypatch):
@@ -190,7 +190,7 @@ def test_bf16_pause_and_resume_equals_the_uninterrupted_bf16_run(model_dir, tmp_
     out = tmp_path / "paused"
     assert train(run_cfg(model_dir, out, model__dtype="bf16", train__stop_at_step=5))["status"] == "paused"
     assert main(["train", "--resume", str(out), "--set", "train.stop_at_step=null"]) == 0
-    assert_same_run(out, whole)
+    assert_bit_identical(out, whole)
 
 
 def test_resume_refuses_a_change_of_maths(model_dir, tmp_path):
@@ -208,7 +208,7 @@ def test_resume_of_a_never_started_or_completed_run(reference, model_dir, tmp_pa
     out = tmp_path / "fresh"
     first = train(run_cfg(model_dir, out, train__checkpoint_every=2, train__keep_last=2), resume=True)
     assert first["status"] == "completed" and first["resumed_from_step"] == 0
-    assert_same_run(out, reference)
+    assert_bit_identical(out, reference)
     mtime = (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
     again = train(run_cfg(model_dir, out, train__checkpoint_every=2, train__keep_last=2), resume=True)
     assert again["status"] == "completed" and again["tokens_seen"] == first["tokens_seen"]
@@ -275,7 +275,7 @@ def test_sigkill_during_checkpoint_write(reference, model_dir, tmp_path):
     assert len(list(root.glob(".tmp-step-000006-*"))) == 1  # the half-written one, without a manifest
     assert json.loads((out / "summary.json").read_text())["status"] == "running"  # as a killed run leaves it
     train(run_cfg(model_dir, out, train__checkpoint_every=3), resume=True)
-    assert_same_run(out, reference)
+    assert_bit_identical(out, reference)
     assert not list(root.glob(".tmp-*"))  # cleaned when the resume started
     assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 3
 
@@ -302,7 +302,7 @@ def test_sigkill_at_random_points(reference, model_dir, tmp_path):
         kills.append(line_count(out))
     assert kills, f"no kill landed (seed {seed})"
     train(run_cfg(model_dir, out, train__checkpoint_every=1, train__keep_last=2), resume=True)
-    assert_same_run(out, reference)
+    assert_bit_identical(out, reference)
     assert len(complete_checkpoints(out / "checkpoints")) <= 2
 
 

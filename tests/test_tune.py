@@ -18,7 +18,9 @@ import pytest
 import yaml
 
 from loralab.errors import ConfigError
-from loralab.study.spec import load_study
+from loralab.rundir import Status
+from loralab.study.spec import RunSpec, load_study
+from loralab.study.store import Store
 from loralab.tune import (
     EFFECTIVE_LRS,
     EXTRA_SEEDS,
@@ -26,8 +28,10 @@ from loralab.tune import (
     Candidate,
     default_dimensions,
     edge_notes,
+    effects,
     halving_schedule,
     plan_tune,
+    read_candidates,
     recommend,
     study_file,
     summary_text,
@@ -138,8 +142,9 @@ def test_separated_finalists_recommend_the_best():
     cands = [_cand("a", [1.00, 1.01, 0.99], 1000), _cand("b", [1.50, 1.51, 1.49], 10)]
     rec = recommend(cands, "min")
     assert rec["name"] == "a" and rec["within_noise"] == []
-    # pooled over both finalists: SD 0.01 with 4 degrees of freedom (t = 2.776)
-    assert rec["ci_half_width"] == pytest.approx(2.776 * 0.01 / math.sqrt(3), rel=1e-6)
+    # pooled over both finalists: SD 0.01 with 4 degrees of freedom (t = 2.776445, from study.stats)
+    assert rec["seed_sd"] == pytest.approx(0.01) and rec["seed_df"] == 4
+    assert rec["ci_half_width"] == pytest.approx(2.776445 * 0.01 / math.sqrt(3), rel=1e-6)
 
 
 def test_a_recommendation_at_the_end_of_a_range_says_how_to_widen_it():
@@ -155,6 +160,60 @@ def test_a_recommendation_at_the_end_of_a_range_says_how_to_widen_it():
                          "recommended": recommend([_cand("a", [1.0, 1.1], 10)], "min"),
                          "compute": {"steps": 1, "train_time_s": 1.0, "grid_steps": 4, "fraction_of_grid": 0.25}})
     assert f"Note: {top}" in text
+
+
+def _tune_db(tmp_path: Path) -> Path:
+    """A finished tune's database, written through the Store as the study driver writes it: four
+    candidates (lora.r 4 / 8 x train.lr 1e-3 / 1e-2, seed 1) scored at the rung (step 2), three
+    trained on to step 4 and repeated with seeds 2 and 3 (offsets 0, +0.02, -0.02: seed SD 0.02)."""
+    rung = {(4, 1e-3): 2.0, (4, 1e-2): 1.8, (8, 1e-3): 1.9, (8, 1e-2): 2.3}
+    final = {(4, 1e-3): 1.50, (4, 1e-2): 1.40, (8, 1e-3): 1.45}  # (8, 1e-2) stopped at the rung
+    offset = {1: 0.0, 2: 0.02, 3: -0.02}
+    runs = [RunSpec(f"r{r}-lr{lr:g}" + (f"-s{s}" if s > 1 else ""),
+                    {"lora.r": r, "train.lr": lr, **({"train.seed": s} if s > 1 else {})},
+                    {"lora": {"r": r, "alpha": 2.0 * r}, "train": {"lr": lr, "seed": s, "max_steps": 4}})
+            for s in (1, 2, 3) for r, lr in rung if s == 1 or (r, lr) in final]
+    spec = {"name": "tune", "metric": "eval_loss", "goal": "min",
+            "axes": {"lora.r": [4, 8], "train.lr": [1e-3, 1e-2]}, "tied": {"lora.alpha": "2.0 * lora.r"}}
+    db = tmp_path / "study.db"
+    with Store(db) as store:
+        sid, _ = store.open_study("tune", spec, tmp_path, runs)
+        for row, run in zip(store.runs(sid), runs, strict=True):
+            key, seed = (run.axes["lora.r"], run.axes["train.lr"]), run.config["train"]["seed"]
+            at_rung = [(2, "eval_loss", rung[key] + offset[seed])]
+            if key not in final:
+                store.finish(row["id"], status=Status.STOPPED_EARLY, metrics=at_rung, stopped_at_step=2)
+                continue
+            value = final[key] + offset[seed]
+            store.finish(row["id"], status=Status.COMPLETED, metrics=[*at_rung, (4, "eval_loss", value)],
+                         summary={"final_eval_loss": value, "train_time_s": 1.5, "trainable_params": 100 * key[0],
+                                  "peak_memory_bytes": 1000 * key[0]})
+    return db
+
+
+def test_the_answer_is_read_from_the_study_database_with_t_intervals(tmp_path):
+    db = _tune_db(tmp_path)
+    cands, spent = read_candidates(db, "tune", "eval_loss", "min")
+    assert [c.name for c in cands] == ["r4-lr0.01", "r8-lr0.001", "r4-lr0.001"]  # by the seed-1 value
+    assert cands[0].axes == {"lora.r": 4, "train.lr": 0.01}  # the searched keys, no seed, no tied alpha
+    assert cands[0].values == pytest.approx([1.40, 1.42, 1.38]) and cands[0].train_time_s == pytest.approx(4.5)
+    assert spent == {"steps": 9 * 4 + 2, "train_time_s": pytest.approx(9 * 1.5), "counts": {"completed": 9, "stopped_early": 1}}
+
+    rec = recommend(cands, "min")
+    assert rec["name"] == "r4-lr0.01" and rec["seed_sd"] == pytest.approx(0.02) and rec["seed_df"] == 6
+    t6 = 2.446912  # t quantile 0.975 at 6 degrees of freedom (study.stats)
+    assert rec["ci_half_width"] == pytest.approx(t6 * 0.02 / math.sqrt(3), rel=1e-6)
+
+    # what mattered, at the rung where every candidate has a value (the repeats left out):
+    # lora.r 4 averages (2.0 + 1.8) / 2 = 1.9, r 8 (1.9 + 2.3) / 2 = 2.1; train.lr 1e-3 1.95, 1e-2 2.05
+    found = {e["key"]: e for e in effects(db, "tune", "eval_loss", ["lora.r", "train.lr"], rec["seed_sd"], 6)}
+    assert found["lora.r"]["step"] == 2 and found["lora.r"]["effect"] == pytest.approx(0.2)
+    assert found["train.lr"]["effect"] == pytest.approx(0.1)
+    half = found["lora.r"]["ci_half_width"]
+    assert half == pytest.approx(t6 * 0.02 * math.sqrt(1 / 2 + 1 / 2), rel=1e-6)  # 0.0489
+    # tune used z = 1.96 here before it took its intervals from study.stats: 0.0392, 24.8% narrower
+    assert half / (1.96 * 0.02) == pytest.approx(1.248, abs=1e-3)
+    assert not found["lora.r"]["within_noise"] and not found["train.lr"]["within_noise"]
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -235,7 +235,7 @@ class Study:
 
     def status(self) -> list[dict[str, Any]]:
         """One dict per run: name, status, axis values, the study metric, time and memory."""
-        from loralab.study.findings import run_rows
+        from loralab.study.results import run_rows
         from loralab.study.store import Store
 
         if not self.database.is_file():

@@ -22,6 +22,7 @@ import yaml
 
 from loralab.errors import ConfigError
 from loralab.rundir import METRICS
+from loralab.units import is_number
 
 DEFAULT_MODEL = "builtin:tiny"  # the tiny pretrained Llama shipped in loralab/assets
 DEFAULT_DATA = "builtin:arithmetic"  # the generated arithmetic instructions
@@ -245,7 +246,7 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if is_number(value):
             return True, float(value)
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
             try:

@@ -45,9 +45,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from loralab.config import Config, apply_overrides, config_from_dict, override_origins, read_yaml
+from loralab.config import Config
 from loralab.errors import ConfigError, ModelError
-from loralab.units import parse_bytes
 
 GIB = 1024**3
 # RSS of a fresh python after importing torch+transformers+peft (425 MiB measured) and
@@ -74,13 +73,14 @@ def _asset(*parts: str) -> Path:
     return Path(str(resources.files("loralab").joinpath("assets", *parts)))
 
 
-def preset_dir() -> Path:
+def model_preset_dir() -> Path:
+    """The shipped model config.json presets (llama2-7b, ...); study presets are study.spec.preset_dir."""
     return _asset("model_configs")
 
 
 def known_presets() -> list[str]:
     """Preset names: the shipped config.json files plus ``tiny`` (the builtin base)."""
-    return sorted([p.stem for p in preset_dir().glob("*.json")] + ["tiny"])
+    return sorted([p.stem for p in model_preset_dir().glob("*.json")] + ["tiny"])
 
 
 def resolve_model_config(spec: str) -> Path:
@@ -90,8 +90,8 @@ def resolve_model_config(spec: str) -> Path:
         if not path.is_file():
             raise ModelError(f"the builtin tiny base is not installed ({path} is missing)")
         return path
-    if (preset_dir() / f"{spec}.json").is_file():
-        return preset_dir() / f"{spec}.json"
+    if (model_preset_dir() / f"{spec}.json").is_file():
+        return model_preset_dir() / f"{spec}.json"
     p = Path(spec).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
@@ -537,52 +537,3 @@ def _settings(cfg: Config, gc: bool, device: str) -> dict[str, Any]:
         "grad_checkpointing": gc,
         "device": device,
     }
-
-
-# ----------------------------------------------------------------------------- from flags (loralab.cli.estimate)
-
-# flag -> config key (for --set style overrides)
-FLAG_KEYS = {
-    "model": "model.path", "dtype": "model.dtype", "r": "lora.r", "targets": "lora.targets",
-    "quant": "quant.mode", "optim": "train.optimizer", "micro_batch": "train.micro_batch_size",
-    "seq_len": "data.max_seq_length", "momentum": "train.momentum",
-}
-_POSITIVE = {"r": "--r (lora.r)", "micro_batch": "--micro-batch (train.micro_batch_size)", "seq_len": "--seq-len (data.max_seq_length)"}
-
-
-def estimate_from_args(
-    config_path: str | None = None,
-    overrides: list[str] | None = None,
-    *,
-    grad_checkpointing: bool = False,
-    budget: str | None = None,
-    throughput: float | None = None,
-    device: str | None = None,
-    rslora: bool | None = None,
-    dora: bool | None = None,
-    double_quant: bool | None = None,
-    **flags: Any,
-) -> Estimate:
-    """The CLI path: a config file and/or flags (model, r, targets, quant, optim,
-    micro_batch, seq_len, dtype, momentum); flags win over the file."""
-    for name, label in _POSITIVE.items():
-        if flags.get(name) is not None and flags[name] <= 0:
-            raise ConfigError(f"{label} must be > 0 (got {flags[name]})")
-    if throughput is not None and throughput <= 0:
-        raise ConfigError(f"--throughput must be > 0 FLOP/s (got {throughput})")
-    budget_bytes = parse_bytes(budget) if budget is not None else None
-    raw = read_yaml(config_path) if config_path else {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{config_path}: the top level must be a mapping of sections")
-    raw = apply_overrides(raw, list(overrides or []))
-    sets = {key: flags[name] for name, key in FLAG_KEYS.items() if flags.get(name) is not None}
-    sets |= {k: v for k, v in (("lora.rslora", rslora), ("lora.dora", dora), ("quant.double_quant", double_quant)) if v is not None}
-    for key, value in sets.items():
-        section, name = key.split(".")
-        raw.setdefault(section, {})[name] = value
-    if "train.micro_batch_size" in sets:  # accumulation does not change memory; keep it valid
-        raw["train"]["batch_size"] = sets["train.micro_batch_size"]
-    if isinstance(raw.get("lora", {}).get("targets"), str):
-        raw["lora"]["targets"] = [t.strip() for t in raw["lora"]["targets"].split(",") if t.strip()]
-    cfg = config_from_dict(raw, source=str(config_path or "estimate"), origins=override_origins(list(overrides or [])))
-    return estimate_run(cfg, grad_checkpointing=grad_checkpointing, budget_bytes=budget_bytes, throughput=throughput, device=device)

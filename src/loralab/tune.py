@@ -23,8 +23,6 @@ import copy
 import json
 import logging
 import math
-import sqlite3
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,9 @@ import yaml
 
 from loralab.errors import ConfigError
 from loralab.rundir import RunDir, Status, write_atomic
-from loralab.study.store import open_readonly
+from loralab.study import stats
+from loralab.study.results import SEED_KEY, for_metric, read_series, read_study, repeat_groups
+from loralab.units import is_number
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ FINALISTS = 3                      # finalists repeated with more seeds
 EXTRA_SEEDS = [2, 3]               # finalists' repeats; candidates train with seed 1
 ETA = 3                            # successive halving keeps the best 1/ETA at each rung
 MAX_EPOCHS_DATA = 10_000           # above this many examples a second epoch is not searched
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 @dataclass
@@ -413,65 +412,33 @@ class Candidate:
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.values)
-
-
-def _final(con: sqlite3.Connection, run_id: int, metric: str) -> float | None:
-    row = con.execute("SELECT value FROM metrics WHERE run_id = ? AND name = ? AND value IS NOT NULL "
-                      "ORDER BY step DESC LIMIT 1", (run_id, metric)).fetchone()
-    return None if row is None or not math.isfinite(row[0]) else float(row[0])
-
-
-def _key(axes: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in axes.items() if k != "train.seed"}, sort_keys=True)
+        return stats.mean(self.values)
 
 
 def read_candidates(db: Path, name: str, metric: str, goal: str) -> tuple[list[Candidate], dict[str, Any]]:
     """Every completed configuration with its final metric per seed, best first, and the
-    study's step accounting."""
-    con = open_readonly(db)
-    try:
-        sid = con.execute("SELECT id FROM studies WHERE name = ?", (name,)).fetchone()[0]
-        rows = con.execute("SELECT * FROM runs WHERE study_id = ? ORDER BY id", (sid,)).fetchall()
-        by_config: dict[str, Candidate] = {}
-        steps = 0
-        for r in rows:
-            config = json.loads(r["config_json"])
-            max_steps = config["train"]["max_steps"]
-            if r["status"] == Status.COMPLETED:
-                steps += max_steps
-            elif r["stopped_at_step"] is not None:
-                steps += r["stopped_at_step"]
-            value = _final(con, r["id"], metric) if r["status"] == Status.COMPLETED else None
-            if value is None:
-                continue
-            axes = json.loads(r["axes_json"])
-            c = by_config.setdefault(_key(axes), Candidate(
-                name=r["name"], axes={k: v for k, v in axes.items() if k != "train.seed"}, config=config,
-                values=[], trainable_params=r["trainable_params"], peak_memory_bytes=r["peak_memory_bytes"],
-                train_time_s=0.0, run_dir=r["run_dir"]))
-            c.values.append(value)
-            c.train_time_s = (c.train_time_s or 0.0) + (r["train_time_s"] or 0.0)
-        time_s = sum(r["train_time_s"] or 0.0 for r in rows)
-        counts: dict[str, int] = {}
-        for r in rows:
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
-    finally:
-        con.close()
+    study's step accounting (read with loralab.study.results, as the findings read it)."""
+    data = for_metric(read_study(db, name), metric, goal)
+    searched = data.spec.get("axes") or {}
+    cands = []
+    for runs in repeat_groups(data.ok).values():  # one configuration's seeds, in the order they ran
+        first = runs[0]
+        cands.append(Candidate(
+            name=first.name, axes={k: v for k, v in first.axes.items() if k in searched}, config=first.config,
+            values=[r.value for r in runs], trainable_params=first.params, peak_memory_bytes=first.memory_bytes,
+            train_time_s=sum(r.train_time_s or 0.0 for r in runs), run_dir=first.run_dir))
+    steps = 0
+    counts: dict[str, int] = {}
+    for r in data.runs:
+        if r.status == Status.COMPLETED:
+            steps += r.config["train"]["max_steps"]
+        elif r.stopped_at_step is not None:
+            steps += r.stopped_at_step
+        counts[r.status] = counts.get(r.status, 0) + 1
+    time_s = sum(r.train_time_s or 0.0 for r in data.runs)
     sign = 1 if goal == "min" else -1
-    ranked = sorted(by_config.values(), key=lambda c: sign * c.values[0])  # seed 1: what halving saw
+    ranked = sorted(cands, key=lambda c: sign * c.values[0])  # seed 1: what halving saw
     return ranked, {"steps": steps, "train_time_s": time_s, "counts": counts}
-
-
-def pooled_sd(cands: list[Candidate]) -> tuple[float | None, int]:
-    """Seed-to-seed standard deviation pooled over repeated configurations, and its degrees of freedom."""
-    ss = sum(sum((v - c.mean) ** 2 for v in c.values) for c in cands if len(c.values) > 1)
-    df = sum(len(c.values) - 1 for c in cands if len(c.values) > 1)
-    return (math.sqrt(ss / df), df) if df else (None, 0)
-
-
-def t975(df: int) -> float:
-    return T975.get(df, 1.96 + 2.5 / df)
 
 
 def recommend(cands: list[Candidate], goal: str) -> dict[str, Any]:
@@ -482,13 +449,13 @@ def recommend(cands: list[Candidate], goal: str) -> dict[str, Any]:
     pool = repeated or cands[:1]
     sign = 1 if goal == "min" else -1
     best = min(pool, key=lambda c: sign * c.mean)
-    sd, df = pooled_sd(repeated)
+    sd, df = stats.pooled_sd([c.values for c in repeated])
     comparisons = []
     for c in pool:
         if c is best:
             continue
         diff = c.mean - best.mean
-        half = t975(df) * sd * math.sqrt(1 / len(c.values) + 1 / len(best.values)) if sd is not None else None
+        half = _half_width(sd, df, math.sqrt(1 / len(c.values) + 1 / len(best.values)))
         comparisons.append({"name": c.name, "axes": c.axes, "mean": c.mean, "n": len(c.values), "diff": diff,
                             "ci_half_width": half, "within_noise": half is not None and abs(diff) <= half})
     near = [best] + [c for c, cmp in zip([c for c in pool if c is not best], comparisons, strict=True) if cmp["within_noise"]]
@@ -501,43 +468,46 @@ def recommend(cands: list[Candidate], goal: str) -> dict[str, Any]:
     else:
         why = (f"within noise of the best mean ({best.name}) and cheaper: "
                f"{chosen.trainable_params:,} vs {best.trainable_params:,} trainable parameters")
-    half = t975(df) * sd / math.sqrt(len(chosen.values)) if sd is not None else None
+    half = _half_width(sd, df, 1 / math.sqrt(len(chosen.values)))
     return {"name": chosen.name, "axes": chosen.axes, "mean": chosen.mean, "n": len(chosen.values),
-            "ci_half_width": half, "seed_sd": sd, "best_mean": best.name, "why": why,
+            "ci_half_width": half, "seed_sd": sd, "seed_df": df, "best_mean": best.name, "why": why,
             "within_noise": [c["name"] for c in comparisons if c["within_noise"]],
             "comparisons": comparisons, "config": chosen.config, "run_dir": chosen.run_dir,
             "trainable_params": chosen.trainable_params, "peak_memory_bytes": chosen.peak_memory_bytes}
 
 
-def effects(db: Path, name: str, metric: str, dims: list[str], sd: float | None) -> list[dict[str, Any]]:
+def effects(db: Path, name: str, metric: str, dims: list[str], sd: float | None, df: int) -> list[dict[str, Any]]:
     """What mattered: for each searched key, the spread of level means of the metric at the first
-    rung (where every candidate has a value), against the seed noise."""
-    con = open_readonly(db)
-    try:
-        sid = con.execute("SELECT id FROM studies WHERE name = ?", (name,)).fetchone()[0]
-        first = con.execute("SELECT MIN(m.step) FROM metrics m JOIN runs r ON r.id = m.run_id WHERE r.study_id = ? "
-                            "AND m.name = ? AND m.value IS NOT NULL", (sid, metric)).fetchone()[0]
-        rows = con.execute("SELECT r.axes_json, m.value FROM metrics m JOIN runs r ON r.id = m.run_id "
-                           "WHERE r.study_id = ? AND m.name = ? AND m.step = ? AND m.value IS NOT NULL "
-                           "AND r.axes_json NOT LIKE '%train.seed%'", (sid, metric, first)).fetchall()
-    finally:
-        con.close()
+    rung (where every candidate has a value), against the seed noise (``sd`` with ``df`` degrees
+    of freedom: the 95% t interval of the difference between the highest and lowest level mean)."""
+    series = {run: s.get(metric, []) for run, s in read_series(db, name).items()}
+    steps = [step for points in series.values() for step, _ in points]
+    if not steps:
+        return []
+    first = min(steps)
+    candidates = [r for r in read_study(db, name).runs if SEED_KEY not in r.axes]  # phase one: no repeats
+    at_first = [(r, v) for r in candidates for step, v in series.get(r.name, []) if step == first]
     out = []
     for key in dims:
         levels: dict[str, list[float]] = {}
-        for axes_json, value in rows:
+        for r, value in at_first:
             if math.isfinite(value):
-                levels.setdefault(json.dumps(json.loads(axes_json).get(key)), []).append(value)
+                levels.setdefault(json.dumps(r.axes.get(key)), []).append(value)
         if len(levels) < 2:
             continue
-        means = {k: statistics.fmean(v) for k, v in levels.items()}
+        means = {k: stats.mean(v) for k, v in levels.items()}
         hi, lo = max(means, key=means.get), min(means, key=means.get)
         size = means[hi] - means[lo]
-        half = 1.96 * sd * math.sqrt(1 / len(levels[hi]) + 1 / len(levels[lo])) if sd is not None else None
+        half = _half_width(sd, df, math.sqrt(1 / len(levels[hi]) + 1 / len(levels[lo])))
         out.append({"key": key, "step": first, "effect": size, "ci_half_width": half,
                     "within_noise": half is not None and size <= half,
                     "levels": {k: {"mean": m, "n": len(levels[k])} for k, m in means.items()}})
     return sorted(out, key=lambda e: -e["effect"])
+
+
+def _half_width(sd: float | None, df: int, scale: float) -> float | None:
+    """The 95% t interval's half width from the seed noise, or None without repeats."""
+    return None if sd is None else stats.t_half_width(sd, df, scale)
 
 
 # ----------------------------------------------------------------------------- running it
@@ -548,7 +518,7 @@ def edge_notes(dims: list[Dimension], axes: dict[str, Any]) -> list[str]:
     tried: the best may lie beyond it, and the note says which --widen would look."""
     notes = []
     for d in dims:
-        nums = sorted(v for v in d.values if isinstance(v, int | float) and not isinstance(v, bool))
+        nums = sorted(v for v in d.values if is_number(v))
         if d.key == "train.epochs" or len(nums) < 2 or len(nums) != len(d.values) or axes.get(d.key) not in nums:
             continue  # epochs are capped by the data's size, not by the range
         value = axes[d.key]
@@ -635,7 +605,7 @@ def write_answer(root: Path, *, name: str, metric: str, goal: str, plan: Plan) -
         raise ConfigError(f"tune {name}: no candidate has completed yet, so there is nothing to recommend; run the "
                           f"same command again to continue (with a larger --budget), or see loralab study status {name}")
     rec = recommend(cands, goal)
-    found = effects(db, name, metric, [d.key for d in plan.dims], rec["seed_sd"])
+    found = effects(db, name, metric, [d.key for d in plan.dims], rec["seed_sd"], rec["seed_df"])
     per_step = spent["train_time_s"] / spent["steps"] if spent["steps"] else None
     answer = {
         "tune": name, "metric": metric, "goal": goal, "recommended": rec, "effects": found,

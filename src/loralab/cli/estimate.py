@@ -3,24 +3,66 @@
     loralab estimate --model llama2-7b --r 8 --targets query,value --quant nf4 --budget 24GB
     loralab estimate run.yaml --set lora.r=16 --budget 24GB --json
 
-The formulas live in :mod:`loralab.estimate`; this module parses the flags and prints.
+The formulas live in :mod:`loralab.estimate`; this module turns the flags into a config and prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from loralab.cli.output import emit_json, table
+from loralab.config import apply_overrides, config_from_dict, override_origins, read_yaml
 from loralab.errors import ConfigError
-from loralab.estimate import (
-    FLAG_KEYS,
-    OPTIMIZER_BYTES_PER_PARAM,
-    Estimate,
-    estimate_from_args,
-    known_presets,
-)
-from loralab.units import human_bytes
+from loralab.estimate import OPTIMIZER_BYTES_PER_PARAM, Estimate, estimate_run, known_presets
+from loralab.units import human_bytes, parse_bytes
+
+# flag -> config key (for --set style overrides)
+FLAG_KEYS = {
+    "model": "model.path", "dtype": "model.dtype", "r": "lora.r", "targets": "lora.targets",
+    "quant": "quant.mode", "optim": "train.optimizer", "micro_batch": "train.micro_batch_size",
+    "seq_len": "data.max_seq_length", "momentum": "train.momentum",
+}
+_POSITIVE = {"r": "--r (lora.r)", "micro_batch": "--micro-batch (train.micro_batch_size)", "seq_len": "--seq-len (data.max_seq_length)"}
+
+
+def estimate_from_args(
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    *,
+    grad_checkpointing: bool = False,
+    budget: str | None = None,
+    throughput: float | None = None,
+    device: str | None = None,
+    rslora: bool | None = None,
+    dora: bool | None = None,
+    double_quant: bool | None = None,
+    **flags: Any,
+) -> Estimate:
+    """The CLI path: a config file and/or flags (model, r, targets, quant, optim,
+    micro_batch, seq_len, dtype, momentum); flags win over the file."""
+    for name, label in _POSITIVE.items():
+        if flags.get(name) is not None and flags[name] <= 0:
+            raise ConfigError(f"{label} must be > 0 (got {flags[name]})")
+    if throughput is not None and throughput <= 0:
+        raise ConfigError(f"--throughput must be > 0 FLOP/s (got {throughput})")
+    budget_bytes = parse_bytes(budget) if budget is not None else None
+    raw = read_yaml(config_path) if config_path else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, list(overrides or []))
+    sets = {key: flags[name] for name, key in FLAG_KEYS.items() if flags.get(name) is not None}
+    sets |= {k: v for k, v in (("lora.rslora", rslora), ("lora.dora", dora), ("quant.double_quant", double_quant)) if v is not None}
+    for key, value in sets.items():
+        section, name = key.split(".")
+        raw.setdefault(section, {})[name] = value
+    if "train.micro_batch_size" in sets:  # accumulation does not change memory; keep it valid
+        raw["train"]["batch_size"] = sets["train.micro_batch_size"]
+    if isinstance(raw.get("lora", {}).get("targets"), str):
+        raw["lora"]["targets"] = [t.strip() for t in raw["lora"]["targets"].split(",") if t.strip()]
+    cfg = config_from_dict(raw, source=str(config_path or "estimate"), origins=override_origins(list(overrides or [])))
+    return estimate_run(cfg, grad_checkpointing=grad_checkpointing, budget_bytes=budget_bytes, throughput=throughput, device=device)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -181,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     checks = preflight(study, max_memory=options.max_memory)  # every run's own checks, before any starts
     steps = step_plan(study)  # each run's steps, tokens and time, said before any compute is spent
     if args.dry_run:
-        from loralab.study.spec import deviation_text
+        from loralab.study.deviations import deviation_text
 
         rows = [{"name": r.name, **r.axes} for r in study.runs]
         devs = [deviation_text(d) for d in study.deviations]
@@ -226,7 +226,7 @@ FINE = (Status.COMPLETED, Status.STOPPED_EARLY, Status.SKIPPED)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from loralab.study.findings import run_rows
+    from loralab.study.results import run_rows
 
     with open_store(args.out, args.name) as store:
         sid = store.study_id(args.name)
@@ -298,7 +298,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
         names = [args.study]
     else:
         names = sorted(p.parent.name for p in Path(args.out).glob("*/study.db"))
-    from loralab.study.findings import run_rows
+    from loralab.study.results import run_rows
 
     rows: list[dict[str, Any]] = []
     for name in names:

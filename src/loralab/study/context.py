@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from loralab.rundir import RunDir
-from loralab.study.findings import study_row
-from loralab.study.spec import RunSpec, deviation_text, deviations, fmt_config_value, get_key
+from loralab.study.deviations import deviation_text, deviations
+from loralab.study.keys import checked_part, fmt_config_value, get_key
+from loralab.study.results import study_row
 from loralab.study.store import open_readonly
 
 
@@ -66,8 +67,7 @@ def study_context(db_path: str | Path, study_name: str) -> dict[str, Any]:
                            "WHERE study_id = ? ORDER BY id", (srow["id"],)).fetchall()
     finally:
         con.close()
-    runs = [RunSpec(r["name"], json.loads(r["axes_json"]), json.loads(r["config_json"])) for r in rows]
-    configs = [r.config for r in runs]
+    configs = [json.loads(r["config_json"]) for r in rows]
     summaries = [s for s in (_read_summary(r["run_dir"]) for r in rows) if s]
     out: dict[str, Any] = {"seed": spec.get("seed") or {}, "profile": spec.get("profile"), "hardware": spec.get("hardware")}
     if not configs:
@@ -98,13 +98,11 @@ def study_context(db_path: str | Path, study_name: str) -> dict[str, Any]:
     setup = (out["seed"] or {}).get("setup") or {}
     recorded = {d["key"]: d.get("source") for d in spec.get("deviations") or []}
     skip = set(spec.get("axes") or {}) | set(spec.get("tied") or {})
-    devs = deviations(setup, runs, recorded, skip) if setup else []
+    devs = deviations(setup, configs, recorded, skip) if setup else []
     for d in devs:
         d["source"] = recorded.get(d["key"]) or "the study's configuration"
     out["deviations"] = [deviation_text(d) for d in devs]
     differs = {d["key"] for d in devs}
-    from loralab.study.spec import checked_part
-
     seed_flat = checked_part(setup, "seed.setup") if setup else {}
     out["setup"] = [{"key": k, "seed": fmt_config_value(v),
                      "runs": "axis" if k in skip else _values(configs, k), "differs": k in differs}

@@ -1,20 +1,15 @@
-"""Findings: answers to a study's question, read from its database, in plain language.
+"""The finding kinds: a study's answers in plain language, with the numbers behind each sentence.
 
     for f in findings("runs/rank_alpha_grid/study.db", "rank_alpha_grid"):
         print(f["kind"], f["text"])
 
-Every analysis uses each completed run's final value of the study metric (runs.final_eval_loss
-for eval_loss, otherwise the last row of that metric's series). Runs whose axes differ only in
-train.seed are repeats; the standard deviation between repeats, pooled over every repeated
-configuration, is the noise yardstick. A difference is called a win only when its 95% interval
-(t interval with that pooled noise) excludes zero; without repeats the text says that the
+Every analysis uses each completed run's final value of the study metric, as
+:mod:`loralab.study.results` reads it, and the matched comparisons of :mod:`loralab.study.levels`.
+The seed noise (the standard deviation between repeats, pooled over every repeated
+configuration) is the yardstick: a difference is called a win only when its 95% interval (t
+interval with that pooled noise) excludes zero; without repeats the text says that the
 difference cannot be separated from seed noise and names no winner. Runs that did not complete
 (failed, skipped, stopped early, ...) are listed and left out of every statistic.
-
-Comparisons between two levels of an axis are matched: they use only the combinations of the
-other axes where both levels ran, and average the per-combination differences, so a failed run
-at one level does not tilt the comparison. Axes tied to the compared axis (alpha = 2 x r, or an
-lr that moves with alpha) are not "other axes": they move with it.
 
 A study judged on several metrics (``metric`` plus ``metrics: [...]`` in the study file) gets
 every finding once per metric, each on that metric's own values and seed noise (a finding
@@ -27,333 +22,35 @@ seed noise; different directions that the noise cannot separate are said to be s
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import sqlite3
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from loralab.errors import LoralabError
-from loralab.rundir import Status
 from loralab.study import stats
+from loralab.study.levels import (
+    at_level,
+    cells_of,
+    compare,
+    config_label,
+    find_level,
+    fmt_value,
+    level_label,
+    level_stats,
+    levels,
+    value_of,
+)
+from loralab.study.results import (
+    SEED_KEY,
+    RunResult,
+    StudyData,
+    canon,
+    for_metric,
+    read_study,
+    repeat_groups,
+)
 from loralab.study.spec import FINDING_KINDS
-from loralab.study.store import open_readonly
 
-if TYPE_CHECKING:
-    from loralab.study.store import Store
-
-SEED_KEY = "train.seed"
 NO_REPEATS = "no repeats: differences cannot be separated from seed noise"
 KINDS = tuple(FINDING_KINDS)
-
-
-@dataclass
-class Run:
-    id: int
-    name: str
-    axes: dict[str, Any]
-    status: str
-    value: float | None  # the final value of the study metric
-    time_s: float | None  # training time (train_time_s, or wall time when absent)
-    memory_bytes: int | None
-    params: int | None
-    stopped_at_step: int | None = None
-    error: str | None = None
-    values: dict[str, float | None] = field(default_factory=dict)  # final value of every judged metric
-    steps: int | None = None  # the last optimizer step it logged
-
-
-@dataclass
-class StudyData:
-    """A study as the findings see it: the spec, every run, and the seed noise."""
-
-    name: str
-    spec: dict[str, Any]
-    metric: str
-    goal: str  # "min" | "max"
-    runs: list[Run]
-    ok: list[Run] = field(default_factory=list)  # completed, with a metric value
-    excluded: list[tuple[Run, str]] = field(default_factory=list)  # (run, why it is left out)
-    axes: list[str] = field(default_factory=list)  # axes that vary, train.seed excluded
-    noise_sd: float | None = None
-    noise_df: int = 0
-    metrics: list[tuple[str, str]] = field(default_factory=list)  # every judged (metric, goal), the study's first
-    # computed once from the runs on first use (the runs do not change after read_study)
-    _tied: dict[str, list[str]] = field(default_factory=dict, repr=False)
-    _noise: dict[str, tuple[float | None, int]] = field(default_factory=dict, repr=False)
-
-    def better(self, a: float, b: float) -> bool:
-        return a < b if self.goal == "min" else a > b
-
-
-# ---------------------------------------------------------------- reading the database
-
-def study_row(con: sqlite3.Connection, study_name: str, db_path: str | Path) -> sqlite3.Row:
-    row = con.execute("SELECT id, name, spec_json, root FROM studies WHERE name = ?", (study_name,)).fetchone()
-    if row is None:
-        names = [r[0] for r in con.execute("SELECT name FROM studies ORDER BY name")]
-        raise LoralabError(f"{db_path}: no study named {study_name!r} (studies here: {', '.join(names) or 'none'})")
-    return row
-
-
-def final_value(con: sqlite3.Connection, run: sqlite3.Row, metric: str) -> float | None:
-    if metric == "eval_loss" and run["final_eval_loss"] is not None:
-        return float(run["final_eval_loss"])
-    row = con.execute(
-        "SELECT value FROM metrics WHERE run_id = ? AND name = ? AND value IS NOT NULL ORDER BY step DESC LIMIT 1",
-        (run["id"], metric),
-    ).fetchone()
-    return None if row is None else float(row[0])
-
-
-def run_rows(store: Store, study_id: int, metric: str) -> list[dict[str, Any]]:
-    """One dict per run of a study (``study status``, ``runs list``, ``Study.status()``): name,
-    status, axis values, the final value of ``metric``, time, memory, attempts."""
-    out = []
-    for r in store.runs(study_id):
-        row = {"name": r["name"], "status": r["status"], **json.loads(r["axes_json"]),
-               metric: final_value(store.db, r, metric), "wall_s": r["wall_time_s"],
-               "peak_MiB": r["peak_memory_bytes"] / 2**20 if r["peak_memory_bytes"] else None,
-               "est_MiB": r["estimated_memory_bytes"] / 2**20 if r["estimated_memory_bytes"] else None,
-               "attempts": r["attempts"], "stopped_at": r["stopped_at_step"]}
-        out.append(row)
-    return out
-
-
-def read_study(db_path: str | Path, study_name: str) -> StudyData:
-    """The study's spec and runs, split into those the statistics use and those left out.
-
-    Each run's ``value`` is the study metric's; ``values`` holds every judged metric's."""
-    con = open_readonly(db_path)
-    try:
-        srow = study_row(con, study_name, db_path)
-        spec = json.loads(srow["spec_json"])
-        metric = spec.get("metric") or "eval_loss"
-        goal = spec.get("goal") or "min"
-        judged = [(metric, goal), *(spec.get("metrics") or {}).items()]
-        runs = []
-        for r in con.execute("SELECT * FROM runs WHERE study_id = ? ORDER BY id", (srow["id"],)).fetchall():
-            time_s = r["train_time_s"] if r["train_time_s"] is not None else r["wall_time_s"]
-            values = {m: final_value(con, r, m) if r["status"] == Status.COMPLETED else None for m, _ in judged}
-            runs.append(Run(
-                id=r["id"], name=r["name"], axes=run_axes(r, spec), status=r["status"],
-                value=values[metric], values=values,
-                time_s=time_s, memory_bytes=r["peak_memory_bytes"], params=r["trainable_params"],
-                stopped_at_step=r["stopped_at_step"], error=r["error"],
-                steps=con.execute("SELECT MAX(step) FROM metrics WHERE run_id = ? AND name = 'train_loss'",
-                                  (r["id"],)).fetchone()[0],
-            ))
-    finally:
-        con.close()
-    data = StudyData(name=study_name, spec=spec, metric=metric, goal=goal, runs=runs, metrics=judged)
-    _split_runs(data)
-    return data
-
-
-def _split_runs(data: StudyData) -> None:
-    """Fill ``ok``, ``excluded``, ``axes`` and the seed noise from ``runs`` and the metric."""
-    for run in data.runs:
-        reason = exclusion_reason(run, data.metric)
-        if reason is None:
-            data.ok.append(run)
-        else:
-            data.excluded.append((run, reason))
-    data.axes = varying_axes(data.spec, data.runs)
-    data.noise_sd, data.noise_df = stats.pooled_sd([[r.value for r in g] for g in repeat_groups(data.ok).values()])
-
-
-def for_metric(data: StudyData, metric: str, goal: str) -> StudyData:
-    """The same study judged on another of its metrics: each run's value, the runs left out
-    and the seed noise are that metric's."""
-    if metric == data.metric:
-        return data
-    runs = [dataclasses.replace(r, value=r.values.get(metric)) for r in data.runs]
-    out = StudyData(name=data.name, spec=data.spec, metric=metric, goal=goal, runs=runs, metrics=data.metrics)
-    _split_runs(out)
-    return out
-
-
-def run_axes(row: sqlite3.Row, spec: dict[str, Any]) -> dict[str, Any]:
-    """The values a run varies: its axes, plus tied keys (train.lr = c / lora.alpha) read from
-    its config, so a level can be named with what moved along with it."""
-    axes = json.loads(row["axes_json"])
-    tied = spec.get("tied") or {}
-    if tied and row["config_json"]:
-        config = json.loads(row["config_json"])
-        for key in tied:
-            node: Any = config
-            for part in str(key).split("."):
-                node = node.get(part) if isinstance(node, dict) else None
-            if node is not None:
-                axes.setdefault(key, node)
-    return axes
-
-
-def exclusion_reason(run: Run, metric: str) -> str | None:
-    if run.status == Status.COMPLETED:
-        if run.value is None or not math.isfinite(run.value):
-            return f"completed but has no final {metric}"
-        return None
-    if run.status == Status.STOPPED_EARLY:
-        at = f" at step {run.stopped_at_step}" if run.stopped_at_step is not None else ""
-        return f"stopped early{at} (successive halving)"
-    why = run.status.replace("_", " ")
-    if run.error:
-        first = run.error.strip().splitlines()[0] if run.error.strip() else ""
-        why += f": {first[:160]}"
-    return why
-
-
-def varying_axes(spec: dict[str, Any], runs: list[Run]) -> list[str]:
-    """Axes with more than one value, in the study file's order, then tied keys; no seed."""
-    declared = [k for k in (spec.get("axes") or {}) if isinstance(k, str)]
-    seen = declared + [k for r in runs for k in r.axes if k not in declared]
-    out = []
-    for k in dict.fromkeys(seen):
-        if k != SEED_KEY and len({canon(r.axes.get(k)) for r in runs}) > 1:
-            out.append(k)
-    return out
-
-
-# ---------------------------------------------------------------- levels and groups
-
-def canon(value: Any) -> str:
-    """A hashable, order-free key for an axis value (1 and 1.0 are the same level)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return json.dumps(float(value))
-    return json.dumps(value, sort_keys=True)
-
-
-def fmt_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, list):
-        return ",".join(map(fmt_value, value))
-    return str(value)
-
-
-def config_key(run: Run) -> tuple:
-    return tuple(sorted((k, canon(v)) for k, v in run.axes.items() if k != SEED_KEY))
-
-
-def repeat_groups(runs: list[Run]) -> dict[tuple, list[Run]]:
-    """Runs grouped by everything but the seed: each group is one configuration's repeats."""
-    groups: dict[tuple, list[Run]] = defaultdict(list)
-    for r in runs:
-        groups[config_key(r)].append(r)
-    return dict(groups)
-
-
-def config_label(run: Run, axes: list[str]) -> str:
-    return ", ".join(f"{k}={fmt_value(run.axes.get(k))}" for k in axes) or "base"
-
-
-def levels(runs: list[Run], axis: str) -> list[Any]:
-    """The axis's distinct values: numeric ones sorted, others in order of appearance."""
-    by_key: dict[str, Any] = {}
-    for r in runs:
-        by_key.setdefault(canon(r.axes.get(axis)), r.axes.get(axis))
-    values = list(by_key.values())
-    if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        values.sort()
-    return values
-
-
-def at_level(runs: list[Run], axis: str, value: Any) -> list[Run]:
-    key = canon(value)
-    return [r for r in runs if canon(r.axes.get(axis)) == key]
-
-
-def tied_to(data: StudyData, axis: str) -> list[str]:
-    """Varying axes whose value is fixed by ``axis`` (alpha = 2 x r; lr = c / alpha)."""
-    if axis in data._tied:
-        return data._tied[axis]
-    out = data._tied[axis] = []
-    for k in data.axes:
-        if k == axis:
-            continue
-        per_level: dict[str, set[str]] = defaultdict(set)
-        for r in data.runs:
-            per_level[canon(r.axes.get(axis))].add(canon(r.axes.get(k)))
-        if all(len(v) == 1 for v in per_level.values()):
-            out.append(k)
-    return out
-
-
-def level_label(data: StudyData, axis: str, value: Any) -> str:
-    """"lora.alpha=512" plus the tied keys that move with it: "lora.alpha=512, train.lr=1e-05"."""
-    label = f"{axis}={fmt_value(value)}"
-    sample = next((r for r in data.runs if canon(r.axes.get(axis)) == canon(value)), None)
-    if sample is not None:
-        for k in tied_to(data, axis):
-            label += f", {k}={fmt_value(sample.axes.get(k))}"
-    return label
-
-
-# ---------------------------------------------------------------- comparisons
-
-def other_axes(data: StudyData, axis: str) -> list[str]:
-    return [k for k in data.axes if k != axis and k not in tied_to(data, axis)]
-
-
-def _get(run: Run, attr: str) -> float | None:
-    v = getattr(run, attr)
-    return None if v is None else float(v)
-
-
-def cells_of(data: StudyData, runs: list[Run], axis: str, value: Any, attr: str = "value") -> dict[tuple, list[float]]:
-    """Values of ``attr`` at one level, by combination of the other (untied) axes."""
-    others = other_axes(data, axis)
-    out: dict[tuple, list[float]] = defaultdict(list)
-    for r in at_level(runs, axis, value):
-        if _get(r, attr) is not None:
-            out[tuple(canon(r.axes.get(k)) for k in others)].append(_get(r, attr))
-    return dict(out)
-
-
-def noise(data: StudyData, attr: str = "value") -> tuple[float | None, int]:
-    """Pooled seed-to-seed SD of ``attr`` (the metric, time_s, memory_bytes) and its df."""
-    if attr == "value":
-        return data.noise_sd, data.noise_df
-    if attr not in data._noise:
-        groups = [[_get(r, attr) for r in g if _get(r, attr) is not None] for g in repeat_groups(data.ok).values()]
-        data._noise[attr] = stats.pooled_sd(groups)
-    return data._noise[attr]
-
-
-def compare(data: StudyData, runs: list[Run], axis: str, a: Any, b: Any, attr: str = "value") -> dict[str, Any] | None:
-    """Level ``a`` minus level ``b`` of ``attr`` (default the metric), matched over the other
-    (untied) axes: the mean over shared combinations of the per-combination differences.
-
-    Returns None when no combination of the other axes has both levels.
-    """
-    ca, cb = cells_of(data, runs, axis, a, attr), cells_of(data, runs, axis, b, attr)
-    common = [c for c in ca if c in cb]
-    if not common:
-        return None
-    diff = stats.mean([stats.mean(ca[c]) - stats.mean(cb[c]) for c in common])
-    out = {"difference": diff, "n_a": sum(len(ca[c]) for c in common), "n_b": sum(len(cb[c]) for c in common),
-           "cells": len(common), "half_width": None, "low": None, "high": None, "beyond_noise": None,
-           "mean_a": stats.mean([stats.mean(ca[c]) for c in common]),
-           "mean_b": stats.mean([stats.mean(cb[c]) for c in common])}
-    sd, df = noise(data, attr)
-    if sd is not None:
-        # Var(mean over cells of (mean_a - mean_b)) = sd^2 / C^2 * sum_c (1/n_ac + 1/n_bc)
-        inv = sum(1 / len(ca[c]) + 1 / len(cb[c]) for c in common)
-        half = stats.t_quantile(0.975, df) * sd * math.sqrt(inv) / len(common)
-        out.update(half_width=half, low=diff - half, high=diff + half, beyond_noise=abs(diff) > half)
-    return out
-
-
-def find_level(runs: list[Run], axis: str, value: Any) -> Any | None:
-    """The axis level a study file names (``reference: 1`` or ``"1"``), or None if no run has it."""
-    for v in levels(runs, axis):
-        if canon(v) == canon(value) or (isinstance(value, str) and fmt_value(v) == value):
-            return v
-    return None
 
 
 def diff_text(data: StudyData, cmp: dict[str, Any]) -> str:
@@ -363,25 +60,6 @@ def diff_text(data: StudyData, cmp: dict[str, Any]) -> str:
         return f"{d} ({NO_REPEATS})"
     verdict = "beyond the seed noise" if cmp["beyond_noise"] else "within the seed noise"
     return f"{d} +/- {cmp['half_width']:.2g} (95% interval), {verdict}"
-
-
-def level_stats(data: StudyData, runs: list[Run], axis: str) -> list[dict[str, Any]]:
-    """Per level: the mean over the other axes' combinations of the mean over repeats (with
-    every combination equally represented this is the plain average), and its 95% interval
-    from the pooled seed noise (None without repeats)."""
-    out = []
-    for v in levels(runs, axis):
-        cells = cells_of(data, runs, axis, v)
-        m = stats.mean([stats.mean(c) for c in cells.values()])
-        vals = [x for c in cells.values() for x in c]
-        row = {"value": v, "n": len(vals), "mean": m, "plain_mean": stats.mean(vals), "combinations": len(cells),
-               "low": None, "high": None}
-        if data.noise_sd is not None:
-            inv = sum(1 / len(c) for c in cells.values())
-            half = stats.t_quantile(0.975, data.noise_df) * data.noise_sd * math.sqrt(inv) / len(cells)
-            row.update(low=m - half, high=m + half)
-        out.append(row)
-    return out
 
 
 # ---------------------------------------------------------------- the kinds
@@ -554,8 +232,8 @@ def cost(data: StudyData, axis: str, baseline: Any) -> dict[str, Any]:
     return out
 
 
-def _mean_attr(runs: list[Run], attr: str) -> float | None:
-    vals = [_get(r, attr) for r in runs if _get(r, attr) is not None]
+def _mean_attr(runs: list[RunResult], attr: str) -> float | None:
+    vals = [value_of(r, attr) for r in runs if value_of(r, attr) is not None]
     return stats.mean(vals) if vals else None
 
 

@@ -22,7 +22,7 @@ from loralab.errors import ConfigError
 from loralab.halving import halving_rungs, split_at_rung
 from loralab.rundir import Status
 from loralab.study.backends.process import checkpoint_step
-from loralab.study.scheduler import Scheduler, Task, Unit
+from loralab.study.scheduler import PendingRun, Scheduler, Unit
 from loralab.study.store import TO_RUN
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def run_all(scheduler: Scheduler, units: list[Unit]) -> None:
     scheduler.run(units)
 
 
-def _eval_at_rungs(task: Task, halving: Halving) -> None:
+def _eval_at_rungs(task: PendingRun, halving: Halving) -> None:
     """Evaluate at every rung: eval.every must divide min_steps (rungs are its multiples)."""
     ev = task.config.setdefault("eval", {})
     every = ev.get("every") or 0
@@ -106,5 +106,5 @@ def run_halving(scheduler: Scheduler, units: list[Unit], *, halving: Halving, me
     scheduler.run(first + [Unit([t]) for t in alive])
 
 
-def _study_id(store: Any, tasks: list[Task]) -> int:
+def _study_id(store: Any, tasks: list[PendingRun]) -> int:
     return int(store.db.execute("SELECT study_id FROM runs WHERE id = ?", (tasks[0].run_id,)).fetchone()[0])

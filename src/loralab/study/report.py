@@ -31,23 +31,9 @@ from loralab.errors import LoralabError
 from loralab.rundir import Status, write_atomic
 from loralab.study import stats
 from loralab.study.context import context_lines, study_context
-from loralab.study.findings import (
-    PARETO_COSTS,
-    SEED_KEY,
-    StudyData,
-    at_level,
-    canon,
-    config_label,
-    findings_from,
-    fmt_value,
-    levels,
-    pareto_points,
-    read_study,
-    repeat_groups,
-    study_row,
-    tied_to,
-)
-from loralab.study.store import open_readonly
+from loralab.study.findings import PARETO_COSTS, findings_from, pareto_points
+from loralab.study.levels import at_level, config_label, fmt_value, levels, tied_to
+from loralab.study.results import SEED_KEY, StudyData, canon, read_series, read_study, repeat_groups
 from loralab.units import is_number
 
 NOT_CURVES = {"train_loss", "lr", "tokens_seen", "grad_norm", "epoch"}
@@ -120,23 +106,6 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     write_atomic(path, buf.getvalue(), fsync=False)
     return path
-
-
-def read_series(db_path: str | Path, study_name: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """{run name: {metric name: [(step, value), ...]}} for every run of the study."""
-    con = open_readonly(db_path)
-    try:
-        sid = study_row(con, study_name, db_path)["id"]
-        rows = con.execute(
-            "SELECT r.name, m.name, m.step, m.value FROM metrics m JOIN runs r ON r.id = m.run_id "
-            "WHERE r.study_id = ? AND m.value IS NOT NULL ORDER BY r.id, m.name, m.step", (sid,)
-        ).fetchall()
-    finally:
-        con.close()
-    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
-    for run, name, step, value in rows:
-        out.setdefault(run, {}).setdefault(name, []).append((int(step), float(value)))
-    return out
 
 
 def _slug(name: str) -> str:
@@ -378,7 +347,7 @@ def plot_spread(mpl_figure, data: StudyData, out: Path) -> list[Figure]:
 RUN_COLUMNS = ("run", "axes", "status", "final metric", "time (s)", "peak memory (MiB)", "trainable params")
 
 
-def run_rows(data: StudyData) -> list[list[str]]:
+def run_table(data: StudyData) -> list[list[str]]:
     left_out = {r.name: why for r, why in data.excluded}
     rows = []
     for r in data.runs:
@@ -434,7 +403,7 @@ def render_markdown(data: StudyData, found: list[dict], figures: list[Figure], c
     for f in figures:
         lines += [f"### {f.title}", "", f"![{f.title}]({f.path.name})", "", f.caption, ""]
     lines += ["## Runs", "", "| " + " | ".join(RUN_COLUMNS) + " |", "|" + "---|" * len(RUN_COLUMNS)]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in run_rows(data)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in run_table(data)]
     lines += ["", "## Runs left out of the statistics", ""]
     lines += [f"- {r.name}: {cell(why)}" for r, why in data.excluded] or ["- none: every run completed"]
     return "\n".join(lines) + "\n"
@@ -449,7 +418,7 @@ def render_html(data: StudyData, found: list[dict], figures: list[Figure], ctx: 
     return _templates().get_template("report.html.j2").render(
         name=data.name, verdict=verdict["text"] if verdict else None, findings_title=findings_title(verdict),
         deviations=_deviation_block(ctx), header=context_lines(ctx) + _header(data),
-        setup=ctx.get("setup") or [], findings=found, figures=pngs, columns=RUN_COLUMNS, rows=run_rows(data),
+        setup=ctx.get("setup") or [], findings=found, figures=pngs, columns=RUN_COLUMNS, rows=run_table(data),
         excluded=[(r.name, why) for r, why in data.excluded])
 
 

@@ -38,7 +38,7 @@ from loralab.config import config_from_dict
 from loralab.errors import ConfigError, LoralabError, ModelError
 from loralab.paths import child_dir
 from loralab.rundir import Status
-from loralab.study.backends.process import RunSpec, UnitSpec, checkpoint_step
+from loralab.study.backends.process import UnitRun, UnitSpec, checkpoint_step
 from loralab.study.store import TO_RUN, Store
 
 if TYPE_CHECKING:
@@ -53,8 +53,8 @@ SHARED_PARTS = ("base_weights", "dequant_buffer", "framework")
 
 
 @dataclass
-class Task:
-    """One run still to do, as the scheduler sees it."""
+class PendingRun:
+    """One run still to do, as the scheduler sees it (an evaluation task is loralab.evaluate.tasks.Task)."""
 
     run_id: int
     name: str
@@ -70,7 +70,7 @@ class Task:
         return self.config.get("model", {}).get("device", "auto") != "cpu"
 
 
-def group_memory(tasks: list[Task]) -> int | None:
+def group_memory(tasks: list[PendingRun]) -> int | None:
     """Estimated peak memory of ``tasks`` trained as one fused group (None if one has no
     estimate): the shared parts once, each run's own parts once per run."""
     if any(t.memory is None for t in tasks):
@@ -83,7 +83,7 @@ def group_memory(tasks: list[Task]) -> int | None:
 class Unit:
     """What one process trains: one run, or a fused group of runs sharing one base."""
 
-    tasks: list[Task]
+    tasks: list[PendingRun]
     stop_at_step: int | None = None  # solo run: pause here (process-level halving)
     prune: tuple[int, int, str, str] | None = None  # fused group: halving inside (eta, min_steps, metric, goal)
 
@@ -108,14 +108,14 @@ class Unit:
         return "+".join(t.name for t in self.tasks)
 
     def spec(self, env: dict[str, str] | None = None) -> UnitSpec:
-        return UnitSpec([RunSpec(t.name, t.run_dir, t.config) for t in self.tasks], stop_at_step=self.stop_at_step,
+        return UnitSpec([UnitRun(t.name, t.run_dir, t.config) for t in self.tasks], stop_at_step=self.stop_at_step,
                         prune=self.prune, env=dict(env or {}))
 
 
 # ----------------------------------------------------------------------------- planning
 
 
-def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | None, paused: bool = False) -> list[Task]:
+def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | None, paused: bool = False) -> list[PendingRun]:
     """Runs still to do, with memory estimates, cheapest first; runs that fail their own checks
     are recorded invalid, runs over ``max_memory`` skipped. ``paused``: include runs paused at a
     halving rung (a restarted study)."""
@@ -146,7 +146,7 @@ def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | Non
             continue
         if row["status"] == Status.SKIPPED and not (row["error"] or "").startswith("estimated memory"):
             continue
-        tasks.append(Task(row["id"], row["name"], config, child_dir(root, row["name"], what="run name"),
+        tasks.append(PendingRun(row["id"], row["name"], config, child_dir(root, row["name"], what="run name"),
                           estimate=total, memory=memory, cost=cost, attempts=row["attempts"]))
     tasks.sort(key=lambda t: (t.cost, t.estimate or 0, t.name))  # cheapest first
     return tasks
@@ -170,7 +170,7 @@ def device_memory(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def form_units(tasks: list[Task], *, fuse: bool, budget: int | None, workers: int = 1,
+def form_units(tasks: list[PendingRun], *, fuse: bool, budget: int | None, workers: int = 1,
                halving: bool = False) -> list[Unit]:
     """Fused groups wherever runs can share a base and fit ``budget`` together, the rest
     alone; the log says which and why. Without ``halving``, groups are split (in halves, never
@@ -182,7 +182,7 @@ def form_units(tasks: list[Task], *, fuse: bool, budget: int | None, workers: in
         return [Unit([t]) for t in tasks]
     from loralab.train.fused import fuse_key
 
-    groups: dict[tuple, list[Task]] = {}
+    groups: dict[tuple, list[PendingRun]] = {}
     units: list[Unit] = []
     for t in tasks:
         step = checkpoint_step(t.run_dir) if t.attempts else 0
@@ -211,9 +211,9 @@ def form_units(tasks: list[Task], *, fuse: bool, budget: int | None, workers: in
     return sorted(units, key=lambda u: (u.cost, u.memory or 0, u.name))
 
 
-def _fit_budget(members: list[Task], budget: int | None) -> list[list[Task]]:
+def _fit_budget(members: list[PendingRun], budget: int | None) -> list[list[PendingRun]]:
     """Consecutive chunks of ``members`` whose group estimate stays within ``budget``."""
-    chunks: list[list[Task]] = [[]]
+    chunks: list[list[PendingRun]] = [[]]
     for t in members:
         chunk = chunks[-1]
         mem = group_memory([*chunk, t])
@@ -372,7 +372,7 @@ class Scheduler:
                  f" (to step {unit.stop_at_step})" if unit.stop_at_step else "")
         return self.backend.start(unit.spec(env), memory=unit.memory, threads=self.threads)
 
-    def record(self, task: Task, result: dict[str, Any]) -> bool:
+    def record(self, task: PendingRun, result: dict[str, Any]) -> bool:
         """Write one outcome; True when the run was interrupted and may be run again."""
         status = result["status"]
         if status == Status.INTERRUPTED and task.attempts >= self.max_attempts:

@@ -17,10 +17,8 @@ import copy
 import itertools
 import json
 import math
-import operator
 import random
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,18 @@ from loralab.errors import ConfigError
 from loralab.evaluate.tasks import lower_is_better
 from loralab.paths import check_name
 from loralab.rundir import METRICS
+from loralab.study.deviations import deviations
+from loralab.study.keys import (
+    checked_part,
+    config_field,
+    deep_merge,
+    fmt_config_value,
+    get_key,
+    is_int_key,
+    set_key,
+)
+from loralab.study.tied import eval_tied, parse_tied
+from loralab.units import is_number
 
 TOP_KEYS = {"name", "description", "question", "claim", "metric", "metrics", "goal", "base", "base_config",
             "axes", "tied", "repeats", "seeds", "quick", "findings", "seed", "tiny"}
@@ -131,52 +141,6 @@ class _Where:
         return self.source
 
 
-# ----------------------------------------------------------------------------- config keys
-
-
-def config_field(key: str) -> tuple[Any, Any] | None:
-    """(type, dataclass field) of a 'section.key' config key, or None when there is none."""
-    if not isinstance(key, str) or key.count(".") != 1:
-        return None
-    section, name = key.split(".")
-    cls = SECTIONS.get(section)
-    if cls is None:
-        return None
-    for f in fields(cls):
-        if f.name == name:
-            return typing.get_type_hints(cls)[name], f
-    return None
-
-
-def _is_int_key(key: str) -> bool:
-    info = config_field(key)
-    return info is not None and info[0] in (int, int | None)
-
-
-def set_key(raw: dict[str, Any], key: str, value: Any) -> None:
-    section, name = key.split(".")
-    target = raw.setdefault(section, {})
-    if not isinstance(target, dict):
-        raise ConfigError(f"{section} must be a mapping of keys")
-    target[name] = value
-
-
-def get_key(raw: dict[str, Any], key: str) -> Any:
-    """A key's value in a raw config, falling back to loralab's default."""
-    section, name = key.split(".")
-    sec = raw.get(section) or {}
-    if name in sec:
-        return sec[name]
-    return getattr(SECTIONS[section](), name)
-
-
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in (top or {}).items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 # ----------------------------------------------------------------------------- axes
 
 
@@ -202,7 +166,7 @@ def axis_values(key: str, spec: Any, where: str) -> list[Any]:
         if extra:
             raise ConfigError(f"{where}: axis {key}: unknown sample keys {sorted(extra)} (use {kind}, n, seed)")
         bounds, n, seed = spec[kind], spec.get("n"), spec.get("seed", 0)
-        if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)):
+        if not (isinstance(bounds, list) and len(bounds) == 2 and all(is_number(b) for b in bounds)):
             raise ConfigError(f"{where}: axis {key}: {kind} needs [low, high] numbers (got {bounds!r})")
         lo, hi = float(bounds[0]), float(bounds[1])
         if not lo < hi or (kind == "loguniform" and lo <= 0):
@@ -214,95 +178,10 @@ def axis_values(key: str, spec: Any, where: str) -> list[Any]:
         rng = random.Random(seed)
         draw = (lambda: rng.uniform(lo, hi)) if kind == "uniform" else (lambda: math.exp(rng.uniform(math.log(lo), math.log(hi))))
         values = [_round_sample(draw()) for _ in range(n)]
-        if _is_int_key(key):
+        if is_int_key(key):
             values = sorted(set(int(round(v)) for v in values))
         return values
     raise ConfigError(f"{where}: axis {key} must be a list, {{grid: [...]}}, {{uniform: [lo, hi], n, seed}} or {{loguniform: [lo, hi], n, seed}} (got {spec!r})")
-
-
-# ----------------------------------------------------------------------------- tied values
-
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-           ast.Div: operator.truediv, ast.Pow: operator.pow}
-
-
-def _dotted(node: ast.AST) -> str | None:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        inner = _dotted(node.value)
-        return f"{inner}.{node.attr}" if inner else None
-    return None
-
-
-def parse_tied(key: str, expr: Any, where: str) -> ast.Expression:
-    """Parse a tied expression; only numbers, config keys, + - * / ** and parentheses."""
-    if isinstance(expr, (int, float)) and not isinstance(expr, bool):
-        expr = repr(expr)
-    if not isinstance(expr, str):
-        raise ConfigError(f"{where}: tied {key} must be an arithmetic expression string (got {expr!r})")
-    try:
-        tree = ast.parse(expr, mode="eval")
-    except SyntaxError:
-        raise ConfigError(f"{where}: tied {key}: {expr!r} is not an arithmetic expression") from None
-
-    def check(node: ast.AST) -> None:
-        if isinstance(node, ast.Expression):
-            return check(node.body)
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            check(node.left)
-            return check(node.right)
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
-            return check(node.operand)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-            return None
-        name = _dotted(node)
-        if name is not None:
-            if config_field(name) is None:
-                raise ConfigError(f"{where}: tied {key}: {name!r} in {expr!r} is not a training-config key (section.key)")
-            return None
-        raise ConfigError(f"{where}: tied {key}: {expr!r} may only use numbers, config keys, + - * / ** and parentheses "
-                          f"(found {type(node).__name__})")
-
-    check(tree)
-    return tree
-
-
-def eval_tied(tree: ast.Expression, raw: dict[str, Any], key: str, expr: str) -> float:
-    """Evaluate a parsed tied expression against one run's raw config."""
-
-    def ev(node: ast.AST) -> float:
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.BinOp):
-            left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 64:
-                raise ConfigError(f"tied {key}: exponent {right} in {expr!r} is too large")
-            return _BINOPS[type(node.op)](left, right)
-        if isinstance(node, ast.UnaryOp):
-            v = ev(node.operand)
-            return -v if isinstance(node.op, ast.USub) else v
-        if isinstance(node, ast.Constant):
-            return node.value
-        name = _dotted(node)
-        value = get_key(raw, name)
-        if isinstance(value, bool):  # true/false count as 1/0: "16 * 2 ** (-0.5 * lora.rslora)"
-            return int(value)
-        if not isinstance(value, (int, float)):
-            raise ConfigError(f"tied {key}: {name} is {value!r}, not a number, in {expr!r}")
-        return value
-
-    try:
-        value = ev(tree)
-    except ZeroDivisionError:
-        raise ConfigError(f"tied {key}: division by zero in {expr!r}") from None
-    if isinstance(value, complex) or not math.isfinite(value):
-        raise ConfigError(f"tied {key}: {expr!r} gives {value}, not a finite number")
-    if _is_int_key(key):
-        if abs(value - round(value)) > 1e-9:
-            raise ConfigError(f"tied {key}: {expr!r} gives {value}, but {key} must be an integer")
-        return int(round(value))
-    return float(f"{value:.12g}")
 
 
 # ----------------------------------------------------------------------------- names
@@ -331,7 +210,7 @@ def run_name(axes: dict[str, Any]) -> str:
     for key, value in axes.items():
         short = ABBREV.get(key, key.split(".")[1])
         label = _label(value)
-        sep = "" if isinstance(value, (int, float)) and not isinstance(value, bool) else "_"
+        sep = "" if is_number(value) else "_"
         parts.append(f"{short}{sep}{label}")
     name = "-".join(parts)
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:120]
@@ -407,24 +286,6 @@ def _config_part(value: Any, what: str, where: str) -> dict[str, Any]:
     return copy.deepcopy(value)
 
 
-def checked_part(part: dict[str, Any], source: str) -> dict[str, Any]:
-    """{section.key: value} of a partial config, each value checked and converted like a full
-    config's (types, ranges), without the cross-key checks a partial config cannot pass."""
-    from loralab.config import _build_section
-
-    errors: list[str] = []
-    out: dict[str, Any] = {}
-    for section, keys in part.items():
-        if section not in SECTIONS:
-            errors.append(f"unknown section {section!r} (known: {', '.join(SECTIONS)})")
-            continue
-        built = _build_section(section, SECTIONS[section], keys, errors)
-        out.update({f"{section}.{k}": getattr(built, k) for k in (keys or {}) if hasattr(built, k)})
-    if errors:
-        raise ConfigError(f"{source}: invalid configuration:\n  - " + "\n  - ".join(errors))
-    return out
-
-
 def _layers(raw: dict[str, Any], where: _Where, base_dir: Path | None, *, quick: bool, tiny: bool,
             model: str | None, data: str | None, overrides: list[str]) -> list[tuple[str, dict[str, Any]]]:
     """The base config's layers, lowest first, each with the words that name it as a source.
@@ -466,62 +327,6 @@ def _merge(layers: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], di
         for key in flat_keys(part):
             sources[key] = label
     return merged, sources
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
-    return a == b
-
-
-def deviations(seed_setup: dict[str, Any], runs: list[RunSpec], sources: dict[str, str],
-               skip: set[str]) -> list[dict[str, Any]]:
-    """Every key of the seed's setup whose value in a run's config differs from the seed's,
-    computed from the configs: [{key, value, seed, source}] (value is a list when runs differ).
-    ``skip`` holds the axes and tied keys: those differences are the study's question."""
-    if not seed_setup or not runs:
-        return []
-    seed_flat = checked_part(seed_setup, "seed.setup")
-    if "train.epochs" in seed_flat and "train.max_steps" not in seed_flat:
-        seed_flat["train.max_steps"] = None  # the seed counted epochs: a step count overrides them
-    out = []
-    for key in seed_flat:
-        if key in skip:
-            continue
-        want = seed_flat[key]
-        used = []
-        for run in runs:
-            v = get_key(run.config, key)
-            if not _same(v, want) and all(not _same(v, u) for u in used):
-                used.append(v)
-        if used:
-            out.append({"key": key, "value": used[0] if len(used) == 1 else used, "seed": want,
-                        "source": sources.get(key, "loralab's default")})
-            if key == "train.max_steps":
-                out[-1]["seed_ran"] = f"train.epochs {fmt_config_value(seed_flat['train.epochs'])}"
-    return out
-
-
-def deviation_text(d: dict[str, Any]) -> str:
-    """'train.lr 0.0001 instead of the seed's 1e-05 (set by --set train.lr)'."""
-    def show(v: Any) -> str:
-        if isinstance(v, list) and v and not all(isinstance(x, str) for x in v):
-            return " / ".join(show(x) for x in v)
-        return fmt_config_value(v)
-
-    seed = d.get("seed_ran") or show(d["seed"])
-    how = d["source"] if d["source"].startswith("auto:") else f"set by {d['source']}"
-    return f"{d['key']} {show(d['value'])} instead of the seed's {seed} ({how})"
-
-
-def fmt_config_value(v: Any) -> str:
-    if isinstance(v, bool) or v is None:
-        return str(v).lower() if v is not None else "null"
-    if isinstance(v, float):
-        return f"{v:g}"
-    if isinstance(v, list):
-        return "[" + ", ".join(fmt_config_value(x) for x in v) + "]"
-    return str(v)
 
 
 def refuse_axis_overrides(overrides: list[str], data: str | None, axes: dict[str, Any], tied: dict[str, str],
@@ -701,7 +506,8 @@ def load_study(
             run.config = cfg.to_dict()
             for key, why in notes.items():
                 sources[key] = why
-    study.deviations = deviations(seed.get("setup") or {}, study.runs, sources, set(axes) | set(tied))
+    study.deviations = deviations(seed.get("setup") or {}, [run.config for run in study.runs], sources,
+                                  set(axes) | set(tied))
     if root is not None:
         study.place(root)
     return study

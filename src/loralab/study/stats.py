@@ -1,6 +1,6 @@
-"""Small statistics for study findings: t quantiles, intervals, pooled seed spread, Pareto sets.
+"""Small statistics for study findings and tune: t quantiles and intervals, pooled seed spread, Pareto sets.
 
-    half = t_quantile(0.975, df=4) * pooled_sd / math.sqrt(n)
+    half = t_half_width(pooled_sd, df=4, scale=1 / math.sqrt(n))   # t_quantile(0.975, 4) * sd / sqrt(n)
 
 Only the standard library: the study report must not depend on scipy. The Student t
 distribution function uses the finite series for integer degrees of freedom
@@ -98,12 +98,19 @@ def pooled_sd(groups: Sequence[Sequence[float]]) -> tuple[float | None, int]:
     return math.sqrt(ss / df), df
 
 
+def t_half_width(sd: float, df: int, scale: float, level: float = 0.95) -> float:
+    """Half the width of the ``level`` t interval of an estimate whose standard error is
+    ``sd * scale``, ``sd`` having ``df`` degrees of freedom: a mean of n values has scale
+    1 / sqrt(n), a difference of two means sqrt(1/n_a + 1/n_b)."""
+    return t_quantile(0.5 + level / 2, df) * sd * scale
+
+
 def mean_interval(xs: Sequence[float], level: float = 0.95) -> tuple[float, float, float] | None:
     """(mean, low, high): the t interval from the values' own spread; None for fewer than 2."""
     if len(xs) < 2:
         return None
     m = mean(xs)
-    half = t_quantile(0.5 + level / 2, len(xs) - 1) * sample_sd(xs) / math.sqrt(len(xs))
+    half = t_half_width(sample_sd(xs), len(xs) - 1, 1 / math.sqrt(len(xs)), level)
     return m, m - half, m + half
 
 

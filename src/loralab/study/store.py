@@ -26,9 +26,11 @@ from typing import Any
 
 from loralab.errors import ConfigError, LoralabError
 from loralab.rundir import Status, write_atomic
+from loralab.units import is_number
 
-# Statuses a run ends in; the others (pending, running, interrupted) mean "still to do".
-FINAL = (Status.COMPLETED, Status.FAILED, Status.DIVERGED, Status.OUT_OF_MEMORY, Status.INVALID, Status.PAUSED,
+# Statuses a run ends in, as the study sees it; the others (pending, running, interrupted) mean
+# "still to do". (rundir.FINAL is narrower: the statuses after which a run has nothing left to train.)
+ENDED = (Status.COMPLETED, Status.FAILED, Status.DIVERGED, Status.OUT_OF_MEMORY, Status.INVALID, Status.PAUSED,
          Status.SKIPPED, Status.STOPPED_EARLY)
 TO_RUN = (Status.PENDING, Status.INTERRUPTED)
 SUMMARY_FIELDS = ("wall_time_s", "train_time_s", "tokens_per_s", "peak_memory_bytes", "trainable_params",
@@ -56,7 +58,7 @@ def metric_rows(metrics_jsonl: Path) -> list[tuple[int, str, float | None]]:
         if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
             continue
         for k, v in rec.items():
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if k != "step" and is_number(v):
                 rows[(rec["step"], k)] = _finite(float(v))
     return [(s, n, v) for (s, n), v in rows.items()]
 

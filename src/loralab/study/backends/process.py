@@ -31,15 +31,16 @@ from typing import IO, Any
 import yaml
 
 from loralab.rundir import RunDir, Status, checkpoint_step_of
-from loralab.study.store import FINAL, metric_rows
+from loralab.study.store import ENDED, metric_rows
 
 # What a run's own summary.json can end with (SKIPPED is the driver's word, never a run's).
-FINAL_SUMMARY = tuple(s for s in FINAL if s != Status.SKIPPED)
+ENDED_BY_RUN = tuple(s for s in ENDED if s != Status.SKIPPED)
 
 
 @dataclass
-class RunSpec:
-    """One run of a unit: its name, directory and resolved config (a plain dict)."""
+class UnitRun:
+    """One run of a unit: its name, directory and resolved config (a plain dict); a study's expanded
+    run, before it has a directory, is loralab.study.spec.RunSpec."""
 
     name: str
     run_dir: Path
@@ -54,7 +55,7 @@ class UnitSpec:
     ``prune``: a fused group prunes itself at the rungs (eta, min_steps, metric, goal).
     """
 
-    runs: list[RunSpec]
+    runs: list[UnitRun]
     stop_at_step: int | None = None
     prune: tuple[int, int, str, str] | None = None
     env: dict[str, str] = field(default_factory=dict)  # e.g. CUDA_VISIBLE_DEVICES from the scheduler
@@ -189,7 +190,7 @@ def outcome(run_dir: Path, returncode: int, log_path: Path | None = None) -> dic
         summary = json.loads(RunDir(run_dir).summary.read_text(encoding="utf-8"))
     status = summary.get("status")
     rows = metric_rows(RunDir(run_dir).metrics)
-    if status in FINAL_SUMMARY:
+    if status in ENDED_BY_RUN:
         return {"status": status, "summary": summary, "metrics": rows, "error": summary.get("error"),
                 "stopped_at_step": summary.get("stopped_at_step")}
     if returncode < 0:
