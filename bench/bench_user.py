@@ -70,22 +70,23 @@ def worker_defaults(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from loralab.config import config_from_dict
+    from loralab.config import apply_overrides, config_from_dict
     from loralab.train.loop import train
 
     model = {"path": spec["model"]}
     if spec["dtype"] != "auto":
         model["dtype"] = spec["dtype"]
-    cfg = config_from_dict({
+    cfg = config_from_dict(apply_overrides({
         "model": model,
         "lora": {"r": 8, "targets": ["query", "value"]},
         "data": {"path": spec["train"], "val_path": spec["val"], "max_seq_length": spec["cut"]},
         "train": {"batch_size": BATCH, "micro_batch_size": spec["micro_batch"], "max_steps": STEPS, "lr": LR,
                   "warmup_steps": 0, "seed": spec["seed"], "log_every": 1000},
         "output": {"dir": spec["run_dir"], "save_adapter": False},
-    })
+    }, spec.get("set") or []))  # --set: settings on top of the defaults
     s = train(cfg)
-    return {"side": "loralab", "useful_tokens": s["tokens_seen"], "train_time_s": s["train_time_s"],
+    return {"side": "loralab", "compiled": s["compiled"], "compile_reason": s["compile_reason"],
+            "compile_time_s": s["compile_time_s"], "useful_tokens": s["tokens_seen"], "train_time_s": s["train_time_s"],
             "tokens_per_s": s["tokens_per_s"], "train_cpu_time_s": s["train_cpu_time_s"],
             "tokens_per_cpu_s": s["tokens_seen"] / s["train_cpu_time_s"],
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -105,6 +106,8 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                     help="loralab's model.dtype (auto: its default); the reference gets what it resolves to")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a loralab setting on top of the defaults, e.g. train.compile=true (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -145,7 +148,7 @@ def main() -> None:
                     "lengths": {"median": sorted(lengths)[len(lengths) // 2], "max": max(lengths),
                                 "n": len(lengths)}}
             spec = {"model": model, "train": str(train), "val": str(val), "dtype": args.dtype, "cut": cut,
-                    "max_len": cut, "micro_batch": mb, "seed": 1337, "threads": args.threads}
+                    "max_len": cut, "micro_batch": mb, "seed": 1337, "threads": args.threads, "set": args.set}
             load_before = bs.load_avg()
             pairs = [run_pair(case, spec, work, k) for k in range(args.repeats)]
             ours, ref = bs.median_run([o for o, _ in pairs]), bs.median_run([f for _, f in pairs])
@@ -166,7 +169,7 @@ def main() -> None:
     from loralab.train.measure import versions
 
     report = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": args.threads,
-              "repeats": args.repeats, "dtype": args.dtype, "resolved_dtype": ref_dtype, "why": why,
+              "repeats": args.repeats, "dtype": args.dtype, "set": args.set, "resolved_dtype": ref_dtype, "why": why,
               "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "versions": versions(),
               "batch": BATCH, "steps": STEPS, "lr": LR, "model": bs.BIG, "matmul_ceilings": ceilings, "cases": rows,
               "total_wall_s": time.perf_counter() - t_start}

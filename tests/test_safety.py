@@ -123,9 +123,11 @@ def test_out_of_memory_reports_estimate_and_peak(model_dir, cfg_factory, monkeyp
 
 
 def test_auto_micro_batch_halves_until_it_fits(model_dir, cfg_factory, monkeypatch):
-    reference = cfg_factory(model_dir, **{**RUN, "train__micro_batch_size": 2})
+    # padded micro batches: the injected error counts a micro batch's rows (a packed forward is one row)
+    reference = cfg_factory(model_dir, **{**RUN, "train__micro_batch_size": 2}, data__packing="false")
     train(reference)
-    cfg = cfg_factory(model_dir, **{**RUN, "train__micro_batch_size": 8}, train__auto_micro_batch="true")
+    cfg = cfg_factory(model_dir, **{**RUN, "train__micro_batch_size": 8}, train__auto_micro_batch="true",
+                      data__packing="false")
     oom_above(monkeypatch, 2)
     summary = train(cfg)
     assert summary["status"] == "completed"
