@@ -123,9 +123,9 @@ def test_packed_and_grouped_training_follow_the_padded_loss_curve(cfg_factory, s
 
     data = small_alpaca_file(varied_records(40))
     kw = {"data__train_on_prompt": train_on_prompt}
-    padded, base = _run(cfg_factory, data, **kw)
+    padded, base = _run(cfg_factory, data, data__packing=False, **kw)
     packed, pk = _run(cfg_factory, data, data__packing=True, **kw)
-    grouped, gr = _run(cfg_factory, data, train__group_by_length=True, **kw)
+    grouped, gr = _run(cfg_factory, data, data__packing=False, train__group_by_length=True, **kw)
     monkeypatch.setattr(step, "supports_segments", lambda model: False)  # as for a model that fails the check
     masked, mk = _run(cfg_factory, data, data__packing=True, **kw)
     assert (packed["packed_attention"], masked["packed_attention"], padded["packed_attention"]) == (

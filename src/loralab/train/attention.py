@@ -118,21 +118,17 @@ def _flash_varlen(query, key, value, bounds, dropout, scaling):
     return out.transpose(0, 1)[None]
 
 
+@torch.compiler.disable  # never traced: compiled decoder layers (train.compile) call it as it is, for any layout
 def segment_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, dropout: float = 0.0,
                               scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """Causal attention per example: query (batch, heads, seq, dim), key/value (batch, kv_heads, seq, dim);
     returns (batch, seq, heads, dim) like transformers' sdpa function. Without ``loralab_segments``
     it is transformers' sdpa function."""
+    global last_kernel
     bounds = kwargs.pop("loralab_segments", None)
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    return _segments_forward(query, key, value, attention_mask, dropout, scaling, bounds, **kwargs)
-
-
-@torch.compiler.disable  # never traced: a compiled decoder layer (train.compile) calls it as it is, any layout
-def _segments_forward(query, key, value, attention_mask, dropout, scaling, bounds, **kwargs):
-    global last_kernel
     if isinstance(bounds, torch.Tensor):  # a host tensor (model_inputs), so compiled layers see a tensor, not ints
         bounds = bounds.numpy().tolist()
     if attention_mask is not None:  # the batch's all-ones mask leaves plain causal attention, which transformers skips
