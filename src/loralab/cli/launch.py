@@ -122,18 +122,21 @@ def launch(worker_args: list[str], *, nproc: int, run_dir: Path, timeout_s: floa
         elastic_launch(config, sys.executable)("-m", "loralab.cli", *worker_args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
-        how = failure.signal_name() if failure.signal_name() != "<N/A>" else f"exit code {failure.exitcode}"
-        err = mark_interrupted(RunDir(run_dir), f"rank {rank} ended with {how}")
+        killed = failure.exitcode < 0  # the first rank to end was killed by a signal: the others' errors follow
+        how = failure.signal_name() if killed else f"exit code {failure.exitcode}"
+        err = mark_interrupted(RunDir(run_dir), f"rank {rank} ended with {how}", killed=killed)
         if not isinstance(err, InterruptedRun) and failure.exitcode > 0:
             err.exit_code = failure.exitcode  # the worker's own: 2 invalid input, 3 diverged, ...
         raise err from None
 
 
-def mark_interrupted(run: RunDir, what: str) -> LoralabError:
-    """A run left ``running`` by its killed workers is ``interrupted``; a run that recorded its
-    own end (failed, diverged, invalid: the worker said why) keeps it. The error to raise."""
+def mark_interrupted(run: RunDir, what: str, *, killed: bool) -> LoralabError:
+    """The run is ``interrupted`` when a rank was killed first (rank 0 may have recorded the
+    lost connection as a failure: that was the kill's doing) or when it was left ``running``;
+    a run that recorded its own end otherwise (failed, diverged, invalid: a worker said why)
+    keeps it. The error to raise."""
     summary = run.read_summary() or {}
-    if summary.get("status") not in (None, Status.RUNNING):
+    if not killed and summary.get("status") not in (None, Status.RUNNING):
         return LoralabError(f"{what}; the run ended {summary['status']}: {summary.get('error')}")
     error = f"{what}; continue it with: loralab train --resume {run.root}"
     write_atomic(run.summary, {**summary, "status": Status.INTERRUPTED, "error": error, "run_dir": str(run.root)})

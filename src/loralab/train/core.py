@@ -107,7 +107,8 @@ log = logging.getLogger(__name__)
 RESUME_MAY_CHANGE = frozenset({
     "train.stop_at_step", "train.checkpoint_every", "train.keep_last", "train.log_every",
     "train.auto_micro_batch", "output.dir", "output.save_adapter",
-}) | {f"tracking.{f.name}" for f in dataclasses.fields(TrackingConfig)}
+}) | {f"tracking.{f.name}" for f in dataclasses.fields(TrackingConfig)} | {
+    "distributed.strategy", "distributed.timeout_s"}  # how the ranks share a step, not its maths
 
 
 # ----------------------------------------------------------------------------- the adapters of a group

@@ -31,6 +31,12 @@ from loralab.errors import ConfigError, LoralabError
 log = logging.getLogger(__name__)
 
 
+class RankLost(LoralabError):
+    """A collective failed because another rank's connection closed: it died."""
+
+    exit_code = 1
+
+
 class RankTimeout(LoralabError):
     """A collective waited longer than distributed.timeout_s: another rank hangs or died."""
 
@@ -150,13 +156,14 @@ def gather_ints(value: int) -> list[int]:
 
 @contextlib.contextmanager
 def rank_timeout(doing: str, timeout_s: int):
-    """A collective that timed out becomes one clear error naming what the rank was doing."""
+    """A collective that failed becomes one clear error naming what the rank was doing: a
+    timeout (another rank hangs) or a lost connection (another rank died)."""
     try:
         yield
     except RuntimeError as exc:
-        text = str(exc)
-        if "timed out" not in text.lower() and "timeout" not in text.lower():
-            raise
-        raise RankTimeout(f"rank {rank()} of {world_size()} waited more than distributed.timeout_s = {timeout_s} s "
-                          f"for the other ranks while {doing}: a rank hangs or died "
-                          f"({text.splitlines()[0]})") from None
+        first = str(exc).splitlines()[0]
+        if "timed out" in first.lower() or "timeout" in first.lower():
+            raise RankTimeout(f"rank {rank()} of {world_size()} waited more than distributed.timeout_s = {timeout_s} s "
+                              f"for the other ranks while {doing}: a rank hangs or died ({first})") from None
+        raise RankLost(f"rank {rank()} of {world_size()} lost the other ranks while {doing}: a rank died "
+                       f"({first})") from None
