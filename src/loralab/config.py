@@ -98,7 +98,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    optimizer: Literal["adamw", "sgd", "adafactor", "adamw8bit"] = _f("adamw", "adamw8bit needs bitsandbytes.")
+    optimizer: Literal["adamw", "sgd", "adafactor", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = _f("adamw", "adamw8bit needs bitsandbytes. paged_adamw / paged_adamw8bit: bitsandbytes' paged optimizers (state in CUDA unified memory, paged to the host under memory spikes; QLoRA's), on CUDA only: refused on the CPU, where bitsandbytes has nothing to page.")
     lr: float = _f(3e-4, "Peak learning rate.", gt=0)
     momentum: float = _f(0.0, "SGD momentum.", ge=0, lt=1)
     betas: list[float] = _f([0.9, 0.999], "AdamW betas.")

@@ -40,6 +40,7 @@ from loralab.data.packing import step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
 from loralab.halving import halving_rungs, keep_count, rank_key
 from loralab.models import (
+    check_optimizer_device,
     dtype_choice,
     load_base,
     load_tokenizer,
@@ -302,6 +303,7 @@ def load_group(cfgs: list[Config], *, fused: bool, progress: bool = False) -> Se
     cfg = cfgs[0]  # every shared key is equal across a group (fused.check_group)
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.model.device)
+    check_optimizer_device(cfg.train.optimizer, device)  # paged optimizers: CUDA only, refused before loading
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model_config = read_config(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     splits, tasks = load_data_and_tasks(cfg, model_config, tokenizer)
