@@ -215,6 +215,8 @@ def test_bad_nproc_and_strategy_refused(tmp_path, capsys, tiny_model_dir):
     assert "--nproc must be a whole number of processes, at least 1 (got '0')" in capsys.readouterr().err
     assert main(["train", str(cfg), "--set", "distributed.strategy=zero", "--nproc", "2"]) == 2
     assert "distributed.strategy must be one of 'ddp', 'fsdp' (got 'zero')" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--set", "train.auto_micro_batch=true", "--nproc", "2"]) == 2
+    assert "train.auto_micro_batch is not available on 2 processes yet" in capsys.readouterr().err
 
 
 def test_launcher_store_listens_on_loopback_only():

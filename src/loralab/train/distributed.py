@@ -73,6 +73,11 @@ def check_strategy(cfg: Config, nproc: int) -> None:
         raise ConfigError("distributed.strategy fsdp is not available yet: loralab trains on several processes "
                           "with ddp only (the base replicated on every rank); set distributed.strategy=ddp, or train "
                           "a base that does not fit one device with quant.mode=nf4 (QLoRA)")
+    if cfg.train.auto_micro_batch:
+        raise ConfigError(f"train.auto_micro_batch is not available on {nproc} processes yet: an out-of-memory on one "
+                          "rank would halve its micro batch alone and the ranks would no longer share the same step; "
+                          "set train.micro_batch_size to a size that fits (loralab estimate) and "
+                          "train.auto_micro_batch=false")
     if cfg.model.device.startswith("cuda:"):
         raise ConfigError(f"model.device {cfg.model.device} names one GPU, but a run on {nproc} processes gives "
                           "each rank its own (LOCAL_RANK); set model.device=auto or cuda")
@@ -122,17 +127,19 @@ def sum_over_ranks(params: list[torch.nn.Parameter], step_loss: torch.Tensor, *,
     return flat[offset:].to(step_loss.dtype)
 
 
-def start_together(params: list[torch.nn.Parameter], step: int, *, timeout_s: int) -> None:
-    """Every rank starts from rank 0's adapters at the same step: a resume that found another
-    checkpoint on another rank is refused (it would train a different run)."""
+def start_together(params: list[torch.nn.Parameter], step: int, *, micro_batch_size: int, timeout_s: int) -> None:
+    """Every rank starts from rank 0's adapters at the same step with the same micro batch
+    size: ranks that disagree (a resume that found another checkpoint, an auto micro batch
+    resolved to another size) are refused, since they would train a different run."""
     if not active():
         return
     with rank_timeout("starting (every rank loads the base and the data first)", timeout_s):
-        steps = gather_ints(step)
+        steps, micros = gather_ints(step), gather_ints(micro_batch_size)
         for p in params:
             dist.broadcast(p.data, src=0)
-    if len(set(steps)) > 1:
-        raise LoralabError(f"the ranks resume from different steps {steps}: the run directory changed under them")
+    if len(set(steps)) > 1 or len(set(micros)) > 1:
+        raise LoralabError(f"the ranks would start from different steps {steps} or micro batch sizes {micros} (by "
+                           "rank): every rank must lay out the same step; set train.micro_batch_size to a number")
 
 
 def rank_record(cfg: Config, peak_memory_bytes: int) -> dict:
