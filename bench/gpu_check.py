@@ -407,7 +407,7 @@ def section_multi_gpu(plan: dict, work: Path) -> dict:
     from safetensors.torch import load_file
 
     from loralab.config import load_config
-    from loralab.estimate import estimate_run
+    from loralab.estimate import estimate_run, per_rank
 
     n = torch.cuda.device_count() if plan["device"] == "cuda" else 2
     if n < 2:
@@ -434,7 +434,8 @@ def section_multi_gpu(plan: dict, work: Path) -> dict:
             "adapter_max_abs_diff": max(float((one[k] - many[k]).abs().max()) for k in one),
             "peak_memory_bytes_1": summaries[1]["peak_memory_bytes"],
             "peak_memory_bytes_per_rank": ranks["peak_memory_bytes_per_rank"],
-            "estimated_memory_bytes": estimate_run(load_config(cfg), device=plan["device"]).memory_bytes["total"]}
+            "estimated_memory_bytes_per_rank": per_rank(estimate_run(load_config(cfg), device=plan["device"]),
+                                                        n).memory_bytes["total"]}
 
 
 SECTIONS = {"env": section_env, "matmul_ceiling": section_matmul_ceiling, "memory": section_memory,

@@ -227,3 +227,15 @@ def test_launcher_store_listens_on_loopback_only():
     assert listening([os.getpid()]) >= {f"127.0.0.1:{port}"}
     assert not [a for a in listening([os.getpid()]) if a.endswith(f":{port}") and not a.startswith("127.0.0.1:")]
     del store
+
+
+def test_estimate_per_rank_adds_the_gradient_sum_buffer(capsys):
+    assert main(["estimate", "--model", "llama2-7b", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert main(["estimate", "--model", "llama2-7b", "--nproc", "2", "--json"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert two["settings"]["processes"] == 2 and two["settings"]["strategy"] == "ddp"
+    assert two["memory_bytes"]["gradient_sum"] == 4 * one["trainable_params"] == 4 * 4_194_304
+    assert two["memory_bytes"]["total"] == one["memory_bytes"]["total"] + 4 * 4_194_304
+    assert main(["estimate", "--model", "llama2-7b", "--nproc", "0"]) == 2
+    assert "--nproc must be at least 1 (got 0)" in capsys.readouterr().err

@@ -554,6 +554,24 @@ FLAG_KEYS = {
 _POSITIVE = {"r": "--r (lora.r)", "micro_batch": "--micro-batch (train.micro_batch_size)", "seq_len": "--seq-len (data.max_seq_length)"}
 
 
+def per_rank(est: Estimate, nproc: int) -> Estimate:
+    """Each rank's memory in a run on ``nproc`` processes with distributed.strategy ddp
+    (loralab.train.distributed): what one process holds (the whole base, the adapters, their
+    gradients and optimizer state, one micro batch's activations) plus the flat fp32 buffer the
+    step's gradient sum goes through (the adapters' gradients once more). One process: ``est``."""
+    if nproc <= 1:
+        return est
+    memory = {k: v for k, v in est.memory_bytes.items() if k != "total"}
+    memory["gradient_sum"] = est.trainable_params * LORA_PARAM_BYTES
+    memory["total"] = sum(memory.values())
+    fits = None if est.budget_bytes is None else memory["total"] <= est.budget_bytes
+    note = (f"per rank of {nproc} ddp processes (every rank holds the whole base); the largest micro batch "
+            "that fits leaves out the gradient-sum buffer")
+    return replace(est, memory_bytes=memory, fits=fits, settings={**est.settings, "processes": nproc,
+                                                                  "strategy": "ddp"},
+                   approximate=[*est.approximate, note])
+
+
 def estimate_from_args(
     config_path: str | None = None,
     overrides: list[str] | None = None,
