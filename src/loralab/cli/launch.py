@@ -102,7 +102,7 @@ def launch(worker_args: list[str], *, nproc: int, run_dir: Path, timeout_s: floa
     """Run ``python -m loralab.cli <worker_args>`` on ``nproc`` local processes and wait.
     A worker that dies takes the others down (torch's launcher stops them) and leaves the run
     ``interrupted``: raised as InterruptedRun, saying how to continue."""
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -127,6 +127,10 @@ def launch(worker_args: list[str], *, nproc: int, run_dir: Path, timeout_s: floa
         err = mark_interrupted(RunDir(run_dir), f"rank {rank} ended with {how}", killed=killed)
         if not isinstance(err, InterruptedRun) and failure.exitcode > 0:
             err.exit_code = failure.exitcode  # the worker's own: 2 invalid input, 3 diverged, ...
+        raise err from None
+    except SignalException as exc:  # the launcher itself was stopped (Ctrl-C, SIGTERM): it stopped the ranks
+        err = mark_interrupted(RunDir(run_dir), f"the launcher got {exc.sigval.name}", killed=True)
+        err.exit_code = 128 + int(exc.sigval)  # as a shell reports a process ended by that signal (130: Ctrl-C)
         raise err from None
 
 
