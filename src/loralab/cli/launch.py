@@ -58,7 +58,7 @@ def loopback_store(timeout_s: float):
     return store, port
 
 
-def loopback_handler(store, port: int, nproc: int, run_id: str):
+def loopback_handler(store, port: int, run_id: str):
     """torch's RendezvousHandler for one node whose store is ``store`` (already listening)."""
     from torch.distributed import PrefixStore
     from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousInfo
@@ -109,7 +109,7 @@ def launch(worker_args: list[str], *, nproc: int, run_dir: Path, timeout_s: floa
 
     store, port = loopback_store(timeout_s)
     run_id = uuid.uuid4().hex
-    handler = loopback_handler(store, port, nproc, run_id)
+    handler = loopback_handler(store, port, run_id)
     rendezvous_handler_registry.register(BACKEND, handler_of)  # the same function each time: registered once
     for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         os.environ.setdefault(name, "lo")  # the collectives' own sockets on loopback, too
@@ -121,8 +121,13 @@ def launch(worker_args: list[str], *, nproc: int, run_dir: Path, timeout_s: floa
     try:
         elastic_launch(config, sys.executable)("-m", "loralab.cli", *worker_args)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        killed = failure.exitcode < 0  # the first rank to end was killed by a signal: the others' errors follow
+        # A rank killed by a signal is the cause whenever there is one: the others' errors (a lost
+        # connection) follow from it, often within the same second, so torch's "first failure"
+        # (whole-second timestamps) cannot tell them apart.
+        signalled = sorted(r for r, f in exc.failures.items() if f.exitcode < 0)
+        rank = signalled[0] if signalled else exc.get_first_failure()[0]
+        failure = exc.failures[rank]
+        killed = failure.exitcode < 0
         how = failure.signal_name() if killed else f"exit code {failure.exitcode}"
         err = mark_interrupted(RunDir(run_dir), f"rank {rank} ended with {how}", killed=killed)
         if not isinstance(err, InterruptedRun) and failure.exitcode > 0:
