@@ -239,3 +239,18 @@ def test_estimate_per_rank_adds_the_gradient_sum_buffer(capsys):
     assert two["memory_bytes"]["total"] == one["memory_bytes"]["total"] + 4 * 4_194_304
     assert main(["estimate", "--model", "llama2-7b", "--nproc", "0"]) == 2
     assert "--nproc must be at least 1 (got 0)" in capsys.readouterr().err
+
+
+def test_the_cause_of_a_failed_job_is_the_rank_killed_from_outside():
+    from types import SimpleNamespace
+
+    from loralab.cli.launch import cause
+
+    def ended(code: int, name: str = "<N/A>", at: int = 100):
+        return SimpleNamespace(exitcode=code, timestamp=at, signal_name=lambda: name)
+
+    # rank 0 lost its connection in the same second rank 2 was SIGKILLed; rank 1 was stopped by the launcher
+    assert cause({0: ended(1), 1: ended(-15, "SIGTERM"), 2: ended(-9, "SIGKILL")}) == 2
+    # a rank that timed out and exited, the stopped rank it waited for ended by the launcher's SIGTERM
+    assert cause({0: ended(1, at=101), 1: ended(-15, "SIGTERM", at=100)}) == 0
+    assert cause({1: ended(2, at=100), 0: ended(1, at=101)}) == 1  # else the first to fail

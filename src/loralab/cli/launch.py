@@ -121,11 +121,7 @@ def launch(worker_args: list[str], *, nproc: int, run_dir: Path, timeout_s: floa
     try:
         elastic_launch(config, sys.executable)("-m", "loralab.cli", *worker_args)
     except ChildFailedError as exc:
-        # A rank killed by a signal is the cause whenever there is one: the others' errors (a lost
-        # connection) follow from it, often within the same second, so torch's "first failure"
-        # (whole-second timestamps) cannot tell them apart.
-        signalled = sorted(r for r, f in exc.failures.items() if f.exitcode < 0)
-        rank = signalled[0] if signalled else exc.get_first_failure()[0]
+        rank = cause(exc.failures)
         failure = exc.failures[rank]
         killed = failure.exitcode < 0
         how = failure.signal_name() if killed else f"exit code {failure.exitcode}"
@@ -137,6 +133,20 @@ def launch(worker_args: list[str], *, nproc: int, run_dir: Path, timeout_s: floa
         err = mark_interrupted(RunDir(run_dir), f"the launcher got {exc.sigval.name}", killed=True)
         err.exit_code = 128 + int(exc.sigval)  # as a shell reports a process ended by that signal (130: Ctrl-C)
         raise err from None
+
+
+def cause(failures: dict) -> int:
+    """The rank whose end ended the job. A rank killed from outside (SIGKILL, the OOM killer) is
+    the cause whenever there is one: the others' errors (a lost connection) follow from it, often
+    within the same second, so torch's "first failure" (whole-second timestamps) cannot tell
+    them apart. Then a rank that exited with an error; a SIGTERM comes last, as the launcher
+    sends it to stop the ranks still running."""
+    def order(rank: int) -> tuple:
+        f = failures[rank]
+        kind = 2 if f.signal_name() == "SIGTERM" else 0 if f.exitcode < 0 else 1
+        return kind, f.timestamp, rank
+
+    return min(failures, key=order)
 
 
 def mark_interrupted(run: RunDir, what: str, *, killed: bool) -> LoralabError:
