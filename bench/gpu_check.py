@@ -22,6 +22,10 @@ sections still run); a section that would start after the time budget is recorde
 * ``fused``: K=8 LoRA runs fused over one base (train_fused) against the same 8 one after
   another (train), in-process; wall seconds and the largest final-loss difference.
 * ``quickstart``: ``loralab quickstart --json`` on CUDA, as a user runs it.
+* ``multi_gpu``: with 2 or more GPUs, ``loralab train --nproc N`` (NCCL) against ``--nproc 1``:
+  scaling efficiency (tokens/s on N against N times one), the adapters' largest difference,
+  each rank's peak memory against the estimate; skipped with one GPU (2 gloo processes in the
+  smoke).
 """
 
 from __future__ import annotations
@@ -54,13 +58,13 @@ PLANS = {
     "gpu": dict(device="cuda", dtype="bf16", budget_s=420, words=1500, ceiling_n=8192, memory_model=ONE_B,
                 memory_seq=[512, 2048], memory_micro=2, sync_micro=4, speed_cases=[
                     "tiny-bf16-lora-mb1", "tiny-bf16-lora-mb8", "big-bf16-lora-mb8"], speed_steps=None, speed_examples=None,
-                fused_k=8, fused_steps=30, quickstart=[], attention_len=512),
+                fused_k=8, fused_steps=30, quickstart=[], attention_len=512, multi_steps=40),
     "smoke": dict(device="cpu", dtype="fp32", budget_s=600, words=60, ceiling_n=256, memory_model=SMOKE_MODEL,
                   memory_seq=[96, 128], memory_micro=1, sync_micro=2, speed_cases=["tiny-fp32-lora-mb8"],
                   speed_steps=1, speed_examples=16, fused_k=2, fused_steps=1,
                   quickstart=["--set", "train.max_steps=1", "--set", "eval.every=0", "--set", "data.limit=32",
                               "--set", "data.val_max_examples=4", "--eval-n", "2"],
-                  attention_len=96),
+                  attention_len=96, multi_steps=2),
 }
 
 
@@ -395,9 +399,48 @@ def section_quickstart(plan: dict, work: Path) -> dict:
             "final_eval_loss": s["final_eval_loss"], "peak_memory_bytes": s.get("peak_memory_bytes")}
 
 
+def section_multi_gpu(plan: dict, work: Path) -> dict:
+    """One run on N GPUs (loralab train --nproc N, NCCL) against the same run on one: scaling
+    efficiency (tokens/s on N against N times one GPU), the adapters' difference, and each
+    rank's peak memory against the estimate. On the CPU smoke: 2 gloo processes."""
+    import torch
+    from safetensors.torch import load_file
+
+    from loralab.config import load_config
+    from loralab.estimate import estimate_run, per_rank
+
+    n = torch.cuda.device_count() if plan["device"] == "cuda" else 2
+    if n < 2:
+        return {"skipped": f"{n} CUDA device: this section needs 2 or more"}
+    cfg = work / "run.yaml"
+    cfg.write_text(json.dumps({
+        "model": {"path": "builtin:tiny", "device": plan["device"], "dtype": plan["dtype"]},
+        "data": {"path": "builtin:arithmetic_2ds", "val_max_examples": 4, "max_seq_length": 64},
+        "lora": {"dropout": 0.0},
+        "train": {"batch_size": 4 * n, "micro_batch_size": 4, "max_steps": plan["multi_steps"], "warmup_steps": 0}}))
+    summaries = {}
+    for procs in (1, n):
+        out = work / f"n{procs}"
+        proc = subprocess.run([sys.executable, "-m", "loralab.cli", "train", str(cfg), "--out", str(out), "--json",
+                               "--nproc", str(procs)], env=ENV, capture_output=True, text=True, timeout=600, cwd=work)
+        if proc.returncode:
+            raise RuntimeError(f"--nproc {procs} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        summaries[procs] = json.loads(proc.stdout)
+    one, many = (load_file(work / f"n{p}" / "adapter" / "adapter_model.safetensors") for p in (1, n))
+    ranks = summaries[n]["extra"]["distributed"]
+    return {"n": n, "backend": ranks["backend"], "steps": plan["multi_steps"],
+            "tokens_per_s_1": summaries[1]["tokens_per_s"], "tokens_per_s_n": summaries[n]["tokens_per_s"],
+            "scaling_efficiency": summaries[n]["tokens_per_s"] / (n * summaries[1]["tokens_per_s"]),
+            "adapter_max_abs_diff": max(float((one[k] - many[k]).abs().max()) for k in one),
+            "peak_memory_bytes_1": summaries[1]["peak_memory_bytes"],
+            "peak_memory_bytes_per_rank": ranks["peak_memory_bytes_per_rank"],
+            "estimated_memory_bytes_per_rank": per_rank(estimate_run(load_config(cfg), device=plan["device"]),
+                                                        n).memory_bytes["total"]}
+
+
 SECTIONS = {"env": section_env, "matmul_ceiling": section_matmul_ceiling, "memory": section_memory,
             "attention": section_attention, "syncs": section_syncs, "speed": section_speed,
-            "fused": section_fused, "quickstart": section_quickstart}
+            "fused": section_fused, "quickstart": section_quickstart, "multi_gpu": section_multi_gpu}
 
 
 def run(plan_name: str, out: Path, only: list[str] | None = None) -> dict:

@@ -99,7 +99,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    optimizer: Literal["adamw", "sgd", "adafactor", "adamw8bit"] = _f("adamw", "adamw8bit needs bitsandbytes.")
+    optimizer: Literal["adamw", "sgd", "adafactor", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = _f("adamw", "adamw8bit needs bitsandbytes. paged_adamw / paged_adamw8bit: bitsandbytes' paged optimizers (state in CUDA unified memory, paged to the host under memory spikes; QLoRA's), on CUDA only: refused on the CPU, where bitsandbytes has nothing to page.")
     lr: float = _f(3e-4, "Peak learning rate.", gt=0)
     momentum: float = _f(0.0, "SGD momentum.", ge=0, lt=1)
     betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
@@ -155,6 +155,12 @@ class TrackingConfig:
 
 
 @dataclass
+class DistributedConfig:
+    strategy: Literal["ddp", "fsdp"] = _f("ddp", "How a run on several processes (loralab train --nproc N, or torchrun) shares the work: ddp replicates the base and sums the adapters' gradients over the ranks (each rank takes its share of every step's micro batches: the same maths as one process); fsdp (FSDP2 sharding of the base) is refused for now. One process ignores it.")
+    timeout_s: int = _f(600, "Seconds a rank waits for the others at a collective (the gradient sum of a step, the start) before the run fails, naming the wait: a hanging rank ends the run instead of blocking it forever.", gt=0)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -164,6 +170,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,6 +189,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "output": OutputConfig,
     "tracking": TrackingConfig,
+    "distributed": DistributedConfig,
 }
 
 

@@ -63,7 +63,8 @@ LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "gemma2"
 # Simple per-parameter figures (the seed: "Adam uses 8 bytes per parameter ... Adafactor
 # only 4"). Adafactor's 4 is the unfactored second moment in fp32; factored (what
 # estimate_run uses for matrices) it is (rows + cols) x 4 bytes per matrix, far less.
-OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adamw8bit": 2, "adafactor": 4, "sgd": 0}
+OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adamw8bit": 2, "adafactor": 4, "sgd": 0, "paged_adamw": 8,
+                             "paged_adamw8bit": 2}
 
 
 # ----------------------------------------------------------------------------- model
@@ -243,7 +244,10 @@ def quantized_bytes(n_weights: int, *, double_quant: bool, block_size: int = 64)
 def optimizer_state_bytes(
     optimizer: str, tensor_shapes: list[tuple[int, ...]], param_bytes: int = 4, momentum: float = 0.0
 ) -> int:
-    """Optimizer state for the trainable tensors (torch semantics: state dtype = param dtype)."""
+    """Optimizer state for the trainable tensors (torch semantics: state dtype = param dtype).
+    A paged optimizer's state is counted as on the device, as its unpaged twin's: bitsandbytes
+    pages it to the host only under memory pressure (and never a tensor under 1e5 values)."""
+    optimizer = optimizer.removeprefix("paged_")
     n = sum(math.prod(s) for s in tensor_shapes)
     if optimizer == "adamw":
         return 2 * param_bytes * n
@@ -537,3 +541,21 @@ def _settings(cfg: Config, gc: bool, device: str) -> dict[str, Any]:
         "grad_checkpointing": gc,
         "device": device,
     }
+
+
+def per_rank(est: Estimate, nproc: int) -> Estimate:
+    """Each rank's memory in a run on ``nproc`` processes with distributed.strategy ddp
+    (loralab.train.distributed): what one process holds (the whole base, the adapters, their
+    gradients and optimizer state, one micro batch's activations) plus the flat fp32 buffer the
+    step's gradient sum goes through (the adapters' gradients once more). One process: ``est``."""
+    if nproc <= 1:
+        return est
+    memory = {k: v for k, v in est.memory_bytes.items() if k != "total"}
+    memory["gradient_sum"] = est.trainable_params * LORA_PARAM_BYTES
+    memory["total"] = sum(memory.values())
+    fits = None if est.budget_bytes is None else memory["total"] <= est.budget_bytes
+    note = (f"per rank of {nproc} ddp processes (every rank holds the whole base); the largest micro batch "
+            "that fits leaves out the gradient-sum buffer")
+    return replace(est, memory_bytes=memory, fits=fits, settings={**est.settings, "processes": nproc,
+                                                                  "strategy": "ddp"},
+                   approximate=[*est.approximate, note])

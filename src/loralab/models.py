@@ -239,6 +239,16 @@ def check_cpu_4bit(lm, quant: QuantConfig) -> None:
                            if type(module).__name__ == "Linear4bit" and getattr(module, "in_features", None)}, quant)
 
 
+def check_optimizer_device(optimizer: str, device: torch.device) -> None:
+    """bitsandbytes' paged optimizers page their state through CUDA unified memory; on any
+    other device (bitsandbytes 0.50 on the CPU: a warning and plain AdamW) they are refused."""
+    if optimizer.startswith("paged_") and device.type != "cuda":
+        plain = optimizer.removeprefix("paged_")
+        raise ModelError(f"train.optimizer {optimizer} pages optimizer state between a CUDA GPU and the host; this "
+                         f"run is on {device.type}, where bitsandbytes has nothing to page (it would be plain "
+                         f"{plain}): set train.optimizer={plain}")
+
+
 def check_cpu_4bit_widths(in_features: dict[str, int], quant: QuantConfig) -> None:
     """check_cpu_4bit on {quantized layer: in_features}, for a loaded or a meta-device model."""
     for name, width in in_features.items():

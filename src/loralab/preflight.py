@@ -30,7 +30,14 @@ def check_run(cfg: Config, *, device: str) -> None:
     finds out for itself)."""
     from loralab.adapters import check_rank
     from loralab.estimate import describe_model, lora_modules
-    from loralab.models import check_attention, check_cpu_4bit_widths, resolve_dtype
+    from loralab.models import (
+        check_attention,
+        check_cpu_4bit_widths,
+        check_optimizer_device,
+        resolve_dtype,
+    )
+
+    check_optimizer_device(cfg.train.optimizer, torch.device(device))
 
     try:
         shape = describe_model(cfg.model.path)

@@ -15,7 +15,13 @@ from typing import Any
 from loralab.cli.output import emit_json, table
 from loralab.config import apply_overrides, config_from_dict, override_origins, read_yaml
 from loralab.errors import ConfigError
-from loralab.estimate import OPTIMIZER_BYTES_PER_PARAM, Estimate, estimate_run, known_presets
+from loralab.estimate import (
+    OPTIMIZER_BYTES_PER_PARAM,
+    Estimate,
+    estimate_run,
+    known_presets,
+    per_rank,
+)
 from loralab.units import human_bytes, parse_bytes
 
 # flag -> config key (for --set style overrides)
@@ -92,6 +98,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "model.device; auto = the device a run would use on this machine)")
     p.add_argument("--budget", help="memory budget, e.g. 24GB or 80GiB; reports fits and the largest micro batch")
     p.add_argument("--throughput", type=float, help="effective FLOP/s of the device, e.g. 100e12")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="memory of each rank of a run on N processes (loralab train --nproc N, ddp)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_estimate)
 
@@ -106,6 +114,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         throughput=args.throughput, device=args.device, rslora=args.rslora, dora=args.dora,
         double_quant=args.double_quant, **flags,
     )
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1 (got {args.nproc})")
+    est = per_rank(est, args.nproc)
     if args.json:
         emit_json(est.to_dict())
     else:
@@ -118,7 +129,8 @@ def format_table(est: Estimate) -> str:
     s = est.settings
     setup = (f"{s['dtype']} base, quant {s['quant']}, r={s['r']} on {','.join(s['targets'])} ({est.lora_modules} "
              f"modules), {s['optimizer']}, micro batch {s['micro_batch_size']} x {s['seq_len']} tokens"
-             + (", grad checkpointing" if s["grad_checkpointing"] else "") + f", {s['device']}")
+             + (", grad checkpointing" if s["grad_checkpointing"] else "") + f", {s['device']}"
+             + (f", per rank of {s['processes']} ddp processes" if s.get("processes") else ""))
     about = [("model", f"{est.model} ({est.model_type})"), ("setup", setup),
              ("total params", f"{est.total_params:,} (base {est.base_params:,} + adapter {est.trainable_params:,})"),
              ("trainable params", f"{est.trainable_params:,} ({100 * est.trainable_share:.4f}% of {est.total_params:,})")]

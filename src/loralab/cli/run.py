@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import time
@@ -39,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--set train.stop_at_step=null, or pause later with --set train.stop_at_step=N")
     _run_args(p)
     add_force_arg(p)
+    p.add_argument("--nproc", type=nproc_arg, default=1, metavar="N",
+                   help="train the run on N processes of this machine (torch's launcher, as torchrun; "
+                        "distributed.strategy ddp; one GPU each on CUDA): docs/distributed.md")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("quickstart", help="fine-tune the shipped tiny base on arithmetic, accuracy before/after")
@@ -89,6 +93,13 @@ def add_model_flags(p: argparse.ArgumentParser, *, from_run: bool = False) -> No
     p.add_argument("--device", type=device_arg, default=None if from_run else "auto",
                    help="auto = cuda when usable, else cpu; cuda (or cuda:N, the Nth GPU) fails clearly when CUDA "
                         "is not usable" + (default or " (default auto)"))
+
+
+def nproc_arg(text: str) -> int:
+    """--nproc's value: a whole number of processes, at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--nproc must be a whole number of processes, at least 1 (got {text!r})")
+    return int(text)
 
 
 def device_arg(text: str) -> str:
@@ -197,6 +208,7 @@ def _checked_config(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from loralab.adapters import check_adapter_base
+    from loralab.train import distributed
     from loralab.train.loop import train
 
     if args.resume:
@@ -211,10 +223,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(run.config, list(args.overrides) + [f"output.dir={run.root}"])
         check_not_paused_again(run, cfg)
         check_adapter_base(run.root, cfg.model.path, force=args.force, trust_remote_code=cfg.model.trust_remote_code)
-        summary = train(cfg, show_progress=not args.json, resume=True)
     else:
         cfg = _checked_config(args)
-        summary = train(cfg, show_progress=not args.json)
+    if args.nproc > 1 and not distributed.launched():  # this process launches the ranks (loralab.cli.launch)
+        from loralab.cli.launch import train_on_processes
+
+        summary = train_on_processes(args, cfg)
+    else:  # one process, or one rank of a torchrun job
+        with distributed.process_group(cfg) if distributed.launched() else contextlib.nullcontext():
+            summary = train(cfg, show_progress=not args.json and distributed.writes(), resume=bool(args.resume))
+            if not distributed.writes():
+                return 0  # rank 0 answers for the run
     emit_json(summary) if args.json else _print_summary(summary)
     return 0
 

@@ -25,6 +25,7 @@ import dataclasses
 import errno
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from loralab.data.packing import step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
 from loralab.halving import halving_rungs, keep_count, rank_key
 from loralab.models import (
+    check_optimizer_device,
     dtype_choice,
     load_base,
     load_tokenizer,
@@ -59,6 +61,7 @@ from loralab.rundir import (
     write_atomic,
 )
 from loralab.track import Tracker, open_trackers
+from loralab.train import distributed
 from loralab.train.attention import segment_attention
 from loralab.train.compiled import CompileReport, compile_choice, compile_layers, eager, uncompile
 from loralab.train.checkpoint import (
@@ -106,7 +109,8 @@ log = logging.getLogger(__name__)
 RESUME_MAY_CHANGE = frozenset({
     "train.stop_at_step", "train.checkpoint_every", "train.keep_last", "train.log_every",
     "train.auto_micro_batch", "output.dir", "output.save_adapter",
-}) | {f"tracking.{f.name}" for f in dataclasses.fields(TrackingConfig)}
+}) | {f"tracking.{f.name}" for f in dataclasses.fields(TrackingConfig)} | {
+    "distributed.strategy", "distributed.timeout_s"}  # how the ranks share a step, not its maths
 
 
 # ----------------------------------------------------------------------------- the adapters of a group
@@ -267,7 +271,8 @@ class Run:
     def record(self, **fields: Any) -> None:
         """Update summary.json (atomically)."""
         self.summary.update(fields)
-        write_atomic(self.dir.summary, self.summary)
+        if distributed.writes():  # several ranks: rank 0 writes the run directory
+            write_atomic(self.dir.summary, self.summary)
 
 
 @dataclass
@@ -300,6 +305,7 @@ def load_group(cfgs: list[Config], *, fused: bool, progress: bool = False) -> Se
     cfg = cfgs[0]  # every shared key is equal across a group (fused.check_group)
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.model.device)
+    check_optimizer_device(cfg.train.optimizer, device)  # paged optimizers: CUDA only, refused before loading
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model_config = read_config(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     splits, tasks = load_data_and_tasks(cfg, model_config, tokenizer)
@@ -366,7 +372,7 @@ def resume_step(runs: list[Run]) -> int:
     group save at the same steps and prune only once all have saved, so after a kill in the
     middle of a save the previous step is still there for every run."""
     for run in runs:
-        if run.dir.checkpoints.is_dir():
+        if run.dir.checkpoints.is_dir() and distributed.writes():
             clean_temporaries(run.dir.checkpoints)  # half-written by a killed session
     first = runs[0]
     for path in reversed(complete_checkpoints(first.dir.checkpoints)):
@@ -393,7 +399,8 @@ def start_runs(runs: list[Run], adapters, *, steps: int, resume: bool, device: t
         log.info("no complete checkpoint in %s: starting from step 0", ", ".join(str(r.dir.root) for r in runs))
     for run in runs:
         if step == 0:
-            run.dir.metrics.unlink(missing_ok=True)
+            if distributed.writes():
+                run.dir.metrics.unlink(missing_ok=True)
             run.state = TrainState(micro_batch_size=run.cfg.train.micro_batch_size, arithmetic=arithmetic_settings())
         else:
             path = run.dir.checkpoint(step)
@@ -401,11 +408,15 @@ def start_runs(runs: list[Run], adapters, *, steps: int, resume: bool, device: t
                                         device=device)
             if run.scaler is not None and run.state.grad_scaler:
                 run.scaler.load_state_dict(run.state.grad_scaler)
-            trim_metrics(run.dir.metrics, step)
+            if distributed.writes():
+                trim_metrics(run.dir.metrics, step)
             run.checkpoint = path
             log.info("resuming %s from %s (step %d)", run.dir.root, path, step)
         run.resumed_from = run.state.step if resume else None
-        run.metrics = MetricsWriter(run.dir.metrics, run.tracker)
+        # several ranks: rank 0 writes metrics.jsonl, the others' lines go nowhere
+        run.metrics = MetricsWriter(run.dir.metrics if distributed.writes() else Path(os.devnull), run.tracker)
+    distributed.start_together([p for r in runs for p in r.params], step, micro_batch_size=runs[0].state.micro_batch_size,
+                               timeout_s=runs[0].cfg.distributed.timeout_s)
     return step
 
 
@@ -437,7 +448,7 @@ def forward_backward(adapters, runs: list[Run], examples: list[Example], group: 
     batches, n_loss, tokens = host_layout(examples, group, cfg, pad_id=pad_id, attention=attention)
     step_loss = torch.zeros(len(runs), dtype=torch.float64, device=device)
     first = runs[0].state.micro_batches  # the micro batches before this step (equal in every live run)
-    for j, batch in enumerate(batches):
+    for j, batch in distributed.my_share(batches):  # several ranks: micro batch j on rank j % N
         batch = to_device(batch, device)
         # backward inside the routing: activation checkpointing recomputes forwards during it;
         # draw numbers the micro batch (unique: a step has at most batch_size of them, packed or
@@ -450,6 +461,9 @@ def forward_backward(adapters, runs: list[Run], examples: list[Example], group: 
             else:  # fp16: each run's loss times its own scale, so small gradients stay representable
                 torch.stack([r.scaler.scale(loss) for r, loss in zip(runs, losses, strict=True)]).sum().backward()
         step_loss += losses.detach()
+    # several ranks: the gradients and losses of the whole step, summed over the ranks
+    step_loss = distributed.sum_over_ranks([p for r in runs for p in r.params], step_loss,
+                                           timeout_s=cfg.distributed.timeout_s)
     return step_loss, tokens
 
 
@@ -669,8 +683,8 @@ def fit(runs: list[Run], setup: Setup, *, resume: bool, show_progress: bool, pru
             if rung:
                 stop_worst(going, prune, step=step, steps=steps, setup=setup)
                 going = [r for r in going if r.status is Status.RUNNING]
-            if going and step < steps and (step == stop or (cfg.train.checkpoint_every
-                                                            and step % cfg.train.checkpoint_every == 0)):
+            if going and step < steps and distributed.writes() and (
+                    step == stop or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
                 save_checkpoints(going, adapters, clock=clock, keep_last=cfg.train.keep_last, device=device)
             bar.update(1)
             if going:
@@ -682,7 +696,7 @@ def fit(runs: list[Run], setup: Setup, *, resume: bool, show_progress: bool, pru
     for r in runs:
         if r.metrics is not None and not r.metrics.f.closed:
             r.metrics.close()
-    saved = [r for r in finished if r.cfg.output.save_adapter]
+    saved = [r for r in finished if r.cfg.output.save_adapter and distributed.writes()]
     if saved:
         adapters.save(saved, clock.charge_to)
     for r in finished:
@@ -877,17 +891,18 @@ def open_runs(cfgs: list[Config], run_dirs: list[Path], *, resume: bool, fused: 
                 done.append(previous)
                 continue
         done.append(None)
-        rd.root.mkdir(parents=True, exist_ok=True)
         cfg.output.dir = str(path)
-        if not resume:
-            clear_run_outputs(rd)
-        dump_config(cfg, rd.config)
+        if distributed.writes():  # several ranks: rank 0 writes the run directory
+            rd.root.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                clear_run_outputs(rd)
+            dump_config(cfg, rd.config)
         summary = {"status": Status.RUNNING, "error": None, "run_dir": str(path), "versions": versions(),
                    "trust_remote_code": cfg.model.trust_remote_code,
                    "base": base_record(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code),
                    **group_extra(path)}
         run = Run(len(runs), cfg, rd, summary)
-        if not fused:  # a fused group's runs go to their trackers when the group ends (loralab.track)
+        if not fused and distributed.writes():  # a fused group's runs go to their trackers when the group ends
             run.tracker = open_trackers(cfg, path, resume=resume)
         run.record()
         runs.append(run)
@@ -978,6 +993,7 @@ def run_group(cfgs: list[Config], run_dirs: list[Path], *, fused: bool, resume: 
                                 "unattributed time among all runs, each adapter save to its own run",
             "peak_memory": "peak_memory_bytes is the whole group's process",
         }
+    extra.update(distributed.rank_record(runs[0].cfg, shared["peak_memory_bytes"]))  # several ranks: each one's peak
     for r in ended:
         r.record(status=r.status, error=None,
                  **run_result(r, setup, steps=shared["steps"], extra=extra, peak_memory_bytes=shared["peak_memory_bytes"]))

@@ -27,6 +27,13 @@ def build_optimizer(params: list[torch.nn.Parameter], t: TrainConfig) -> torch.o
         except ImportError:
             raise ModelError("train.optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
         return bnb.optim.AdamW8bit(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    if t.optimizer in ("paged_adamw", "paged_adamw8bit"):  # on CUDA only (models.check_optimizer_device)
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ModelError(f"train.optimizer {t.optimizer} needs bitsandbytes (pip install bitsandbytes)") from None
+        paged = bnb.optim.PagedAdamW if t.optimizer == "paged_adamw" else bnb.optim.PagedAdamW8bit
+        return paged(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     raise ValueError(t.optimizer)
 
 

@@ -1,0 +1,176 @@
+"""One run on N processes (ranks): what the training core asks of torch.distributed.
+
+    loralab train run.yaml --nproc 2                       # loralab.cli.launch starts the ranks
+    torchrun --nproc-per-node 2 -m loralab.cli train run.yaml --out runs/a   # or any torchrun
+
+Strategy ddp, the same maths as one process: every rank holds the whole base and the same
+adapters; each step's micro batches are laid out exactly as one process lays them out (same
+examples, same order, same packing) and dealt round-robin to the ranks (micro batch j to rank
+j % N); every rank divides its losses by the response tokens of the WHOLE step, so the sum of
+the ranks' gradients (one all-reduce per step, before clipping) is the one-process gradient,
+and every rank then takes the same optimizer step. Only rank 0 writes the run directory
+(``writes()``); the others read it (a resume's checkpoint) and keep their metrics to
+themselves.
+
+Outside a process group (a plain run) every function here is the identity: rank 0 of 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+from loralab.config import Config
+from loralab.errors import ConfigError, LoralabError
+
+log = logging.getLogger(__name__)
+
+
+class RankLost(LoralabError):
+    """A collective failed because another rank's connection closed: it died."""
+
+    exit_code = 1
+
+
+class RankTimeout(LoralabError):
+    """A collective waited longer than distributed.timeout_s: another rank hangs or died."""
+
+    exit_code = 1
+
+
+def launched() -> bool:
+    """Whether this process is a worker started by torchrun (or loralab's launcher)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def writes() -> bool:
+    """Whether this process writes the run directory: rank 0 (and a plain run)."""
+    return rank() == 0
+
+
+def check_strategy(cfg: Config, nproc: int) -> None:
+    """Refuse what a run on ``nproc`` processes cannot do yet, before anything starts."""
+    if nproc <= 1:
+        return
+    if cfg.distributed.strategy == "fsdp":
+        raise ConfigError("distributed.strategy fsdp is not available yet: loralab trains on several processes "
+                          "with ddp only (the base replicated on every rank); set distributed.strategy=ddp, or train "
+                          "a base that does not fit one device with quant.mode=nf4 (QLoRA)")
+    if cfg.train.auto_micro_batch:
+        raise ConfigError(f"train.auto_micro_batch is not available on {nproc} processes yet: an out-of-memory on one "
+                          "rank would halve its micro batch alone and the ranks would no longer share the same step; "
+                          "set train.micro_batch_size to a size that fits (loralab estimate) and "
+                          "train.auto_micro_batch=false")
+    if cfg.model.device.startswith("cuda:"):
+        raise ConfigError(f"model.device {cfg.model.device} names one GPU, but a run on {nproc} processes gives "
+                          "each rank its own (LOCAL_RANK); set model.device=auto or cuda")
+
+
+@contextlib.contextmanager
+def process_group(cfg: Config):
+    """Join the job's process group for the length of the run: gloo on CPU, NCCL on CUDA (each
+    rank on the GPU numbered by its LOCAL_RANK), collectives bounded by distributed.timeout_s."""
+    world = int(os.environ["WORLD_SIZE"])
+    check_strategy(cfg, world)
+    from loralab.models import pick_device
+
+    cuda = world > 1 and cfg.model.device != "cpu" and pick_device(cfg.model.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
+    if not writes():
+        logging.getLogger("loralab").setLevel(logging.WARNING)  # one rank speaks; the others only warn
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def my_share(batches: list[dict]) -> list[tuple[int, dict]]:
+    """(index in the step, micro batch) for this rank's micro batches of a step: j % N == rank."""
+    n, r = world_size(), rank()
+    return [(j, b) for j, b in enumerate(batches) if j % n == r]
+
+
+def sum_over_ranks(params: list[torch.nn.Parameter], step_loss: torch.Tensor, *, timeout_s: int) -> torch.Tensor:
+    """Sum the trainable parameters' gradients and the step's losses over the ranks, in place
+    (one flat all-reduce); the summed losses are returned. A rank with no micro batch this step
+    contributes zeros."""
+    if not active():
+        return step_loss
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten().to(torch.float32) for g in grads] + [step_loss.to(torch.float32)])
+    with rank_timeout("summing a step's gradients", timeout_s):
+        dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        offset += n
+    return flat[offset:].to(step_loss.dtype)
+
+
+def start_together(params: list[torch.nn.Parameter], step: int, *, micro_batch_size: int, timeout_s: int) -> None:
+    """Every rank starts from rank 0's adapters at the same step with the same micro batch
+    size: ranks that disagree (a resume that found another checkpoint, an auto micro batch
+    resolved to another size) are refused, since they would train a different run."""
+    if not active():
+        return
+    with rank_timeout("starting (every rank loads the base and the data first)", timeout_s):
+        steps, micros = gather_ints(step), gather_ints(micro_batch_size)
+        for p in params:
+            dist.broadcast(p.data, src=0)
+    if len(set(steps)) > 1 or len(set(micros)) > 1:
+        raise LoralabError(f"the ranks would start from different steps {steps} or micro batch sizes {micros} (by "
+                           "rank): every rank must lay out the same step; set train.micro_batch_size to a number")
+
+
+def rank_record(cfg: Config, peak_memory_bytes: int) -> dict:
+    """The summary's ``distributed`` entry (world size, strategy, each rank's peak memory);
+    empty for a plain run. Every rank calls it at the end of the run."""
+    if not active():
+        return {}
+    with rank_timeout("gathering each rank's peak memory", cfg.distributed.timeout_s):
+        peaks = gather_ints(int(peak_memory_bytes))
+    return {"distributed": {"world_size": world_size(), "strategy": cfg.distributed.strategy,
+                            "backend": dist.get_backend(), "peak_memory_bytes_per_rank": peaks}}
+
+
+def gather_ints(value: int) -> list[int]:
+    """Every rank's ``value``, by rank (a tensor collective: nothing is pickled between ranks)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    out = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size())]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.int64, device=device))
+    return [int(t.item()) for t in out]
+
+
+@contextlib.contextmanager
+def rank_timeout(doing: str, timeout_s: int):
+    """A collective that failed becomes one clear error naming what the rank was doing: a
+    timeout (another rank hangs) or a lost connection (another rank died)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        if "timed out" in first.lower() or "timeout" in first.lower():
+            raise RankTimeout(f"rank {rank()} of {world_size()} waited more than distributed.timeout_s = {timeout_s} s "
+                              f"for the other ranks while {doing}: a rank hangs or died ({first})") from None
+        raise RankLost(f"rank {rank()} of {world_size()} lost the other ranks while {doing}: a rank died "
+                       f"({first})") from None
