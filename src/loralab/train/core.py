@@ -54,6 +54,7 @@ from loralab.rundir import (
     RunDir,
     RunSummary,
     Status,
+    checkpoint_step_of,
     clear_run_outputs,
     trim_metrics,
     write_atomic,
@@ -371,7 +372,7 @@ def resume_step(runs: list[Run]) -> int:
         paths = [path, *(r.dir.checkpoints / path.name for r in runs[1:])]
         problems = {p: verify(p) if (p / MANIFEST).is_file() else "missing or without a manifest" for p in paths}
         if not any(problems.values()):
-            return int(path.name.split("-")[1])
+            return checkpoint_step_of(path)
         for p, problem in problems.items():
             if problem:
                 log.warning("ignoring checkpoint %s (step of every run of the group): %s", p, problem)
