@@ -32,6 +32,7 @@ from loralab.config import Config
 from loralab.errors import ConfigError
 from loralab.track import track_finished
 from loralab.train.core import Prune, run_group
+from loralab.train.group import refuse_dora
 from loralab.train.loop import default_run_dir
 
 __all__ = ["PER_RUN_KEYS", "Prune", "check_group", "fuse_key", "train_fused"]
@@ -63,9 +64,7 @@ def fuse_key(cfg: Config) -> tuple:
     stop_at_step, auto micro batch and activation checkpointing are shared keys: a group has
     them as a solo run does.
     """
-    if cfg.lora.dora:
-        raise ConfigError("lora.dora: DoRA runs cannot be fused (the batched LoRA layer has no "
-                          "magnitude vector); train them alone")
+    refuse_dora(cfg.lora)
     return tuple(
         (f"{section}.{key}", _hashable(value))
         for section, values in cfg.to_dict().items()
