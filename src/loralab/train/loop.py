@@ -24,7 +24,9 @@ from typing import Any
 from loralab.config import Config
 from loralab.errors import ConfigError
 from loralab.resolve import resolve_config
-from loralab.train.core import evaluate_losses, raise_if_diverged, run_group
+from loralab.train.core import raise_if_diverged, run_group
+from loralab.train.evaluation import evaluate_losses
+from loralab.train.group_adapters import SoloAdapters
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -34,8 +36,6 @@ def default_run_dir(cfg: Config) -> Path:
 
 def evaluate_loss(model, examples, *, batch_size: int, pad_id: int, device, autocast: str) -> float:
     """Mean cross-entropy per response token of a (PEFT or plain) model over ``examples``."""
-    from loralab.train.core import SoloAdapters
-
     return evaluate_losses(SoloAdapters(model), [0], examples, batch_size=batch_size, pad_id=pad_id,
                            device=device, autocast=autocast)[0]
 
@@ -52,7 +52,7 @@ def train(cfg: Config, *, show_progress: bool = False, keep_model: bool = False,
         raise ConfigError("resume needs output.dir: the run directory to continue")
     cfg = resolve_config(cfg)[0]  # train.micro_batch_size: auto -> a number, as a study resolves it
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
-    (summary,), setup = run_group([cfg], [run_dir], fused=False, resume=resume, show_progress=show_progress)
+    (summary,), setup = run_group([cfg], [run_dir], SoloAdapters, resume=resume, show_progress=show_progress)
     raise_if_diverged(summary)
     if keep_model and setup is not None:
         summary = {**summary, "_model": setup.adapters.model, "_tokenizer": setup.tokenizer}
