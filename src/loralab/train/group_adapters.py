@@ -119,7 +119,7 @@ class FusedAdapters:
     ``rejected`` alone, with its own error: it gets no adapter and the others train on. A run
     that diverged or was stopped early left its group: a resume returns it as it is."""
 
-    done_on_resume: ClassVar[frozenset[Status]] = frozenset(FINAL)
+    done_on_resume: ClassVar[frozenset[Status]] = FINAL
 
     def __init__(self, base, cfgs: list[Config]):
         self.model = base
