@@ -19,11 +19,12 @@ from safetensors.torch import load_file
 
 import loralab
 import loralab.train.core as core
+import loralab.train.evaluation as evaluation
 from conftest import make_cfg
 from loralab.config import dump_config, load_config
 from loralab.errors import LoralabError
 from loralab.rundir import Status
-from loralab.train.checkpoint import complete_checkpoints
+from loralab.train.checkpoint import TrainState, complete_checkpoints
 from loralab.train.fused import train_fused
 from loralab.train.loop import train
 
@@ -199,7 +200,8 @@ def oom_above(monkeypatch, limit: int, *, in_eval: bool = False) -> None:
             raise torch.OutOfMemoryError(f"injected: micro batch {batch['input_ids'].shape[0]} > {limit}")
         return original(model, batch, n_runs, autocast)
 
-    monkeypatch.setattr(core, "run_losses", wrapped)
+    for module in (core, evaluation):  # the training and the evaluation forwards
+        monkeypatch.setattr(module, "run_losses", wrapped)
 
 
 @pytest.mark.parametrize("in_eval", [False, True])
@@ -230,18 +232,18 @@ def test_out_of_memory_in_evaluation_is_out_of_memory(model_dir, tmp_path, monke
 
 def test_eval_batch_is_the_micro_batch_on_a_gpu_and_at_least_8_on_cpu(model_dir, tmp_path, monkeypatch):
     seen = []
-    original = core.evaluate_losses
+    original = evaluation.evaluate_losses
 
     def spy(*args, batch_size, **kw):
         seen.append(batch_size)
         return original(*args, batch_size=batch_size, **kw)
 
-    monkeypatch.setattr(core, "evaluate_losses", spy)
+    monkeypatch.setattr(evaluation, "evaluate_losses", spy)
     cfg = make_cfg(model_dir, tmp_path / "r", **{**SHARED, **VARIANTS[0], "train__max_steps": 2})
     train(cfg)
     assert cfg.train.micro_batch_size == 2 and seen == [8]  # CPU: no gradients, memory rarely the limit
-    shrunk = core.TrainState(micro_batch_size=2, micro_batch_changes=[{"step": 1, "from": 4, "to": 2}])
-    assert core.eval_batch_size(cfg, core.TrainState(), torch.device("cuda")) == 2  # what the estimate checked
+    shrunk = TrainState(micro_batch_size=2, micro_batch_changes=[{"step": 1, "from": 4, "to": 2}])
+    assert core.eval_batch_size(cfg, TrainState(), torch.device("cuda")) == 2  # what the estimate checked
     assert core.eval_batch_size(cfg, shrunk, torch.device("cpu")) == 2  # after an out-of-memory
 
 

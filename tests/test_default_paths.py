@@ -66,22 +66,22 @@ def test_a_run_whose_adapters_fail_in_a_group_is_invalid_alone(tiny_model_dir, t
 def test_a_run_failing_mid_group_ends_alone(tmp_path, monkeypatch):
     """One run's adapter save fails (injected) after training: it alone is failed with its own
     error; the others complete and equal their solo runs."""
-    import loralab.train.core as core
+    import loralab.train.group_adapters as group_adapters
 
-    real = core.save_trained_adapter
+    real = group_adapters.save_trained_adapter
 
     def save(base, lora, *, seed, weights, out_dir):
         if Path(out_dir).parent.name == "f2":
             raise OSError("injected: cannot write f2's adapter")
         return real(base, lora, seed=seed, weights=weights, out_dir=out_dir)
 
-    monkeypatch.setattr(core, "save_trained_adapter", save)
+    monkeypatch.setattr(group_adapters, "save_trained_adapter", save)
     kw = dict(lora__dropout=0.0, train__max_steps=3, data__limit=32, data__val_max_examples=8)
     out = train_fused([make_cfg("builtin:tiny", tmp_path / f"f{r}", lora__r=r, **kw) for r in (2, 4)])
     assert [s["status"] for s in out] == ["failed", "completed"]
     assert out[0]["error"] == "saving its adapter: OSError: injected: cannot write f2's adapter"
     assert not (tmp_path / "f2" / "adapter").exists() and (tmp_path / "f4" / "adapter").is_dir()
-    monkeypatch.setattr(core, "save_trained_adapter", real)
+    monkeypatch.setattr(group_adapters, "save_trained_adapter", real)
     train(make_cfg("builtin:tiny", tmp_path / "s4", lora__r=4, **kw))
     assert_same_run(tmp_path / "s4", tmp_path / "f4")
 
@@ -89,9 +89,9 @@ def test_a_run_failing_mid_group_ends_alone(tmp_path, monkeypatch):
 def test_a_run_failing_in_its_evaluation_ends_alone(tmp_path, monkeypatch):
     """An evaluation task that fails for one run (injected, at the first evaluation) ends that
     run alone; the other trains on to the end, as its solo run does."""
-    import loralab.train.core as core
+    import loralab.train.evaluation as evaluation
 
-    real = core.run_eval_tasks
+    real = evaluation.run_eval_tasks
     calls = []
 
     def tasks(model, tokenizer, ts, *, batch_size):
@@ -100,12 +100,12 @@ def test_a_run_failing_in_its_evaluation_ends_alone(tmp_path, monkeypatch):
             raise RuntimeError("injected evaluation error")
         return real(model, tokenizer, ts, batch_size=batch_size)
 
-    monkeypatch.setattr(core, "run_eval_tasks", tasks)
+    monkeypatch.setattr(evaluation, "run_eval_tasks", tasks)
     kw = dict(lora__dropout=0.0, train__max_steps=4, eval__every=2, data__limit=32, data__val_max_examples=8)
     out = train_fused([make_cfg("builtin:tiny", tmp_path / f"f{r}", lora__r=r, **kw) for r in (2, 4)])
     assert [s["status"] for s in out] == ["failed", "completed"]
     assert out[0]["error"] == "evaluation at step 2: RuntimeError: injected evaluation error"
-    monkeypatch.setattr(core, "run_eval_tasks", real)
+    monkeypatch.setattr(evaluation, "run_eval_tasks", real)
     train(make_cfg("builtin:tiny", tmp_path / "s4", lora__r=4, **kw))
     assert_same_run(tmp_path / "s4", tmp_path / "f4")
 

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_cfg
-from loralab.train.core import needs_grad_scaler
 from loralab.train.loop import train
+from loralab.train.setup import needs_grad_scaler
 
 KW = dict(train__max_steps=4, train__batch_size=4, train__micro_batch_size=2, train__lr=3e-3, lora__dropout=0.0,
           data__limit=16, data__val_max_examples=4, eval__every=0, train__autocast="fp16")

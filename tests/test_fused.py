@@ -11,7 +11,7 @@ import torch
 
 from conftest import make_cfg
 from loralab.config import LoraConfig
-from loralab.errors import ConfigError, DataError, ModelError
+from loralab.errors import ConfigError, DataError
 from loralab.train.fused import check_group, fuse_key, train_fused
 from loralab.train.group import initial_adapter
 from loralab.train.loop import train
@@ -205,7 +205,7 @@ def test_group_checks_name_the_key(tmp_path):
     from loralab.models import load_base
 
     base, _ = load_base(ModelConfig(device="cpu"), QuantConfig())
-    with pytest.raises(ModelError, match="DoRA"):
+    with pytest.raises(ConfigError, match="DoRA"):  # the one refusal, train.group.refuse_dora
         initial_adapter(base, LoraConfig(dora=True), seed=0)
 
 

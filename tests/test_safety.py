@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 import loralab.train.checkpoint as ckpt_mod
 import loralab.train.core as core
+import loralab.train.evaluation as evaluation
 from loralab.errors import DivergedError, LoralabError
 from loralab.train.checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint
 from loralab.train.loop import train
@@ -106,7 +107,8 @@ def oom_above(monkeypatch, limit: int) -> None:
             raise torch.OutOfMemoryError(f"injected: micro batch {batch['input_ids'].shape[0]} > {limit}")
         return original(model, batch, n_runs, autocast)
 
-    monkeypatch.setattr(core, "run_losses", wrapped)
+    for module in (core, evaluation):  # the training and the evaluation forwards
+        monkeypatch.setattr(module, "run_losses", wrapped)
 
 
 def test_out_of_memory_reports_estimate_and_peak(model_dir, cfg_factory, monkeypatch):

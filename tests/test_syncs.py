@@ -18,6 +18,7 @@ import torch
 
 import loralab.train.attention as attention
 import loralab.train.core as core
+import loralab.train.step as step
 from conftest import make_cfg
 from loralab.train.fused import train_fused
 from loralab.train.loop import train
@@ -98,6 +99,6 @@ def test_fused_step_syncs_once(model_dir, tmp_path, monkeypatch):
 def test_the_counter_sees_a_sync(monkeypatch):
     """The counter is live: a loralab-side item() counts (so the budgets above can fail)."""
     with counting_syncs(monkeypatch) as syncs:
-        core.finite_or_none(torch.tensor(1.0).item())  # called from this test file: not counted
-        core.count_labels(torch.tensor([[0, 5, 6]]))  # loralab code, outside host_layout: counted
+        step.finite_or_none(torch.tensor(1.0).item())  # called from this test file: not counted
+        step.count_labels(torch.tensor([[0, 5, 6]]))  # loralab code, outside host_layout: counted
     assert syncs.count == 1 and "step.py" in syncs.where[0]

@@ -15,7 +15,7 @@ from loralab.adapters import attach_lora
 from loralab.config import LoraConfig, load_config
 from loralab.errors import ConfigError, DataError, LoralabError, ModelError
 from loralab.models import resolve_model_path
-from loralab.train.loop import train
+from loralab.train.loop import train, train_with_model
 from loralab.train.optim import lr_factor
 
 SUMMARY_KEYS = {"status", "error", "wall_time_s", "train_time_s", "tokens_per_s", "peak_memory_bytes",
@@ -63,13 +63,14 @@ def tiny_run(tmp_path_factory):
                    train__max_steps=10, train__lr=2e-3, train__scheduler="constant",
                    train__batch_size=8, train__micro_batch_size=8, eval__every=5, lora__dropout=0.0,
                    data__limit=80)
-    summary = train(cfg, keep_model=True)
-    return cfg, out, summary
+    trained = train_with_model(cfg)
+    return cfg, out, trained
 
 
 @pytest.mark.slow
 def test_real_run_loss_decreases(tiny_run):
-    _, run_dir, summary = tiny_run
+    _, run_dir, trained = tiny_run
+    summary = trained.summary
     losses = train_losses(run_dir)
     assert len(losses) == 10
     assert all(math.isfinite(x) for x in losses)
@@ -83,7 +84,7 @@ def test_real_run_loss_decreases(tiny_run):
 
 @pytest.mark.slow
 def test_real_run_summary(tiny_run):
-    _, run_dir, summary = tiny_run
+    _, run_dir, trained = tiny_run
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(on_disk)
     assert on_disk["status"] == "completed" and on_disk["error"] is None
@@ -91,13 +92,12 @@ def test_real_run_summary(tiny_run):
     assert on_disk["wall_time_s"] >= on_disk["train_time_s"] > 0
     assert on_disk["tokens_per_s"] == pytest.approx(on_disk["tokens_seen"] / on_disk["train_time_s"])
     assert on_disk["peak_memory_bytes"] is None or on_disk["peak_memory_bytes"] >= 0
-    model = summary["_model"]
+    model = trained.model
     trainable, total = model.get_nb_trainable_parameters()
     assert on_disk["trainable_params"] == trainable > 0
     assert on_disk["total_params"] == total
     assert on_disk["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert math.isfinite(on_disk["final_eval_loss"])
-    assert "_model" not in on_disk
 
 
 @pytest.mark.slow
@@ -121,8 +121,8 @@ def test_peft_reload_matches_in_memory(tiny_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    _, run_dir, summary = tiny_run
-    mem = summary["_model"].eval()
+    _, run_dir, trained = tiny_run
+    mem = trained.model.eval()
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny"))
     reloaded = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
     ids = torch.tensor([[0, 17, 250, 33, 900, 5, 6, 7, 8, 42, 1]])
@@ -238,8 +238,9 @@ def test_activation_checkpointing_keeps_the_loss_curve(cfg_factory, packing):
     kw = dict(lora__dropout=0.0, train__max_steps=4, train__lr=3e-3, data__packing=packing, train__micro_batch_size=4)
     plain = cfg_factory("builtin:tiny", **kw)
     checkpointed = cfg_factory("builtin:tiny", train__gradient_checkpointing=True, **kw)
-    a, b = train(plain), train(checkpointed, keep_model=True)
-    assert b["_model"].get_base_model().is_gradient_checkpointing  # it was on, so equality means something
+    a, trained = train(plain), train_with_model(checkpointed)
+    b = trained.summary
+    assert trained.model.get_base_model().is_gradient_checkpointing  # it was on, so equality means something
     # packed: backward's recomputed forwards also attend per example (a cross-example recompute would differ)
     assert (a["packed_attention"], b["packed_attention"]) == (("per_example",) * 2 if packing else (None, None))
     losses = train_losses(plain.output.dir)
@@ -265,12 +266,13 @@ def test_qlora(tiny_model_dir, cfg_factory, unquantized_trainable, mode, compute
 
     cfg = cfg_factory(tiny_model_dir("llama_h64"), "lora.targets=query,value,mlp", lora__r=4,
                       quant__mode=mode, quant__compute_dtype=compute_dtype, train__max_steps=2)
-    summary = train(cfg, keep_model=True)
+    trained = train_with_model(cfg)
+    summary = trained.summary
     assert summary["status"] == "completed"
     assert summary["trainable_params"] == unquantized_trainable
     assert all(math.isfinite(x) for x in train_losses(cfg.output.dir))
     assert math.isfinite(summary["final_eval_loss"])
-    model = summary["_model"]
+    model = trained.model
     bases = {n: m.base_layer for n, m in model.named_modules() if hasattr(m, "base_layer")}
     assert len(bases) == 2 * 5
     for m in bases.values():

@@ -13,7 +13,8 @@ would take the other runs down with it. The checks are the run's own, not copies
 * its attention, dtype and 4-bit quantization on this device (``loralab.models``).
 
 The data is a key every run of a group shares (``train.fused.fuse_key``), so a data error is
-the group's and each run gets it anyway; it is not checked here.
+the group's and each run gets it anyway; it is not checked here. The checks of a study's runs
+together, which stop ``study run`` before any run starts, are ``loralab.study.preflight``.
 """
 
 from __future__ import annotations

@@ -272,7 +272,7 @@ def _accuracy_rows(model, tokenizer, n: int, *, progress: bool = False) -> dict[
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Accuracy of the tiny base, a LoRA run on arithmetic, accuracy again."""
     from loralab.models import load_base
-    from loralab.train.loop import train
+    from loralab.train.loop import train_with_model
 
     t0 = time.perf_counter()
     cfg = _config(str(QUICKSTART), args)
@@ -283,9 +283,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     before = _accuracy_rows(base, tokenizer, args.eval_n, progress=not args.json)
     del base
     log.info("fine-tuning with LoRA (r=%d, alpha=%g, targets=%s) ...", cfg.lora.r, cfg.lora.alpha, ",".join(cfg.lora.targets))
-    summary = train(cfg, show_progress=not args.json, keep_model=True)
-    model, tokenizer = summary.pop("_model"), summary.pop("_tokenizer")
-    after = _accuracy_rows(model, tokenizer, args.eval_n, progress=not args.json)
+    trained = train_with_model(cfg, show_progress=not args.json)
+    summary = trained.summary
+    after = _accuracy_rows(trained.model, trained.tokenizer, args.eval_n, progress=not args.json)
     result = {"before": before, "after": after, "summary": summary, "total_time_s": time.perf_counter() - t0}
     write_atomic(RunDir(summary["run_dir"]).quickstart, {k: v for k, v in result.items() if k != "summary"})
     if args.json:

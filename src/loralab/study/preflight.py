@@ -9,7 +9,8 @@ Per run: the model (its directory, config.json and safetensors weights), the LoR
 against the architecture (the estimate's meta-device model, so nothing is loaded), the data
 (every file read and parsed, as the run reads it), the evaluation tasks, the study metric
 against the metrics the run will write, and the memory gate. Checks shared by runs (one model,
-one dataset) run once. Runs already completed are not checked again.
+one dataset) run once. Runs already completed are not checked again. A run's own checks on the
+meta-device model, which make that run invalid alone, are ``loralab.preflight``.
 """
 
 from __future__ import annotations

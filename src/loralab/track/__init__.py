@@ -158,7 +158,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def replay_run(run_dir: Path, tracking: TrackingConfig, *, artifacts: dict[str, Path] | None = None) -> Tracker:
     """Send a run directory's config.yaml, metrics.jsonl and summary.json to ``tracking``'s
-    trackers as new tracker runs (fused runs, ``study export --to``)."""
+    trackers as new tracker runs (``study export --to``)."""
     run_dir = Path(run_dir)
     run = RunDir(run_dir)
     raw = read_yaml(run.config) or {}
@@ -172,16 +172,6 @@ def replay_run(run_dir: Path, tracking: TrackingConfig, *, artifacts: dict[str, 
         summary = {"status": "unknown"}
     tracker.finish(summary, artifacts)
     return tracker
-
-
-def track_finished(cfgs: list[Config], run_dirs: list[Path]) -> None:
-    """Each run of a fused group, once the group has ended, as a tracker run of its own."""
-    for cfg, run_dir in zip(cfgs, run_dirs, strict=True):
-        if cfg.tracking.backends:
-            try:
-                replay_run(run_dir, cfg.tracking)
-            except Exception as exc:  # a tracker never fails the run
-                log.warning("tracking: %s was not sent to %s (%s)", run_dir, ", ".join(cfg.tracking.backends), exc)
 
 
 def track_study(study: Any) -> None:

@@ -15,7 +15,8 @@ along the batch dimension, and runs the base once over all of them; run k's rows
 run k's own adapters (loralab.train.group). Losses, gradient clipping, optimizer, schedule,
 metrics, checkpoints and the run directory are each run's own, exactly as train(cfg) writes
 them, with two additions to summary.json: "fused_with" (the other run directories of the
-group) and "fused" (the group's size and its shared times, attributed in equal shares).
+group) and "fused" (the group's size and its shared times, attributed in equal shares). Each
+run has its own tracker runs (loralab.track), fed as it trains, as a solo run's are.
 
 With lora.dropout = 0 a fused run follows its solo run within float rounding (the tests hold
 loss curves to 1e-4 relative); with dropout the masks come from a different random stream.
@@ -30,8 +31,9 @@ from typing import Any
 
 from loralab.config import Config
 from loralab.errors import ConfigError
-from loralab.track import track_finished
 from loralab.train.core import Prune, run_group
+from loralab.train.group import refuse_dora
+from loralab.train.group_adapters import FusedAdapters
 from loralab.train.loop import default_run_dir
 
 __all__ = ["PER_RUN_KEYS", "Prune", "check_group", "fuse_key", "train_fused"]
@@ -63,9 +65,7 @@ def fuse_key(cfg: Config) -> tuple:
     stop_at_step, auto micro batch and activation checkpointing are shared keys: a group has
     them as a solo run does.
     """
-    if cfg.lora.dora:
-        raise ConfigError("lora.dora: DoRA runs cannot be fused (the batched LoRA layer has no "
-                          "magnitude vector); train them alone")
+    refuse_dora(cfg.lora)
     return tuple(
         (f"{section}.{key}", _hashable(value))
         for section, values in cfg.to_dict().items()
@@ -116,9 +116,6 @@ def train_fused(cfgs: list[Config], show_progress: bool = False, prune: Prune | 
         raise ConfigError("resume needs output.dir for every run of the group: the run directories to continue")
     run_dirs = group_dirs(cfgs)
     others = {str(d): [str(o) for o in run_dirs if o != d] for d in run_dirs}
-    try:
-        summaries, _ = run_group(cfgs, run_dirs, fused=True, resume=resume, show_progress=show_progress, prune=prune,
-                                 group_extra=lambda path: {"fused_with": others[str(path)]})
-    finally:  # each run of the group goes to its trackers as a run of its own (loralab.track)
-        track_finished(cfgs, run_dirs)
+    summaries, _ = run_group(cfgs, run_dirs, FusedAdapters, resume=resume, show_progress=show_progress, prune=prune,
+                             group_extra=lambda path: {"fused_with": others[str(path)]})
     return summaries

@@ -32,7 +32,7 @@ from torch import nn
 
 from loralab.adapters import attach_lora, count_params, save_adapter
 from loralab.config import LoraConfig
-from loralab.errors import ModelError
+from loralab.errors import ConfigError, ModelError
 
 
 @dataclass
@@ -63,6 +63,13 @@ def _lora_layers(peft_model) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
+def refuse_dora(lora: LoraConfig) -> None:
+    """ConfigError for a DoRA adapter: this layer has no magnitude vector, so DoRA trains alone."""
+    if lora.dora:
+        raise ConfigError("lora.dora: DoRA runs cannot be fused (the batched LoRA layer has no "
+                          "magnitude vector); train them alone")
+
+
 def initial_adapter(base, lora: LoraConfig, *, seed: int) -> AdapterInit:
     """The weights PEFT initialises for ``lora`` and ``seed``, read off and then removed again.
 
@@ -70,8 +77,7 @@ def initial_adapter(base, lora: LoraConfig, *, seed: int) -> AdapterInit:
     or gaussian) and B (zeros) are the solo run's initial weights; unload() puts the original
     base modules back, unchanged.
     """
-    if lora.dora:
-        raise ModelError("lora.dora: DoRA cannot be trained fused (the batched LoRA layer has no magnitude vector)")
+    refuse_dora(lora)
     peft_model = attach_lora(base, lora, seed=seed)
     trainable, total = count_params(peft_model)
     weights = {}

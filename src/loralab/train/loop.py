@@ -18,13 +18,16 @@ before the first step), failed, diverged or out_of_memory, so a run always says 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loralab.config import Config
 from loralab.errors import ConfigError
 from loralab.resolve import resolve_config
-from loralab.train.core import evaluate_losses, raise_if_diverged, run_group
+from loralab.train.core import raise_if_diverged, run_group
+from loralab.train.evaluation import evaluate_losses
+from loralab.train.group_adapters import SoloAdapters
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -34,13 +37,21 @@ def default_run_dir(cfg: Config) -> Path:
 
 def evaluate_loss(model, examples, *, batch_size: int, pad_id: int, device, autocast: str) -> float:
     """Mean cross-entropy per response token of a (PEFT or plain) model over ``examples``."""
-    from loralab.train.core import SoloAdapters
-
     return evaluate_losses(SoloAdapters(model), [0], examples, batch_size=batch_size, pad_id=pad_id,
                            device=device, autocast=autocast)[0]
 
 
-def train(cfg: Config, *, show_progress: bool = False, keep_model: bool = False, resume: bool = False) -> dict[str, Any]:
+@dataclass
+class Trained:
+    """A run's summary and, when this call trained it, its PEFT model and tokenizer (None for a
+    run a resume found completed)."""
+
+    summary: dict[str, Any]
+    model: Any = None
+    tokenizer: Any = None
+
+
+def train(cfg: Config, *, show_progress: bool = False, resume: bool = False) -> dict[str, Any]:
     """Run ``cfg``; always leaves summary.json. Raises LoralabError after recording a failure
     (DivergedError, exit code 3, for a run stopped by a non-finite loss or gradient).
 
@@ -48,12 +59,17 @@ def train(cfg: Config, *, show_progress: bool = False, keep_model: bool = False,
     step 0 when there is none, or when the directory was never started); a completed run is
     returned as it is, so re-running a study is safe.
     """
+    return train_with_model(cfg, show_progress=show_progress, resume=resume).summary
+
+
+def train_with_model(cfg: Config, *, show_progress: bool = False, resume: bool = False) -> Trained:
+    """As :func:`train`, keeping the trained model and its tokenizer (quickstart, tests)."""
     if resume and not cfg.output.dir:
         raise ConfigError("resume needs output.dir: the run directory to continue")
     cfg = resolve_config(cfg)[0]  # train.micro_batch_size: auto -> a number, as a study resolves it
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
-    (summary,), setup = run_group([cfg], [run_dir], fused=False, resume=resume, show_progress=show_progress)
+    (summary,), setup = run_group([cfg], [run_dir], SoloAdapters, resume=resume, show_progress=show_progress)
     raise_if_diverged(summary)
-    if keep_model and setup is not None:
-        summary = {**summary, "_model": setup.adapters.model, "_tokenizer": setup.tokenizer}
-    return summary
+    if setup is None:
+        return Trained(summary)
+    return Trained(summary, setup.adapters.model, setup.tokenizer)

@@ -30,7 +30,7 @@ from typing import IO, Any
 
 import yaml
 
-from loralab.rundir import RunDir, Status, checkpoint_step_of
+from loralab.rundir import RunDir, Status, checkpoint_step_of, write_atomic
 from loralab.study.store import ENDED, metric_rows
 
 # What a run's own summary.json can end with (SKIPPED is the driver's word, never a run's).
@@ -91,7 +91,7 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any]) -> Path:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     path = RunDir(run_dir).config
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    write_atomic(path, yaml.safe_dump(config, sort_keys=False))
     return path
 
 

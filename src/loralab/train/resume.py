@@ -1,0 +1,106 @@
+"""Starting a group's runs, fresh or from their common checkpoint; what a resume may change."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from loralab.config import Config, TrackingConfig, flat_keys, load_config
+from loralab.errors import ConfigError
+from loralab.rundir import MetricsWriter, RunDir, checkpoint_step_of, trim_metrics
+from loralab.train import distributed
+from loralab.train.checkpoint import (
+    MANIFEST,
+    TrainState,
+    arithmetic_settings,
+    clean_temporaries,
+    complete_checkpoints,
+    load_checkpoint,
+    verify,
+)
+from loralab.train.group_adapters import GroupAdapters
+from loralab.train.optim import build_optimizer, build_scheduler
+from loralab.train.runs import Run
+
+log = logging.getLogger(__name__)
+
+# Keys that ``--resume`` may change: they decide when to stop, log or checkpoint, never the
+# maths of a step, so the resumed run still equals an uninterrupted one.
+RESUME_MAY_CHANGE = frozenset({
+    "train.stop_at_step", "train.checkpoint_every", "train.keep_last", "train.log_every",
+    "train.auto_micro_batch", "output.dir", "output.save_adapter",
+}) | {f"tracking.{f.name}" for f in dataclasses.fields(TrackingConfig)} | {
+    "distributed.strategy", "distributed.timeout_s"}  # how the ranks share a step, not its maths
+
+
+def check_resume_config(cfg: Config, run_dir: RunDir) -> None:
+    """Refuse a resume whose config changes anything but RESUME_MAY_CHANGE."""
+    if not run_dir.config.is_file():
+        return  # never started: the run starts from step 0
+    saved = flat_keys(load_config(run_dir.config).to_dict())
+    now = flat_keys(cfg.to_dict())
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE)
+    if changed:
+        detail = ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in changed)
+        raise ConfigError(
+            f"cannot resume {run_dir.root} with a changed {detail}: the result would no longer equal an "
+            f"uninterrupted run; on resume only {', '.join(sorted(RESUME_MAY_CHANGE))} may change"
+        )
+
+
+def resume_step(runs: list[Run]) -> int:
+    """The newest step at which every run has a complete checkpoint (0: none). The runs of a
+    group save at the same steps and prune only once all have saved, so after a kill in the
+    middle of a save the previous step is still there for every run."""
+    for run in runs:
+        if run.dir.checkpoints.is_dir() and distributed.writes():
+            clean_temporaries(run.dir.checkpoints)  # half-written by a killed session
+    first = runs[0]
+    for path in reversed(complete_checkpoints(first.dir.checkpoints)):
+        paths = [path, *(r.dir.checkpoints / path.name for r in runs[1:])]
+        problems = {p: verify(p) if (p / MANIFEST).is_file() else "missing or without a manifest" for p in paths}
+        if not any(problems.values()):
+            return checkpoint_step_of(path)
+        for p, problem in problems.items():
+            if problem:
+                log.warning("ignoring checkpoint %s (step of every run of the group): %s", p, problem)
+    return 0
+
+
+def start_runs(runs: list[Run], adapters: GroupAdapters, *, steps: int, resume: bool, device: torch.device,
+               fp16: bool) -> int:
+    """Each run's optimizer, schedule, gradient scaler (fp16) and state: fresh, or the common
+    checkpoint's when resuming. Returns the step the group starts after."""
+    for run in runs:
+        run.scaler = torch.amp.GradScaler(device.type) if fp16 else None
+        run.params = list(adapters.named_params(run.index).values())
+        run.opt = build_optimizer(run.params, run.cfg.train)
+        run.sched = build_scheduler(run.opt, run.cfg.train, steps)  # planned for the full run, also when pausing
+    step = resume_step(runs) if resume else 0
+    if resume and step == 0:
+        log.info("no complete checkpoint in %s: starting from step 0", ", ".join(str(r.dir.root) for r in runs))
+    for run in runs:
+        if step == 0:
+            if distributed.writes():
+                run.dir.metrics.unlink(missing_ok=True)
+            run.state = TrainState(micro_batch_size=run.cfg.train.micro_batch_size, arithmetic=arithmetic_settings())
+        else:
+            path = run.dir.checkpoint(step)
+            run.state = load_checkpoint(path, params=adapters.named_params(run.index), opt=run.opt, sched=run.sched,
+                                        device=device)
+            if run.scaler is not None and run.state.grad_scaler:
+                run.scaler.load_state_dict(run.state.grad_scaler)
+            if distributed.writes():
+                trim_metrics(run.dir.metrics, step)
+            run.checkpoint = path
+            log.info("resuming %s from %s (step %d)", run.dir.root, path, step)
+        run.resumed_from = run.state.step if resume else None
+        # several ranks: rank 0 writes metrics.jsonl, the others' lines go nowhere
+        run.metrics = MetricsWriter(run.dir.metrics if distributed.writes() else Path(os.devnull), run.tracker)
+    distributed.start_together([p for r in runs for p in r.params], step, micro_batch_size=runs[0].state.micro_batch_size,
+                               timeout_s=runs[0].cfg.distributed.timeout_s)
+    return step

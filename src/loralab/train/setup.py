@@ -1,0 +1,110 @@
+"""A group's set-up before its first step: data and tasks checked, base loaded, adapters in."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from loralab.config import Config
+from loralab.data.dataset import Splits
+from loralab.errors import ConfigError
+from loralab.models import (
+    check_optimizer_device,
+    load_base,
+    load_tokenizer,
+    pick_device,
+    read_config,
+)
+from loralab.resolve import resolve_data
+from loralab.train.compiled import CompileReport
+from loralab.train.group_adapters import GroupAdapters
+from loralab.train.step import packed_attention, plan_steps, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Setup:
+    """Everything loaded before the first step; bad input fails while building it."""
+
+    adapters: GroupAdapters
+    tokenizer: Any
+    splits: Splits
+    tasks: list
+    device: torch.device
+    attention: str | None
+    fp16: bool = False  # the base computes in fp16: gradients go through a GradScaler
+    compiled: CompileReport = CompileReport(False, "not trained yet")  # train.compile, decided as training starts
+
+
+def load_group(cfgs: list[Config], kind: type[GroupAdapters], *, progress: bool = False) -> Setup:
+    """Read and check the data and evaluation tasks (with the tokenizer and config.json: bad
+    data fails before any weights load), then load the base once and put in the runs' adapters
+    with ``kind`` (``progress``: transformers' loading bar, on a terminal)."""
+    cfg = cfgs[0]  # every shared key is equal across a group (fused.check_group)
+    seed_everything(cfg.train.seed)
+    device = pick_device(cfg.model.device)
+    check_optimizer_device(cfg.train.optimizer, device)  # paged optimizers: CUDA only, refused before loading
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    model_config = read_config(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    splits, tasks = load_data_and_tasks(cfg, model_config, tokenizer)
+    base, tokenizer = load_base(cfg.model, cfg.quant, progress=progress, tokenizer=tokenizer)
+    attention = packed_attention(cfg, base)  # a property of the base, checked before the adapters go in
+    # Adapters are seeded per run: a group resumed with fewer runs still rebuilds the same ones.
+    adapters = kind.attach(base, cfgs)
+    if cfg.train.gradient_checkpointing:
+        enable_activation_checkpointing(base, cfg.model.path)
+    trainable, total = adapters.counts(min(k for k in range(len(cfgs)) if k not in adapters.rejected))
+    # debug: the run's summary says it; at info it read as PEFT's own line beside loralab's (-v shows it)
+    log.debug("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}",
+              100 * trainable / total)
+    return Setup(adapters, tokenizer, splits, tasks, device, attention, needs_grad_scaler(base, cfg.train.autocast))
+
+
+def needs_grad_scaler(model, autocast: str) -> bool:
+    """Whether the forward computes in fp16, read from the loaded model (fp16 weights, or 4-bit
+    layers with an fp16 compute dtype), whatever config key set it, or from train.autocast."""
+    if autocast == "fp16":
+        return True
+    return any(p.dtype == torch.float16 for p in model.parameters()) or any(
+        getattr(m, "compute_dtype", None) == torch.float16 for m in model.modules())
+
+
+def enable_activation_checkpointing(base, model_path: str) -> None:
+    """train.gradient_checkpointing: transformers' non-reentrant activation checkpointing of every
+    decoder layer (non-reentrant: gradients reach the adapters though the frozen inputs need none).
+    A fused group's backward runs inside its row routing, so recomputed forwards route as the first."""
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing: {type(base).__name__} ({model_path}) does not support "
+                          "activation checkpointing; set it to false")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def load_data_and_tasks(cfg: Config, model_config, tokenizer) -> tuple[Splits, list]:
+    """The run's splits, checked against the model's context (``model_config``: its transformers
+    config, or the model), and its evaluation tasks (resolved before training, so a bad task file
+    fails at once)."""
+    model_config = getattr(model_config, "config", model_config)
+    splits = resolve_data(cfg, tokenizer, model_config)  # data.max_seq_length: auto, as loralab tune resolves it
+    if splits.truncated_to_nothing:
+        log.warning("%d examples lost every response token to truncation at max_seq_length=%d and were skipped",
+                    splits.truncated_to_nothing, cfg.data.max_seq_length)
+    warn_if_warmup_outlasts(cfg, plan_steps(cfg, len(splits.train)))
+    tasks = []
+    if cfg.eval.tasks:
+        from loralab.evaluate.task_list import resolve_tasks
+
+        tasks = resolve_tasks(",".join(cfg.eval.tasks), cfg.eval.limit)
+    return splits, tasks
+
+
+def warn_if_warmup_outlasts(cfg: Config, steps: int) -> None:
+    """train.warmup_steps beyond the run's steps: the learning rate never reaches train.lr."""
+    warmup = cfg.train.warmup_steps
+    if warmup > steps:
+        log.warning("WARNING: train.warmup_steps = %d is more than the run's %d steps: the learning rate never "
+                    "reaches train.lr = %g (it peaks at %d/%d of it, %.3g); set train.warmup_steps below %d",
+                    warmup, steps, cfg.train.lr, steps, warmup, cfg.train.lr * steps / warmup, steps)
