@@ -242,7 +242,8 @@ def main() -> None:
     (RESULTS / "estimate.md").write_text(text + "\n", encoding="utf-8")
     for r in rows:
         r.pop("path", None)
-    (RESULTS / "estimate.json").write_text(json.dumps({"baseline_rss": baseline, "rows": rows}, indent=2), encoding="utf-8")
+    (RESULTS / "estimate.json").write_text(json.dumps({"baseline_rss": baseline, "rows": rows}, indent=2),
+                                           encoding="utf-8")
     print(text)
 
 

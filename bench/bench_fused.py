@@ -208,13 +208,15 @@ def main() -> None:
     result["load_average_end"] = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "fused.json").write_text(json.dumps(result, indent=2))
-    print("\n| case | K | steps | fused s | sequential (in-process) s | speedup | sequential (`loralab train` each) s | speedup |"
+    print("\n| case | K | steps | fused s | sequential (in-process) s | speedup | "
+          "sequential (`loralab train` each) s | speedup |"
           " speedup in CPU s (in-process / `loralab train` each) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for c in result["cases"]:
         cli = (f"{c['sequential_cli_wall_s']:.1f} | {c['speedup_vs_cli']:.2f}x" if "sequential_cli_wall_s" in c
                else "- | -")
-        print(f"| {c['case']} | {c['k']} | {c['steps']} | {c['fused_wall_s']:.1f} | {c['sequential_in_process_wall_s']:.1f} | "
+        print(f"| {c['case']} | {c['k']} | {c['steps']} | {c['fused_wall_s']:.1f} | "
+              f"{c['sequential_in_process_wall_s']:.1f} | "
               f"{c['speedup_vs_in_process']:.2f}x | {cli} | {c['cpu_speedup_vs_in_process']:.2f}x / "
               f"{c.get('cpu_speedup_vs_cli', float('nan')):.2f}x |")
     print("\n| K | peak RSS MiB |\n|---|---|")

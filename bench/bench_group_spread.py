@@ -31,8 +31,8 @@ from loralab.train.fused import train_fused  # noqa: E402
 from loralab.train.loop import train  # noqa: E402
 from userdata import instruction_records, write_jsonl  # noqa: E402
 
-PARTNERS = [dict(lora__r=4, lora__alpha=8), dict(lora__r=16, lora__alpha=32), dict(lora__r=8, lora__alpha=16, train__lr=3e-4),
-            dict(lora__r=2, lora__alpha=4)]
+PARTNERS = [dict(lora__r=4, lora__alpha=8), dict(lora__r=16, lora__alpha=32),
+            dict(lora__r=8, lora__alpha=16, train__lr=3e-4), dict(lora__r=2, lora__alpha=4)]
 
 
 def main() -> None:
@@ -46,8 +46,8 @@ def main() -> None:
     model = build_tiny_model("llama_h64", tmp / "model")
     data = write_jsonl(tmp / "train.jsonl", instruction_records(240, seed=5))
     shared = dict(data__path=str(data), data__limit="null", data__val_max_examples=32, data__max_seq_length=256,
-                  lora__dropout=args.dropout, train__max_steps=args.steps, train__batch_size=8, train__micro_batch_size=8,
-                  train__log_every=10, eval__every=0, output__save_adapter=False)
+                  lora__dropout=args.dropout, train__max_steps=args.steps, train__batch_size=8,
+                  train__micro_batch_size=8, train__log_every=10, eval__every=0, output__save_adapter=False)
     run = dict(lora__r=8, lora__alpha=16, train__lr=args.lr)
     n = iter(range(1000))
 
@@ -64,7 +64,8 @@ def main() -> None:
         grouped[f"group of {size}"] = out[0]["final_eval_loss"]
     values = list(grouped.values())
     result = {
-        "steps": args.steps, "lr": args.lr, "dropout": args.dropout, "device": "cpu", "threads": torch.get_num_threads(),
+        "steps": args.steps, "lr": args.lr, "dropout": args.dropout, "device": "cpu",
+        "threads": torch.get_num_threads(),
         "final_eval_loss_same_run_by_group": grouped,
         "group_spread": max(values) - min(values),
         "seed_values": solo, "seed_sd": statistics.stdev(solo.values()),

@@ -56,7 +56,9 @@ WORKER_SCRIPT = __file__  # the script whose --worker runs loralab's side (bench
 REPEATS = 1  # --repeats: runs of each side per case
 THREADS = 1  # --threads; one by default: on a machine shared with other jobs a second thread mostly adds spin-waiting
 GLOBAL_BATCH = 16
-WARMUP = 0  # transformers starts its warmup at lr 0 on the first step, loralab at lr/warmup: none on either side keeps the schedules equal
+# transformers starts its warmup at lr 0 on the first step, loralab at lr/warmup: none on either side keeps the
+# schedules equal
+WARMUP = 0
 LR = 2e-3  # high enough that an 8-step run moves the eval loss, so "same loss" means something
 MAX_LEN = 512
 # the larger random-init Llama: 10 layers of 640, ~50M parameters, the tiny base's tokenizer
@@ -188,7 +190,8 @@ def worker_loralab(spec: dict) -> dict:
     s = train(cfg)
     return {"side": "loralab", "useful_tokens": s["tokens_seen"], "train_time_s": s["train_time_s"],
             "tokens_per_s": s["tokens_per_s"], "train_cpu_time_s": s["train_cpu_time_s"],
-            "tokens_per_cpu_s": s["tokens_seen"] / s["train_cpu_time_s"], "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "tokens_per_cpu_s": s["tokens_seen"] / s["train_cpu_time_s"],
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "final_eval_loss": s["final_eval_loss"], "steps": s["steps"], "trainable_params": s["trainable_params"],
             "packed_attention": s["packed_attention"]}
 
@@ -209,7 +212,8 @@ def worker_matmul(spec: dict) -> dict:
             torch.matmul(a, b)
             reps += 1
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        per_shape[f"{m}x{k}x{n}"] = {"flops_per_s": 2 * m * k * n * reps / wall, "flops_per_cpu_s": 2 * m * k * n * reps / cpu}
+        per_shape[f"{m}x{k}x{n}"] = {"flops_per_s": 2 * m * k * n * reps / wall,
+                                     "flops_per_cpu_s": 2 * m * k * n * reps / cpu}
         best = max(best, per_shape[f"{m}x{k}x{n}"]["flops_per_s"])
         best_cpu = max(best_cpu, per_shape[f"{m}x{k}x{n}"]["flops_per_cpu_s"])
     return {"dtype": spec["dtype"], "best_flops": best, "best_flops_cpu": best_cpu, "per_shape": per_shape}
@@ -288,12 +292,15 @@ def median_run(runs: list[dict]) -> dict:
 
 def print_row(r: dict) -> None:
     o, f = r["loralab"], r["reference"]
-    print(f"{r['name']:<20} tok/cpu-s {o['tokens_per_cpu_s']:6.0f} vs {f['tokens_per_cpu_s']:6.0f} x{r['speed_ratio_cpu']:.2f}  "
+    print(f"{r['name']:<20} tok/cpu-s {o['tokens_per_cpu_s']:6.0f} vs {f['tokens_per_cpu_s']:6.0f} "
+          f"x{r['speed_ratio_cpu']:.2f}  "
           f"tok/s {o['tokens_per_s']:6.0f} vs {f['tokens_per_s']:6.0f} x{r['speed_ratio']:.2f}  "
           f"wall {o['wall_s']:6.1f}s vs {f['wall_s']:6.1f}s  rss {o['peak_rss_bytes'] / 2**20:5.0f} vs "
           f"{f['peak_rss_bytes'] / 2**20:5.0f} MiB  eval {o['final_eval_loss']:.4f} vs {f['final_eval_loss']:.4f}  "
-          f"ceiling% (cpu) {o['pct_of_matmul_ceiling_cpu']:4.1f} vs {f['pct_of_matmul_ceiling_cpu']:4.1f}  load {r['load_avg_after']}"
-          + (f"  pair ratios {min(r['pair_ratios_cpu']):.2f}-{max(r['pair_ratios_cpu']):.2f}" if r["repeats"] > 1 else ""),
+          f"ceiling% (cpu) {o['pct_of_matmul_ceiling_cpu']:4.1f} vs {f['pct_of_matmul_ceiling_cpu']:4.1f}  "
+          f"load {r['load_avg_after']}"
+          + (f"  pair ratios {min(r['pair_ratios_cpu']):.2f}-{max(r['pair_ratios_cpu']):.2f}"
+             if r["repeats"] > 1 else ""),
           flush=True)
 
 
@@ -316,7 +323,8 @@ def main() -> None:
     group.add_argument("--cases", help="comma-separated case names, e.g. tiny-bf16-nf4-mb8")
     ap.add_argument("--no-spread", action="store_true", help="skip the 3-seed spread measurement")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per side (default 1)")
-    ap.add_argument("--repeats", type=int, default=1, help="runs of each side per case, interleaved; the median is reported")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each side per case, interleaved; the median is reported")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--worker", choices=["loralab", "matmul"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -353,8 +361,8 @@ def main() -> None:
         ceilings = {d: run_worker("matmul", {"dtype": d, "shapes": shapes, "threads": THREADS})
                     for d in sorted({c["dtype"] for c in cases})}
         for d, c in ceilings.items():
-            print(f"matmul ceiling {d}: {c['best_flops_cpu'] / 1e9:.1f} GFLOP per CPU-s, {c['best_flops'] / 1e9:.1f} GFLOP/s "
-                  f"wall ({THREADS} threads)", flush=True)
+            print(f"matmul ceiling {d}: {c['best_flops_cpu'] / 1e9:.1f} GFLOP per CPU-s, "
+                  f"{c['best_flops'] / 1e9:.1f} GFLOP/s wall ({THREADS} threads)", flush=True)
         rows = []
         for case in cases:
             rows.append(run_case(case, paths, models, ceilings, work))
@@ -367,13 +375,15 @@ def main() -> None:
                     or run_case(case, paths, models, ceilings, work, seed=s) for s in SPREAD_SEEDS]
             ours = [r["loralab"]["final_eval_loss"] for r in runs]
             refs = [r["reference"]["final_eval_loss"] for r in runs]
-            spread = {"case": SPREAD_CASE, "seeds": SPREAD_SEEDS, "loralab_eval_loss": ours, "reference_eval_loss": refs,
+            spread = {"case": SPREAD_CASE, "seeds": SPREAD_SEEDS, "loralab_eval_loss": ours,
+                      "reference_eval_loss": refs,
                       "loralab_range": max(ours) - min(ours), "reference_range": max(refs) - min(refs),
                       "mean_diff": sum(ours) / len(ours) - sum(refs) / len(refs)}
             spread["tolerance"] = max(spread["loralab_range"], spread["reference_range"])
             spread["agree"] = abs(spread["mean_diff"]) <= spread["tolerance"]
             print(f"seed spread on {SPREAD_CASE}: loralab {[f'{x:.4f}' for x in ours]} reference "
-                  f"{[f'{x:.4f}' for x in refs]}; mean diff {spread['mean_diff']:+.4f}, spread {spread['tolerance']:.4f}")
+                  f"{[f'{x:.4f}' for x in refs]}; mean diff {spread['mean_diff']:+.4f}, "
+                  f"spread {spread['tolerance']:.4f}")
             judge_losses(rows, spread["tolerance"])
     import platform
 

@@ -60,7 +60,8 @@ def grid_spec(steps: int, ranks: list[int], alphas: list[float]) -> dict:
 def study(spec_path: Path, out: Path, *flags: str) -> float:
     """Run one `loralab study run`; its wall time in seconds."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "loralab.cli", "study", "run", str(spec_path), "--out", str(out), *flags],
+    proc = subprocess.run([sys.executable, "-m", "loralab.cli", "study", "run", str(spec_path), "--out", str(out),
+                           *flags],
                           env=ENV, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -90,7 +91,8 @@ def main() -> None:
 
     plain_s = study(spec_path, work / "plain", "--workers", "1", "--no-fuse")
     plain = final_losses(work / "plain" / "grid" / "study.db")
-    fast_s = study(spec_path, work / "fast", "--halving", "--eta", "3", "--min-steps", "10", "--executor", args.executor)
+    fast_s = study(spec_path, work / "fast", "--halving", "--eta", "3", "--min-steps", "10", "--executor",
+                   args.executor)
     fast = final_losses(work / "fast" / "grid" / "study.db")
 
     best_name = min((n for n, (s, v) in plain.items() if s == "completed"), key=lambda n: plain[n][1])
@@ -108,7 +110,8 @@ def main() -> None:
     spread = max(repeats) - min(repeats)
     gap = fast[fast_best][1] - plain[best_name][1]
     result = {
-        "runs": len(plain), "steps": args.steps, "fast_executor": args.executor, "grid_wall_s": plain_s, "fast_wall_s": fast_s,
+        "runs": len(plain), "steps": args.steps, "fast_executor": args.executor, "grid_wall_s": plain_s,
+        "fast_wall_s": fast_s,
         "speedup": plain_s / fast_s, "grid_best": best_name, "grid_best_eval_loss": plain[best_name][1],
         "fast_best": fast_best, "fast_best_eval_loss": fast[fast_best][1],
         "best_config_over_3_seeds": repeats, "seed_spread_range": spread,
@@ -119,9 +122,11 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "time_to_answer.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(f"grid of {len(plain)} runs x {args.steps} steps, plain: {plain_s:.0f} s; best {best_name} "
-          f"eval loss {plain[best_name][1]:.4f} (3 seeds: {', '.join(f'{v:.4f}' for v in repeats)}; range {spread:.4f})")
+          f"eval loss {plain[best_name][1]:.4f} (3 seeds: {', '.join(f'{v:.4f}' for v in repeats)}; "
+          f"range {spread:.4f})")
     print(f"fused + halving: {fast_s:.0f} s ({result['fast_statuses']}); best {fast_best} eval loss "
-          f"{fast[fast_best][1]:.4f} (difference {gap:+.4f}: {'within' if result['fast_within_spread'] else 'OUTSIDE'} the spread)")
+          f"{fast[fast_best][1]:.4f} (difference {gap:+.4f}: "
+          f"{'within' if result['fast_within_spread'] else 'OUTSIDE'} the spread)")
     print(f"time to the answer: {plain_s / fast_s:.2f}x less")
 
 

@@ -76,7 +76,8 @@ def cpu_seconds_of(cmd: list[str], env: dict[str, str]) -> tuple[float, float, s
 
 def grid_results(db: Path) -> dict[str, dict]:
     con = sqlite3.connect(db)
-    rows = con.execute("""SELECT r.axes_json, (SELECT m.value FROM metrics m WHERE m.run_id = r.id AND m.name = 'eval_loss'
+    rows = con.execute("""SELECT r.axes_json, (SELECT m.value FROM metrics m
+                                               WHERE m.run_id = r.id AND m.name = 'eval_loss'
                                                ORDER BY m.step DESC LIMIT 1)
                           FROM runs r WHERE r.status = 'completed'""").fetchall()
     con.close()
@@ -84,7 +85,8 @@ def grid_results(db: Path) -> dict[str, dict]:
     for axes_json, value in rows:
         axes = json.loads(axes_json)
         key = json.dumps({k: v for k, v in axes.items() if k != "train.seed"}, sort_keys=True)
-        out.setdefault(key, {"axes": {k: v for k, v in axes.items() if k != "train.seed"}, "values": []})["values"].append(value)
+        out.setdefault(key, {"axes": {k: v for k, v in axes.items() if k != "train.seed"},
+                             "values": []})["values"].append(value)
     return out
 
 
@@ -124,7 +126,8 @@ def compare(work: Path, *, answer_axes: dict, answer_mean: float, steps: int, mo
         config = name.rsplit("-s", 1)[0]
         done = [t for n, t in finished.items() if n.rsplit("-s", 1)[0] == config]
         if not done:
-            raise SystemExit(f"grid run {name}: no seed of its configuration has finished, so its time cannot be estimated")
+            raise SystemExit(f"grid run {name}: no seed of its configuration has finished, so its time cannot be "
+                             "estimated")
         grid_times[name] = {t: statistics.fmean(d[t] for d in done) for t in ("wall_s", "train_cpu_s")}
     total = {side: {t: sum(r[t] for r in times.values()) for t in ("wall_s", "train_cpu_s")}
              for side, times in (("tune", tune_times), ("grid", grid_times))}
@@ -148,10 +151,12 @@ def compare(work: Path, *, answer_axes: dict, answer_mean: float, steps: int, mo
           f"(pooled seed SD {pooled:.4f}, best's range {best_range:.4f}); within the seed spread: "
           f"{result['within_seed_spread']}")
     if result["cpu_ratio"] is not None:
-        print(f"tune / grid CPU seconds (drivers and runs): {tune_cpu:.0f} / {grid_cpu:.0f} = {result['cpu_ratio']:.3f}")
+        print(f"tune / grid CPU seconds (drivers and runs): {tune_cpu:.0f} / {grid_cpu:.0f} = "
+              f"{result['cpu_ratio']:.3f}")
     for what, key in (("run processes' time", "wall_s"), ("training-loop CPU", "train_cpu_s")):
         print(f"tune / grid {what}: {total['tune'][key]:.0f} / {total['grid'][key]:.0f} s = "
-              f"{total['tune'][key] / total['grid'][key]:.3f}" + (f" ({len(estimated)} grid runs estimated)" if estimated else ""))
+              f"{total['tune'][key] / total['grid'][key]:.3f}"
+              + (f" ({len(estimated)} grid runs estimated)" if estimated else ""))
     return result
 
 
@@ -196,7 +201,8 @@ def measure(args: argparse.Namespace) -> dict:
     common = ["--model", model, "--data", str(data), "--batch-size", "8", "--workers", str(args.workers)]
 
     tune_cpu, tune_wall, out = cpu_seconds_of(
-        loralab + ["tune", *common, "--search", search, *widen, "--out", str(work / "tune"), "--name", "tune", "--json"], env)
+        loralab + ["tune", *common, "--search", search, *widen, "--out", str(work / "tune"), "--name", "tune",
+                   "--json"], env)
     answer = json.loads(out.stdout)
     print(f"tune: {tune_cpu:.0f} CPU s, {tune_wall:.0f} s wall", flush=True)
 

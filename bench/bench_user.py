@@ -162,9 +162,11 @@ def main() -> None:
                    "pair_ratios": [o["tokens_per_s"] / f["tokens_per_s"] for o, f in pairs],
                    "load_avg_before": load_before, "load_avg_after": bs.load_avg()}
             rows.append(row)
-            print(f"{name:<12} tok/s {ours['tokens_per_s']:6.0f} vs {ref['tokens_per_s']:6.0f} x{row['speed_ratio']:.2f} "
+            print(f"{name:<12} tok/s {ours['tokens_per_s']:6.0f} vs {ref['tokens_per_s']:6.0f} "
+                  f"x{row['speed_ratio']:.2f} "
                   f"(per CPU-s x{row['speed_ratio_cpu']:.2f})  bf16 ceiling% {ours['pct_of_bf16_ceiling']:4.1f} vs "
-                  f"{ref['pct_of_bf16_ceiling']:4.1f}  eval {ours['final_eval_loss']:.4f} vs {ref['final_eval_loss']:.4f}  "
+                  f"{ref['pct_of_bf16_ceiling']:4.1f}  eval {ours['final_eval_loss']:.4f} vs "
+                  f"{ref['final_eval_loss']:.4f}  "
                   f"load {row['load_avg_after']}", flush=True)
     from loralab.train.measure import versions
 

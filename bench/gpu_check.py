@@ -57,7 +57,8 @@ GQA_MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, nu
 PLANS = {
     "gpu": dict(device="cuda", dtype="bf16", budget_s=420, words=1500, ceiling_n=8192, memory_model=ONE_B,
                 memory_seq=[512, 2048], memory_micro=2, sync_micro=4, speed_cases=[
-                    "tiny-bf16-lora-mb1", "tiny-bf16-lora-mb8", "big-bf16-lora-mb8"], speed_steps=None, speed_examples=None,
+                    "tiny-bf16-lora-mb1", "tiny-bf16-lora-mb8", "big-bf16-lora-mb8"], speed_steps=None,
+                speed_examples=None,
                 fused_k=8, fused_steps=30, quickstart=[], attention_len=512, multi_steps=40),
     "smoke": dict(device="cpu", dtype="fp32", budget_s=600, words=60, ceiling_n=256, memory_model=SMOKE_MODEL,
                   memory_seq=[96, 128], memory_micro=1, sync_micro=2, speed_cases=["tiny-fp32-lora-mb8"],
@@ -214,7 +215,8 @@ def section_attention(plan: dict, work: Path) -> dict:
     model = build_llama(work / "gqa", GQA_MODEL, dtype="fp32")
     data = long_records(work / "attn.jsonl", 16, plan["words"])
     attention.last_kernel = None
-    cfg = run_config(str(model), data, work / "attn", plan, data={"packing": True, "max_seq_length": plan["attention_len"]},
+    cfg = run_config(str(model), data, work / "attn", plan,
+                     data={"packing": True, "max_seq_length": plan["attention_len"]},
                      train={"batch_size": 4, "micro_batch_size": 4, "max_steps": 2})
     summary = train(cfg)
     return {"packed_attention": summary.get("packed_attention"), "kernel_ran": attention.last_kernel,

@@ -1,7 +1,8 @@
 """Build a user-style model and data set, to run a preset on them as a new user would.
 
     python scripts/user_model_study.py --out /tmp/user        # writes /tmp/user/model, /tmp/user/train.jsonl
-    loralab study run preset:consistency --quick --model /tmp/user/model --data /tmp/user/train.jsonl --out /tmp/user/runs
+    loralab study run preset:consistency --quick --model /tmp/user/model --data /tmp/user/train.jsonl \\
+        --out /tmp/user/runs
     loralab study report consistency-quick --out /tmp/user/runs
 
 The model is a random-init Llama of about 20M parameters (hidden 512, 6 layers) saved with

@@ -29,7 +29,8 @@ def test_load_config_from_yaml_dict_config_and_keywords(tmp_path):
     assert (cfg.lora.r, cfg.lora.alpha, cfg.train.lr) == (4, 32.0, 2e-3)
     assert api.load_config({"lora": {"r": 16}}).lora.r == 16
     again = api.load_config(cfg, train={"max_steps": 7})
-    assert isinstance(again, Config) and again.train.max_steps == 7 and again.lora.r == 4 and cfg.train.max_steps is None
+    assert (isinstance(again, Config) and again.train.max_steps == 7 and again.lora.r == 4
+            and cfg.train.max_steps is None)
     assert loralab.load_config is api.load_config and loralab.Study is api.Study
 
 
@@ -83,7 +84,8 @@ def test_quickstart_notebook_executes(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]

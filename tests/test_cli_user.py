@@ -66,7 +66,8 @@ def test_adapter_records_its_base_and_refuses_another(capsys, caplog, qwen_run, 
 def test_adapter_on_its_own_base_and_an_older_adapter(capsys, caplog, qwen_run, tiny_model_dir, tmp_path):
     caplog.set_level("INFO", logger="loralab")
     qwen = str(tiny_model_dir("qwen2"))
-    code, _, err = run_cli(capsys, "generate", "--model", qwen, "--adapter", str(qwen_run), "--max-new-tokens", "2", "Hi")
+    code, _, err = run_cli(capsys, "generate", "--model", qwen, "--adapter", str(qwen_run), "--max-new-tokens", "2",
+                           "Hi")
     assert code == 0 and "trained on" not in caplog.text
     # an adapter saved before loralab recorded bases: accepted, with a one-line note
     old = tmp_path / "old"
@@ -192,7 +193,8 @@ def test_study_exit_codes_and_name(capsys, tiny_model_dir, tmp_path):
     code, _, err = run_cli(capsys, "study", "run", str(study), "--out", str(out), "--set", "data.val_max_examples=2")
     assert code == 2 and "already has a run 'r4' with a different config" in err and "--name NEW_NAME" in err
     # --name starts a fresh study; its run ends invalid (every validation example truncated away): exit 1
-    long = [{"instruction": "Summarize: " + "the river runs by the old mill " * 20, "input": "", "output": "A mill."}] * 3
+    long = [{"instruction": "Summarize: " + "the river runs by the old mill " * 20, "input": "",
+             "output": "A mill."}] * 3
     val = write_jsonl(tmp_path / "val.jsonl", long)
     code, stdout, _ = run_cli(capsys, "study", "run", str(study), "--out", str(out), "--name", "s-val",
                               "--set", f"data.val_path={val}", "--set", "data.max_seq_length=48")
@@ -301,7 +303,8 @@ def test_smaller_things(capsys, caplog, tiny_model_dir, tmp_path):
     # MC2, a probability: its interval stays in [0, 1], from the command line as in the library
     low = mean_score([0.0, 0.0, 0.9], bounds=(0.0, 1.0))
     assert low.ci_low == 0.0 and low.ci_high == pytest.approx(0.3 + 1.96 * (0.27 / 3) ** 0.5)
-    code, stdout, _ = run_cli(capsys, "eval", "--model", "builtin:tiny", "--tasks", "world_mc", "--limit", "3", "--json")
+    code, stdout, _ = run_cli(capsys, "eval", "--model", "builtin:tiny", "--tasks", "world_mc", "--limit", "3",
+                              "--json")
     mc2 = next(r for r in json.loads(stdout)["results"] if r["metric"] == "mc2")
     assert code == 0 and 0.0 <= mc2["ci_low"] <= mc2["value"] <= mc2["ci_high"] <= 1.0
     # --json is one object everywhere
@@ -347,7 +350,8 @@ def test_device_accepts_cuda_n_and_the_commands_take_device(capsys, tiny_model_d
     data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24))
     qwen = tiny_model_dir("qwen2")
     code, _, err = run_cli(capsys, *train_args(qwen, data, tmp_path / "bad", "--set", "model.device=gpu1"))
-    assert code == 2 and "model.device must be auto, cpu, cuda or cuda:N (a GPU's index, e.g. cuda:1) (got 'gpu1')" in err
+    assert code == 2 and ("model.device must be auto, cpu, cuda or cuda:N (a GPU's index, e.g. cuda:1) "
+                          "(got 'gpu1')") in err
     for argv in (["generate", "--device", "gpu1", "Hi"], ["eval", "--model", str(qwen), "--device", "gpu1"],
                  ["train", "--device", "gpu1"]):
         with pytest.raises(SystemExit) as exited:
@@ -372,7 +376,8 @@ def test_device_accepts_cuda_n_and_the_commands_take_device(capsys, tiny_model_d
 
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+          "'<|im_end|>' + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def test_generate_uses_the_runs_model_and_chat_template(capsys, caplog, tiny_model_dir, tmp_path):

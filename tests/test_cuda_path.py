@@ -216,8 +216,8 @@ def test_cuda_problem_names_a_driver_torch_cannot_use(monkeypatch):
         raise RuntimeError("The NVIDIA driver on your system is too old (found version 11040).")
 
     monkeypatch.setattr(torch.cuda, "init", init)
-    assert models.cuda_problem() == (f"torch {torch.__version__} (built for CUDA 13.0) cannot initialise CUDA: The NVIDIA driver on "
-                                     "your system is too old (found version 11040).")
+    assert models.cuda_problem() == (f"torch {torch.__version__} (built for CUDA 13.0) cannot initialise CUDA: "
+                                     "The NVIDIA driver on your system is too old (found version 11040).")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert "CUDA_VISIBLE_DEVICES" in models.cuda_problem()
 

@@ -28,7 +28,8 @@ from loralab.train.loop import train
 CHATML_GENERATION = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
-    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '\\n' }}"
     "{%- else -%}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endif -%}"
@@ -46,7 +47,8 @@ CHATML_PLAIN = (
 LLAMA3 = (
     "{{- bos_token }}"
     "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim "
+    "+ '<|eot_id|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
@@ -176,7 +178,8 @@ def test_generation_block_and_prefix_rendering_mark_the_same_tokens(tmp_path):
     got = {}
     for name in ("chatml_generation", "chatml_plain"):
         tok = AutoTokenizer.from_pretrained(str(chat_tokenizer_dir(tmp_path, name)))
-        got[name] = [(e.input_ids, e.labels) for e in load_splits(data_cfg(path, "data.val_fraction=0"), tok, seed=0).train]
+        got[name] = [(e.input_ids, e.labels)
+                     for e in load_splits(data_cfg(path, "data.val_fraction=0"), tok, seed=0).train]
     assert got["chatml_generation"] == got["chatml_plain"]
 
 
@@ -231,7 +234,8 @@ def test_template_that_breaks_the_prefix_property_names_the_record(tmp_path):
 
 @pytest.mark.parametrize("record, needle", [
     ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
-    ({"messages": [{"role": "user", "content": 3}]}, "messages[0] must be an object with string fields role and content"),
+    ({"messages": [{"role": "user", "content": 3}]},
+     "messages[0] must be an object with string fields role and content"),
     ({"conversations": [{"from": "robot", "value": "x"}]}, "conversations[0].from is 'robot'"),
     ({"messages": []}, "non-empty list"),
 ])
@@ -279,7 +283,8 @@ def test_columns_map_a_datasets_own_names(tmp_path, tiny_tok):
     renamed = [{"question": r["instruction"], "context": r["input"], "answer": r["output"]} for r in records]
     datasets.Dataset.from_list(renamed).to_parquet(str(tmp_path / "qa.parquet"))
     reference = tokens(write_jsonl(tmp_path / "d.jsonl", records), tiny_tok)
-    got = tokens(tmp_path / "qa.parquet", tiny_tok, "data.columns={instruction: question, input: context, output: answer}")
+    got = tokens(tmp_path / "qa.parquet", tiny_tok,
+                 "data.columns={instruction: question, input: context, output: answer}")
     assert got == reference
     with pytest.raises(DataError, match=r"qa.parquet, row 0: missing field output"):
         tokens(tmp_path / "qa.parquet", tiny_tok, "data.columns={instruction: question}")
@@ -362,10 +367,12 @@ def test_auto_max_seq_length_fits_the_data_up_to_the_context(tmp_path, tiny_tok)
     full = load_splits(data_cfg(path, "data.val_fraction=0", "data.max_seq_length=4096"), tiny_tok, seed=0)
     lengths = [len(e.input_ids) for e in full.train]
     longest = max(lengths)
-    auto = load_splits(data_cfg(path, "data.val_fraction=0", "data.max_seq_length=auto"), tiny_tok, seed=0, context=2048)
+    auto = load_splits(data_cfg(path, "data.val_fraction=0", "data.max_seq_length=auto"), tiny_tok, seed=0,
+                       context=2048)
     assert auto.stats["max_seq_length"] == -(-longest // 8) * 8 and auto.stats["truncated"] == 0
     assert [e.input_ids for e in auto.train] == [e.input_ids for e in full.train]
-    capped = load_splits(data_cfg(path, "data.val_fraction=0", "data.max_seq_length=auto"), tiny_tok, seed=0, context=128)
+    capped = load_splits(data_cfg(path, "data.val_fraction=0", "data.max_seq_length=auto"), tiny_tok, seed=0,
+                         context=128)
     assert capped.stats["max_seq_length"] == 128
     assert capped.stats["truncated"] == sum(n > 128 for n in lengths) > 0
     assert capped.stats["token_lengths"] == length_stats(lengths)

@@ -114,7 +114,8 @@ def losses(run: Path) -> dict[int, float]:
 
 
 def adapter_diff(a: Path, b: Path) -> float:
-    wa, wb = load_file(a / "adapter" / "adapter_model.safetensors"), load_file(b / "adapter" / "adapter_model.safetensors")
+    wa, wb = (load_file(a / "adapter" / "adapter_model.safetensors"),
+              load_file(b / "adapter" / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys()
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 

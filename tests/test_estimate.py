@@ -82,7 +82,8 @@ def test_optimizer_bytes_per_param():
 
 
 def test_optimizer_part_follows_config():
-    parts = {o: estimate_run(cfg("llama2-7b", train__optimizer=o)).memory_bytes["optimizer_state"] for o in OPTIMIZER_BYTES_PER_PARAM}
+    parts = {o: estimate_run(cfg("llama2-7b", train__optimizer=o)).memory_bytes["optimizer_state"]
+             for o in OPTIMIZER_BYTES_PER_PARAM}
     assert parts["adamw"] == 8 * 4_194_304
     assert parts["sgd"] == 0
     assert parts["adafactor"] < parts["adamw8bit"] < parts["adamw"]
@@ -140,7 +141,8 @@ def _tiny_configs():
         "llama_tied": (LlamaConfig(tie_word_embeddings=True, **small), ALL_BUT_HEAD + ["head"]),
         "qwen2_bias": (Qwen2Config(num_key_value_heads=2, **small), ["all"]),
         "phi3_fused": (Phi3Config(pad_token_id=0, **small), ["query", "key", "value", "mlp"]),
-        "gpt2_conv1d": (GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=97), ["query", "key", "value", "projection"]),
+        "gpt2_conv1d": (GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=97),
+                        ["query", "key", "value", "projection"]),
         "opt": (OPTConfig(hidden_size=48, ffn_dim=80, num_hidden_layers=2, num_attention_heads=4, vocab_size=99,
                           word_embed_proj_dim=48), ["query", "value", "mlp"]),
     }
@@ -232,8 +234,10 @@ def test_activations_scale_and_checkpointing():
 def test_budget_fit_and_max_micro_batch():
     est = estimate_from_args(model="llama2-7b", quant="nf4", dtype="bf16", micro_batch=1, seq_len=512, budget="24GB")
     assert est.fits is True and est.max_micro_batch >= 1
-    at_max = estimate_from_args(model="llama2-7b", quant="nf4", dtype="bf16", micro_batch=est.max_micro_batch, seq_len=512)
-    above = estimate_from_args(model="llama2-7b", quant="nf4", dtype="bf16", micro_batch=est.max_micro_batch + 1, seq_len=512)
+    at_max = estimate_from_args(model="llama2-7b", quant="nf4", dtype="bf16", micro_batch=est.max_micro_batch,
+                                seq_len=512)
+    above = estimate_from_args(model="llama2-7b", quant="nf4", dtype="bf16", micro_batch=est.max_micro_batch + 1,
+                               seq_len=512)
     assert at_max.memory_bytes["total"] <= 24e9 < above.memory_bytes["total"]
     big = estimate_from_args(model="llama2-70b", dtype="bf16", budget="24GB")
     assert big.fits is False and big.max_micro_batch == 0
@@ -331,7 +335,8 @@ def test_cli_config_file_and_table(tmp_path, capsys):
     from loralab.cli import main
 
     run = tmp_path / "run.yaml"
-    run.write_text("model: {path: llama2-7b}\nlora: {r: 16, targets: [query, value]}\ntrain: {micro_batch_size: 2, batch_size: 8}\n")
+    run.write_text("model: {path: llama2-7b}\nlora: {r: 16, targets: [query, value]}\n"
+                   "train: {micro_batch_size: 2, batch_size: 8}\n")
     assert main(["estimate", str(run), "--set", "lora.r=8"]) == 0
     text = capsys.readouterr().out
     assert "4,194,304" in text and "activations" in text and "total" in text

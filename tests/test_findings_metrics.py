@@ -106,7 +106,8 @@ def test_agreeing_metrics_and_a_run_one_metric_lacks(tmp_path):
     assert [row["n"] for row in effects["world_mc/mc2"]["levels"]] == [2, 3]
     assert [row["n"] for row in effects["arith/exact_match"]["levels"]] == [3, 3]
     (left_out,) = [f for f in found if f["kind"] == "excluded"]
-    assert left_out["metric"] == "world_mc/mc2" and "qnone-s1 completed but has no final world_mc/mc2" in left_out["text"]
+    assert (left_out["metric"] == "world_mc/mc2"
+            and "qnone-s1 completed but has no final world_mc/mc2" in left_out["text"])
     assert left_out["text"].startswith("[world_mc/mc2] ")
 
 
@@ -236,9 +237,11 @@ def test_real_study_metric_equals_cli_harness_on_the_adapter(real_study, capsys)
     `loralab eval --harness world_mc` gives on the adapter that run saved."""
     from loralab.cli import main
 
-    (run_dir,) = [d for (d,) in sql(real_study, "SELECT run_dir FROM runs WHERE name LIKE '%s2' ORDER BY id DESC LIMIT 1")]
+    (run_dir,) = [d for (d,) in sql(real_study,
+                                    "SELECT run_dir FROM runs WHERE name LIKE '%s2' ORDER BY id DESC LIMIT 1")]
     stored = final_by_sql(real_study, "harness:world_mc/mc2")
-    (lr,) = [lr for (lr,) in sql(real_study, "SELECT json_extract(axes_json, '$.\"train.lr\"') FROM runs WHERE run_dir = ?", run_dir)]
+    (lr,) = [lr for (lr,) in sql(real_study, "SELECT json_extract(axes_json, '$.\"train.lr\"') FROM runs "
+                                             "WHERE run_dir = ?", run_dir)]
     capsys.readouterr()
     assert main(["eval", "--harness", "world_mc", "--model", "builtin:tiny", "--adapter", run_dir,
                  "--limit", "4", "--batch-size", "8", "--device", "cpu", "--json"]) == 0

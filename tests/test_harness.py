@@ -114,7 +114,8 @@ def test_cli_harness_json_columns(tmp_path, adapter, capsys):
     from loralab.cli import main
 
     rc = main(["eval", "--harness", "world_mc", "--model", "builtin:tiny", "--adapter", str(adapter),
-               "--limit", "4", "--batch-size", "1", "--harness-dir", str(tmp_path / "tasks"), "--dtype", "fp32", "--json"])
+               "--limit", "4", "--batch-size", "1", "--harness-dir", str(tmp_path / "tasks"), "--dtype", "fp32",
+               "--json"])
     assert rc == 0
     rows = json.loads(capsys.readouterr().out)["results"]
     got = {(r["adapter"], r["metric"]): r for r in rows}

@@ -140,7 +140,8 @@ def test_packed_and_grouped_training_follow_the_padded_loss_curve(cfg_factory, s
 
 
 def test_segment_batches_hold_whole_examples_end_to_end_without_padding():
-    examples = [Example(list(range(10, 10 + n)), [IGNORE] + list(range(11, 10 + n))) for n in (100, 60, 40, 30, 20, 10, 10, 5)]
+    examples = [Example(list(range(10, 10 + n)), [IGNORE] + list(range(11, 10 + n)))
+                for n in (100, 60, 40, 30, 20, 10, 10, 5)]
     batches = step_batches(examples, micro_batch_size=1, row_len=128, pad_id=2, device=CPU, packing=True, segments=True)
     assert all(b["input_ids"].shape[0] == 1 for b in batches)
     assert all(b["input_ids"].shape[1] == int(b["n_tokens"]) <= 128 for b in batches)  # no padding, within budget
@@ -195,7 +196,8 @@ def test_models_whose_attention_is_more_than_a_causal_softmax_keep_block_masks(c
     assert supports_segments(plain)
     cfg = cfg_factory("builtin:tiny", data__packing=True, data__max_seq_length=64)
     assert packed_attention(cfg, plain) == "per_example"
-    assert packed_attention(cfg, AutoModelForCausalLM.from_config(tf.MistralConfig(sliding_window=32, **small))) == "block_mask"
+    assert packed_attention(
+        cfg, AutoModelForCausalLM.from_config(tf.MistralConfig(sliding_window=32, **small))) == "block_mask"
     windowed_32 = AutoModelForCausalLM.from_config(tf.MistralConfig(sliding_window=32, **small))
     auto = cfg_factory("builtin:tiny", data__max_seq_length=64)  # data.packing: auto, the default
     assert auto.data.packing == "auto"
@@ -218,5 +220,6 @@ def test_the_loss_needs_logits_at_label_positions_only():
     assert keeps_logits(model) and 0 < len(positions) < batch["input_ids"].shape[1] - 1  # prompts are skipped
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        full = F.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum")
+        full = F.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE,
+                               reduction="sum")
         assert torch.allclose(response_loss_sum(model, batch, "none"), full, rtol=1e-5)

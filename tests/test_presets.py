@@ -69,7 +69,8 @@ def user_data(tmp_path_factory) -> Path:
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "loralab.cli", *args], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "loralab.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -149,7 +150,8 @@ def test_deviations_name_exactly_the_settings_that_differ(user_model, user_data)
     study = load_study("preset:consistency", model=str(user_model), data=str(user_data),
                        overrides=["train.lr=1e-4", "lora.dropout=0.05"])  # dropout equals the seed's
     seed = flat(raw_preset("consistency")["seed"]["setup"])
-    seed_cfg = config_from_dict(deep_merge(config_from_dict({}).to_dict(), raw_preset("consistency")["seed"]["setup"])).to_dict()
+    seed_cfg = config_from_dict(
+        deep_merge(config_from_dict({}).to_dict(), raw_preset("consistency")["seed"]["setup"])).to_dict()
     differ = {k for k in seed for r in study.runs if get_key(r.config, k) != get_key(seed_cfg, k)}
     got = {d["key"]: d for d in study.deviations}
     assert set(got) == differ
@@ -243,7 +245,8 @@ def test_a_quick_preset_on_a_user_model_completes_and_reports(user_model, user_d
     assert "train.warmup_steps 2 instead of the seed's 100 (set by --quick)" in top
     assert "model.dtype fp32 instead of the seed's bf16 (set by --set model.dtype)" in top
     assert "train.batch_size 64 instead of the seed's 128 (set by --set train.batch_size)" in top
-    assert f"{user_model} (LlamaForCausalLM, {summary['total_params']:,} parameters, dtype fp32, quantization none)" in top
+    assert (f"{user_model} (LlamaForCausalLM, {summary['total_params']:,} parameters, dtype fp32, "
+            "quantization none)") in top
     assert f"{user_data}; {n_train} training / 6 validation examples" in top
     # the data's token lengths as the first run measured them (each seed holds out its own validation split)
     assert re.search(r"token lengths: min \d+, median [\d.]+, p90 \d+, max \d+ tokens", top), top

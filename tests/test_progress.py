@@ -84,9 +84,10 @@ def test_training_bar_counts_steps_and_json_draws_none(cfg_factory, tmp_path, mo
     # `loralab train --json` on a terminal: no bar of loralab's nor of transformers'
     monkeypatch.setattr(sys, "stderr", tty := Terminal())
     keys = {"model.path": "builtin:tiny", "model.device": "cpu", "data.path": "builtin:arithmetic_2ds",
-            "data.limit": 32, "data.val_max_examples": 8, "train.max_steps": 2, "train.batch_size": 4, "train.micro_batch_size": 4,
-            "train.warmup_steps": 0, "output.save_adapter": "false"}
-    argv = ["train", *[a for k, v in keys.items() for a in ("--set", f"{k}={v}")], "--out", str(tmp_path / "j"), "--json"]
+            "data.limit": 32, "data.val_max_examples": 8, "train.max_steps": 2, "train.batch_size": 4,
+            "train.micro_batch_size": 4, "train.warmup_steps": 0, "output.save_adapter": "false"}
+    argv = ["train", *[a for k, v in keys.items() for a in ("--set", f"{k}={v}")], "--out", str(tmp_path / "j"),
+            "--json"]
     assert main(argv) == 0, tty.getvalue()
     assert json.loads(capsys.readouterr().out)["steps"] == 2
     assert not BAR.search(tty.getvalue()) and "step/s" not in tty.getvalue(), tty.getvalue()

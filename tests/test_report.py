@@ -41,7 +41,8 @@ def insert_run(con, name: str, axes: dict, *, status="completed", value=None, ti
     cur = con.execute(
         "INSERT INTO runs (study_id, name, axes_json, config_json, status, final_eval_loss, train_time_s, "
         "peak_memory_bytes, trainable_params, stopped_at_step, error) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (name, json.dumps(axes), json.dumps(config or {}), status, value, time_s, memory, params, stopped_at_step, error))
+        (name, json.dumps(axes), json.dumps(config or {}), status, value, time_s, memory, params, stopped_at_step,
+         error))
     con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?)", [(cur.lastrowid, s, n, v) for s, n, v in series])
     return cur.lastrowid
 
@@ -199,7 +200,8 @@ def test_equivalence_with_a_tied_learning_rate(tmp_path):
     f = one(findings(synthetic_db(tmp_path, spec, rows(0.003)), "s"), "equivalence")
     (lvl,) = f["levels"]
     assert lvl["verdict"] == "matched" and lvl["comparison"]["difference"] == pytest.approx(0.003)
-    assert "lora.alpha=512, train.lr=1e-05 matched lora.alpha=1, train.lr=0.00512 within the seed-to-seed spread" in f["text"]
+    assert ("lora.alpha=512, train.lr=1e-05 matched lora.alpha=1, train.lr=0.00512 within the seed-to-seed "
+            "spread") in f["text"]
 
     (tmp_path / "study.db").unlink()
     spec["findings"][0]["reference"] = "1"  # a level named as text in the study file is found too
@@ -213,7 +215,8 @@ def test_cost_in_percent_with_the_metric_difference(tmp_path):
         for s, n in zip((1, 2, 3), NOISE, strict=True):
             rows.append({"name": f"{mode}-s{s}", "axes": {"quant.mode": mode, "train.seed": s},
                          "value": v + n, "memory": int(mem), "time_s": t + 100 * n})  # time varies by seed too
-    spec = {"axes": {"quant.mode": ["none", "nf4"]}, "findings": [{"kind": "cost", "axis": "quant.mode", "baseline": "none"}]}
+    spec = {"axes": {"quant.mode": ["none", "nf4"]},
+            "findings": [{"kind": "cost", "axis": "quant.mode", "baseline": "none"}]}
     f = one(findings(synthetic_db(tmp_path, spec, rows), "s"), "cost")
     (lvl,) = f["levels"]
     assert lvl["memory"]["change_pct"] == pytest.approx(-38.0)
@@ -224,17 +227,20 @@ def test_cost_in_percent_with_the_metric_difference(tmp_path):
     half_t = stats.t_quantile(0.975, 4) * sd_t * math.sqrt(2 / 3)
     assert lvl["time"]["half_width_pct"] == pytest.approx(100 * half_t / (100 + 100 * sum(NOISE) / 3))
     assert lvl["comparison"]["difference"] == pytest.approx(0.01)
-    assert f"quant.mode=nf4 against quant.mode=none: saved 38% peak memory and cost 31% more time (+/- {100 * half_t / 100:.0f}%)" in f["text"]
+    assert (f"quant.mode=nf4 against quant.mode=none: saved 38% peak memory and cost 31% more time "
+            f"(+/- {100 * half_t / 100:.0f}%)") in f["text"]
     assert "eval_loss differed by +0.01 +/- " in f["text"] and "within the seed noise" in f["text"]
 
 
 def test_runs_that_did_not_complete_are_listed_and_not_counted(tmp_path):
     rows = two_level_rows(0.2)
     rows += [
-        {"name": "a64-s4", "axes": {"lora.alpha": 64, "train.seed": 4}, "status": "failed", "error": "ModelError: boom\ntrace"},
+        {"name": "a64-s4", "axes": {"lora.alpha": 64, "train.seed": 4}, "status": "failed",
+         "error": "ModelError: boom\ntrace"},
         {"name": "a8-s4", "axes": {"lora.alpha": 8, "train.seed": 4}, "status": "stopped_early", "stopped_at_step": 20,
          "value": 0.1},
-        {"name": "a8-s5", "axes": {"lora.alpha": 8, "train.seed": 5}, "status": "skipped", "error": "needs 9 GiB > --max-memory"},
+        {"name": "a8-s5", "axes": {"lora.alpha": 8, "train.seed": 5}, "status": "skipped",
+         "error": "needs 9 GiB > --max-memory"},
         {"name": "a64-s5", "axes": {"lora.alpha": 64, "train.seed": 5}, "status": "completed"},  # no eval_loss
     ]
     spec = {"axes": {"lora.alpha": [8, 64]}, "findings": [{"kind": "axis_effect", "axis": "lora.alpha"}]}
@@ -286,8 +292,10 @@ def test_metric_other_than_eval_loss_uses_the_last_step_and_goal_max(tmp_path):
     rows = []
     for a, acc in ((8, 0.40), (64, 0.90)):
         for s, n in zip((1, 2, 3), NOISE, strict=True):
-            series = [(10, "arith/exact_match", 0.0), (30, "arith/exact_match", acc + n), (20, "arith/exact_match", 0.99)]
-            rows.append({"name": f"a{a}-s{s}", "axes": {"lora.alpha": a, "train.seed": s}, "value": 5.0, "series": series})
+            series = [(10, "arith/exact_match", 0.0), (30, "arith/exact_match", acc + n),
+                      (20, "arith/exact_match", 0.99)]
+            rows.append({"name": f"a{a}-s{s}", "axes": {"lora.alpha": a, "train.seed": s}, "value": 5.0,
+                         "series": series})
     spec = {"metric": "arith/exact_match", "goal": "max", "axes": {"lora.alpha": [8, 64]},
             "findings": [{"kind": "axis_effect", "axis": "lora.alpha"}]}
     f = one(findings(synthetic_db(tmp_path, spec, rows), "s"), "axis_effect")
@@ -316,7 +324,8 @@ def test_a_study_with_nothing_completed_still_gets_a_report(tmp_path):
     rows = [{"name": "r2-s1", "axes": {"lora.r": 2, "train.seed": 1}, "status": "failed", "error": "boom"},
             {"name": "r8-s1", "axes": {"lora.r": 8, "train.seed": 1}, "status": "pending"}]
     spec = {"axes": {"lora.r": [2, 8]}, "findings": [{"kind": "axis_effect", "axis": "lora.r"},
-                                                      {"kind": "cost", "axis": "lora.r", "baseline": 2}, {"kind": "pareto"}]}
+                                                      {"kind": "cost", "axis": "lora.r", "baseline": 2},
+                                                      {"kind": "pareto"}]}
     db = synthetic_db(tmp_path, spec, rows)
     out = tmp_path / "out"
     out.mkdir()
@@ -423,7 +432,8 @@ def test_real_study_findings_match_the_database(real_study):
         # the mean over the other axis of the mean over seeds, in SQL
         avg = {v: (m, n) for v, m, n in sql(
             real_study, f"SELECT v, AVG(m), SUM(n) FROM (SELECT json_extract(axes_json, '$.\"{axis}\"') AS v, "
-                        "json_extract(axes_json, '$.\"lora.r\"') AS r, json_extract(axes_json, '$.\"lora.alpha\"') AS a, "
+                        "json_extract(axes_json, '$.\"lora.r\"') AS r, "
+                        "json_extract(axes_json, '$.\"lora.alpha\"') AS a, "
                         "AVG(final_eval_loss) AS m, COUNT(*) AS n FROM runs WHERE status = 'completed' "
                         "GROUP BY r, a) GROUP BY v")}
         got = {row["value"]: (row["mean"], row["n"]) for row in by_axis[axis]["levels"]}
@@ -494,7 +504,8 @@ def test_real_study_report_is_self_contained(real_study, tmp_path):
     # the runs table shows every run with its final metric as stored
     for name, loss in sql(real_study, "SELECT name, final_eval_loss FROM runs WHERE status = 'completed'"):
         assert re.search(rf"\| {re.escape(name)} \|[^\n]*\| completed \| {loss:.4g} \|", md)
-    assert json.loads(paths["findings"].read_text()) == json.loads(json.dumps(findings(real_study, "tiny_alpha"), default=str))
+    assert json.loads(paths["findings"].read_text()) == json.loads(
+        json.dumps(findings(real_study, "tiny_alpha"), default=str))
 
 
 @pytest.mark.slow

@@ -128,7 +128,8 @@ def test_report_in_headless_chromium(chromium, report):
     images = page.send("Runtime.evaluate", returnByValue=True, awaitPromise=True, expression="""
         Promise.all(Array.from(document.images).map(i => i.decode().then(() => true, () => false)))
           .then(ok => Array.from(document.images).map((i, k) => ({alt: i.alt, ok: ok[k], w: i.naturalWidth,
-                                                                  h: i.naturalHeight, shown: i.getBoundingClientRect().width})))
+                                                                  h: i.naturalHeight,
+                                                                  shown: i.getBoundingClientRect().width})))
     """)["result"]["value"]
     shot = page.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
     artifacts = Path(os.environ.get("LORALAB_TEST_ARTIFACTS", ROOT / "test-artifacts"))

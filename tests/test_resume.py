@@ -34,7 +34,8 @@ RUN = dict(train__max_steps=STEPS, train__batch_size=8, train__micro_batch_size=
            train__scheduler="cosine", train__lr=2e-3, lora__dropout=0.1, data__limit=24, train__seed=11)
 SRC = Path(loralab.__file__).resolve().parents[1]
 # The CLI in a fresh process, with the same thread count as this one (conftest sets 2).
-CHILD = "import sys, torch; torch.set_num_threads(2); from loralab.cli import main; raise SystemExit(main(sys.argv[1:]))"
+CHILD = ("import sys, torch; torch.set_num_threads(2); from loralab.cli import main; "
+         "raise SystemExit(main(sys.argv[1:]))")
 # CHILD, sleeping 1 s inside each checkpoint write after the payload, before the manifest and the
 # rename, so a test can SIGKILL it exactly there.
 CHILD_PAUSED_IN_WRITE = (
@@ -267,7 +268,8 @@ def test_sigkill_during_checkpoint_write(reference, model_dir, tmp_path):
     out = tmp_path / "killed-in-write"
     write_run_dir(model_dir, out, train__checkpoint_every=3)
     child = start_child(out, CHILD_PAUSED_IN_WRITE)
-    writing = lambda: any((p / "trainer_state.json").exists() for p in (out / "checkpoints").glob(".tmp-step-000006-*"))  # noqa: E731
+    writing = lambda: any((p / "trainer_state.json").exists()  # noqa: E731
+                          for p in (out / "checkpoints").glob(".tmp-step-000006-*"))
     assert wait_for(writing, child), child.stderr.read().decode()[-2000:]
     sigkill(child)
     root = out / "checkpoints"

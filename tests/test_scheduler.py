@@ -101,7 +101,8 @@ def test_every_flag_combination_runs_or_is_refused_with_a_message():
             accepted += 1
             assert opts.executor == ("ray" if ray else "local") and opts.fuse == ("--no-fuse" not in combo[3])
             assert (opts.halving is not None) == on["halving"] and opts.retries == int(combo[4][1] if combo[4] else 1)
-            assert opts.budget_s == (1800 if on["budget"] else None) and opts.gpus == (["0", "1"] if on["gpus"] else None)
+            assert (opts.budget_s == (1800 if on["budget"] else None)
+                    and opts.gpus == (["0", "1"] if on["gpus"] else None))
             assert opts.max_memory == (8 * 10**9 if on["max_memory"] else None)
             if on["halving"]:
                 assert (opts.halving.eta, opts.halving.min_steps) == ((2, 1) if on["eta"] else (3, 10))
@@ -109,13 +110,14 @@ def test_every_flag_combination_runs_or_is_refused_with_a_message():
             with pytest.raises(ConfigError, match=expect):
                 StudyOptions.from_args(args)
             refused += 1
-    assert accepted == 864 and accepted + refused == 2304  # local: any --gpus; Ray: any --address; --eta: with --halving
+    # local: any --gpus; Ray: any --address; --eta: with --halving
+    assert accepted == 864 and accepted + refused == 2304
     # through the command line: refused before the study is loaded, exit code 2, the flag named
     from loralab.cli import main
 
     for argv, flag in ((["--executor", "ray", "--gpus", "0"], "--gpus"), (["--address", "x"], "--address"),
-                       (["--eta", "2"], "--eta"), (["--retries", "-1"], "--retries"), (["--budget", "soon"], "--budget"),
-                       (["--gpus", ","], "--gpus")):
+                       (["--eta", "2"], "--eta"), (["--retries", "-1"], "--retries"),
+                       (["--budget", "soon"], "--budget"), (["--gpus", ","], "--gpus")):
         assert main(["study", "run", "preset:dropout", *argv]) == 2, flag
     seen = subprocess.run([sys.executable, "-m", "loralab.cli", "study", "run", "preset:dropout", "--workers", "0"],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
@@ -211,7 +213,8 @@ def test_local_backend_gives_each_worker_its_gpu_from_the_environment(tmp_path, 
     gpus = sorted(envs[n]["CUDA_VISIBLE_DEVICES"] for n in ("r2", "r3", "r4"))
     assert gpus == ["0", "0", "1"]  # cheapest first: r2 -> GPU 0, r3 -> GPU 1, r4 -> beside r2 on GPU 0
     assert envs["r5"]["CUDA_VISIBLE_DEVICES"] == os.environ.get("CUDA_VISIBLE_DEVICES")  # a CPU run: untouched
-    assert {e["OMP_NUM_THREADS"] for e in envs.values()} == {os.environ.get("OMP_NUM_THREADS") or str(max(1, os.cpu_count() // 4))}
+    assert {e["OMP_NUM_THREADS"] for e in envs.values()} == {
+        os.environ.get("OMP_NUM_THREADS") or str(max(1, os.cpu_count() // 4))}
 
 
 @pytest.mark.slow
@@ -221,7 +224,8 @@ def test_fused_group_killed_is_run_again_with_retries(tmp_path):
     out = tmp_path / "runs"
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     driver = subprocess.Popen([sys.executable, "-m", "loralab.cli", "study", "run", str(path), "--out", str(out),
-                               "--retries", "1", "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               "--retries", "1", "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
 
     def fused_child() -> int | None:
         for p in subprocess.run(["pgrep", "-P", str(driver.pid)], capture_output=True, text=True).stdout.split():
@@ -237,7 +241,8 @@ def test_fused_group_killed_is_run_again_with_retries(tmp_path):
     study_log = (out / "kill" / "study.log").read_text(encoding="utf-8")
     assert "fusion: r2, r4 train together" in study_log and "run r2: interrupted" in study_log
     rows = rows_of(out / "kill" / "study.db")
-    assert {n: (r["status"], r["attempts"]) for n, r in rows.items()} == {"r2": ("completed", 2), "r4": ("completed", 2)}
+    assert {n: (r["status"], r["attempts"]) for n, r in rows.items()} == {"r2": ("completed", 2),
+                                                                          "r4": ("completed", 2)}
     with Store(out / "kill" / "study.db") as s:  # the rerun's series only: every step once
         steps = sorted(m["step"] for m in s.metrics(rows["r2"]["id"]) if m["name"] == "train_loss")
     assert steps == list(range(1, 61))

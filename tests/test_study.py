@@ -44,7 +44,8 @@ def test_expansion_grid_tied_repeats(tmp_path):
     first, last = study.runs[0], study.runs[-1]
     assert first.axes == {"lora.r": 2, "lora.dropout": 0.0, "train.seed": 1}
     assert first.config["lora"]["alpha"] == 4.0 and last.config["lora"]["alpha"] == 16.0
-    assert first.config["train"]["lr"] == pytest.approx(0.001) and last.config["train"]["lr"] == pytest.approx(0.004 / 64)
+    assert (first.config["train"]["lr"] == pytest.approx(0.001)
+            and last.config["train"]["lr"] == pytest.approx(0.004 / 64))
     assert last.config["train"]["seed"] == 2 and last.config["output"]["dir"] == str(tmp_path / "root" / "r8-do0.1-s2")
     for run in study.runs:  # every expanded config is a valid loralab config
         assert config_from_dict(run.config).lora.r == run.axes["lora.r"]
@@ -62,7 +63,8 @@ def test_expansion_samples_are_seeded_and_in_range(tmp_path):
     quick = write_study(tmp_path, "q", axes={"lora.r": [2, 8, 32]}, repeats=3,
                         quick={"axes": {"lora.r": [2]}, "repeats": 1, "base": {"train": {"max_steps": 1}}})
     qs = load_study(quick, quick=True)
-    assert qs.name == "q-quick" and [r.name for r in qs.runs] == ["r2-s1"] and qs.runs[0].config["train"]["max_steps"] == 1
+    assert (qs.name == "q-quick" and [r.name for r in qs.runs] == ["r2-s1"]
+            and qs.runs[0].config["train"]["max_steps"] == 1)
 
 
 @pytest.mark.parametrize(
@@ -71,13 +73,16 @@ def test_expansion_samples_are_seeded_and_in_range(tmp_path):
         ({"axes": {"lora.rank": [2, 4]}}, "s.yaml:{line lora.rank}: axis 'lora.rank' is not a training-config key"),
         ({"axes": {"lora.r": []}}, "s.yaml:{line lora.r}: axis lora.r has an empty list of values"),
         ({"axes": {"train.lr": {"loguniform": [0, 1], "n": 2}}}, "loguniform needs low < high and low > 0"),
-        ({"axes": {"lora.r": [2]}, "tied": {"lora.alpha": "__import__('os').system('x')"}}, "may only use numbers, config keys"),
+        ({"axes": {"lora.r": [2]}, "tied": {"lora.alpha": "__import__('os').system('x')"}},
+         "may only use numbers, config keys"),
         ({"axes": {"lora.r": [2]}, "tied": {"lora.alpha": "().__class__"}}, "may only use numbers, config keys"),
-        ({"axes": {"lora.r": [2]}, "tied": {"lora.alpha": "2 * lora.rank"}}, "'lora.rank' in '2 * lora.rank' is not a training-config key"),
+        ({"axes": {"lora.r": [2]}, "tied": {"lora.alpha": "2 * lora.rank"}},
+         "'lora.rank' in '2 * lora.rank' is not a training-config key"),
         ({"axes": {"lora.r": [2]}, "tied": {"lora.alpha": "1 / (lora.r - 2)"}}, "tied lora.alpha: division by zero"),
         ({"axes": {"lora.r": [2]}, "tied": {"lora.r": "2"}}, "lora.r is both an axis and tied"),
         ({"axes": {"lora.r": [2, 0]}}, "lora.r must be > 0 (got 0)"),
-        ({"axes": {"lora.r": [2]}, "findings": [{"kind": "axis_effect", "axis": "lora.alpha"}]}, "not one of the study's axes"),
+        ({"axes": {"lora.r": [2]}, "findings": [{"kind": "axis_effect", "axis": "lora.alpha"}]},
+         "not one of the study's axes"),
         ({"axes": {"lora.r": [2]}, "axis": {}}, "unknown study key 'axis'"),
     ],
 )
@@ -108,7 +113,8 @@ def test_every_preset_loads_full_and_quick():
     assert [r.config["lora"]["alpha"] * r.config["train"]["lr"] for r in eq.runs] == pytest.approx([0.00512] * 12)
     assert {r.config["train"]["lr"] for r in eq.runs} == {0.00512, 0.00064, 0.00008, 0.00001}
     mine = load_study("preset:dropout", model="/models/llama", data="/data/train.jsonl")
-    assert {(r.config["model"]["path"], r.config["data"]["path"]) for r in mine.runs} == {("/models/llama", "/data/train.jsonl")}
+    assert {(r.config["model"]["path"], r.config["data"]["path"]) for r in mine.runs} == {
+        ("/models/llama", "/data/train.jsonl")}
 
 
 # ----------------------------------------------------------------------------- execution
@@ -143,9 +149,11 @@ def test_local_study_two_workers_crash_recorded_and_commands(tmp_path):
     assert status["counts"] == {"completed": 2, "invalid": 2} and len(status["runs"]) == 4
     listed = json.loads(cli("runs", "list", "--out", str(out), "--status", "invalid", "--json").stdout)["runs"]
     assert sorted(r["name"] for r in listed) == ["data_bad-s1", "data_bad-s2"]
-    shown = json.loads(cli("runs", "show", "data_arithmetic_2ds-s1", "--study", "mix", "--out", str(out), "--json").stdout)
+    shown = json.loads(cli("runs", "show", "data_arithmetic_2ds-s1", "--study", "mix", "--out", str(out),
+                           "--json").stdout)
     assert shown["final_metrics"]["eval_loss"] == pytest.approx(rows["data_arithmetic_2ds-s1"]["final_eval_loss"])
-    cmp = json.loads(cli("runs", "compare", "data_arithmetic_2ds-s1", "data_bad-s1", "--study", "mix", "--out", str(out), "--json").stdout)
+    cmp = json.loads(cli("runs", "compare", "data_arithmetic_2ds-s1", "data_bad-s1", "--study", "mix",
+                         "--out", str(out), "--json").stdout)
     assert cmp["differences"] == ["data.path"]
     exp = json.loads(cli("study", "export", "mix", "--out", str(out), "--json").stdout)
     runs_csv = Path(exp["files"][0]).read_text(encoding="utf-8").splitlines()
@@ -178,7 +186,8 @@ def test_driver_killed_then_rerun_repeats_nothing_and_loses_nothing(tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC}
     driver = subprocess.Popen([sys.executable, "-m", "loralab.cli", "study", "run", str(path), "--out", str(out)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: "completed" in _statuses(db).values() and "running" in _statuses(db).values(), 240, "one run done, one running")
+    wait_for(lambda: "completed" in _statuses(db).values() and "running" in _statuses(db).values(), 240,
+             "one run done, one running")
     in_flight = [n for n, s in _statuses(db).items() if s == "running"]
     child = _children(driver.pid)
     driver.send_signal(signal.SIGKILL)
@@ -186,7 +195,8 @@ def test_driver_killed_then_rerun_repeats_nothing_and_loses_nothing(tmp_path):
     before = rows_of(db)
     done_before = {n: r["finished_at"] for n, r in before.items() if r["status"] == "completed"}
     assert before[in_flight[0]]["status"] == "running"  # what a killed driver leaves behind
-    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z" for p in child),
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"
+                             for p in child),
               30, "the run process to die with its driver")
     rerun = cli("study", "run", str(path), "--out", str(out), "--json")
     assert rerun.returncode == 0, rerun.stderr
@@ -207,9 +217,11 @@ def test_sigkilled_run_is_recorded_interrupted_then_resumed(tmp_path):
     out = tmp_path / "runs"
     db = out / "kill" / "study.db"
     env = {**os.environ, "PYTHONPATH": SRC}
-    driver = subprocess.Popen([sys.executable, "-m", "loralab.cli", "study", "run", str(path), "--out", str(out), "--retries", "0"],
+    driver = subprocess.Popen([sys.executable, "-m", "loralab.cli", "study", "run", str(path), "--out", str(out),
+                               "--retries", "0"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: (out / "kill" / "r2" / "checkpoints").is_dir() and any((out / "kill" / "r2" / "checkpoints").glob("*/manifest.json")),
+    wait_for(lambda: ((out / "kill" / "r2" / "checkpoints").is_dir()
+                      and any((out / "kill" / "r2" / "checkpoints").glob("*/manifest.json"))),
               240, "the run's first checkpoint")
     (child,) = _children(driver.pid)
     os.kill(child, signal.SIGKILL)
@@ -252,7 +264,8 @@ def test_successive_halving_stops_poor_runs(tmp_path):
     path = write_study(tmp_path, "halving", base=base, axes={"train.lr": [0.01, 1.0e-7]}, repeats=2)
     root = tmp_path / "runs" / "halving"
     # process-level halving: every run alone (fused, each seed's pair would prune inside its group)
-    result = run_study(load_study(path, root=root), root=root, workers=2, halving=Halving(eta=2, min_steps=2), fuse=False)
+    result = run_study(load_study(path, root=root), root=root, workers=2, halving=Halving(eta=2, min_steps=2),
+                       fuse=False)
     # rungs at steps 2, 4, 8: 4 runs -> 2 -> 1 -> 1, which trains on to step 16
     assert result["counts"] == {"completed": 1, "stopped_early": 3}
     rows = rows_of(root / "study.db")
@@ -282,7 +295,8 @@ def test_max_memory_skips_runs_and_records_the_estimate(tmp_path):
     rows = rows_of(root / "study.db")
     assert result["counts"] == {"completed": 1, "skipped": 1}
     skipped = rows["t_all.head-r64"]
-    assert skipped["status"] == "skipped" and skipped["estimated_memory_bytes"] == big and "--max-memory" in skipped["error"]
+    assert (skipped["status"] == "skipped" and skipped["estimated_memory_bytes"] == big
+            and "--max-memory" in skipped["error"])
     assert skipped["attempts"] == 0 and not (root / "t_all.head-r64").exists()
     assert rows["t_query-r64"]["estimated_memory_bytes"] == small
 
@@ -335,7 +349,8 @@ def test_study_readers_never_write_the_database(tmp_path):
         reader.skip(reader.run(sid, "r4")["id"], "a reader cannot do this")
     with Store(db) as driver, driver.tx():  # a driver in the middle of a write transaction
         driver.db.execute("UPDATE runs SET status = 'running' WHERE name = 'r4'")
-        for args in (["study", "status", "ro"], ["runs", "list", "--study", "ro"], ["runs", "show", "r2", "--study", "ro"]):
+        for args in (["study", "status", "ro"], ["runs", "list", "--study", "ro"],
+                     ["runs", "show", "r2", "--study", "ro"]):
             out = cli(*args, "--out", str(root))
             assert out.returncode == 0, out.stderr
         assert "skipped" in out.stdout and "over --max-memory" in out.stdout

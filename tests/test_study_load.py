@@ -85,14 +85,16 @@ def test_study_under_load(tmp_path):
     out = tmp_path / "runs"
     db = out / "load" / "study.db"
     env = {**os.environ, "PYTHONPATH": SRC}
-    cmd = [sys.executable, "-m", "loralab.cli", "study", "run", str(path), "--out", str(out), "--workers", "4", "--json"]
+    cmd = [sys.executable, "-m", "loralab.cli", "study", "run", str(path), "--out", str(out), "--workers", "4",
+           "--json"]
 
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # 1. kill one run process mid-run with SIGKILL
     wait_for(lambda: sum(s == "completed" for s in _statuses(db).values()) >= 4, 900, "4 runs done")
     victim = None
     while victim is None:  # a run that trains (not one of the crashing ones), killed while alive
-        children = wait_for(lambda: {p: d for p, d in _train_children(driver.pid).items() if "data_bad" not in d}, 120, "a run process")
+        children = wait_for(lambda: {p: d for p, d in _train_children(driver.pid).items() if "data_bad" not in d},
+                            120, "a run process")
         pid, run_dir = next(iter(children.items()))
         try:
             os.kill(pid, signal.SIGKILL)
@@ -145,7 +147,8 @@ def test_study_under_load(tmp_path):
     figures = {
         "runs": len(runs),
         "workers": 4,
-        "failures_injected": {"crashing_runs": SEEDS, "run_process_sigkilled": 1, "driver_sigkilled_with_runs_in_flight": len(left_running)},
+        "failures_injected": {"crashing_runs": SEEDS, "run_process_sigkilled": 1,
+                              "driver_sigkilled_with_runs_in_flight": len(left_running)},
         "failures_recovered": 1 + len(left_running),
         "crashing_runs_recorded_invalid": sum(r["status"] == "invalid" for r in runs.values()),
         "rows_lost": lost,

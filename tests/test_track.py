@@ -104,7 +104,8 @@ def wandb_run(run_dir: Path) -> dict:
                     if not k.startswith("_"):
                         out["history"].setdefault(k, []).append((step, float(v)))
             elif kind == "summary":
-                out["summary"].update({"/".join(u.nested_key) or u.key: json.loads(u.value_json) for u in r.summary.update})
+                out["summary"].update({"/".join(u.nested_key) or u.key: json.loads(u.value_json)
+                                       for u in r.summary.update})
             elif kind == "artifact":
                 out["artifacts"].append((r.artifact.type, r.artifact.name))
     return out
@@ -230,10 +231,12 @@ def test_tracking_config_shorthand_and_bad_names(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("tracking: [tensorboard, mlflow]\nlora:\n  r: 4\n")
     assert load_config(path).tracking.backends == ["tensorboard", "mlflow"]
-    with pytest.raises(ConfigError, match=r"tracking.backends must be a list of one of 'tensorboard', 'mlflow', 'wandb'"):
+    with pytest.raises(ConfigError,
+                       match=r"tracking.backends must be a list of one of 'tensorboard', 'mlflow', 'wandb'"):
         load_config(None, ["tracking.backends=[tensorbored]"])
     env = {**os.environ, "PYTHONPATH": SRC}
-    bad = subprocess.run([sys.executable, "-m", "loralab.cli", "train", "--track", "neptune", "--out", str(tmp_path / "r")],
+    bad = subprocess.run([sys.executable, "-m", "loralab.cli", "train", "--track", "neptune",
+                          "--out", str(tmp_path / "r")],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "tracking.backends must be a list of one of" in bad.stderr
 
@@ -241,8 +244,8 @@ def test_tracking_config_shorthand_and_bad_names(tmp_path):
 @pytest.mark.slow
 def test_study_run_track_and_export_after_the_fact(tmp_path):
     """`study run --track mlflow --fuse`: one experiment (the study), one MLflow run per run
-    (the two runs trained in one fused process), tagged with its axes; `study export --to tensorboard` writes each run's tb/ afterwards; a second
-    export sends nothing twice."""
+    (the two runs trained in one fused process), tagged with its axes; `study export --to tensorboard`
+    writes each run's tb/ afterwards; a second export sends nothing twice."""
     from mlflow.tracking import MlflowClient
 
     base = {"model": {"path": "builtin:tiny", "device": "cpu"},

@@ -78,7 +78,8 @@ def test_fixed_search_and_widen_shape_the_space(tiny_model_dir, user_data, tmp_p
     model = str(tiny_model_dir("llama"))
     plan = plan_tune(model=model, data=str(user_data), metric="eval_loss", fixed={"lora.targets": ["all"]},
                      search=["train.lr", "lora.r"], widen={"lora.r": [4, 16]}, batch_size=8)
-    assert [(d.key, d.values) for d in plan.dims] == [("train.lr", [lr / SCALE for lr in EFFECTIVE_LRS]), ("lora.r", [4, 16])]
+    assert [(d.key, d.values) for d in plan.dims] == [("train.lr", [lr / SCALE for lr in EFFECTIVE_LRS]),
+                                                      ("lora.r", [4, 16])]
     study = _expand(plan, tmp_path)
     assert {tuple(r.config["lora"]["targets"]) for r in study.runs} == {("all",)}
     assert {r.config["train"]["epochs"] for r in study.runs} == {1}  # not searched: the default
@@ -197,7 +198,8 @@ def test_the_answer_is_read_from_the_study_database_with_t_intervals(tmp_path):
     assert [c.name for c in cands] == ["r4-lr0.01", "r8-lr0.001", "r4-lr0.001"]  # by the seed-1 value
     assert cands[0].axes == {"lora.r": 4, "train.lr": 0.01}  # the searched keys, no seed, no tied alpha
     assert cands[0].values == pytest.approx([1.40, 1.42, 1.38]) and cands[0].train_time_s == pytest.approx(4.5)
-    assert spent == {"steps": 9 * 4 + 2, "train_time_s": pytest.approx(9 * 1.5), "counts": {"completed": 9, "stopped_early": 1}}
+    assert spent == {"steps": 9 * 4 + 2, "train_time_s": pytest.approx(9 * 1.5),
+                     "counts": {"completed": 9, "stopped_early": 1}}
 
     rec = recommend(cands, "min")
     assert rec["name"] == "r4-lr0.01" and rec["seed_sd"] == pytest.approx(0.02) and rec["seed_df"] == 6

@@ -42,7 +42,8 @@ def instruction_records(n: int, seed: int = 0) -> list[dict]:
         else:
             context = " ".join(_sentence(rng) for _ in range(rng.randint(1, 3)))
             body = " ".join(_sentence(rng, 8, 20) for _ in range(rng.randint(4, 10)))
-            out.append({"instruction": f"Write a short report on {topic} (item {i}).", "input": context, "output": body})
+            out.append({"instruction": f"Write a short report on {topic} (item {i}).", "input": context,
+                        "output": body})
     return out
 
 

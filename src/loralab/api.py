@@ -104,7 +104,8 @@ class TrainResult:
         try:
             import pandas as pd
         except ImportError:
-            raise LoralabError("metrics_frame() needs pandas (pip install pandas); .metrics is the same as a list") from None
+            raise LoralabError(
+                "metrics_frame() needs pandas (pip install pandas); .metrics is the same as a list") from None
         return pd.DataFrame(self.metrics)
 
 

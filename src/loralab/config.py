@@ -44,8 +44,8 @@ class ModelConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = _f(
         "auto", "dtype of the frozen base weights that are not quantized (adapters, optimizer and loss stay fp32); "
                 "auto = bf16 where the device multiplies bf16 natively (GPUs of compute capability >= 8, CPUs with "
-                "AMX-BF16 or AVX512-BF16, for models of hidden size >= 512), fp16 on older GPUs, fp32 on other CPUs and "
-                "for narrower models on a CPU (loralab.models.resolve_dtype).")
+                "AMX-BF16 or AVX512-BF16, for models of hidden size >= 512), fp16 on older GPUs, fp32 on other CPUs "
+                "and for narrower models on a CPU (loralab.models.resolve_dtype).")
     trust_remote_code: bool = _f(False, "Run the model repository's own Python code. Off unless you trust it.")
     device: str = _f(
         "auto", "auto = cuda when usable, else cpu (with a loud warning where an NVIDIA driver answers but "
@@ -61,7 +61,8 @@ class QuantConfig:
     mode: Literal["none", "nf4", "fp4"] = _f("none", "bitsandbytes 4-bit quantization of the base (QLoRA).")
     double_quant: bool = _f(True, "Quantize the 4-bit block scales too (saves ~0.4 bit per weight).")
     compute_dtype: Literal["bf16", "fp32"] = _f("bf16", "dtype the 4-bit weights are dequantized to for matmuls.")
-    block_size: int = _f(64, "Weights per absmax block of the 4-bit format (bitsandbytes through transformers uses 64; only 64 trains).", gt=0)
+    block_size: int = _f(64, "Weights per absmax block of the 4-bit format (bitsandbytes through transformers uses 64; "
+                             "only 64 trains).", gt=0)
 
 
 @dataclass
@@ -71,7 +72,8 @@ class LoraConfig:
     dropout: float = _f(0.05, "Dropout on the adapter's input.", ge=0, lt=1)
     rslora: bool = _f(False, "Rank-stabilized scaling alpha/sqrt(r) instead of alpha/r.")
     dora: bool = _f(False, "Weight-decomposed LoRA (DoRA, through PEFT).")
-    init: Literal["default", "gaussian"] = _f("default", "A init: kaiming-uniform (default) or gaussian; B starts at zero.")
+    init: Literal["default", "gaussian"] = _f(
+        "default", "A init: kaiming-uniform (default) or gaussian; B starts at zero.")
     targets: list[str] = _f(
         ["query", "value"],
         "Roles (query, key, value, projection, mlp, head, all), raw module names, or 're:<regex>'.",
@@ -80,48 +82,85 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _f(DEFAULT_DATA, "Dataset: a JSON/JSONL, parquet, arrow or CSV file, a datasets save_to_disk directory, hf:owner/name[:split] (needs network), or builtin:arithmetic, builtin:arithmetic_2ds, builtin:arithmetic_4ds.")
-    format: Literal["auto", "alpaca", "prompt_completion", "messages"] = _f("auto", "Record layout: alpaca (instruction, input, output), prompt_completion, or messages (chat: messages with role/content, or conversations with from/value) rendered with the tokenizer's chat template; auto looks at the first record's keys.")
-    columns: dict[str, str] = _f({}, "Column names of your data for loralab's fields, e.g. {instruction: question, output: answer} (fields: instruction, input, output, prompt, completion, messages, conversations).")
-    template: Literal["alpaca", "chat", "none"] = _f("alpaca", "Prompt template of alpaca/prompt_completion records: Alpaca, the tokenizer's chat template, or the raw prompt.")
-    max_seq_length: int | Literal["auto"] = _f(256, "Examples are truncated to this many tokens (from the right: prompt first, then response); auto = the longest example rounded up to a multiple of 8, at most the model's context.", gt=1)
-    train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens (default: response tokens only; for chat data, the assistant turns only).")
-    val_path: str | None = _f(None, "A separate validation file (any data.path form); otherwise val_fraction of data.path is held out.")
+    path: str = _f(DEFAULT_DATA, "Dataset: a JSON/JSONL, parquet, arrow or CSV file, a datasets save_to_disk "
+                                 "directory, hf:owner/name[:split] (needs network), or builtin:arithmetic, "
+                                 "builtin:arithmetic_2ds, builtin:arithmetic_4ds.")
+    format: Literal["auto", "alpaca", "prompt_completion", "messages"] = _f(
+        "auto", "Record layout: alpaca (instruction, input, output), prompt_completion, or messages (chat: messages "
+                "with role/content, or conversations with from/value) rendered with the tokenizer's chat template; "
+                "auto looks at the first record's keys.")
+    columns: dict[str, str] = _f(
+        {}, "Column names of your data for loralab's fields, e.g. {instruction: question, output: answer} (fields: "
+            "instruction, input, output, prompt, completion, messages, conversations).")
+    template: Literal["alpaca", "chat", "none"] = _f(
+        "alpaca", "Prompt template of alpaca/prompt_completion records: Alpaca, the tokenizer's chat template, or the "
+                  "raw prompt.")
+    max_seq_length: int | Literal["auto"] = _f(
+        256, "Examples are truncated to this many tokens (from the right: prompt first, then response); auto = the "
+             "longest example rounded up to a multiple of 8, at most the model's context.", gt=1)
+    train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens (default: response tokens only; for chat "
+                                      "data, the assistant turns only).")
+    val_path: str | None = _f(
+        None, "A separate validation file (any data.path form); otherwise val_fraction of data.path is held out.")
     val_fraction: float = _f(0.05, "Share of data.path held out for validation when val_path is not given.", ge=0, lt=1)
     val_seed: int | None = _f(None, "Seed of the held-out validation split (null = train.seed).")
     val_max_examples: int = _f(200, "At most this many validation examples are scored per evaluation.", gt=0)
-    min_response_chars: int = _f(0, "Drop examples whose response is shorter (characters; chat data: all assistant turns together).", ge=0)
-    max_response_chars: int | None = _f(None, "Drop examples whose response is longer (characters); 800 with min 201 is the seeds' 'hard' Text-to-SQL subset.", gt=0)
+    min_response_chars: int = _f(
+        0, "Drop examples whose response is shorter (characters; chat data: all assistant turns together).", ge=0)
+    max_response_chars: int | None = _f(None, "Drop examples whose response is longer (characters); 800 with min 201 "
+                                              "is the seeds' 'hard' Text-to-SQL subset.", gt=0)
     limit: int | None = _f(None, "Use only the first N training examples (after the split).", gt=0)
     shuffle: bool = _f(True, "Shuffle the training examples each epoch (seeded).")
-    packing: bool | Literal["auto"] = _f("auto", "Pack each step's examples end to end, up to micro_batch_size x max_seq_length tokens per forward, attention kept inside each example; same maths, no padding. true: one attention call per example where the model allows, else a block mask over the row; auto: packed where the model allows per-example attention, padded micro batches otherwise (a block mask computes the masked blocks too); false: padded.")
+    packing: bool | Literal["auto"] = _f(
+        "auto", "Pack each step's examples end to end, up to micro_batch_size x max_seq_length tokens per forward, "
+                "attention kept inside each example; same maths, no padding. true: one attention call per example "
+                "where the model allows, else a block mask over the row; auto: packed where the model allows "
+                "per-example attention, padded micro batches otherwise (a block mask computes the masked blocks too); "
+                "false: padded.")
 
 
 @dataclass
 class TrainConfig:
-    optimizer: Literal["adamw", "sgd", "adafactor", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = _f("adamw", "adamw8bit needs bitsandbytes. paged_adamw / paged_adamw8bit: bitsandbytes' paged optimizers (state in CUDA unified memory, paged to the host under memory spikes; QLoRA's), on CUDA only: refused on the CPU, where bitsandbytes has nothing to page.")
+    optimizer: Literal["adamw", "sgd", "adafactor", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = _f(
+        "adamw", "adamw8bit needs bitsandbytes. paged_adamw / paged_adamw8bit: bitsandbytes' paged optimizers (state "
+                 "in CUDA unified memory, paged to the host under memory spikes; QLoRA's), on CUDA only: refused on "
+                 "the CPU, where bitsandbytes has nothing to page.")
     lr: float = _f(3e-4, "Peak learning rate.", gt=0)
     momentum: float = _f(0.0, "SGD momentum.", ge=0, lt=1)
     betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
     weight_decay: float = _f(0.01, "Decoupled weight decay (AdamW) / L2 (SGD).", ge=0)
-    scheduler: Literal["constant", "linear", "cosine"] = _f("cosine", "Decay after warmup: constant, linear or cosine to zero.")
+    scheduler: Literal["constant", "linear", "cosine"] = _f(
+        "cosine", "Decay after warmup: constant, linear or cosine to zero.")
     warmup_steps: int = _f(10, "Linear warmup from 0 to lr over this many optimizer steps.", ge=0)
     batch_size: int = _f(16, "Examples per optimizer step (global batch).", gt=0)
-    micro_batch_size: int | Literal["auto"] = _f(16, "Examples per forward/backward; batch_size / micro_batch_size is gradient accumulation. auto: the largest divisor of batch_size that loralab.estimate says fits in the device's memory (resolved before the run, see loralab.resolve).", gt=0)
+    micro_batch_size: int | Literal["auto"] = _f(
+        16, "Examples per forward/backward; batch_size / micro_batch_size is gradient accumulation. auto: the largest "
+            "divisor of batch_size that loralab.estimate says fits in the device's memory (resolved before the run, "
+            "see loralab.resolve).", gt=0)
     max_steps: int | None = _f(None, "Optimizer steps; when set it wins over epochs.", gt=0)
     epochs: float = _f(1.0, "Passes over the training data when max_steps is not set.", gt=0)
     grad_clip: float | None = _f(1.0, "Clip the global gradient norm to this value (null = off).", gt=0)
     seed: int = _f(1337, "Seeds data order, dropout and adapter init.")
-    autocast: Literal["none", "bf16", "fp16"] = _f("none", "Autocast for the forward pass: bf16, or fp16 (with a gradient scaler, as for any fp16 base).")
-    group_by_length: bool = _f(False, "Sort each step's examples by length before cutting micro batches (same examples per step, less padding).")
-    compile: bool | Literal["auto"] = _f("auto", "torch.compile each decoder layer (fuses the element-wise work between matmuls; checked against eager on one micro batch, eager if it fails or differs; compile time reported apart). auto: when the run plans enough tokens to repay the compile (loralab.train.compiled.MIN_TOKENS).")
-    gradient_checkpointing: bool = _f(False, "Keep only each decoder layer's input and recompute the rest in backward (transformers' non-reentrant activation checkpointing): far less activation memory for one more forward of compute; same maths.")
+    autocast: Literal["none", "bf16", "fp16"] = _f(
+        "none", "Autocast for the forward pass: bf16, or fp16 (with a gradient scaler, as for any fp16 base).")
+    group_by_length: bool = _f(False, "Sort each step's examples by length before cutting micro batches (same examples "
+                                      "per step, less padding).")
+    compile: bool | Literal["auto"] = _f(
+        "auto", "torch.compile each decoder layer (fuses the element-wise work between matmuls; checked against eager "
+                "on one micro batch, eager if it fails or differs; compile time reported apart). auto: when the run "
+                "plans enough tokens to repay the compile (loralab.train.compiled.MIN_TOKENS).")
+    gradient_checkpointing: bool = _f(
+        False, "Keep only each decoder layer's input and recompute the rest in backward (transformers' non-reentrant "
+               "activation checkpointing): far less activation memory for one more forward of compute; same maths.")
     log_every: int = _f(10, f"Write a train-loss line to {METRICS} every N steps.", gt=0)
-    on_nonfinite: Literal["stop", "skip"] = _f("stop", "A NaN/inf loss or gradient stops the run (diverged) or skips the step, counted.")
+    on_nonfinite: Literal["stop", "skip"] = _f(
+        "stop", "A NaN/inf loss or gradient stops the run (diverged) or skips the step, counted.")
     checkpoint_every: int = _f(0, "Write a resumable checkpoint every N optimizer steps (0 = off).", ge=0)
     keep_last: int = _f(2, "Keep only the newest N checkpoints.", gt=0)
-    stop_at_step: int | None = _f(None, "Pause after this step: checkpoint, status paused; --resume continues on the full run's schedule.", gt=0)
-    auto_micro_batch: bool = _f(False, "On out-of-memory, shrink micro_batch_size to the largest divisor of batch_size at most half of it, accumulate more (global batch unchanged) and retry.")
+    stop_at_step: int | None = _f(
+        None, "Pause after this step: checkpoint, status paused; --resume continues on the full run's schedule.", gt=0)
+    auto_micro_batch: bool = _f(False, "On out-of-memory, shrink micro_batch_size to the largest divisor of batch_size "
+                                       "at most half of it, accumulate more (global batch unchanged) and retry.")
 
 
 @dataclass
@@ -145,19 +184,32 @@ class TrackingConfig:
     """Experiment trackers that also receive the run (loralab.track; docs/tracking.md).
     ``tracking: [tensorboard, mlflow]`` at the top of a YAML is short for ``tracking.backends``."""
 
-    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = _f([], "Trackers to log to: tensorboard (<run dir>/tb), mlflow, wandb. Each needs its extra: loralab[tensorboard], loralab[mlflow] or loralab[wandb].")
-    tracking_uri: str | None = _f(None, "MLflow tracking URI (sqlite:///mlflow.db, http://server:5000, databricks); null = MLflow's own default (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory).")
+    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = _f(
+        [], "Trackers to log to: tensorboard (<run dir>/tb), mlflow, wandb. Each needs its extra: "
+            "loralab[tensorboard], loralab[mlflow] or loralab[wandb].")
+    tracking_uri: str | None = _f(
+        None, "MLflow tracking URI (sqlite:///mlflow.db, http://server:5000, databricks); null = MLflow's own default "
+              "(MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory).")
     project: str = _f("loralab", "W&B project.")
-    experiment: str | None = _f(None, "MLflow experiment and W&B group; null = 'loralab', or the study's name in a study.")
+    experiment: str | None = _f(
+        None, "MLflow experiment and W&B group; null = 'loralab', or the study's name in a study.")
     run_name: str | None = _f(None, "The tracker run's name; null = the run directory's name.")
     axes: list[str] = _f([], "Config keys whose values tag the tracker run (a study sets its axes here).")
-    wandb_mode: Literal["auto", "offline", "online"] = _f("auto", "auto = WANDB_MODE when set, online when logged in (WANDB_API_KEY or ~/.netrc), else offline (sync later with `wandb sync`).")
+    wandb_mode: Literal["auto", "offline", "online"] = _f(
+        "auto", "auto = WANDB_MODE when set, online when logged in (WANDB_API_KEY or ~/.netrc), else offline (sync "
+                "later with `wandb sync`).")
 
 
 @dataclass
 class DistributedConfig:
-    strategy: Literal["ddp", "fsdp"] = _f("ddp", "How a run on several processes (loralab train --nproc N, or torchrun) shares the work: ddp replicates the base and sums the adapters' gradients over the ranks (each rank takes its share of every step's micro batches: the same maths as one process); fsdp (FSDP2 sharding of the base) is refused for now. One process ignores it.")
-    timeout_s: int = _f(600, "Seconds a rank waits for the others at a collective (the gradient sum of a step, the start) before the run fails, naming the wait: a hanging rank ends the run instead of blocking it forever.", gt=0)
+    strategy: Literal["ddp", "fsdp"] = _f(
+        "ddp", "How a run on several processes (loralab train --nproc N, or torchrun) shares the work: ddp replicates "
+               "the base and sums the adapters' gradients over the ranks (each rank takes its share of every step's "
+               "micro batches: the same maths as one process); fsdp (FSDP2 sharding of the base) is refused for now. "
+               "One process ignores it.")
+    timeout_s: int = _f(
+        600, "Seconds a rank waits for the others at a collective (the gradient sum of a step, the start) before the "
+             "run fails, naming the wait: a hanging rank ends the run instead of blocking it forever.", gt=0)
 
 
 @dataclass
@@ -270,7 +322,9 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
 def _check_range(key: str, value: Any, meta: dict[str, Any]) -> str | None:
     if value is None or isinstance(value, (bool, list, dict, str)):
         return None
-    for name, op, word in (("gt", float.__gt__, ">"), ("ge", float.__ge__, ">="), ("lt", float.__lt__, "<"), ("le", float.__le__, "<=")):
+    for name, op, word in (
+        ("gt", float.__gt__, ">"), ("ge", float.__ge__, ">="), ("lt", float.__lt__, "<"), ("le", float.__le__, "<=")
+    ):
         if name in meta and not op(float(value), float(meta[name])):
             return f"{key} must be {word} {meta[name]} (got {value!r})"
     return None
@@ -351,11 +405,13 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
     if not cfg.lora.targets:
         errors.append("lora.targets must name at least one role or module (for example [query, value])")
     if cfg.quant.block_size != 64:
-        errors.append(f"quant.block_size must be 64 (got {cfg.quant.block_size}): bitsandbytes 4-bit as loaded by transformers uses 64-weight blocks")
+        errors.append(f"quant.block_size must be 64 (got {cfg.quant.block_size}): bitsandbytes 4-bit as loaded by "
+                      f"transformers uses 64-weight blocks")
     d = cfg.data
     if d.max_response_chars is not None and d.max_response_chars < d.min_response_chars:
         errors.append(
-            f"data.max_response_chars ({d.max_response_chars}) is below data.min_response_chars ({d.min_response_chars})"
+            f"data.max_response_chars ({d.max_response_chars}) is below data.min_response_chars "
+            f"({d.min_response_chars})"
         )
     unknown = sorted(set(d.columns) - set(DATA_FIELDS))
     if unknown:
@@ -412,7 +468,8 @@ def read_yaml(path: str | Path) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: not valid YAML ({problem}); loralab reads YAML with safe_load, so Python object tags are refused") from None
+        raise ConfigError(f"{where}: not valid YAML ({problem}); loralab reads YAML with safe_load, so Python object "
+                          f"tags are refused") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 

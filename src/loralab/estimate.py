@@ -217,7 +217,8 @@ def lora_modules(shape: ModelShape, targets: list[str]) -> list[str]:
     from loralab.roles import resolve_targets
 
     linear = list(shape.linears)
-    return resolve_targets(model_type=shape.model_type, linear_names=linear, head_name=shape.head_name, targets=targets).modules
+    return resolve_targets(model_type=shape.model_type, linear_names=linear, head_name=shape.head_name,
+                           targets=targets).modules
 
 
 def lora_tensor_shapes(shape: ModelShape, modules: list[str], r: int, dora: bool) -> list[tuple[int, ...]]:
@@ -257,7 +258,8 @@ def optimizer_state_bytes(
         return param_bytes * n if momentum > 0 else 0
     if optimizer == "adafactor":  # factored second moment for matrices, full for vectors
         return sum(4 * (sum(s) if len(s) == 2 else math.prod(s)) for s in tensor_shapes)
-    raise ConfigError(f"train.optimizer: unknown optimizer {optimizer!r} (known: {', '.join(OPTIMIZER_BYTES_PER_PARAM)})")
+    raise ConfigError(
+        f"train.optimizer: unknown optimizer {optimizer!r} (known: {', '.join(OPTIMIZER_BYTES_PER_PARAM)})")
 
 
 def base_weight_bytes(shape: ModelShape, *, dtype: str, quant: str, double_quant: bool, block_size: int) -> int:
@@ -348,7 +350,8 @@ def _memory(shape: ModelShape, cfg: Config, modules: list[str], *, micro: int, g
     n_train = sum(math.prod(s) for s in tensors)
     q = cfg.quant
     parts = {
-        "base_weights": base_weight_bytes(shape, dtype=cfg.model.dtype, quant=q.mode, double_quant=q.double_quant, block_size=q.block_size),
+        "base_weights": base_weight_bytes(shape, dtype=cfg.model.dtype, quant=q.mode, double_quant=q.double_quant,
+                                          block_size=q.block_size),
         "lora_weights": n_train * LORA_PARAM_BYTES,
         "gradients": n_train * LORA_PARAM_BYTES,
         "optimizer_state": optimizer_state_bytes(cfg.train.optimizer, tensors, LORA_PARAM_BYTES, cfg.train.momentum),
@@ -436,7 +439,8 @@ def _notes(shape: ModelShape, cfg: Config, device: str) -> list[str]:
     if shape.guessed:
         notes.append("guessed config values: " + ", ".join(shape.guessed))
     if cfg.lora.dora:
-        notes.append("DoRA: activations include two out-sized tensors per wrapped layer; its weight-norm temporaries are not counted")
+        notes.append("DoRA: activations include two out-sized tensors per wrapped layer; its weight-norm temporaries "
+                     "are not counted")
     if cfg.quant.mode != "none":
         notes.append(f"time includes the seeds' {QUANT_TIME_FACTOR}x slowdown of 4-bit dequantization")
     return notes
@@ -496,7 +500,8 @@ def estimate_run(
         est.approximate.append(f"model.device auto: estimated for {dev}, where a run would train on this machine "
                                f"(with {est.settings['dtype']} weights); --device cuda or cpu estimates for another")
     if auto_length:
-        est.approximate.append(f"data.max_seq_length: auto estimated at the model's context ({cfg.data.max_seq_length}), "
+        est.approximate.append(f"data.max_seq_length: auto estimated at the model's context "
+                               f"({cfg.data.max_seq_length}), "
                                "the most it resolves to; a run resolves it from the data")
     if auto_micro:
         est.approximate.append("train.micro_batch_size: auto estimated at micro batch 1; a run takes the largest "

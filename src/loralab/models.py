@@ -5,8 +5,8 @@
 The device and dtype are decided here, once: :func:`choose_device` (``model.device``: auto,
 cpu, cuda; a CUDA that is asked for but not usable is an error, never a silent CPU run) and
 :func:`resolve_dtype` (``model.dtype: auto`` = bf16 on GPUs of compute capability >= 8 and on
-CPUs with AMX-BF16 or AVX512-BF16, fp16 on older GPUs, fp32 on other CPUs). An unquantized base is loaded straight onto its device with
-``device_map``, never into host memory first.
+CPUs with AMX-BF16 or AVX512-BF16, fp16 on older GPUs, fp32 on other CPUs). An unquantized base is
+loaded straight onto its device with ``device_map``, never into host memory first.
 """
 
 from __future__ import annotations
@@ -183,9 +183,10 @@ def resolve_dtype(cfg_or_name: ModelConfig | str, device: torch.device | str, *,
 
     auto: bf16 wherever the device multiplies bf16 natively and faster than fp32 (GPUs of
     compute capability >= 8, CPUs with AMX-BF16 or AVX512-BF16 for models of hidden size 512
-    and up), fp16 on older GPUs, fp32 on other CPUs and for narrower models on a CPU. For a CUDA device that is not here (an estimate made on a laptop) auto means
-    bf16, today's GPUs. bf16 is the base's dtype only: the adapters, their gradients, the
-    optimizer state and the loss stay fp32 (docs/performance.md, "Precision").
+    and up), fp16 on older GPUs, fp32 on other CPUs and for narrower models on a CPU. For a CUDA
+    device that is not here (an estimate made on a laptop) auto means bf16, today's GPUs. bf16 is
+    the base's dtype only: the adapters, their gradients, the optimizer state and the loss stay
+    fp32 (docs/performance.md, "Precision").
     """
     return dtype_choice(cfg_or_name, device, width=width)[0]
 
@@ -220,7 +221,8 @@ def quantization_config(quant: QuantConfig):
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError as exc:
-        raise ModelError(f"quant.mode {quant.mode} needs bitsandbytes >= 0.49 (pip install bitsandbytes): {exc}") from None
+        raise ModelError(
+            f"quant.mode {quant.mode} needs bitsandbytes >= 0.49 (pip install bitsandbytes): {exc}") from None
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.mode,

@@ -9,7 +9,9 @@ resolve alike. ``resolve_data`` is the one resolution of ``data.max_seq_length: 
 (the longest example, capped by the model's context) for ``loralab train`` (the loaded model's
 config) and ``loralab tune`` (the model's config.json, before any weights load)::
 
-    splits = resolve_data(cfg, tokenizer, model.config)   # cfg.data.max_seq_length is a number now ``train.micro_batch_size: auto`` is the same maths as any other micro batch
+    splits = resolve_data(cfg, tokenizer, model.config)   # cfg.data.max_seq_length is a number now
+
+``train.micro_batch_size: auto`` is the same maths as any other micro batch
 (loralab's loss per step does not depend on it); it only decides how much of the device a
 forward uses.
 """

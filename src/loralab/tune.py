@@ -245,7 +245,8 @@ def fit_ranks(dims: list[Dimension], base: dict[str, Any]) -> list[str]:
     from loralab.config import config_from_dict
     from loralab.preflight import smallest_dimension
 
-    targets = next((d.values for d in dims if d.key == "lora.targets"), [base["lora"].get("targets", ["query", "value"])])
+    targets = next((d.values for d in dims if d.key == "lora.targets"),
+                   [base["lora"].get("targets", ["query", "value"])])
     limits = []
     for t in targets:
         cfg = config_from_dict({**base, "lora": {**base["lora"], "targets": t}}, source="loralab tune")
@@ -458,10 +459,12 @@ def recommend(cands: list[Candidate], goal: str) -> dict[str, Any]:
         half = _half_width(sd, df, math.sqrt(1 / len(c.values) + 1 / len(best.values)))
         comparisons.append({"name": c.name, "axes": c.axes, "mean": c.mean, "n": len(c.values), "diff": diff,
                             "ci_half_width": half, "within_noise": half is not None and abs(diff) <= half})
-    near = [best] + [c for c, cmp in zip([c for c in pool if c is not best], comparisons, strict=True) if cmp["within_noise"]]
+    near = [best] + [c for c, cmp in zip([c for c in pool if c is not best], comparisons, strict=True)
+                     if cmp["within_noise"]]
     chosen = min(near, key=lambda c: (c.trainable_params or 0, c.peak_memory_bytes or 0, c.train_time_s or 0.0))
     if not repeated:
-        why = "no finalist has repeats yet (the budget ran out before them): the best single run, not separable from seed noise"
+        why = ("no finalist has repeats yet (the budget ran out before them): the best single run, not separable "
+               "from seed noise")
     elif chosen is best:
         why = "the best mean over its seeds" + ("; no runner-up is within noise" if len(near) == 1 else
                                                 "; the runners-up within noise are not cheaper")
@@ -562,7 +565,8 @@ def repeat_runs(finalists: list[Candidate]) -> list[Any]:
 
 def run_tune(*, model: str, data: str, out: str = "runs", name: str = "tune", metric: str = "eval_loss",
              goal: str | None = None, fixed: dict[str, Any] | None = None, search: list[str] | None = None,
-             widen: dict[str, list[Any]] | None = None, budget_s: float | None = None, budget_steps: int | None = None, max_memory: int | None = None,
+             widen: dict[str, list[Any]] | None = None, budget_s: float | None = None, budget_steps: int | None = None,
+             max_memory: int | None = None,
              workers: int = 1, executor: str = "local", address: str | None = None,
              batch_size: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Plan, run both phases (resuming whatever an earlier invocation left), write the answer;
@@ -584,9 +588,11 @@ def run_tune(*, model: str, data: str, out: str = "runs", name: str = "tune", me
              plan.planned_steps, plan.grid_steps)
     common = dict(workers=workers, executor=executor, address=address, max_memory=max_memory, progress=progress)
     study = _study(spec, root)
-    halving = Halving(eta=ETA, min_steps=plan.min_steps) if halving_schedule(plan.candidates, plan.max_steps)[1] else None
+    halving = (Halving(eta=ETA, min_steps=plan.min_steps) if halving_schedule(plan.candidates, plan.max_steps)[1]
+               else None)
     phase1 = run_study(study, root=root, halving=halving, budget_s=budget_s, **common)
-    finished = phase1.get("budget_spent") is not True and not any(s in phase1["counts"] for s in (Status.PENDING, Status.INTERRUPTED, Status.PAUSED, Status.RUNNING))
+    finished = phase1.get("budget_spent") is not True and not any(
+        s in phase1["counts"] for s in (Status.PENDING, Status.INTERRUPTED, Status.PAUSED, Status.RUNNING))
     db = root / "study.db"
     cands, _ = read_candidates(db, name, metric, goal)
     if finished and cands:
@@ -603,7 +609,8 @@ def write_answer(root: Path, *, name: str, metric: str, goal: str, plan: Plan) -
     cands, spent = read_candidates(db, name, metric, goal)
     if not cands:
         raise ConfigError(f"tune {name}: no candidate has completed yet, so there is nothing to recommend; run the "
-                          f"same command again to continue (with a larger --budget), or see loralab study status {name}")
+                          f"same command again to continue (with a larger --budget), or see loralab study "
+                          f"status {name}")
     rec = recommend(cands, goal)
     found = effects(db, name, metric, [d.key for d in plan.dims], rec["seed_sd"], rec["seed_df"])
     per_step = spent["train_time_s"] / spent["steps"] if spent["steps"] else None
@@ -643,14 +650,17 @@ def summary_text(a: dict[str, Any]) -> str:
         lines.append(f"Within noise of it: {', '.join(rec['within_noise'])}.")
     for c in rec["comparisons"]:
         if not c["within_noise"]:
-            lines.append(f"{c['name']}: {c['diff']:+.4g} +/- {_pm(c['ci_half_width'])} from the best mean: beyond the noise.")
+            lines.append(
+                f"{c['name']}: {c['diff']:+.4g} +/- {_pm(c['ci_half_width'])} from the best mean: beyond the noise.")
     lines += ["", "What mattered (level means at the first rung, all candidates):"]
     for e in a["effects"]:
-        verdict = "within noise" if e["within_noise"] else ("beyond noise" if e["ci_half_width"] is not None else "no noise estimate")
-        lines.append(f"- {e['key']}: {e['effect']:.3g} +/- {_pm(e['ci_half_width'])} across the values tried ({verdict})")
+        verdict = ("within noise" if e["within_noise"]
+                   else ("beyond noise" if e["ci_half_width"] is not None else "no noise estimate"))
+        lines.append(
+            f"- {e['key']}: {e['effect']:.3g} +/- {_pm(e['ci_half_width'])} across the values tried ({verdict})")
     c = a["compute"]
-    lines += ["", f"Compute: {c['steps']:,} optimizer steps ({c['train_time_s']:.0f} s of training); a full grid of the "
-                  f"same space with the same repeats: {c['grid_steps']:,} steps"
+    lines += ["", f"Compute: {c['steps']:,} optimizer steps ({c['train_time_s']:.0f} s of training); a full grid "
+                  f"of the same space with the same repeats: {c['grid_steps']:,} steps"
                   + (f" ({c['fraction_of_grid']:.0%} of it spent)." if c["fraction_of_grid"] else ".")]
     for note in [*a["plan"]["notes"], *a.get("edges", [])]:
         lines.append(f"Note: {note}")

@@ -30,7 +30,8 @@ FLAG_KEYS = {
     "quant": "quant.mode", "optim": "train.optimizer", "micro_batch": "train.micro_batch_size",
     "seq_len": "data.max_seq_length", "momentum": "train.momentum",
 }
-_POSITIVE = {"r": "--r (lora.r)", "micro_batch": "--micro-batch (train.micro_batch_size)", "seq_len": "--seq-len (data.max_seq_length)"}
+_POSITIVE = {"r": "--r (lora.r)", "micro_batch": "--micro-batch (train.micro_batch_size)",
+             "seq_len": "--seq-len (data.max_seq_length)"}
 
 
 def estimate_from_args(
@@ -59,7 +60,8 @@ def estimate_from_args(
         raise ConfigError(f"{config_path}: the top level must be a mapping of sections")
     raw = apply_overrides(raw, list(overrides or []))
     sets = {key: flags[name] for name, key in FLAG_KEYS.items() if flags.get(name) is not None}
-    sets |= {k: v for k, v in (("lora.rslora", rslora), ("lora.dora", dora), ("quant.double_quant", double_quant)) if v is not None}
+    sets |= {k: v for k, v in (("lora.rslora", rslora), ("lora.dora", dora), ("quant.double_quant", double_quant))
+             if v is not None}
     for key, value in sets.items():
         section, name = key.split(".")
         raw.setdefault(section, {})[name] = value
@@ -68,7 +70,8 @@ def estimate_from_args(
     if isinstance(raw.get("lora", {}).get("targets"), str):
         raw["lora"]["targets"] = [t.strip() for t in raw["lora"]["targets"].split(",") if t.strip()]
     cfg = config_from_dict(raw, source=str(config_path or "estimate"), origins=override_origins(list(overrides or [])))
-    return estimate_run(cfg, grad_checkpointing=grad_checkpointing, budget_bytes=budget_bytes, throughput=throughput, device=device)
+    return estimate_run(cfg, grad_checkpointing=grad_checkpointing, budget_bytes=budget_bytes, throughput=throughput,
+                        device=device)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -133,7 +136,8 @@ def format_table(est: Estimate) -> str:
              + (f", per rank of {s['processes']} ddp processes" if s.get("processes") else ""))
     about = [("model", f"{est.model} ({est.model_type})"), ("setup", setup),
              ("total params", f"{est.total_params:,} (base {est.base_params:,} + adapter {est.trainable_params:,})"),
-             ("trainable params", f"{est.trainable_params:,} ({100 * est.trainable_share:.4f}% of {est.total_params:,})")]
+             ("trainable params",
+              f"{est.trainable_params:,} ({100 * est.trainable_share:.4f}% of {est.total_params:,})")]
     if est.budget_bytes is not None:
         about.append(("budget", f"{human_bytes(est.budget_bytes)}: {'fits' if est.fits else 'does NOT fit'}; "
                                 f"largest micro batch that fits: {est.max_micro_batch}"))

@@ -54,6 +54,7 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str] = (), *,
     from tabulate import tabulate  # ~0.1 s to import: only commands that print a table pay it
 
     if align is None and rows:
-        align = ["right" if all(v is None or is_number(v) for v in column) else "left" for column in zip(*rows, strict=True)]
+        align = ["right" if all(v is None or is_number(v) for v in column) else "left"
+                 for column in zip(*rows, strict=True)]
     return tabulate([[cell(v) for v in row] for row in rows], headers=list(headers),
                     tablefmt="simple" if headers else "plain", colalign=align, disable_numparse=True)

@@ -42,25 +42,31 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = ssub.add_parser("run", help="expand a study into runs and execute what is not done yet")
     p.add_argument("study", help="study YAML file or preset:NAME (see `loralab study presets`)")
-    p.add_argument("--quick", action="store_true", help="the study's quick variant (fewer steps and points); its name gets -quick")
+    p.add_argument("--quick", action="store_true",
+                   help="the study's quick variant (fewer steps and points); its name gets -quick")
     p.add_argument("--name", help="study name (default: the study file's name, -quick with --quick): a new name "
-                                  "starts a fresh study, e.g. after changing a config the old study's runs were made with")
+                                  "starts a fresh study, e.g. after changing a config the old study's runs were "
+                                  "made with")
     p.add_argument("--model", help="base model for every run (replaces base model.path)")
     p.add_argument("--data", help="dataset for every run (replaces base data.path)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config key for every run (repeatable)")
     add_track_arg(p)
     _root_arg(p)
-    p.add_argument("--workers", type=int, help="units (a run or a fused group) at a time (default: one per GPU, else 1)")
-    p.add_argument("--executor", choices=["local", "ray"], default="local", help="backend: local processes or Ray tasks")
+    p.add_argument("--workers", type=int,
+                   help="units (a run or a fused group) at a time (default: one per GPU, else 1)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="backend: local processes or Ray tasks")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     p.add_argument("--gpus", help="local backend: GPUs to use, e.g. 0,1,2,3 (default: every visible one)")
     p.add_argument("--max-memory", help="skip runs whose estimated memory is over this, e.g. 8GB or 24GiB; "
                                         "also the memory one device gives fused groups (default: the device's)")
-    p.add_argument("--halving", action="store_true", help="successive halving on the study metric (stops poor runs early)")
+    p.add_argument("--halving", action="store_true",
+                   help="successive halving on the study metric (stops poor runs early)")
     p.add_argument("--eta", type=int, help="halving: keep the best 1/eta at each rung (default 3)")
     p.add_argument("--min-steps", type=int, help="halving: the first rung's step (default 10)")
-    p.add_argument("--retries", type=int, default=1, help="times a killed run is run again in this invocation (default 1)")
+    p.add_argument("--retries", type=int, default=1,
+                   help="times a killed run is run again in this invocation (default 1)")
     p.add_argument("--retry-failed", action="store_true", help="also run failed, diverged and out-of-memory runs again")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                    help="train runs that share a base in one process where they fit (default; --no-fuse: each alone)")
@@ -126,7 +132,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _root_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=DEFAULT_ROOT, help=f"output root holding study directories (default {DEFAULT_ROOT})")
+    p.add_argument("--out", default=DEFAULT_ROOT,
+                   help=f"output root holding study directories (default {DEFAULT_ROOT})")
 
 
 def study_root(out: str, name: str) -> Path:
@@ -234,9 +241,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         metric = spec.get("metric", "eval_loss")
         rows = run_rows(store, sid, metric)
         counts = store.counts(sid)
-    cols = ["name", "status", *spec.get("axes", {}).keys(), metric, "wall_s", "peak_MiB", "est_MiB", "attempts", "stopped_at"]
+    cols = ["name", "status", *spec.get("axes", {}).keys(), metric, "wall_s", "peak_MiB", "est_MiB", "attempts",
+            "stopped_at"]
     cols = [c for c in cols if c in ("name", "status", metric) or any(r.get(c) is not None for r in rows)]
-    text = f"study {args.name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + "\n" + columns(rows, cols)
+    text = (f"study {args.name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + "\n"
+            + columns(rows, cols))
     _emit(args, {"study": args.name, "counts": counts, "metric": metric, "runs": rows}, text)
     return 0
 
@@ -263,7 +272,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
     rows = [describe_preset(n) for n in preset_names()]
     text = columns(rows, ["name", "runs", "quick_runs", "metric", "question"])
-    _emit(args, {"presets": rows}, text + "\n\nrun one: loralab study run preset:NAME --quick [--model DIR --data FILE]")
+    _emit(args, {"presets": rows},
+          text + "\n\nrun one: loralab study run preset:NAME --quick [--model DIR --data FILE]")
     return 0
 
 
@@ -285,7 +295,8 @@ def export_to_tracker(args: argparse.Namespace) -> int:
     rows = export_study(study_root(args.out, args.name) / "study.db", args.name, args.to,
                         tracking_uri=args.tracking_uri, project=args.project)
     sent = sum(r["sent"] for r in rows)
-    text = f"study {args.name}: {sent} of {len(rows)} sent to {args.to}\n" + columns(rows, ["run", "status", "sent", "why"])
+    text = (f"study {args.name}: {sent} of {len(rows)} sent to {args.to}\n"
+            + columns(rows, ["run", "status", "sent", "why"]))
     _emit(args, {"study": args.name, "to": args.to, "runs": rows}, text)
     return 0 if all(r["sent"] or r["why"] for r in rows) else 1
 
@@ -373,7 +384,8 @@ def _details(args: argparse.Namespace, names: list[str]) -> list[dict[str, Any]]
 def cmd_runs_show(args: argparse.Namespace) -> int:
     d = _details(args, [args.run])[0]
     keys = ["name", "status", "axes", "attempts", "run_dir", "wall_time_s", "train_time_s", "tokens_per_s",
-            "peak_memory_bytes", "estimated_memory_bytes", "trainable_params", "total_params", "stopped_at_step", "error"]
+            "peak_memory_bytes", "estimated_memory_bytes", "trainable_params", "total_params", "stopped_at_step",
+            "error"]
     rows = [(f"{k}:", d.get(k)) for k in keys] + [(f"final {k}:", v) for k, v in sorted(d["final_metrics"].items())]
     _emit(args, d, table(rows, align=["right", "left"]))
     return 0
@@ -384,7 +396,8 @@ def cmd_runs_compare(args: argparse.Namespace) -> int:
     flats = [flat_keys(d["config"]) for d in details]
     differ = sorted(k for k in flats[0] if k != "output.dir" and any(f.get(k) != flats[0].get(k) for f in flats))
     metric_names = sorted({k for d in details for k in d["final_metrics"]})
-    fields = ["status"] + differ + ["wall_time_s", "peak_memory_bytes", "trainable_params"] + [f"final {m}" for m in metric_names]
+    fields = (["status"] + differ + ["wall_time_s", "peak_memory_bytes", "trainable_params"]
+              + [f"final {m}" for m in metric_names])
     rows = []
     for f in fields:
         row = {"field": f}

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-memory", help="memory per run, e.g. 24GB: gates runs and chooses 4-bit where needed")
     p.add_argument("--fixed", action="append", default=[], metavar="KEY=VALUE", help="fix a setting (repeatable)")
     p.add_argument("--search", help="comma list of the keys to search (default: all of them; the rest take defaults)")
-    p.add_argument("--widen", action="append", default=[], metavar="KEY=V1,V2,...", help="the values tried for a key (repeatable)")
+    p.add_argument("--widen", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="the values tried for a key (repeatable)")
     p.add_argument("--batch-size", type=int, help="global batch (default: the config default)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--executor", choices=["local", "ray"], default="local")

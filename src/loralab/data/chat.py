@@ -40,13 +40,15 @@ def conversation(rec: dict, where: str, columns: dict[str, str]) -> list[dict[st
     elif key_conv in rec:
         turns, sharegpt, key = rec[key_conv], True, key_conv
     else:
-        raise DataError(f"{where}: missing field {key_messages} (or {key_conv}) (format messages needs a list of turns)")
+        raise DataError(
+            f"{where}: missing field {key_messages} (or {key_conv}) (format messages needs a list of turns)")
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: field {key} must be a non-empty list of turns")
     role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
     out = []
     for n, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get(role_key), str) or not isinstance(turn.get(content_key), str):
+        if (not isinstance(turn, dict) or not isinstance(turn.get(role_key), str)
+                or not isinstance(turn.get(content_key), str)):
             raise DataError(f"{where}: {key}[{n}] must be an object with string fields {role_key} and {content_key}")
         role = turn[role_key]
         if sharegpt:
@@ -109,12 +111,14 @@ def _prefix_mask(messages: list[dict[str, str]], tokenizer, where: str) -> tuple
         if m["role"] != "assistant":
             continue
         before, through = render(messages[:i], True), render(messages[: i + 1], False)
-        for part, what in ((before, f"the first {i} turns plus the generation prompt"), (through, f"the first {i + 1} turns")):
+        for part, what in ((before, f"the first {i} turns plus the generation prompt"),
+                           (through, f"the first {i + 1} turns")):
             if not full.startswith(part):
                 at = next((k for k, (a, b) in enumerate(zip(part, full, strict=False)) if a != b), len(full))
                 raise DataError(
                     f"{where}: the chat template renders {what} differently from the start of the whole "
-                    f"{len(messages)}-turn conversation (from character {at}: {part[at:at + 40]!r} vs {full[at:at + 40]!r}), "
+                    f"{len(messages)}-turn conversation (from character {at}: {part[at:at + 40]!r} "
+                    f"vs {full[at:at + 40]!r}), "
                     "so the assistant turns cannot be located by rendering prefixes. Use a template with a "
                     "{% generation %} block around the assistant's content (transformers then marks the tokens)"
                 )

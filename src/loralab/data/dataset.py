@@ -94,7 +94,8 @@ def to_records(rows: list[tuple[str, Any]], fmt: str, columns: dict[str, str]) -
             if not isinstance(values[k], str):
                 raise DataError(f"{where}: field {col[k]} must be a string (got {type(values[k]).__name__})")
         if fmt == "alpaca":
-            out.append(Record(where, {"instruction": values["instruction"], "input": values["input"]}, values["output"]))
+            out.append(Record(where, {"instruction": values["instruction"], "input": values["input"]},
+                              values["output"]))
         else:
             out.append(Record(where, {"prompt": values["prompt"]}, values["completion"]))
     return out
@@ -154,7 +155,8 @@ def encode_record(rec: Record, cfg: DataConfig, tokenizer) -> Example:
         return encode(prompt_text(rec.prompt, cfg, tokenizer), rec.response, tokenizer,
                       max_len=None, train_on_prompt=cfg.train_on_prompt)
     ids, mask = assistant_tokens(rec.messages, tokenizer, where=rec.where)
-    return Example(ids, list(ids) if cfg.train_on_prompt else [t if m else IGNORE for t, m in zip(ids, mask, strict=True)])
+    return Example(ids, list(ids) if cfg.train_on_prompt
+                   else [t if m else IGNORE for t, m in zip(ids, mask, strict=True)])
 
 
 @dataclass
@@ -277,7 +279,8 @@ def load_splits(cfg: DataConfig, tokenizer, *, seed: int, context: int | None = 
                     "data.val_fraction = 0" if not cfg.val_path and cfg.val_fraction == 0 else
                     f"none in {cfg.val_path or cfg.path} after the response-length filter and the split")
     stats = {
-        "format": "messages" if kept[0].messages is not None else ("prompt_completion" if "prompt" in kept[0].prompt else "alpaca"),
+        "format": ("messages" if kept[0].messages is not None
+                   else ("prompt_completion" if "prompt" in kept[0].prompt else "alpaca")),
         "n_train": len(train), "n_val": len(val), **split_info,
         "token_lengths": length_stats(lengths),  # of the training examples before truncation
         "max_seq_length": max_len, "max_seq_length_setting": cfg.max_seq_length, "context": context,
@@ -285,7 +288,8 @@ def load_splits(cfg: DataConfig, tokenizer, *, seed: int, context: int | None = 
         "dropped_by_length_filter": dropped,
     }
     if cfg.max_seq_length == "auto":
-        log.info("data.max_seq_length: auto -> %d (longest example %d tokens, context %s)", max_len, max(lengths), context)
+        log.info(
+            "data.max_seq_length: auto -> %d (longest example %d tokens, context %s)", max_len, max(lengths), context)
     if truncated:
         log.info("%d of %d training examples are longer than %d tokens and were cut from the right",
                  truncated, len(full_train), max_len)

@@ -100,7 +100,8 @@ def _saved_dataset(p: Path):
     try:
         ds = datasets.load_from_disk(str(p))
     except FileNotFoundError as exc:
-        raise DataError(f"{p}: a directory, but not one written by datasets' save_to_disk ({_first_line(exc)})") from None
+        raise DataError(
+            f"{p}: a directory, but not one written by datasets' save_to_disk ({_first_line(exc)})") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(f"{p}: a saved DatasetDict without a train split (splits: {', '.join(ds)}); "

@@ -51,7 +51,8 @@ def score_base(study: Any, root: Path) -> dict[str, Any] | None:
         log.info("the base could not be scored on %s before the runs (%s)", study.metric,
                  (done.stderr.strip().splitlines() or ["no value"])[-1])
         return None
-    out = {"metric": study.metric, "value": value, "n": next((r.get("n") for r in rows if r.get("metric") == name), None),
+    out = {"metric": study.metric, "value": value,
+           "n": next((r.get("n") for r in rows if r.get("metric") == name), None),
            "edge": "floor" if value <= 0 else "ceiling" if value >= 1 else None}
     root.mkdir(parents=True, exist_ok=True)
     write_atomic(path, out, fsync=False)

@@ -69,12 +69,14 @@ def study_context(db_path: str | Path, study_name: str) -> dict[str, Any]:
         con.close()
     configs = [json.loads(r["config_json"]) for r in rows]
     summaries = [s for s in (_read_summary(r["run_dir"]) for r in rows) if s]
-    out: dict[str, Any] = {"seed": spec.get("seed") or {}, "profile": spec.get("profile"), "hardware": spec.get("hardware")}
+    out: dict[str, Any] = {"seed": spec.get("seed") or {}, "profile": spec.get("profile"),
+                           "hardware": spec.get("hardware")}
     if not configs:
         return out | {"model": {}, "data": {}, "setup": [], "deviations": []}
     path = get_key(configs[0], "model.path")
     mcfg = _model_config(path)
-    params = [r["total_params"] for r in rows if r["total_params"]] or [s.get("total_params") for s in summaries if s.get("total_params")]
+    params = ([r["total_params"] for r in rows if r["total_params"]]
+              or [s.get("total_params") for s in summaries if s.get("total_params")])
     out["model"] = {
         "path": _values(configs, "model.path"),
         "architecture": ", ".join(mcfg.get("architectures") or []) or mcfg.get("model_type") or "unknown",

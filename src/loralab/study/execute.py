@@ -106,7 +106,8 @@ def run_study(study: Study, *, root: Path, options: StudyOptions | None = None, 
             log.info("recovered %d run(s) left running by a stopped driver: %s", len(recovered), ", ".join(recovered))
             record_finished(store, sid, recovered)
         if opts.retry_failed:
-            store.reset([r["id"] for r in store.runs(sid, (Status.FAILED, Status.DIVERGED, Status.OUT_OF_MEMORY, Status.INVALID))])
+            store.reset([r["id"] for r in store.runs(
+                sid, (Status.FAILED, Status.DIVERGED, Status.OUT_OF_MEMORY, Status.INVALID))])
         tasks = plan_tasks(store, sid, root, max_memory=opts.max_memory, paused=opts.halving is not None)
         done_before = sum(n for s, n in store.counts(sid).items() if s not in TO_RUN)
         with progress(len(tasks), desc=f"study {study.name}", unit="run", enabled=opts.progress) as bar:

@@ -95,14 +95,17 @@ def axis_effect(data: StudyData, axis: str) -> dict[str, Any]:
                  "below uses only the settings both levels ran with.)")
     b, s = level_label(data, axis, best["value"]), level_label(data, axis, second["value"])
     if cmp is None:
-        out["text"] = f"{head} {b} had the {word} mean; it never ran alongside {s} under the same other settings, so they cannot be compared."
+        out["text"] = (f"{head} {b} had the {word} mean; it never ran alongside {s} under the same other settings, "
+                       "so they cannot be compared.")
     elif cmp["beyond_noise"]:
         out["winner"] = best["value"]
         out["text"] = f"{head} {b} was best: against the runner-up {s} the difference was {diff_text(data, cmp)}."
     elif cmp["half_width"] is None:
-        out["text"] = f"{head} {b} had the {word} mean, {s} came next (difference {cmp['difference']:+.3g}); {NO_REPEATS}, so no level is named best."
+        out["text"] = (f"{head} {b} had the {word} mean, {s} came next (difference {cmp['difference']:+.3g}); "
+                       f"{NO_REPEATS}, so no level is named best.")
     else:
-        out["text"] = f"{head} {b} had the {word} mean, but against the runner-up {s} the difference was {diff_text(data, cmp)}: no level is clearly best."
+        out["text"] = (f"{head} {b} had the {word} mean, but against the runner-up {s} the difference was "
+                       f"{diff_text(data, cmp)}: no level is clearly best.")
     return out
 
 

@@ -85,7 +85,8 @@ def value_of(run: RunResult, attr: str) -> float | None:
     return None if v is None else float(v)
 
 
-def cells_of(data: StudyData, runs: list[RunResult], axis: str, value: Any, attr: str = "value") -> dict[tuple, list[float]]:
+def cells_of(data: StudyData, runs: list[RunResult], axis: str, value: Any,
+             attr: str = "value") -> dict[tuple, list[float]]:
     """Values of ``attr`` at one level, by combination of the other (untied) axes."""
     others = other_axes(data, axis)
     out: dict[tuple, list[float]] = defaultdict(list)
@@ -100,12 +101,14 @@ def noise(data: StudyData, attr: str = "value") -> tuple[float | None, int]:
     if attr == "value":
         return data.noise_sd, data.noise_df
     if attr not in data._noise:
-        groups = [[value_of(r, attr) for r in g if value_of(r, attr) is not None] for g in repeat_groups(data.ok).values()]
+        groups = [[value_of(r, attr) for r in g if value_of(r, attr) is not None]
+                  for g in repeat_groups(data.ok).values()]
         data._noise[attr] = stats.pooled_sd(groups)
     return data._noise[attr]
 
 
-def compare(data: StudyData, runs: list[RunResult], axis: str, a: Any, b: Any, attr: str = "value") -> dict[str, Any] | None:
+def compare(data: StudyData, runs: list[RunResult], axis: str, a: Any, b: Any,
+            attr: str = "value") -> dict[str, Any] | None:
     """Level ``a`` minus level ``b`` of ``attr`` (default the metric), matched over the other
     (untied) axes: the mean over shared combinations of the per-combination differences.
 

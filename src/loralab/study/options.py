@@ -46,7 +46,8 @@ class StudyOptions:
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"--workers must be >= 1 (got {self.workers})")
         if self.retries < 0 or self.max_attempts < 1:
-            raise ConfigError(f"--retries must be >= 0 (got {self.retries}) and max_attempts >= 1 (got {self.max_attempts})")
+            raise ConfigError(
+                f"--retries must be >= 0 (got {self.retries}) and max_attempts >= 1 (got {self.max_attempts})")
         if self.budget_s is not None and self.budget_s < 0:
             raise ConfigError(f"--budget must be >= 0 seconds (got {self.budget_s})")
         if self.max_memory is not None and self.max_memory <= 0:
@@ -71,7 +72,8 @@ class StudyOptions:
             raise ConfigError("--eta and --min-steps set successive halving's rungs: add --halving")
         halving = None
         if args.halving:
-            halving = Halving(eta=3 if args.eta is None else args.eta, min_steps=10 if args.min_steps is None else args.min_steps)
+            halving = Halving(eta=3 if args.eta is None else args.eta,
+                              min_steps=10 if args.min_steps is None else args.min_steps)
         gpus = None
         if args.gpus is not None:
             gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]

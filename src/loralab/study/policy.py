@@ -85,11 +85,13 @@ def run_halving(scheduler: Scheduler, units: list[Unit], *, halving: Halving, me
         status = {r["id"]: r for r in store.runs(_study_id(store, alive))}
         # Only runs paused at this very rung are ranked here: a restarted driver finds runs
         # already promoted past it (paused later, or interrupted on the way) and they go on.
-        paused = [t for t in alive if status[t.run_id]["status"] == Status.PAUSED and checkpoint_step(t.run_dir) == rung]
+        paused = [t for t in alive
+                  if status[t.run_id]["status"] == Status.PAUSED and checkpoint_step(t.run_dir) == rung]
         values = {t.run_id: store.metric_at(t.run_id, metric, rung) for t in paused}
         # Runs a stopped driver already cut at this rung still count, so a restart cuts no deeper
         # (runs that a fused group pruned are not counted: they were ranked in their group).
-        cut_before = sum(1 for r in status.values() if r["status"] == Status.STOPPED_EARLY and r["stopped_at_step"] == rung
+        cut_before = sum(1 for r in status.values()
+                         if r["status"] == Status.STOPPED_EARLY and r["stopped_at_step"] == rung
                          and (r["error"] or "").startswith(CUT))
         ranked, cut = split_at_rung(paused, lambda t, values=values: values[t.run_id], eta=halving.eta, goal=goal,
                                     already_cut=cut_before)
@@ -102,7 +104,8 @@ def run_halving(scheduler: Scheduler, units: list[Unit], *, halving: Halving, me
         log.info("halving at step %d: %d of %d runs go on (%s)", rung, len(ranked), len(ranked) + len(cut),
                  ", ".join(t.name for t in ranked))
         # go on: the promoted runs, runs too short to reach this rung, runs a restart found past it
-        alive = ranked + [t for t in alive if t not in paused and status[t.run_id]["status"] in (*TO_RUN, Status.PAUSED)]
+        alive = ranked + [t for t in alive
+                          if t not in paused and status[t.run_id]["status"] in (*TO_RUN, Status.PAUSED)]
     scheduler.run(first + [Unit([t]) for t in alive])
 
 

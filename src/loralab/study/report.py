@@ -83,7 +83,8 @@ def write_report(db_path: str | Path, study_name: str, out_dir: str | Path) -> d
     return paths
 
 
-REPORT_FIGURES = ("curves_*.png", "train_loss*.png", "heatmap_*.png", "pareto.png", "spread.png")  # the names _save writes
+# the names _save writes
+REPORT_FIGURES = ("curves_*.png", "train_loss*.png", "heatmap_*.png", "pareto.png", "spread.png")
 
 
 def remove_stale_figures(out: Path, keep: list[Path]) -> None:
@@ -378,7 +379,8 @@ def _deviation_block(ctx: dict[str, Any]) -> list[str]:
     return ctx.get("deviations") or ["none: every run used the seed's setup"]
 
 
-def render_markdown(data: StudyData, found: list[dict], figures: list[Figure], ctx: dict[str, Any] | None = None) -> str:
+def render_markdown(data: StudyData, found: list[dict], figures: list[Figure],
+                    ctx: dict[str, Any] | None = None) -> str:
     def cell(s: str) -> str:
         return s.replace("|", "\\|").replace("\n", " ")
 
@@ -394,7 +396,8 @@ def render_markdown(data: StudyData, found: list[dict], figures: list[Figure], c
     lines += [f"- **{k}:** {cell(v)}" for k, v in context_lines(ctx)]
     lines += [f"- **{k}:** {cell(v)}" for k, v in _header(data)]
     if ctx.get("setup"):
-        lines += ["", "## The seed's setup beside this study's", "", "| key | seed | this study | |", "|---|---|---|---|"]
+        lines += ["", "## The seed's setup beside this study's", "", "| key | seed | this study | |",
+                  "|---|---|---|---|"]
         lines += [f"| {r['key']} | {cell(r['seed'])} | {cell(r['runs'])} | {'differs' if r['differs'] else ''} |"
                   for r in ctx["setup"]]
     lines += ["", f"## {findings_title(verdict)}", ""]
@@ -412,7 +415,8 @@ def render_markdown(data: StudyData, found: list[dict], figures: list[Figure], c
 def render_html(data: StudyData, found: list[dict], figures: list[Figure], ctx: dict[str, Any] | None = None) -> str:
     """The page, from templates/report.html.j2 (Jinja2, autoescaped), every PNG inlined."""
     ctx = ctx or {}
-    pngs = [{"title": f.title, "caption": f.caption, "png_base64": base64.b64encode(f.path.read_bytes()).decode("ascii")}
+    pngs = [{"title": f.title, "caption": f.caption,
+             "png_base64": base64.b64encode(f.path.read_bytes()).decode("ascii")}
             for f in figures]
     verdict, found = split_verdict(found)
     return _templates().get_template("report.html.j2").render(

@@ -115,7 +115,8 @@ class Unit:
 # ----------------------------------------------------------------------------- planning
 
 
-def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | None, paused: bool = False) -> list[PendingRun]:
+def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | None,
+               paused: bool = False) -> list[PendingRun]:
     """Runs still to do, with memory estimates, cheapest first; runs that fail their own checks
     are recorded invalid, runs over ``max_memory`` skipped. ``paused``: include runs paused at a
     halving rung (a restarted study)."""
@@ -142,7 +143,8 @@ def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | Non
         total = memory["total"] if memory else None
         store.set_estimate(row["id"], total, trainable)
         if max_memory is not None and total is not None and total > max_memory:
-            store.skip(row["id"], f"estimated memory {total / 2**30:.2f} GiB is over --max-memory {max_memory / 2**30:.2f} GiB")
+            store.skip(row["id"], f"estimated memory {total / 2**30:.2f} GiB is over --max-memory "
+                                  f"{max_memory / 2**30:.2f} GiB")
             continue
         if row["status"] == Status.SKIPPED and not (row["error"] or "").startswith("estimated memory"):
             continue
@@ -199,7 +201,8 @@ def form_units(tasks: list[PendingRun], *, fuse: bool, budget: int | None, worke
         groups.setdefault(key, []).append(t)
     for members in groups.values():
         if len(members) == 1:
-            log.info("fusion: %s trains alone: no other run shares its base, data and training settings", members[0].name)
+            log.info(
+                "fusion: %s trains alone: no other run shares its base, data and training settings", members[0].name)
         units += [Unit(chunk) for chunk in _fit_budget(members, budget)]
     if not halving:
         units = _spread(units, workers)
@@ -381,7 +384,8 @@ class Scheduler:
         self.store.finish(task.run_id, status=status, summary=result.get("summary"), metrics=result.get("metrics"),
                           error=result.get("error"), stopped_at_step=result.get("stopped_at_step"))
         err = result.get("error")
-        log.info("run %s: %s%s", task.name, status, f" ({err.splitlines()[0]})" if err and status != Status.COMPLETED else "")
+        log.info("run %s: %s%s", task.name, status,
+                 f" ({err.splitlines()[0]})" if err and status != Status.COMPLETED else "")
         if status not in (Status.INTERRUPTED, Status.PAUSED):
             self.finished(status)
         return status == Status.INTERRUPTED

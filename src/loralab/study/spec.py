@@ -48,7 +48,8 @@ TOP_KEYS = {"name", "description", "question", "claim", "metric", "metrics", "go
 QUICK_KEYS = {"base", "axes", "tied", "repeats", "seeds", "tiny"}
 # seed: what the cited experiment itself ran. setup is a partial training config in loralab's
 # keys (the seed's own values); the other keys are text for what a config cannot say.
-SEED_KEYS = {"source", "model", "data", "metric", "setup", "notes", "steps"}  # steps: the seed's optimizer steps per run
+# steps: the seed's optimizer steps per run
+SEED_KEYS = {"source", "model", "data", "metric", "setup", "notes", "steps"}
 # tiny: the settings for the shipped base (builtin:tiny), applied only when the model is that one.
 TINY_KEYS = {"base", "metric", "goal"}
 FINDING_KINDS = {"axis_effect": ("axis",), "trend_within": ("axis", "within"),
@@ -151,7 +152,8 @@ def _round_sample(x: float) -> float:
 def axis_values(key: str, spec: Any, where: str) -> list[Any]:
     """The values of one axis: a list, {grid: [...]}, {uniform|loguniform: [lo, hi], n, seed}."""
     if config_field(key) is None:
-        raise ConfigError(f"{where}: axis {key!r} is not a training-config key (section.key, e.g. lora.r; sections: {', '.join(SECTIONS)})")
+        raise ConfigError(f"{where}: axis {key!r} is not a training-config key (section.key, e.g. lora.r; sections: "
+                          f"{', '.join(SECTIONS)})")
     if isinstance(spec, dict) and "grid" in spec:
         if set(spec) != {"grid"}:
             raise ConfigError(f"{where}: axis {key}: 'grid' takes no other keys (got {sorted(spec)})")
@@ -170,18 +172,21 @@ def axis_values(key: str, spec: Any, where: str) -> list[Any]:
             raise ConfigError(f"{where}: axis {key}: {kind} needs [low, high] numbers (got {bounds!r})")
         lo, hi = float(bounds[0]), float(bounds[1])
         if not lo < hi or (kind == "loguniform" and lo <= 0):
-            raise ConfigError(f"{where}: axis {key}: {kind} needs low < high{' and low > 0' if kind == 'loguniform' else ''} (got {bounds})")
+            raise ConfigError(f"{where}: axis {key}: {kind} "
+                              f"needs low < high{' and low > 0' if kind == 'loguniform' else ''} (got {bounds})")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ConfigError(f"{where}: axis {key}: n must be a positive integer (got {n!r})")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ConfigError(f"{where}: axis {key}: seed must be an integer (got {seed!r})")
         rng = random.Random(seed)
-        draw = (lambda: rng.uniform(lo, hi)) if kind == "uniform" else (lambda: math.exp(rng.uniform(math.log(lo), math.log(hi))))
+        draw = ((lambda: rng.uniform(lo, hi)) if kind == "uniform"
+                else (lambda: math.exp(rng.uniform(math.log(lo), math.log(hi)))))
         values = [_round_sample(draw()) for _ in range(n)]
         if is_int_key(key):
             values = sorted(set(int(round(v)) for v in values))
         return values
-    raise ConfigError(f"{where}: axis {key} must be a list, {{grid: [...]}}, {{uniform: [lo, hi], n, seed}} or {{loguniform: [lo, hi], n, seed}} (got {spec!r})")
+    raise ConfigError(f"{where}: axis {key} must be a list, {{grid: [...]}}, {{uniform: [lo, hi], n, seed}} or "
+                      f"{{loguniform: [lo, hi], n, seed}} (got {spec!r})")
 
 
 # ----------------------------------------------------------------------------- names
@@ -238,7 +243,8 @@ def _read(source: str | Path) -> tuple[dict[str, Any], str, Path | None]:
     else:
         path = Path(source)
         if not path.is_file():
-            raise ConfigError(f"study file {path} does not exist (or use preset:NAME; shipped: {', '.join(preset_names())})")
+            raise ConfigError(
+                f"study file {path} does not exist (or use preset:NAME; shipped: {', '.join(preset_names())})")
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a study file is a mapping (name, base, axes, ...); see docs/study-files.md")
@@ -253,7 +259,8 @@ def _apply_quick(raw: dict[str, Any], where: _Where) -> dict[str, Any]:
         raise ConfigError(f"{where('quick')}: quick must be a mapping ({', '.join(sorted(QUICK_KEYS))})")
     unknown = set(quick) - QUICK_KEYS
     if unknown:
-        raise ConfigError(f"{where('quick')}: unknown quick keys {sorted(unknown)} (known: {', '.join(sorted(QUICK_KEYS))})")
+        raise ConfigError(
+            f"{where('quick')}: unknown quick keys {sorted(unknown)} (known: {', '.join(sorted(QUICK_KEYS))})")
     out = dict(raw)
     out["axes"] = {**(raw.get("axes") or {}), **(quick.get("axes") or {})}
     out["tied"] = {**(raw.get("tied") or {}), **(quick.get("tied") or {})}
@@ -372,13 +379,15 @@ def _check_findings(findings: Any, axes: dict[str, list[Any]], where: _Where) ->
     known_axes = set(axes) | {"train.seed"}
     for i, f in enumerate(findings):
         if not isinstance(f, dict) or f.get("kind") not in FINDING_KINDS:
-            raise ConfigError(f"{where('findings')}: findings[{i}] needs kind: one of {', '.join(FINDING_KINDS)} (got {f!r})")
+            raise ConfigError(
+                f"{where('findings')}: findings[{i}] needs kind: one of {', '.join(FINDING_KINDS)} (got {f!r})")
         for param in FINDING_KINDS[f["kind"]]:
             if param not in f:
                 raise ConfigError(f"{where('findings')}: findings[{i}] ({f['kind']}) needs {param}")
         for param in ("axis", "within"):
             if param in f and f[param] not in known_axes:
-                raise ConfigError(f"{where('findings')}: findings[{i}] {param} {f[param]!r} is not one of the study's axes ({', '.join(sorted(known_axes))})")
+                raise ConfigError(f"{where('findings')}: findings[{i}] {param} {f[param]!r} is not one of the study's "
+                                  f"axes ({', '.join(sorted(known_axes))})")
     return findings
 
 
@@ -467,7 +476,8 @@ def load_study(
     seeds = _seeds(raw, where)
     if seeds is not None:
         if "train.seed" in axes:
-            raise ConfigError(f"{where('axes', 'train.seed')}: train.seed is an axis and repeats/seeds are given; use one")
+            raise ConfigError(
+                f"{where('axes', 'train.seed')}: train.seed is an axis and repeats/seeds are given; use one")
         axes["train.seed"] = seeds
     tied_raw = raw.get("tied") or {}
     if not isinstance(tied_raw, dict):

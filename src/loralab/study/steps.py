@@ -1,7 +1,8 @@
 """What each run of a study will train, said before it trains: optimizer steps, tokens, time.
 
     plan = step_plan(study)
-    plan.lines()     # ["every run: 2 optimizer steps (165 examples at batch 128, 1 epoch) instead of the seed's about 390, ..."]
+    plan.lines()     # ["every run: 2 optimizer steps (165 examples at batch 128, 1 epoch)
+                     #   instead of the seed's about 390, ..."]
     plan.warning()   # below FLOOR_STEPS: why the study cannot answer, and the fix
 
 ``loralab study run`` and its ``--dry-run`` print these before any compute is spent. Steps
@@ -39,9 +40,11 @@ class RunSteps:
     seconds: float | None  # lower bound on its training time on this machine
 
     def describe(self, seed_steps: int | None = None) -> str:
-        """"2 optimizer steps instead of the seed's about 390 (165 examples at batch 128, 1 epoch), about 41k tokens"."""
+        """"2 optimizer steps instead of the seed's about 390 (165 examples at batch 128, 1 epoch),
+        about 41k tokens"."""
         how = (f"train.max_steps {self.max_steps}" if self.max_steps
-               else f"{self.examples} examples at batch {self.batch_size}, {self.epochs:g} epoch{'s' * (self.epochs != 1)}")
+               else f"{self.examples} examples at batch {self.batch_size}, {self.epochs:g} "
+                    f"epoch{'s' * (self.epochs != 1)}")
         seed = f" instead of the seed's about {seed_steps}" if seed_steps else ""
         return f"{self.steps} optimizer step{'s' * (self.steps != 1)}{seed} ({how}), about {_count(self.tokens)} tokens"
 
@@ -69,7 +72,8 @@ class StepPlan:
             out = [f"{r.name}: {r.describe(self.seed_steps)}" for r in self.runs]
         total = self.seconds
         steps = sum(r.steps for r in self.runs)
-        out.append(f"the study: {len(self.runs)} runs to train, {steps} optimizer steps, about {_count(sum(r.tokens for r in self.runs))} "
+        out.append(f"the study: {len(self.runs)} runs to train, {steps} optimizer steps, about "
+                   f"{_count(sum(r.tokens for r in self.runs))} "
                    "tokens" + (f"; at least about {human_duration(total)} of training on this machine (a lower bound: "
                                "evaluations and start-up not counted)" if total is not None else ""))
         return out
@@ -91,13 +95,15 @@ class StepPlan:
             fixes = []
             if per_epoch >= FLOOR_STEPS:  # a batch small enough exists
                 batch = 2 ** int(math.log2(per_epoch // FLOOR_STEPS))
-                fixes.append(f"a smaller batch (--set train.batch_size={batch} gives {math.ceil(per_epoch / batch)} steps)")
+                fixes.append(
+                    f"a smaller batch (--set train.batch_size={batch} gives {math.ceil(per_epoch / batch)} steps)")
             fixes.append(f"more data (at least {math.ceil(FLOOR_STEPS * r.batch_size / r.epochs)} examples at batch "
                          f"{r.batch_size})")
             fixes.append(f"more epochs (--set train.epochs={math.ceil(FLOOR_STEPS * r.batch_size / r.examples)})")
             fix = ", ".join(fixes[:-1]) + f", or {fixes[-1]}"
         return (f"{len(short)} of {len(self.runs)} runs train fewer than {FLOOR_STEPS} optimizer steps (fewest: "
-                f"{r.name}, {r.describe(self.seed_steps)}): too few for the study to tell its settings apart. Fix: {fix}")
+                f"{r.name}, {r.describe(self.seed_steps)}): too few for the study to tell its settings apart. "
+                f"Fix: {fix}")
 
     def to_json(self) -> dict[str, Any]:
         return {"runs": [r.__dict__ for r in self.runs], "seed_steps": self.seed_steps, "invalid": self.invalid,

@@ -142,7 +142,8 @@ class Store:
                        (name, json.dumps(spec, default=str), str(root), time.time()))
             sid = int(db.execute("SELECT id FROM studies WHERE name = ?", (name,)).fetchone()[0])
             db.execute("UPDATE studies SET spec_json = ? WHERE id = ?", (json.dumps(spec, default=str), sid))
-            existing = {r["name"]: r["config_json"] for r in db.execute("SELECT name, config_json FROM runs WHERE study_id = ?", (sid,))}
+            existing = {r["name"]: r["config_json"] for r in db.execute(
+                "SELECT name, config_json FROM runs WHERE study_id = ?", (sid,))}
             for run in runs:
                 config_json = json.dumps(run.config, sort_keys=True, default=str)
                 if run.name in existing:
@@ -175,26 +176,31 @@ class Store:
         return dict(row)
 
     def metrics(self, run_id: int) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.db.execute("SELECT step, name, value FROM metrics WHERE run_id = ? ORDER BY step, name", (run_id,))]
+        return [dict(r) for r in self.db.execute(
+            "SELECT step, name, value FROM metrics WHERE run_id = ? ORDER BY step, name", (run_id,))]
 
     def metric_at(self, run_id: int, name: str, step: int) -> float | None:
-        row = self.db.execute("SELECT value FROM metrics WHERE run_id = ? AND name = ? AND step = ?", (run_id, name, step)).fetchone()
+        row = self.db.execute(
+            "SELECT value FROM metrics WHERE run_id = ? AND name = ? AND step = ?", (run_id, name, step)).fetchone()
         return None if row is None else row[0]
 
     def counts(self, study_id: int) -> dict[str, int]:
-        return {r[0]: r[1] for r in self.db.execute("SELECT status, COUNT(*) FROM runs WHERE study_id = ? GROUP BY status", (study_id,))}
+        return {r[0]: r[1] for r in self.db.execute(
+            "SELECT status, COUNT(*) FROM runs WHERE study_id = ? GROUP BY status", (study_id,))}
 
     # ------------------------------------------------------------------ state changes
 
     def start(self, run_id: int, *, run_dir: str, estimated: int | None) -> None:
         with self.tx() as db:
             db.execute("UPDATE runs SET status = ?, run_dir = ?, attempts = attempts + 1, started_at = ?, "
-                       "finished_at = NULL, error = NULL, estimated_memory_bytes = COALESCE(?, estimated_memory_bytes) WHERE id = ?",
+                       "finished_at = NULL, error = NULL, estimated_memory_bytes = COALESCE(?, estimated_memory_bytes) "
+                       "WHERE id = ?",
                        (Status.RUNNING, run_dir, time.time(), estimated, run_id))
 
     def set_estimate(self, run_id: int, estimated: int | None, trainable: int | None) -> None:
         with self.tx() as db:
-            db.execute("UPDATE runs SET estimated_memory_bytes = ?, trainable_params = COALESCE(trainable_params, ?) WHERE id = ?",
+            db.execute("UPDATE runs SET estimated_memory_bytes = ?, trainable_params = COALESCE(trainable_params, ?) "
+                       "WHERE id = ?",
                        (estimated, trainable, run_id))
 
     def skip(self, run_id: int, reason: str) -> None:
@@ -262,7 +268,8 @@ class Store:
         if fmt != "csv":
             raise ConfigError(f"--format must be csv or parquet (got {fmt!r})")
         paths = []
-        columns = {"runs": [c[1] for c in self.db.execute("PRAGMA table_info(runs)")], "metrics": ["run", "step", "name", "value"]}
+        columns = {"runs": [c[1] for c in self.db.execute("PRAGMA table_info(runs)")],
+                   "metrics": ["run", "step", "name", "value"]}
         for name, rows in tables.items():
             path = out_dir / f"{study_name}-{name}.csv"
             buf = io.StringIO(newline="")

@@ -55,10 +55,11 @@ def parse_tied(key: str, expr: Any, where: str) -> ast.Expression:
         name = _dotted(node)
         if name is not None:
             if config_field(name) is None:
-                raise ConfigError(f"{where}: tied {key}: {name!r} in {expr!r} is not a training-config key (section.key)")
+                raise ConfigError(
+                    f"{where}: tied {key}: {name!r} in {expr!r} is not a training-config key (section.key)")
             return None
-        raise ConfigError(f"{where}: tied {key}: {expr!r} may only use numbers, config keys, + - * / ** and parentheses "
-                          f"(found {type(node).__name__})")
+        raise ConfigError(f"{where}: tied {key}: {expr!r} may only use numbers, config keys, + - * / ** and "
+                          f"parentheses (found {type(node).__name__})")
 
     check(tree)
     return tree

@@ -18,7 +18,8 @@ from loralab.rundir import Status
 from loralab.track.sink import run_label, summary_numbers
 
 BATCH = 100  # MLflow's log_batch takes at most 100 parameters per call
-END_STATUS = {Status.COMPLETED: "FINISHED", Status.PAUSED: "KILLED", Status.STOPPED_EARLY: "KILLED"}  # any other: FAILED
+# any other: FAILED
+END_STATUS = {Status.COMPLETED: "FINISHED", Status.PAUSED: "KILLED", Status.STOPPED_EARLY: "KILLED"}
 
 
 class MlflowSink:

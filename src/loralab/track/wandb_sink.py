@@ -64,7 +64,8 @@ class WandbSink:
         self.run.summary.update({**summary_numbers(summary), "status": str(summary.get("status")),
                                  "error": summary.get("error")})
         for name, path in artifacts.items():
-            art = wandb.Artifact(f"{self.run.name}-{name}".replace("/", "-"), type="model" if name == "adapter" else name)
+            art = wandb.Artifact(
+                f"{self.run.name}-{name}".replace("/", "-"), type="model" if name == "adapter" else name)
             art.add_dir(str(path))
             self.run.log_artifact(art)
         self.run.finish(exit_code=0 if summary.get("status") in (Status.COMPLETED, Status.PAUSED) else 1)

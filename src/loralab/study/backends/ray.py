@@ -8,7 +8,8 @@ Run directories are written on that node (on a shared filesystem, the directorie
 driver sees). A unit whose runs train on a GPU asks Ray for one: a fraction of it when the
 estimate says several such units fit in ``gpu_memory`` (``--max-memory``), so Ray packs
 them; Ray then sets the task's CUDA_VISIBLE_DEVICES, which the unit's process inherits. Each
-task asks for ``cpus`` CPUs (default 1) and its process uses that many threads. Ray is optional: ``pip install 'loralab[ray]'``.
+task asks for ``cpus`` CPUs (default 1) and its process uses that many threads. Ray is optional:
+``pip install 'loralab[ray]'``.
 
 Without ``--address`` loralab starts a Ray instance on this machine and closes it to others
 (docs/security.md): token authentication on (``RAY_AUTH_MODE=token``, whatever the installed
@@ -37,7 +38,8 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise LoralabError("--executor ray needs Ray, an optional extra: pip install 'loralab[ray]' (or 'ray[default]')") from None
+        raise LoralabError(
+            "--executor ray needs Ray, an optional extra: pip install 'loralab[ray]' (or 'ray[default]')") from None
     return ray
 
 
