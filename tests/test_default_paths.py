@@ -232,7 +232,8 @@ def test_a_plain_train_prints_loralab_lines_only(tmp_path):
     from loralab.cli.run import QUICKSTART
 
     src = Path(__file__).resolve().parents[1] / "src"
-    env = {k: v for k, v in os.environ.items() if k != "LORALAB_VERBOSE"} | {"PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "LORALAB_VERBOSE"}
+    env |= {"PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
 
     def train(*flags: str, out: str) -> str:
         cmd = [sys.executable, "-m", "loralab.cli", *flags, "train", str(QUICKSTART), "--set", "train.max_steps=4",
@@ -271,7 +272,8 @@ def test_a_runs_result_does_not_depend_on_its_group(tmp_path):
     assert pair["final_eval_loss"] == four["final_eval_loss"]
     assert curve(Path(pair["run_dir"]), "train_loss") == curve(Path(four["run_dir"]), "train_loss")
     gc = train_fused([run(train__gradient_checkpointing=True), partner(8, train__gradient_checkpointing=True)])[0]
-    assert curve(Path(gc["run_dir"]), "train_loss") == pytest.approx(curve(Path(pair["run_dir"]), "train_loss"), rel=1e-5)
+    expected = curve(Path(pair["run_dir"]), "train_loss")
+    assert curve(Path(gc["run_dir"]), "train_loss") == pytest.approx(expected, rel=1e-5)
 
 
 class MemoryBoundBackend:
@@ -313,6 +315,7 @@ def test_a_group_out_of_memory_is_split_not_failed(tmp_path, caplog):
         assert [len(u.tasks) for u in units] == [3]
         Scheduler(store, backend, workers=1).run(units)
     assert backend.units == [["r2", "r4", "r8"], ["r2"], ["r4", "r8"], ["r4"], ["r8"]]
-    assert {n: r["status"] for n, r in rows_of(root / "study.db").items()} == dict.fromkeys(["r2", "r4", "r8"], "completed")
+    statuses = {n: r["status"] for n, r in rows_of(root / "study.db").items()}
+    assert statuses == dict.fromkeys(["r2", "r4", "r8"], "completed")
     assert ("fusion: r2+r4+r8 ran out of memory together (CUDA out of memory. Tried to allocate 2.00 GiB); "
             "training them again as r2 and r4, r8") in caplog.text

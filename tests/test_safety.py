@@ -89,7 +89,8 @@ def test_nonfinite_skip_is_counted(model_dir, cfg_factory, monkeypatch):
     summary = train(cfg)
     assert summary["status"] == "completed" and summary["skipped_steps"] == 1
     events = [r for r in rows(cfg) if r.get("event")]
-    assert events == [{"step": 3, "event": "skipped_nonfinite", "train_loss": events[0]["train_loss"], "skipped_steps": 1}]
+    assert events == [{"step": 3, "event": "skipped_nonfinite", "train_loss": events[0]["train_loss"],
+                       "skipped_steps": 1}]
     assert [r["step"] for r in rows(cfg) if "lr" in r] == [1, 2, 4, 5, 6]
     tensors = load_file(str(Path(cfg.output.dir) / "adapter" / "adapter_model.safetensors"))
     assert all(torch.isfinite(t).all() for t in tensors.values())
@@ -323,7 +324,8 @@ def test_yaml_object_tag_refused_through_the_cli(tmp_path, capsys, paused_run):
     run = tmp_path / "run"
     shutil.copytree(paused_run, run)
     cfg_text = (run / "config.yaml").read_text()
-    (run / "config.yaml").write_text(cfg_text.replace("  r: 8", f"  r: !!python/object/apply:os.system ['touch {marker}']"))
+    payload = f"  r: !!python/object/apply:os.system ['touch {marker}']"
+    (run / "config.yaml").write_text(cfg_text.replace("  r: 8", payload))
     assert main(["train", "--resume", str(run)]) == 2
     assert f"{run / 'config.yaml'}:" in capsys.readouterr().err
     assert not marker.exists()
@@ -414,7 +416,8 @@ def custom_code_model(model_dir: Path, out: Path, marker: Path, part: str) -> Pa
             "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
     else:
         config = json.loads((out / "tokenizer_config.json").read_text())
-        config.update(tokenizer_class="CustomTokenizer", auto_map={"AutoTokenizer": [None, "custom_code.CustomTokenizer"]})
+        config.update(tokenizer_class="CustomTokenizer",
+                      auto_map={"AutoTokenizer": [None, "custom_code.CustomTokenizer"]})
         (out / "tokenizer_config.json").write_text(json.dumps(config))
         (out / "custom_code.py").write_text(
             plant + "from transformers import PreTrainedTokenizerFast\n"

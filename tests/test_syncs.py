@@ -87,7 +87,8 @@ def test_solo_step_syncs_once(model_dir, tmp_path, monkeypatch):
 
 
 def test_fused_step_syncs_once(model_dir, tmp_path, monkeypatch):
-    cfgs = [make_cfg(model_dir, tmp_path / f"f{i}", **KW, lora__r=2 + 2 * i, train__lr=1e-3 * (i + 1)) for i in range(3)]
+    cfgs = [make_cfg(model_dir, tmp_path / f"f{i}", **KW, lora__r=2 + 2 * i, train__lr=1e-3 * (i + 1))
+            for i in range(3)]
     with counting_syncs(monkeypatch) as syncs:
         out = train_fused(cfgs)
     assert [s["status"] for s in out] == ["completed"] * 3

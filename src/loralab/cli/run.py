@@ -183,7 +183,8 @@ def _eval_loss_text(s: dict) -> str:
 def _print_summary(s: dict) -> None:
     rows = [("run directory", s["run_dir"]), ("status", s["status"]),
             ("trainable / total params", f"{s['trainable_params']:,} / {s['total_params']:,} "
-                                         f"({100 * s['trainable_params'] / s['total_params']:.4f}%; total = base + adapter)"),
+                                         f"({100 * s['trainable_params'] / s['total_params']:.4f}%; "
+                                         "total = base + adapter)"),
             ("steps", s["steps"]), ("final eval loss", _eval_loss_text(s)),
             ("train time", f"{s['train_time_s']:.1f} s (wall {s['wall_time_s']:.1f} s)"),
             ("tokens/s", f"{s['tokens_per_s']:.0f}"), ("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB")]
@@ -216,7 +217,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from loralab.errors import ConfigError
 
         if args.config or args.out or args.name:
-            raise ConfigError("--resume RUN_DIR takes the config and the directory from RUN_DIR; drop CONFIG, --out and --name")
+            raise ConfigError("--resume RUN_DIR takes the config and the directory from RUN_DIR; "
+                              "drop CONFIG, --out and --name")
         run = RunDir(args.resume)
         if not run.config.is_file():
             raise ConfigError(f"--resume {run.root}: no {CONFIG} there, so it is not a loralab run directory")
@@ -254,7 +256,8 @@ def arithmetic_test_set(task: str, n: int, template: str = "alpaca") -> tuple[li
     from loralab.data.templates import format_prompt
 
     records = [r for _, r in read_records(DATA_DIR / f"{task}_test.jsonl")][:n]
-    return [format_prompt(r["instruction"], r["input"], template=template) for r in records], [r["output"] for r in records]
+    prompts = [format_prompt(r["instruction"], r["input"], template=template) for r in records]
+    return prompts, [r["output"] for r in records]
 
 
 def _accuracy_rows(model, tokenizer, n: int, *, progress: bool = False) -> dict[str, dict]:
@@ -282,7 +285,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     log.info("evaluating the base model on %d held-out problems per task ...", args.eval_n)
     before = _accuracy_rows(base, tokenizer, args.eval_n, progress=not args.json)
     del base
-    log.info("fine-tuning with LoRA (r=%d, alpha=%g, targets=%s) ...", cfg.lora.r, cfg.lora.alpha, ",".join(cfg.lora.targets))
+    log.info("fine-tuning with LoRA (r=%d, alpha=%g, targets=%s) ...", cfg.lora.r, cfg.lora.alpha,
+             ",".join(cfg.lora.targets))
     trained = train_with_model(cfg, show_progress=not args.json)
     summary = trained.summary
     after = _accuracy_rows(trained.model, trained.tokenizer, args.eval_n, progress=not args.json)

@@ -174,7 +174,8 @@ def check_metric(study: Any, produced: dict[str, set[str] | None], report: Prefl
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(
                 f"{study.source}: metric {metric!r} is not written by any run of study {study.name}{hint}; "
-                f"its runs write {', '.join(sorted(every))} (add evaluation tasks with eval.tasks for task/metric keys)")
+                f"its runs write {', '.join(sorted(every))} "
+                "(add evaluation tasks with eval.tasks for task/metric keys)")
         for name, names in produced.items():
             if names is not None and metric not in names:
                 report.cannot_run.setdefault(name, []).append(

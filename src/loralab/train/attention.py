@@ -128,7 +128,8 @@ def segment_attention_forward(module, query: torch.Tensor, key: torch.Tensor, va
     global last_kernel
     bounds = kwargs.pop("loralab_segments", None)
     if bounds is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     if isinstance(bounds, torch.Tensor):  # a host tensor (model_inputs), so compiled layers see a tensor, not ints
         bounds = bounds.numpy().tolist()
     if attention_mask is not None:  # the batch's all-ones mask leaves plain causal attention, which transformers skips

@@ -304,7 +304,8 @@ def _restore_rng(path: Path, device: torch.device | None) -> None:
     py = meta["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
     n = meta["numpy"]
-    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
 
 
 def load_checkpoint(path: Path, *, opt, sched, model=None, params: dict[str, torch.Tensor] | None = None,
@@ -322,7 +323,8 @@ def load_checkpoint(path: Path, *, opt, sched, model=None, params: dict[str, tor
     with torch.no_grad():
         for name, p in params.items():
             if saved[name].shape != p.shape:
-                raise ModelError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, the model {tuple(p.shape)}")
+                raise ModelError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, "
+                                 f"the model {tuple(p.shape)}")
             p.copy_(saved[name])
     _restore_optimizer(opt, path)
     sched.load_state_dict({**_read_json(path / "scheduler.json"), "lr_lambdas": [None] * len(opt.param_groups)})

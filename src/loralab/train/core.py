@@ -361,7 +361,8 @@ def host_layout(examples: list[Example], group: list[tuple[int, list[int]]], cfg
     so the step never waits for the device to learn them."""
     batches = step_batches([examples[i] for _, idx in group for i in idx], micro_batch_size=cfg.train.micro_batch_size,
                            row_len=cfg.data.max_seq_length, pad_id=pad_id, device=torch.device("cpu"),
-                           packing=attention is not None, segments=attention == "per_example", group_by_length=cfg.train.group_by_length)
+                           packing=attention is not None, segments=attention == "per_example",
+                           group_by_length=cfg.train.group_by_length)
     n_loss = sum(count_labels(b["labels"]) for b in batches)
     tokens = sum(int(b.pop("n_tokens")) for b in batches)
     for b in batches:
@@ -412,8 +413,9 @@ def compile_for_training(setup: Setup, runs: list[Run], data: StepData, *, steps
         group = StepData.start(data.cfg, state0, len(train)).next_step()  # a copy of the stream: nothing is taken
 
         def probe(model) -> torch.Tensor:
-            losses, _ = forward_backward(setup.adapters, runs, train, group, data.cfg, pad_id=setup.tokenizer.pad_token_id,
-                                         device=setup.device, attention=setup.attention)
+            losses, _ = forward_backward(setup.adapters, runs, train, group, data.cfg,
+                                         pad_id=setup.tokenizer.pad_token_id, device=setup.device,
+                                         attention=setup.attention)
             return losses
 
         report = compile_layers(setup.adapters.model, probe, reason)
@@ -514,7 +516,8 @@ def stop_worst(going: list[Run], prune: Prune, *, step: int, steps: int, setup: 
         r.metrics.write(step=step, event=Status.STOPPED_EARLY, rung=step)
         r.metrics.close()
         r.record(status=Status.STOPPED_EARLY, stopped_at_step=step,
-                 **run_result(r, setup, steps=steps, extra={"fused": {"stopped_by": "successive halving in the group"}}))
+                 **run_result(r, setup, steps=steps,
+                              extra={"fused": {"stopped_by": "successive halving in the group"}}))
 
 
 def save_checkpoints(runs: list[Run], adapters, *, clock: Clock, keep_last: int, device: torch.device) -> None:

@@ -218,7 +218,8 @@ def batched_layers(model: nn.Module) -> dict[str, BatchedLoraLinear]:
 
 def named_run_parameters(model: nn.Module, run: int, *, prefix: str = "") -> dict[str, nn.Parameter]:
     """Run ``run``'s trainable parameters, A then B per module in module order, under PEFT's names
-    (``prefix`` + "<module>.lora_A.default.weight"), so a checkpoint reads the same whether its run trained alone or in a group."""
+    (``prefix`` + "<module>.lora_A.default.weight"), so a checkpoint reads the same whether its run
+    trained alone or in a group."""
     out = {}
     for name, layer in batched_layers(model).items():
         if str(run) in layer.adapters:

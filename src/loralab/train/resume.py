@@ -101,6 +101,7 @@ def start_runs(runs: list[Run], adapters: GroupAdapters, *, steps: int, resume: 
         run.resumed_from = run.state.step if resume else None
         # several ranks: rank 0 writes metrics.jsonl, the others' lines go nowhere
         run.metrics = MetricsWriter(run.dir.metrics if distributed.writes() else Path(os.devnull), run.tracker)
-    distributed.start_together([p for r in runs for p in r.params], step, micro_batch_size=runs[0].state.micro_batch_size,
+    distributed.start_together([p for r in runs for p in r.params], step,
+                               micro_batch_size=runs[0].state.micro_batch_size,
                                timeout_s=runs[0].cfg.distributed.timeout_s)
     return step

@@ -120,7 +120,8 @@ def packed_attention(cfg: Config, model) -> str | None:
     (data.packing false, or auto on a model that needs the block mask)."""
     if cfg.data.packing is False:
         return None
-    window = getattr(model.config, "sliding_window", None) if getattr(model.config, "use_sliding_window", True) else None
+    uses_window = getattr(model.config, "use_sliding_window", True)
+    window = getattr(model.config, "sliding_window", None) if uses_window else None
     longest = cfg.data.max_seq_length
     if longest == "auto":  # not resolved yet (a group decides before loading data): at most the context
         from loralab.data.dataset import model_context

@@ -117,14 +117,16 @@ def train_command(config_path: Path, run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "loralab.cli", "train", str(config_path), "--out", str(run_dir), "--json"]
 
 
-def start_command(run_dir: Path, config: dict[str, Any], stop_at_step: int | None = None) -> tuple[list[str], Path | None]:
+def start_command(run_dir: Path, config: dict[str, Any],
+                  stop_at_step: int | None = None) -> tuple[list[str], Path | None]:
     """(command, checkpoint) for one run: continue from the run directory's newest complete
     checkpoint when it has one, otherwise start over in a clean directory (checkpoint None).
     ``stop_at_step`` pauses the run there."""
     stop = f"train.stop_at_step={stop_at_step if stop_at_step else 'null'}"
     checkpoint = resume_point(run_dir)
     if checkpoint is not None:
-        return [sys.executable, "-m", "loralab.cli", "train", "--resume", str(run_dir), "--set", stop, "--json"], checkpoint
+        command = [sys.executable, "-m", "loralab.cli", "train", "--resume", str(run_dir), "--set", stop, "--json"]
+        return command, checkpoint
     if stop_at_step:
         config = {**config, "train": {**config["train"], "stop_at_step": stop_at_step}}
     return train_command(prepare_run_dir(run_dir, config), run_dir), None
@@ -194,7 +196,8 @@ def outcome(run_dir: Path, returncode: int, log_path: Path | None = None) -> dic
         return {"status": status, "summary": summary, "metrics": rows, "error": summary.get("error"),
                 "stopped_at_step": summary.get("stopped_at_step")}
     if returncode < 0:
-        sig = signal.Signals(-returncode).name if -returncode in signal.Signals.__members__.values() else str(-returncode)
+        known = -returncode in signal.Signals.__members__.values()
+        sig = signal.Signals(-returncode).name if known else str(-returncode)
         return {"status": Status.INTERRUPTED, "summary": summary, "metrics": rows,
                 "error": f"the run process was killed by {sig} before it finished"}
     tail = log_tail(log_path or RunDir(run_dir).log)
