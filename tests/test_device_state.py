@@ -47,6 +47,10 @@ class FakeCuda:
         raise AssertionError("restores every GPU's state: fails with fewer GPUs than were saved")
 
 
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def tiny_training_objects():
     model = torch.nn.Linear(4, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -64,10 +68,10 @@ def test_checkpoint_keeps_the_training_device_rng_only(monkeypatch):
 def test_checkpoint_saved_with_8_gpus_resumes_with_1(monkeypatch, tmp_path):
     FakeCuda(monkeypatch, 8)
     model, opt, sched = tiny_training_objects()
-    path = save_checkpoint(tmp_path, TrainState(step=1), model=model, opt=opt, sched=sched, keep_last=1,
+    path = save_checkpoint(tmp_path, TrainState(step=1), params=trainable(model), opt=opt, sched=sched,
                            device=torch.device("cuda", 5))
     one = FakeCuda(monkeypatch, 1)  # a study child sees one GPU
-    state = load_checkpoint(path, model=model, opt=opt, sched=sched, device=torch.device("cuda", 0))
+    state = load_checkpoint(path, params=trainable(model), opt=opt, sched=sched, device=torch.device("cuda", 0))
     assert state.step == 1
     assert one.set_calls == [(0, 5)]  # the training device's state, onto the one GPU there is
 
@@ -76,7 +80,7 @@ def test_legacy_checkpoint_with_every_gpu_restores_the_right_one(monkeypatch, tm
     """Format-1 checkpoints kept torch_cuda_<i> for all GPUs; with 11 of them, a string sort
     would put torch_cuda_10 second. The training device's own entry is the one restored."""
     model, opt, sched = tiny_training_objects()
-    path = save_checkpoint(tmp_path, TrainState(step=1), model=model, opt=opt, sched=sched, keep_last=1)
+    path = save_checkpoint(tmp_path, TrainState(step=1), params=trainable(model), opt=opt, sched=sched)
     save_file({"torch_cpu": torch.get_rng_state(),
                **{f"torch_cuda_{i}": torch.full((64,), i, dtype=torch.uint8) for i in range(11)}},
               str(path / "rng.safetensors"))

@@ -210,7 +210,7 @@ def test_the_loss_needs_logits_at_label_positions_only():
     import torch.nn.functional as F
 
     from loralab.data.dataset import collate
-    from loralab.train.step import keeps_logits, label_positions, response_loss_sum
+    from loralab.train.step import forward_logits, keeps_logits, label_positions, token_loss_sum
 
     cfg = load_config(None, ["model.device=cpu", "model.dtype=fp32"])  # a maths check to 1e-5
     model, tok = load_base(cfg.model, cfg.quant)
@@ -222,4 +222,5 @@ def test_the_loss_needs_logits_at_label_positions_only():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         full = F.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE,
                                reduction="sum")
-        assert torch.allclose(response_loss_sum(model, batch, "none"), full, rtol=1e-5)
+        kept = token_loss_sum(forward_logits(model, batch, "none", positions), batch["labels"], positions)
+        assert torch.allclose(kept, full, rtol=1e-5)

@@ -192,9 +192,9 @@ def test_disk_full_during_checkpoint(model_dir, cfg_factory, monkeypatch):
     from loralab.train.optim import build_optimizer, build_scheduler
 
     model = attach_lora(AutoModelForCausalLM.from_pretrained(str(model_dir)), cfg.lora, seed=0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(params, cfg.train)
-    state = load_checkpoint(latest_checkpoint(Path(cfg.output.dir)), model=model, opt=opt,
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = build_optimizer(list(trainable.values()), cfg.train)
+    state = load_checkpoint(latest_checkpoint(Path(cfg.output.dir)), params=trainable, opt=opt,
                             sched=build_scheduler(opt, cfg.train, 6))
     assert state.step == 2 and state.micro_batches == 4
 

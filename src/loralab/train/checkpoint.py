@@ -1,8 +1,8 @@
 """Resumable checkpoints: safetensors + JSON, written atomically, newest complete one wins.
 
-    save_checkpoint(run_dir, state, model=model, opt=opt, sched=sched, keep_last=2)
+    save_checkpoint(run_dir, state, params=params, opt=opt, sched=sched)   # params: trainable tensors by name
     path = latest_checkpoint(run_dir)          # None when there is none
-    state = load_checkpoint(path, model=model, opt=opt, sched=sched)
+    state = load_checkpoint(path, params=params, opt=opt, sched=sched)
 
 A checkpoint is ``run_dir/checkpoints/step-000120/`` holding
 
@@ -142,10 +142,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
 def optimizer_parts(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split ``opt.state_dict()`` into tensors ("state/<param index>/<name>") and JSON."""
     sd = opt.state_dict()
@@ -182,13 +178,11 @@ def scheduler_state(sched) -> dict[str, Any]:
     return {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, *, opt, sched, keep_last: int | None, model=None,
-                    params: dict[str, torch.Tensor] | None = None, device: torch.device | None = None) -> Path:
-    """Write the checkpoint for ``state.step`` atomically; keep the newest ``keep_last`` (None:
-    prune nothing now, the caller calls prune_checkpoints). ``params``: the trainable tensors by
-    name (or ``model``, whose trainable parameters are taken); ``device``: the training device,
-    whose generator state is kept."""
-    params = trainable_tensors(model) if params is None else params
+def save_checkpoint(run_dir: Path, state: TrainState, *, params: dict[str, torch.Tensor], opt, sched,
+                    device: torch.device | None = None) -> Path:
+    """Write the checkpoint for ``state.step`` atomically (older ones stay: the caller prunes
+    them with prune_checkpoints once every run of its group has saved). ``params``: the trainable
+    tensors by name; ``device``: the training device, whose generator state is kept."""
     root = RunDir(run_dir).checkpoints
     root.mkdir(parents=True, exist_ok=True)
     clean_temporaries(root)
@@ -215,8 +209,6 @@ def save_checkpoint(run_dir: Path, state: TrainState, *, opt, sched, keep_last: 
                 f"last complete checkpoint: {previous or 'none'}"
             ) from None
         raise
-    if keep_last is not None:
-        prune_checkpoints(root, keep_last)
     return final
 
 
@@ -308,15 +300,14 @@ def _restore_rng(path: Path, device: torch.device | None) -> None:
                          n["cached_gaussian"]))
 
 
-def load_checkpoint(path: Path, *, opt, sched, model=None, params: dict[str, torch.Tensor] | None = None,
+def load_checkpoint(path: Path, *, params: dict[str, torch.Tensor], opt, sched,
                     device: torch.device | None = None) -> TrainState:
-    """Restore parameters (``params`` by name, or ``model``'s trainable ones), optimizer,
-    scheduler and RNGs (``device``: the training device) from ``path``; return the train state."""
+    """Restore the trainable tensors (``params``, by name), optimizer, scheduler and RNGs
+    (``device``: the training device) from ``path``; return the train state."""
     problem = verify(path)
     if problem:
         raise ModelError(f"checkpoint {path}: {problem}")
     saved = load_file(str(path / "adapter.safetensors"))
-    params = trainable_tensors(model) if params is None else params
     if saved.keys() != params.keys():
         missing, extra = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
         raise ModelError(f"checkpoint {path} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")

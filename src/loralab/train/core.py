@@ -529,7 +529,7 @@ def save_checkpoints(runs: list[Run], adapters, *, clock: Clock, keep_last: int,
             r.state.grad_scaler = r.scaler.state_dict() if r.scaler is not None else None
             try:
                 r.checkpoint = save_checkpoint(r.dir.root, r.state, params=adapters.named_params(r.index),
-                                               opt=r.opt, sched=r.sched, keep_last=None, device=device)
+                                               opt=r.opt, sched=r.sched, device=device)
             finally:
                 r.state.wall_time_s -= r.session_wall_s
     for r in runs:

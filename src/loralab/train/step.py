@@ -106,14 +106,6 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, positions: torch.
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
-def response_loss_sum(model, batch: dict, autocast: str) -> torch.Tensor:
-    """Sum of next-token cross-entropy over label positions (not averaged)."""
-    positions = batch.get("positions")
-    if positions is None:
-        positions = label_positions(batch["labels"])
-    return token_loss_sum(forward_logits(model, batch, autocast, positions), batch["labels"], positions)
-
-
 def packed_attention(cfg: Config, model) -> str | None:
     """How packed examples are kept apart: "per_example" (one attention call per example,
     loralab.train.attention) where the model supports it, else "block_mask"; None unpacked
