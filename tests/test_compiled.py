@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import make_cfg
-from loralab.train.compiled import MIN_TOKENS, compile_choice, decoder_layers
+from loralab.train.compiled import MIN_WORK, compile_choice, decoder_layers
 from loralab.train.loop import train
 from userdata import instruction_records, write_jsonl
 
@@ -32,12 +32,16 @@ def _losses(run_dir) -> list[float]:
 
 def test_auto_compiles_only_runs_long_enough_to_repay_it():
     cpu = torch.device("cpu")
-    assert compile_choice("auto", cpu, 40_960) == (
-        False, f"auto: 40,960 tokens planned, compiled from {MIN_TOKENS['cpu']:,} on cpu")
-    on, why = compile_choice("auto", cpu, 2 * MIN_TOKENS["cpu"])
-    assert on and why.startswith("auto: 2,000,000 tokens planned")
-    assert compile_choice(True, cpu, 1) == (True, "train.compile: true")
-    assert compile_choice(False, cpu, 10**12) == (False, "train.compile: false")
+    assert MIN_WORK["cpu"] == 2e13
+    # the bench's 20-step run of a 50M-parameter model: far too short to repay a compile
+    assert compile_choice("auto", cpu, 40_960, 50_000_000) == (
+        False, "auto: 40,960 tokens x 50.0M parameters planned (2.0e+12), compiled from 2e+13 on cpu")
+    # 2,000 steps of the same: compiled
+    on, why = compile_choice("auto", cpu, 4_096_000, 50_000_000)
+    assert on and why == "auto: 4,096,000 tokens x 50.0M parameters planned (2.0e+14), compiled from 2e+13 on cpu"
+    assert compile_choice("auto", torch.device("mps"), 10**9, 10**9) == (False, "auto: not compiled on mps")
+    assert compile_choice(True, cpu, 1, 1) == (True, "train.compile: true")
+    assert compile_choice(False, cpu, 10**12, 10**9) == (False, "train.compile: false")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])

@@ -71,9 +71,11 @@ def _per_example(query, key, value, bounds, dropout, scaling):
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
     extra = {"enable_gqa": True} if gqa and TORCH_GQA else {}
-    parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                            dropout_p=dropout, scale=scaling, **extra)
-             for s, e in itertools.pairwise(bounds)]
+    # split, not slices: a slice's backward writes a zero tensor of the whole row per example,
+    # split's is one concatenation
+    lengths = [e - s for s, e in itertools.pairwise(bounds)]
+    parts = [F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling, **extra)
+             for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value)), strict=True)]
     return torch.cat(parts, dim=2)
 
 

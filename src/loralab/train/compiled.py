@@ -1,6 +1,6 @@
 """torch.compile of the base's decoder layers for training (train.compile), checked once, eager on failure.
 
-    choice = compile_choice(cfg, device, planned_tokens)          # (True, "auto: 2.1M tokens planned ...")
+    choice = compile_choice("auto", device, tokens, params)       # (True, "auto: 2,100,000 tokens x ...")
     report = compile_layers(model, probe)                         # CompileReport(on=True, seconds=41.3, ...)
     with eager():                                                 # evaluation, generation: never compiled
         ...
@@ -30,11 +30,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Planned training tokens from which train.compile auto compiles: compiling takes 30-60 s on
-# this project's 2-core CPU and saves about a fifth of each bf16 step (docs/performance.md),
-# so it pays off from a few minutes of training. On CUDA a step is ~50x faster, so the same
-# compile time needs ~50x the tokens (not measured here: no GPU was lent).
-MIN_TOKENS = {"cpu": 1_000_000, "cuda": 50_000_000}
+# Work (planned training tokens x the base's parameters) from which train.compile auto compiles.
+# Measured on this project's 2-core CPU (docs/performance.md): a 50M-parameter Llama compiles in
+# 21-36 s and then trains bf16 steps 1.5x faster, so the compile is repaid after about 80,000
+# tokens (4e12 parameter-tokens); the threshold is 5x that, so auto compiles only where the
+# compile is a small part of the run. A GPU's eager step is ~50x faster for the same compile
+# time, hence 50x the work there (not measured: no GPU was lent).
+MIN_WORK = {"cpu": 2e13, "cuda": 1e15}
 
 
 @dataclass(frozen=True)
@@ -44,19 +46,21 @@ class CompileReport:
     seconds: float = 0.0
 
 
-def compile_choice(setting: bool | str, device: torch.device, planned_tokens: int) -> tuple[bool, str]:
+def compile_choice(setting: bool | str, device: torch.device, planned_tokens: int, params: int) -> tuple[bool, str]:
     """Whether to compile, and why: train.compile true/false as set; auto from the tokens the
-    run plans to train on against :data:`MIN_TOKENS` of the device type."""
+    run plans to train on times the base's parameters, against :data:`MIN_WORK` of the device."""
     if setting is True:
         return True, "train.compile: true"
     if setting is False:
         return False, "train.compile: false"
-    least = MIN_TOKENS.get(device.type)
+    least = MIN_WORK.get(device.type)
     if least is None:
         return False, f"auto: not compiled on {device.type}"
-    if planned_tokens < least:
-        return False, f"auto: {planned_tokens:,} tokens planned, compiled from {least:,} on {device.type}"
-    return True, f"auto: {planned_tokens:,} tokens planned (compiled from {least:,} on {device.type})"
+    work = planned_tokens * params
+    said = f"{planned_tokens:,} tokens x {params / 1e6:.1f}M parameters planned ({work:.1e})"
+    if work < least:
+        return False, f"auto: {said}, compiled from {least:.0e} on {device.type}"
+    return True, f"auto: {said}, compiled from {least:.0e} on {device.type}"
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

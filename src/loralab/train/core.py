@@ -406,8 +406,9 @@ def compile_for_training(setup: Setup, runs: list[Run], data: StepData, *, steps
         on, reason = state0.compiled, f"as the run started (train.compile: {data.cfg.train.compile})"
     else:
         mean = sum(len(e.input_ids) for e in train) / max(1, len(train))
+        base = sum(p.numel() for p in setup.adapters.model.parameters() if not p.requires_grad)
         on, reason = compile_choice(data.cfg.train.compile, setup.device,
-                                    int((steps - step) * data.cfg.train.batch_size * mean))
+                                    int((steps - step) * data.cfg.train.batch_size * mean), base)
     report = CompileReport(False, reason)
     if on:
         group = StepData.start(data.cfg, state0, len(train)).next_step()  # a copy of the stream: nothing is taken
