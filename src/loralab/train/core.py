@@ -222,10 +222,11 @@ def fit(runs: list[Run], setup: Setup, *, resume: bool, show_progress: bool, pru
         peak.reset()
         while step < stop and (live := running(runs)):
             t0, cpu0 = time.perf_counter(), time.process_time()
-            group, step_loss, tokens = retry_on_oom(functools.partial(train_micro_batches, setup, live, data), data,
-                                                    live, done=step, peak=peak, where="in training")
+            attempt = functools.partial(train_micro_batches, setup, live, data)
+            step_indices, step_loss, tokens = retry_on_oom(attempt, data, live, done=step, peak=peak,
+                                                           where="in training")
             step += 1
-            losses = optimizer_step(live, step_loss, step=step, steps=steps, group=group, tokens=tokens)
+            losses = optimizer_step(live, step_loss, step=step, steps=steps, step_indices=step_indices, tokens=tokens)
             dt = time.perf_counter() - t0
             group_train_s += dt
             clock.charge(live, train_s=dt, cpu_s=time.process_time() - cpu0)
@@ -326,11 +327,11 @@ def retry_on_oom(attempt: Callable[[], T], data: StepData, runs: list[Run], *, d
 def train_micro_batches(setup: Setup, runs: list[Run], data: StepData) -> tuple[list, torch.Tensor, int]:
     """The next step's micro batches and every run's accumulated gradient of them: (the step's
     (epoch, indices) pairs, (runs,) mean losses on the device, useful tokens)."""
-    group = data.next_step()
-    step_loss, tokens = forward_backward(setup.adapters, runs, setup.splits.train, group, data.cfg,
+    step_indices = data.next_step()
+    step_loss, tokens = forward_backward(setup.adapters, runs, setup.splits.train, step_indices, data.cfg,
                                          pad_id=setup.tokenizer.pad_token_id, device=setup.device,
                                          attention=setup.attention)
-    return group, step_loss, tokens
+    return step_indices, step_loss, tokens
 
 
 def evaluate_now(setup: Setup, runs: list[Run], data: StepData, *, step: int, first: Run) -> None:
@@ -338,7 +339,7 @@ def evaluate_now(setup: Setup, runs: list[Run], data: StepData, *, step: int, fi
         evaluate(setup, runs, step=step, batch_size=eval_batch_size(data.cfg, first.state, setup.device))
 
 
-def optimizer_step(runs: list[Run], step_loss: torch.Tensor, *, step: int, steps: int, group: list,
+def optimizer_step(runs: list[Run], step_loss: torch.Tensor, *, step: int, steps: int, step_indices: list,
                    tokens: int) -> dict[Run, float]:
     """Clip and apply every run's gradient (or its non-finite handling); each run's loss."""
     for r in runs:
@@ -348,18 +349,19 @@ def optimizer_step(runs: list[Run], step_loss: torch.Tensor, *, step: int, steps
     # the step's one host-device sync: every run's loss and gradient norm at once
     values = torch.cat([step_loss, torch.stack(norms).to(step_loss)]).tolist()
     for r, loss, norm in zip(runs, values[:len(runs)], values[len(runs):], strict=True):
-        take_step(r, step=step, steps=steps, loss=loss, grad_norm=norm, group=group, tokens=tokens)
+        take_step(r, step=step, steps=steps, loss=loss, grad_norm=norm, step_indices=step_indices, tokens=tokens)
         r.state.step = step
     return dict(zip(runs, values[:len(runs)], strict=True))
 
 
-def host_layout(examples: list[Example], group: list[tuple[int, list[int]]], cfg: Config, *, pad_id: int,
+def host_layout(examples: list[Example], step_indices: list[tuple[int, list[int]]], cfg: Config, *, pad_id: int,
                 attention: str | None) -> tuple[list[dict], int, int]:
     """One optimizer step's micro batches on the host, laid out once for every run (padded,
     length-grouped or packed, data.packing), each with its label positions; the step's response
     tokens (the loss divisor) and useful tokens. All counted on the host before anything moves,
     so the step never waits for the device to learn them."""
-    batches = step_batches([examples[i] for _, idx in group for i in idx], micro_batch_size=cfg.train.micro_batch_size,
+    batches = step_batches([examples[i] for _, idx in step_indices for i in idx],
+                           micro_batch_size=cfg.train.micro_batch_size,
                            row_len=cfg.data.max_seq_length, pad_id=pad_id, device=torch.device("cpu"),
                            packing=attention is not None, segments=attention == "per_example",
                            group_by_length=cfg.train.group_by_length)
@@ -370,13 +372,13 @@ def host_layout(examples: list[Example], group: list[tuple[int, list[int]]], cfg
     return batches, n_loss, tokens
 
 
-def forward_backward(adapters, runs: list[Run], examples: list[Example], group: list[tuple[int, list[int]]],
+def forward_backward(adapters, runs: list[Run], examples: list[Example], step_indices: list[tuple[int, list[int]]],
                      cfg: Config, *, pad_id: int, device: torch.device, attention: str | None
                      ) -> tuple[torch.Tensor, int]:
     """Accumulate every run's gradient of one optimizer step; ((runs,) mean losses, on the
     device, and the step's useful tokens). Each run's loss is the sum over the step's response
     tokens divided by their count, in every layout; nothing here waits for the device."""
-    batches, n_loss, tokens = host_layout(examples, group, cfg, pad_id=pad_id, attention=attention)
+    batches, n_loss, tokens = host_layout(examples, step_indices, cfg, pad_id=pad_id, attention=attention)
     step_loss = torch.zeros(len(runs), dtype=torch.float64, device=device)
     first = runs[0].state.micro_batches  # the micro batches before this step (equal in every live run)
     for j, batch in distributed.my_share(batches):  # several ranks: micro batch j on rank j % N
@@ -411,10 +413,11 @@ def compile_for_training(setup: Setup, runs: list[Run], data: StepData, *, steps
                                     int((steps - step) * data.cfg.train.batch_size * mean), base)
     report = CompileReport(False, reason)
     if on:
-        group = StepData.start(data.cfg, state0, len(train)).next_step()  # a copy of the stream: nothing is taken
+        # the next step's examples, from a copy of the stream: nothing is taken from the run's
+        step_indices = StepData.start(data.cfg, state0, len(train)).next_step()
 
         def probe(model) -> torch.Tensor:
-            losses, _ = forward_backward(setup.adapters, runs, train, group, data.cfg,
+            losses, _ = forward_backward(setup.adapters, runs, train, step_indices, data.cfg,
                                          pad_id=setup.tokenizer.pad_token_id, device=setup.device,
                                          attention=setup.attention)
             return losses
@@ -427,13 +430,13 @@ def compile_for_training(setup: Setup, runs: list[Run], data: StepData, *, steps
     return report
 
 
-def take_step(run: Run, *, step: int, steps: int, loss: float, grad_norm: float, group, tokens: int) -> None:
+def take_step(run: Run, *, step: int, steps: int, loss: float, grad_norm: float, step_indices, tokens: int) -> None:
     """Run ``run``'s optimizer step, or its non-finite handling: skipped (on_nonfinite skip) or
     diverged (stop: the run ends here, nothing from after it is saved)."""
     st = run.state
-    st.micro_batches += len(group)
+    st.micro_batches += len(step_indices)
     st.tokens_seen += tokens
-    st.epoch = group[-1][0]
+    st.epoch = step_indices[-1][0]
     if run.scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
         # fp16 overflow: the scaler's business, not divergence; the step is skipped, the scale lowered
         run.opt.zero_grad(set_to_none=True)
