@@ -24,6 +24,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models gain nothing f
 LIMIT = 12
 
 
+def sample_loglikelihoods(results: dict, task: str) -> list[list[float]]:
+    """Per document (in data order), the harness's log-likelihood of each choice."""
+    samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+    return [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
+
+
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     """A real PEFT LoRA adapter on builtin:tiny with random nonzero A and B (so it changes scores)."""
@@ -68,12 +74,12 @@ def _compare(tmp_path, adapter_dir, *, dtype: str, batch_size: int) -> dict[str,
     for key in ("mc1", "mc2"):
         reqs = [(M.mc_prompt(q.question), " " + c) for q in mc.items for c in getattr(q, key)]
         ours = [s.ll for s in M.score_continuations(model, tok, reqs, batch_size=batch_size)]
-        theirs = [x for row in H.sample_loglikelihoods(res, f"world_mc_{key}") for x in row]
+        theirs = [x for row in sample_loglikelihoods(res, f"world_mc_{key}") for x in row]
         assert len(ours) == len(theirs) == len(reqs)
         diffs[f"ll_{key}"] = max(abs(a - b) for a, b in zip(ours, theirs, strict=True))
     reqs = [("", s) for pair in pairs.items for s in pair]
     ours = [s.ll for s in M.score_continuations(model, tok, reqs, batch_size=batch_size)]
-    theirs = [x for row in H.sample_loglikelihoods(res, "world_pairs") for x in row]
+    theirs = [x for row in sample_loglikelihoods(res, "world_pairs") for x in row]
     diffs["ll_pairs"] = max(abs(a - b) for a, b in zip(ours, theirs, strict=True))
 
     own = M.score_mc(model, tok, mc.items, batch_size=batch_size)

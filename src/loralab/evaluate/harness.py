@@ -297,12 +297,6 @@ def harness_rows(results: dict, *, model: str, adapter: str | None,
     return rows
 
 
-def sample_loglikelihoods(results: dict, task: str) -> list[list[float]]:
-    """Per document (in data order), the harness's log-likelihood of each choice."""
-    samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
-    return [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
-
-
 # ----------------------------------------------------------------- harness:NAME as an eval task
 
 

@@ -47,7 +47,6 @@ BUILTIN = {
     "world_mc": dict(path=DATA_DIR / "world_mc.json", format="mc"),
     "world_pairs": dict(path=DATA_DIR / "world_pairs.jsonl", format="pairs"),
 }
-DEFAULT_TASKS = list(BUILTIN)
 HARNESS_PREFIX = "harness:"  # eval.tasks / --tasks entries scored by lm-evaluation-harness
 
 

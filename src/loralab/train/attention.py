@@ -47,7 +47,6 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "loralab_segments"
 _UNSUPPORTED = ("softcap", "s_aux")  # kwargs of attention variants a plain causal softmax would ignore
 TORCH_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA's enable_gqa
-KERNELS = ("flash_varlen", "flex", "per_example")
 _chosen: dict[str, str] = {}  # device type -> the kernel supports_segments settled on
 last_kernel: str | None = None  # the kernel of the latest packed forward (the GPU check reports it)
 
