@@ -1,14 +1,14 @@
 """torch.compile of the base's decoder layers for training (train.compile), checked once, eager on failure.
 
     choice = compile_choice("auto", device, tokens, params)       # (True, "auto: 2,100,000 tokens x ...")
-    report = compile_layers(model, probe)                         # CompileReport(on=True, seconds=41.3, ...)
+    report = compile_layers(model, probe, reason)                 # CompileReport(on=True, seconds=36.1, ...)
     with eager():                                                 # evaluation, generation: never compiled
         ...
 
 Each decoder layer (the classes a model lists in ``_no_split_modules``) is compiled on its
 own with dynamic shapes, so one graph serves every layer and every sequence length; what
 it fuses is the element-wise work between the matmuls (norms, rotary embeddings, the
-activation, residual adds, dtype casts), which in bf16 is most of a step's non-matmul time.
+activation, residual adds, dtype casts), a large part of a bf16 step's non-matmul time.
 Attention stays outside the graphs (loralab.train.attention is never traced), so packed rows
 of any layout never recompile.
 
