@@ -81,11 +81,17 @@ fi
 if [ -n "$extras" ]; then "${pip[@]}" -e ".[$extras]"; else "${pip[@]}" -e .; fi
 # The test extra opens the study report in headless Chromium (tests/test_report_browser.py):
 # Debian's chromium package, installed where apt runs as root; elsewhere that test is skipped.
+# It also compiles decoder layers for real (tests/test_compiled.py, train.compile): inductor's
+# CPU backend needs a C++ compiler, Debian's g++ where none is on PATH.
 case ",$extras," in
   *,test,*)
-    if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-        || echo "chromium could not be installed: the browser check of the report will be skipped" >&2
+    wanted=()
+    command -v chromium >/dev/null 2>&1 || wanted+=(chromium)
+    command -v g++ >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1 || wanted+=(g++)
+    if [ ${#wanted[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${wanted[@]}" >/dev/null) \
+        || echo "could not install ${wanted[*]}: the browser check of the report is skipped without chromium," \
+                "and train.compile's tests fail without a C++ compiler" >&2
     fi ;;
 esac
 echo "loralab is installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))" >&2

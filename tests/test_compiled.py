@@ -85,3 +85,21 @@ def test_a_compile_that_fails_trains_eager_and_says_why(tiny_model_dir, tmp_path
     # the probe's step left nothing behind: the same run as one never probed, bit for bit
     assert _losses(tmp_path / "fallback") == _losses(tmp_path / "eager")
     assert fallback["final_eval_loss"] == eager["final_eval_loss"]
+
+
+def test_the_command_line_says_how_the_steps_ran(tiny_model_dir, tmp_path, capsys):
+    import yaml
+
+    from loralab.cli import main
+
+    data = write_jsonl(tmp_path / "data.jsonl", instruction_records(48, seed=3))
+    config = {"model": {"path": str(tiny_model_dir("llama")), "device": "cpu"},
+              "data": {"path": str(data), "max_seq_length": 160},
+              "train": {"max_steps": 2, "batch_size": 8, "micro_batch_size": 4, "warmup_steps": 0},
+              "output": {"save_adapter": False}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["train", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    # a 32-wide model: fp32 by auto; packed rows by auto; eager by auto (2 steps are far too few to compile)
+    assert "layout:  fp32, packed rows, attention per example, eager (auto: " in out, out
+    assert "compiled from 2e+13 on cpu)" in out

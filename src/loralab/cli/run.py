@@ -180,6 +180,14 @@ def _eval_loss_text(s: dict) -> str:
     return f"{loss:.4f}" if loss is not None else "none (no validation examples: trained without evaluation)"
 
 
+def _layout_text(s: dict) -> str:
+    """How the steps ran: dtype, packing and train.compile (with its compile time, not in train time)."""
+    packed = {"per_example": "packed rows, attention per example", "block_mask": "packed rows, block mask"}
+    compiled = (f"compiled in {s['compile_time_s']:.1f} s" if s.get("compiled")
+                else f"eager ({s.get('compile_reason', 'train.compile')})")
+    return f"{s.get('dtype')}, {packed.get(s.get('packed_attention'), 'padded micro batches')}, {compiled}"
+
+
 def _print_summary(s: dict) -> None:
     rows = [("run directory", s["run_dir"]), ("status", s["status"]),
             ("trainable / total params", f"{s['trainable_params']:,} / {s['total_params']:,} "
@@ -187,7 +195,8 @@ def _print_summary(s: dict) -> None:
                                          "total = base + adapter)"),
             ("steps", s["steps"]), ("final eval loss", _eval_loss_text(s)),
             ("train time", f"{s['train_time_s']:.1f} s (wall {s['wall_time_s']:.1f} s)"),
-            ("tokens/s", f"{s['tokens_per_s']:.0f}"), ("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB")]
+            ("tokens/s", f"{s['tokens_per_s']:.0f}"), ("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB"),
+            ("layout", _layout_text(s))]
     print(table([(f"{k}:", v) for k, v in rows], align=["right", "left"]))
 
 
