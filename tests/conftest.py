@@ -58,6 +58,8 @@ def _hf_config(arch: str):
         return tf.Qwen2Config(**llama_like)
     if arch == "gemma":
         return tf.GemmaConfig(head_dim=8, **llama_like)
+    if arch == "gemma2":  # soft-caps its logits after the output head, low enough to bite at random init
+        return tf.Gemma2Config(head_dim=8, final_logit_softcapping=0.5, **llama_like)
     if arch == "phi3":
         return tf.Phi3Config(**llama_like)
     if arch == "gpt2":

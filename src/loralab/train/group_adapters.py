@@ -13,6 +13,7 @@ from loralab.adapters import attach_lora, count_params, save_adapter
 from loralab.config import Config
 from loralab.errors import ConfigError, LoralabError, ModelError
 from loralab.rundir import FINAL, Status
+from loralab.train.chunked_loss import loss_sums
 from loralab.train.group import (
     initial_adapter,
     install,
@@ -22,7 +23,6 @@ from loralab.train.group import (
     trained_weights,
 )
 from loralab.train.runs import Run, fails_alone
-from loralab.train.step import forward_logits, token_loss_sum
 
 ChargeTo = Callable[[Run], AbstractContextManager]  # Clock.charge_to: time spent inside goes to the run
 
@@ -192,8 +192,4 @@ def stack_runs(batch: dict, n: int) -> dict:
 def run_losses(model, batch: dict, n_runs: int, autocast: str) -> torch.Tensor:
     """(n_runs,): each run's sum of next-token cross-entropy over the batch's label positions,
     from one forward over n_runs stacked copies of the batch (its rows routed per run)."""
-    rows = batch["input_ids"].shape[0]
-    positions = batch["positions"]
-    logits = forward_logits(model, stack_runs(batch, n_runs), autocast, positions)  # (runs * rows, positions, vocab)
-    return torch.stack([token_loss_sum(logits[j * rows:(j + 1) * rows], batch["labels"], positions)
-                        for j in range(n_runs)])
+    return loss_sums(model, stack_runs(batch, n_runs), batch["labels"], batch["positions"], n_runs, autocast)

@@ -1,0 +1,116 @@
+"""The response loss without a step's whole logits: the output head applied to a chunk of
+positions at a time, each chunk's logits recomputed in the backward (activation checkpointing).
+
+    sums = loss_sums(model, stacked, labels, positions, n_runs, autocast)   # (n_runs,) cross-entropy sums
+
+A step's logits are (positions x vocabulary): with a 128k-token vocabulary, 8 rows of 1,024
+response tokens hold 4 GiB of bf16 logits and 4 GiB more of fp32 log-probabilities. Chunked,
+the step holds the head's input (positions x hidden) and one chunk's logits at a time
+(``CHUNK_LOGITS`` values), at the price of the head's forward run twice per chunk.
+
+Chunking is used when the step would hold more than ``CHUNK_LOGITS`` logits and the output head
+is a frozen ``nn.Linear`` whose output is the model's logits: checked once per head on a few
+tokens, without gradients or dropout, so a model that soft-caps or scales its logits after the
+head (Gemma 2, Cohere) keeps the plain path. Below the threshold (the shipped base, small
+vocabularies) the plain path runs, so those losses are unchanged bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from loralab.data.dataset import IGNORE
+from loralab.train.step import forward_logits, token_loss_sum
+
+log = logging.getLogger(__name__)
+
+CHUNK_LOGITS = 1 << 24  # logits held at once (64 MiB in fp32); a step with more is chunked
+
+_head_is_last: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def loss_sums(model, stacked: dict, labels: torch.Tensor, positions: torch.Tensor, n_runs: int,
+              autocast: str) -> torch.Tensor:
+    """(n_runs,): each run's sum of next-token cross-entropy at ``positions``, from one forward of
+    ``stacked`` (n_runs copies of a batch of rows labelled ``labels``, one copy per run)."""
+    rows = labels.shape[0]
+    head = chunkable_head(model, stacked, n_logits=n_runs * rows * len(positions))
+    if head is None:
+        logits = forward_logits(model, stacked, autocast, positions)  # (runs * rows, positions, vocab)
+        return torch.stack([token_loss_sum(logits[j * rows:(j + 1) * rows], labels, positions)
+                            for j in range(n_runs)])
+    with head_passes_through(head):
+        hidden = forward_logits(model, stacked, autocast, positions)  # (runs * rows, positions, hidden)
+    return torch.stack([chunked_loss_sum(hidden[j * rows:(j + 1) * rows], head, labels, positions)
+                        for j in range(n_runs)])
+
+
+def chunkable_head(model, batch: dict, *, n_logits: int) -> nn.Linear | None:
+    """The output head when this step's loss is computed in chunks: more than CHUNK_LOGITS
+    logits, a frozen plain Linear head (no adapter, not quantized), whose output is the
+    model's logits."""
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or head.weight.requires_grad or n_logits * head.out_features <= CHUNK_LOGITS:
+        return None
+    if head not in _head_is_last:
+        _head_is_last[head] = head_output_is_the_logits(model, head, batch["input_ids"][:, :8])
+        if not _head_is_last[head]:
+            log.info("the loss is not chunked: %s changes its logits after the output head (soft-capping or "
+                     "scaling), so each step keeps its whole logits", getattr(model.config, "model_type", "the model"))
+    return head if _head_is_last[head] else None
+
+
+def head_output_is_the_logits(model, head: nn.Linear, ids: torch.Tensor) -> bool:
+    """Whether ``model``'s logits are exactly its output head's output on ``ids`` (eval mode,
+    no gradient: no dropout, no random draw); each module's mode is put back as it was."""
+    seen = []
+    hook = head.register_forward_hook(lambda _module, _args, out: seen.append(out))
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+    finally:
+        hook.remove()
+        for m, training in modes:
+            m.training = training
+    return len(seen) == 1 and seen[0].shape == logits.shape and torch.equal(seen[0], logits)
+
+
+@contextlib.contextmanager
+def head_passes_through(head: nn.Linear):
+    """The model's forward returns the head's input (the final hidden states) as its logits."""
+    own = head.__dict__.get("forward")  # a hook library's wrapper, kept
+    head.forward = lambda hidden: hidden
+    try:
+        yield
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
+def chunked_loss_sum(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+    """token_loss_sum from the head's input at ``positions``: (rows, positions, hidden), the
+    head applied CHUNK_LOGITS // vocabulary positions at a time."""
+    targets = labels[:, positions + 1].flatten()
+    flat = hidden.flatten(0, 1)
+    size = max(1, CHUNK_LOGITS // head.out_features)
+    sums = [checkpoint(_chunk_loss, flat[i:i + size], targets[i:i + size], head.weight, head.bias,
+                       use_reentrant=False)
+            for i in range(0, flat.shape[0], size)]
+    return torch.stack(sums).sum()
+
+
+def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, ignore_index=IGNORE, reduction="sum")
