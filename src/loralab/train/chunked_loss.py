@@ -1,12 +1,12 @@
 """The response loss without a step's whole logits: the output head applied to a chunk of
-positions at a time, each chunk's logits recomputed in the backward (activation checkpointing).
+positions at a time, each chunk's gradient for the head's input computed with its logits.
 
     sums = loss_sums(model, stacked, labels, positions, n_runs, autocast)   # (n_runs,) cross-entropy sums
 
 A step's logits are (positions x vocabulary): with a 128k-token vocabulary, 8 rows of 1,024
 response tokens hold 4 GiB of bf16 logits and 4 GiB more of fp32 log-probabilities. Chunked,
-the step holds the head's input (positions x hidden) and one chunk's logits at a time
-(``CHUNK_LOGITS`` values), at the price of the head's forward run twice per chunk.
+the step holds the head's input and its gradient (positions x hidden) and one chunk's logits at
+a time (``CHUNK_LOGITS`` values); the head's matmuls are the same as the whole path's.
 
 Chunking is used when the step would hold more than ``CHUNK_LOGITS`` logits and the output head
 is a frozen ``nn.Linear`` whose output is the model's logits: checked once per head on a few
@@ -24,7 +24,6 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from loralab.data.dataset import IGNORE
 from loralab.train.step import forward_logits, token_loss_sum
@@ -103,14 +102,34 @@ def chunked_loss_sum(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor
     """token_loss_sum from the head's input at ``positions``: (rows, positions, hidden), the
     head applied CHUNK_LOGITS // vocabulary positions at a time."""
     targets = labels[:, positions + 1].flatten()
-    flat = hidden.flatten(0, 1)
     size = max(1, CHUNK_LOGITS // head.out_features)
-    sums = [checkpoint(_chunk_loss, flat[i:i + size], targets[i:i + size], head.weight, head.bias,
-                       use_reentrant=False)
-            for i in range(0, flat.shape[0], size)]
-    return torch.stack(sums).sum()
+    return HeadLossInChunks.apply(hidden.flatten(0, 1), head.weight, head.bias, targets, size)
 
 
-def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
-    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, ignore_index=IGNORE, reduction="sum")
+class HeadLossInChunks(torch.autograd.Function):
+    """Sum of cross-entropy of ``linear(hidden, weight, bias)`` against ``targets``, chunk by
+    chunk; the gradient for ``hidden`` is computed with each chunk's logits in the forward and
+    kept (positions x hidden), so the backward needs no logits and runs no head again. The
+    head's weight and bias are frozen (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, size):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for i in range(0, hidden.shape[0], size):
+            logits = F.linear(hidden[i:i + size], weight, bias).float()
+            t = targets[i:i + size]
+            kept = (t != IGNORE).unsqueeze(1)
+            t = t.clamp(min=0).unsqueeze(1)
+            log_probs = logits.log_softmax(dim=-1)
+            total -= log_probs.gather(1, t).masked_fill(~kept, 0).sum()
+            if grad is not None:  # d loss / d logits = softmax - one-hot, rows without a label zero
+                d = log_probs.exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=logits.dtype))
+                grad[i:i + size] = d.masked_fill_(~kept, 0).to(hidden.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None, None
