@@ -344,7 +344,9 @@ class Estimate:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def _memory(shape: ModelShape, cfg: Config, modules: list[str], *, micro: int, gc: bool, device: str) -> dict[str, int]:
+def _memory(shape: ModelShape, cfg: Config, modules: list[str], *, micro: int, gc: bool, device: str,
+            tokens: int | None = None) -> dict[str, int]:
+    """Memory by part; activations for ``tokens`` per micro batch (default: micro x max_seq_length)."""
     e = DTYPE_BYTES[cfg.model.dtype]
     tensors = lora_tensor_shapes(shape, modules, cfg.lora.r, cfg.lora.dora)
     n_train = sum(math.prod(s) for s in tensors)
@@ -357,7 +359,7 @@ def _memory(shape: ModelShape, cfg: Config, modules: list[str], *, micro: int, g
         "optimizer_state": optimizer_state_bytes(cfg.train.optimizer, tensors, LORA_PARAM_BYTES, cfg.train.momentum),
     }
     parts |= activation_parts(
-        shape, tokens=micro * cfg.data.max_seq_length, e=e, modules=modules, r=cfg.lora.r,
+        shape, tokens=tokens or micro * cfg.data.max_seq_length, e=e, modules=modules, r=cfg.lora.r,
         dropout=cfg.lora.dropout, dora=cfg.lora.dora, grad_checkpointing=gc,
     )
     if q.mode != "none":
@@ -423,9 +425,11 @@ def matmul_throughput(device: str = "cpu") -> float:
     return 2 * 512**3 * reps / (time.perf_counter() - t0)
 
 
-def _notes(shape: ModelShape, cfg: Config, device: str) -> list[str]:
+def _notes(shape: ModelShape, cfg: Config, device: str, *, from_data: bool = False) -> list[str]:
     notes = [
-        "activations assume SDPA/flash attention (no s^2 score matrix) and full-length sequences",
+        "activations assume SDPA/flash attention (no s^2 score matrix) and " + (
+            "the fullest micro batch the run forms from its data (the largest micro batch that fits assumes "
+            "full-length sequences)" if from_data else "full-length sequences"),
         "framework allowance: " + (
             "CPU baseline RSS 440 MiB; allocator_slack: glibc heap retention, 90% of activations + transient"
             if device == "cpu" else "CUDA context 0.5 GiB; allocator_slack: 10% of the rest (caching allocator)"
@@ -464,8 +468,12 @@ def estimate_run(
     budget_bytes: int | None = None,
     throughput: float | None = None,
     device: str | None = None,
+    tokens: int | None = None,
 ) -> Estimate:
-    """Estimate a run from its Config. ``throughput`` is effective FLOP/s of the device."""
+    """Estimate a run from its Config. ``throughput`` is effective FLOP/s of the device.
+    ``tokens``: the tokens of the fullest micro batch the run forms from its data
+    (:func:`fullest_micro_batch`); without it every micro batch is taken as full-length
+    sequences (micro batch x data.max_seq_length), the most it can hold."""
     auto_length = cfg.data.max_seq_length == "auto"
     if auto_length:
         cfg = at_context_length(cfg)
@@ -483,7 +491,7 @@ def estimate_run(
     if auto_micro:  # estimated per example; max_micro_batch says what a run would resolve it to
         cfg = replace(cfg, train=replace(cfg.train, micro_batch_size=1))
     micro = cfg.train.micro_batch_size
-    mem = _memory(shape, cfg, modules, micro=micro, gc=grad_checkpointing, device=dev)
+    mem = _memory(shape, cfg, modules, micro=micro, gc=grad_checkpointing, device=dev, tokens=tokens)
     est = Estimate(
         model=cfg.model.path,
         model_type=shape.model_type,
@@ -493,8 +501,8 @@ def estimate_run(
         base_params=shape.total_params,
         memory_bytes=mem,
         lora_modules=len(modules),
-        settings=_settings(cfg, grad_checkpointing, dev),
-        approximate=_notes(shape, cfg, dev),
+        settings=_settings(cfg, grad_checkpointing, dev) | ({"micro_batch_tokens": tokens} if tokens else {}),
+        approximate=_notes(shape, cfg, dev, from_data=bool(tokens)),
     )
     if device is None and cfg.model.device == "auto":
         est.approximate.append(f"model.device auto: estimated for {dev}, where a run would train on this machine "
@@ -517,6 +525,39 @@ def estimate_run(
         factor = QUANT_TIME_FACTOR if cfg.quant.mode != "none" else 1.0
         est.time_per_step_s = est.flops_per_step / throughput * factor * cfg.grad_accum
     return est
+
+
+def fullest_micro_batch(cfg: Config) -> int | None:
+    """Tokens, padding included, of the fullest micro batch the run ``cfg`` forms from its data:
+    its examples tokenized and cut as a run does, its steps drawn in the run's seeded order and
+    laid out as the run lays them out (packed one row per forward with data.packing true, or
+    auto on a model loralab models layer by layer, which attends per example; padded otherwise).
+    Real instruction data is mostly shorter than data.max_seq_length, so this is often half of
+    micro batch x max_seq_length, the estimate's figure without it. None where the micro batch
+    is auto (it is resolved from the estimate). Reads the tokenizer and the data, not the weights."""
+    if cfg.train.micro_batch_size == "auto":
+        return None
+    import torch
+
+    from loralab.data.dataset import load_splits, model_context
+    from loralab.data.packing import step_batches
+    from loralab.models import load_tokenizer
+    from loralab.train.step import micro_batches, plan_steps
+
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    context = model_context(load_model_config(resolve_model_config(cfg.model.path)))
+    splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed, context=context)
+    train, row_len = splits.train, splits.stats["max_seq_length"]
+    packed = cfg.data.packing is True or (cfg.data.packing == "auto" and describe_model(cfg.model.path).known_layout)
+    stream, per_step = micro_batches(len(train), cfg), cfg.grad_accum
+    fullest = 0
+    for _ in range(plan_steps(cfg, len(train))):
+        examples = [train[i] for _ in range(per_step) for i in next(stream)[1]]
+        batches = step_batches(examples, micro_batch_size=cfg.train.micro_batch_size, row_len=row_len, pad_id=0,
+                               device=torch.device("cpu"), packing=packed, segments=packed,
+                               group_by_length=cfg.train.group_by_length)
+        fullest = max(fullest, *(b["input_ids"].numel() for b in batches))
+    return fullest or None
 
 
 def machine_device(device: str) -> str:
