@@ -24,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MICRO, SEQ, STEPS, N_TRAIN = 8, 256, 3, 64
+CPU = {"model": {"device": "cpu"}}  # what group_memory reads of a run's config
 # a random-init Llama saved with save_pretrained, wide enough that model.dtype auto is bf16 on a
 # CPU with AMX/AVX512-BF16 (hidden >= 512), with the tiny base's tokenizer
 USER = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
@@ -68,7 +69,7 @@ def worker(spec: dict) -> dict:
     """Train the group; its recorded peak and the estimates of its runs."""
     import torch
 
-    from loralab.estimate import estimate_run, fullest_micro_batch
+    from loralab.estimate import GROUP_SHARED_PARTS, estimate_run, fullest_micro_batch
     from loralab.study.scheduler import PendingRun, group_memory
     from loralab.train.fused import train_fused
 
@@ -78,14 +79,15 @@ def worker(spec: dict) -> dict:
     summaries = train_fused(cfgs) if spec["K"] > 1 else [_solo(cfgs[0])]
     tokens = fullest_micro_batch(cfgs[0])  # the same data and order for every run of the group
     ests = [estimate_run(c, device="cpu", tokens=tokens) for c in cfgs]
-    tasks = [PendingRun(k, f"r{k}", {}, Path("."), memory=e.memory_bytes) for k, e in enumerate(ests)]
-    full = [PendingRun(k, f"r{k}", {}, Path("."), memory=estimate_run(c, device="cpu").memory_bytes)
-            for k, c in enumerate(cfgs)]
+    tasks = [PendingRun(k, f"r{k}", CPU, Path("."), memory=e.memory_bytes) for k, e in enumerate(ests)]
+    # before: full-length sequences, and every run's allocator slack in full
+    full = [estimate_run(c, device="cpu").memory_bytes for c in cfgs]
+    before = sum(m["total"] for m in full) - (len(full) - 1) * sum(full[0].get(p, 0) for p in GROUP_SHARED_PARTS)
     s = summaries[0]
     return {"peak": s["peak_memory_bytes"], "estimate": group_memory(tasks), "solo_parts": ests[0].memory_bytes,
             "dtype": s["dtype"], "packed": s.get("packed_attention"), "baseline_rss": baseline,
             "status": s["status"], "tokens_per_step": s.get("tokens_seen", 0) / STEPS,
-            "data_stats": s.get("data_stats"), "fullest": tokens, "full_length_estimate": group_memory(full)}
+            "data_stats": s.get("data_stats"), "fullest": tokens, "before": before}
 
 
 def _solo(cfg):
@@ -130,8 +132,9 @@ def main() -> None:
         ranks = ((8, "query,value"),) if args.quick else ((8, "query,value"), (64, "all"))
         if args.ranks:
             ranks = tuple((int(r), "query,value" if int(r) == 8 else "all") for r in args.ranks.split(","))
-        print("| model | dtype | K | r | targets | estimate MiB | measured MiB | estimate / measured |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| model | dtype | K | r | targets | fullest micro batch, tokens | estimate MiB | measured MiB | "
+              "estimate / measured | before: estimate MiB | before: ratio |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for name, path in models.items():
             for r, targets in ranks:
                 for K in ks:
@@ -141,12 +144,13 @@ def main() -> None:
                                          capture_output=True, text=True, env=os.environ)
                     out = json.loads(res.stdout.strip().splitlines()[-1])
                     est, peak = out["estimate"], out["peak"]
-                    print(f"| {name} | {out['dtype']} | {K} | {r} | {targets} | {est / 2**20:.0f} | "
-                          f"{peak / 2**20:.0f} | {est / peak:.2f} |", flush=True)
+                    print(f"| {name} | {out['dtype']} | {K} | {r} | {targets} | {out['fullest']} | {est / 2**20:.0f} | "
+                          f"{peak / 2**20:.0f} | {est / peak:.2f} | {out['before'] / 2**20:.0f} | "
+                          f"{out['before'] / peak:.2f} |", flush=True)
                     print("    parts:", {k: round(v / 2**20, 1) for k, v in out["solo_parts"].items()},
                           "baseline", round(out["baseline_rss"] / 2**20), "MiB", out["packed"], out["status"],
                           "tokens/step", out["tokens_per_step"], "fullest", out["fullest"],
-                          "full-length estimate", round(out["full_length_estimate"] / 2**20),
+
                           file=sys.stderr, flush=True)
 
 

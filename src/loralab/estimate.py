@@ -53,6 +53,14 @@ GIB = 1024**3
 # loading a model's code (+~15 MiB); weights are counted separately.
 CPU_BASELINE_RSS = 440 * 1024**2
 CPU_HEAP_RETENTION = 0.9  # see allocator_slack_bytes
+# A fused group (loralab.train.fused) on the CPU: glibc keeps one micro step's churn in its heaps
+# (one run's allocator_slack), and each further run's stacked activations add about 40% of
+# themselves on top (bench/bench_fused_memory.py: 1.3-1.4x their live bytes per added run).
+CPU_GROUP_HEAP_RETENTION = 0.4
+# Parts a fused group holds once, whatever its size: the frozen base, the dequantization buffer
+# of a 4-bit base, the framework's own memory. Each run adds its adapter, gradients, optimizer
+# state and the activations of its copy of the micro batch (all K copies are stacked in one forward).
+GROUP_SHARED_PARTS = ("base_weights", "dequant_buffer", "framework")
 CUDA_CONTEXT = GIB // 2  # CUDA context + kernels; not seen by torch's allocator statistics
 ALLOCATOR_SLACK = 0.10  # CUDA caching allocator headroom (not validated here: no GPU)
 QUANT_TIME_FACTOR = 1.5  # seeds: nf4 QLoRA took 1.50x (fp4 1.40x) the time of bf16 LoRA
@@ -315,6 +323,21 @@ def allocator_slack_bytes(parts: dict[str, int], device: str) -> int:
     if device == "cpu":
         return int(CPU_HEAP_RETENTION * (parts["activations"] + parts["backward_transient"]))
     return int(ALLOCATOR_SLACK * sum(parts.values()))
+
+
+def group_memory_bytes(parts: list[dict[str, int]], device: str) -> int:
+    """Peak memory of runs trained as one fused group, from each run's estimate by part
+    (``Estimate.memory_bytes``): the shared parts once, each run's own parts, and on the CPU
+    the allocator slack of one run (the largest) plus CPU_GROUP_HEAP_RETENTION of every other
+    run's activations and backward transient (CUDA: each run's 10%, not validated)."""
+    shared = sum(parts[0].get(p, 0) for p in GROUP_SHARED_PARTS)
+    total = sum(m["total"] for m in parts) - (len(parts) - 1) * shared
+    if device != "cpu" or len(parts) == 1:
+        return total
+    first = max(range(len(parts)), key=lambda k: parts[k].get("allocator_slack", 0))
+    others = [m for k, m in enumerate(parts) if k != first]
+    return total - sum(m.get("allocator_slack", 0) for m in others) + int(
+        CPU_GROUP_HEAP_RETENTION * sum(m["activations"] + m["backward_transient"] for m in others))
 
 
 # ----------------------------------------------------------------------------- estimate

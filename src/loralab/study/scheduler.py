@@ -46,10 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
-# Estimate parts a fused group holds once, whatever its size: the frozen base, the
-# dequantization buffer of a 4-bit base, the framework's own memory. The rest (adapter,
-# gradients, optimizer state, activations of its rows) each run of the group adds.
-SHARED_PARTS = ("base_weights", "dequant_buffer", "framework")
 
 
 @dataclass
@@ -72,11 +68,13 @@ class PendingRun:
 
 def group_memory(tasks: list[PendingRun]) -> int | None:
     """Estimated peak memory of ``tasks`` trained as one fused group (None if one has no
-    estimate): the shared parts once, each run's own parts once per run."""
+    estimate): loralab.estimate.group_memory_bytes over the runs' estimates by part."""
+    from loralab.estimate import group_memory_bytes
+
     if any(t.memory is None for t in tasks):
         return None
-    shared = sum(tasks[0].memory.get(p, 0) for p in SHARED_PARTS)  # type: ignore[union-attr]
-    return sum(t.memory["total"] for t in tasks) - (len(tasks) - 1) * shared  # type: ignore[index]
+    device = "cpu" if run_device(tasks[0].config.get("model", {}).get("device", "auto")) == "cpu" else "cuda"
+    return group_memory_bytes([t.memory for t in tasks], device)  # type: ignore[misc]
 
 
 @dataclass
