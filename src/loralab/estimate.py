@@ -557,8 +557,13 @@ def fullest_micro_batch(cfg: Config) -> int | None:
     auto on a model loralab models layer by layer, which attends per example; padded otherwise).
     Real instruction data is mostly shorter than data.max_seq_length, so this is often half of
     micro batch x max_seq_length, the estimate's figure without it. None where the micro batch
-    is auto (it is resolved from the estimate). Reads the tokenizer and the data, not the weights."""
+    is auto (it is resolved from the estimate) or the model is not a local directory (no hub
+    look-ups). Reads the tokenizer and the data, not the weights."""
     if cfg.train.micro_batch_size == "auto":
+        return None
+    from loralab.models import resolve_model_path
+
+    if not Path(resolve_model_path(cfg.model.path)).is_dir():  # a hub id: the estimate stays offline
         return None
     import torch
 

@@ -166,7 +166,7 @@ def data_tokens(cfg: Config, known: dict[str, int | None]) -> int | None:
     if key not in known:
         try:
             known[key] = fullest_micro_batch(cfg)
-        except LoralabError as exc:
+        except (LoralabError, OSError) as exc:
             log.info("memory estimate at full-length sequences: the data cannot be read here (%s)",
                      str(exc).splitlines()[0])
             known[key] = None
