@@ -33,6 +33,12 @@ Formulas (bytes; b = micro batch, s = sequence length, e = activation dtype byte
   transformers, peft and a model's code (440 MiB measured).
 * allocator_slack: CUDA: 10% of the rest (caching allocator, not validated here); CPU:
   glibc keeps freed activation memory in its heaps, ~90% of activations + transient.
+
+Tokens per micro batch: micro batch x max_seq_length (full-length sequences), or with
+``tokens=fullest_micro_batch(cfg)`` the fullest micro batch the run forms from its data.
+A fused group (``group_memory_bytes``): shared parts once, each run's own parts (its
+activations included: the group stacks every run's copy of the micro batch), and on the CPU one
+run's allocator slack plus 40% of each further run's activations + transient.
 """
 
 from __future__ import annotations
