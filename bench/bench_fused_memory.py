@@ -69,9 +69,10 @@ def worker(spec: dict) -> dict:
     """Train the group; its recorded peak and the estimates of its runs."""
     import torch
 
-    from loralab.estimate import GROUP_SHARED_PARTS, estimate_run, fullest_micro_batch
+    from loralab.estimate import GROUP_SHARED_PARTS, estimate_run
     from loralab.study.scheduler import PendingRun, group_memory
     from loralab.train.fused import train_fused
+    from loralab.train.step import fullest_micro_batch
 
     torch.set_num_threads(1)
     cfgs = configs(spec)

@@ -1,7 +1,7 @@
 """A fused group's memory estimate against the peak its summary.json records, on the CPU.
 
 The estimate takes activations at the fullest micro batch the run forms from its data
-(loralab.estimate.fullest_micro_batch) and, in a group, one run's allocator slack in full and
+(loralab.train.step.fullest_micro_batch) and, in a group, one run's allocator slack in full and
 part of each further run's (loralab.estimate.group_memory_bytes). Measured here as a user
 meets it: a random-init Llama saved with save_pretrained, instruction data of realistic lengths,
 loralab's defaults (model.dtype auto, data.packing auto), ``loralab study run`` fusing the runs.
@@ -17,8 +17,8 @@ import pytest
 from conftest import make_cfg
 from loralab.cli import main
 from loralab.data.packing import pack_rows
-from loralab.estimate import estimate_run, fullest_micro_batch, group_memory_bytes
-from loralab.train.step import micro_batches
+from loralab.estimate import estimate_run, group_memory_bytes
+from loralab.train.step import fullest_micro_batch, micro_batches
 from studytools import rows_of, write_study
 from userdata import instruction_records, write_jsonl
 

@@ -284,7 +284,8 @@ def test_successive_halving_stops_poor_runs(tmp_path):
 
 
 def test_max_memory_skips_runs_and_records_the_estimate(tmp_path):
-    from loralab.estimate import estimate_run, fullest_micro_batch
+    from loralab.estimate import estimate_run
+    from loralab.train.step import fullest_micro_batch
 
     path = write_study(tmp_path, "mem", axes={"lora.targets": [["query"], ["all", "head"]], "lora.r": [64]})
     study = load_study(path)

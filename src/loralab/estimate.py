@@ -35,7 +35,7 @@ Formulas (bytes; b = micro batch, s = sequence length, e = activation dtype byte
   glibc keeps freed activation memory in its heaps, ~90% of activations + transient.
 
 Tokens per micro batch: micro batch x max_seq_length (full-length sequences), or with
-``tokens=fullest_micro_batch(cfg)`` the fullest micro batch the run forms from its data.
+``tokens=loralab.train.step.fullest_micro_batch(cfg)`` the fullest micro batch the run forms from its data.
 A fused group (``group_memory_bytes``): shared parts once, each run's own parts (its
 activations included: the group stacks every run's copy of the micro batch), and on the CPU one
 run's allocator slack plus 40% of each further run's activations + transient.
@@ -501,7 +501,7 @@ def estimate_run(
 ) -> Estimate:
     """Estimate a run from its Config. ``throughput`` is effective FLOP/s of the device.
     ``tokens``: the tokens of the fullest micro batch the run forms from its data
-    (:func:`fullest_micro_batch`); without it every micro batch is taken as full-length
+    (loralab.train.step.fullest_micro_batch); without it every micro batch is taken as full-length
     sequences (micro batch x data.max_seq_length), the most it can hold."""
     auto_length = cfg.data.max_seq_length == "auto"
     if auto_length:
@@ -554,44 +554,6 @@ def estimate_run(
         factor = QUANT_TIME_FACTOR if cfg.quant.mode != "none" else 1.0
         est.time_per_step_s = est.flops_per_step / throughput * factor * cfg.grad_accum
     return est
-
-
-def fullest_micro_batch(cfg: Config) -> int | None:
-    """Tokens, padding included, of the fullest micro batch the run ``cfg`` forms from its data:
-    its examples tokenized and cut as a run does, its steps drawn in the run's seeded order and
-    laid out as the run lays them out (packed one row per forward with data.packing true, or
-    auto on a model loralab models layer by layer, which attends per example; padded otherwise).
-    Real instruction data is mostly shorter than data.max_seq_length, so this is often half of
-    micro batch x max_seq_length, the estimate's figure without it. None where the micro batch
-    is auto (it is resolved from the estimate) or the model is not a local directory (no hub
-    look-ups). Reads the tokenizer and the data, not the weights."""
-    if cfg.train.micro_batch_size == "auto":
-        return None
-    from loralab.models import resolve_model_path
-
-    if not Path(resolve_model_path(cfg.model.path)).is_dir():  # a hub id: the estimate stays offline
-        return None
-    import torch
-
-    from loralab.data.dataset import load_splits, model_context
-    from loralab.data.packing import step_batches
-    from loralab.models import load_tokenizer
-    from loralab.train.step import micro_batches, plan_steps
-
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    context = model_context(load_model_config(resolve_model_config(cfg.model.path)))
-    splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed, context=context)
-    train, row_len = splits.train, splits.stats["max_seq_length"]
-    packed = cfg.data.packing is True or (cfg.data.packing == "auto" and describe_model(cfg.model.path).known_layout)
-    stream, per_step = micro_batches(len(train), cfg), cfg.grad_accum
-    fullest = 0
-    for _ in range(plan_steps(cfg, len(train))):
-        examples = [train[i] for _ in range(per_step) for i in next(stream)[1]]
-        batches = step_batches(examples, micro_batch_size=cfg.train.micro_batch_size, row_len=row_len, pad_id=0,
-                               device=torch.device("cpu"), packing=packed, segments=packed,
-                               group_by_length=cfg.train.group_by_length)
-        fullest = max(fullest, *(b["input_ids"].numel() for b in batches))
-    return fullest or None
 
 
 def machine_device(device: str) -> str:

@@ -155,10 +155,10 @@ def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | Non
 
 
 def data_tokens(cfg: Config, known: dict[str, int | None]) -> int | None:
-    """The tokens of the fullest micro batch ``cfg`` forms from its data (loralab.estimate.
+    """The tokens of the fullest micro batch ``cfg`` forms from its data (loralab.train.step.
     fullest_micro_batch), worked out once per tokenizer, data and batch order (``known``); None
     where the data cannot be read here (the estimate then takes full-length sequences)."""
-    from loralab.estimate import fullest_micro_batch
+    from loralab.train.step import fullest_micro_batch
 
     t = cfg.train
     key = json.dumps([cfg.model.path, cfg.to_dict()["data"], t.seed, t.batch_size, t.micro_batch_size, t.max_steps,
