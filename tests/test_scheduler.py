@@ -153,7 +153,11 @@ def test_fusion_groups_what_fits_and_says_why_not(tmp_path, caplog):
     both = tasks + dora
     assert all(t.memory and t.memory["base_weights"] > 0 for t in both)
     shared = sum(tasks[0].memory.get(p, 0) for p in ("base_weights", "dequant_buffer", "framework"))
-    assert group_memory(tasks[:2]) == tasks[0].memory["total"] + tasks[1].memory["total"] - shared
+    # on the CPU one run's allocator slack in full, 40% of the other's activations and backward
+    # transient (bench/bench_fused_memory.py measured 1.3-1.4x of a further run's live activations)
+    a, b = sorted((t.memory for t in tasks[:2]), key=lambda m: -m["allocator_slack"])
+    assert group_memory(tasks[:2]) == a["total"] + b["total"] - shared - b["allocator_slack"] + int(
+        0.4 * (b["activations"] + b["backward_transient"]))
     budget = group_memory(tasks[:3]) + 1  # three of the cheapest fit, not four
     with caplog.at_level(logging.INFO, logger="loralab.study.scheduler"):
         units = form_units(both, fuse=True, budget=budget, halving=True)

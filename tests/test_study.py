@@ -285,10 +285,14 @@ def test_successive_halving_stops_poor_runs(tmp_path):
 
 def test_max_memory_skips_runs_and_records_the_estimate(tmp_path):
     from loralab.estimate import estimate_run
+    from loralab.train.step import fullest_micro_batch
 
     path = write_study(tmp_path, "mem", axes={"lora.targets": [["query"], ["all", "head"]], "lora.r": [64]})
     study = load_study(path)
-    small, big = (estimate_run(config_from_dict(r.config), device="cpu").memory_bytes["total"] for r in study.runs)
+    cfgs = [config_from_dict(r.config) for r in study.runs]
+    tokens = fullest_micro_batch(cfgs[0])  # the study estimates at its data's fullest micro batch
+    assert tokens < cfgs[0].train.micro_batch_size * cfgs[0].data.max_seq_length
+    small, big = (estimate_run(c, device="cpu", tokens=tokens).memory_bytes["total"] for c in cfgs)
     assert big > small
     root = tmp_path / "runs" / "mem"
     result = run_study(load_study(path, root=root), root=root, max_memory=(small + big) // 2)

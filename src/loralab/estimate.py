@@ -33,6 +33,12 @@ Formulas (bytes; b = micro batch, s = sequence length, e = activation dtype byte
   transformers, peft and a model's code (440 MiB measured).
 * allocator_slack: CUDA: 10% of the rest (caching allocator, not validated here); CPU:
   glibc keeps freed activation memory in its heaps, ~90% of activations + transient.
+
+Tokens per micro batch: micro batch x max_seq_length (full-length sequences), or with
+``tokens=loralab.train.step.fullest_micro_batch(cfg)`` the fullest micro batch the run forms from its data.
+A fused group (``group_memory_bytes``): shared parts once, each run's own parts (its
+activations included: the group stacks every run's copy of the micro batch), and on the CPU one
+run's allocator slack plus 40% of each further run's activations + transient.
 """
 
 from __future__ import annotations
@@ -53,6 +59,14 @@ GIB = 1024**3
 # loading a model's code (+~15 MiB); weights are counted separately.
 CPU_BASELINE_RSS = 440 * 1024**2
 CPU_HEAP_RETENTION = 0.9  # see allocator_slack_bytes
+# A fused group (loralab.train.fused) on the CPU: glibc keeps one micro step's churn in its heaps
+# (one run's allocator_slack), and each further run's stacked activations add about 40% of
+# themselves on top (bench/bench_fused_memory.py: 1.3-1.4x their live bytes per added run).
+CPU_GROUP_HEAP_RETENTION = 0.4
+# Parts a fused group holds once, whatever its size: the frozen base, the dequantization buffer
+# of a 4-bit base, the framework's own memory. Each run adds its adapter, gradients, optimizer
+# state and the activations of its copy of the micro batch (all K copies are stacked in one forward).
+GROUP_SHARED_PARTS = ("base_weights", "dequant_buffer", "framework")
 CUDA_CONTEXT = GIB // 2  # CUDA context + kernels; not seen by torch's allocator statistics
 ALLOCATOR_SLACK = 0.10  # CUDA caching allocator headroom (not validated here: no GPU)
 QUANT_TIME_FACTOR = 1.5  # seeds: nf4 QLoRA took 1.50x (fp4 1.40x) the time of bf16 LoRA
@@ -317,6 +331,21 @@ def allocator_slack_bytes(parts: dict[str, int], device: str) -> int:
     return int(ALLOCATOR_SLACK * sum(parts.values()))
 
 
+def group_memory_bytes(parts: list[dict[str, int]], device: str) -> int:
+    """Peak memory of runs trained as one fused group, from each run's estimate by part
+    (``Estimate.memory_bytes``): the shared parts once, each run's own parts, and on the CPU
+    the allocator slack of one run (the largest) plus CPU_GROUP_HEAP_RETENTION of every other
+    run's activations and backward transient (CUDA: each run's 10%, not validated)."""
+    shared = sum(parts[0].get(p, 0) for p in GROUP_SHARED_PARTS)
+    total = sum(m["total"] for m in parts) - (len(parts) - 1) * shared
+    if device != "cpu" or len(parts) == 1:
+        return total
+    first = max(range(len(parts)), key=lambda k: parts[k].get("allocator_slack", 0))
+    others = [m for k, m in enumerate(parts) if k != first]
+    return total - sum(m.get("allocator_slack", 0) for m in others) + int(
+        CPU_GROUP_HEAP_RETENTION * sum(m["activations"] + m["backward_transient"] for m in others))
+
+
 # ----------------------------------------------------------------------------- estimate
 
 
@@ -344,7 +373,9 @@ class Estimate:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def _memory(shape: ModelShape, cfg: Config, modules: list[str], *, micro: int, gc: bool, device: str) -> dict[str, int]:
+def _memory(shape: ModelShape, cfg: Config, modules: list[str], *, micro: int, gc: bool, device: str,
+            tokens: int | None = None) -> dict[str, int]:
+    """Memory by part; activations for ``tokens`` per micro batch (default: micro x max_seq_length)."""
     e = DTYPE_BYTES[cfg.model.dtype]
     tensors = lora_tensor_shapes(shape, modules, cfg.lora.r, cfg.lora.dora)
     n_train = sum(math.prod(s) for s in tensors)
@@ -357,7 +388,7 @@ def _memory(shape: ModelShape, cfg: Config, modules: list[str], *, micro: int, g
         "optimizer_state": optimizer_state_bytes(cfg.train.optimizer, tensors, LORA_PARAM_BYTES, cfg.train.momentum),
     }
     parts |= activation_parts(
-        shape, tokens=micro * cfg.data.max_seq_length, e=e, modules=modules, r=cfg.lora.r,
+        shape, tokens=tokens or micro * cfg.data.max_seq_length, e=e, modules=modules, r=cfg.lora.r,
         dropout=cfg.lora.dropout, dora=cfg.lora.dora, grad_checkpointing=gc,
     )
     if q.mode != "none":
@@ -423,9 +454,11 @@ def matmul_throughput(device: str = "cpu") -> float:
     return 2 * 512**3 * reps / (time.perf_counter() - t0)
 
 
-def _notes(shape: ModelShape, cfg: Config, device: str) -> list[str]:
+def _notes(shape: ModelShape, cfg: Config, device: str, *, from_data: bool = False) -> list[str]:
     notes = [
-        "activations assume SDPA/flash attention (no s^2 score matrix) and full-length sequences",
+        "activations assume SDPA/flash attention (no s^2 score matrix) and " + (
+            "the fullest micro batch the run forms from its data (the largest micro batch that fits assumes "
+            "full-length sequences)" if from_data else "full-length sequences"),
         "framework allowance: " + (
             "CPU baseline RSS 440 MiB; allocator_slack: glibc heap retention, 90% of activations + transient"
             if device == "cpu" else "CUDA context 0.5 GiB; allocator_slack: 10% of the rest (caching allocator)"
@@ -464,8 +497,12 @@ def estimate_run(
     budget_bytes: int | None = None,
     throughput: float | None = None,
     device: str | None = None,
+    tokens: int | None = None,
 ) -> Estimate:
-    """Estimate a run from its Config. ``throughput`` is effective FLOP/s of the device."""
+    """Estimate a run from its Config. ``throughput`` is effective FLOP/s of the device.
+    ``tokens``: the tokens of the fullest micro batch the run forms from its data
+    (loralab.train.step.fullest_micro_batch); without it every micro batch is taken as full-length
+    sequences (micro batch x data.max_seq_length), the most it can hold."""
     auto_length = cfg.data.max_seq_length == "auto"
     if auto_length:
         cfg = at_context_length(cfg)
@@ -483,7 +520,7 @@ def estimate_run(
     if auto_micro:  # estimated per example; max_micro_batch says what a run would resolve it to
         cfg = replace(cfg, train=replace(cfg.train, micro_batch_size=1))
     micro = cfg.train.micro_batch_size
-    mem = _memory(shape, cfg, modules, micro=micro, gc=grad_checkpointing, device=dev)
+    mem = _memory(shape, cfg, modules, micro=micro, gc=grad_checkpointing, device=dev, tokens=tokens)
     est = Estimate(
         model=cfg.model.path,
         model_type=shape.model_type,
@@ -493,8 +530,8 @@ def estimate_run(
         base_params=shape.total_params,
         memory_bytes=mem,
         lora_modules=len(modules),
-        settings=_settings(cfg, grad_checkpointing, dev),
-        approximate=_notes(shape, cfg, dev),
+        settings=_settings(cfg, grad_checkpointing, dev) | ({"micro_batch_tokens": tokens} if tokens else {}),
+        approximate=_notes(shape, cfg, dev, from_data=bool(tokens)),
     )
     if device is None and cfg.model.device == "auto":
         est.approximate.append(f"model.device auto: estimated for {dev}, where a run would train on this machine "

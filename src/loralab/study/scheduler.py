@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from loralab.config import config_from_dict
+from loralab.config import Config, config_from_dict
 from loralab.errors import ConfigError, LoralabError, ModelError
 from loralab.paths import child_dir
 from loralab.rundir import Status
@@ -46,10 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
-# Estimate parts a fused group holds once, whatever its size: the frozen base, the
-# dequantization buffer of a 4-bit base, the framework's own memory. The rest (adapter,
-# gradients, optimizer state, activations of its rows) each run of the group adds.
-SHARED_PARTS = ("base_weights", "dequant_buffer", "framework")
 
 
 @dataclass
@@ -72,11 +68,13 @@ class PendingRun:
 
 def group_memory(tasks: list[PendingRun]) -> int | None:
     """Estimated peak memory of ``tasks`` trained as one fused group (None if one has no
-    estimate): the shared parts once, each run's own parts once per run."""
+    estimate): loralab.estimate.group_memory_bytes over the runs' estimates by part."""
+    from loralab.estimate import group_memory_bytes
+
     if any(t.memory is None for t in tasks):
         return None
-    shared = sum(tasks[0].memory.get(p, 0) for p in SHARED_PARTS)  # type: ignore[union-attr]
-    return sum(t.memory["total"] for t in tasks) - (len(tasks) - 1) * shared  # type: ignore[index]
+    device = "cpu" if run_device(tasks[0].config.get("model", {}).get("device", "auto")) == "cpu" else "cuda"
+    return group_memory_bytes([t.memory for t in tasks], device)  # type: ignore[misc]
 
 
 @dataclass
@@ -124,6 +122,7 @@ def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | Non
     from loralab.preflight import check_run
 
     tasks = []
+    fullest: dict[str, int | None] = {}  # micro batch tokens per data layout: runs of a study share their data
     for row in store.runs(study_id, (*TO_RUN, Status.SKIPPED, *((Status.PAUSED,) if paused else ()))):
         config = json.loads(row["config_json"])
         cfg = config_from_dict(config, source=f"run {row['name']}")
@@ -135,7 +134,8 @@ def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | Non
             continue
         memory, cost, trainable = None, 0.0, None
         try:
-            est = estimate_run(cfg, device="cpu" if run_device(cfg.model.device) == "cpu" else "cuda")
+            est = estimate_run(cfg, device="cpu" if run_device(cfg.model.device) == "cpu" else "cuda",
+                               tokens=data_tokens(cfg, fullest))
             memory, trainable = est.memory_bytes, est.trainable_params
             cost = (est.flops_per_step or 0.0) * (cfg.train.max_steps or 1) * cfg.grad_accum
         except LoralabError as exc:  # a model the estimate cannot describe: run it, unestimated
@@ -152,6 +152,25 @@ def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | Non
                           estimate=total, memory=memory, cost=cost, attempts=row["attempts"]))
     tasks.sort(key=lambda t: (t.cost, t.estimate or 0, t.name))  # cheapest first
     return tasks
+
+
+def data_tokens(cfg: Config, known: dict[str, int | None]) -> int | None:
+    """The tokens of the fullest micro batch ``cfg`` forms from its data (loralab.train.step.
+    fullest_micro_batch), worked out once per tokenizer, data and batch order (``known``); None
+    where the data cannot be read here (the estimate then takes full-length sequences)."""
+    from loralab.train.step import fullest_micro_batch
+
+    t = cfg.train
+    key = json.dumps([cfg.model.path, cfg.to_dict()["data"], t.seed, t.batch_size, t.micro_batch_size, t.max_steps,
+                      t.epochs, t.group_by_length], sort_keys=True, default=str)
+    if key not in known:
+        try:
+            known[key] = fullest_micro_batch(cfg)
+        except (LoralabError, OSError) as exc:
+            log.info("memory estimate at full-length sequences: the data cannot be read here (%s)",
+                     str(exc).splitlines()[0])
+            known[key] = None
+    return known[key]
 
 
 def run_device(device: str) -> str:

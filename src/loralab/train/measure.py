@@ -15,8 +15,9 @@ class PeakMemory:
     CUDA: the caching allocator's peak reserved bytes (what the process held, cache included,
     not only what tensors used) plus the CUDA context, which the allocator never sees (NVML's
     figure for this process where pynvml is installed, else loralab.estimate's 0.5 GiB).
-    CPU: the process's peak resident set size. ``reset()`` starts a new peak (auto micro batch
-    calls it when it halves the micro batch, so the peak is the size the run goes on with).
+    CPU: the process's own peak resident set size (:func:`own_peak_rss`). ``reset()`` starts a
+    new peak (auto micro batch calls it when it halves the micro batch, so the peak is the size
+    the run goes on with).
     """
 
     def __init__(self, device: torch.device):
@@ -29,8 +30,25 @@ class PeakMemory:
     def bytes(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_reserved(self.device)) + cuda_context_bytes(self.device)
+        hwm = own_peak_rss()
+        if hwm is not None:
+            return hwm
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+def own_peak_rss() -> int | None:
+    """The peak resident set of this process's own memory (Linux: VmHWM), None elsewhere.
+    Not ``ru_maxrss``: Linux carries that over from the parent across fork and exec, so a unit
+    a study starts (its parent holding torch) would report at least the parent's size."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
 
 
 def cuda_context_bytes(device: torch.device) -> int:

@@ -11,6 +11,7 @@ import functools
 import inspect
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from loralab.config import Config
 from loralab.data.dataset import IGNORE, epoch_order
-from loralab.data.packing import model_inputs
+from loralab.data.packing import model_inputs, step_batches
 from loralab.train.attention import NAME as ATTENTION
 from loralab.train.attention import supports_segments
 
@@ -54,6 +55,38 @@ def stream_from(n_train: int, data_cfg: Config, *, skip: int):
     for _ in range(skip):
         next(stream)
     return stream
+
+
+def fullest_micro_batch(cfg: Config) -> int | None:
+    """Tokens, padding included, of the fullest micro batch the run ``cfg`` forms from its data:
+    its examples tokenized and cut as a run does, its steps drawn in the run's seeded order and
+    laid out as the run lays them out (packed one row per forward with data.packing true, or
+    auto on a model loralab models layer by layer, which attends per example; padded otherwise).
+    Real instruction data is mostly shorter than data.max_seq_length, so this is often half of
+    micro batch x max_seq_length, the estimate's figure without it. None where the micro batch
+    is auto (it is resolved from the estimate) or the model is not a local directory (no hub
+    look-ups). Reads the tokenizer and the data, not the weights: what
+    ``loralab.estimate.estimate_run(cfg, tokens=...)`` takes the activations at."""
+    from loralab.data.dataset import load_splits, model_context
+    from loralab.estimate import describe_model, load_model_config, resolve_model_config
+    from loralab.models import load_tokenizer, resolve_model_path
+
+    if cfg.train.micro_batch_size == "auto" or not Path(resolve_model_path(cfg.model.path)).is_dir():
+        return None  # auto: resolved from the estimate; a hub id: the estimate stays offline
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    context = model_context(load_model_config(resolve_model_config(cfg.model.path)))
+    splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed, context=context)
+    train, row_len = splits.train, splits.stats["max_seq_length"]
+    packed = cfg.data.packing is True or (cfg.data.packing == "auto" and describe_model(cfg.model.path).known_layout)
+    stream, per_step = micro_batches(len(train), cfg), cfg.grad_accum
+    fullest = 0
+    for _ in range(plan_steps(cfg, len(train))):
+        examples = [train[i] for _ in range(per_step) for i in next(stream)[1]]
+        batches = step_batches(examples, micro_batch_size=cfg.train.micro_batch_size, row_len=row_len, pad_id=0,
+                               device=torch.device("cpu"), packing=packed, segments=packed,
+                               group_by_length=cfg.train.group_by_length)
+        fullest = max(fullest, *(b["input_ids"].numel() for b in batches))
+    return fullest or None
 
 
 def label_positions(labels: torch.Tensor) -> torch.Tensor:
