@@ -299,3 +299,21 @@ def test_out_of_memory_on_one_rank_halves_the_micro_batch_on_every_rank(tmp_path
     ended = json.loads((tmp_path / "oom" / "summary.json").read_text())
     assert ended["status"] == "out_of_memory", ended
     assert "out of memory in training on 1 of 2 ranks" in ended["error"]
+
+
+@pytest.mark.slow
+def test_out_of_memory_in_evaluation_on_one_rank_halves_every_rank(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path, tiny_model_dir("llama"))
+    common = ["--set", "train.max_steps=4", "--set", "data.packing=false"]
+    assert main(["train", str(cfg), "--out", str(tmp_path / "one"), "--json", *common]) == 0
+    env = {"PYTHONPATH": os.pathsep.join([str(SRC), str(PROBE)]), "LORALAB_TEST_OOM_RANK": "1",
+           "LORALAB_TEST_OOM_ROWS": "2", "LORALAB_TEST_OOM_IN": "eval"}  # the CPU's evaluation batch is 8
+    summary = torchrun(cfg, tmp_path / "two", *common, "--set", "train.auto_micro_batch=true", env=env)
+    assert summary["status"] == "completed"
+    assert summary["micro_batch_changes"] == [{"step": 5, "from": 2, "to": 1}]  # in the evaluation after step 4
+    assert summary["extra"]["distributed"]["micro_batch_size_per_rank"] == [1, 1]
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["final_eval_loss"] == pytest.approx(one["final_eval_loss"], rel=1e-5)
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4]  # written once, after every rank agreed
+    close(tmp_path / "one", tmp_path / "two")

@@ -336,8 +336,7 @@ def train_micro_batches(setup: Setup, runs: list[Run], data: StepData) -> tuple[
 
 
 def evaluate_now(setup: Setup, runs: list[Run], data: StepData, *, step: int, first: Run) -> None:
-    with eager(), distributed.out_of_memory_together("in evaluation", data.cfg.distributed.timeout_s):
-        # no_grad forwards would compile graphs of their own; several ranks: one's OOM is every rank's
+    with eager():  # no_grad forwards would compile graphs of their own
         evaluate(setup, runs, step=step, batch_size=eval_batch_size(data.cfg, first.state, setup.device))
 
 
