@@ -122,6 +122,7 @@ def sum_over_ranks(params: list[torch.nn.Parameter], step_loss: torch.Tensor, *,
     flat = torch.cat([g.flatten().to(torch.float32) for g in grads] + [step_loss.to(torch.float32), flag])
     with rank_timeout("summing a step's gradients", timeout_s):
         dist.all_reduce(flat)
+    # one host wait per step on several ranks (nothing on gloo's CPU): the ranks must agree now
     raise_if_out_of_memory(int(flat[-1].item()), "in training")
     flat = flat[:-1]
     offset = 0
@@ -142,7 +143,7 @@ def raise_if_out_of_memory(ranks: int, where: str) -> None:
 @contextlib.contextmanager
 def out_of_memory_together(where: str, timeout_s: int):
     """An out-of-memory on any rank inside the block is raised on every rank at its end (one
-    small all-reduce): the ranks halve their micro batch together. Outside a group: as it is."""
+    small all-gather): the ranks halve their micro batch together. Outside a group: as it is."""
     if not active():
         yield
         return
