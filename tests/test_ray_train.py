@@ -105,3 +105,15 @@ def test_ray_bad_input_is_refused_clearly(tmp_path, tiny_model_dir, capsys, monk
     assert main(["train", str(cfg), *out, "--nproc", "2", "--executor", "ray"]) == 2
     assert "--executor ray needs Ray, an optional extra: pip install 'loralab[ray]'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_bad_input_a_ray_worker_finds_ends_the_run_invalid(tmp_path, tiny_model_dir, local_ray, capsys):
+    cfg = write_config(tmp_path, tiny_model_dir("llama"))
+    missing = tmp_path / "missing.jsonl"
+    code = main(["train", str(cfg), "--out", str(tmp_path / "bad"), "--nproc", "2", "--executor", "ray",
+                 "--set", f"data.path={missing}"])
+    assert code == 2
+    summary = json.loads((tmp_path / "bad" / "summary.json").read_text())
+    assert summary["status"] == "invalid" and str(missing) in summary["error"]
+    assert f"rank 0 ended with exit code 2; the run ended invalid: {summary['error']}" in capsys.readouterr().err
