@@ -117,3 +117,12 @@ def test_bad_input_a_ray_worker_finds_ends_the_run_invalid(tmp_path, tiny_model_
     summary = json.loads((tmp_path / "bad" / "summary.json").read_text())
     assert summary["status"] == "invalid" and str(missing) in summary["error"]
     assert f"rank 0 ended with exit code 2; the run ended invalid: {summary['error']}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_more_workers_than_the_ray_cluster_has_cpus_is_refused(tmp_path, tiny_model_dir, local_ray, capsys):
+    cfg = write_config(tmp_path, tiny_model_dir("llama"))
+    assert main(["train", str(cfg), "--out", str(tmp_path / "r"), "--nproc", "3", "--executor", "ray"]) == 2
+    assert ("--nproc 3: each Ray Train worker asks for one CPU, and the Ray cluster has 2 now; lower --nproc or add "
+            "nodes") in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -42,10 +42,18 @@ class WorkerEnded(LoralabError):
 
 
 def ray_worker(config: dict[str, Any]) -> None:
-    """The body of every Ray Train worker: ``loralab train`` as a torchrun worker runs it."""
-    from loralab.cli import main
+    """The body of every Ray Train worker: ``python -m loralab.cli train ...`` run in this
+    process (it must join the process group Ray Train made here), the entry a torchrun worker
+    starts with."""
+    import runpy
+    import sys
 
-    code = main(config["argv"])
+    sys.argv = ["loralab", *config["argv"]]
+    try:
+        runpy.run_module("loralab.cli", run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as end:  # loralab.cli's __main__ ends with SystemExit(main())
+        code = end.code if isinstance(end.code, int) else 1 if end.code else 0
     if code != 0:
         raise WorkerEnded(int(os.environ.get("RANK", "0")), code)
 
@@ -92,10 +100,7 @@ def train_on_ray(args, cfg) -> dict:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    gpu = cfg.model.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
-    if cfg.model.device.startswith("cuda") and not gpu:
-        raise LoralabError(f"model.device {cfg.model.device}, but the Ray cluster has no GPU; "
-                           "set model.device=auto or cpu")
+    gpu = check_resources(ray.cluster_resources(), cfg.model.device, args.nproc)
     storage = tempfile.mkdtemp(prefix="loralab-ray-")  # Ray Train's own records; the run's are in run_dir
     trainer = TorchTrainer(
         ray_worker, train_loop_config={"argv": worker_args(args, run_dir)},
@@ -120,6 +125,20 @@ def train_on_ray(args, cfg) -> dict:
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     return RunDir(run_dir).read_summary()
+
+
+def check_resources(resources: dict[str, float], device: str, nproc: int) -> bool:
+    """Whether the workers train on GPUs; refused when the cluster has too few CPUs or GPUs for
+    N workers now (Ray Train would wait for them without end)."""
+    gpus = resources.get("GPU", 0)
+    gpu = device != "cpu" and gpus > 0
+    if device.startswith("cuda") and not gpu:
+        raise LoralabError(f"model.device {device}, but the Ray cluster has no GPU; set model.device=auto or cpu")
+    for name, have in (("CPU", resources.get("CPU", 0)), *((("GPU", gpus),) if gpu else ())):
+        if have < nproc:
+            raise LoralabError(f"--nproc {nproc}: each Ray Train worker asks for one {name}, and the Ray cluster has "
+                               f"{have:g} now; lower --nproc or add nodes")
+    return gpu
 
 
 def cause(exc: Exception) -> tuple[int | None, Exception, bool]:
