@@ -216,8 +216,6 @@ def test_bad_nproc_and_strategy_refused(tmp_path, capsys, tiny_model_dir):
     assert "--nproc must be a whole number of processes, at least 1 (got '0')" in capsys.readouterr().err
     assert main(["train", str(cfg), "--set", "distributed.strategy=zero", "--nproc", "2"]) == 2
     assert "distributed.strategy must be one of 'ddp', 'fsdp' (got 'zero')" in capsys.readouterr().err
-    assert main(["train", str(cfg), "--set", "train.auto_micro_batch=true", "--nproc", "2"]) == 2
-    assert "train.auto_micro_batch is not available on 2 processes yet" in capsys.readouterr().err
 
 
 def test_launcher_store_listens_on_loopback_only():
@@ -255,3 +253,67 @@ def test_the_cause_of_a_failed_job_is_the_rank_killed_from_outside():
     # a rank that timed out and exited, the stopped rank it waited for ended by the launcher's SIGTERM
     assert cause({0: ended(1, at=101), 1: ended(-15, "SIGTERM", at=100)}) == 0
     assert cause({1: ended(2, at=100), 0: ended(1, at=101)}) == 1  # else the first to fail
+
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PROBE = Path(__file__).resolve().parent / "env_probe"  # sitecustomize: $LORALAB_TEST_OOM_RANK injects an OOM
+
+
+def torchrun(cfg: Path, out: Path, *extra: str, env: dict[str, str] | None = None) -> dict:
+    """``loralab train CONFIG --nproc 2`` in a child process, to its end; its summary."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "loralab.cli", "train", str(cfg), "--out", str(out), "--nproc", "2",
+                           "--json", *extra], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def close(a: Path, b: Path) -> None:
+    """Runs ``a`` and ``b`` have the same losses per step and adapter, within the tolerances."""
+    la, lb = losses(a), losses(b)
+    assert sorted(la) == sorted(lb) and la
+    assert all(abs(la[s] - lb[s]) <= LOSS_RTOL * abs(la[s]) for s in la), max(abs(la[s] - lb[s]) for s in la)
+    assert adapter_diff(a, b) < ADAPTER_TOL
+
+
+@pytest.mark.slow
+def test_out_of_memory_on_one_rank_halves_the_micro_batch_on_every_rank(tmp_path, tiny_model_dir):
+    # padded micro batches: the injected error counts a micro batch's rows (a packed one is one row)
+    cfg = write_config(tmp_path, tiny_model_dir("llama"))
+    common = ["--set", "train.max_steps=8", "--set", "data.packing=false"]
+    assert main(["train", str(cfg), "--out", str(tmp_path / "one"), "--json", *common,
+                 "--set", "train.micro_batch_size=1"]) == 0
+    env = {"PYTHONPATH": os.pathsep.join([str(SRC), str(PROBE)]), "LORALAB_TEST_OOM_RANK": "1",
+           "LORALAB_TEST_OOM_ROWS": "1"}
+    summary = torchrun(cfg, tmp_path / "two", *common, "--set", "train.auto_micro_batch=true", env=env)
+    assert summary["status"] == "completed"
+    assert summary["micro_batch_size"] == 1
+    assert summary["micro_batch_changes"] == [{"step": 1, "from": 2, "to": 1}]
+    assert summary["extra"]["distributed"]["micro_batch_size_per_rank"] == [1, 1]
+    close(tmp_path / "one", tmp_path / "two")
+    # without train.auto_micro_batch the out-of-memory of rank 1 ends the run on every rank, recorded by rank 0
+    proc = subprocess.run([sys.executable, "-m", "loralab.cli", "train", str(cfg), "--out", str(tmp_path / "oom"),
+                           "--nproc", "2", "--json", *common], env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    ended = json.loads((tmp_path / "oom" / "summary.json").read_text())
+    assert ended["status"] == "out_of_memory", ended
+    assert "out of memory in training on 1 of 2 ranks" in ended["error"]
+
+
+@pytest.mark.slow
+def test_out_of_memory_in_evaluation_on_one_rank_halves_every_rank(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path, tiny_model_dir("llama"))
+    common = ["--set", "train.max_steps=4", "--set", "data.packing=false"]
+    assert main(["train", str(cfg), "--out", str(tmp_path / "one"), "--json", *common]) == 0
+    env = {"PYTHONPATH": os.pathsep.join([str(SRC), str(PROBE)]), "LORALAB_TEST_OOM_RANK": "1",
+           "LORALAB_TEST_OOM_ROWS": "2", "LORALAB_TEST_OOM_IN": "eval"}  # the CPU's evaluation batch is 8
+    summary = torchrun(cfg, tmp_path / "two", *common, "--set", "train.auto_micro_batch=true", env=env)
+    assert summary["status"] == "completed"
+    assert summary["micro_batch_changes"] == [{"step": 5, "from": 2, "to": 1}]  # in the evaluation after step 4
+    assert summary["extra"]["distributed"]["micro_batch_size_per_rank"] == [1, 1]
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["final_eval_loss"] == pytest.approx(one["final_eval_loss"], rel=1e-5)
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4]  # written once, after every rank agreed
+    close(tmp_path / "one", tmp_path / "two")

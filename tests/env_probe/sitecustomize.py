@@ -28,3 +28,24 @@ if _gate:
         _end = time.time() + 120
         while not Path(_gate).exists() and time.time() < _end:
             time.sleep(0.1)
+
+# $LORALAB_TEST_OOM_RANK and $LORALAB_TEST_OOM_ROWS: in the rank of a ``loralab.cli train`` job
+# whose RANK is $LORALAB_TEST_OOM_RANK, a micro batch of more than $LORALAB_TEST_OOM_ROWS rows
+# raises torch.OutOfMemoryError before any compute (an out-of-memory on that rank only), in
+# training, or in evaluation when $LORALAB_TEST_OOM_IN is "eval".
+_oom_rank = os.environ.get("LORALAB_TEST_OOM_RANK")
+if _oom_rank is not None and os.environ.get("RANK") == _oom_rank:
+    import torch
+
+    from loralab.train import core as _core
+    from loralab.train import evaluation as _evaluation
+
+    _limit, _run_losses = int(os.environ["LORALAB_TEST_OOM_ROWS"]), _core.run_losses
+    _training = os.environ.get("LORALAB_TEST_OOM_IN", "train") == "train"
+
+    def _oom_above(model, batch, n_runs, autocast):
+        if batch["input_ids"].shape[0] > _limit and torch.is_grad_enabled() == _training:
+            raise torch.OutOfMemoryError(f"injected on rank {_oom_rank}: micro batch {batch['input_ids'].shape[0]}")
+        return _run_losses(model, batch, n_runs, autocast)
+
+    _core.run_losses = _evaluation.run_losses = _oom_above

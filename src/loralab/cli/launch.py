@@ -171,6 +171,12 @@ def train_on_processes(args, cfg) -> dict:
 
     check_strategy(cfg, args.nproc)
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
+    launch(worker_args(args, run_dir), nproc=args.nproc, run_dir=run_dir, timeout_s=cfg.distributed.timeout_s)
+    return RunDir(run_dir).read_summary()
+
+
+def worker_args(args, run_dir: Path) -> list[str]:
+    """The command line of every rank: ``train`` with the same config, into ``run_dir``."""
     sets = [a for o in args.overrides for a in ("--set", o)]
     if args.resume:
         worker = ["train", "--resume", str(run_dir), *sets]
@@ -180,5 +186,4 @@ def train_on_processes(args, cfg) -> dict:
     worker.append("--json")  # no bars; the summary is rank 0's summary.json, printed here
     if args.force:
         worker.append("--force")
-    launch(worker, nproc=args.nproc, run_dir=run_dir, timeout_s=cfg.distributed.timeout_s)
-    return RunDir(run_dir).read_summary()
+    return worker

@@ -43,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=nproc_arg, default=1, metavar="N",
                    help="train the run on N processes of this machine (torch's launcher, as torchrun; "
                         "distributed.strategy ddp; one GPU each on CUDA): docs/distributed.md")
+    p.add_argument("--executor", choices=["torchrun", "ray"], default="torchrun",
+                   help="who starts the N processes: torchrun (torch's launcher, this machine; default) or ray "
+                        "(N Ray Train workers, anywhere in a Ray cluster)")
+    p.add_argument("--address", help="--executor ray: the Ray cluster's address (default: start a local Ray "
+                                     "instance); the run directory must then be on storage every node reads")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("quickstart", help="fine-tune the shipped tiny base on arithmetic, accuracy before/after")
@@ -236,7 +241,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_adapter_base(run.root, cfg.model.path, force=args.force, trust_remote_code=cfg.model.trust_remote_code)
     else:
         cfg = _checked_config(args)
-    if args.nproc > 1 and not distributed.launched():  # this process launches the ranks (loralab.cli.launch)
+    if args.address and args.executor != "ray":
+        from loralab.errors import ConfigError
+
+        raise ConfigError("--address is the Ray cluster's: give it with --executor ray")
+    if args.executor == "ray" and not distributed.launched():  # N Ray Train workers (loralab.cli.ray_train)
+        from loralab.cli.ray_train import train_on_ray
+
+        summary = train_on_ray(args, cfg)
+    elif args.nproc > 1 and not distributed.launched():  # this process launches the ranks (loralab.cli.launch)
         from loralab.cli.launch import train_on_processes
 
         summary = train_on_processes(args, cfg)

@@ -160,7 +160,8 @@ def record_results(runs: list[Run], setup: Setup, clock: Clock, shared: dict[str
         r.session_wall_s += leftover / len(ended or runs)
     extra = setup.adapters.summary_extra(group_size=len(runs), wall_s=group_wall,
                                          train_s=shared["group_train_time_s"])
-    extra.update(distributed.rank_record(runs[0].cfg, shared["peak_memory_bytes"]))  # several ranks: each one's peak
+    extra.update(distributed.rank_record(runs[0].cfg, shared["peak_memory_bytes"],  # several ranks: each one's
+                                         runs[0].state.micro_batch_size))  # peak and micro batch
     for r in ended:
         r.record(status=r.status, error=None, **run_result(r, setup, steps=shared["steps"], extra=extra,
                                                            peak_memory_bytes=shared["peak_memory_bytes"]))
@@ -381,22 +382,28 @@ def forward_backward(adapters, runs: list[Run], examples: list[Example], step_in
     batches, n_loss, tokens = host_layout(examples, step_indices, cfg, pad_id=pad_id, attention=attention)
     step_loss = torch.zeros(len(runs), dtype=torch.float64, device=device)
     first = runs[0].state.micro_batches  # the micro batches before this step (equal in every live run)
-    for j, batch in distributed.my_share(batches):  # several ranks: micro batch j on rank j % N
-        batch = to_device(batch, device)
-        # backward inside the routing: activation checkpointing recomputes forwards during it;
-        # draw numbers the micro batch (unique: a step has at most batch_size of them, packed or
-        # not); with each run's seed it seeds the run's dropout masks, the same in any group
-        draw = first * cfg.train.batch_size + j
-        with adapters.routed([r.index for r in runs], rows_each=batch["input_ids"].shape[0], draw=draw):
-            losses = run_losses(adapters.model, batch, len(runs), runs[0].cfg.train.autocast) / n_loss
-            if runs[0].scaler is None:
-                losses.sum().backward()
-            else:  # fp16: each run's loss times its own scale, so small gradients stay representable
-                torch.stack([r.scaler.scale(loss) for r, loss in zip(runs, losses, strict=True)]).sum().backward()
-        step_loss += losses.detach()
+    out_of_memory = False
+    try:
+        for j, batch in distributed.my_share(batches):  # several ranks: micro batch j on rank j % N
+            batch = to_device(batch, device)
+            # backward inside the routing: activation checkpointing recomputes forwards during it;
+            # draw numbers the micro batch (unique: a step has at most batch_size of them, packed or
+            # not); with each run's seed it seeds the run's dropout masks, the same in any group
+            draw = first * cfg.train.batch_size + j
+            with adapters.routed([r.index for r in runs], rows_each=batch["input_ids"].shape[0], draw=draw):
+                losses = run_losses(adapters.model, batch, len(runs), runs[0].cfg.train.autocast) / n_loss
+                if runs[0].scaler is None:
+                    losses.sum().backward()
+                else:  # fp16: each run's loss times its own scale, so small gradients stay representable
+                    torch.stack([r.scaler.scale(loss) for r, loss in zip(runs, losses, strict=True)]).sum().backward()
+            step_loss += losses.detach()
+    except torch.OutOfMemoryError:
+        if not distributed.active():
+            raise
+        out_of_memory = True  # several ranks: every rank learns it in the sum below and drops the step
     # several ranks: the gradients and losses of the whole step, summed over the ranks
     step_loss = distributed.sum_over_ranks([p for r in runs for p in r.params], step_loss,
-                                           timeout_s=cfg.distributed.timeout_s)
+                                           timeout_s=cfg.distributed.timeout_s, out_of_memory=out_of_memory)
     return step_loss, tokens
 
 

@@ -73,11 +73,6 @@ def check_strategy(cfg: Config, nproc: int) -> None:
         raise ConfigError("distributed.strategy fsdp is not available yet: loralab trains on several processes "
                           "with ddp only (the base replicated on every rank); set distributed.strategy=ddp, or train "
                           "a base that does not fit one device with quant.mode=nf4 (QLoRA)")
-    if cfg.train.auto_micro_batch:
-        raise ConfigError(f"train.auto_micro_batch is not available on {nproc} processes yet: an out-of-memory on one "
-                          "rank would halve its micro batch alone and the ranks would no longer share the same step; "
-                          "set train.micro_batch_size to a size that fits (loralab estimate) and "
-                          "train.auto_micro_batch=false")
     if cfg.model.device.startswith("cuda:"):
         raise ConfigError(f"model.device {cfg.model.device} names one GPU, but a run on {nproc} processes gives "
                           "each rank its own (LOCAL_RANK); set model.device=auto or cuda")
@@ -94,13 +89,17 @@ def process_group(cfg: Config):
     cuda = world > 1 and cfg.model.device != "cpu" and pick_device(cfg.model.device).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
+    joined = dist.is_initialized()  # Ray Train made the group (its backend, its timeout): join it
+    if not joined:
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
     if not writes():
         logging.getLogger("loralab").setLevel(logging.WARNING)  # one rank speaks; the others only warn
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        if not joined:
+            dist.destroy_process_group()
 
 
 def my_share(batches: list[dict]) -> list[tuple[int, dict]]:
@@ -109,22 +108,53 @@ def my_share(batches: list[dict]) -> list[tuple[int, dict]]:
     return [(j, b) for j, b in enumerate(batches) if j % n == r]
 
 
-def sum_over_ranks(params: list[torch.nn.Parameter], step_loss: torch.Tensor, *, timeout_s: int) -> torch.Tensor:
+def sum_over_ranks(params: list[torch.nn.Parameter], step_loss: torch.Tensor, *, timeout_s: int,
+                   out_of_memory: bool = False) -> torch.Tensor:
     """Sum the trainable parameters' gradients and the step's losses over the ranks, in place
     (one flat all-reduce); the summed losses are returned. A rank with no micro batch this step
-    contributes zeros."""
+    contributes zeros. One more element counts the ranks that ran out of memory in the step
+    (``out_of_memory``): when any did, every rank raises torch.OutOfMemoryError here, so every
+    rank drops the step and halves its micro batch together (train.auto_micro_batch)."""
     if not active():
         return step_loss
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten().to(torch.float32) for g in grads] + [step_loss.to(torch.float32)])
+    flag = torch.tensor([float(out_of_memory)], device=step_loss.device)
+    flat = torch.cat([g.flatten().to(torch.float32) for g in grads] + [step_loss.to(torch.float32), flag])
     with rank_timeout("summing a step's gradients", timeout_s):
         dist.all_reduce(flat)
+    # one host wait per step on several ranks (nothing on gloo's CPU): the ranks must agree now
+    raise_if_out_of_memory(int(flat[-1].item()), "in training")
+    flat = flat[:-1]
     offset = 0
     for p, g in zip(params, grads, strict=True):
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
         offset += n
     return flat[offset:].to(step_loss.dtype)
+
+
+def raise_if_out_of_memory(ranks: int, where: str) -> None:
+    """Every rank raises the out-of-memory that ``ranks`` of them met, so all retry together."""
+    if ranks:
+        raise torch.OutOfMemoryError(f"out of memory {where} on {ranks} of {world_size()} ranks (seen from rank "
+                                     f"{rank()})")
+
+
+@contextlib.contextmanager
+def out_of_memory_together(where: str, timeout_s: int):
+    """An out-of-memory on any rank inside the block is raised on every rank at its end (one
+    small all-gather): the ranks halve their micro batch together. Outside a group: as it is."""
+    if not active():
+        yield
+        return
+    failed = False
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        failed = True
+    with rank_timeout(f"agreeing whether a rank ran out of memory {where}", timeout_s):
+        ranks = sum(gather_ints(int(failed)))
+    raise_if_out_of_memory(ranks, where)  # outside: an OutOfMemoryError is a RuntimeError too
 
 
 def start_together(params: list[torch.nn.Parameter], step: int, *, micro_batch_size: int, timeout_s: int) -> None:
@@ -142,15 +172,16 @@ def start_together(params: list[torch.nn.Parameter], step: int, *, micro_batch_s
                            "rank): every rank must lay out the same step; set train.micro_batch_size to a number")
 
 
-def rank_record(cfg: Config, peak_memory_bytes: int) -> dict:
-    """The summary's ``distributed`` entry (world size, strategy, each rank's peak memory);
-    empty for a plain run. Every rank calls it at the end of the run."""
+def rank_record(cfg: Config, peak_memory_bytes: int, micro_batch_size: int) -> dict:
+    """The summary's ``distributed`` entry (world size, strategy, each rank's peak memory and
+    micro batch at the end); empty for a plain run. Every rank calls it at the end of the run."""
     if not active():
         return {}
     with rank_timeout("gathering each rank's peak memory", cfg.distributed.timeout_s):
-        peaks = gather_ints(int(peak_memory_bytes))
+        peaks, micros = gather_ints(int(peak_memory_bytes)), gather_ints(micro_batch_size)
     return {"distributed": {"world_size": world_size(), "strategy": cfg.distributed.strategy,
-                            "backend": dist.get_backend(), "peak_memory_bytes_per_rank": peaks}}
+                            "backend": dist.get_backend(), "peak_memory_bytes_per_rank": peaks,
+                            "micro_batch_size_per_rank": micros}}
 
 
 def gather_ints(value: int) -> list[int]:

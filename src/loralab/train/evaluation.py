@@ -9,6 +9,7 @@ import torch
 from loralab.config import Config
 from loralab.data.dataset import Example, collate
 from loralab.rundir import Status
+from loralab.train import distributed
 from loralab.train.checkpoint import TrainState
 from loralab.train.group_adapters import GroupAdapters, run_losses
 from loralab.train.runs import Run, fails_alone
@@ -63,19 +64,23 @@ def evaluate(setup: Setup, runs: list[Run], *, step: int, batch_size: int) -> No
     and each run's state."""
     runs = [r for r in runs if r.status is Status.RUNNING]  # a retried evaluation skips runs that ended in the last try
     cfg = runs[0].cfg
-    losses = evaluate_losses(setup.adapters, [r.index for r in runs], setup.splits.val, batch_size=batch_size,
-                             pad_id=setup.tokenizer.pad_token_id, device=setup.device, autocast=cfg.train.autocast)
+    values: dict[int, dict] = {}
+    # several ranks: an out-of-memory on any rank is raised on every rank before anything is written
+    with distributed.out_of_memory_together("in evaluation", cfg.distributed.timeout_s):
+        losses = evaluate_losses(setup.adapters, [r.index for r in runs], setup.splits.val, batch_size=batch_size,
+                                 pad_id=setup.tokenizer.pad_token_id, device=setup.device, autocast=cfg.train.autocast)
+        for run, eval_loss in zip(runs, losses, strict=True):
+            state = run.state
+            state.eval_loss = finite_or_none(eval_loss)
+            if state.eval_loss is not None:
+                state.best_eval_loss = min(state.best_eval_loss or math.inf, state.eval_loss)
+            with setup.adapters.only(run.index), fails_alone(run, runs, f"evaluation at step {step}"):
+                values[run.index] = run_eval_tasks(setup.adapters.model, setup.tokenizer, setup.tasks,
+                                                   batch_size=batch_size)
     for run, eval_loss in zip(runs, losses, strict=True):
-        state = run.state
-        state.eval_loss = finite_or_none(eval_loss)
-        if state.eval_loss is not None:
-            state.best_eval_loss = min(state.best_eval_loss or math.inf, state.eval_loss)
-        task_values = {}
-        with setup.adapters.only(run.index), fails_alone(run, runs, f"evaluation at step {step}"):
-            task_values = run_eval_tasks(setup.adapters.model, setup.tokenizer, setup.tasks, batch_size=batch_size)
         if run.status is not Status.RUNNING:
             continue
-        for k, v in task_values.items():
-            state.task_history.setdefault(k, []).append(v)
-        run.metrics.write(step=step, eval_loss=eval_loss if setup.splits.val else None, tokens_seen=state.tokens_seen,
-                          **task_values)
+        for k, v in values[run.index].items():
+            run.state.task_history.setdefault(k, []).append(v)
+        run.metrics.write(step=step, eval_loss=eval_loss if setup.splits.val else None,
+                          tokens_seen=run.state.tokens_seen, **values[run.index])
