@@ -157,10 +157,11 @@ def test_two_processes_equal_one_and_listen_on_loopback_only(one_process, tmp_pa
 
 
 @pytest.mark.slow
-def test_killed_rank_leaves_run_interrupted_and_resumes_on_one_process(one_process, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_killed_rank_leaves_run_interrupted_and_resumes_on_one_process(one_process, tmp_path, strategy):
     cfg, one = one_process
     run = tmp_path / "killed"
-    proc = launch(cfg, run)
+    proc = launch(cfg, run, "--set", f"distributed.strategy={strategy}")
     wait_for_checkpoint(run, proc)
     os.kill(rank_pid(proc, 1), signal.SIGKILL)
     _, err = proc.communicate()
@@ -183,10 +184,14 @@ def test_killed_rank_leaves_run_interrupted_and_resumes_on_one_process(one_proce
 
 
 @pytest.mark.slow
-def test_hanging_rank_is_caught_by_the_timeout(one_process, tmp_path):
+@pytest.mark.parametrize(("strategy", "waiting"), [
+    ("ddp", "summing a step's gradients"),
+    ("fsdp", "running a step's forward and backward passes (fsdp gathers and reduce-scatters shards in them)")],
+    ids=["ddp", "fsdp"])
+def test_hanging_rank_is_caught_by_the_timeout(one_process, tmp_path, strategy, waiting):
     cfg, _ = one_process
     run = tmp_path / "hang"
-    proc = launch(cfg, run, "--set", "distributed.timeout_s=3")
+    proc = launch(cfg, run, "--set", "distributed.timeout_s=3", "--set", f"distributed.strategy={strategy}")
     wait_for_checkpoint(run, proc)
     stopped = rank_pid(proc, 1)
     os.kill(stopped, signal.SIGSTOP)  # rank 1 hangs
@@ -202,7 +207,7 @@ def test_hanging_rank_is_caught_by_the_timeout(one_process, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed"
     assert summary["error"].startswith("rank 0 of 2 waited more than distributed.timeout_s = 3 s for the other ranks "
-                                       "while summing a step's gradients: a rank hangs or died")
+                                       f"while {waiting}: a rank hangs or died"), summary["error"]
     assert "distributed.timeout_s = 3 s" in err
 
 

@@ -390,7 +390,8 @@ def forward_backward(adapters, runs: list[Run], examples: list[Example], step_in
         # draw numbers the micro batch (unique: a step has at most batch_size of them, packed or
         # not); with each run's seed it seeds the run's dropout masks, the same in any group
         draw = first * cfg.train.batch_size + j
-        with adapters.routed([r.index for r in runs], rows_each=batch["input_ids"].shape[0], draw=draw):
+        with (adapters.routed([r.index for r in runs], rows_each=batch["input_ids"].shape[0], draw=draw),
+              distributed.sharded_passes(cfg.distributed.timeout_s)):
             # weight 0: fsdp's filler pass of a rank short of a micro batch (distributed.my_share)
             losses = run_losses(adapters.model, batch, len(runs), runs[0].cfg.train.autocast) / n_loss * weight
             if runs[0].scaler is None:

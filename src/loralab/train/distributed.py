@@ -252,6 +252,22 @@ def gather_ints(value: int) -> list[int]:
 
 
 @contextlib.contextmanager
+def sharded_passes(timeout_s: int):
+    """fsdp: forward and backward passes gather and reduce-scatter shards; a collective that
+    failed in one (gloo's or NCCL's error: a rank hangs or died) becomes rank_timeout's clear
+    error. Any other error, and any error outside fsdp, passes as it is."""
+    try:
+        yield
+    except RuntimeError as exc:
+        said = str(exc).lower()
+        if not sharded() or not any(k in said for k in ("gloo", "nccl", "timed out", "connection closed")):
+            raise
+        with rank_timeout("running a step's forward and backward passes (fsdp gathers and reduce-scatters shards "
+                          "in them)", timeout_s):
+            raise
+
+
+@contextlib.contextmanager
 def rank_timeout(doing: str, timeout_s: int):
     """A collective that failed becomes one clear error naming what the rank was doing: a
     timeout (another rank hangs) or a lost connection (another rank died)."""
