@@ -88,15 +88,17 @@ def count_params(peft_model) -> tuple[int, int]:
     return int(trainable), int(total)
 
 
-def save_adapter(peft_model, out_dir: Path) -> None:
+def save_adapter(peft_model, out_dir: Path, weights: dict[str, Any] | None = None) -> None:
     """Write adapter_config.json + adapter_model.safetensors + the base's identity (BASE_RECORD)
     atomically (loralab.rundir.atomic_dir: a full disk or a kill leaves the previous adapter or
-    none, never half of one)."""
+    none, never half of one). ``weights``: the trainable tensors by name, whole, in place of the
+    model's own (a sharded model's, gathered); None: the model's."""
     from loralab.rundir import atomic_dir
 
     config = peft_model.get_base_model().config
     with atomic_dir(out_dir, fsync=False) as tmp:
-        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        peft_model.save_pretrained(str(tmp), safe_serialization=True,
+                                   **({"state_dict": weights} if weights is not None else {}))
         (tmp / BASE_RECORD).write_text(json.dumps(base_identity(config), indent=2) + "\n", encoding="utf-8")
 
 

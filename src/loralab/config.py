@@ -205,8 +205,9 @@ class DistributedConfig:
     strategy: Literal["ddp", "fsdp"] = _f(
         "ddp", "How a run on several processes (loralab train --nproc N, or torchrun) shares the work: ddp replicates "
                "the base and sums the adapters' gradients over the ranks (each rank takes its share of every step's "
-               "micro batches: the same maths as one process); fsdp (FSDP2 sharding of the base) is refused for now. "
-               "One process ignores it.")
+               "micro batches: the same maths as one process); fsdp shards the base and the adapters over the ranks "
+               "with FSDP2 (fully_shard; the same maths; not with 4-bit quant or train.compile true). One process "
+               "ignores it.")
     timeout_s: int = _f(
         600, "Seconds a rank waits for the others at a collective (the gradient sum of a step, the start) before the "
              "run fails, naming the wait: a hanging rank ends the run instead of blocking it forever.", gt=0)

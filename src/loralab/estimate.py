@@ -585,19 +585,47 @@ def _settings(cfg: Config, gc: bool, device: str) -> dict[str, Any]:
     }
 
 
-def per_rank(est: Estimate, nproc: int) -> Estimate:
-    """Each rank's memory in a run on ``nproc`` processes with distributed.strategy ddp
-    (loralab.train.distributed): what one process holds (the whole base, the adapters, their
-    gradients and optimizer state, one micro batch's activations) plus the flat fp32 buffer the
-    step's gradient sum goes through (the adapters' gradients once more). One process: ``est``."""
+def per_rank(est: Estimate, nproc: int, strategy: str = "ddp") -> Estimate:
+    """Each rank's memory in a run on ``nproc`` processes (loralab.train.distributed). One
+    process: ``est``.
+
+    ddp: what one process holds (the whole base, the adapters, their gradients and optimizer
+    state, one micro batch's activations) plus the flat fp32 buffer the step's gradient sum
+    goes through (the adapters' gradients once more).
+
+    fsdp: the base, the adapters, their gradients and optimizer state in shards of 1/N, plus
+    what FSDP gathers whole while computing: the root (embeddings, final norm, head: kept
+    gathered from the forward to the backward) and two decoder layers (the one computing and
+    the one prefetched), base and adapters; activations are each rank's own, whole."""
     if nproc <= 1:
         return est
     memory = {k: v for k, v in est.memory_bytes.items() if k != "total"}
-    memory["gradient_sum"] = est.trainable_params * LORA_PARAM_BYTES
+    if strategy == "fsdp":
+        if est.settings["quant"] != "none":
+            raise ConfigError(f"quant.mode {est.settings['quant']} with distributed.strategy fsdp is not available "
+                              "(loralab train refuses it); estimate quant.mode=none or distributed.strategy=ddp")
+        for part in ("base_weights", "lora_weights", "gradients", "optimizer_state"):
+            memory[part] = -(-memory[part] // nproc)
+        memory["gathered_params"] = gathered_bytes(est)
+        note = (f"per rank of {nproc} fsdp processes: base, adapters, gradients and optimizer state in 1/{nproc} "
+                "shards; gathered_params is the root (embeddings, norm, head) and two decoder layers whole")
+    else:
+        memory["gradient_sum"] = est.trainable_params * LORA_PARAM_BYTES
+        note = (f"per rank of {nproc} ddp processes (every rank holds the whole base); the largest micro batch "
+                "that fits leaves out the gradient-sum buffer")
     memory["total"] = sum(memory.values())
     fits = None if est.budget_bytes is None else memory["total"] <= est.budget_bytes
-    note = (f"per rank of {nproc} ddp processes (every rank holds the whole base); the largest micro batch "
-            "that fits leaves out the gradient-sum buffer")
     return replace(est, memory_bytes=memory, fits=fits, settings={**est.settings, "processes": nproc,
-                                                                  "strategy": "ddp"},
+                                                                  "strategy": strategy},
                    approximate=[*est.approximate, note])
+
+
+def gathered_bytes(est: Estimate) -> int:
+    """What an fsdp rank holds whole at its peak: the root's parameters (all but the decoder
+    layers) and two decoder layers' (base in model.dtype, adapters fp32)."""
+    shape = describe_model(est.model)
+    e = DTYPE_BYTES[est.settings["dtype"]]
+    in_layers = sum(i * o for name, (i, o) in shape.linears.items() if name != shape.head_name)
+    layer = in_layers // shape.layers + 2 * shape.hidden  # its linears and two norms
+    root = shape.total_params - layer * shape.layers
+    return (root + 2 * layer) * e + 2 * (est.trainable_params // shape.layers) * LORA_PARAM_BYTES

@@ -45,10 +45,14 @@ def estimate_from_args(
     rslora: bool | None = None,
     dora: bool | None = None,
     double_quant: bool | None = None,
+    nproc: int = 1,
     **flags: Any,
 ) -> Estimate:
     """The CLI path: a config file and/or flags (model, r, targets, quant, optim,
-    micro_batch, seq_len, dtype, momentum); flags win over the file."""
+    micro_batch, seq_len, dtype, momentum); flags win over the file. ``nproc`` > 1: each
+    rank's memory, for the config's distributed.strategy."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1 (got {nproc})")
     for name, label in _POSITIVE.items():
         if flags.get(name) is not None and flags[name] <= 0:
             raise ConfigError(f"{label} must be > 0 (got {flags[name]})")
@@ -70,8 +74,9 @@ def estimate_from_args(
     if isinstance(raw.get("lora", {}).get("targets"), str):
         raw["lora"]["targets"] = [t.strip() for t in raw["lora"]["targets"].split(",") if t.strip()]
     cfg = config_from_dict(raw, source=str(config_path or "estimate"), origins=override_origins(list(overrides or [])))
-    return estimate_run(cfg, grad_checkpointing=grad_checkpointing, budget_bytes=budget_bytes, throughput=throughput,
-                        device=device)
+    est = estimate_run(cfg, grad_checkpointing=grad_checkpointing, budget_bytes=budget_bytes, throughput=throughput,
+                       device=device)
+    return per_rank(est, nproc, cfg.distributed.strategy)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -102,7 +107,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", help="memory budget, e.g. 24GB or 80GiB; reports fits and the largest micro batch")
     p.add_argument("--throughput", type=float, help="effective FLOP/s of the device, e.g. 100e12")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
-                   help="memory of each rank of a run on N processes (loralab train --nproc N, ddp)")
+                   help="memory of each rank of a run on N processes (loralab train --nproc N), for the config's "
+                        "distributed.strategy (ddp or fsdp; --set distributed.strategy=fsdp)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_estimate)
 
@@ -115,11 +121,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     est = estimate_from_args(
         args.config, args.set, grad_checkpointing=args.grad_checkpointing, budget=args.budget,
         throughput=args.throughput, device=args.device, rslora=args.rslora, dora=args.dora,
-        double_quant=args.double_quant, **flags,
+        double_quant=args.double_quant, nproc=args.nproc, **flags,
     )
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc must be at least 1 (got {args.nproc})")
-    est = per_rank(est, args.nproc)
     if args.json:
         emit_json(est.to_dict())
     else:
@@ -133,7 +136,7 @@ def format_table(est: Estimate) -> str:
     setup = (f"{s['dtype']} base, quant {s['quant']}, r={s['r']} on {','.join(s['targets'])} ({est.lora_modules} "
              f"modules), {s['optimizer']}, micro batch {s['micro_batch_size']} x {s['seq_len']} tokens"
              + (", grad checkpointing" if s["grad_checkpointing"] else "") + f", {s['device']}"
-             + (f", per rank of {s['processes']} ddp processes" if s.get("processes") else ""))
+             + (f", per rank of {s['processes']} {s['strategy']} processes" if s.get("processes") else ""))
     about = [("model", f"{est.model} ({est.model_type})"), ("setup", setup),
              ("total params", f"{est.total_params:,} (base {est.base_params:,} + adapter {est.trainable_params:,})"),
              ("trainable params",

@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from loralab.adapters import refuse_pickles
 from loralab.errors import LoralabError, ModelError
 from loralab.rundir import CHECKPOINT_GLOB, RunDir, atomic_dir, checkpoint_name, remove_tree
+from loralab.train import distributed
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def optimizer_parts(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor]
     for idx, entry in sd["state"].items():
         for name, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state/{idx}/{name}"] = value
+                tensors[f"state/{idx}/{name}"] = distributed.whole(value)  # fsdp: the shards gathered
             else:
                 scalars.setdefault(str(idx), {})[name] = value
     groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
@@ -182,16 +183,22 @@ def save_checkpoint(run_dir: Path, state: TrainState, *, params: dict[str, torch
                     device: torch.device | None = None) -> Path:
     """Write the checkpoint for ``state.step`` atomically (older ones stay: the caller prunes
     them with prune_checkpoints once every run of its group has saved). ``params``: the trainable
-    tensors by name; ``device``: the training device, whose generator state is kept."""
+    tensors by name; ``device``: the training device, whose generator state is kept.
+
+    Several ranks: every rank calls it; fsdp's shards are gathered whole (a collective) and rank
+    0 alone writes, in the one-process format, so any number of processes resumes it."""
     root = RunDir(run_dir).checkpoints
+    final = root / checkpoint_name(state.step)
+    params = {name: distributed.whole(p) for name, p in params.items()}
+    opt_tensors, opt_json = optimizer_parts(opt)
+    if not distributed.writes():
+        return final
     root.mkdir(parents=True, exist_ok=True)
     clean_temporaries(root)
-    final = root / checkpoint_name(state.step)
     try:
         # a checkpoint of this step from an earlier session is replaced whole
         with atomic_dir(final, fsync=True) as tmp:  # checkpoints/.tmp-step-000120-<pid>
             _write_tensors(tmp / "adapter.safetensors", params)
-            opt_tensors, opt_json = optimizer_parts(opt)
             _write_tensors(tmp / "optimizer.safetensors", opt_tensors)
             _write_json(tmp / "optimizer.json", opt_json)
             _write_json(tmp / "scheduler.json", scheduler_state(sched))
@@ -272,10 +279,12 @@ def _read_json(path: Path) -> Any:
 def _restore_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
     tensors = load_file(str(path / "optimizer.safetensors"))
     meta = _read_json(path / "optimizer.json")
+    params = [p for g in opt.param_groups for p in g["params"]]  # the state's indices, in order
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         _, idx, name = key.split("/", 2)
-        state.setdefault(int(idx), {})[name] = value
+        # fsdp: a parameter's whole moment sharded as the parameter is
+        state.setdefault(int(idx), {})[name] = distributed.shard_like(value, params[int(idx)])
     for idx, entry in meta["scalars"].items():
         state.setdefault(int(idx), {}).update(entry)
     groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
@@ -316,7 +325,7 @@ def load_checkpoint(path: Path, *, params: dict[str, torch.Tensor], opt, sched,
             if saved[name].shape != p.shape:
                 raise ModelError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, "
                                  f"the model {tuple(p.shape)}")
-            p.copy_(saved[name])
+            p.copy_(distributed.shard_like(saved[name], p))  # fsdp: sharded again
     _restore_optimizer(opt, path)
     sched.load_state_dict({**_read_json(path / "scheduler.json"), "lr_lambdas": [None] * len(opt.param_groups)})
     _restore_rng(path, device)

@@ -240,7 +240,8 @@ def fit(runs: list[Run], setup: Setup, *, resume: bool, show_progress: bool, pru
             if step in rungs:
                 stop_worst(going, prune, step=step, steps=steps, setup=setup)
                 going = running(going)
-            if going and step < steps and distributed.writes() and (step == stop or (cfg.train.checkpoint_every
+            # every rank: fsdp gathers the shards for rank 0, the only one that writes
+            if going and step < steps and (step == stop or (cfg.train.checkpoint_every
                                                             and step % cfg.train.checkpoint_every == 0)):
                 save_checkpoints(going, adapters, clock=clock, keep_last=cfg.train.keep_last, device=device)
             bar.update(1)
@@ -276,7 +277,7 @@ def end_runs(runs: list[Run], adapters: GroupAdapters, *, clock: Clock, complete
     for r in runs:
         if r.metrics is not None and not r.metrics.f.closed:
             r.metrics.close()
-    saved = [r for r in finished if r.cfg.output.save_adapter and distributed.writes()]
+    saved = [r for r in finished if r.cfg.output.save_adapter]  # every rank: fsdp gathers, rank 0 writes
     if saved:
         adapters.save(saved, clock.charge_to)
     for r in finished:
@@ -346,7 +347,9 @@ def optimizer_step(runs: list[Run], step_loss: torch.Tensor, *, step: int, steps
     for r in runs:
         if r.scaler is not None:
             r.scaler.unscale_(r.opt)  # on the device: no sync
-    norms = [torch.nn.utils.clip_grad_norm_(r.params, r.cfg.train.grad_clip or float("inf")) for r in runs]
+    # fsdp: the gradients are shards (DTensors); their norm is the whole gradient's, on every rank
+    norms = [distributed.whole(torch.nn.utils.clip_grad_norm_(r.params, r.cfg.train.grad_clip or float("inf")))
+             for r in runs]
     # the step's one host-device sync: every run's loss and gradient norm at once
     values = torch.cat([step_loss, torch.stack(norms).to(step_loss)]).tolist()
     for r, loss, norm in zip(runs, values[:len(runs)], values[len(runs):], strict=True):
@@ -384,14 +387,16 @@ def forward_backward(adapters, runs: list[Run], examples: list[Example], step_in
     first = runs[0].state.micro_batches  # the micro batches before this step (equal in every live run)
     out_of_memory = False
     try:
-        for j, batch in distributed.my_share(batches):  # several ranks: micro batch j on rank j % N
+        for j, batch, weight in distributed.my_share(batches):  # several ranks: micro batch j on rank j % N
             batch = to_device(batch, device)
             # backward inside the routing: activation checkpointing recomputes forwards during it;
             # draw numbers the micro batch (unique: a step has at most batch_size of them, packed or
             # not); with each run's seed it seeds the run's dropout masks, the same in any group
             draw = first * cfg.train.batch_size + j
-            with adapters.routed([r.index for r in runs], rows_each=batch["input_ids"].shape[0], draw=draw):
-                losses = run_losses(adapters.model, batch, len(runs), runs[0].cfg.train.autocast) / n_loss
+            with (adapters.routed([r.index for r in runs], rows_each=batch["input_ids"].shape[0], draw=draw),
+                  distributed.sharded_passes(cfg.distributed.timeout_s)):
+                # weight 0: fsdp's filler pass of a rank short of a micro batch (distributed.my_share)
+                losses = run_losses(adapters.model, batch, len(runs), runs[0].cfg.train.autocast) / n_loss * weight
                 if runs[0].scaler is None:
                     losses.sum().backward()
                 else:  # fp16: each run's loss times its own scale, so small gradients stay representable
@@ -400,7 +405,7 @@ def forward_backward(adapters, runs: list[Run], examples: list[Example], step_in
     except torch.OutOfMemoryError:
         if not distributed.active():
             raise
-        out_of_memory = True  # several ranks: every rank learns it in the sum below and drops the step
+        out_of_memory = True  # several ranks (ddp): every rank learns it in the sum below and drops the step
     # several ranks: the gradients and losses of the whole step, summed over the ranks
     step_loss = distributed.sum_over_ranks([p for r in runs for p in r.params], step_loss,
                                            timeout_s=cfg.distributed.timeout_s, out_of_memory=out_of_memory)
@@ -411,7 +416,9 @@ def compile_for_training(setup: Setup, runs: list[Run], data: StepData, *, steps
     """train.compile for this session: as the run started when resuming, else decided from the
     tokens still to train; when on, checked on the next step's micro batches (then thrown away)."""
     state0, train = runs[0].state, setup.splits.train
-    if step > 0 and state0.compiled is not None:
+    if distributed.sharded():  # train.compile true is refused with fsdp (distributed.check_fsdp)
+        on, reason = False, "distributed.strategy fsdp: eager (compiled layers under fully_shard are not checked)"
+    elif step > 0 and state0.compiled is not None:
         on, reason = state0.compiled, f"as the run started (train.compile: {data.cfg.train.compile})"
     else:
         mean = sum(len(e.input_ids) for e in train) / max(1, len(train))
@@ -544,7 +551,8 @@ def save_checkpoints(runs: list[Run], adapters, *, clock: Clock, keep_last: int,
             finally:
                 r.state.wall_time_s -= r.session_wall_s
     for r in runs:
-        prune_checkpoints(r.dir.checkpoints, keep_last)
+        if distributed.writes():
+            prune_checkpoints(r.dir.checkpoints, keep_last)
 
 
 def run_result(run: Run, setup: Setup, *, steps: int, extra: dict[str, Any] | None = None,

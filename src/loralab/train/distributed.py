@@ -12,6 +12,16 @@ and every rank then takes the same optimizer step. Only rank 0 writes the run di
 (``writes()``); the others read it (a resume's checkpoint) and keep their metrics to
 themselves.
 
+Strategy fsdp, the same maths with the model sharded (``shard``: FSDP2 ``fully_shard`` on
+every decoder layer and the root, base and adapters alike): the same layout and loss divisor
+as ddp, but FSDP's reduce-scatter sums the gradients into each rank's shard during backward
+(summed, not averaged: each loss is already divided by the whole step's tokens), so only the
+step's loss is all-reduced. FSDP's collectives pair up, so every rank runs as many forward and
+backward passes as the rank with the most micro batches: a rank short of one runs one of its
+own (rank 0's first when it has none) again with loss weight 0. Checkpoints and the final
+adapter gather the shards whole on every rank (``whole``) for rank 0 to write, in the
+one-process format; a load shards them again (``shard_like``).
+
 Outside a process group (a plain run) every function here is the identity: rank 0 of 1.
 """
 
@@ -26,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from loralab.config import Config
-from loralab.errors import ConfigError, LoralabError
+from loralab.errors import ConfigError, LoralabError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +70,14 @@ def world_size() -> int:
     return dist.get_world_size() if active() else 1
 
 
+_strategy = "ddp"  # the joined process group's distributed.strategy (process_group sets it)
+
+
+def sharded() -> bool:
+    """Whether the model is sharded over the ranks: distributed.strategy fsdp on several processes."""
+    return active() and _strategy == "fsdp"
+
+
 def writes() -> bool:
     """Whether this process writes the run directory: rank 0 (and a plain run)."""
     return rank() == 0
@@ -70,12 +88,27 @@ def check_strategy(cfg: Config, nproc: int) -> None:
     if nproc <= 1:
         return
     if cfg.distributed.strategy == "fsdp":
-        raise ConfigError("distributed.strategy fsdp is not available yet: loralab trains on several processes "
-                          "with ddp only (the base replicated on every rank); set distributed.strategy=ddp, or train "
-                          "a base that does not fit one device with quant.mode=nf4 (QLoRA)")
+        check_fsdp(cfg)
     if cfg.model.device.startswith("cuda:"):
         raise ConfigError(f"model.device {cfg.model.device} names one GPU, but a run on {nproc} processes gives "
                           "each rank its own (LOCAL_RANK); set model.device=auto or cuda")
+
+
+def check_fsdp(cfg: Config) -> None:
+    """What distributed.strategy fsdp cannot do yet, refused before any process starts."""
+    if cfg.quant.mode != "none":
+        raise ConfigError(f"quant.mode {cfg.quant.mode} with distributed.strategy fsdp is not available: sharding "
+                          "bitsandbytes' 4-bit weights is not checked in loralab; set quant.mode=none (fsdp shards "
+                          "the base in model.dtype) or distributed.strategy=ddp (QLoRA, the base on every rank)")
+    if cfg.train.compile is True:
+        raise ConfigError("train.compile true with distributed.strategy fsdp is not available: compiled decoder "
+                          "layers under fully_shard are not checked in loralab; set train.compile=false or auto "
+                          "(auto trains eager with fsdp)")
+    if cfg.train.auto_micro_batch:
+        raise ConfigError("train.auto_micro_batch with distributed.strategy fsdp is not available: an out-of-memory "
+                          "inside a pass leaves the other ranks waiting in fsdp's collectives of that pass; set "
+                          "train.micro_batch_size to a size that fits (loralab estimate --nproc N) and "
+                          "train.auto_micro_batch=false, or distributed.strategy=ddp (which halves it on every rank)")
 
 
 @contextlib.contextmanager
@@ -93,19 +126,71 @@ def process_group(cfg: Config):
     if not joined:
         dist.init_process_group("nccl" if cuda else "gloo",
                                 timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
+    global _strategy
+    _strategy = cfg.distributed.strategy
     if not writes():
         logging.getLogger("loralab").setLevel(logging.WARNING)  # one rank speaks; the others only warn
     try:
         yield
     finally:
+        _strategy = "ddp"
         if not joined:
             dist.destroy_process_group()
 
 
-def my_share(batches: list[dict]) -> list[tuple[int, dict]]:
-    """(index in the step, micro batch) for this rank's micro batches of a step: j % N == rank."""
+def shard(model: torch.nn.Module) -> None:
+    """fsdp: FSDP2 ``fully_shard`` of every decoder layer, then of the root (embeddings, final
+    norm, head), once the adapters are in; frozen base and adapters alike. The reduce-scatter
+    of the gradients sums (divide factor 1, SUM collectives only: gloo has no pre-multiplied
+    sum). Anything else: nothing."""
+    if not sharded():
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from loralab.train.compiled import decoder_layers
+
+    layers = decoder_layers(model)
+    if not layers:
+        raise ModelError(f"distributed.strategy fsdp: {type(model).__name__} names no decoder layers "
+                         "(_no_split_modules) to shard; set distributed.strategy=ddp")
+    mesh = init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (world_size(),))
+    for module in [*layers, model]:
+        fully_shard(module, mesh=mesh)
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
+    log.info("fsdp: %d decoder layers and the root sharded over %d ranks", len(layers), world_size())
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole on every rank: fsdp's sharded tensor (a DTensor) gathered, any other as it is.
+    Every rank calls it for the same tensors in the same order (it is a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor().detach() if isinstance(t, DTensor) else t
+
+
+def shard_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole tensor laid out as ``like``: rank 0's ``t`` sharded as ``like`` is when ``like``
+    is a DTensor of the same shape (fsdp); else ``t`` as it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor) or t.shape != like.shape:
+        return t
+    return distribute_tensor(t.detach().to(like.dtype), like.device_mesh, like.placements)
+
+
+def my_share(batches: list[dict]) -> list[tuple[int, dict, float]]:
+    """(index in the step, micro batch, loss weight) for this rank's micro batches of a step:
+    j % N == rank, weight 1. fsdp: a rank with fewer than the most any rank has this step runs
+    its first (rank 0's first when it has none) again with weight 0, so every rank runs as
+    many forward and backward passes (FSDP's collectives pair up)."""
     n, r = world_size(), rank()
-    return [(j, b) for j, b in enumerate(batches) if j % n == r]
+    mine = [(j, b, 1.0) for j, b in enumerate(batches) if j % n == r]
+    if sharded():
+        j, b, _ = mine[0] if mine else (0, batches[0], 1.0)
+        mine += [(j, b, 0.0)] * (-(-len(batches) // n) - len(mine))
+    return mine
 
 
 def sum_over_ranks(params: list[torch.nn.Parameter], step_loss: torch.Tensor, *, timeout_s: int,
@@ -114,8 +199,13 @@ def sum_over_ranks(params: list[torch.nn.Parameter], step_loss: torch.Tensor, *,
     (one flat all-reduce); the summed losses are returned. A rank with no micro batch this step
     contributes zeros. One more element counts the ranks that ran out of memory in the step
     (``out_of_memory``): when any did, every rank raises torch.OutOfMemoryError here, so every
-    rank drops the step and halves its micro batch together (train.auto_micro_batch)."""
+    rank drops the step and halves its micro batch together (train.auto_micro_batch, ddp). fsdp:
+    the gradients were summed into each rank's shard during backward; only the losses are."""
     if not active():
+        return step_loss
+    if sharded():
+        with rank_timeout("summing a step's losses", timeout_s):
+            dist.all_reduce(step_loss)
         return step_loss
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flag = torch.tensor([float(out_of_memory)], device=step_loss.device)
@@ -160,13 +250,18 @@ def out_of_memory_together(where: str, timeout_s: int):
 def start_together(params: list[torch.nn.Parameter], step: int, *, micro_batch_size: int, timeout_s: int) -> None:
     """Every rank starts from rank 0's adapters at the same step with the same micro batch
     size: ranks that disagree (a resume that found another checkpoint, an auto micro batch
-    resolved to another size) are refused, since they would train a different run."""
+    resolved to another size) are refused, since they would train a different run. fsdp: rank
+    0's whole adapters, sharded again."""
     if not active():
         return
     with rank_timeout("starting (every rank loads the base and the data first)", timeout_s):
         steps, micros = gather_ints(step), gather_ints(micro_batch_size)
-        for p in params:
-            dist.broadcast(p.data, src=0)
+        with torch.no_grad():
+            for p in params:
+                if sharded():
+                    p.copy_(shard_like(whole(p), p))
+                else:
+                    dist.broadcast(p.data, src=0)
     if len(set(steps)) > 1 or len(set(micros)) > 1:
         raise LoralabError(f"the ranks would start from different steps {steps} or micro batch sizes {micros} (by "
                            "rank): every rank must lay out the same step; set train.micro_batch_size to a number")
@@ -190,6 +285,22 @@ def gather_ints(value: int) -> list[int]:
     out = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size())]
     dist.all_gather(out, torch.tensor([value], dtype=torch.int64, device=device))
     return [int(t.item()) for t in out]
+
+
+@contextlib.contextmanager
+def sharded_passes(timeout_s: int):
+    """fsdp: forward and backward passes gather and reduce-scatter shards; a collective that
+    failed in one (gloo's or NCCL's error: a rank hangs or died) becomes rank_timeout's clear
+    error. Any other error, and any error outside fsdp, passes as it is."""
+    try:
+        yield
+    except RuntimeError as exc:
+        said = str(exc).lower()
+        if not sharded() or not any(k in said for k in ("gloo", "nccl", "timed out", "connection closed")):
+            raise
+        with rank_timeout("running a step's forward and backward passes (fsdp gathers and reduce-scatters shards "
+                          "in them)", timeout_s):
+            raise
 
 
 @contextlib.contextmanager

@@ -61,11 +61,14 @@ def _hashable(value: Any) -> Any:
 def fuse_key(cfg: Config) -> tuple:
     """Runs with equal keys can be trained together by train_fused.
 
-    Raises ConfigError for a run that can never be fused (DoRA): train it alone. Checkpoints,
-    stop_at_step, auto micro batch and activation checkpointing are shared keys: a group has
-    them as a solo run does.
+    Raises ConfigError for a run that can never be fused (DoRA, distributed.strategy fsdp):
+    train it alone. Checkpoints, stop_at_step, auto micro batch and activation checkpointing
+    are shared keys: a group has them as a solo run does.
     """
     refuse_dora(cfg.lora)
+    if cfg.distributed.strategy == "fsdp":
+        raise ConfigError("distributed.strategy fsdp: a run sharded over several processes cannot be fused (a fused "
+                          "group trains on one process); train it alone, or set distributed.strategy=ddp")
     return tuple(
         (f"{section}.{key}", _hashable(value))
         for section, values in cfg.to_dict().items()

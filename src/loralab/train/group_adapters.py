@@ -13,6 +13,7 @@ from loralab.adapters import attach_lora, count_params, save_adapter
 from loralab.config import Config
 from loralab.errors import ConfigError, LoralabError, ModelError
 from loralab.rundir import FINAL, Status
+from loralab.train import distributed
 from loralab.train.chunked_loss import loss_sums
 from loralab.train.group import (
     initial_adapter,
@@ -104,9 +105,12 @@ class SoloAdapters:
         return self.trainable, self.total
 
     def save(self, runs: list[Run], charge_to: ChargeTo) -> None:
+        """Every rank calls it; rank 0 writes. fsdp: the shards gathered whole first (a collective)."""
         for r in runs:
             with charge_to(r):
-                save_adapter(self.model, r.dir.adapter)
+                weights = {n: distributed.whole(p) for n, p in self.named_params(r.index).items()}
+                if distributed.writes():
+                    save_adapter(self.model, r.dir.adapter, weights if distributed.sharded() else None)
 
     def summary_extra(self, *, group_size: int, wall_s: float, train_s: float) -> dict[str, Any]:
         return {}
@@ -153,6 +157,8 @@ class FusedAdapters:
         return self.inits[run].trainable_params, self.inits[run].total_params
 
     def save(self, runs: list[Run], charge_to: ChargeTo) -> None:
+        if not distributed.writes():  # a fused group trains on one process (fused.check_group)
+            return
         weights = {r.index: trained_weights(self.model, r.index) for r in runs}
         remove(self.model)  # PEFT's own layers go in to save
         for r in runs:

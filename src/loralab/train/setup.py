@@ -19,6 +19,7 @@ from loralab.models import (
     read_config,
 )
 from loralab.resolve import resolve_data
+from loralab.train import distributed
 from loralab.train.compiled import CompileReport
 from loralab.train.group_adapters import GroupAdapters
 from loralab.train.step import packed_attention, plan_steps, seed_everything
@@ -57,6 +58,7 @@ def load_group(cfgs: list[Config], kind: type[GroupAdapters], *, progress: bool 
     adapters = kind.attach(base, cfgs)
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(base, cfg.model.path)
+    distributed.shard(adapters.model)  # distributed.strategy fsdp on several processes: base and adapters sharded
     trainable, total = adapters.counts(min(k for k in range(len(cfgs)) if k not in adapters.rejected))
     # debug: the run's summary says it; at info it read as PEFT's own line beside loralab's (-v shows it)
     log.debug("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}",
