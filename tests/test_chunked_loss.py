@@ -114,3 +114,49 @@ def test_a_run_with_the_loss_in_chunks_trains_as_with_whole_logits(tiny_model_di
     part = losses(CHUNK * 1276)  # the tiny tokenizer's vocabulary
     assert len(calls) >= 3 and len(whole) == 4  # every step's loss, and the evaluation's, in chunks
     assert part == pytest.approx(whole, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_the_estimate_counts_the_loss_in_chunks(tmp_path, monkeypatch):
+    """A Llama 3-sized vocabulary (128,256) on a small model: the run's own peak against the
+    estimate at its fullest micro batch, which counts one chunk of logits, not the step's."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import loralab.estimate as estimate
+    from loralab.config import load_config
+    from loralab.estimate import estimate_run
+    from loralab.train.step import fullest_micro_batch
+
+    model_dir = tmp_path / "model"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=4, vocab_size=128256, max_position_embeddings=2048,
+                                 bos_token_id=1, eos_token_id=2, pad_token_id=0)).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(__file__).parents[1] / "src/loralab/assets/tiny-base" / name, model_dir / name)
+    data = write_jsonl(tmp_path / "data.jsonl", instruction_records(64))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"path": str(model_dir), "device": "cpu", "dtype": "bf16"},
+        "data": {"path": str(data), "max_seq_length": 1024, "val_max_examples": 8},
+        "train": {"max_steps": 2, "batch_size": 8, "micro_batch_size": 8, "warmup_steps": 0},
+        "output": {"save_adapter": False}}), encoding="utf-8")
+    src = str(Path(__file__).parents[1] / "src")
+    done = subprocess.run([sys.executable, "-m", "loralab.cli", "train", str(config), "--out", str(tmp_path / "run"),
+                           "--json"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": src})
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak = json.loads((tmp_path / "run" / "summary.json").read_text())["peak_memory_bytes"]
+    cfg = load_config(config)
+    tokens = fullest_micro_batch(cfg)
+    assert tokens * 128256 > estimate.CHUNK_LOGITS  # the run computed its loss in chunks
+    chunked_estimate = estimate_run(cfg, tokens=tokens).memory_bytes["total"]
+    # measured on this machine: 945 MiB estimated (fullest micro batch 1,457 tokens) against a 998 MiB peak
+    assert 0.75 <= chunked_estimate / peak <= 1.25, (chunked_estimate, peak)
+    monkeypatch.setattr(estimate, "CHUNK_LOGITS", 1 << 60)  # the step's whole logits: what the run did not hold
+    assert estimate_run(cfg, tokens=tokens).memory_bytes["total"] > 3 * peak

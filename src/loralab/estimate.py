@@ -25,8 +25,10 @@ Formulas (bytes; b = micro batch, s = sequence length, e = activation dtype byte
   per LoRA-wrapped module (adapters run in fp32) its input and dropout mask (2 x 4 x in;
   4 x in without dropout) and its rank-r hidden (4r); DoRA adds 2 x out x e. Frozen linears
   keep no activation (the weight suffices for the input gradient). The head keeps the
-  logits and fp32 log-probs (V x (e + 4)). With gradient checkpointing only each layer's
-  input (h x e) is kept, plus one layer's activations recomputed during backward.
+  logits and fp32 log-probs (V x (e + 4)), or past CHUNK_LOGITS logits a step (the loss in
+  chunks) its input and that input's gradient (2 x h x e) and one chunk's logits at a time.
+  With gradient checkpointing only each layer's input (h x e) is kept, plus one layer's
+  activations recomputed during backward.
 * backward transient: the log-probs' gradient (V x 4, + V x e below fp32), one layer's
   activation gradients (2h + 2f) x e per token, and for 4-bit one dequantized weight.
 * framework: CUDA: 0.5 GiB context; CPU: baseline RSS of a process that imported torch,
@@ -71,6 +73,7 @@ CUDA_CONTEXT = GIB // 2  # CUDA context + kernels; not seen by torch's allocator
 ALLOCATOR_SLACK = 0.10  # CUDA caching allocator headroom (not validated here: no GPU)
 QUANT_TIME_FACTOR = 1.5  # seeds: nf4 QLoRA took 1.50x (fp4 1.40x) the time of bf16 LoRA
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+CHUNK_LOGITS = 1 << 24  # a step with more logits computes its loss in chunks (loralab.train.chunked_loss)
 LORA_PARAM_BYTES = 4  # PEFT autocasts adapter weights to fp32 (autocast_adapter_dtype=True)
 # Architectures whose layer layout the activation formula describes exactly.
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "gemma2"}
@@ -306,14 +309,26 @@ def activation_parts(
     h, f, L = shape.hidden, shape.intermediate, shape.layers
     layer = 2 * (4 * h + 4) + (2 * shape.q_dim + 2 * shape.kv_dim) * e + 3 * f * e
     lora = _lora_saved_per_token(shape, modules, r, e, dropout, dora)
-    head = shape.vocab * (e + 4) + 4 * h  # logits (e) and fp32 log-probs, final norm input
     if grad_checkpointing:
-        kept = L * h * e + layer + lora // max(L, 1) + head
+        kept = L * h * e + layer + lora // max(L, 1)
     else:
-        kept = L * layer + lora + head
-    # backward: gradient of the log-probs (fp32, and its cast to e), one layer's gradients
-    transient = shape.vocab * (4 + (e if e < 4 else 0)) + (2 * h + 2 * f) * e
-    return {"activations": kept * tokens, "backward_transient": transient * tokens}
+        kept = L * layer + lora
+    head_kept, head_transient = head_parts(shape, tokens=tokens, e=e)
+    transient = (2 * h + 2 * f) * e  # one layer's gradients
+    return {"activations": kept * tokens + head_kept, "backward_transient": transient * tokens + head_transient}
+
+
+def head_parts(shape: ModelShape, *, tokens: int, e: int) -> tuple[int, int]:
+    """(kept, transient) bytes of the output head and the loss for ``tokens`` positions: the
+    final norm's input and every position's logits (e) and fp32 log-probs kept, their gradient
+    in the backward (fp32, and its cast to e); past CHUNK_LOGITS logits the loss runs in chunks
+    (loralab.train.chunked_loss): the head's input and its gradient kept, one chunk's logits,
+    log-probs and gradient at a time. A model that soft-caps its logits after the head keeps the
+    whole logits, which this does not know (an underestimate there)."""
+    h, v = shape.hidden, shape.vocab
+    if tokens * v <= CHUNK_LOGITS:
+        return tokens * (v * (e + 4) + 4 * h), tokens * v * (4 + (e if e < 4 else 0))
+    return tokens * (4 * h + 2 * h * e), CHUNK_LOGITS * (e + 4 + 4)
 
 
 def dequant_buffer_bytes(shape: ModelShape, compute_bytes: int) -> int:

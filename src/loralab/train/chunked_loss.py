@@ -26,11 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from loralab.data.dataset import IGNORE
+from loralab.estimate import CHUNK_LOGITS
 from loralab.train.step import forward_logits, token_loss_sum
 
 log = logging.getLogger(__name__)
-
-CHUNK_LOGITS = 1 << 24  # logits held at once (64 MiB in fp32); a step with more is chunked
 
 _head_is_last: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
