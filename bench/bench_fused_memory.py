@@ -32,23 +32,9 @@ USER = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_at
 
 
 def build_user_model(out: Path) -> Path:
-    import shutil
+    from bench_speed import build_llama
 
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from loralab.models import BUILTIN_MODELS
-
-    tiny = BUILTIN_MODELS["builtin:tiny"]
-    base = json.loads((tiny / "config.json").read_text())
-    cfg = LlamaConfig(vocab_size=base["vocab_size"], bos_token_id=base["bos_token_id"],
-                      eos_token_id=base["eos_token_id"], pad_token_id=base["pad_token_id"],
-                      tie_word_embeddings=True, **USER)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(out), safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny / name, out / name)
-    return out
+    return build_llama(out, USER)
 
 
 def configs(spec: dict):

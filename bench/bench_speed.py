@@ -124,7 +124,9 @@ def write_data(root: Path) -> dict[str, Path]:
     return paths
 
 
-def build_big_model(out: Path) -> Path:
+def build_llama(out: Path, dims: dict) -> Path:
+    """A random-init Llama of ``dims`` saved with save_pretrained, with the tiny base's tokenizer
+    and vocabulary (the benches' user models)."""
     import shutil
 
     import torch
@@ -136,12 +138,16 @@ def build_big_model(out: Path) -> Path:
     base = json.loads((tiny / "config.json").read_text())
     cfg = LlamaConfig(vocab_size=base["vocab_size"], bos_token_id=base["bos_token_id"],
                       eos_token_id=base["eos_token_id"], pad_token_id=base["pad_token_id"],
-                      tie_word_embeddings=True, **BIG)
+                      tie_word_embeddings=True, **dims)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(str(out), safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny / name, out / name)
     return out
+
+
+def build_big_model(out: Path) -> Path:
+    return build_llama(out, BIG)
 
 
 def example_lengths(model_path: str, train: Path, val: Path, *, max_len: int = MAX_LEN) -> list[int]:

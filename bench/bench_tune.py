@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -43,22 +42,10 @@ MODEL_20M = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, n
 
 
 def build_model(out: Path) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from bench_speed import build_llama
 
-    from loralab.models import BUILTIN_MODELS
-
-    tiny = BUILTIN_MODELS["builtin:tiny"]
-    base = json.loads((tiny / "config.json").read_text())
-    cfg = LlamaConfig(vocab_size=base["vocab_size"], bos_token_id=base["bos_token_id"],
-                      eos_token_id=base["eos_token_id"], pad_token_id=base["pad_token_id"], tie_word_embeddings=True,
-                      **MODEL_20M)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(str(out), safe_serialization=True)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters ({out})", flush=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny / name, out / name)
+    build_llama(out, MODEL_20M)
+    print(f"model: {MODEL_20M} ({out})", flush=True)
     return out
 
 
