@@ -417,7 +417,7 @@ def compile_for_training(setup: Setup, runs: list[Run], data: StepData, *, steps
     tokens still to train; when on, checked on the next step's micro batches (then thrown away)."""
     state0, train = runs[0].state, setup.splits.train
     if distributed.sharded():  # train.compile true is refused with fsdp (distributed.check_fsdp)
-        on, reason = False, "distributed.strategy fsdp: eager (compiled layers under fully_shard are not checked)"
+        on, reason = False, "distributed.strategy fsdp: compiled layers under fully_shard are not checked"
     elif step > 0 and state0.compiled is not None:
         on, reason = state0.compiled, f"as the run started (train.compile: {data.cfg.train.compile})"
     else:
