@@ -16,9 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import studytools
 from loralab.errors import ConfigError
+from loralab.rundir import FUSED_LOG
 from loralab.study.execute import run_study
 from loralab.study.options import StudyOptions
 from loralab.study.policy import Halving
@@ -27,7 +29,7 @@ from loralab.study.spec import load_study
 from loralab.study.store import Store
 from studytools import TINY as TINY48
 from studytools import rows_of
-from waiting import wait_for
+from waiting import run_processes, wait_for
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PROBE = Path(__file__).resolve().parent / "env_probe"  # sitecustomize: children log their environment
@@ -217,8 +219,10 @@ def test_local_backend_gives_each_worker_its_gpu_from_the_environment(tmp_path, 
     gpus = sorted(envs[n]["CUDA_VISIBLE_DEVICES"] for n in ("r2", "r3", "r4"))
     assert gpus == ["0", "0", "1"]  # cheapest first: r2 -> GPU 0, r3 -> GPU 1, r4 -> beside r2 on GPU 0
     assert envs["r5"]["CUDA_VISIBLE_DEVICES"] == os.environ.get("CUDA_VISIBLE_DEVICES")  # a CPU run: untouched
-    assert {e["OMP_NUM_THREADS"] for e in envs.values()} == {
-        os.environ.get("OMP_NUM_THREADS") or str(max(1, os.cpu_count() // 4))}
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, os.cpu_count() // 4))
+    assert {e["OMP_NUM_THREADS"] for e in envs.values()} == {threads}
+    if torch.version.cuda is None:  # forked from the warm process: torch took the share too
+        assert [e["threads"] for e in envs.values()] == [int(threads)] * 4
 
 
 @pytest.mark.slow
@@ -232,10 +236,9 @@ def test_fused_group_killed_is_run_again_with_retries(tmp_path):
                               text=True)
 
     def fused_child() -> int | None:
-        for p in subprocess.run(["pgrep", "-P", str(driver.pid)], capture_output=True, text=True).stdout.split():
-            argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
-            if b"loralab.study.fuse" in argv and (out / "kill" / "r2" / "metrics.jsonl").is_file():
-                return int(p)
+        for pid, log in run_processes(driver.pid).items():
+            if log.name == FUSED_LOG and (out / "kill" / "r2" / "metrics.jsonl").is_file():
+                return pid
         return None
 
     os.kill(wait_for(fused_child, 240, "the fused group's process training"), signal.SIGKILL)

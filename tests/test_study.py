@@ -22,7 +22,7 @@ from loralab.study.policy import Halving
 from loralab.study.spec import load_study, preset_names
 from loralab.study.store import Store, metric_rows
 from studytools import TINY, rows_of, write_study
-from waiting import wait_for
+from waiting import descendants, run_processes, wait_for
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -173,11 +173,6 @@ def _statuses(db: Path) -> dict[str, str]:
         return {}
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
-
-
 @pytest.mark.slow
 def test_driver_killed_then_rerun_repeats_nothing_and_loses_nothing(tmp_path):
     path = write_study(tmp_path, "resume", axes={"lora.r": [2, 4]}, repeats=2)
@@ -189,7 +184,7 @@ def test_driver_killed_then_rerun_repeats_nothing_and_loses_nothing(tmp_path):
     wait_for(lambda: "completed" in _statuses(db).values() and "running" in _statuses(db).values(), 240,
              "one run done, one running")
     in_flight = [n for n, s in _statuses(db).items() if s == "running"]
-    child = _children(driver.pid)
+    child = descendants(driver.pid)  # its run processes (and the warm process they were forked from)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     before = rows_of(db)
@@ -223,7 +218,7 @@ def test_sigkilled_run_is_recorded_interrupted_then_resumed(tmp_path):
     wait_for(lambda: ((out / "kill" / "r2" / "checkpoints").is_dir()
                       and any((out / "kill" / "r2" / "checkpoints").glob("*/manifest.json"))),
               240, "the run's first checkpoint")
-    (child,) = _children(driver.pid)
+    (child,) = run_processes(driver.pid)
     os.kill(child, signal.SIGKILL)
     assert driver.wait(timeout=60) == 1  # something is left to do
     row = rows_of(db)["r2"]

@@ -24,12 +24,15 @@ import pytest
 import yaml
 
 from loralab.study.store import Store, metric_rows
-from waiting import wait_for
+from waiting import run_processes, wait_for
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 SEEDS = 6
 DATA = ["builtin:arithmetic_2ds", "builtin:arithmetic_4ds", "builtin:arithmetic"]
 RUNS = (len(DATA) + 1) * SEEDS  # the last data file crashes
+# Steps per run: enough that a run is still training when the test looks for one to kill (a run
+# forked from the study's warm process starts in a fraction of a second).
+STEPS = 12
 
 
 def _statuses(db: Path) -> dict[str, str]:
@@ -38,19 +41,6 @@ def _statuses(db: Path) -> dict[str, str]:
         return dict(con.execute("SELECT name, status FROM runs").fetchall())
     except sqlite3.OperationalError:
         return {}
-
-
-def _train_children(pid: int) -> dict[int, str]:
-    """pid -> run directory of the driver's run processes."""
-    out = {}
-    for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
-        try:
-            argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"--out" in argv:
-            out[int(p)] = argv[argv.index(b"--out") + 1].decode()
-    return out
 
 
 def _final_status(run_dir: Path) -> str | None:
@@ -74,7 +64,7 @@ def test_study_under_load(tmp_path):
             "model": {"path": "builtin:tiny", "device": "cpu"},
             "data": {"limit": 16, "val_max_examples": 4, "max_seq_length": 64},
             "lora": {"r": 2, "alpha": 4},
-            "train": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 4, "warmup_steps": 0, "log_every": 1},
+            "train": {"max_steps": STEPS, "batch_size": 4, "micro_batch_size": 4, "warmup_steps": 0, "log_every": 1},
             "output": {"save_adapter": False},
         },
         "axes": {"data.path": [*DATA, str(bad)]},
@@ -93,7 +83,8 @@ def test_study_under_load(tmp_path):
     wait_for(lambda: sum(s == "completed" for s in _statuses(db).values()) >= 4, 900, "4 runs done")
     victim = None
     while victim is None:  # a run that trains (not one of the crashing ones), killed while alive
-        children = wait_for(lambda: {p: d for p, d in _train_children(driver.pid).items() if "data_bad" not in d},
+        children = wait_for(lambda: {p: log.parent for p, log in run_processes(driver.pid).items()
+                                           if "data_bad" not in log.parent.name},
                             120, "a run process")
         pid, run_dir = next(iter(children.items()))
         try:
@@ -136,7 +127,7 @@ def test_study_under_load(tmp_path):
             on_disk = {(st, n) for st, n, _ in metric_rows(out / "load" / name / "metrics.jsonl")}
             lost += len(on_disk - stored)
             if expected == "completed":
-                assert (2, "eval_loss") in stored and r["final_eval_loss"] > 0
+                assert (STEPS, "eval_loss") in stored and r["final_eval_loss"] > 0
     assert lost == 0
     for name, finished in finished_before.items():  # nothing finished was run again
         assert runs[name]["finished_at"] == finished and runs[name]["attempts"] == before[name]["attempts"], name

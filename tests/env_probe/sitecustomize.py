@@ -1,21 +1,39 @@
 """Imported by every Python process started with this folder on PYTHONPATH (tests only):
 a run process (``loralab.cli train`` or ``loralab.study.fuse``) writes the environment it
-received to $LORALAB_TEST_ENV_LOG/<pid>.json, so tests read what each child really got."""
+received (and torch's thread count, for a forked one) to $LORALAB_TEST_ENV_LOG/<pid>.json, so
+tests read what each child really got."""
 
 import json
 import os
+import sys
 from pathlib import Path
+
+
+def _log_env(dest: str, argv: list[str]) -> None:
+    if ("loralab.cli" in argv and "train" in argv) or "loralab.study.fuse" in argv:
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        Path(dest, f"{os.getpid()}.json").write_text(json.dumps({
+            "argv": argv,
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "threads": __import__("torch").get_num_threads() if "torch" in sys.modules else None,
+        }))
+
 
 _dest = os.environ.get("LORALAB_TEST_ENV_LOG")
 if _dest:
-    _argv = Path("/proc/self/cmdline").read_bytes().decode(errors="replace").split("\0")
-    if ("loralab.cli" in _argv and "train" in _argv) or "loralab.study.fuse" in _argv:
-        Path(_dest).mkdir(parents=True, exist_ok=True)
-        Path(_dest, f"{os.getpid()}.json").write_text(json.dumps({
-            "argv": _argv,
-            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        }))
+    _log_env(_dest, Path("/proc/self/cmdline").read_bytes().decode(errors="replace").split("\0"))
+    # A run forked from a study's warm process (loralab.study.backends.warm) was not started by
+    # the interpreter: it enters runpy.run_module once it holds its own environment. Log there.
+    import runpy
+
+    _run_module = runpy.run_module
+
+    def _logged_run_module(module, *args, **kwargs):
+        _log_env(os.environ.get("LORALAB_TEST_ENV_LOG", _dest), ["-m", module, *sys.argv[1:]])
+        return _run_module(module, *args, **kwargs)
+
+    runpy.run_module = _logged_run_module
 
 # $LORALAB_TEST_GATE: a run process waits (up to 120 s) until that file exists, so a test can
 # look at what is running while the run is under way.

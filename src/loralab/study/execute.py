@@ -116,10 +116,13 @@ def run_study(study: Study, *, root: Path, options: StudyOptions | None = None, 
                                halving=opts.halving is not None)
             log.info("study %s: %d runs, %d to run as %d unit(s), %d worker(s), backend %s", study.name,
                      len(study.runs), len(tasks), len(units), scheduler.workers, opts.executor)
-            if opts.halving is not None:
-                run_halving(scheduler, units, halving=opts.halving, metric=study.metric, goal=study.goal)
-            else:
-                run_all(scheduler, units)
+            try:
+                if opts.halving is not None:
+                    run_halving(scheduler, units, halving=opts.halving, metric=study.metric, goal=study.goal)
+                else:
+                    run_all(scheduler, units)
+            finally:
+                scheduler.backend.close()
         counts = store.counts(sid)
     return {"study": study.name, "database": str(db_path), "root": str(root), "runs": len(study.runs),
             "ran": len(tasks), "already_done": done_before, "recovered": recovered, "counts": counts,

@@ -1,7 +1,8 @@
 """The local backend: each unit is a child process on this machine.
 
 The scheduler decides how many run at once and which GPU each gets (its environment's
-CUDA_VISIBLE_DEVICES); this module only starts the process and reads what it left.
+CUDA_VISIBLE_DEVICES); this module only starts the process and reads what it left. On the
+CPU the processes are forked from one warm process that has the libraries loaded (warm.py).
 """
 
 from __future__ import annotations
@@ -9,25 +10,29 @@ from __future__ import annotations
 from typing import Any
 
 from loralab.study.backends.process import UnitSpec, launch, outcomes
+from loralab.study.backends.warm import WarmStarter
 
 
 class LocalHandle:
     """A unit's process; ``poll`` returns one outcome per run once it has ended."""
 
-    def __init__(self, unit: UnitSpec, threads: int):
+    def __init__(self, unit: UnitSpec, threads: int, starter: WarmStarter):
         self.unit = unit
-        self.proc, self.logf = launch(unit, threads)
+        self.proc = launch(unit, threads, starter)
 
     def poll(self) -> list[dict[str, Any]] | None:
         rc = self.proc.poll()
-        if rc is None:
-            return None
-        self.logf.close()
-        return outcomes(self.unit, rc)
+        return None if rc is None else outcomes(self.unit, rc)
 
 
 class LocalBackend:
     name = "local"
 
+    def __init__(self) -> None:
+        self.starter = WarmStarter()
+
     def start(self, unit: UnitSpec, *, memory: int | None, threads: int) -> LocalHandle:
-        return LocalHandle(unit, threads)
+        return LocalHandle(unit, threads, self.starter)
+
+    def close(self) -> None:
+        self.starter.close()

@@ -26,12 +26,15 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from loralab.rundir import RunDir, Status, checkpoint_step_of, write_atomic
 from loralab.study.store import ENDED, metric_rows
+
+if TYPE_CHECKING:
+    from loralab.study.backends.warm import WarmProcess, WarmStarter
 
 # What a run's own summary.json can end with (SKIPPED is the driver's word, never a run's).
 ENDED_BY_RUN = tuple(s for s in ENDED if s != Status.SKIPPED)
@@ -160,21 +163,20 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def launch(unit: UnitSpec, threads: int) -> tuple[subprocess.Popen, IO[bytes]]:
-    """Start the unit's process; its output goes to the unit's log (appended on a resume)."""
+def launch(unit: UnitSpec, threads: int, starter: WarmStarter | None = None) -> subprocess.Popen | WarmProcess:
+    """Start the unit's process; its output goes to the unit's log (appended on a resume).
+    Forked by ``starter`` where it can (backends/warm.py), else a process of its own."""
     cmd, resumed = unit_command(unit)
-    logf = unit.log_path.open("ab" if resumed else "wb")
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=loralab_env(threads, unit.env),
-                            preexec_fn=_die_with_parent)
-    return proc, logf
+    env = loralab_env(threads, unit.env)
+    if starter is not None and (proc := starter.start(cmd, env, unit.log_path, append=resumed)) is not None:
+        return proc
+    with unit.log_path.open("ab" if resumed else "wb") as logf:
+        return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
 
 
 def run_unit(unit: UnitSpec, threads: int) -> list[dict[str, Any]]:
     """Start the unit, wait, and return one outcome per run (the Ray backend's task body)."""
-    proc, logf = launch(unit, threads)
-    with logf:
-        rc = proc.wait()
-    return outcomes(unit, rc)
+    return outcomes(unit, launch(unit, threads).wait())
 
 
 def log_tail(path: Path, lines: int = 6) -> str:
