@@ -157,7 +157,7 @@ def test_tune_refuses_a_budget_too_small_to_search(model_512, tmp_path, capsys):
     err = capsys.readouterr().err
     found = re.search(r"--budget-steps 20 is too small for a search: comparing two values of each searched key "
                       r"\(train.lr, lora.r, lora.targets\) takes 8 candidates and their repeats, (\d+) optimizer "
-                      r"steps, at least about \d+ s on this machine; give at least --budget-steps (\d+)", err)
+                      r"steps, at least about [\d.]+ s on this machine; give at least --budget-steps (\d+)", err)
     assert found and found.group(1) == found.group(2), err
     assert not out.exists()  # nothing half-written
     least = int(found.group(1))  # the budget named is the smallest that searches

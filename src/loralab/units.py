@@ -57,9 +57,9 @@ def parse_duration(text: str, key: str) -> float:
 
 
 def human_duration(seconds: float) -> str:
-    """under 1 s, 90 s, 14 min, 2.5 h."""
+    """0.04 s, 90 s, 14 min, 2.5 h: a number every time (messages say "at least about" before it)."""
     if seconds < 1:
-        return "under 1 s"
+        return f"{seconds:.2g} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
