@@ -34,6 +34,7 @@ from loralab.errors import LoralabError
 from loralab.progress import progress
 from loralab.rundir import Status
 from loralab.study.backends.process import outcome
+from loralab.study.backends.warm import WarmStarter
 from loralab.study.options import StudyOptions
 from loralab.study.policy import Halving, run_all, run_halving
 from loralab.study.scheduler import (
@@ -100,7 +101,7 @@ def run_study(study: Study, *, root: Path, options: StudyOptions | None = None, 
     opts = (options or StudyOptions(**kw)).check(study.runs)
     t0 = time.perf_counter()
     db_path = root / "study.db"
-    with driver_lock(root), study_log(root / "study.log"), Store(db_path) as store:
+    with driver_lock(root), study_log(root / "study.log"), Store(db_path) as store, warm_start(opts) as starter:
         sid, recovered = store.open_study(study.name, study.to_json(), root, study.runs)
         if recovered:
             log.info("recovered %d run(s) left running by a stopped driver: %s", len(recovered), ", ".join(recovered))
@@ -111,18 +112,16 @@ def run_study(study: Study, *, root: Path, options: StudyOptions | None = None, 
         tasks = plan_tasks(store, sid, root, max_memory=opts.max_memory, paused=opts.halving is not None)
         done_before = sum(n for s, n in store.counts(sid).items() if s not in TO_RUN)
         with progress(len(tasks), desc=f"study {study.name}", unit="run", enabled=opts.progress) as bar:
-            scheduler, budget = _scheduler(store, opts, on_gpu=any(t.on_gpu for t in tasks), t0=t0, bar=bar)
+            scheduler, budget = _scheduler(store, opts, on_gpu=any(t.on_gpu for t in tasks), t0=t0, bar=bar,
+                                           starter=starter)
             units = form_units(tasks, fuse=opts.fuse, budget=budget, workers=scheduler.workers,
                                halving=opts.halving is not None)
             log.info("study %s: %d runs, %d to run as %d unit(s), %d worker(s), backend %s", study.name,
                      len(study.runs), len(tasks), len(units), scheduler.workers, opts.executor)
-            try:
-                if opts.halving is not None:
-                    run_halving(scheduler, units, halving=opts.halving, metric=study.metric, goal=study.goal)
-                else:
-                    run_all(scheduler, units)
-            finally:
-                scheduler.backend.close()
+            if opts.halving is not None:
+                run_halving(scheduler, units, halving=opts.halving, metric=study.metric, goal=study.goal)
+            else:
+                run_all(scheduler, units)
         counts = store.counts(sid)
     return {"study": study.name, "database": str(db_path), "root": str(root), "runs": len(study.runs),
             "ran": len(tasks), "already_done": done_before, "recovered": recovered, "counts": counts,
@@ -144,8 +143,23 @@ def record_finished(store: Store, sid: int, names: list[str]) -> None:
             log.info("run %s: completed before the driver stopped; recorded from its run directory", row["name"])
 
 
-def _scheduler(store: Store, opts: StudyOptions, *, on_gpu: bool, t0: float,
-               bar: tqdm | None = None) -> tuple[Scheduler, int | None]:
+@contextlib.contextmanager
+def warm_start(opts: StudyOptions) -> Iterator[WarmStarter | None]:
+    """The local backend's warm process (backends/warm.py), started before the study is planned
+    so that it loads the libraries meanwhile; stopped when the study's units have ended."""
+    if opts.executor == "ray":
+        yield None
+        return
+    starter = WarmStarter()
+    starter.spawn()
+    try:
+        yield starter
+    finally:
+        starter.close()
+
+
+def _scheduler(store: Store, opts: StudyOptions, *, on_gpu: bool, t0: float, bar: tqdm | None = None,
+               starter: WarmStarter | None = None) -> tuple[Scheduler, int | None]:
     """The scheduler and its backend, and the memory a fused group may estimate (one GPU's, or
     this machine's RAM shared by the workers, unless --max-memory says); ``bar``
     (a :func:`loralab.progress.progress` bar) counts the runs finished."""
@@ -167,4 +181,4 @@ def _scheduler(store: Store, opts: StudyOptions, *, on_gpu: bool, t0: float,
     gpus = GpuSlots(ids, capacity) if ids else None
     if gpus is not None:
         log.info("GPUs %s, %s each", ", ".join(ids), f"{capacity / 2**30:.1f} GiB" if capacity else "one unit")
-    return Scheduler(store, LocalBackend(), workers=opts.workers or max(1, len(ids)), gpus=gpus, **kw), budget
+    return Scheduler(store, LocalBackend(starter), workers=opts.workers or max(1, len(ids)), gpus=gpus, **kw), budget

@@ -316,9 +316,6 @@ class Backend(Protocol):
 
     def start(self, unit: UnitSpec, *, memory: int | None, threads: int) -> Handle: ...
 
-    def close(self) -> None:
-        """Called once the study's units have all ended."""
-
 
 class Scheduler:
     """One worker pool for every policy and backend: keeps ``workers`` units going, records

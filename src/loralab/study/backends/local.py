@@ -2,7 +2,8 @@
 
 The scheduler decides how many run at once and which GPU each gets (its environment's
 CUDA_VISIBLE_DEVICES); this module only starts the process and reads what it left. On the
-CPU the processes are forked from one warm process that has the libraries loaded (warm.py).
+CPU the processes are forked from the study's warm process, which has the libraries loaded
+(warm.py; the driver owns it, see execute.warm_start).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from loralab.study.backends.warm import WarmStarter
 class LocalHandle:
     """A unit's process; ``poll`` returns one outcome per run once it has ended."""
 
-    def __init__(self, unit: UnitSpec, threads: int, starter: WarmStarter):
+    def __init__(self, unit: UnitSpec, threads: int, starter: WarmStarter | None):
         self.unit = unit
         self.proc = launch(unit, threads, starter)
 
@@ -28,11 +29,8 @@ class LocalHandle:
 class LocalBackend:
     name = "local"
 
-    def __init__(self) -> None:
-        self.starter = WarmStarter()
+    def __init__(self, starter: WarmStarter | None = None) -> None:
+        self.starter = starter  # None: every unit a process of its own
 
     def start(self, unit: UnitSpec, *, memory: int | None, threads: int) -> LocalHandle:
         return LocalHandle(unit, threads, self.starter)
-
-    def close(self) -> None:
-        self.starter.close()

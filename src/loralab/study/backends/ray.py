@@ -178,6 +178,3 @@ class RayBackend:
         num_gpus = gpu_request(on_gpu=on_gpu, cluster_gpus=self.gpus, memory=memory, gpu_memory=self.gpu_memory)
         ref = self.task.options(num_cpus=self.cpus, num_gpus=num_gpus, max_retries=0).remote(unit, self.cpus)
         return RayHandle(self.ray, ref, unit)
-
-    def close(self) -> None:
-        """Nothing to release: the connection to Ray stays for the driver's process."""

@@ -1,7 +1,8 @@
 """Run processes forked from one warm process: a study's units start without re-importing torch,
 transformers and PEFT (about 7 s of a short run's 8 on a 2-core CPU).
 
-    starter = WarmStarter()              # the driver's end; the process starts on first use
+    starter = WarmStarter()              # the driver's end
+    starter.spawn()                      # the warm process loads while the driver plans
     proc = starter.start(cmd, env, log)  # cmd as backends/process.py builds it: [python, -m, module, ...]
     proc.poll()                          # None while it runs, then its exit code (-N: killed by signal N)
     starter.close()
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 log = logging.getLogger("loralab.study")
 
@@ -61,19 +62,36 @@ class WarmProcess:
 
 class WarmStarter:
     """The driver's end of one warm process; ``start`` returns None when units must start as
-    plain processes (no warm process here, or it stopped)."""
+    plain processes (no warm process here, or it stopped). ``spawn`` starts the warm process
+    early, so that it loads while the driver plans; ``start`` waits for it to be ready."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
         self.replies: int | None = None  # the read end of the reply pipe
+        self.errors: IO[bytes] | None = None  # the warm process's own output, read when it fails
+        self.ready = False
         self.buffer = b""
         self.children: dict[int, WarmProcess] = {}
         self.unusable: str | None = None  # why units start as plain processes
         self.next_id = 0
 
+    def spawn(self) -> None:
+        """Start the warm process (once); it loads the libraries while the caller goes on."""
+        from loralab.study.backends.process import _die_with_parent, loralab_env
+
+        if self.proc is not None or self.unusable is not None:
+            return
+        read_end, write_end = os.pipe()
+        self.errors = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "loralab.study.backends.warm", str(write_end)],
+                                     stdin=subprocess.PIPE, stdout=self.errors, stderr=self.errors, env=loralab_env(),
+                                     pass_fds=(write_end,), preexec_fn=_die_with_parent)
+        os.close(write_end)
+        self.replies = read_end
+
     def start(self, cmd: list[str], env: dict[str, str], log_path: Path, *, append: bool) -> WarmProcess | None:
-        if self.unusable is None and self.proc is None:
-            self._open()
+        if not self.ready and self.unusable is None:
+            self._wait_ready()
         if self.unusable is not None:
             return None
         self.next_id += 1
@@ -104,37 +122,29 @@ class WarmStarter:
             self._give_up("the warm process stopped")
 
     def close(self) -> None:
+        """Stop the warm process (called once every unit has ended; one still running dies with it)."""
         if self.proc is not None:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()  # type: ignore[union-attr]
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.proc.kill()
+            self.proc.wait()
         if self.replies is not None:
             os.close(self.replies)
-        self.proc, self.replies = None, None
+        if self.errors is not None:
+            self.errors.close()
+        self.proc, self.replies, self.errors = None, None, None
 
-    def _open(self) -> None:
-        from loralab.study.backends.process import _die_with_parent, loralab_env
-
-        read_end, write_end = os.pipe()
-        errors = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "loralab.study.backends.warm", str(write_end)],
-                                     stdin=subprocess.PIPE, stdout=errors, stderr=errors, env=loralab_env(),
-                                     pass_fds=(write_end,), preexec_fn=_die_with_parent)
-        os.close(write_end)
-        self.replies = read_end
+    def _wait_ready(self) -> None:
+        self.spawn()
         try:
-            ready = self._reply(lambda m: "ready" in m, timeout=READY_TIMEOUT_S)
+            answer = self._reply(lambda m: "ready" in m, timeout=READY_TIMEOUT_S)
         except (OSError, EOFError, TimeoutError) as exc:
-            errors.seek(0)
-            tail = errors.read().decode(errors="replace").strip().splitlines()[-3:]
-            ready = {"ready": False, "why": f"{exc or type(exc).__name__}{': ' if tail else ''}{' | '.join(tail)}"}
-        errors.close()
-        if not ready["ready"]:
-            self._give_up(ready["why"])
+            self.errors.seek(0)  # type: ignore[union-attr]
+            tail = self.errors.read().decode(errors="replace").strip().splitlines()[-3:]  # type: ignore[union-attr]
+            answer = {"ready": False, "why": f"{exc or type(exc).__name__}{': ' if tail else ''}{' | '.join(tail)}"}
+        self.ready = answer["ready"]
+        if not self.ready:
+            self._give_up(answer["why"])
 
     def _give_up(self, why: str) -> None:
         """Units start as plain processes from now on; children still running are reported killed
@@ -145,9 +155,6 @@ class WarmStarter:
         for child in self.children.values():
             if child.returncode is None:
                 child.returncode = -signal.SIGKILL
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
         self.close()
 
     def _reply(self, wanted, timeout: float = 60) -> dict[str, Any]:
