@@ -42,7 +42,7 @@ def score_base(study: Any, root: Path) -> dict[str, Any] | None:
            "--quant", str((cfg.get("quant") or {}).get("mode", "none"))]
     if evaluation.get("limit"):
         cmd += ["--limit", str(evaluation["limit"])]
-    from loralab.study.backends.process import loralab_env
+    from loralab.study.backends.child import loralab_env
 
     done = subprocess.run(cmd, capture_output=True, text=True, env=loralab_env())
     rows = json.loads(done.stdout).get("results", []) if done.returncode == 0 and done.stdout.strip() else []

@@ -17,24 +17,21 @@ scheduler or the store: both backends call it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from loralab.rundir import RunDir, Status, checkpoint_step_of, write_atomic
+from loralab.study.backends.child import die_with_parent, loralab_env
+from loralab.study.backends.warm import WarmProcess, WarmStarter
 from loralab.study.store import ENDED, metric_rows
-
-if TYPE_CHECKING:
-    from loralab.study.backends.warm import WarmProcess, WarmStarter
 
 # What a run's own summary.json can end with (SKIPPED is the driver's word, never a run's).
 ENDED_BY_RUN = tuple(s for s in ENDED if s != Status.SKIPPED)
@@ -71,21 +68,6 @@ class UnitSpec:
     def log_path(self) -> Path:
         first = RunDir(self.runs[0].run_dir)
         return first.fused_log if self.fused else first.log
-
-
-def loralab_env(threads: int | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: this loralab first on the path, a fair share of threads,
-    plus ``extra`` (the GPU the scheduler gave the unit)."""
-    import loralab
-
-    env = dict(os.environ)
-    src = str(Path(loralab.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    if threads and "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(threads)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.update(extra or {})
-    return env
 
 
 def prepare_run_dir(run_dir: Path, config: dict[str, Any]) -> Path:
@@ -157,12 +139,6 @@ def unit_command(unit: UnitSpec) -> tuple[list[str], bool]:
     return cmd, checkpoint is not None
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the driver dies (Linux)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def launch(unit: UnitSpec, threads: int, starter: WarmStarter | None = None) -> subprocess.Popen | WarmProcess:
     """Start the unit's process; its output goes to the unit's log (appended on a resume).
     Forked by ``starter`` where it can (backends/warm.py), else a process of its own."""
@@ -171,7 +147,7 @@ def launch(unit: UnitSpec, threads: int, starter: WarmStarter | None = None) -> 
     if starter is not None and (proc := starter.start(cmd, env, unit.log_path, append=resumed)) is not None:
         return proc
     with unit.log_path.open("ab" if resumed else "wb") as logf:
-        return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+        return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
 
 
 def run_unit(unit: UnitSpec, threads: int) -> list[dict[str, Any]]:

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from loralab.study.backends.child import die_with_parent, loralab_env
+
 log = logging.getLogger("loralab.study")
 
 READY_TIMEOUT_S = 600  # the imports take seconds; a machine under load may take minutes
@@ -77,15 +79,13 @@ class WarmStarter:
 
     def spawn(self) -> None:
         """Start the warm process (once); it loads the libraries while the caller goes on."""
-        from loralab.study.backends.process import _die_with_parent, loralab_env
-
         if self.proc is not None or self.unusable is not None:
             return
         read_end, write_end = os.pipe()
         self.errors = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "loralab.study.backends.warm", str(write_end)],
                                      stdin=subprocess.PIPE, stdout=self.errors, stderr=self.errors, env=loralab_env(),
-                                     pass_fds=(write_end,), preexec_fn=_die_with_parent)
+                                     pass_fds=(write_end,), preexec_fn=die_with_parent)
         os.close(write_end)
         self.replies = read_end
 
@@ -209,9 +209,7 @@ def _child(request: dict[str, Any]) -> None:
     code = 1
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        from loralab.study.backends.process import _die_with_parent
-
-        _die_with_parent()
+        die_with_parent()
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if request["append"] else os.O_TRUNC)
         out = os.open(request["log"], flags, 0o644)
         null = os.open(os.devnull, os.O_RDONLY)
