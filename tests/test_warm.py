@@ -1,13 +1,15 @@
 """Run processes forked from a study's warm process (loralab.study.backends.warm) against run
 processes started on their own: the same losses to the bit, the unit's log and thread count,
 exit codes as a plain process gives them, a SIGKILL reported as one, and a warm process that
-dies taking its runs with it while the next units start on their own."""
+dies taking its runs with it while the next units start on their own; no forking on a GPU
+build of torch."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -93,3 +95,14 @@ def test_exit_codes_kills_and_a_dead_warm_process(tmp_path, tiny_model_dir):
     finally:
         starter.close()
     assert yaml.safe_load(RunDir(tmp_path / "after").config.read_text())["model"]["path"] == str(model)
+
+
+def test_a_gpu_build_of_torch_starts_each_unit_as_a_process_of_its_own(tmp_path, tiny_model_dir, monkeypatch):
+    """A unit's CUDA_VISIBLE_DEVICES must hold before CUDA starts, so no forking there."""
+    monkeypatch.setattr(torch.version, "cuda", "12.6")
+    starter = WarmStarter()
+    starter.spawn()
+    assert starter.proc is None and starter.unusable.startswith("torch ") and "is a GPU build" in starter.unusable
+    proc = launch(unit(tmp_path, "alone", tiny_model_dir("llama")), 1, starter)
+    assert isinstance(proc, subprocess.Popen) and proc.wait() == 0
+    assert json.loads(RunDir(tmp_path / "alone").summary.read_text())["status"] == "completed"

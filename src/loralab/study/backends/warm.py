@@ -81,6 +81,9 @@ class WarmStarter:
         """Start the warm process (once); it loads the libraries while the caller goes on."""
         if self.proc is not None or self.unusable is not None:
             return
+        if why := _why_not_here():  # known here already: no process to start
+            self._give_up(why)
+            return
         read_end, write_end = os.pipe()
         self.errors = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "loralab.study.backends.warm", str(write_end)],
@@ -132,7 +135,7 @@ class WarmStarter:
             os.close(self.replies)
         if self.errors is not None:
             self.errors.close()
-        self.proc, self.replies, self.errors = None, None, None
+        self.proc, self.replies, self.errors, self.ready = None, None, None, False
 
     def _wait_ready(self) -> None:
         self.spawn()
