@@ -6,6 +6,8 @@ build of torch."""
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import os
 import signal
@@ -18,6 +20,7 @@ import torch
 import yaml
 
 from loralab.rundir import RunDir
+from loralab.study.backends import warm
 from loralab.study.backends.process import UnitRun, UnitSpec, launch, outcomes
 from loralab.study.backends.warm import WarmStarter
 from studytools import TINY
@@ -98,11 +101,20 @@ def test_exit_codes_kills_and_a_dead_warm_process(tmp_path, tiny_model_dir):
 
 
 def test_a_gpu_build_of_torch_starts_each_unit_as_a_process_of_its_own(tmp_path, tiny_model_dir, monkeypatch):
-    """A unit's CUDA_VISIBLE_DEVICES must hold before CUDA starts, so no forking there."""
+    """A unit's CUDA_VISIBLE_DEVICES must hold before CUDA starts, so no forking there: the driver
+    sees it from the files torch installed, the warm process from torch itself."""
+    assert warm._gpu_build() is None and warm._why_not_here() is None  # this CPU build
+    fake = tmp_path / "site" / "torch"
+    (fake / "lib").mkdir(parents=True)
+    (fake / "lib" / "libtorch_cuda.so").write_bytes(b"")
+    spec = importlib.machinery.ModuleSpec("torch", None, origin=str(fake / "__init__.py"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "torch" else None)
     monkeypatch.setattr(torch.version, "cuda", "12.6")
+    assert "is a GPU build" in warm._why_not_here()
     starter = WarmStarter()
     starter.spawn()
-    assert starter.proc is None and starter.unusable.startswith("torch ") and "is a GPU build" in starter.unusable
+    assert starter.proc is None and starter.unusable.startswith("torch is a GPU build (libtorch_cuda.so)")
+    monkeypatch.undo()
     proc = launch(unit(tmp_path, "alone", tiny_model_dir("llama")), 1, starter)
     assert isinstance(proc, subprocess.Popen) and proc.wait() == 0
     assert json.loads(RunDir(tmp_path / "alone").summary.read_text())["status"] == "completed"

@@ -23,13 +23,17 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loralab.cli.output import emit_json, table
 from loralab.cli.run import add_track_arg
 from loralab.config import flat_keys
 from loralab.errors import ConfigError
 from loralab.rundir import SUMMARY, Status
+
+if TYPE_CHECKING:
+    from loralab.study.backends.warm import WarmStarter
+    from loralab.study.options import StudyOptions
 
 log = logging.getLogger(__name__)
 
@@ -170,14 +174,23 @@ def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from loralab.study.execute import run_study
+    from loralab.study.backends.warm import warm_process
     from loralab.study.options import StudyOptions
+
+    options = StudyOptions.from_args(args)  # refused here, before the study is even loaded
+    # The local units' warm process loads the libraries while the study is checked and planned.
+    with warm_process(local=options.executor != "ray" and not args.dry_run) as starter:
+        return run_checked(args, options, starter)
+
+
+def run_checked(args: argparse.Namespace, options: StudyOptions, starter: WarmStarter | None) -> int:
+    """``study run`` once its flags are checked: load, check and plan the study, then run it."""
+    from loralab.study.execute import run_study
     from loralab.study.preflight import preflight
     from loralab.study.spec import load_study
     from loralab.study.steps import step_plan
     from loralab.track import prepare_study_trackers, track_study
 
-    options = StudyOptions.from_args(args)  # refused here, before the study is even loaded
     study = load_study(args.study, quick=args.quick, model=args.model, data=args.data, overrides=args.overrides)
     if args.name:
         study.name = args.name  # checked by study_root: one path component
@@ -219,7 +232,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if base_warning(base):
         log.warning("WARNING: %s", base_warning(base))
     prepare_study_trackers(study)
-    result = run_study(study, root=root, options=options)
+    result = run_study(study, root=root, options=options, starter=starter)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result["counts"].items()))
     _emit(args, result, f"study {study.name}: {result['runs']} runs ({counts}); ran {result['ran']} in "
                         f"{result['wall_time_s']:.0f} s\ndatabase: {result['database']}\n"

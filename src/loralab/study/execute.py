@@ -34,7 +34,7 @@ from loralab.errors import LoralabError
 from loralab.progress import progress
 from loralab.rundir import Status
 from loralab.study.backends.process import outcome
-from loralab.study.backends.warm import WarmStarter
+from loralab.study.backends.warm import WarmStarter, warm_process
 from loralab.study.options import StudyOptions
 from loralab.study.policy import Halving, run_all, run_halving
 from loralab.study.scheduler import (
@@ -92,16 +92,20 @@ def study_log(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def run_study(study: Study, *, root: Path, options: StudyOptions | None = None, **kw: Any) -> dict[str, Any]:
+def run_study(study: Study, *, root: Path, options: StudyOptions | None = None, starter: WarmStarter | None = None,
+              **kw: Any) -> dict[str, Any]:
     """Expand once, run what is left, record everything. Returns counts and the database path.
 
     ``options`` (or its fields as keywords: workers, executor, address, max_memory, halving,
     retries, max_attempts, retry_failed, fuse, budget_s, gpus) say how; see StudyOptions.
+    ``starter``: the local backend's warm process when the caller started it earlier (and stops
+    it); by default one is started here (backends/warm.py).
     """
     opts = (options or StudyOptions(**kw)).check(study.runs)
     t0 = time.perf_counter()
     db_path = root / "study.db"
-    with driver_lock(root), study_log(root / "study.log"), Store(db_path) as store, warm_start(opts) as starter:
+    warm = contextlib.nullcontext(starter) if starter is not None else warm_process(local=opts.executor != "ray")
+    with driver_lock(root), study_log(root / "study.log"), Store(db_path) as store, warm as starter:
         sid, recovered = store.open_study(study.name, study.to_json(), root, study.runs)
         if recovered:
             log.info("recovered %d run(s) left running by a stopped driver: %s", len(recovered), ", ".join(recovered))
@@ -141,21 +145,6 @@ def record_finished(store: Store, sid: int, names: list[str]) -> None:
             store.finish(row["id"], status=Status.COMPLETED, summary=result["summary"], metrics=result["metrics"],
                          error=None, stopped_at_step=None)
             log.info("run %s: completed before the driver stopped; recorded from its run directory", row["name"])
-
-
-@contextlib.contextmanager
-def warm_start(opts: StudyOptions) -> Iterator[WarmStarter | None]:
-    """The local backend's warm process (backends/warm.py), started before the study is planned
-    so that it loads the libraries meanwhile; stopped when the study's units have ended."""
-    if opts.executor == "ray":
-        yield None
-        return
-    starter = WarmStarter()
-    starter.spawn()
-    try:
-        yield starter
-    finally:
-        starter.close()
 
 
 def _scheduler(store: Store, opts: StudyOptions, *, on_gpu: bool, t0: float, bar: tqdm | None = None,

@@ -22,6 +22,7 @@ or stops, units start as plain processes (``process.launch``) and the study log 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -81,7 +83,7 @@ class WarmStarter:
         """Start the warm process (once); it loads the libraries while the caller goes on."""
         if self.proc is not None or self.unusable is not None:
             return
-        if why := _why_not_here():  # known here already: no process to start
+        if why := _gpu_build():  # known without loading torch: no process to start
             self._give_up(why)
             return
         read_end, write_end = os.pipe()
@@ -189,6 +191,30 @@ class WarmStarter:
             yield message
 
 
+@contextlib.contextmanager
+def warm_process(*, local: bool) -> Iterator[WarmStarter | None]:
+    """A started warm process for a study's local units (None for Ray's), stopped on the way out.
+    Started first, it loads the libraries while the caller checks and plans the study."""
+    if not local:
+        yield None
+        return
+    starter = WarmStarter()
+    starter.spawn()
+    try:
+        yield starter
+    finally:
+        starter.close()
+
+
+def _gpu_build() -> str | None:
+    """Why units must not be forked, as far as the files tell without importing torch: its GPU
+    libraries are installed beside it. The warm process asks torch itself (``_why_not_here``)."""
+    spec = importlib.util.find_spec("torch")
+    lib = Path(spec.origin).parent / "lib" if spec is not None and spec.origin else None
+    found = [name for name in ("libtorch_cuda.so", "libtorch_hip.so") if lib is not None and (lib / name).exists()]
+    return f"torch is a GPU build ({found[0]}): a unit's GPU must be chosen before CUDA starts" if found else None
+
+
 # ----------------------------------------------------------------------------- the warm process
 
 
@@ -250,8 +276,6 @@ def _child(request: dict[str, Any]) -> None:
 def serve(reply_fd: int) -> None:
     """The warm process: load, say whether it is ready, then fork one child per request and
     report each child's pid and exit code, until the driver closes stdin."""
-    import importlib
-
     def send(message: dict[str, Any]) -> None:
         os.write(reply_fd, json.dumps(message).encode() + b"\n")
 
