@@ -572,34 +572,38 @@ def run_tune(*, model: str, data: str, out: str = "runs", name: str = "tune", me
     """Plan, run both phases (resuming whatever an earlier invocation left), write the answer;
     ``progress``: each phase's bar of runs finished on stderr (terminals only)."""
     from loralab.paths import child_dir
+    from loralab.study.backends.warm import warm_process
     from loralab.study.execute import Halving, run_study
 
     goal = goal or ("min" if metric == "eval_loss" or metric.endswith(("loss", "perplexity")) else "max")
     root = child_dir(Path(out), name, what="tune name")
-    plan = plan_tune(model=model, data=data, metric=metric, fixed=fixed or {}, search=search, widen=widen,
-                     budget_steps=budget_steps, max_memory=max_memory, batch_size=batch_size, budget_s=budget_s)
-    root.mkdir(parents=True, exist_ok=True)  # after the plan: a refused tune leaves nothing behind
-    for note in plan.notes:
-        log.info("tune %s: %s", name, note)
-    spec = study_file(plan, name=name, metric=metric, goal=goal)
-    write_atomic(root / "tune-plan.json", plan.to_json(), fsync=False)
-    log.info("tune %s: %d candidates, %d steps each, halving from step %d; planned %d optimizer steps "
-             "(a full grid with repeats: %d)", name, plan.candidates, plan.max_steps, plan.min_steps,
-             plan.planned_steps, plan.grid_steps)
-    common = dict(workers=workers, executor=executor, address=address, max_memory=max_memory, progress=progress)
-    study = _study(spec, root)
-    halving = (Halving(eta=ETA, min_steps=plan.min_steps) if halving_schedule(plan.candidates, plan.max_steps)[1]
-               else None)
-    phase1 = run_study(study, root=root, halving=halving, budget_s=budget_s, **common)
-    finished = phase1.get("budget_spent") is not True and not any(
-        s in phase1["counts"] for s in (Status.PENDING, Status.INTERRUPTED, Status.PAUSED, Status.RUNNING))
-    db = root / "study.db"
-    cands, _ = read_candidates(db, name, metric, goal)
-    if finished and cands:
-        spent = phase1["wall_time_s"]
-        left = None if budget_s is None else max(0.0, budget_s - spent)
-        study = _study(spec, root, extra_runs=repeat_runs(cands[:FINALISTS]))
-        run_study(study, root=root, budget_s=left, **common)
+    # One warm process for both phases; it loads the libraries while the tune is planned.
+    with warm_process(local=executor != "ray") as starter:
+        plan = plan_tune(model=model, data=data, metric=metric, fixed=fixed or {}, search=search, widen=widen,
+                         budget_steps=budget_steps, max_memory=max_memory, batch_size=batch_size, budget_s=budget_s)
+        root.mkdir(parents=True, exist_ok=True)  # after the plan: a refused tune leaves nothing behind
+        for note in plan.notes:
+            log.info("tune %s: %s", name, note)
+        spec = study_file(plan, name=name, metric=metric, goal=goal)
+        write_atomic(root / "tune-plan.json", plan.to_json(), fsync=False)
+        log.info("tune %s: %d candidates, %d steps each, halving from step %d; planned %d optimizer steps "
+                 "(a full grid with repeats: %d)", name, plan.candidates, plan.max_steps, plan.min_steps,
+                 plan.planned_steps, plan.grid_steps)
+        common = dict(workers=workers, executor=executor, address=address, max_memory=max_memory,
+                      progress=progress, starter=starter)
+        study = _study(spec, root)
+        halving = (Halving(eta=ETA, min_steps=plan.min_steps) if halving_schedule(plan.candidates, plan.max_steps)[1]
+                   else None)
+        phase1 = run_study(study, root=root, halving=halving, budget_s=budget_s, **common)
+        finished = phase1.get("budget_spent") is not True and not any(
+            s in phase1["counts"] for s in (Status.PENDING, Status.INTERRUPTED, Status.PAUSED, Status.RUNNING))
+        db = root / "study.db"
+        cands, _ = read_candidates(db, name, metric, goal)
+        if finished and cands:
+            spent = phase1["wall_time_s"]
+            left = None if budget_s is None else max(0.0, budget_s - spent)
+            study = _study(spec, root, extra_runs=repeat_runs(cands[:FINALISTS]))
+            run_study(study, root=root, budget_s=left, **common)
     return write_answer(root, name=name, metric=metric, goal=goal, plan=plan)
 
 
