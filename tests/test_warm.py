@@ -1,5 +1,5 @@
 """Run processes forked from a study's warm process (loralab.study.backends.warm) against run
-processes started on their own: the same losses to the bit, the unit's log and thread count,
+processes started on their own: the same losses to the bit, the unit's output in its log,
 exit codes as a plain process gives them, a SIGKILL reported as one, and a warm process that
 dies taking its runs with it while the next units start on their own; no forking on a GPU
 build of torch."""
