@@ -3,7 +3,7 @@
 The scheduler decides how many run at once and which GPU each gets (its environment's
 CUDA_VISIBLE_DEVICES); this module only starts the process and reads what it left. On the
 CPU the processes are forked from the study's warm process, which has the libraries loaded
-(warm.py; the driver owns it, see execute.warm_start).
+(warm.py; the driver owns it, through warm.warm_process).
 """
 
 from __future__ import annotations
