@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from pathlib import Path
+
+import psutil
 
 from loralab.rundir import FUSED_LOG, TRAIN_LOG
 
@@ -23,12 +24,10 @@ def wait_for(predicate, timeout: float, what: str):
 
 def descendants(pid: int) -> list[int]:
     """Every live process under ``pid``: its children, theirs, and so on."""
-    found, todo = [], [pid]
-    while todo:
-        out = subprocess.run(["pgrep", "-P", str(todo.pop())], capture_output=True, text=True).stdout.split()
-        found += [int(p) for p in out]
-        todo += [int(p) for p in out]
-    return found
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def run_processes(driver: int) -> dict[int, Path]:

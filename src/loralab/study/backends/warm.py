@@ -237,7 +237,6 @@ def _child(request: dict[str, Any]) -> None:
 
     code = 1
     try:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         die_with_parent()
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if request["append"] else os.O_TRUNC)
         out = os.open(request["log"], flags, 0o644)
@@ -263,10 +262,11 @@ def _child(request: dict[str, Any]) -> None:
                 code = exc.code or 0
             else:
                 sys.stderr.write(f"{exc.code}\n")
-        atexit._run_exitfuncs()
     except BaseException:  # noqa: BLE001 - the child reports every failure as python would
         traceback.print_exc()
     finally:
+        with contextlib.suppress(Exception):
+            atexit._run_exitfuncs()  # as the interpreter does at exit, after an error too
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
