@@ -351,6 +351,33 @@ def test_the_cause_of_a_failed_job_is_the_rank_killed_from_outside():
     assert cause({1: ended(2, at=100), 0: ended(1, at=101)}) == 1  # else the first to fail
 
 
+def test_a_rank_that_found_bad_input_ends_the_run_invalid_before_rank_0_wrote_anything(tmp_path):
+    """Every rank finds the same bad input; the launcher may stop rank 0 before it made the run
+    directory when another rank exits first. The run still ends invalid, with that rank's message."""
+    from loralab.cli.launch import mark_interrupted
+    from loralab.rundir import RunDir
+
+    run = RunDir(tmp_path / "never-made")
+    err = mark_interrupted(run, "rank 1 ended with exit code 2", killed=False, code=2,
+                           error="data.path /x/missing.jsonl: no such file")
+    assert str(err) == ("rank 1 ended with exit code 2; the run ended invalid: data.path /x/missing.jsonl: "
+                        "no such file")
+    assert run.read_summary() == {"status": "invalid", "error": "data.path /x/missing.jsonl: no such file",
+                                  "run_dir": str(run.root)}
+    # torchrun's ranks pass on only their exit code: the message says where the rank's own went
+    other = RunDir(tmp_path / "other")
+    mark_interrupted(other, "rank 1 ended with exit code 2", killed=False, code=2)
+    assert other.read_summary()["error"] == ("rank 1 ended with exit code 2: bad input, found before the first "
+                                             "step (that rank's message is above)")
+    # rank 0 recorded the run's end itself: kept; a killed rank: interrupted, made resumable
+    assert str(mark_interrupted(run, "rank 0 ended with exit code 2", killed=False, code=2)).endswith(
+        "the run ended invalid: data.path /x/missing.jsonl: no such file")
+    killed = RunDir(tmp_path / "killed")
+    assert "continue it with: loralab train --resume" in str(mark_interrupted(killed, "rank 1 ended with SIGKILL",
+                                                                              killed=True, code=-9))
+    assert killed.read_summary()["status"] == "interrupted"
+
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 PROBE = Path(__file__).resolve().parent / "env_probe"  # sitecustomize: $LORALAB_TEST_OOM_RANK injects an OOM
 

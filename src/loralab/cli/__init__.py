@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, errors: list[LoralabError] | None = None) -> int:
+    """Run one command; its exit code. A LoralabError is printed (and appended to ``errors``
+    when given: a Ray Train worker passes its message on to the driver)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose:
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except LoralabError as exc:
         sys.stderr.write(f"loralab {args.command}: error: {exc}\n")
+        if errors is not None:
+            errors.append(exc)
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

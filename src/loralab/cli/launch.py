@@ -125,7 +125,8 @@ def launch(worker_args: list[str], *, nproc: int, run_dir: Path, timeout_s: floa
         failure = exc.failures[rank]
         killed = failure.exitcode < 0
         how = failure.signal_name() if killed else f"exit code {failure.exitcode}"
-        err = mark_interrupted(RunDir(run_dir), f"rank {rank} ended with {how}", killed=killed)
+        err = mark_interrupted(RunDir(run_dir), f"rank {rank} ended with {how}", killed=killed,
+                               code=failure.exitcode)
         if not isinstance(err, InterruptedRun) and failure.exitcode > 0:
             err.exit_code = failure.exitcode  # the worker's own: 2 invalid input, 3 diverged, ...
         raise err from None
@@ -149,14 +150,22 @@ def cause(failures: dict) -> int:
     return min(failures, key=order)
 
 
-def mark_interrupted(run: RunDir, what: str, *, killed: bool) -> LoralabError:
+def mark_interrupted(run: RunDir, what: str, *, killed: bool, code: int | None = None,
+                     error: str | None = None) -> LoralabError:
     """The run is ``interrupted`` when a rank was killed first (rank 0 may have recorded the
     lost connection as a failure: that was the kill's doing) or when it was left ``running``;
     a run that recorded its own end otherwise (failed, diverged, invalid: a worker said why)
-    keeps it. The error to raise."""
+    keeps it. A rank that exited with code 2 found bad input before the first step: the run is
+    ``invalid`` even when that rank was not rank 0 and the others were stopped before rank 0
+    wrote it (``error``: that rank's message, where known). The error to raise."""
     summary = run.read_summary() or {}
     if not killed and summary.get("status") not in (None, Status.RUNNING):
         return LoralabError(f"{what}; the run ended {summary['status']}: {summary.get('error')}")
+    run.root.mkdir(parents=True, exist_ok=True)  # the ranks may have been stopped before rank 0 made it
+    if not killed and code == 2:
+        error = error or f"{what}: bad input, found before the first step (that rank's message is above)"
+        write_atomic(run.summary, {**summary, "status": Status.INVALID, "error": error, "run_dir": str(run.root)})
+        return LoralabError(f"{what}; the run ended {Status.INVALID.value}: {error}")
     error = f"{what}; continue it with: loralab train --resume {run.root}"
     write_atomic(run.summary, {**summary, "status": Status.INTERRUPTED, "error": error, "run_dir": str(run.root)})
     return InterruptedRun(error)

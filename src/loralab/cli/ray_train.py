@@ -31,31 +31,26 @@ log = logging.getLogger(__name__)
 
 
 class WorkerEnded(LoralabError):
-    """A Ray Train worker's ``loralab train`` ended with a non-zero exit code."""
+    """A Ray Train worker's ``loralab train`` ended with a non-zero exit code (``error``: the
+    message it printed, if it ended on a LoralabError)."""
 
-    def __init__(self, rank: int, code: int):
+    def __init__(self, rank: int, code: int, error: str | None = None):
         super().__init__(f"rank {rank} ended with exit code {code}")
-        self.rank, self.code = rank, code
+        self.rank, self.code, self.error = rank, code, error
 
     def __reduce__(self):
-        return (self.__class__, (self.rank, self.code))
+        return (self.__class__, (self.rank, self.code, self.error))
 
 
 def ray_worker(config: dict[str, Any]) -> None:
-    """The body of every Ray Train worker: ``python -m loralab.cli train ...`` run in this
-    process (it must join the process group Ray Train made here), the entry a torchrun worker
-    starts with."""
-    import runpy
-    import sys
+    """The body of every Ray Train worker: ``loralab train ...`` run in this process (it must
+    join the process group Ray Train made here), as a torchrun worker runs it."""
+    from loralab.cli import main
 
-    sys.argv = ["loralab", *config["argv"]]
-    try:
-        runpy.run_module("loralab.cli", run_name="__main__", alter_sys=True)
-        code = 0
-    except SystemExit as end:  # loralab.cli's __main__ ends with SystemExit(main())
-        code = end.code if isinstance(end.code, int) else 1 if end.code else 0
+    errors: list[LoralabError] = []
+    code = main(config["argv"], errors=errors)
     if code != 0:
-        raise WorkerEnded(int(os.environ.get("RANK", "0")), code)
+        raise WorkerEnded(int(os.environ.get("RANK", "0")), code, str(errors[-1]) if errors else None)
 
 
 def check_reachable(address: str, timeout_s: float = 10.0) -> None:
@@ -116,7 +111,8 @@ def train_on_ray(args, cfg) -> dict:
         rank, failure, died = cause(exc)
         how = f"rank {rank} ended with exit code {failure.code}" if isinstance(failure, WorkerEnded) else \
             f"{'rank ' + str(rank) if rank is not None else 'a Ray Train worker'} failed: {first_line(failure)}"
-        err = mark_interrupted(RunDir(run_dir), how, killed=died)
+        err = mark_interrupted(RunDir(run_dir), how, killed=died, code=getattr(failure, "code", None),
+                               error=getattr(failure, "error", None))
         if isinstance(failure, WorkerEnded) and not died:
             err.exit_code = failure.code  # the worker's own: 2 invalid input, 3 diverged, ...
         else:
