@@ -74,12 +74,17 @@ def _in_out(module) -> tuple[int, int] | None:
 
 
 def attach_lora(model, lora: LoraConfig, *, seed: int):
-    """Wrap ``model`` with trainable LoRA adapters (deterministic init for ``seed``)."""
+    """Wrap ``model`` with trainable LoRA adapters (deterministic init for ``seed``), their
+    dropout drawn as loralab.train.dropout draws it."""
     from peft import get_peft_model
+
+    from loralab.train.dropout import use_lora_dropout
 
     config = peft_lora_config(model, lora)
     torch.manual_seed(seed)
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    use_lora_dropout(peft_model)
+    return peft_model
 
 
 def count_params(peft_model) -> tuple[int, int]:

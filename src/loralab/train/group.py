@@ -33,6 +33,7 @@ from torch import nn
 from loralab.adapters import attach_lora, count_params, save_adapter
 from loralab.config import LoraConfig
 from loralab.errors import ConfigError, ModelError
+from loralab.train.dropout import dropout
 
 
 @dataclass
@@ -153,17 +154,19 @@ class RunAdapter(nn.Module):
     def forward(self, x: torch.Tensor, draw: int | None = None) -> torch.Tensor:
         x = x.to(self.lora_A.dtype)
         if isinstance(self.dropout, nn.Dropout) and self.training and draw is not None:
-            x = x * self.mask(x, draw)
+            x = self.drop(x, draw)
         else:
             x = self.dropout(x)
         return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
-    def mask(self, x: torch.Tensor, draw: int) -> torch.Tensor:
-        """Inverted-dropout mask of x's shape from a generator seeded by (run, module, micro
+    def drop(self, x: torch.Tensor, draw: int) -> torch.Tensor:
+        """Inverted dropout of x with a mask from a generator seeded by (run, module, micro
         batch) alone: the same in every group, and again when the forward is recomputed."""
         p = self.dropout.p
         g = torch.Generator(device=x.device).manual_seed((self.key * 1_000_003 + draw) % 2**63)
-        return torch.empty_like(x).bernoulli_(1 - p, generator=g) / (1 - p)
+        if x.device.type == "cpu":
+            return dropout(x, p, generator=g)
+        return x * (torch.empty_like(x).bernoulli_(1 - p, generator=g) / (1 - p))
 
 
 class BatchedLoraLinear(nn.Module):
