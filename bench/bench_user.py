@@ -37,7 +37,7 @@ import bench_speed as bs  # noqa: E402 - the shared workers, model builder and F
 
 RESULTS = bs.REPO / "bench" / "results" / "user_speed.json"
 BATCH, STEPS, LR = 8, 20, 2e-3
-N_TRAIN, N_VAL = BATCH * STEPS, 16
+N_VAL = 16
 CASES = ["cut256-mb8", "cut256-mb1", "cut1024-mb8", "cut1024-mb1"]
 WORDS = ("the a of to and in is it for on with as at by from that this was are be or an light water wood door "
          "road field hill wind rain sun morning evening small large old new warm cold slowly carefully often always "
@@ -80,7 +80,7 @@ def worker_defaults(spec: dict) -> dict:
         "model": model,
         "lora": {"r": 8, "targets": ["query", "value"]},
         "data": {"path": spec["train"], "val_path": spec["val"], "max_seq_length": spec["cut"]},
-        "train": {"batch_size": BATCH, "micro_batch_size": spec["micro_batch"], "max_steps": STEPS, "lr": LR,
+        "train": {"batch_size": BATCH, "micro_batch_size": spec["micro_batch"], "max_steps": spec["steps"], "lr": LR,
                   "warmup_steps": 0, "seed": spec["seed"], "log_every": 1000},
         "output": {"dir": spec["run_dir"], "save_adapter": False},
     }, spec.get("set") or []))  # --set: settings on top of the defaults
@@ -88,6 +88,7 @@ def worker_defaults(spec: dict) -> dict:
     return {"side": "loralab", "compiled": s["compiled"], "compile_reason": s["compile_reason"],
             "compile_time_s": s["compile_time_s"], "useful_tokens": s["tokens_seen"], "train_time_s": s["train_time_s"],
             "tokens_per_s": s["tokens_per_s"], "train_cpu_time_s": s["train_cpu_time_s"],
+            "tokens_per_s_with_compile": s["tokens_seen"] / (s["train_time_s"] + s["compile_time_s"]),
             "tokens_per_cpu_s": s["tokens_seen"] / s["train_cpu_time_s"],
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "final_eval_loss": s["final_eval_loss"], "steps": s["steps"], "trainable_params": s["trainable_params"],
@@ -96,7 +97,7 @@ def worker_defaults(spec: dict) -> dict:
 
 def run_pair(case: dict, spec: dict, work: Path, k: int) -> tuple[dict, dict]:
     ours = bs.run_worker("loralab-defaults", {**spec, "run_dir": str(work / f"{case['name']}-{k}")})
-    ref = bs.run_worker("reference", {**spec, "dtype": case["ref_dtype"], "quant": "none", "steps": STEPS,
+    ref = bs.run_worker("reference", {**spec, "dtype": case["ref_dtype"], "quant": "none", "steps": spec["steps"],
                                       "batch": BATCH, "lr": LR})
     return ours, ref
 
@@ -108,6 +109,9 @@ def main() -> None:
                     help="loralab's model.dtype (auto: its default); the reference gets what it resolves to")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a loralab setting on top of the defaults, e.g. train.compile=true (repeatable)")
+    ap.add_argument("--steps", type=int, default=STEPS,
+                    help="optimizer steps per side (one epoch of 8 x steps records); from about 240 on, "
+                         "train.compile auto compiles the 50M model (loralab.train.compiled.MIN_WORK)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -131,7 +135,7 @@ def main() -> None:
         work = Path(tmp)
         model = str(bs.build_big_model(work / "model"))
         train, val = work / "train.jsonl", work / "val.jsonl"
-        for path, records in ((train, user_records(N_TRAIN, 1)), (val, user_records(N_VAL, 2))):
+        for path, records in ((train, user_records(BATCH * args.steps, 1)), (val, user_records(N_VAL, 2))):
             path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
         config = json.loads((Path(model) / "config.json").read_text())
         h = config["hidden_size"]
@@ -148,7 +152,8 @@ def main() -> None:
                     "lengths": {"median": sorted(lengths)[len(lengths) // 2], "max": max(lengths),
                                 "n": len(lengths)}}
             spec = {"model": model, "train": str(train), "val": str(val), "dtype": args.dtype, "cut": cut,
-                    "max_len": cut, "micro_batch": mb, "seed": 1337, "threads": args.threads, "set": args.set}
+                    "max_len": cut, "micro_batch": mb, "seed": 1337, "threads": args.threads, "set": args.set,
+                    "steps": args.steps}
             load_before = bs.load_avg()
             pairs = [run_pair(case, spec, work, k) for k in range(args.repeats)]
             ours, ref = bs.median_run([o for o, _ in pairs]), bs.median_run([f for _, f in pairs])
@@ -159,11 +164,13 @@ def main() -> None:
             row = {**case, "loralab": ours, "reference": ref, "useful_flops": flops,
                    "speed_ratio": ours["tokens_per_s"] / ref["tokens_per_s"],
                    "speed_ratio_cpu": ours["tokens_per_cpu_s"] / ref["tokens_per_cpu_s"],
+                   "speed_ratio_with_compile": ours["tokens_per_s_with_compile"] / ref["tokens_per_s"],
                    "pair_ratios": [o["tokens_per_s"] / f["tokens_per_s"] for o, f in pairs],
                    "load_avg_before": load_before, "load_avg_after": bs.load_avg()}
             rows.append(row)
+            how = f"compiled in {ours['compile_time_s']:.1f} s" if ours["compiled"] else "eager"
             print(f"{name:<12} tok/s {ours['tokens_per_s']:6.0f} vs {ref['tokens_per_s']:6.0f} "
-                  f"x{row['speed_ratio']:.2f} "
+                  f"x{row['speed_ratio']:.2f} ({how}; x{row['speed_ratio_with_compile']:.2f} with the compile time) "
                   f"(per CPU-s x{row['speed_ratio_cpu']:.2f})  bf16 ceiling% {ours['pct_of_bf16_ceiling']:4.1f} vs "
                   f"{ref['pct_of_bf16_ceiling']:4.1f}  eval {ours['final_eval_loss']:.4f} vs "
                   f"{ref['final_eval_loss']:.4f}  "
@@ -173,7 +180,8 @@ def main() -> None:
     report = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": args.threads,
               "repeats": args.repeats, "dtype": args.dtype, "set": args.set, "resolved_dtype": ref_dtype, "why": why,
               "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "versions": versions(),
-              "batch": BATCH, "steps": STEPS, "lr": LR, "model": bs.BIG, "matmul_ceilings": ceilings, "cases": rows,
+              "batch": BATCH, "steps": args.steps, "lr": LR, "model": bs.BIG, "matmul_ceilings": ceilings,
+              "cases": rows,
               "total_wall_s": time.perf_counter() - t_start}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2), encoding="utf-8")
