@@ -1,4 +1,4 @@
-"""LoRA dropout's mask (loralab.train.dropout): the Bernoulli mask and scaling of nn.Dropout,
+"""LoRA dropout's mask (loralab.adapters.dropout): the Bernoulli mask and scaling of nn.Dropout,
 drawn from 32 random bits per element, in the adapters a run trains (solo through PEFT, fused)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from loralab.train.dropout import LoraDropout, dropout
+from loralab.adapters import LoraDropout, dropout
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])

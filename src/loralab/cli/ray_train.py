@@ -44,11 +44,13 @@ class WorkerEnded(LoralabError):
 
 def ray_worker(config: dict[str, Any]) -> None:
     """The body of every Ray Train worker: ``loralab train ...`` run in this process (it must
-    join the process group Ray Train made here), as a torchrun worker runs it."""
-    from loralab.cli import main
+    join the process group Ray Train made here), as a torchrun worker runs it. The command line
+    is imported when the worker runs, as ``python -m loralab.cli`` imports it: loralab.cli
+    imports this module."""
+    import importlib
 
     errors: list[LoralabError] = []
-    code = main(config["argv"], errors=errors)
+    code = importlib.import_module("loralab.cli").main(config["argv"], errors=errors)
     if code != 0:
         raise WorkerEnded(int(os.environ.get("RANK", "0")), code, str(errors[-1]) if errors else None)
 

@@ -30,10 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loralab.adapters import attach_lora, count_params, save_adapter
+from loralab.adapters import attach_lora, count_params, dropout, save_adapter
 from loralab.config import LoraConfig
 from loralab.errors import ConfigError, ModelError
-from loralab.train.dropout import dropout
 
 
 @dataclass
