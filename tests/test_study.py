@@ -17,6 +17,7 @@ import pytest
 
 from loralab.config import config_from_dict
 from loralab.errors import ConfigError
+from loralab.study.backends.process import checkpoint_step
 from loralab.study.execute import run_study
 from loralab.study.policy import Halving
 from loralab.study.spec import load_study, preset_names
@@ -215,9 +216,9 @@ def test_sigkilled_run_is_recorded_interrupted_then_resumed(tmp_path):
     driver = subprocess.Popen([sys.executable, "-m", "loralab.cli", "study", "run", str(path), "--out", str(out),
                                "--retries", "0"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: ((out / "kill" / "r2" / "checkpoints").is_dir()
-                      and any((out / "kill" / "r2" / "checkpoints").glob("*/manifest.json"))),
-              240, "the run's first checkpoint")
+    # a complete checkpoint, as the driver counts them: a manifest in a checkpoint's temporary
+    # directory before its rename is not one (pathlib's "*" matches ".tmp-step-..." too)
+    wait_for(lambda: checkpoint_step(out / "kill" / "r2") > 0, 240, "the run's first checkpoint")
     (child,) = run_processes(driver.pid)
     os.kill(child, signal.SIGKILL)
     assert driver.wait(timeout=60) == 1  # something is left to do
