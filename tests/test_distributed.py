@@ -183,6 +183,34 @@ def test_killed_rank_leaves_run_interrupted_and_resumes_on_one_process(one_proce
     assert adapter_diff(one, run) < ADAPTER_TOL
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_ranks_end_with_a_launcher_killed_outright(one_process, tmp_path):
+    """torch's launcher starts each rank in a session of its own: without loralab's own check
+    the ranks of a launcher SIGKILLed (or of a study driver that died, taking the launcher with
+    it) trained on to the end (measured: the run completed 1.9 s after the kill)."""
+    cfg, _ = one_process
+    run = tmp_path / "orphans"
+    proc = launch(cfg, run, "--set", "train.max_steps=400")
+    wait_for_checkpoint(run, proc)
+    ranks = [rank_pid(proc, 0), rank_pid(proc, 1)]
+    proc.kill()
+    proc.communicate()
+    deadline = time.monotonic() + 5
+    while any(alive(p) for p in ranks):
+        assert time.monotonic() < deadline, f"ranks {[p for p in ranks if alive(p)]} outlived their launcher"
+        time.sleep(0.02)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "running" and max(losses(run)) < 400  # stopped where the kill found it
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "waiting"), [
     ("ddp", "summing a step's gradients"),

@@ -342,3 +342,24 @@ def test_ray_tasks_request_a_gpu_share_and_cpus(tmp_path, ray_instance, caplog):
     envs = [json.loads(p.read_text()) for p in ray_instance.glob("*.json") if p.name not in before]
     assert sorted(run_name(e["argv"]) for e in envs) == ["r2", "r4"]
     assert all(e["CUDA_VISIBLE_DEVICES"] in ("0", "1") for e in envs)  # Ray's GPU, inherited by the run
+
+
+@pytest.mark.slow
+def test_a_ray_task_for_a_run_on_two_processes_asks_for_two_of_each(tmp_path, ray_instance, caplog):
+    """distributed.nproc 2 on model.device auto: the task asks Ray for 2 CPUs and 2 GPUs (the
+    instance declares two) and the run's launcher trains it on 2 processes of that node."""
+    base = {**TINY, "model": {**TINY["model"], "device": "auto"}, "distributed": {"nproc": 2}}
+    root = tmp_path / "runs" / "rn"
+    study = load_study(write_study(tmp_path, "rn", base, axes={"lora.r": [2]}), root=root)
+    before = {p.name for p in ray_instance.glob("*.json")}
+    with caplog.at_level(logging.INFO, logger="loralab.study.backends.ray"):
+        result = run_study(study, root=root, executor="ray", workers=2)
+    assert result["counts"] == {"completed": 1}
+    asked = [r.getMessage() for r in caplog.records if "Ray resources" in r.getMessage()]
+    assert len(asked) == 1 and "'GPU': 2.0" in asked[0] and "'CPU': 2.0" in asked[0], asked
+    (row,) = rows_of(root / "study.db").values()
+    assert json.loads((Path(row["run_dir"]) / "summary.json").read_text())["extra"]["distributed"]["world_size"] == 2
+    ranks = [json.loads(p.read_text()) for p in ray_instance.glob("*.json") if p.name not in before]
+    ranks = [e for e in ranks if e["RANK"] is not None]
+    assert sorted(e["RANK"] for e in ranks) == ["0", "1"]
+    assert {e["CUDA_VISIBLE_DEVICES"] for e in ranks} in ({"0,1"}, {"1,0"})  # Ray's two GPUs, one per rank

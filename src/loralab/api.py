@@ -131,6 +131,10 @@ def train(config: ConfigSource = None, *, out: str | Path | None = None, resume:
         cfg = load_config(RunDir(run_dir).config, overrides=extra + [f"output.dir={run_dir}"])
     else:
         cfg = load_config(config, overrides=extra, **sections)
+    if cfg.distributed.nproc > 1:
+        raise ConfigError(f"distributed.nproc {cfg.distributed.nproc}: a run on several processes is launched by "
+                          "the command line (loralab train CONFIG, or torchrun); loralab.api.train trains in this "
+                          "process: set distributed.nproc=1")
     summary = train_run(cfg, show_progress=show_progress, resume=resume)
     return TrainResult(summary=summary, run_dir=Path(summary["run_dir"]))
 

@@ -208,6 +208,10 @@ class DistributedConfig:
                "micro batches: the same maths as one process); fsdp shards the base and the adapters over the ranks "
                "with FSDP2 (fully_shard; the same maths; not with 4-bit quant or train.compile true). One process "
                "ignores it.")
+    nproc: int = _f(
+        1, "Processes (devices: one GPU each on CUDA) the run trains on. loralab train launches them (its --nproc "
+           "flag wins over this key); a study gives the run that many of its GPUs or worker slots (study run "
+           "--gpus-per-run K sets it for runs that leave it at 1). A fused group trains on one process.", ge=1)
     timeout_s: int = _f(
         600, "Seconds a rank waits for the others at a collective (the gradient sum of a step, the start) before the "
              "run fails, naming the wait: a hanging rank ends the run instead of blocking it forever.", gt=0)

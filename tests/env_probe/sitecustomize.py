@@ -16,6 +16,7 @@ def _log_env(dest: str, argv: list[str]) -> None:
             "argv": argv,
             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "RANK": os.environ.get("RANK"),
             "threads": __import__("torch").get_num_threads() if "torch" in sys.modules else None,
         }))
 

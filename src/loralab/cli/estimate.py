@@ -45,13 +45,13 @@ def estimate_from_args(
     rslora: bool | None = None,
     dora: bool | None = None,
     double_quant: bool | None = None,
-    nproc: int = 1,
+    nproc: int | None = None,
     **flags: Any,
 ) -> Estimate:
     """The CLI path: a config file and/or flags (model, r, targets, quant, optim,
-    micro_batch, seq_len, dtype, momentum); flags win over the file. ``nproc`` > 1: each
-    rank's memory, for the config's distributed.strategy."""
-    if nproc < 1:
+    micro_batch, seq_len, dtype, momentum); flags win over the file. ``nproc`` (default: the
+    config's distributed.nproc) > 1: each rank's memory, for the config's distributed.strategy."""
+    if nproc is not None and nproc < 1:
         raise ConfigError(f"--nproc must be at least 1 (got {nproc})")
     for name, label in _POSITIVE.items():
         if flags.get(name) is not None and flags[name] <= 0:
@@ -76,7 +76,7 @@ def estimate_from_args(
     cfg = config_from_dict(raw, source=str(config_path or "estimate"), origins=override_origins(list(overrides or [])))
     est = estimate_run(cfg, grad_checkpointing=grad_checkpointing, budget_bytes=budget_bytes, throughput=throughput,
                        device=device)
-    return per_rank(est, nproc, cfg.distributed.strategy)
+    return per_rank(est, nproc or cfg.distributed.nproc, cfg.distributed.strategy)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -106,9 +106,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "model.device; auto = the device a run would use on this machine)")
     p.add_argument("--budget", help="memory budget, e.g. 24GB or 80GiB; reports fits and the largest micro batch")
     p.add_argument("--throughput", type=float, help="effective FLOP/s of the device, e.g. 100e12")
-    p.add_argument("--nproc", type=int, default=1, metavar="N",
-                   help="memory of each rank of a run on N processes (loralab train --nproc N), for the config's "
-                        "distributed.strategy (ddp or fsdp; --set distributed.strategy=fsdp)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="memory of each rank of a run on N processes (loralab train --nproc N; default the config's "
+                        "distributed.nproc), for the config's distributed.strategy (ddp or fsdp; "
+                        "--set distributed.strategy=fsdp)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_estimate)
 

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 BACKEND = "loralab-loopback"  # the rendezvous backend name registered with torch's launcher
 LOOPBACK = "127.0.0.1"
+LAUNCHER_ENV = "LORALAB_LAUNCHER_PID"  # set for the ranks: the launcher they end with
 
 
 class InterruptedRun(LoralabError):
@@ -113,6 +114,7 @@ def launch(worker_args: list[str], *, nproc: int, run_dir: Path, timeout_s: floa
     rendezvous_handler_registry.register(BACKEND, handler_of)  # the same function each time: registered once
     for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         os.environ.setdefault(name, "lo")  # the collectives' own sockets on loopback, too
+    os.environ[LAUNCHER_ENV] = str(os.getpid())  # the ranks inherit it: die_with_launcher
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=run_id, rdzv_backend=BACKEND,
                           rdzv_endpoint=f"{LOOPBACK}:{port}", rdzv_configs={"handler": handler}, max_restarts=0,
                           monitor_interval=0.5, local_addr=LOOPBACK, role="rank", shutdown_timeout=10,
@@ -134,6 +136,21 @@ def launch(worker_args: list[str], *, nproc: int, run_dir: Path, timeout_s: floa
         err = mark_interrupted(RunDir(run_dir), f"the launcher got {exc.sigval.name}", killed=True)
         err.exit_code = 128 + int(exc.sigval)  # as a shell reports a process ended by that signal (130: Ctrl-C)
         raise err from None
+
+
+def die_with_launcher() -> None:
+    """In a rank that :func:`launch` started: end when the launcher ends. torch's launcher
+    starts each rank in a session of its own, so a launcher killed outright (SIGKILL, or a
+    study's driver that died and took its child the launcher with it) would leave its ranks
+    training on into a run directory that the study then trains again."""
+    from loralab.study.backends.child import die_with_parent
+
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if launcher is None:
+        return
+    die_with_parent()
+    if str(os.getppid()) != launcher:  # the launcher ended before the line above
+        raise InterruptedRun(f"the launcher (process {launcher}) ended before this rank started")
 
 
 def cause(failures: dict) -> int:

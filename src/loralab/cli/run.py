@@ -40,9 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--set train.stop_at_step=null, or pause later with --set train.stop_at_step=N")
     _run_args(p)
     add_force_arg(p)
-    p.add_argument("--nproc", type=nproc_arg, default=1, metavar="N",
+    p.add_argument("--nproc", type=nproc_arg, metavar="N",
                    help="train the run on N processes of this machine (torch's launcher, as torchrun; "
-                        "distributed.strategy ddp; one GPU each on CUDA): docs/distributed.md")
+                        "distributed.strategy ddp; one GPU each on CUDA; default the config's distributed.nproc, "
+                        "1): docs/distributed.md")
     p.add_argument("--executor", choices=["torchrun", "ray"], default="torchrun",
                    help="who starts the N processes: torchrun (torch's launcher, this machine; default) or ray "
                         "(N Ray Train workers, anywhere in a Ray cluster)")
@@ -245,6 +246,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         from loralab.errors import ConfigError
 
         raise ConfigError("--address is the Ray cluster's: give it with --executor ray")
+    if distributed.launched():
+        from loralab.cli.launch import die_with_launcher
+
+        die_with_launcher()
+    args.nproc = args.nproc or cfg.distributed.nproc  # the flag wins over the config's key
     if args.executor == "ray" and not distributed.launched():  # N Ray Train workers (loralab.cli.ray_train)
         from loralab.cli.ray_train import train_on_ray
 

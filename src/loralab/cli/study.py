@@ -58,11 +58,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_track_arg(p)
     _root_arg(p)
     p.add_argument("--workers", type=int,
-                   help="units (a run or a fused group) at a time (default: one per GPU, else 1)")
+                   help="slots of the pool: units (a run or a fused group) at a time, a run on K processes taking "
+                        "K (default: one per GPU, else the widest run's processes, 1)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="backend: local processes or Ray tasks")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     p.add_argument("--gpus", help="local backend: GPUs to use, e.g. 0,1,2,3 (default: every visible one)")
+    p.add_argument("--gpus-per-run", type=int, default=1, metavar="K",
+                   help="every run (whose distributed.nproc is 1) trains on K processes, one device each: K GPUs on "
+                        "the local backend (K worker slots on the CPU), K GPUs or CPUs per Ray task; such runs train "
+                        "alone, not fused (default 1): docs/distributed.md")
     p.add_argument("--max-memory", help="skip runs whose estimated memory is over this, e.g. 8GB or 24GiB; "
                                         "also the memory one device gives fused groups (default: the device's)")
     p.add_argument("--halving", action="store_true",

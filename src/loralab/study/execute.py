@@ -113,11 +113,12 @@ def run_study(study: Study, *, root: Path, options: StudyOptions | None = None, 
         if opts.retry_failed:
             store.reset([r["id"] for r in store.runs(
                 sid, (Status.FAILED, Status.DIVERGED, Status.OUT_OF_MEMORY, Status.INVALID))])
-        tasks = plan_tasks(store, sid, root, max_memory=opts.max_memory, paused=opts.halving is not None)
+        tasks = plan_tasks(store, sid, root, max_memory=opts.max_memory, paused=opts.halving is not None,
+                           nproc=opts.gpus_per_run)
         done_before = sum(n for s, n in store.counts(sid).items() if s not in TO_RUN)
         with progress(len(tasks), desc=f"study {study.name}", unit="run", enabled=opts.progress) as bar:
             scheduler, budget = _scheduler(store, opts, on_gpu=any(t.on_gpu for t in tasks), t0=t0, bar=bar,
-                                           starter=starter)
+                                           starter=starter, widest=max((t.nproc for t in tasks), default=1))
             units = form_units(tasks, fuse=opts.fuse, budget=budget, workers=scheduler.workers,
                                halving=opts.halving is not None)
             log.info("study %s: %d runs, %d to run as %d unit(s), %d worker(s), backend %s", study.name,
@@ -148,10 +149,11 @@ def record_finished(store: Store, sid: int, names: list[str]) -> None:
 
 
 def _scheduler(store: Store, opts: StudyOptions, *, on_gpu: bool, t0: float, bar: tqdm | None = None,
-               starter: WarmStarter | None = None) -> tuple[Scheduler, int | None]:
+               starter: WarmStarter | None = None, widest: int = 1) -> tuple[Scheduler, int | None]:
     """The scheduler and its backend, and the memory a fused group may estimate (one GPU's, or
     this machine's RAM shared by the workers, unless --max-memory says); ``bar``
-    (a :func:`loralab.progress.progress` bar) counts the runs finished."""
+    (a :func:`loralab.progress.progress` bar) counts the runs finished. Without --workers the
+    pool has one slot per GPU, or (CPU, Ray) as many as the widest run's processes (``widest``)."""
     deadline = None if opts.budget_s is None else t0 + opts.budget_s
     device = run_device("auto") if on_gpu else "cpu"
     budget = opts.max_memory
@@ -162,7 +164,7 @@ def _scheduler(store: Store, opts: StudyOptions, *, on_gpu: bool, t0: float, bar
         from loralab.study.backends.ray import RayBackend
 
         backend = RayBackend(address=opts.address, gpu_memory=opts.max_memory)
-        return Scheduler(store, backend, workers=opts.workers or 1, **kw), budget
+        return Scheduler(store, backend, workers=opts.workers or widest, **kw), budget
     from loralab.study.backends.local import LocalBackend
 
     ids = opts.gpus if opts.gpus is not None else (visible_gpus() if on_gpu else [])
@@ -170,4 +172,5 @@ def _scheduler(store: Store, opts: StudyOptions, *, on_gpu: bool, t0: float, bar
     gpus = GpuSlots(ids, capacity) if ids else None
     if gpus is not None:
         log.info("GPUs %s, %s each", ", ".join(ids), f"{capacity / 2**30:.1f} GiB" if capacity else "one unit")
-    return Scheduler(store, LocalBackend(starter), workers=opts.workers or max(1, len(ids)), gpus=gpus, **kw), budget
+    return Scheduler(store, LocalBackend(starter), workers=opts.workers or len(ids) or widest, gpus=gpus,
+                     **kw), budget

@@ -37,6 +37,7 @@ class StudyOptions:
     fuse: bool = True  # fused groups wherever runs can share a base and fit
     budget_s: float | None = None  # no unit starts after this many seconds
     gpus: list[str] | None = None  # local backend: the GPUs to use (None: every visible one)
+    gpus_per_run: int = 1  # processes (devices) of every run whose distributed.nproc is 1
     progress: bool = False  # a bar of runs finished on stderr (terminals only; the command: not --json)
 
     def check(self, runs: list[Any] | None = None) -> StudyOptions:
@@ -50,6 +51,8 @@ class StudyOptions:
                 f"--retries must be >= 0 (got {self.retries}) and max_attempts >= 1 (got {self.max_attempts})")
         if self.budget_s is not None and self.budget_s < 0:
             raise ConfigError(f"--budget must be >= 0 seconds (got {self.budget_s})")
+        if self.gpus_per_run < 1:
+            raise ConfigError(f"--gpus-per-run must be >= 1 (got {self.gpus_per_run})")
         if self.max_memory is not None and self.max_memory <= 0:
             raise ConfigError(f"--max-memory must be > 0 (got {self.max_memory})")
         if self.gpus is not None and self.executor == "ray":
@@ -82,5 +85,6 @@ class StudyOptions:
             max_memory=parse_bytes(args.max_memory, "--max-memory") if args.max_memory else None,
             halving=halving, retries=args.retries, retry_failed=args.retry_failed, fuse=args.fuse,
             budget_s=parse_duration(args.budget, "--budget") if args.budget else None, gpus=gpus,
+            gpus_per_run=args.gpus_per_run,
             progress=not args.json,
         ).check()

@@ -22,6 +22,12 @@
 * GPUs (``GpuSlots``, local backend): each unit gets a GPU through CUDA_VISIBLE_DEVICES; a
   GPU takes a second unit only when the estimates of both fit its memory. Units of runs on
   ``model.device: cpu`` take no GPU, and on a machine without GPUs nothing changes.
+* Runs on several devices (``distributed.nproc`` K, ``study run --gpus-per-run K``): such a
+  run trains alone on K processes (``loralab train``'s launcher) and takes K of the pool's
+  ``workers`` slots, and K GPUs (one per process) on the local backend; its memory estimate is
+  each rank's. The pool starts, in queue order, every unit that fits the free slots, so runs of
+  one device fill in beside a run of several; a run that asks for more devices than the study
+  has is recorded skipped.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from loralab.config import Config, config_from_dict
 from loralab.errors import ConfigError, LoralabError, ModelError
 from loralab.paths import child_dir
 from loralab.rundir import Status
-from loralab.study.backends.process import UnitRun, UnitSpec, checkpoint_step
+from loralab.study.backends.process import UnitRun, UnitSpec, checkpoint_step, processes
 from loralab.study.store import TO_RUN, Store
 
 if TYPE_CHECKING:
@@ -65,6 +71,11 @@ class PendingRun:
     def on_gpu(self) -> bool:
         return self.config.get("model", {}).get("device", "auto") != "cpu"
 
+    @property
+    def nproc(self) -> int:
+        """Processes (devices) the run trains on: its distributed.nproc."""
+        return processes(self.config)
+
 
 def group_memory(tasks: list[PendingRun]) -> int | None:
     """Estimated peak memory of ``tasks`` trained as one fused group (None if one has no
@@ -90,7 +101,13 @@ class Unit:
         return len(self.tasks) > 1
 
     @property
+    def size(self) -> int:
+        """Worker slots (and GPUs) the unit takes: a run's processes; a fused group one."""
+        return 1 if self.fused else self.tasks[0].nproc
+
+    @property
     def memory(self) -> int | None:
+        """Estimated peak memory of each of the unit's processes (a fused group's, together)."""
         return group_memory(self.tasks)
 
     @property
@@ -114,36 +131,45 @@ class Unit:
 
 
 def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | None,
-               paused: bool = False) -> list[PendingRun]:
+               paused: bool = False, nproc: int = 1) -> list[PendingRun]:
     """Runs still to do, with memory estimates, cheapest first; runs that fail their own checks
     are recorded invalid, runs over ``max_memory`` skipped. ``paused``: include runs paused at a
-    halving rung (a restarted study)."""
-    from loralab.estimate import estimate_run
+    halving rung (a restarted study). ``nproc`` (``--gpus-per-run``): the processes of every
+    run whose distributed.nproc is 1; a run's estimate is then each process's."""
+    from loralab.estimate import estimate_run, per_rank
     from loralab.preflight import check_run
+    from loralab.train.distributed import check_strategy
 
     tasks = []
     fullest: dict[str, int | None] = {}  # micro batch tokens per data layout: runs of a study share their data
     for row in store.runs(study_id, (*TO_RUN, Status.SKIPPED, *((Status.PAUSED,) if paused else ()))):
         config = json.loads(row["config_json"])
+        if nproc > 1 and processes(config) == 1:
+            config = {**config, "distributed": {**config.get("distributed", {}), "nproc": nproc}}
         cfg = config_from_dict(config, source=f"run {row['name']}")
+        on_cpu = run_device(cfg.model.device) == "cpu"
         try:  # before grouping: an invalid run alone, under its own message
             check_run(cfg, device=run_device(cfg.model.device))
+            check_strategy(cfg, cfg.distributed.nproc)
         except (ConfigError, ModelError) as exc:
             store.finish(row["id"], status=Status.INVALID, error=str(exc))
             log.info("run %s: %s (%s)", row["name"], Status.INVALID, str(exc).splitlines()[0])
             continue
         memory, cost, trainable = None, 0.0, None
         try:
-            est = estimate_run(cfg, device="cpu" if run_device(cfg.model.device) == "cpu" else "cuda",
-                               tokens=data_tokens(cfg, fullest))
+            est = estimate_run(cfg, device="cpu" if on_cpu else "cuda", tokens=data_tokens(cfg, fullest))
+            est = per_rank(est, cfg.distributed.nproc, cfg.distributed.strategy)
             memory, trainable = est.memory_bytes, est.trainable_params
             cost = (est.flops_per_step or 0.0) * (cfg.train.max_steps or 1) * cfg.grad_accum
         except LoralabError as exc:  # a model the estimate cannot describe: run it, unestimated
             log.warning("run %s: no memory estimate (%s)", row["name"], exc)
         total = memory["total"] if memory else None
         store.set_estimate(row["id"], total, trainable)
-        if max_memory is not None and total is not None and total > max_memory:
-            store.skip(row["id"], f"estimated memory {total / 2**30:.2f} GiB is over --max-memory "
+        # A run's processes on the CPU share this machine's memory; on GPUs each has its own.
+        need = total * cfg.distributed.nproc if total is not None and on_cpu else total
+        if max_memory is not None and need is not None and need > max_memory:
+            ranks = f" ({cfg.distributed.nproc} processes)" if need != total else ""
+            store.skip(row["id"], f"estimated memory {need / 2**30:.2f} GiB{ranks} is over --max-memory "
                                   f"{max_memory / 2**30:.2f} GiB")
             continue
         if row["status"] == Status.SKIPPED and not (row["error"] or "").startswith("estimated memory"):
@@ -272,23 +298,25 @@ class GpuSlots:
     used: dict[str, int] = field(default_factory=dict)
     count: dict[str, int] = field(default_factory=dict)
 
-    def acquire(self, memory: int | None) -> str | None:
-        """A GPU for a unit of ``memory`` bytes: a free one, else one where it fits beside
-        what runs there; None when it has to wait."""
+    def acquire(self, memory: int | None, count: int = 1) -> str | None:
+        """``count`` distinct GPUs for a unit of ``memory`` bytes on each, as
+        CUDA_VISIBLE_DEVICES names them ("0" or "0,1"): free ones first, then ones where it fits
+        beside what runs there; None when it has to wait."""
         free = [g for g in self.ids if not self.count.get(g)]
-        fits = [g for g in self.ids if memory is not None and self.capacity is not None
+        fits = [g for g in self.ids if g not in free and memory is not None and self.capacity is not None
                 and self.used.get(g, 0) + memory <= self.capacity]
-        pick = free[:1] or sorted(fits, key=lambda g: self.used.get(g, 0))[:1]
-        if not pick:
+        pick = (free + sorted(fits, key=lambda g: self.used.get(g, 0)))[:count]
+        if len(pick) < count:
             return None
-        g = pick[0]
-        self.used[g] = self.used.get(g, 0) + (memory if memory is not None else self.capacity or 0)
-        self.count[g] = self.count.get(g, 0) + 1
-        return g
+        for g in pick:
+            self.used[g] = self.used.get(g, 0) + (memory if memory is not None else self.capacity or 0)
+            self.count[g] = self.count.get(g, 0) + 1
+        return ",".join(pick)
 
-    def release(self, gpu: str, memory: int | None) -> None:
-        self.used[gpu] -= memory if memory is not None else self.capacity or 0
-        self.count[gpu] -= 1
+    def release(self, gpus: str, memory: int | None) -> None:
+        for g in gpus.split(","):
+            self.used[g] -= memory if memory is not None else self.capacity or 0
+            self.count[g] -= 1
 
 
 def visible_gpus() -> list[str]:
@@ -341,7 +369,7 @@ class Scheduler:
     def run(self, units: list[Unit]) -> bool:
         """Run ``units`` until each of their runs has an outcome. False when the deadline
         passed first: units not started stay pending for the next ``study run``."""
-        queue = list(units)
+        queue = [u for u in units if not self.too_large(u)]
         active: list[tuple[Unit, Handle, str | None]] = []
         while queue or active:
             if queue and self.deadline is not None and time.perf_counter() >= self.deadline:
@@ -349,12 +377,13 @@ class Scheduler:
                 queue.clear()
                 self.budget_spent = True
                 continue
-            while queue and len(active) < self.workers:
-                unit = queue[0]
-                gpu = self.gpus.acquire(unit.memory) if self.gpus is not None and unit.on_gpu else None
+            for unit in list(queue):  # in queue order, every unit that fits the free slots (and GPUs)
+                if sum(u.size for u, _, _ in active) + unit.size > self.workers:
+                    continue
+                gpu = self.gpus.acquire(unit.memory, unit.size) if self.gpus is not None and unit.on_gpu else None
                 if self.gpus is not None and unit.on_gpu and gpu is None:
-                    break  # every GPU is full: wait for a unit to end
-                queue.pop(0)
+                    continue  # its GPUs are full: wait for a unit to end
+                queue.remove(unit)
                 active.append((unit, self._start(unit, gpu), gpu))
             time.sleep(POLL_S)
             for entry in list(active):
@@ -374,6 +403,19 @@ class Scheduler:
                     queue.append(Unit(again, stop_at_step=unit.stop_at_step, prune=unit.prune))
         return not self.budget_spent
 
+    def too_large(self, unit: Unit) -> bool:
+        """Record a run that asks for more devices than the study has as skipped (True)."""
+        have = len(self.gpus.ids) if self.gpus is not None and unit.on_gpu else self.workers
+        if unit.size <= have:
+            return False
+        what = "GPUs" if self.gpus is not None and unit.on_gpu else "worker slots (--workers)"
+        for t in unit.tasks:
+            self.store.skip(t.run_id, f"the run trains on {unit.size} processes (distributed.nproc), one device "
+                                      f"each, but the study has {have} {what}")
+            log.info("run %s: %s (it needs %d devices, the study has %d)", t.name, Status.SKIPPED, unit.size, have)
+        self.finished(Status.SKIPPED, len(unit.tasks))
+        return True
+
     def split(self, unit: Unit, error: str | None) -> list[Unit]:
         """A fused group that ran out of memory as a whole trains again as two halves (its runs
         from their checkpoints where they left any); a run alone that runs out is its own outcome."""
@@ -390,7 +432,8 @@ class Scheduler:
             t.attempts += 1
             self.tries[t.run_id] = self.tries.get(t.run_id, 0) + 1
         env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
-        log.info("start %s%s%s", unit.name, f" on GPU {gpu}" if gpu is not None else "",
+        log.info("start %s%s%s%s", unit.name, f" on {unit.size} processes" if unit.size > 1 else "",
+                 f" on GPU {gpu}" if gpu is not None else "",
                  f" (to step {unit.stop_at_step})" if unit.stop_at_step else "")
         return self.backend.start(unit.spec(env), memory=unit.memory, threads=self.threads)
 

@@ -69,6 +69,9 @@ def fuse_key(cfg: Config) -> tuple:
     if cfg.distributed.strategy == "fsdp":
         raise ConfigError("distributed.strategy fsdp: a run sharded over several processes cannot be fused (a fused "
                           "group trains on one process); train it alone, or set distributed.strategy=ddp")
+    if cfg.distributed.nproc > 1:
+        raise ConfigError(f"distributed.nproc {cfg.distributed.nproc}: a run on several processes trains alone (a "
+                          "fused group trains on one process)")
     return tuple(
         (f"{section}.{key}", _hashable(value))
         for section, values in cfg.to_dict().items()

@@ -34,7 +34,7 @@ RESUME_MAY_CHANGE = frozenset({
     "train.stop_at_step", "train.checkpoint_every", "train.keep_last", "train.log_every",
     "train.auto_micro_batch", "output.dir", "output.save_adapter",
 }) | {f"tracking.{f.name}" for f in dataclasses.fields(TrackingConfig)} | {
-    "distributed.strategy", "distributed.timeout_s"}  # how the ranks share a step, not its maths
+    "distributed.strategy", "distributed.nproc", "distributed.timeout_s"}  # how the ranks share a step, not its maths
 
 
 def check_resume_config(cfg: Config, run_dir: RunDir) -> None:

@@ -65,9 +65,19 @@ class UnitSpec:
         return len(self.runs) > 1
 
     @property
+    def nproc(self) -> int:
+        """Processes (devices) the unit trains on: a run's distributed.nproc; a fused group one."""
+        return 1 if self.fused else processes(self.runs[0].config)
+
+    @property
     def log_path(self) -> Path:
         first = RunDir(self.runs[0].run_dir)
         return first.fused_log if self.fused else first.log
+
+
+def processes(config: dict[str, Any]) -> int:
+    """The processes (devices) a run's config (a plain dict) asks for: distributed.nproc."""
+    return int(config.get("distributed", {}).get("nproc") or 1)
 
 
 def prepare_run_dir(run_dir: Path, config: dict[str, Any]) -> Path:

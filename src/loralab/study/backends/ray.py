@@ -126,11 +126,15 @@ def connect(address: str | None) -> Any:
     return ray
 
 
-def gpu_request(*, on_gpu: bool, cluster_gpus: float, memory: int | None, gpu_memory: int | None) -> float:
-    """GPUs one unit asks Ray for: none for CPU runs or a cluster without GPUs; 1/k of one
-    when ``k`` such units fit in ``gpu_memory`` by the estimate; else a whole GPU."""
+def gpu_request(*, on_gpu: bool, cluster_gpus: float, memory: int | None, gpu_memory: int | None,
+                count: int = 1) -> float:
+    """GPUs one unit asks Ray for: none for CPU runs or a cluster without GPUs; ``count`` whole
+    GPUs for a run on ``count`` > 1 processes (one each, on the node the task runs on); 1/k of
+    one when ``k`` such units fit in ``gpu_memory`` by the estimate; else a whole GPU."""
     if not on_gpu or cluster_gpus <= 0:
         return 0.0
+    if count > 1:
+        return float(count)
     if memory is None or gpu_memory is None or memory > gpu_memory // 2:
         return 1.0
     return round(1.0 / (gpu_memory // memory), 4)
@@ -173,8 +177,11 @@ class RayBackend:
 
     def start(self, unit: UnitSpec, *, memory: int | None, threads: int) -> RayHandle:
         """Submit the unit; ``threads`` (the driver machine's share) is not used: a node's
-        CPUs are Ray's to give, ``cpus`` per task."""
+        CPUs are Ray's to give, ``cpus`` per process of the unit (a run on K processes asks for
+        K times as many, and K GPUs on a cluster with GPUs; its K processes run on one node)."""
         on_gpu = any(r.config.get("model", {}).get("device", "auto") != "cpu" for r in unit.runs)
-        num_gpus = gpu_request(on_gpu=on_gpu, cluster_gpus=self.gpus, memory=memory, gpu_memory=self.gpu_memory)
-        ref = self.task.options(num_cpus=self.cpus, num_gpus=num_gpus, max_retries=0).remote(unit, self.cpus)
+        num_gpus = gpu_request(on_gpu=on_gpu, cluster_gpus=self.gpus, memory=memory, gpu_memory=self.gpu_memory,
+                               count=unit.nproc)
+        ref = self.task.options(num_cpus=self.cpus * unit.nproc, num_gpus=num_gpus,
+                                max_retries=0).remote(unit, self.cpus)
         return RayHandle(self.ray, ref, unit)
