@@ -147,3 +147,47 @@ def test_the_pool_fills_free_slots_in_queue_order_and_never_over(tmp_path, tiny_
     # (run, its processes, slots in use once it started): each pair ends together after 3 polls
     assert [(size, busy) for _, size, busy in backend.starts] == [(2, 2), (1, 3), (2, 2), (1, 3)]
     assert [name for name, _, _ in backend.starts] == [units[0].name, units[2].name, units[1].name, units[3].name]
+
+
+@pytest.mark.slow
+def test_a_rank_killed_in_a_study_is_run_again_from_its_checkpoint(tmp_path, tiny_model_dir):
+    """The study's own failure test for a run on two processes: rank 1 SIGKILLed after the first
+    checkpoint; the launcher records the run interrupted, the pool runs it again (--retries 1,
+    the default) from that checkpoint on two processes, and every step is logged once."""
+    import psutil
+
+    from loralab.study.backends.process import checkpoint_step
+    from waiting import wait_for
+
+    cfg = base(tiny_model_dir("llama"))
+    cfg["train"] |= {"max_steps": 40, "checkpoint_every": 5}
+    spec = studytools.write_study(tmp_path, "kr", cfg, axes={"lora.r": [2]})
+    root = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen([sys.executable, "-m", "loralab.cli", "study", "run", str(spec), "--out", str(root),
+                               "--gpus-per-run", "2", "--json"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    run_dir = root / "kr" / "r2"
+    wait_for(lambda: checkpoint_step(run_dir) > 0, 240, "the run's first checkpoint")
+
+    def rank_1():
+        for p in psutil.Process(driver.pid).children(recursive=True):
+            try:
+                if p.environ().get("RANK") == "1":
+                    return p
+            except psutil.Error:
+                continue
+        return None
+
+    wait_for(rank_1, 30, "rank 1").kill()
+    _, err = driver.communicate(timeout=300)
+    assert driver.returncode == 0, err[-3000:]
+    (row,) = studytools.rows_of(root / "kr" / "study.db").values()
+    assert row["status"] == "completed" and row["attempts"] == 2, row
+    summary = RunDir(run_dir).read_summary()
+    assert summary["resumed_from_step"] >= 5 and summary["resumed_from_step"] % 5 == 0
+    assert summary["extra"]["distributed"]["world_size"] == 2
+    with Store(root / "kr" / "study.db") as s:
+        steps = sorted(m["step"] for m in s.metrics(row["id"]) if m["name"] == "train_loss")
+    assert steps == list(range(1, 41))
+    assert "rank 1 ended with SIGKILL" in (root / "kr" / "study.log").read_text()

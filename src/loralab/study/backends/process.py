@@ -6,8 +6,9 @@ loralab.study.fuse``). Either way each run's outcome is read from its run direct
 
 * summary status completed / failed / diverged / out_of_memory / invalid / paused /
   stopped_early -> that status;
-* no final summary and the process killed by a signal -> interrupted (the scheduler runs it
-  again, from its newest complete checkpoint when it has one);
+* no final summary and the process killed by a signal, or a summary ``interrupted`` (the
+  launcher of a run on several processes writes it when a rank was killed) -> interrupted (the
+  scheduler runs it again, from its newest complete checkpoint when it has one);
 * no final summary and a non-zero exit -> failed, with the tail of its log.
 
 Children die with the driver (PR_SET_PDEATHSIG on Linux). Nothing here imports the
@@ -183,6 +184,8 @@ def outcome(run_dir: Path, returncode: int, log_path: Path | None = None) -> dic
     if status in ENDED_BY_RUN:
         return {"status": status, "summary": summary, "metrics": rows, "error": summary.get("error"),
                 "stopped_at_step": summary.get("stopped_at_step")}
+    if status == Status.INTERRUPTED:  # a run on several processes: its launcher saw a rank killed
+        return {"status": Status.INTERRUPTED, "summary": summary, "metrics": rows, "error": summary.get("error")}
     if returncode < 0:
         known = -returncode in signal.Signals.__members__.values()
         sig = signal.Signals(-returncode).name if known else str(-returncode)
