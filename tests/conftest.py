@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,22 +20,38 @@ BOS, EOS, PAD = 0, 1, 2
 ARCHS = ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "phi3", "gemma"]
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _two_threads():
-    """The suite's runs use 2 torch threads (the machine's cores); the process's count is restored after."""
+# pytest-xdist runs the suite in 2 worker processes (pyproject's addopts): each worker, and each
+# process its tests start, then uses 1 torch thread, so the 2 workers share the 2 cores without
+# OpenMP threads spinning against each other (measured: 2 threads each doubled the CPU time).
+# Run alone (pytest -p no:xdist, or -n 0), the suite uses the machine's 2 threads.
+SUITE_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+if SUITE_THREADS == 1:
+    os.environ["OMP_NUM_THREADS"] = "1"  # the processes the tests start inherit it
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """This process's torch threads set to ``n`` inside the block, restored after."""
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _suite_threads():
+    """The suite's torch threads in this process (SUITE_THREADS); restored after."""
+    with torch_threads(SUITE_THREADS):
+        yield
 
 
 @pytest.fixture
 def one_thread():
     """One torch thread for a test that gains nothing from more on a shared CPU; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def _hf_config(arch: str):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import loralab
 import loralab.train.core as core
 import loralab.train.evaluation as evaluation
-from conftest import make_cfg
+from conftest import make_cfg, torch_threads
 from loralab.config import dump_config, load_config
 from loralab.errors import LoralabError
 from loralab.rundir import Status
@@ -36,6 +36,14 @@ SHARED = dict(train__max_steps=STEPS, train__batch_size=4, train__micro_batch_si
               data__limit=16, data__val_max_examples=4, data__max_seq_length=48, eval__every=3, train__seed=5)
 VARIANTS = [dict(lora__r=2, lora__dropout=0.0, train__lr=3e-3),
             dict(lora__r=4, lora__dropout=0.1, train__lr=1e-3, train__scheduler="linear")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _two_threads_as_the_children():
+    """The child processes below train with 2 torch threads (CHILD), and a bit-for-bit
+    comparison needs the same count in this process, whatever the suite's (conftest)."""
+    with torch_threads(2):
+        yield
 
 
 @pytest.fixture(scope="module")

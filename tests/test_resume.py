@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import loralab
-from conftest import make_cfg
+from conftest import make_cfg, torch_threads
 from loralab.cli import main
 from loralab.config import dump_config
 from loralab.errors import ConfigError
@@ -48,6 +48,14 @@ CHILD_PAUSED_IN_WRITE = (
     "    _write_json(path, obj)\n"
     "ck._write_json = _paused\n"
 ) + CHILD
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _two_threads_as_the_children():
+    """The child processes below train with 2 torch threads (CHILD), and a bit-for-bit
+    comparison needs the same count in this process, whatever the suite's (conftest)."""
+    with torch_threads(2):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +153,7 @@ def test_stop_at_step_then_resume_equals_uninterrupted(reference, model_dir, tmp
 def _paused_at_6(model_dir: Path, out: Path) -> None:
     train(run_cfg(model_dir, out, train__stop_at_step=6))
     state = json.loads((out / "checkpoints" / "step-000006" / "trainer_state.json").read_text())
-    assert state["arithmetic"]["threads"] == 2  # conftest's count, recorded at step 0
+    assert state["arithmetic"]["threads"] == 2  # this module's count, recorded at step 0
 
 
 def _resume_with_one_thread(model_dir: Path, out: Path) -> None:

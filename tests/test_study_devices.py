@@ -39,6 +39,7 @@ def base(model: Path) -> dict:
 
 
 def study_run(spec: Path, root: Path, *flags: str) -> subprocess.CompletedProcess:
+    """``loralab study run SPEC --out ROOT --json FLAGS`` as a user runs it, to its end."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "loralab.cli", "study", "run", str(spec), "--out", str(root),
                            "--json", *flags], env=env, capture_output=True, text=True, timeout=300)
@@ -50,29 +51,6 @@ def losses(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_a_run_on_two_processes_beside_a_run_on_one(tmp_path, tiny_model_dir):
-    """distributed.nproc [1, 2] with --workers 2: the 2-process run takes both slots, so the two
-    runs train one after the other; the same maths, equal losses per step."""
-    spec = studytools.write_study(tmp_path, "np", base(tiny_model_dir("llama")), axes={"distributed.nproc": [1, 2]})
-    root = tmp_path / "runs"
-    done = study_run(spec, root, "--workers", "2")
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = studytools.rows_of(root / "np" / "study.db")
-    assert {r["status"] for r in rows.values()} == {"completed"} and len(rows) == 2
-    one, two = (Path(rows[n]["run_dir"]) for n in sorted(rows, key=lambda n: json.loads(rows[n]["config_json"])
-                                                          ["distributed"]["nproc"]))
-    summary = RunDir(two).read_summary()
-    assert summary["extra"]["distributed"]["world_size"] == 2
-    assert yaml.safe_load(RunDir(two).config.read_text())["distributed"]["nproc"] == 2
-    assert "distributed" not in RunDir(one).read_summary().get("extra", {})
-    a, b = losses(one), losses(two)
-    assert len(a) == STEPS and b == pytest.approx(a, rel=1e-6)
-    spans = sorted((r["started_at"], r["finished_at"]) for r in rows.values())
-    assert spans[0][1] <= spans[1][0], spans  # 2 + 1 slots do not fit in 2: never side by side
-    log = (root / "np" / "study.log").read_text()
-    assert "trains alone: distributed.nproc 2" in log and "on 2 processes" in log
-
-
 def test_a_run_wider_than_the_study_is_skipped_with_the_reason(tmp_path, tiny_model_dir):
     spec = studytools.write_study(tmp_path, "wide", base(tiny_model_dir("llama")), axes={"lora.r": [2]})
     root = tmp_path / "runs"
@@ -149,45 +127,60 @@ def test_the_pool_fills_free_slots_in_queue_order_and_never_over(tmp_path, tiny_
     assert [name for name, _, _ in backend.starts] == [units[0].name, units[2].name, units[1].name, units[3].name]
 
 
-@pytest.mark.slow
-def test_a_rank_killed_in_a_study_is_run_again_from_its_checkpoint(tmp_path, tiny_model_dir):
-    """The study's own failure test for a run on two processes: rank 1 SIGKILLed after the first
-    checkpoint; the launcher records the run interrupted, the pool runs it again (--retries 1,
-    the default) from that checkpoint on two processes, and every step is logged once."""
+
+def rank_1(driver: int):
+    """The process of rank 1 among a study driver's descendants, or None."""
     import psutil
 
+    for p in psutil.Process(driver).children(recursive=True):
+        try:
+            if p.environ().get("RANK") == "1":
+                return p
+        except psutil.Error:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_a_run_on_two_processes_beside_a_run_on_one_killed_and_run_again(tmp_path, tiny_model_dir):
+    """distributed.nproc [1, 2] with --workers 2: the 2-process run takes both slots, so the two
+    runs never train side by side. Its rank 1 is SIGKILLed after the first checkpoint: the
+    launcher records the run interrupted and the pool runs it again (--retries 1, the default)
+    from that checkpoint on two processes. It ends with the 1-process run's losses, every step
+    logged once."""
     from loralab.study.backends.process import checkpoint_step
     from waiting import wait_for
 
     cfg = base(tiny_model_dir("llama"))
     cfg["train"] |= {"max_steps": 40, "checkpoint_every": 5}
-    spec = studytools.write_study(tmp_path, "kr", cfg, axes={"lora.r": [2]})
+    spec = studytools.write_study(tmp_path, "np", cfg, axes={"distributed.nproc": [1, 2]})
     root = tmp_path / "runs"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     driver = subprocess.Popen([sys.executable, "-m", "loralab.cli", "study", "run", str(spec), "--out", str(root),
-                               "--gpus-per-run", "2", "--json"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    run_dir = root / "kr" / "r2"
-    wait_for(lambda: checkpoint_step(run_dir) > 0, 240, "the run's first checkpoint")
-
-    def rank_1():
-        for p in psutil.Process(driver.pid).children(recursive=True):
-            try:
-                if p.environ().get("RANK") == "1":
-                    return p
-            except psutil.Error:
-                continue
-        return None
-
-    wait_for(rank_1, 30, "rank 1").kill()
+                               "--workers", "2", "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    two = root / "np" / "nproc2"
+    wait_for(lambda: checkpoint_step(two) > 0, 240, "the 2-process run's first checkpoint")
+    wait_for(lambda: rank_1(driver.pid), 30, "rank 1").kill()
     _, err = driver.communicate(timeout=300)
     assert driver.returncode == 0, err[-3000:]
-    (row,) = studytools.rows_of(root / "kr" / "study.db").values()
-    assert row["status"] == "completed" and row["attempts"] == 2, row
-    summary = RunDir(run_dir).read_summary()
-    assert summary["resumed_from_step"] >= 5 and summary["resumed_from_step"] % 5 == 0
+
+    rows = studytools.rows_of(root / "np" / "study.db")
+    one = root / "np" / "nproc1"
+    assert {n: (r["status"], r["attempts"]) for n, r in rows.items()} == {
+        one.name: ("completed", 1), two.name: ("completed", 2)}
+    summary = RunDir(two).read_summary()
+    assert summary["resumed_from_step"] >= 5 and summary["resumed_from_step"] % 5 == 0  # continued, not restarted
     assert summary["extra"]["distributed"]["world_size"] == 2
-    with Store(root / "kr" / "study.db") as s:
-        steps = sorted(m["step"] for m in s.metrics(row["id"]) if m["name"] == "train_loss")
+    assert yaml.safe_load(RunDir(two).config.read_text())["distributed"]["nproc"] == 2
+    assert "distributed" not in RunDir(one).read_summary().get("extra", {})
+    with Store(root / "np" / "study.db") as s:
+        steps = sorted(m["step"] for m in s.metrics(rows[two.name]["id"]) if m["name"] == "train_loss")
     assert steps == list(range(1, 41))
-    assert "rank 1 ended with SIGKILL" in (root / "kr" / "study.log").read_text()
+    a, b = losses(one), losses(two)
+    assert len(a) == 40 and b == pytest.approx(a, rel=1e-6)
+    spans = sorted((r["started_at"], r["finished_at"]) for r in rows.values())
+    assert spans[0][1] <= spans[1][0], spans  # 2 + 1 slots do not fit in 2: never side by side
+    log = (root / "np" / "study.log").read_text()
+    assert "trains alone: distributed.nproc 2" in log and "on 2 processes" in log
+    assert "rank 1 ended with SIGKILL" in log
