@@ -97,9 +97,10 @@ def check_strategy(cfg: Config, nproc: int) -> None:
 def check_fsdp(cfg: Config) -> None:
     """What distributed.strategy fsdp cannot do yet, refused before any process starts."""
     if cfg.quant.mode != "none":
-        raise ConfigError(f"quant.mode {cfg.quant.mode} with distributed.strategy fsdp is not available: sharding "
-                          "bitsandbytes' 4-bit weights is not checked in loralab; set quant.mode=none (fsdp shards "
-                          "the base in model.dtype) or distributed.strategy=ddp (QLoRA, the base on every rank)")
+        raise ConfigError(f"quant.mode {cfg.quant.mode} with distributed.strategy fsdp is not available: FSDP2's "
+                          "fully_shard drops bitsandbytes' quantization state from a 4-bit weight it shards (the "
+                          "forward fails: bench/check_fsdp_4bit.py); set quant.mode=none (fsdp shards the base in "
+                          "model.dtype) or distributed.strategy=ddp (QLoRA, the base on every rank)")
     if cfg.train.compile is True:
         raise ConfigError("train.compile true with distributed.strategy fsdp is not available: compiled decoder "
                           "layers under fully_shard are not checked in loralab; set train.compile=false or auto "
