@@ -113,7 +113,7 @@ def save_adapter(peft_model, out_dir: Path, weights: dict[str, Any] | None = Non
 # from 32 random bits per element, two elements per 64-bit draw, compared with a threshold: the
 # same Bernoulli(1 - p) keep mask and the same 1 / (1 - p) scaling (p rounded to a multiple of
 # 2**-32), from the same seeded torch generator, with half the generator's work (a 1,789 x 640
-# mask 1.2x-1.45x faster than nn.Dropout's on 2 threads, docs/performance.md). A different
+# mask 1.2x-1.25x faster than nn.Dropout's on 2 threads: the timeit command in docs/performance.md). A different
 # stream of masks than ``nn.Dropout`` for the same seed, so runs are as reproducible as before,
 # not equal to runs of loralab versions that drew with ``nn.Dropout``.
 #

@@ -102,8 +102,8 @@ class Unit:
 
     @property
     def size(self) -> int:
-        """Worker slots (and GPUs) the unit takes: a run's processes; a fused group one."""
-        return 1 if self.fused else self.tasks[0].nproc
+        """Worker slots (and GPUs) the unit takes: its processes (UnitSpec.nproc)."""
+        return self.spec().nproc
 
     @property
     def memory(self) -> int | None:
