@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -176,6 +177,12 @@ class RunDir:
             return json.loads(self.summary.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
+
+
+def default_run_dir(model_path: str) -> Path:
+    """runs/<model name>-<date>-<time>: where a run without output.dir is written."""
+    stem = Path(model_path.replace("builtin:", "")).name or "model"
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def write_atomic(path: str | Path, data: str | bytes | dict | list, *, fsync: bool = True) -> None:

@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 
 from loralab.errors import LoralabError
-from loralab.rundir import RunDir, Status, write_atomic
+from loralab.rundir import RunDir, Status, default_run_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +193,9 @@ def train_on_processes(args, cfg) -> dict:
     process starts), fix the run directory every rank writes to, launch, and return the
     summary rank 0 wrote."""
     from loralab.train.distributed import check_strategy
-    from loralab.train.loop import default_run_dir
 
     check_strategy(cfg, args.nproc)
-    run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
+    run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg.model.path)
     launch(worker_args(args, run_dir), nproc=args.nproc, run_dir=run_dir, timeout_s=cfg.distributed.timeout_s)
     return RunDir(run_dir).read_summary()
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab.errors import LoralabError
-from loralab.rundir import RunDir
+from loralab.rundir import RunDir, default_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,9 @@ def train_on_ray(args, cfg) -> dict:
     (no restarts): ``interrupted`` when it died, else as the worker recorded it."""
     from loralab.cli.launch import mark_interrupted, worker_args
     from loralab.train.distributed import check_strategy
-    from loralab.train.loop import default_run_dir
 
     check_strategy(cfg, args.nproc)
-    run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
+    run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg.model.path)
     ray = connect_ray(args.address)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

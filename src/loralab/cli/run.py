@@ -225,7 +225,6 @@ def _checked_config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from loralab.adapters import check_adapter_base
     from loralab.train import distributed
-    from loralab.train.loop import train
 
     if args.resume:
         from loralab.config import load_config
@@ -260,6 +259,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         summary = train_on_processes(args, cfg)
     else:  # one process, or one rank of a torchrun job
+        from loralab.train.loop import train  # the training stack: not imported by a launcher
+
         with distributed.process_group(cfg) if distributed.launched() else contextlib.nullcontext():
             summary = train(cfg, show_progress=not args.json and distributed.writes(), resume=bool(args.resume))
             if not distributed.writes():

@@ -31,10 +31,10 @@ from typing import Any
 
 from loralab.config import Config
 from loralab.errors import ConfigError
+from loralab.rundir import default_run_dir
 from loralab.train.core import Prune, run_group
 from loralab.train.group import refuse_dora
 from loralab.train.group_adapters import FusedAdapters
-from loralab.train.loop import default_run_dir
 
 __all__ = ["PER_RUN_KEYS", "Prune", "check_group", "fuse_key", "train_fused"]
 
@@ -99,7 +99,7 @@ def check_group(cfgs: list[Config]) -> None:
 
 def group_dirs(cfgs: list[Config]) -> list[Path]:
     """Each run's directory: output.dir, else one timestamped stem for the group with -0, -1, ..."""
-    stem = default_run_dir(cfgs[0])
+    stem = default_run_dir(cfgs[0].model.path)
     return [Path(c.output.dir) if c.output.dir else stem.with_name(f"{stem.name}-{k}") for k, c in enumerate(cfgs)]
 
 
