@@ -21,6 +21,22 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 TORCH_INDEX=${LORALAB_TORCH_INDEX:-https://download.pytorch.org/whl}
 CUDA_BUILDS="118 121 124 126 128 130"   # the CUDA builds the PyTorch index carries, oldest first
 
+# The test extra opens the study report in headless Chromium (tests/test_report_browser.py):
+# Debian's chromium package, installed where apt runs as root; elsewhere that test is skipped.
+# It also compiles decoder layers for real (tests/test_compiled.py, train.compile): inductor's
+# CPU backend needs a C++ compiler, Debian's g++ where none is on PATH. apt works beside pip
+# (pip's unpacking and byte-compiling keep one core busy; apt mostly waits on downloads).
+wanted=() apt_pid=""
+case ",$extras," in
+  *,test,*)
+    command -v chromium >/dev/null 2>&1 || wanted+=(chromium)
+    command -v g++ >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1 || wanted+=(g++)
+    if [ ${#wanted[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${wanted[@]}" >/dev/null) &
+      apt_pid=$!
+    fi ;;
+esac
+
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
@@ -79,19 +95,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   esac
 fi
 if [ -n "$extras" ]; then "${pip[@]}" -e ".[$extras]"; else "${pip[@]}" -e .; fi
-# The test extra opens the study report in headless Chromium (tests/test_report_browser.py):
-# Debian's chromium package, installed where apt runs as root; elsewhere that test is skipped.
-# It also compiles decoder layers for real (tests/test_compiled.py, train.compile): inductor's
-# CPU backend needs a C++ compiler, Debian's g++ where none is on PATH.
-case ",$extras," in
-  *,test,*)
-    wanted=()
-    command -v chromium >/dev/null 2>&1 || wanted+=(chromium)
-    command -v g++ >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1 || wanted+=(g++)
-    if [ ${#wanted[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${wanted[@]}" >/dev/null) \
-        || echo "could not install ${wanted[*]}: the browser check of the report is skipped without chromium," \
-                "and train.compile's tests fail without a C++ compiler" >&2
-    fi ;;
-esac
+if [ -n "$apt_pid" ] && ! wait "$apt_pid"; then
+  echo "could not install ${wanted[*]}: the browser check of the report is skipped without chromium," \
+       "and train.compile's tests fail without a C++ compiler" >&2
+fi
 echo "loralab is installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))" >&2

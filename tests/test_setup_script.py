@@ -99,3 +99,30 @@ def test_loralab_torch_overrides_the_choice(tmp_path, value, want):
 def test_an_installed_torch_is_kept(tmp_path):
     lines, _ = run_setup(tmp_path, cuda="12.4", has_torch=True)
     assert lines == ["-e ."]
+
+
+STUB_APT = """#!/bin/sh
+echo "apt $*" >> "$STUB_LOG"
+[ "$1" = install ] || exit 0
+sleep 1
+echo "apt done" >> "$STUB_LOG"
+exit "$STUB_APT_CODE"
+"""
+
+
+@pytest.mark.parametrize("apt_code", [0, 100])
+def test_the_test_extra_installs_chromium_and_gxx_with_apt_beside_pip(tmp_path, apt_code):
+    """A machine without chromium and g++ (a PATH of the script's own tools only) gets them
+    from apt, which runs while pip installs; an apt that fails is reported, not fatal."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for name in ("bash", "sh", "dirname", "sed", "head", "id", "mkdir", "cp", "sleep", "cat"):
+        (tools / name).symlink_to(shutil.which(name))
+    _executable(tools / "apt-get", STUB_APT)
+    if shutil.which("id") is None or int(subprocess.check_output(["id", "-u"])) != 0:
+        pytest.skip("setup.sh runs apt only as root")
+    lines, err = run_setup(tmp_path, index_up=False, extras="test",
+                           env={"PATH": f"{tmp_path / 'bin'}:{tools}", "STUB_APT_CODE": str(apt_code)})
+    assert lines == ["apt update -qq", "apt install -y -qq chromium g++", "probe https://download.pytorch.org/whl/cpu",
+                     "torch==2.13.0", "-e .[test]", "apt done"]
+    assert ("could not install chromium g++" in err) == (apt_code != 0)
