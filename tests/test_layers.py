@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     # what a run is resolved, checked, sized and tracked with: used by train and by study
     {"resolve", "preflight", "estimate", "track"},
     {"models", "adapters", "roles", "data", "evaluate"},
-    {"config", "rundir", "units", "errors", "paths", "progress", "quiet", "halving"},
+    {"config", "rundir", "units", "errors", "paths", "progress", "quiet", "halving", "ending"},
 ]
 LEVEL = {name: len(LAYERS) - i for i, names in enumerate(LAYERS) for name in names}
 

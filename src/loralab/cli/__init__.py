@@ -32,7 +32,7 @@ from loralab.cli.output import emit_json
 from loralab.errors import LoralabError
 from loralab.quiet import quiet_libraries, verbose
 
-__all__ = ["build_parser", "emit_json", "main"]
+__all__ = ["build_parser", "emit_json", "main", "script"]
 
 # In the order ``loralab --help`` lists them.
 FAMILIES = (run, evaluate, estimate, study, tune)
@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     for family in FAMILIES:
         family.register(sub)
     return parser
+
+
+def script() -> None:
+    """The ``loralab`` console script: :func:`main`, then the process ends (loralab.ending)."""
+    from loralab.ending import end_process
+
+    end_process(main())
 
 
 def main(argv: list[str] | None = None, *, errors: list[LoralabError] | None = None) -> int:

@@ -2,5 +2,6 @@
 local backend starts its run processes this way)."""
 
 from loralab.cli import main
+from loralab.ending import end_process
 
-raise SystemExit(main())
+end_process(main())

@@ -43,4 +43,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    from loralab.ending import end_process
+
+    end_process(main(sys.argv[1:]))

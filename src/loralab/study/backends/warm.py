@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from loralab.ending import finish
 from loralab.study.backends.child import die_with_parent, loralab_env
 
 log = logging.getLogger("loralab.study")
@@ -231,7 +232,6 @@ def _why_not_here() -> str | None:
 
 def _child(request: dict[str, Any]) -> None:
     """In the forked child: become the unit's process, run its module, exit with its code."""
-    import atexit
     import runpy
     import traceback
 
@@ -265,11 +265,7 @@ def _child(request: dict[str, Any]) -> None:
     except BaseException:  # noqa: BLE001 - the child reports every failure as python would
         traceback.print_exc()
     finally:
-        with contextlib.suppress(Exception):
-            atexit._run_exitfuncs()  # as the interpreter does at exit, after an error too
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
+        finish()  # as the interpreter does at exit, after an error too
         os._exit(code)
 
 
