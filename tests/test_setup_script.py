@@ -17,7 +17,13 @@ STUB_PYTHON = """#!/bin/sh
 # stub python: `-m venv DIR` makes DIR/bin/python this stub; pip records its arguments
 case "$1 $2" in
   "-m venv") mkdir -p "$3/bin"; cp "$0" "$3/bin/python"; exit 0 ;;
-  "-m pip") shift 2; echo "$*" >> "$STUB_LOG"; exit 0 ;;
+  "-m pip") shift 2
+    # STUB_PIP_AWAITS: pip waits (at most 10 s) until that text is in the log
+    i=0
+    while [ -n "$STUB_PIP_AWAITS" ] && ! grep -q -- "$STUB_PIP_AWAITS" "$STUB_LOG" 2>/dev/null && [ $i -lt 100 ]; do
+      sleep 0.1; i=$((i + 1))
+    done
+    echo "$*" >> "$STUB_LOG"; exit 0 ;;
 esac
 if [ "$1" = "-c" ]; then
   case "$2" in
@@ -104,7 +110,9 @@ def test_an_installed_torch_is_kept(tmp_path):
 STUB_APT = """#!/bin/sh
 echo "apt $*" >> "$STUB_LOG"
 [ "$1" = install ] || exit 0
-sleep 1
+# the install ends once pip has installed loralab (or after 10 s): it ran beside pip
+i=0
+while ! grep -q -- "-e .\\[test\\]" "$STUB_LOG" && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 echo "apt done" >> "$STUB_LOG"
 exit "$STUB_APT_CODE"
 """
@@ -116,13 +124,18 @@ def test_the_test_extra_installs_chromium_and_gxx_with_apt_beside_pip(tmp_path, 
     from apt, which runs while pip installs; an apt that fails is reported, not fatal."""
     tools = tmp_path / "tools"
     tools.mkdir()
-    for name in ("bash", "sh", "dirname", "sed", "head", "id", "mkdir", "cp", "sleep", "cat"):
+    for name in ("bash", "sh", "dirname", "sed", "head", "id", "mkdir", "cp", "sleep", "cat", "grep"):
         (tools / name).symlink_to(shutil.which(name))
     _executable(tools / "apt-get", STUB_APT)
     if shutil.which("id") is None or int(subprocess.check_output(["id", "-u"])) != 0:
         pytest.skip("setup.sh runs apt only as root")
     lines, err = run_setup(tmp_path, index_up=False, extras="test",
-                           env={"PATH": f"{tmp_path / 'bin'}:{tools}", "STUB_APT_CODE": str(apt_code)})
-    assert lines == ["apt update -qq", "apt install -y -qq chromium g++", "probe https://download.pytorch.org/whl/cpu",
-                     "torch==2.13.0", "-e .[test]", "apt done"]
+                           env={"PATH": f"{tmp_path / 'bin'}:{tools}", "STUB_APT_CODE": str(apt_code),
+                                "STUB_PIP_AWAITS": "apt install"})
+    # pip installs once apt's install has started, and apt's ends after pip's: the two overlap
+    assert [line for line in lines if line.startswith("apt")] == \
+        ["apt update -qq", "apt install -y -qq chromium g++", "apt done"]
+    assert [line for line in lines if not line.startswith("apt")] == \
+        ["probe https://download.pytorch.org/whl/cpu", "torch==2.13.0", "-e .[test]"]
+    assert lines.index("apt install -y -qq chromium g++") < lines.index("torch==2.13.0") and lines[-1] == "apt done"
     assert ("could not install chromium g++" in err) == (apt_code != 0)
