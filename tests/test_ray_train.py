@@ -1,8 +1,8 @@
 """One run on Ray Train workers (loralab train --nproc 2 --executor ray).
 
 Real ranks: a local Ray instance started here (ray.init, 2 CPUs, local only, as
-test_study.py's Ray test), torch's launcher for the torchrun run, gloo on the CPU, a tiny
-random-init Llama saved with save_pretrained, the real CLI. The tolerances are
+test_study.py's Ray test), gloo on the CPU, a tiny random-init Llama saved with
+save_pretrained, the real CLI. The tolerances are
 test_distributed.py's (measured there: float32 sums in another order).
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from loralab.cli import main
-from test_distributed import close, files, losses, torchrun, write_config
+from test_distributed import close, files, losses, write_config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -33,23 +33,32 @@ def local_ray():
     ray.shutdown()
 
 
+STEPS = ["--set", "train.max_steps=12"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model_dir):
+    """The 1-process run (12 steps) the Ray Train runs are compared with; torchrun's runs are
+    compared with one process in test_distributed.py."""
+    tmp = tmp_path_factory.mktemp("ray-one")
+    cfg = write_config(tmp, tiny_model_dir("llama"))
+    assert main(["train", str(cfg), "--out", str(tmp / "one"), "--json", *STEPS]) == 0
+    return cfg, tmp / "one"
+
+
 @pytest.mark.slow
-def test_ray_train_run_equals_the_torchrun_run_and_one_process(tmp_path, tiny_model_dir, local_ray, capsys):
-    cfg = write_config(tmp_path, tiny_model_dir("llama"))
-    steps = ["--set", "train.max_steps=8"]
-    assert main(["train", str(cfg), "--out", str(tmp_path / "one"), "--json", *steps]) == 0
-    torchrun(cfg, tmp_path / "torchrun", *steps)
+def test_ray_train_run_equals_the_one_process_run(tmp_path, one_process, local_ray, capsys):
+    cfg, one = one_process
     capsys.readouterr()
     assert main(["train", str(cfg), "--out", str(tmp_path / "ray"), "--nproc", "2", "--executor", "ray", "--json",
-                 *steps]) == 0
+                 *STEPS]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["status"] == "completed" and summary["steps_done"] == 8
+    assert summary["status"] == "completed" and summary["steps_done"] == 12
     dist = summary["extra"]["distributed"]
     assert (dist["world_size"], dist["strategy"], dist["backend"]) == (2, "ddp", "gloo")
     assert min(dist["peak_memory_bytes_per_rank"]) > 50 * 2**20
-    close(tmp_path / "torchrun", tmp_path / "ray")
-    close(tmp_path / "one", tmp_path / "ray")
-    assert files(tmp_path / "ray") == files(tmp_path / "one")  # rank 0 alone wrote, nothing of Ray's
+    close(one, tmp_path / "ray")
+    assert files(tmp_path / "ray") == files(one)  # rank 0 alone wrote, nothing of Ray's
 
 
 def ray_workers(ray_module) -> list:
@@ -60,13 +69,11 @@ def ray_workers(ray_module) -> list:
 
 
 @pytest.mark.slow
-def test_killed_ray_worker_leaves_run_interrupted_and_resumes(tmp_path, tiny_model_dir, local_ray, capsys):
-    cfg = write_config(tmp_path, tiny_model_dir("llama"))
+def test_killed_ray_worker_leaves_run_interrupted_and_resumes(tmp_path, one_process, local_ray, capsys):
+    cfg, one = one_process
     run = tmp_path / "run"
-    assert main(["train", str(cfg), "--out", str(tmp_path / "one"), "--json", "--set", "train.max_steps=12"]) == 0
     codes: list[int] = []
-    args = ["train", str(cfg), "--out", str(run), "--nproc", "2", "--executor", "ray", "--json",
-            "--set", "train.max_steps=12"]
+    args = ["train", str(cfg), "--out", str(run), "--nproc", "2", "--executor", "ray", "--json", *STEPS]
     driver = threading.Thread(target=lambda: codes.append(main(args)))
     driver.start()
     deadline = time.monotonic() + 180
@@ -87,7 +94,7 @@ def test_killed_ray_worker_leaves_run_interrupted_and_resumes(tmp_path, tiny_mod
     assert main(["train", "--resume", str(run), "--json"]) == 0  # on one process
     resumed = json.loads((run / "summary.json").read_text())
     assert resumed["status"] == "completed" and resumed["resumed_from_step"] % 4 == 0
-    close(tmp_path / "one", run)
+    close(one, run)
 
 
 def test_ray_bad_input_is_refused_clearly(tmp_path, tiny_model_dir, capsys, monkeypatch):
