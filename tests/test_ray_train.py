@@ -1,7 +1,7 @@
 """One run on Ray Train workers (loralab train --nproc 2 --executor ray).
 
 Real ranks: a local Ray instance started here (ray.init, 2 CPUs, local only, as
-test_study.py's Ray test), gloo on the CPU, a tiny random-init Llama saved with
+test_scheduler.py's Ray tests), gloo on the CPU, a tiny random-init Llama saved with
 save_pretrained, the real CLI. The tolerances are
 test_distributed.py's (measured there: float32 sums in another order).
 """

@@ -76,8 +76,9 @@ def _parse(*argv: str) -> argparse.Namespace:
 def test_every_flag_combination_runs_or_is_refused_with_a_message():
     """Every combination of the scheduling flags: accepted, or refused (exit 2) naming a flag.
     The accepted ones all run in tests: local x {fuse, no-fuse} x {halving, none} in
-    test_study.py, Ray x the same here (halving + fusion, and no-fuse with and without halving
-    in test_halving_and_fusion_on_ray_*) and in test_study.py (fused on Ray)."""
+    test_study.py, Ray here: halving + fusion, with DoRA runs alone at the rungs, in
+    test_halving_and_fusion_on_ray_*, and no-fuse without halving in the resource tests. A
+    fused group without halving is the same unit on Ray with no --halving argument."""
     flags = {
         "executor": [[], ["--executor", "ray"]],
         "halving": [[], ["--halving"]],
@@ -315,7 +316,9 @@ def test_halving_and_fusion_on_ray_same_survivors_as_local(tmp_path, ray_instanc
         for name, r in rows.items():
             points = [(m["step"], m["name"]) for m in s.metrics(r["id"])]
             assert len(points) == len(set(points)) and points  # no step recorded twice
+            assert {n for _, n in points} >= {"train_loss", "eval_loss", "lr"}
             assert r["final_eval_loss"] == pytest.approx(local[name]["final_eval_loss"], rel=1e-4)
+            assert r["trainable_params"] == local[name]["trainable_params"] > 0 and r["peak_memory_bytes"] > 0
     envs = [e for e in child_envs(ray_instance) if "loralab.study.fuse" in e["argv"]]
     assert len(envs) == 1 and any(a.startswith("--halving=3,2,") for a in envs[0]["argv"])
 

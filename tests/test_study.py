@@ -236,25 +236,6 @@ def test_sigkilled_run_is_recorded_interrupted_then_resumed(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_executor_on_a_local_instance(tmp_path):
-    ray = pytest.importorskip("ray")
-    path = write_study(tmp_path, "ray", axes={"lora.r": [2, 4]})
-    root = tmp_path / "runs" / "ray"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": SRC}})
-    try:
-        result = run_study(load_study(path, root=root), root=root, workers=2, executor="ray")
-    finally:
-        ray.shutdown()
-    assert result["counts"] == {"completed": 2}
-    rows = rows_of(root / "study.db")
-    for name in ("r2", "r4"):
-        assert rows[name]["final_eval_loss"] > 0 and rows[name]["peak_memory_bytes"] > 0
-        with Store(root / "study.db") as s:
-            assert {m["name"] for m in s.metrics(rows[name]["id"])} >= {"train_loss", "eval_loss", "lr"}
-    assert rows["r4"]["trainable_params"] == 2 * rows["r2"]["trainable_params"]
-
-
-@pytest.mark.slow
 def test_successive_halving_stops_poor_runs(tmp_path):
     base = {**TINY, "train": {**TINY["train"], "max_steps": 16}}
     path = write_study(tmp_path, "halving", base=base, axes={"train.lr": [0.01, 1.0e-7]}, repeats=2)
