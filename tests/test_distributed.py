@@ -23,6 +23,7 @@ import pytest
 from safetensors.torch import load_file
 
 from loralab.cli import main
+from loralab.train import distributed
 
 # Measured on this machine (torch 2.13 CPU, gloo): 2 ranks against 1 differ by 7e-8 in an
 # adapter weight after 4 steps, 1.1e-6 after 60 (weights of about 0.3: float32 sums in
@@ -213,8 +214,9 @@ def test_ranks_end_with_a_launcher_killed_outright(one_process, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "waiting"), [
-    ("ddp", "summing a step's gradients"),
-    ("fsdp", "running a step's forward and backward passes (fsdp gathers and reduce-scatters shards in them)")],
+    ("ddp", ["summing a step's gradients"]),
+    # rank 1 stops wherever its step is: rank 0 waits in the next of the step's collectives
+    ("fsdp", [distributed.PASSES, distributed.CLIPPING, distributed.SAVING])],
     ids=["ddp", "fsdp"])
 def test_hanging_rank_is_caught_by_the_timeout(one_process, tmp_path, strategy, waiting):
     cfg, _ = one_process
@@ -234,8 +236,9 @@ def test_hanging_rank_is_caught_by_the_timeout(one_process, tmp_path, strategy, 
     assert proc.returncode == 1
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed"
-    assert summary["error"].startswith("rank 0 of 2 waited more than distributed.timeout_s = 3 s for the other ranks "
-                                       f"while {waiting}: a rank hangs or died"), summary["error"]
+    assert any(summary["error"].startswith("rank 0 of 2 waited more than distributed.timeout_s = 3 s for the other "
+                                           f"ranks while {doing}: a rank hangs or died") for doing in waiting), \
+        summary["error"]
     assert "distributed.timeout_s = 3 s" in err
 
 

@@ -348,8 +348,9 @@ def optimizer_step(runs: list[Run], step_loss: torch.Tensor, *, step: int, steps
         if r.scaler is not None:
             r.scaler.unscale_(r.opt)  # on the device: no sync
     # fsdp: the gradients are shards (DTensors); their norm is the whole gradient's, on every rank
-    norms = [distributed.whole(torch.nn.utils.clip_grad_norm_(r.params, r.cfg.train.grad_clip or float("inf")))
-             for r in runs]
+    with distributed.sharded_collectives(distributed.CLIPPING, runs[0].cfg.distributed.timeout_s):
+        norms = [distributed.whole(torch.nn.utils.clip_grad_norm_(r.params, r.cfg.train.grad_clip or float("inf")))
+                 for r in runs]
     # the step's one host-device sync: every run's loss and gradient norm at once
     values = torch.cat([step_loss, torch.stack(norms).to(step_loss)]).tolist()
     for r, loss, norm in zip(runs, values[:len(runs)], values[len(runs):], strict=True):
@@ -394,7 +395,7 @@ def forward_backward(adapters, runs: list[Run], examples: list[Example], step_in
             # not); with each run's seed it seeds the run's dropout masks, the same in any group
             draw = first * cfg.train.batch_size + j
             with (adapters.routed([r.index for r in runs], rows_each=batch["input_ids"].shape[0], draw=draw),
-                  distributed.sharded_passes(cfg.distributed.timeout_s)):
+                  distributed.sharded_collectives(distributed.PASSES, cfg.distributed.timeout_s)):
                 # weight 0: fsdp's filler pass of a rank short of a micro batch (distributed.my_share)
                 losses = run_losses(adapters.model, batch, len(runs), runs[0].cfg.train.autocast) / n_loss * weight
                 if runs[0].scaler is None:
@@ -546,8 +547,9 @@ def save_checkpoints(runs: list[Run], adapters, *, clock: Clock, keep_last: int,
             r.state.wall_time_s = r.state.wall_time_s + r.session_wall_s
             r.state.grad_scaler = r.scaler.state_dict() if r.scaler is not None else None
             try:
-                r.checkpoint = save_checkpoint(r.dir.root, r.state, params=adapters.named_params(r.index),
-                                               opt=r.opt, sched=r.sched, device=device)
+                with distributed.sharded_collectives(distributed.SAVING, r.cfg.distributed.timeout_s):
+                    r.checkpoint = save_checkpoint(r.dir.root, r.state, params=adapters.named_params(r.index),
+                                                   opt=r.opt, sched=r.sched, device=device)
             finally:
                 r.state.wall_time_s -= r.session_wall_s
     for r in runs:

@@ -288,19 +288,24 @@ def gather_ints(value: int) -> list[int]:
     return [int(t.item()) for t in out]
 
 
+PASSES = "running a step's forward and backward passes (fsdp gathers and reduce-scatters shards in them)"
+CLIPPING = "clipping a step's gradients (fsdp sums the norm of the shards)"
+SAVING = "saving a checkpoint (fsdp gathers the shards)"
+
+
 @contextlib.contextmanager
-def sharded_passes(timeout_s: int):
-    """fsdp: forward and backward passes gather and reduce-scatter shards; a collective that
-    failed in one (gloo's or NCCL's error: a rank hangs or died) becomes rank_timeout's clear
-    error. Any other error, and any error outside fsdp, passes as it is."""
+def sharded_collectives(doing: str, timeout_s: int):
+    """fsdp: the block runs collectives (forward and backward passes gather and reduce-scatter
+    shards, the gradient norm sums over them, a checkpoint gathers them); one that failed
+    (gloo's or NCCL's error: a rank hangs or died) becomes rank_timeout's clear error, naming
+    ``doing``. Any other error, and any error outside fsdp, passes as it is."""
     try:
         yield
     except RuntimeError as exc:
         said = str(exc).lower()
         if not sharded() or not any(k in said for k in ("gloo", "nccl", "timed out", "connection closed")):
             raise
-        with rank_timeout("running a step's forward and backward passes (fsdp gathers and reduce-scatters shards "
-                          "in them)", timeout_s):
+        with rank_timeout(doing, timeout_s):
             raise
 
 
