@@ -179,6 +179,9 @@ class BatchedLoraLinear(nn.Module):
         self.routing = routing
         self.adapters = nn.ModuleDict()  # str(run index) -> RunAdapter
 
+    def adapter(self, run: int) -> RunAdapter | None:
+        return self.adapters[str(run)] if str(run) in self.adapters else None
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)  # (rows, seq, out), once for every run
         segments = self.routing.segments
@@ -189,14 +192,22 @@ class BatchedLoraLinear(nn.Module):
                 f"{self.name} received {x.shape[0]} rows where the fused batch has {self.routing.total_rows}; "
                 "this module does not see the batch dimension first, so it cannot be fused"
             )
-        pieces = []
-        for run, rows in segments:
-            piece = result[rows]
-            adapter = self.adapters[str(run)] if str(run) in self.adapters else None
-            if adapter is not None:  # result + delta in the promoted dtype, then back, as PEFT does
-                piece = (piece + adapter(x[rows], self.routing.draw)).to(result.dtype)
-            pieces.append(piece)
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if len(segments) == 1:  # one run owns every row: evaluation, generation, a group of one
+            adapter = self.adapter(segments[0][0])
+            if adapter is None:
+                return result
+            return (result + adapter(x, self.routing.draw)).to(result.dtype)  # in the promoted dtype, as PEFT
+        # The runs' rows are split once (its backward is one concatenation), and their deltas
+        # are added in one go: slicing each run's rows out of x and the result would give each
+        # backward a zero-filled gradient of the whole batch, K of them per layer.
+        xs = x.split([rows.stop - rows.start for _, rows in segments])
+        dtype = torch.promote_types(result.dtype, next(iter(self.adapters.values())).lora_A.dtype)
+        deltas = []
+        for (run, rows), x_run in zip(segments, xs):
+            adapter = self.adapter(run)
+            deltas.append(adapter(x_run, self.routing.draw) if adapter is not None
+                          else result.new_zeros((rows.stop - rows.start, *result.shape[1:]), dtype=dtype))
+        return (result + torch.cat(deltas)).to(result.dtype)
 
 
 def install(model: nn.Module, runs: list[dict[str, LoraWeights]], *, seeds: list[int] | None = None) -> Routing:
