@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -281,6 +282,31 @@ def test_qlora(tiny_model_dir, cfg_factory, unquantized_trainable, mode, compute
     # unwrapped linear layers of the decoder (k_proj, o_proj) are quantized too
     k_proj = dict(model.named_modules())["base_model.model.model.layers.0.self_attn.k_proj"]
     assert isinstance(k_proj, bnb.nn.Linear4bit)
+
+
+@pytest.mark.parametrize("model_dtype", ["auto", "bf16"])
+def test_4bit_compute_dtype_auto_follows_the_base(tiny_model_dir, cfg_factory, model_dtype):
+    """quant.compute_dtype auto (the default) dequantizes to the dtype the base resolved to: on a
+    CPU that emulates bf16 (AVX2 alone multiplies a bf16 matmul about 100x slower than fp32) a
+    QLoRA run whose base is fp32 must not compute in bf16; over a bf16 base it is bf16, as QLoRA."""
+    import bitsandbytes as bnb
+
+    from loralab.estimate import estimate_run
+
+    cfg = cfg_factory(tiny_model_dir("llama_h64"), lora__r=4, quant__mode="nf4", model__dtype=model_dtype,
+                      train__max_steps=1, eval__every=0)
+    assert cfg.quant.compute_dtype == "auto"
+    trained = train_with_model(cfg)
+    resolved = trained.summary["dtype"]
+    assert resolved == ("fp32" if model_dtype == "auto" else "bf16")  # the 64-wide base: fp32 by auto on any CPU
+    want = {"fp32": torch.float32, "bf16": torch.bfloat16}[resolved]
+    layers = [m for m in trained.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and {m.compute_dtype for m in layers} == {want}
+    # the estimate's dequantization buffer is in the same dtype: twice as large over an fp32 base
+    buffers = {d: estimate_run(replace(cfg, quant=replace(cfg.quant, compute_dtype=d))).memory_bytes["dequant_buffer"]
+               for d in ("fp32", "bf16")}
+    assert buffers["fp32"] == 2 * buffers["bf16"]
+    assert estimate_run(cfg).memory_bytes["dequant_buffer"] == buffers[resolved]
 
 
 def test_qlora_trains_the_same_with_evaluations_between_steps(tiny_model_dir, cfg_factory):

@@ -60,9 +60,16 @@ class ModelConfig:
 class QuantConfig:
     mode: Literal["none", "nf4", "fp4"] = _f("none", "bitsandbytes 4-bit quantization of the base (QLoRA).")
     double_quant: bool = _f(True, "Quantize the 4-bit block scales too (saves ~0.4 bit per weight).")
-    compute_dtype: Literal["bf16", "fp32"] = _f("bf16", "dtype the 4-bit weights are dequantized to for matmuls.")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto", "dtype the 4-bit weights are dequantized to for matmuls; auto = the base's dtype (model.dtype as "
+                "resolved: bf16 where the device multiplies it natively, fp32 on a CPU that would emulate bf16).")
     block_size: int = _f(64, "Weights per absmax block of the 4-bit format (bitsandbytes through transformers uses 64; "
                              "only 64 trains).", gt=0)
+
+    def compute_dtype_for(self, model_dtype: str) -> str:
+        """The dtype the 4-bit weights dequantize to over a base resolved to ``model_dtype``: auto
+        follows the base, so a CPU that would emulate bf16 does not dequantize to it."""
+        return model_dtype if self.compute_dtype == "auto" else self.compute_dtype
 
 
 @dataclass

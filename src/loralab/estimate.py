@@ -407,7 +407,7 @@ def _memory(shape: ModelShape, cfg: Config, modules: list[str], *, micro: int, g
         dropout=cfg.lora.dropout, dora=cfg.lora.dora, grad_checkpointing=gc,
     )
     if q.mode != "none":
-        parts["dequant_buffer"] = dequant_buffer_bytes(shape, DTYPE_BYTES[q.compute_dtype])
+        parts["dequant_buffer"] = dequant_buffer_bytes(shape, DTYPE_BYTES[q.compute_dtype_for(cfg.model.dtype)])
     parts["allocator_slack"] = allocator_slack_bytes(parts, device)
     parts["framework"] = CPU_BASELINE_RSS if device == "cpu" else CUDA_CONTEXT
     parts["total"] = sum(parts.values())

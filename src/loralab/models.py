@@ -213,8 +213,9 @@ def check_attention(model: ModelConfig, device: torch.device, dtype: str, quant:
     return impl
 
 
-def quantization_config(quant: QuantConfig):
-    """transformers' BitsAndBytesConfig for quant.mode nf4/fp4, after checking bitsandbytes."""
+def quantization_config(quant: QuantConfig, model_dtype: str):
+    """transformers' BitsAndBytesConfig for quant.mode nf4/fp4, after checking bitsandbytes;
+    ``model_dtype``: the base's resolved dtype."""
     if quant.mode == "none":
         return None
     try:
@@ -227,7 +228,7 @@ def quantization_config(quant: QuantConfig):
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.mode,
         bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype_for(model_dtype)],
         bnb_4bit_quant_storage=torch.uint8,
     )
 
@@ -348,7 +349,9 @@ def load_base(model: ModelConfig, quant: QuantConfig, *, progress: bool = False,
     tokenizer = tokenizer or load_tokenizer(model.path, trust_remote_code=model.trust_remote_code)
     kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn, trust_remote_code=model.trust_remote_code,
                   use_safetensors=True)
-    bnb = quantization_config(quant)
+    bnb = quantization_config(quant, dtype)
+    if bnb is not None and quant.compute_dtype == "auto":
+        log.info("quant.compute_dtype: auto -> %s (the base's dtype)", quant.compute_dtype_for(dtype))
     if bnb is not None:
         kwargs["quantization_config"] = bnb
     if device.type == "cuda":
