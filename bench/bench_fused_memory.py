@@ -10,6 +10,10 @@ study sizes its groups with. The driver imports no torch, so a worker's peak RSS
 
     PYTHONPATH=src python bench/bench_fused_memory.py             # tiny base and a user model, K 1/2/4/8, r 8/64
     PYTHONPATH=src python bench/bench_fused_memory.py --quick     # user model, K 1 and 4, r 8
+    PYTHONPATH=src python bench/bench_fused_memory.py --models user-12m --ranks 8 --ks 1,8 --steps 6 --threads 2
+
+The last column, training seconds per run and step (the group's training time over K x steps),
+is flat in K when a group costs each run what a solo run costs.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def configs(spec: dict):
     out = []
     for k in range(spec["K"]):
         items = {"model.path": spec["model"], "model.device": "cpu", "data.path": spec["data"],
-                 "data.val_max_examples": 8, "data.max_seq_length": SEQ, "train.max_steps": STEPS,
+                 "data.val_max_examples": 8, "data.max_seq_length": SEQ, "train.max_steps": spec["steps"],
                  "train.batch_size": MICRO, "train.micro_batch_size": MICRO, "train.lr": 1e-3 * (k + 1),
                  "eval.every": 0, "lora.r": spec["r"], "lora.targets": spec["targets"],
                  "output.dir": str(Path(spec["out"]) / f"run{k}")}
@@ -60,7 +64,7 @@ def worker(spec: dict) -> dict:
     from loralab.train.fused import train_fused
     from loralab.train.step import fullest_micro_batch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(spec["threads"])
     cfgs = configs(spec)
     baseline = peak_rss()
     summaries = train_fused(cfgs) if spec["K"] > 1 else [_solo(cfgs[0])]
@@ -73,7 +77,8 @@ def worker(spec: dict) -> dict:
     s = summaries[0]
     return {"peak": s["peak_memory_bytes"], "estimate": group_memory(tasks), "solo_parts": ests[0].memory_bytes,
             "dtype": s["dtype"], "packed": s.get("packed_attention"), "baseline_rss": baseline,
-            "status": s["status"], "tokens_per_step": s.get("tokens_seen", 0) / STEPS,
+            "status": s["status"], "tokens_per_step": s.get("tokens_seen", 0) / spec["steps"],
+            "run_step_s": s.get("fused", {}).get("group_train_time_s", s["train_time_s"]) / (spec["K"] * spec["steps"]),
             "data_stats": s.get("data_stats"), "fullest": tokens, "before": before}
 
 
@@ -97,6 +102,8 @@ def main() -> None:
     ap.add_argument("--models", default=None, help="comma-separated: tiny, user-12m")
     ap.add_argument("--ks", default=None, help="comma-separated group sizes")
     ap.add_argument("--ranks", default=None, help="comma-separated: 8, 64")
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -120,20 +127,20 @@ def main() -> None:
         if args.ranks:
             ranks = tuple((int(r), "query,value" if int(r) == 8 else "all") for r in args.ranks.split(","))
         print("| model | dtype | K | r | targets | fullest micro batch, tokens | estimate MiB | measured MiB | "
-              "estimate / measured | before: estimate MiB | before: ratio |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "estimate / measured | before: estimate MiB | before: ratio | train s per run and step |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, path in models.items():
             for r, targets in ranks:
                 for K in ks:
                     spec = {"model": path, "data": str(data), "K": K, "r": r, "targets": targets,
-                            "out": str(root / f"{name}-{r}-{K}")}
+                            "out": str(root / f"{name}-{r}-{K}"), "steps": args.steps, "threads": args.threads}
                     res = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], check=True,
                                          capture_output=True, text=True, env=os.environ)
                     out = json.loads(res.stdout.strip().splitlines()[-1])
                     est, peak = out["estimate"], out["peak"]
                     print(f"| {name} | {out['dtype']} | {K} | {r} | {targets} | {out['fullest']} | {est / 2**20:.0f} | "
                           f"{peak / 2**20:.0f} | {est / peak:.2f} | {out['before'] / 2**20:.0f} | "
-                          f"{out['before'] / peak:.2f} |", flush=True)
+                          f"{out['before'] / peak:.2f} | {out['run_step_s']:.3f} |", flush=True)
                     print("    parts:", {k: round(v / 2**20, 1) for k, v in out["solo_parts"].items()},
                           "baseline", round(out["baseline_rss"] / 2**20), "MiB", out["packed"], out["status"],
                           "tokens/step", out["tokens_per_step"], "fullest", out["fullest"],
