@@ -250,6 +250,34 @@ def test_time_per_step_with_throughput():
     assert estimate_from_args(model="llama2-7b").time_per_step_s is None
 
 
+def test_the_time_estimate_times_the_matmuls_in_the_runs_dtype():
+    """tune and study --dry-run time a run at the matmul rate of its own dtype: a bf16 run on a CPU
+    that emulates bf16 is about 100x slower than fp32 (AMD EPYC, AVX2), several times faster on
+    one with AMX; a 4-bit base at its compute dtype (auto: the base's)."""
+    from loralab.estimate import estimate_run, matmul_throughput
+    from loralab.models import cpu_bf16_feature
+
+    asked = []
+
+    def rate(dtype: str) -> float:
+        asked.append(dtype)
+        return {"fp32": 1e11, "bf16": 1e12}[dtype]
+
+    def seconds(**kw) -> float:
+        return estimate_run(cfg("llama2-7b", model__device="cpu", train__micro_batch_size=1, data__max_seq_length=256,
+                                **kw), device="cpu", throughput=rate).time_per_step_s
+
+    fp32, bf16 = seconds(model__dtype="fp32"), seconds(model__dtype="bf16")
+    assert asked == ["fp32", "bf16"] and fp32 == pytest.approx(10 * bf16)
+    asked.clear()
+    seconds(model__dtype="fp32", quant__mode="nf4")  # compute_dtype auto: the base's fp32
+    seconds(model__dtype="fp32", quant__mode="nf4", quant__compute_dtype="bf16")
+    assert asked == ["fp32", "bf16"]
+    # the rates themselves, on this machine: bf16 above fp32 only where the CPU has bf16 units
+    native = cpu_bf16_feature() is not None
+    assert (matmul_throughput("cpu", "bf16") > matmul_throughput("cpu", "fp32")) == native
+
+
 def test_parse_bytes():
     assert parse_bytes("24GB") == 24 * 10**9
     assert parse_bytes("24GiB") == 24 * 2**30

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
@@ -323,8 +324,9 @@ def head_parts(shape: ModelShape, *, tokens: int, e: int) -> tuple[int, int]:
     final norm's input and every position's logits (e) and fp32 log-probs kept, their gradient
     in the backward (fp32, and its cast to e); past CHUNK_LOGITS logits the loss runs in chunks
     (loralab.train.chunked_loss): the head's input and its gradient kept, one chunk's fp32 logits
-    (and below fp32 the head's output they are cast from), log-probs and gradient at a time. A model that soft-caps its logits after the head keeps the
-    whole logits, which this does not know (an underestimate there)."""
+    (and below fp32 the head's output they are cast from), log-probs and gradient at a time. A
+    model that soft-caps its logits after the head keeps the whole logits, which this does not
+    know (an underestimate there)."""
     h, v = shape.hidden, shape.vocab
     if tokens * v <= CHUNK_LOGITS:
         return tokens * (v * (e + 4) + 4 * h), tokens * v * (4 + (e if e < 4 else 0))
@@ -440,18 +442,20 @@ def step_flops(shape: ModelShape, cfg: Config, n_train: int, gc: bool) -> float:
     return float(tokens * (2 * passes * matmul + 6 * n_train + attention * (passes + 1)))
 
 
-@lru_cache(maxsize=4)
-def matmul_throughput(device: str = "cpu") -> float:
-    """FLOP/s this machine's ``device`` reaches on a 512 x 512 fp32 matmul, measured for about
-    0.1 s. A small model's step runs below it (kernel launches, the optimizer, data), so times
-    made with it are lower bounds: what ``loralab tune`` and ``study run --dry-run`` say about
-    time ("at least about")."""
+@lru_cache(maxsize=8)
+def matmul_throughput(device: str = "cpu", dtype: str = "fp32") -> float:
+    """FLOP/s this machine's ``device`` reaches on a 512 x 512 matmul in ``dtype`` (fp32, bf16,
+    fp16), measured for about 0.1 s: bf16 is several times fp32 on a CPU with AMX and about a
+    hundredth of it on one that emulates bf16 (AVX2 alone). A small model's step runs below it
+    (kernel launches, the optimizer, data), so times made with it are lower bounds: what
+    ``loralab tune`` and ``study run --dry-run`` say about time ("at least about")."""
     import time
 
     import torch
 
     dev = torch.device(device)
-    a, b = torch.randn(512, 512, device=dev), torch.randn(512, 512, device=dev)
+    kind = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    a, b = (torch.randn(512, 512, device=dev, dtype=kind) for _ in range(2))
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -510,11 +514,13 @@ def estimate_run(
     *,
     grad_checkpointing: bool = False,
     budget_bytes: int | None = None,
-    throughput: float | None = None,
+    throughput: float | Callable[[str], float] | None = None,
     device: str | None = None,
     tokens: int | None = None,
 ) -> Estimate:
-    """Estimate a run from its Config. ``throughput`` is effective FLOP/s of the device.
+    """Estimate a run from its Config. ``throughput`` is effective FLOP/s of the device, or a
+    function of the dtype the run's matmuls run in (its resolved ``model.dtype``, or a 4-bit
+    base's compute dtype) that gives them, e.g. ``lambda dtype: matmul_throughput("cpu", dtype)``.
     ``tokens``: the tokens of the fullest micro batch the run forms from its data
     (loralab.train.step.fullest_micro_batch); without it every micro batch is taken as full-length
     sequences (micro batch x data.max_seq_length), the most it can hold."""
@@ -567,6 +573,9 @@ def estimate_run(
     est.flops_per_step = step_flops(shape, cfg, n_train, grad_checkpointing)
     if throughput is not None:
         factor = QUANT_TIME_FACTOR if cfg.quant.mode != "none" else 1.0
+        if callable(throughput):
+            quantized = cfg.quant.mode != "none"
+            throughput = throughput(cfg.quant.compute_dtype_for(cfg.model.dtype) if quantized else cfg.model.dtype)
         est.time_per_step_s = est.flops_per_step / throughput * factor * cfg.grad_accum
     return est
 

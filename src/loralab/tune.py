@@ -24,6 +24,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -341,7 +342,7 @@ def seconds_per_step(base: dict[str, Any], dims: list[Dimension], max_seq_length
     try:
         cfg = config_from_dict(cheapest, source="loralab tune")
         device = run_device(cfg.model.device)
-        return estimate_run(cfg, device=device, throughput=matmul_throughput(device)).time_per_step_s
+        return estimate_run(cfg, device=device, throughput=partial(matmul_throughput, device)).time_per_step_s
     except LoralabError:  # a model the estimate cannot describe: no time, steps only
         return None
 

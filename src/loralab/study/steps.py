@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from loralab.config import Config, config_from_dict
@@ -161,7 +162,7 @@ def _seconds(cfg: Config, seq: int, steps: int) -> float | None:
     try:
         device = run_device(cfg.model.device)
         est = estimate_run(replace(cfg, data=replace(cfg.data, max_seq_length=seq)), device=device,
-                           throughput=matmul_throughput(device))
+                           throughput=partial(matmul_throughput, device))
     except LoralabError:
         return None
     return est.time_per_step_s * steps if est.time_per_step_s is not None else None

@@ -203,7 +203,7 @@ class BatchedLoraLinear(nn.Module):
         xs = x.split([rows.stop - rows.start for _, rows in segments])
         dtype = torch.promote_types(result.dtype, next(iter(self.adapters.values())).lora_A.dtype)
         deltas = []
-        for (run, rows), x_run in zip(segments, xs):
+        for (run, rows), x_run in zip(segments, xs, strict=True):
             adapter = self.adapter(run)
             deltas.append(adapter(x_run, self.routing.draw) if adapter is not None
                           else result.new_zeros((rows.stop - rows.start, *result.shape[1:]), dtype=dtype))
