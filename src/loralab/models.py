@@ -329,6 +329,17 @@ def stored_dtype(path: str, *, trust_remote_code: bool = False) -> str | None:
     return names.get(stored)
 
 
+def warn_emulated_bf16(device: torch.device, dtype: str, compute_dtype: str | None) -> None:
+    """A warning when a run set to bf16 (``model.dtype``, or a 4-bit base's ``compute_dtype``)
+    trains on a CPU that would emulate it: with AVX2 alone a bf16 matmul runs about 100x slower
+    than fp32. auto never picks bf16 there; a preset's seed setup or an explicit setting can."""
+    if device.type != "cpu" or "bf16" not in (dtype, compute_dtype) or cpu_bf16_feature() is not None:
+        return
+    keys = " and ".join(k for k, v in (("model.dtype", dtype), ("quant.compute_dtype", compute_dtype)) if v == "bf16")
+    log.warning("%s bf16 on a CPU with neither AMX-BF16 nor AVX512-BF16: its bf16 matmuls are emulated, "
+                "up to about 100x slower than fp32; auto (or fp32) trains in fp32 here", keys)
+
+
 def load_base(model: ModelConfig, quant: QuantConfig, *, progress: bool = False, tokenizer=None):
     """(model, tokenizer) with every base weight frozen, loaded straight onto the chosen device.
     ``progress``: transformers' loading (and download) bars on stderr, terminals only;
@@ -352,6 +363,7 @@ def load_base(model: ModelConfig, quant: QuantConfig, *, progress: bool = False,
     bnb = quantization_config(quant, dtype)
     if bnb is not None and quant.compute_dtype == "auto":
         log.info("quant.compute_dtype: auto -> %s (the base's dtype)", quant.compute_dtype_for(dtype))
+    warn_emulated_bf16(device, dtype, quant.compute_dtype_for(dtype) if bnb is not None else None)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
     if device.type == "cuda":
