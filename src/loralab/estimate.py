@@ -520,7 +520,7 @@ def estimate_run(
 ) -> Estimate:
     """Estimate a run from its Config. ``throughput`` is effective FLOP/s of the device, or a
     function of the dtype the run's matmuls run in (its resolved ``model.dtype``, or a 4-bit
-    base's compute dtype) that gives them, e.g. ``lambda dtype: matmul_throughput("cpu", dtype)``.
+    base's compute dtype) that gives them, e.g. ``functools.partial(matmul_throughput, "cpu")``.
     ``tokens``: the tokens of the fullest micro batch the run forms from its data
     (loralab.train.step.fullest_micro_batch); without it every micro batch is taken as full-length
     sequences (micro batch x data.max_seq_length), the most it can hold."""
@@ -572,10 +572,10 @@ def estimate_run(
         )
     est.flops_per_step = step_flops(shape, cfg, n_train, grad_checkpointing)
     if throughput is not None:
-        factor = QUANT_TIME_FACTOR if cfg.quant.mode != "none" else 1.0
+        quantized = cfg.quant.mode != "none"
         if callable(throughput):
-            quantized = cfg.quant.mode != "none"
             throughput = throughput(cfg.quant.compute_dtype_for(cfg.model.dtype) if quantized else cfg.model.dtype)
+        factor = QUANT_TIME_FACTOR if quantized else 1.0
         est.time_per_step_s = est.flops_per_step / throughput * factor * cfg.grad_accum
     return est
 
