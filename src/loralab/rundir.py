@@ -185,6 +185,11 @@ def default_run_dir(model_path: str) -> Path:
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def run_dir_of(cfg) -> Path:
+    """A run config's directory: ``output.dir``, or :func:`default_run_dir` of its model."""
+    return Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg.model.path)
+
+
 def write_atomic(path: str | Path, data: str | bytes | dict | list, *, fsync: bool = True) -> None:
     """Write ``data`` so a reader never sees half a file: a temporary beside ``path``, flushed
     and fsynced, then renamed over it. str is written as UTF-8, bytes as they are, a dict or

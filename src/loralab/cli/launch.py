@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 
 from loralab.errors import LoralabError
-from loralab.rundir import RunDir, Status, default_run_dir, write_atomic
+from loralab.rundir import RunDir, Status, run_dir_of, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def train_on_processes(args, cfg) -> dict:
     from loralab.train.distributed import check_strategy
 
     check_strategy(cfg, args.nproc)
-    run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg.model.path)
+    run_dir = run_dir_of(cfg)
     launch(worker_args(args, run_dir), nproc=args.nproc, run_dir=run_dir, timeout_s=cfg.distributed.timeout_s)
     return RunDir(run_dir).read_summary()
 

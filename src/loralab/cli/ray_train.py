@@ -21,11 +21,10 @@ import os
 import shutil
 import socket
 import tempfile
-from pathlib import Path
 from typing import Any
 
 from loralab.errors import LoralabError
-from loralab.rundir import RunDir, default_run_dir
+from loralab.rundir import RunDir, run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ def train_on_ray(args, cfg) -> dict:
     from loralab.train.distributed import check_strategy
 
     check_strategy(cfg, args.nproc)
-    run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg.model.path)
+    run_dir = run_dir_of(cfg)
     ray = connect_ray(args.address)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -18,13 +18,12 @@ before the first step), failed, diverged or out_of_memory, so a run always says 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from loralab.config import Config
 from loralab.errors import ConfigError
 from loralab.resolve import resolve_config
-from loralab.rundir import default_run_dir
+from loralab.rundir import run_dir_of
 from loralab.train.core import raise_if_diverged, run_group
 from loralab.train.evaluation import evaluate_losses
 from loralab.train.group_adapters import SoloAdapters
@@ -62,7 +61,7 @@ def train_with_model(cfg: Config, *, show_progress: bool = False, resume: bool =
     if resume and not cfg.output.dir:
         raise ConfigError("resume needs output.dir: the run directory to continue")
     cfg = resolve_config(cfg)[0]  # train.micro_batch_size: auto -> a number, as a study resolves it
-    run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg.model.path)
+    run_dir = run_dir_of(cfg)
     (summary,), setup = run_group([cfg], [run_dir], SoloAdapters, resume=resume, show_progress=show_progress)
     raise_if_diverged(summary)
     if setup is None:
