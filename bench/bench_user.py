@@ -171,8 +171,9 @@ def main() -> None:
             how = f"compiled in {ours['compile_time_s']:.1f} s" if ours["compiled"] else "eager"
             print(f"{name:<12} tok/s {ours['tokens_per_s']:6.0f} vs {ref['tokens_per_s']:6.0f} "
                   f"x{row['speed_ratio']:.2f} ({how}; x{row['speed_ratio_with_compile']:.2f} with the compile time) "
-                  f"(per CPU-s x{row['speed_ratio_cpu']:.2f})  bf16 ceiling% {ours['pct_of_bf16_ceiling']:4.1f} vs "
-                  f"{ref['pct_of_bf16_ceiling']:4.1f}  eval {ours['final_eval_loss']:.4f} vs "
+                  f"(per CPU-s x{row['speed_ratio_cpu']:.2f})  {ref_dtype} ceiling% "
+                  f"{ours[f'pct_of_{ref_dtype}_ceiling']:4.1f} vs {ref[f'pct_of_{ref_dtype}_ceiling']:4.1f}  "
+                  f"eval {ours['final_eval_loss']:.4f} vs "
                   f"{ref['final_eval_loss']:.4f}  "
                   f"load {row['load_avg_after']}", flush=True)
     from loralab.train.measure import versions
