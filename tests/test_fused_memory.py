@@ -20,6 +20,7 @@ from conftest import make_cfg
 from loralab.cli import main
 from loralab.data.packing import pack_rows
 from loralab.estimate import estimate_run, group_memory_bytes
+from loralab.study.backends import warm
 from loralab.train.step import fullest_micro_batch, micro_batches
 from studytools import rows_of, write_study
 from userdata import instruction_records, write_jsonl
@@ -75,7 +76,14 @@ def test_a_groups_cpu_slack_counts_one_run_in_full():
 
 
 @pytest.mark.slow
-def test_a_fused_groups_estimate_is_within_25_percent_of_its_measured_peak(tiny_model_dir, tmp_path, caplog):
+def test_a_fused_groups_estimate_is_within_25_percent_of_its_measured_peak(tiny_model_dir, tmp_path, caplog,
+                                                                             monkeypatch):
+    # The estimate is a fresh process's peak, so the units start as processes of their own (as on a GPU
+    # build of torch or under Ray), not forked from the warm process: a forked child's VmHWM leaves out
+    # the library code its parent had paged in (RssFile 6 MiB in the child at the fork against the
+    # parent's 101, torch + transformers + peft imported) until it touches it again, so a forked unit
+    # peaks 50-150 MiB lower than the same run started fresh (docs/estimates.md).
+    monkeypatch.setattr(warm, "_gpu_build", lambda: "units start fresh here: the estimate is a fresh process's peak")
     data = write_jsonl(tmp_path / "data.jsonl", instruction_records(48, seed=1))
     base = {"model": {"path": str(tiny_model_dir("llama_512")), "device": "cpu"},
             "data": {"path": str(data), "max_seq_length": 256, "val_max_examples": 4},
@@ -94,16 +102,11 @@ def test_a_fused_groups_estimate_is_within_25_percent_of_its_measured_peak(tiny_
     assert len(peaks) == 1  # the group's process
     estimate, peak = float(found.group(1)) * 2**30, peaks.pop()
     (alone,) = rows_of(tmp_path / "out" / "solo" / "study.db").values()
-    # measured on this machine: group 840 MiB estimated / 798 MiB peak (1.05), solo 607 / 638 (0.95);
-    # before (full-length sequences, every run's heap slack in full): group 1,220 MiB (1.53x), solo 708 MiB (1.11x)
     # measured on a Xeon with AMX (model.dtype auto: bf16): group 840 MiB estimated / 798 MiB peak (1.05),
     # solo 607 / 638 (0.95); before (full-length sequences, every run's heap slack in full): group 1,220 MiB
-    # (1.53x), solo 708 MiB (1.11x). On a CPU that emulates bf16 (AMD EPYC, AVX2) auto is fp32 and a study
-    # worker's peak is lower and varies more: group 993 estimated against 733-929 MiB measured (1.07x-1.36x),
-    # solo 679 against 524-564 (1.20x-1.30x), where the same solo run as `loralab train` peaks at 640-648. The
-    # 25% holds in bf16; in fp32 the estimate is held to the safe side of 40% (docs/estimates.md).
-    dtypes = {json.loads((Path(r["run_dir"]) / "summary.json").read_text())["dtype"] for r in [*rows.values(), alone]}
-    high = 1.25 if dtypes == {"bf16"} else 1.4
+    # (1.53x), solo 708 MiB (1.11x). On an AMD EPYC with AVX2 alone (auto: fp32): group 993 estimated against
+    # 821-881 MiB (1.13x-1.21x), solo 679 against 605-641 (1.06x-1.12x), three runs each.
+    high = 1.25
     assert 0.8 <= estimate / peak <= high, (estimate / 2**20, peak / 2**20)
     assert 0.8 <= alone["estimated_memory_bytes"] / alone["peak_memory_bytes"] <= high, (
         alone["estimated_memory_bytes"] / 2**20, alone["peak_memory_bytes"] / 2**20)
