@@ -9,10 +9,8 @@ loralab's defaults (model.dtype auto, data.packing auto), ``loralab study run`` 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from pathlib import Path
 
 import pytest
 
