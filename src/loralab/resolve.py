@@ -78,6 +78,23 @@ def resolve_config(cfg: Config, *, budget_bytes: int | None = None) -> tuple[Con
     return cfg, notes
 
 
+def seed_dtype_here(cfg: Config, notes: dict[str, str]) -> tuple[Config, dict[str, str]]:
+    """A seed's ``model.dtype: bf16`` for a run on this machine's CPU where the CPU would emulate
+    bf16 (neither AMX-BF16 nor AVX512-BF16: its bf16 matmuls run about 100x slower than fp32):
+    fp32 instead, with why in ``notes`` (a study's report lists it as a difference from the
+    seed). The seeds trained on GPUs, where bf16 is native; a value set by the user is kept."""
+    if cfg.model.dtype != "bf16" or _device(cfg) != "cpu":
+        return cfg, notes
+    from loralab.models import cpu_bf16_feature
+
+    if cpu_bf16_feature() is not None:
+        return cfg, notes
+    model = dataclasses.replace(cfg.model, dtype="fp32")
+    why = ("auto: this CPU has neither AMX-BF16 nor AVX512-BF16, so the seed's bf16 would be emulated, about "
+           "100x slower than fp32; --set model.dtype=bf16 keeps it")
+    return dataclasses.replace(cfg, model=model), {**notes, "model.dtype": why}
+
+
 def resolve_data(cfg: Config, tokenizer: Any, model_config: Any) -> Splits:
     """The run's splits, ``data.max_seq_length: auto`` resolved from the data and capped by the
     context of ``model_config`` (transformers' config), written back into ``cfg``, and checked

@@ -196,7 +196,8 @@ def run_checked(args: argparse.Namespace, options: StudyOptions, starter: WarmSt
     from loralab.study.steps import step_plan
     from loralab.track import prepare_study_trackers, track_study
 
-    study = load_study(args.study, quick=args.quick, model=args.model, data=args.data, overrides=args.overrides)
+    study = load_study(args.study, quick=args.quick, model=args.model, data=args.data, overrides=args.overrides,
+                       local=options.executor != "ray")
     if args.name:
         study.name = args.name  # checked by study_root: one path component
     track_study(study)

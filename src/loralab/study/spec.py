@@ -50,6 +50,7 @@ QUICK_KEYS = {"base", "axes", "tied", "repeats", "seeds", "tiny"}
 # keys (the seed's own values); the other keys are text for what a config cannot say.
 # steps: the seed's optimizer steps per run
 SEED_KEYS = {"source", "model", "data", "metric", "setup", "notes", "steps"}
+SEED_LAYER = "the seed's setup"  # the source of the keys the seed's setup sets and nothing above it changes
 # tiny: the settings for the shipped base (builtin:tiny), applied only when the model is that one.
 TINY_KEYS = {"base", "metric", "goal"}
 FINDING_KINDS = {"axis_effect": ("axis",), "trend_within": ("axis", "within"),
@@ -304,7 +305,7 @@ def _layers(raw: dict[str, Any], where: _Where, base_dir: Path | None, *, quick:
     seed = _mapping(raw, "seed", where, SEED_KEYS)
     tiny_profile = _mapping(raw, "tiny", where, TINY_KEYS)
     quick_raw = raw.get("quick") or {}
-    layers = [("the seed's setup", _config_part(seed.get("setup"), "seed.setup", where("seed", "setup"))),
+    layers = [(SEED_LAYER, _config_part(seed.get("setup"), "seed.setup", where("seed", "setup"))),
               ("the study's base", _base_config(raw, where, base_dir))]
     if tiny:
         layers.append(("the shipped base's profile (tiny:)",
@@ -431,6 +432,7 @@ def load_study(
     overrides: list[str] | None = None,
     root: Path | None = None,
     resolve: bool = True,
+    local: bool = True,
 ) -> Study:
     """Read, check and expand a study file or ``preset:NAME``.
 
@@ -439,7 +441,9 @@ def load_study(
     ``root`` is where run directories go (each run's output.dir is ``root/<run name>``).
     The shipped base's profile (``tiny:``) applies only when the model is builtin:tiny; every
     difference between a run's config and the seed's setup is in ``study.deviations``.
-    ``resolve`` fills ``train.micro_batch_size: auto`` from the memory estimate."""
+    ``resolve`` fills ``train.micro_batch_size: auto`` from the memory estimate and, where the
+    runs train on this machine (``local``; not on a Ray cluster's workers), turns a seed's bf16
+    into fp32 on a CPU that would emulate bf16 (:func:`loralab.resolve.seed_dtype_here`)."""
     raw, label, base_dir = _read(source)
     text = Path(label).read_text(encoding="utf-8")
     where = _Where(label, key_lines(text))
@@ -508,11 +512,15 @@ def load_study(
     )
     study.runs = expand(study, {k: t for k, (_, t) in tied.items()}, where)
     if resolve:
-        from loralab.resolve import describe_hardware, resolve_config
+        from loralab.resolve import describe_hardware, resolve_config, seed_dtype_here
 
         study.hardware = describe_hardware()
+        # the seed's dtype, unless a layer above it, an axis or a tied key sets it
+        seed_dtype = local and sources.get("model.dtype") == SEED_LAYER and "model.dtype" not in {*axes, *tied}
         for run in study.runs:
             cfg, notes = resolve_config(config_from_dict(run.config, source=f"{label} (run {run.name})"))
+            if seed_dtype:
+                cfg, notes = seed_dtype_here(cfg, notes)
             run.config = cfg.to_dict()
             for key, why in notes.items():
                 sources[key] = why
