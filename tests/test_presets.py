@@ -203,6 +203,18 @@ def test_the_seeds_bf16_trains_in_fp32_on_a_cpu_that_would_emulate_it(user_model
     assert dtypes == {"bf16"} and "model.dtype" not in devs
     dtypes, devs = runs(None, overrides=["model.device=cuda", "train.micro_batch_size=1"])
     assert dtypes == {"bf16"}  # a GPU multiplies bf16 natively
+    # the Python API plans for this machine, and again for Ray's workers when it runs on Ray
+    import loralab.study.execute
+    from loralab.api import Study
+
+    monkeypatch.setattr(models, "cpu_bf16_feature", lambda: None)
+    given = []
+    monkeypatch.setattr(loralab.study.execute, "run_study", lambda spec, **kw: given.append(spec) or {})
+    api = Study("preset:consistency", model=str(user_model), data=str(user_data), out=tmp_path / "api")
+    api.run()
+    api.run(executor="ray")
+    assert [{r.config["model"]["dtype"] for r in spec.runs} for spec in given] == [{"fp32"}, {"bf16"}]
+    assert all(r.config["output"]["dir"].startswith(str(tmp_path / "api")) for r in given[1].runs)
     study = tmp_path / "dtypes.yaml"
     raw = {**raw_preset("consistency"), "name": "dtypes", "axes": {"model.dtype": ["bf16", "fp32"]}}
     raw.pop("tiny", None)

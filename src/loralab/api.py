@@ -200,17 +200,23 @@ class Study:
                  model: str | None = None, data: str | None = None, overrides: list[str] | None = None,
                  track: list[str] | str | None = None):
         from loralab.paths import child_dir
-        from loralab.study.spec import load_study
-        from loralab.track import track_study
 
         extra = list(overrides or [])
         if track:
             extra.append(f"tracking.backends=[{track if isinstance(track, str) else ','.join(track)}]")
-        self.spec = load_study(source, quick=quick, model=model, data=data, overrides=extra)
-        track_study(self.spec)
+        self._source = {"source": source, "quick": quick, "model": model, "data": data, "overrides": extra}
+        self._load(local=True)
         self.name = self.spec.name
         self.root = child_dir(Path(out), self.name, what="study name").resolve()
         self.spec.place(self.root)
+
+    def _load(self, *, local: bool) -> None:
+        """Expand and check the study, planned for this machine (``local``) or for Ray's workers."""
+        from loralab.study.spec import load_study
+        from loralab.track import track_study
+
+        self.spec = load_study(**self._source, local=local)
+        track_study(self.spec)
 
     @property
     def runs(self) -> list[dict[str, Any]]:
@@ -229,6 +235,9 @@ class Study:
         from loralab.units import parse_bytes
 
         limit = parse_bytes(max_memory, "--max-memory") if max_memory else None
+        if executor == "ray":  # planned for Ray's workers, which may multiply bf16 where this CPU does not
+            self._load(local=False)
+            self.spec.place(self.root)
         prepare_study_trackers(self.spec)
         return run_study(self.spec, root=self.root, workers=workers, executor=executor, retries=retries,
                          retry_failed=retry_failed, fuse=fuse, max_memory=limit, budget_s=budget_s)
