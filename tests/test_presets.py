@@ -271,11 +271,10 @@ def test_auto_micro_batch_is_the_largest_divisor_that_fits(user_model):
 @pytest.mark.slow
 def test_a_quick_preset_on_a_user_model_completes_and_reports(user_model, user_data, tmp_path):
     out = tmp_path / "runs"
-    # fp32 on any CPU: where this one has bf16 units the seed's bf16 would stay, and this 192-wide model
-    # trains faster in fp32 there (docs/performance.md); the test above covers the seed's dtype;
+    # the seed's dtype as the plan leaves it on this CPU: fp32 where it would emulate bf16, else bf16;
     # batch 64: two steps over the 120-odd training examples, so every run has a curve
     res = json.loads(cli("study", "run", "preset:consistency", "--quick", "--model", str(user_model),
-                         "--data", str(user_data), "--set", "model.dtype=fp32", "--set", "train.batch_size=64",
+                         "--data", str(user_data), "--set", "train.batch_size=64",
                          "--workers", "3", "--out", str(out), "--json").stdout)
     assert res["counts"] == {"completed": 3}
     db = out / "consistency-quick" / "study.db"
@@ -298,9 +297,13 @@ def test_a_quick_preset_on_a_user_model_completes_and_reports(user_model, user_d
     top = md.split("## Findings")[0]
     assert "**Differences from the seed's setup**" in top
     assert "train.warmup_steps 2 instead of the seed's 100 (set by --quick)" in top
-    assert "model.dtype fp32 instead of the seed's bf16 (set by --set model.dtype)" in top
+    from loralab.models import cpu_bf16_feature
+
+    dtype = "fp32" if cpu_bf16_feature() is None else "bf16"
+    assert summary["dtype"] == dtype
+    assert (EMULATED in top) == (dtype == "fp32")
     assert "train.batch_size 64 instead of the seed's 128 (set by --set train.batch_size)" in top
-    assert (f"{user_model} (LlamaForCausalLM, {summary['total_params']:,} parameters, dtype fp32, "
+    assert (f"{user_model} (LlamaForCausalLM, {summary['total_params']:,} parameters, dtype {dtype}, "
             "quantization none)") in top
     assert f"{user_data}; {n_train} training / 6 validation examples" in top
     # the data's token lengths as the first run measured them (each seed holds out its own validation split)
