@@ -201,6 +201,9 @@ def test_bf16_pause_and_resume_equals_the_uninterrupted_bf16_run(model_dir, tmp_
     with caplog.at_level(logging.WARNING, logger="loralab.models"):
         summary = train(run_cfg(model_dir, whole, model__dtype="bf16"))
     assert summary["dtype"] == "bf16"
+    assert summary["dtype_reason"] == ("set in the config" if cpu_bf16_feature() else
+                                       "set in the config; emulated on this CPU (neither AMX-BF16 nor AVX512-BF16), "
+                                       "up to about 100x slower than fp32")
     warned = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
     assert warned == ([] if cpu_bf16_feature() else [
         "model.dtype bf16 on a CPU with neither AMX-BF16 nor AVX512-BF16: its bf16 matmuls are emulated, up to "

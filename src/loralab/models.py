@@ -159,9 +159,12 @@ def dtype_choice(cfg_or_name: ModelConfig | str, device: torch.device | str, *,
     """(dtype name, why) for ``model.dtype`` on ``device``, for a model of hidden size ``width``
     (None: unknown, taken as large): see :func:`resolve_dtype`."""
     name = cfg_or_name if isinstance(cfg_or_name, str) else cfg_or_name.dtype
+    dev = torch.device(device)
+    if name == "bf16" and dev.type == "cpu" and cpu_bf16_feature() is None:
+        return name, ("set in the config; emulated on this CPU (neither AMX-BF16 nor AVX512-BF16), up to about "
+                      "100x slower than fp32")
     if name != "auto":
         return name, "set in the config"
-    dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             return "bf16", "auto: a CUDA device that is not on this machine, taken as a current GPU"
@@ -332,7 +335,8 @@ def stored_dtype(path: str, *, trust_remote_code: bool = False) -> str | None:
 def warn_emulated_bf16(device: torch.device, dtype: str, compute_dtype: str | None) -> None:
     """A warning when a run set to bf16 (``model.dtype``, or a 4-bit base's ``compute_dtype``)
     trains on a CPU that would emulate it: with AVX2 alone a bf16 matmul runs about 100x slower
-    than fp32. auto never picks bf16 there; a preset's seed setup or an explicit setting can."""
+    than fp32. auto never picks bf16 there, nor does a preset's seed setup on this machine
+    (:func:`loralab.resolve.seed_dtype_here`); an explicit setting does, and so does a seed's on Ray."""
     if device.type != "cpu" or "bf16" not in (dtype, compute_dtype) or cpu_bf16_feature() is not None:
         return
     keys = " and ".join(k for k, v in (("model.dtype", dtype), ("quant.compute_dtype", compute_dtype)) if v == "bf16")

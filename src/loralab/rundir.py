@@ -116,7 +116,7 @@ class RunSummary:
     total_params: int
     device: str
     dtype: str  # the base's dtype (model.dtype resolved: "bf16" where auto found native bf16); adapters are fp32
-    dtype_reason: str  # why: "set in the config", or what auto found ("the CPU has AMX-BF16, ...")
+    dtype_reason: str  # why: "set in the config" (and whether this CPU emulates it), or what auto found
     compiled: bool  # decoder layers trained compiled (train.compile)
     compile_reason: str  # why, or why not ("auto: 40,960 tokens planned, compiled from 1,000,000 on cpu")
     compile_time_s: float  # this session's compile, probe step included; not part of train_time_s
