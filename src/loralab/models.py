@@ -154,13 +154,19 @@ def model_width(config) -> int | None:
     return None
 
 
+def emulates_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 matmuls on ``device`` would be emulated: a CPU with neither AMX-BF16 nor
+    AVX512-BF16 (AVX2 alone: about 100x slower than fp32)."""
+    return torch.device(device).type == "cpu" and cpu_bf16_feature() is None
+
+
 def dtype_choice(cfg_or_name: ModelConfig | str, device: torch.device | str, *,
                  width: int | None = None) -> tuple[str, str]:
     """(dtype name, why) for ``model.dtype`` on ``device``, for a model of hidden size ``width``
     (None: unknown, taken as large): see :func:`resolve_dtype`."""
     name = cfg_or_name if isinstance(cfg_or_name, str) else cfg_or_name.dtype
     dev = torch.device(device)
-    if name == "bf16" and dev.type == "cpu" and cpu_bf16_feature() is None:
+    if name == "bf16" and emulates_bf16(dev):
         return name, ("set in the config; emulated on this CPU (neither AMX-BF16 nor AVX512-BF16), up to about "
                       "100x slower than fp32")
     if name != "auto":
@@ -337,7 +343,7 @@ def warn_emulated_bf16(device: torch.device, dtype: str, compute_dtype: str | No
     trains on a CPU that would emulate it: with AVX2 alone a bf16 matmul runs about 100x slower
     than fp32. auto never picks bf16 there, nor does a preset's seed setup on this machine
     (:func:`loralab.resolve.seed_dtype_here`); an explicit setting does, and so does a seed's on Ray."""
-    if device.type != "cpu" or "bf16" not in (dtype, compute_dtype) or cpu_bf16_feature() is not None:
+    if "bf16" not in (dtype, compute_dtype) or not emulates_bf16(device):
         return
     keys = " and ".join(k for k, v in (("model.dtype", dtype), ("quant.compute_dtype", compute_dtype)) if v == "bf16")
     log.warning("%s bf16 on a CPU with neither AMX-BF16 nor AVX512-BF16: its bf16 matmuls are emulated, "

@@ -83,11 +83,9 @@ def seed_dtype_here(cfg: Config, notes: dict[str, str]) -> tuple[Config, dict[st
     bf16 (neither AMX-BF16 nor AVX512-BF16: its bf16 matmuls run about 100x slower than fp32):
     fp32 instead, with why in ``notes`` (a study's report lists it as a difference from the
     seed). The seeds trained on GPUs, where bf16 is native; a value set by the user is kept."""
-    if cfg.model.dtype != "bf16" or _device(cfg) != "cpu":
-        return cfg, notes
-    from loralab.models import cpu_bf16_feature
+    from loralab.models import emulates_bf16
 
-    if cpu_bf16_feature() is not None:
+    if cfg.model.dtype != "bf16" or not emulates_bf16(_device(cfg)):
         return cfg, notes
     model = dataclasses.replace(cfg.model, dtype="fp32")
     why = ("auto: this CPU has neither AMX-BF16 nor AVX512-BF16, so the seed's bf16 would be emulated, about "
