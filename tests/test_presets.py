@@ -172,7 +172,7 @@ def test_deviations_name_exactly_the_settings_that_differ(user_model, user_data)
 
 
 EMULATED = ("model.dtype fp32 instead of the seed's bf16 (auto: this CPU has neither AMX-BF16 nor AVX512-BF16, so "
-            "the seed's bf16 would be emulated, about 100x slower than fp32; --set model.dtype=bf16 keeps it)")
+            "bf16 matmuls are emulated, about 100x slower than fp32; --set model.dtype=bf16 keeps the seed's bf16)")
 
 
 def test_the_seeds_bf16_trains_in_fp32_on_a_cpu_that_would_emulate_it(user_model, user_data, tmp_path, monkeypatch):

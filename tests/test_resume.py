@@ -202,12 +202,12 @@ def test_bf16_pause_and_resume_equals_the_uninterrupted_bf16_run(model_dir, tmp_
         summary = train(run_cfg(model_dir, whole, model__dtype="bf16"))
     assert summary["dtype"] == "bf16"
     assert summary["dtype_reason"] == ("set in the config" if cpu_bf16_feature() else
-                                       "set in the config; emulated on this CPU (neither AMX-BF16 nor AVX512-BF16), "
-                                       "up to about 100x slower than fp32")
+                                       "set in the config; this CPU has neither AMX-BF16 nor AVX512-BF16, so bf16 "
+                                       "matmuls are emulated, about 100x slower than fp32")
     warned = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
     assert warned == ([] if cpu_bf16_feature() else [
-        "model.dtype bf16 on a CPU with neither AMX-BF16 nor AVX512-BF16: its bf16 matmuls are emulated, up to "
-        "about 100x slower than fp32; auto (or fp32) trains in fp32 here"])
+        "model.dtype bf16 on a CPU with neither AMX-BF16 nor AVX512-BF16, so bf16 matmuls are emulated, about 100x "
+        "slower than fp32; auto (or fp32) trains in fp32 here"])
     out = tmp_path / "paused"
     assert train(run_cfg(model_dir, out, model__dtype="bf16", train__stop_at_step=5))["status"] == "paused"
     assert main(["train", "--resume", str(out), "--set", "train.stop_at_step=null"]) == 0

@@ -154,6 +154,10 @@ def model_width(config) -> int | None:
     return None
 
 
+# What a run's reason, its warning and a preset's plan say of a CPU that would emulate bf16.
+EMULATED_BF16 = "neither AMX-BF16 nor AVX512-BF16, so bf16 matmuls are emulated, about 100x slower than fp32"
+
+
 def emulates_bf16(device: torch.device | str) -> bool:
     """Whether bf16 matmuls on ``device`` would be emulated: a CPU with neither AMX-BF16 nor
     AVX512-BF16 (AVX2 alone: about 100x slower than fp32)."""
@@ -167,8 +171,7 @@ def dtype_choice(cfg_or_name: ModelConfig | str, device: torch.device | str, *,
     name = cfg_or_name if isinstance(cfg_or_name, str) else cfg_or_name.dtype
     dev = torch.device(device)
     if name == "bf16" and emulates_bf16(dev):
-        return name, ("set in the config; emulated on this CPU (neither AMX-BF16 nor AVX512-BF16), up to about "
-                      "100x slower than fp32")
+        return name, f"set in the config; this CPU has {EMULATED_BF16}"
     if name != "auto":
         return name, "set in the config"
     if dev.type == "cuda":
@@ -184,7 +187,7 @@ def dtype_choice(cfg_or_name: ModelConfig | str, device: torch.device | str, *,
                         "trains faster: bf16's conversions outweigh its small matmuls")
     if feature is not None:
         return "bf16", f"auto: the CPU has {feature}, so bf16 matmuls run natively, several times faster than fp32"
-    return "fp32", "auto: the CPU has neither AMX-BF16 nor AVX512-BF16, so bf16 would be emulated and slower"
+    return "fp32", f"auto: the CPU has {EMULATED_BF16}"
 
 
 def resolve_dtype(cfg_or_name: ModelConfig | str, device: torch.device | str, *, width: int | None = None) -> str:
@@ -346,8 +349,7 @@ def warn_emulated_bf16(device: torch.device, dtype: str, compute_dtype: str | No
     if "bf16" not in (dtype, compute_dtype) or not emulates_bf16(device):
         return
     keys = " and ".join(k for k, v in (("model.dtype", dtype), ("quant.compute_dtype", compute_dtype)) if v == "bf16")
-    log.warning("%s bf16 on a CPU with neither AMX-BF16 nor AVX512-BF16: its bf16 matmuls are emulated, "
-                "up to about 100x slower than fp32; auto (or fp32) trains in fp32 here", keys)
+    log.warning("%s bf16 on a CPU with %s; auto (or fp32) trains in fp32 here", keys, EMULATED_BF16)
 
 
 def load_base(model: ModelConfig, quant: QuantConfig, *, progress: bool = False, tokenizer=None):

@@ -83,13 +83,12 @@ def seed_dtype_here(cfg: Config, notes: dict[str, str]) -> tuple[Config, dict[st
     bf16 (neither AMX-BF16 nor AVX512-BF16: its bf16 matmuls run about 100x slower than fp32):
     fp32 instead, with why in ``notes`` (a study's report lists it as a difference from the
     seed). The seeds trained on GPUs, where bf16 is native; a value set by the user is kept."""
-    from loralab.models import emulates_bf16
+    from loralab.models import EMULATED_BF16, emulates_bf16
 
     if cfg.model.dtype != "bf16" or not emulates_bf16(_device(cfg)):
         return cfg, notes
     model = dataclasses.replace(cfg.model, dtype="fp32")
-    why = ("auto: this CPU has neither AMX-BF16 nor AVX512-BF16, so the seed's bf16 would be emulated, about "
-           "100x slower than fp32; --set model.dtype=bf16 keeps it")
+    why = f"auto: this CPU has {EMULATED_BF16}; --set model.dtype=bf16 keeps the seed's bf16"
     return dataclasses.replace(cfg, model=model), {**notes, "model.dtype": why}
 
 
