@@ -222,7 +222,8 @@ def run_checked(args: argparse.Namespace, options: StudyOptions, starter: WarmSt
               + "".join(f"\n{line}" for line in steps.invalid_lines() + steps.lines())
               + (f"\nWARNING: {warning}" if warning else "")
               + skipped + (f"\n{checks.text()}" if checks.cannot_run else ""))
-        return 2 if checks.cannot_run else 0
+        # the exit code the run would end with: 2 refused (nothing starts), 1 some runs would end invalid
+        return 2 if checks.cannot_run else 1 if steps.invalid else 0
     if checks.cannot_run:
         raise ConfigError(f"{checks.text()}\nnothing was started; fix these (loralab study run ... --dry-run "
                           "checks again without running)")
