@@ -35,12 +35,16 @@ def h64_base(model: Path) -> dict:
 def test_an_invalid_rank_is_recorded_alone_before_grouping(tiny_model_dir, tmp_path, capsys):
     model = tiny_model_dir("llama_h64")
     path = studytools.write_study(tmp_path, "ranks", base=h64_base(model), axes={"lora.r": [4, 8, 128]})
-    assert main(["study", "run", str(path), "--out", str(tmp_path / "runs"), "--dry-run"]) == 0
+    # the dry run exits as the run will: 1, a run would end invalid while the others train
+    assert main(["study", "run", str(path), "--out", str(tmp_path / "runs"), "--dry-run"]) == 1
     dry = capsys.readouterr().out
     assert f"r128: invalid here, will not train: {RANK_MESSAGE}" in dry
     assert "the study: 2 runs to train" in dry
     # exit 1: a run of the study ended invalid (0 only when every run completed)
     assert main(["study", "run", str(path), "--out", str(tmp_path / "runs"), "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    # two trained; the invalid run is this invocation's outcome, not one done before
+    assert (result["planned"], result["ran"], result["already_done"]) == (2, 2, 0)
     rows = rows_of(tmp_path / "runs" / "ranks" / "study.db")
     assert {n: r["status"] for n, r in rows.items()} == {"r4": "completed", "r8": "completed", "r128": "invalid"}
     assert rows["r128"]["error"].startswith(RANK_MESSAGE)

@@ -113,9 +113,10 @@ def run_study(study: Study, *, root: Path, options: StudyOptions | None = None, 
         if opts.retry_failed:
             store.reset([r["id"] for r in store.runs(
                 sid, (Status.FAILED, Status.DIVERGED, Status.OUT_OF_MEMORY, Status.INVALID))])
+        # ended in an earlier invocation (this one's planning may record runs invalid or skipped)
+        done_before = sum(n for s, n in store.counts(sid).items() if s not in (*TO_RUN, Status.PAUSED))
         tasks = plan_tasks(store, sid, root, max_memory=opts.max_memory, paused=opts.halving is not None,
                            nproc=opts.gpus_per_run)
-        done_before = sum(n for s, n in store.counts(sid).items() if s not in TO_RUN)
         with progress(len(tasks), desc=f"study {study.name}", unit="run", enabled=opts.progress) as bar:
             scheduler, budget = _scheduler(store, opts, on_gpu=any(t.on_gpu for t in tasks), t0=t0, bar=bar,
                                            starter=starter, widest=max((t.nproc for t in tasks), default=1))
@@ -128,8 +129,10 @@ def run_study(study: Study, *, root: Path, options: StudyOptions | None = None, 
             else:
                 run_all(scheduler, units)
         counts = store.counts(sid)
+        left = {r["id"] for r in store.runs(sid, TO_RUN)}  # planned but never started (--budget)
     return {"study": study.name, "database": str(db_path), "root": str(root), "runs": len(study.runs),
-            "ran": len(tasks), "already_done": done_before, "recovered": recovered, "counts": counts,
+            "planned": len(tasks), "ran": sum(t.run_id not in left for t in tasks), "already_done": done_before,
+            "recovered": recovered, "counts": counts,
             "wall_time_s": time.perf_counter() - t0,
             "budget_spent": opts.budget_s is not None and any(s in counts for s in TO_RUN)}
 
