@@ -248,6 +248,13 @@ def test_set_errors_name_the_flag_not_the_file(capsys, tiny_model_dir, tmp_path)
     assert "  - --set train.lr=-1: train.lr must be > 0 (got -1.0)" in err
     code, _, err = run_cli(capsys, "estimate", "--model", "tiny", "--set", "lora.lora_alpha=32")
     assert code == 2 and "--set lora.lora_alpha=32: unknown key lora.lora_alpha (did you mean lora.alpha?)" in err
+    # so are the checks of keys taken together: a valid file, and a flag that breaks a rule
+    config.write_text("lora:\n  r: 8\ntrain:\n  batch_size: 8\n  micro_batch_size: 8\n", encoding="utf-8")
+    for flag, said in (("quant.block_size=128", "quant.block_size must be 64 (got 128)"),
+                       ("train.micro_batch_size=3",
+                        "train.batch_size (8) must be divisible by train.micro_batch_size (3)")):
+        code, _, err = run_cli(capsys, "train", str(config), "--set", flag, "--out", str(out))
+        assert code == 2 and f"loralab train: error: --set {flag}: {said}" in err and str(config) not in err
 
 
 # ----------------------------------------------------------------------------- 7. data before the model

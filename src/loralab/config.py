@@ -402,33 +402,38 @@ def device_problem(device: str, key: str = "model.device") -> str | None:
     return f"{key} must be auto, cpu, cuda or cuda:N (a GPU's index, e.g. cuda:1) (got {device!r})"
 
 
-def _cross_checks(cfg: Config, errors: list[str]) -> None:
+def _cross_checks(cfg: Config, errors: list[str], origins: dict[str, str]) -> None:
+    """Problems of keys taken together, each blamed on the ``--set`` flags that gave its keys."""
+
+    def problem(keys: tuple[str, ...], text: str) -> None:
+        flags = [origins[k] for k in keys if k in origins]
+        errors.append(f"{', '.join(flags)}: {text}" if flags else text)
+
     device = device_problem(cfg.model.device)
     if device:
-        errors.append(device)
+        problem(("model.device",), device)
     t = cfg.train
     if t.micro_batch_size != "auto" and t.batch_size % t.micro_batch_size:
-        errors.append(
-            f"train.batch_size ({t.batch_size}) must be divisible by train.micro_batch_size "
-            f"({t.micro_batch_size}); the quotient is the gradient accumulation"
-        )
+        problem(("train.batch_size", "train.micro_batch_size"),
+                f"train.batch_size ({t.batch_size}) must be divisible by train.micro_batch_size "
+                f"({t.micro_batch_size}); the quotient is the gradient accumulation")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
-        errors.append(f"train.betas must be two numbers in [0, 1) (got {t.betas})")
+        problem(("train.betas",), f"train.betas must be two numbers in [0, 1) (got {t.betas})")
     if not cfg.lora.targets:
-        errors.append("lora.targets must name at least one role or module (for example [query, value])")
+        problem(("lora.targets",), "lora.targets must name at least one role or module (for example [query, value])")
     if cfg.quant.block_size != 64:
-        errors.append(f"quant.block_size must be 64 (got {cfg.quant.block_size}): bitsandbytes 4-bit as loaded by "
-                      f"transformers uses 64-weight blocks")
+        problem(("quant.block_size",), f"quant.block_size must be 64 (got {cfg.quant.block_size}): bitsandbytes "
+                                       "4-bit as loaded by transformers uses 64-weight blocks")
     d = cfg.data
     if d.max_response_chars is not None and d.max_response_chars < d.min_response_chars:
-        errors.append(
-            f"data.max_response_chars ({d.max_response_chars}) is below data.min_response_chars "
-            f"({d.min_response_chars})"
-        )
+        problem(("data.max_response_chars", "data.min_response_chars"),
+                f"data.max_response_chars ({d.max_response_chars}) is below data.min_response_chars "
+                f"({d.min_response_chars})")
     unknown = sorted(set(d.columns) - set(DATA_FIELDS))
     if unknown:
-        errors.append(f"data.columns: unknown field {', '.join(unknown)} (known: {', '.join(DATA_FIELDS)}); "
-                      "map loralab's field to your column, e.g. {instruction: question}")
+        problem(("data.columns",), f"data.columns: unknown field {', '.join(unknown)} (known: "
+                                   f"{', '.join(DATA_FIELDS)}); map loralab's field to your column, e.g. "
+                                   "{instruction: question}")
 
 
 def config_from_dict(raw: Any, *, source: str = "config", origins: dict[str, str] | None = None) -> Config:
@@ -454,7 +459,7 @@ def config_from_dict(raw: Any, *, source: str = "config", origins: dict[str, str
         sections[name] = _build_section(name, cls, raw.get(name), errors, origins)
     cfg = Config(**sections)
     if not errors:
-        _cross_checks(cfg, errors)
+        _cross_checks(cfg, errors, origins)
     flagged = [e for e in errors if e.startswith("--set ")]
     if errors and len(flagged) == len(errors) == 1:
         raise ConfigError(errors[0])  # --set lora.rank=4: unknown key lora.rank (did you mean lora.r?); ...
