@@ -169,6 +169,10 @@ def test_counts_match_peft(tmp_path, arch, r, rslora, dora):
     assert est.trainable_params == peft_trainable
     assert est.total_params == peft_all == est.base_params + est.trainable_params  # as a run's summary counts
     assert est.lora_modules == len(t.modules)
+    # every size these configs leave out has a meaning of its own (GPT-2's n_inner None: 4 x n_embd)
+    assert not any(note.startswith("guessed") for note in est.approximate)
+    assert describe_model(path).intermediate == (4 * 48 if arch == "gpt2_conv1d" else config.to_dict().get(
+        "intermediate_size", config.to_dict().get("ffn_dim")))
 
 
 def test_rslora_adds_nothing_and_dora_adds_out_features():

@@ -188,7 +188,9 @@ def _dims(cfg: Any) -> tuple[dict[str, int], list[str]]:
     dims = {
         "hidden": h,
         "layers": pick(("num_hidden_layers", "n_layer", "num_layers"), 1, "layers"),
-        "intermediate": pick(("intermediate_size", "n_inner", "ffn_dim"), 4 * h, "intermediate size"),
+        # n_inner None (GPT-2 and its kind) means 4 x the hidden size: the config's own default, not a guess
+        "intermediate": (4 * h if getattr(cfg, "n_inner", 0) is None else
+                         pick(("intermediate_size", "n_inner", "ffn_dim"), 4 * h, "intermediate size")),
         "q_dim": heads * head_dim,
         "kv_dim": kv * head_dim,
         "vocab": pick(("vocab_size",), 0, "vocab size"),
