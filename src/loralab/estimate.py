@@ -33,6 +33,8 @@ Formulas (bytes; b = micro batch, s = sequence length, e = activation dtype byte
   activation gradients (2h + 2f) x e per token, and for 4-bit one dequantized weight.
 * framework: CUDA: 0.5 GiB context; CPU: baseline RSS of a process that imported torch,
   transformers, peft and a model's code (440 MiB measured).
+* data_library: CPU, data read with the datasets library (parquet, arrow, CSV, saved datasets,
+  the hub): the library, pyarrow and the table (90 MiB measured).
 * allocator_slack: CUDA: 10% of the rest (caching allocator, not validated here); CPU:
   glibc keeps freed activation memory in its heaps, ~90% of activations + transient.
 
@@ -55,12 +57,17 @@ from pathlib import Path
 from typing import Any
 
 from loralab.config import Config
+from loralab.data.sources import read_with_datasets
 from loralab.errors import ConfigError, ModelError
 
 GIB = 1024**3
 # RSS of a fresh python after importing torch+transformers+peft (425 MiB measured) and
 # loading a model's code (+~15 MiB); weights are counted separately.
 CPU_BASELINE_RSS = 440 * 1024**2
+# What reading data with the datasets library (parquet, arrow, CSV, saved datasets, the hub) adds to
+# a CPU process: the library, pyarrow and the loaded table, 92 MiB measured (VmHWM after
+# importing torch, transformers and peft, then after loralab's reader of 200 records).
+CPU_DATASETS_RSS = 90 * 1024**2
 CPU_HEAP_RETENTION = 0.9  # see allocator_slack_bytes
 # A fused group (loralab.train.fused) on the CPU: glibc keeps one micro step's churn in its heaps
 # (one run's allocator_slack), and each further run's stacked activations add about 40% of
@@ -69,7 +76,7 @@ CPU_GROUP_HEAP_RETENTION = 0.4
 # Parts a fused group holds once, whatever its size: the frozen base, the dequantization buffer
 # of a 4-bit base, the framework's own memory. Each run adds its adapter, gradients, optimizer
 # state and the activations of its copy of the micro batch (all K copies are stacked in one forward).
-GROUP_SHARED_PARTS = ("base_weights", "dequant_buffer", "framework")
+GROUP_SHARED_PARTS = ("base_weights", "dequant_buffer", "framework", "data_library")
 CUDA_CONTEXT = GIB // 2  # CUDA context + kernels; not seen by torch's allocator statistics
 ALLOCATOR_SLACK = 0.10  # CUDA caching allocator headroom (not validated here: no GPU)
 QUANT_TIME_FACTOR = 1.5  # seeds: nf4 QLoRA took 1.50x (fp4 1.40x) the time of bf16 LoRA
@@ -414,6 +421,9 @@ def _memory(shape: ModelShape, cfg: Config, modules: list[str], *, micro: int, g
         parts["dequant_buffer"] = dequant_buffer_bytes(shape, DTYPE_BYTES[q.compute_dtype_for(cfg.model.dtype)])
     parts["allocator_slack"] = allocator_slack_bytes(parts, device)
     parts["framework"] = CPU_BASELINE_RSS if device == "cpu" else CUDA_CONTEXT
+    if device == "cpu" and any(read_with_datasets(p) for p in (cfg.data.path, cfg.data.val_path)
+                               if p and not p.startswith("builtin:")):
+        parts["data_library"] = CPU_DATASETS_RSS
     parts["total"] = sum(parts.values())
     return parts
 

@@ -21,6 +21,12 @@ DATASETS_READERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 HF_PREFIX = "hf:"
 
 
+def read_with_datasets(path: str) -> bool:
+    """Whether a data.path / data.val_path is read with the ``datasets`` library (parquet, arrow,
+    CSV, a saved dataset directory, the hub) rather than loralab's own JSON reader."""
+    return path.startswith(HF_PREFIX) or Path(path).is_dir() or Path(path).suffix.lower() in DATASETS_READERS
+
+
 def load_rows(path: str) -> list[tuple[str, dict]]:
     """(where, record) pairs of a data.path / data.val_path (not builtin:)."""
     if path.startswith(HF_PREFIX):
