@@ -366,3 +366,35 @@ def test_fused_rerun_into_the_same_directories_starts_clean(tmp_path):
     train_fused(cfgs())
     assert [metrics(tmp_path / f"r{i}") for i in range(2)] == first  # replaced, not appended to
     assert not (tmp_path / "r0" / "checkpoints").exists()
+
+
+def test_the_bases_own_dropout_is_named_where_it_makes_a_group_differ(tiny_model_dir, tmp_path, caplog):
+    """GPT-2's config turns its own dropout on (p 0.1), and it trains on, as the Trainer trains it:
+    its masks come from the process's stream, so a fused run differs from its solo run, and the
+    group says so. With the base's dropout off the same runs equal their solo runs."""
+    import logging
+
+    from transformers import AutoConfig
+
+    kw = dict(lora__dropout=0.0, train__max_steps=2, data__limit=16, data__val_max_examples=4,
+              lora__targets="query,key,value")
+    on = tiny_model_dir("gpt2")
+    off = tmp_path / "gpt2_no_dropout"
+    shutil.copytree(on, off)
+    config = AutoConfig.from_pretrained(off)
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    config.save_pretrained(off)
+    for model, tag in ((on, "on"), (off, "off")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="loralab.train.setup"):
+            train_fused([make_cfg(model, tmp_path / f"{tag}f{r}", lora__r=r, **kw) for r in (2, 4)])
+        noted = [r.getMessage() for r in caplog.records if "own dropout" in r.getMessage()]
+        train(make_cfg(model, tmp_path / f"{tag}s2", lora__r=2, **kw))
+        fused, solo = curve(tmp_path / f"{tag}f2", "train_loss"), curve(tmp_path / f"{tag}s2", "train_loss")
+        if tag == "on":
+            assert len(noted) == 1 and "transformer.h.N.attn.resid_dropout p 0.1" in noted[0]
+            assert "fused with 1 other run(s)" in noted[0]
+            assert fused != pytest.approx(solo, rel=1e-4)  # what the note says: other masks, other numbers
+        else:
+            assert noted == []
+            assert fused == pytest.approx(solo, rel=1e-4)

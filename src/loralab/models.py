@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -339,6 +340,22 @@ def stored_dtype(path: str, *, trust_remote_code: bool = False) -> str | None:
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
     return names.get(stored)
+
+
+def base_dropout(model) -> dict[str, float]:
+    """The base model's own dropout that is on in training: {what: p} for its ``nn.Dropout``
+    modules of p > 0 (LoRA's own left out), by module name with layer numbers taken out, and the
+    config's rates that models apply as a function (OPT's ``dropout``, ``attention_dropout``, ...)."""
+    found: dict[str, float] = {}
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Dropout and module.p > 0 and "lora_dropout" not in name:
+            found[re.sub(r"\.\d+\.", ".N.", name)] = module.p
+    config = getattr(model, "config", None)
+    for key in ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout"):
+        p = getattr(config, key, None)
+        if isinstance(p, float) and p > 0:
+            found[f"config.{key}"] = p
+    return found
 
 
 def warn_emulated_bf16(device: torch.device, dtype: str, compute_dtype: str | None) -> None:

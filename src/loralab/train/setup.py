@@ -12,6 +12,7 @@ from loralab.config import Config
 from loralab.data.dataset import Splits
 from loralab.errors import ConfigError
 from loralab.models import (
+    base_dropout,
     check_optimizer_device,
     load_base,
     load_tokenizer,
@@ -53,6 +54,8 @@ def load_group(cfgs: list[Config], kind: type[GroupAdapters], *, progress: bool 
     model_config = read_config(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     splits, tasks = load_data_and_tasks(cfg, model_config, tokenizer)
     base, tokenizer = load_base(cfg.model, cfg.quant, progress=progress, tokenizer=tokenizer)
+    if len(cfgs) > 1 or distributed.world_size() > 1:
+        note_base_dropout(base, runs=len(cfgs), processes=distributed.world_size())
     attention = packed_attention(cfg, base)  # a property of the base, checked before the adapters go in
     # Adapters are seeded per run: a group resumed with fewer runs still rebuilds the same ones.
     adapters = kind.attach(base, cfgs)
@@ -64,6 +67,21 @@ def load_group(cfgs: list[Config], kind: type[GroupAdapters], *, progress: bool 
     log.debug("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}",
               100 * trainable / total)
     return Setup(adapters, tokenizer, splits, tasks, device, attention, needs_grad_scaler(base, cfg.train.autocast))
+
+
+def note_base_dropout(base, *, runs: int, processes: int) -> None:
+    """Say so when the base's own dropout (GPT-2's and OPT's configs turn it on) trains in a fused
+    group or on several processes: its masks come from the process's random stream, so such a run
+    equals its solo, one-process run in distribution, not number for number (LoRA's own masks are
+    drawn per run, loralab.train.group)."""
+    found = base_dropout(base)
+    if not found:
+        return
+    where = f"fused with {runs - 1} other run(s)" if runs > 1 else f"on {processes} processes"
+    said = ", ".join(f"{name} p {p:g}" for name, p in list(found.items())[:4]) + (", ..." if len(found) > 4 else "")
+    log.warning("note: the base model's own dropout is on in training (%s), as transformers' Trainer trains it; "
+                "its masks come from the process's random stream, so this run %s equals its solo, one-process "
+                "run in distribution, not number for number (LoRA's own dropout is drawn per run)", said, where)
 
 
 def needs_grad_scaler(model, autocast: str) -> bool:
