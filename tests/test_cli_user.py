@@ -450,3 +450,40 @@ def test_estimate_uses_this_machines_device_and_counts_as_train(capsys, tiny_mod
     # an explicit device still estimates for it (a GPU run planned on a laptop)
     code, stdout, _ = run_cli(capsys, "estimate", str(config), "--device", "cuda", "--json")
     assert json.loads(stdout)["settings"]["device"] == "cuda"
+
+
+# ----------------------------------------------------------------------------- an earlier run is kept
+
+
+def test_a_new_run_never_replaces_an_earlier_runs_adapter_or_checkpoints(capsys, tiny_model_dir, tmp_path):
+    """`loralab train --out DIR` where DIR holds a run: refused, exit 2, every file as it was,
+    whether the new invocation's input is bad or good; --overwrite replaces it."""
+    model = tiny_model_dir("qwen2")
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24, seed=3))
+    out = tmp_path / "run"
+    assert run_cli(capsys, *train_args(model, data, out))[0] == 0
+
+    def files() -> dict[str, bytes]:
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    kept = files()
+    assert "adapter/adapter_model.safetensors" in kept
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(data.read_text(encoding="utf-8") + "{not json\n", encoding="utf-8")
+    for argv in (train_args(model, bad, out), train_args(model, data, out, "--set", "lora.r=4"),
+                 train_args(model, data, out, "--set", "lora.rank=4")):  # bad data, a good run, a bad key
+        code, stdout, err = run_cli(capsys, *argv)
+        assert code == 2 and stdout == "", err
+        assert files() == kept, argv
+    assert f"{out} holds an earlier run (completed; adapter/)" in err or "unknown key lora.rank" in err
+    code, _, err = run_cli(capsys, *train_args(model, data, out, "--set", "lora.r=4"))
+    assert "nothing was changed" in err and f"loralab train --resume {out}" in err and "--overwrite" in err
+    # a paused run's checkpoints are kept the same way
+    paused = tmp_path / "paused"
+    assert run_cli(capsys, *train_args(model, data, paused, "--set", "train.checkpoint_every=1",
+                                       "--set", "train.stop_at_step=1"))[0] == 0
+    code, _, err = run_cli(capsys, *train_args(model, data, paused))
+    assert code == 2 and f"{paused} holds an earlier run (paused; " in err and "checkpoints/)" in err
+    # --overwrite: the new run replaces the old one
+    assert run_cli(capsys, *train_args(model, data, out, "--set", "lora.r=4", "--overwrite"))[0] == 0
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4

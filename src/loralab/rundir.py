@@ -290,6 +290,12 @@ def trim_metrics(path: Path, last_step: int) -> None:
     write_atomic(path, "".join(kept))
 
 
+def earlier_results(run: RunDir) -> list[str]:
+    """What an earlier run left in ``run`` that a fresh run would replace: its adapter and its
+    checkpoints (what a user keeps or resumes), where they hold files."""
+    return [f"{p.name}/" for p in (run.adapter, run.checkpoints) if p.is_dir() and any(p.iterdir())]
+
+
 def clear_run_outputs(run: RunDir) -> None:
     """What an earlier run left that a fresh run must not inherit: checkpoints (never to be
     resumed), metric lines (never to be appended to) and the adapter (never to stand for this

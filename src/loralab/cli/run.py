@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from loralab.cli.output import emit_json, table
 from loralab.errors import ModelError
-from loralab.rundir import CONFIG, RunDir, Status, atomic_dir, write_atomic
+from loralab.rundir import CONFIG, RunDir, Status, atomic_dir, earlier_results, run_dir_of, write_atomic
 
 if TYPE_CHECKING:
     from loralab.config import ModelConfig, QuantConfig
@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--set train.stop_at_step=null, or pause later with --set train.stop_at_step=N")
     _run_args(p)
     add_force_arg(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run directory that holds an earlier run's adapter or checkpoints, "
+                        "replacing them (without it such a directory is refused and left as it is)")
     p.add_argument("--nproc", type=nproc_arg, metavar="N",
                    help="train the run on N processes of this machine (torch's launcher, as torchrun; "
                         "distributed.strategy ddp; one GPU each on CUDA; default the config's distributed.nproc, "
@@ -215,8 +218,8 @@ def _checked_config(args: argparse.Namespace):
     try:
         return load_config(args.config, list(args.overrides) + out)
     except ConfigError as exc:
-        if out:
-            run = RunDir(out[0].split("=", 1)[1])
+        run = RunDir(out[0].split("=", 1)[1]) if out else None
+        if run is not None and not earlier_results(run):  # an earlier run's summary stays as it is
             run.root.mkdir(parents=True, exist_ok=True)
             write_atomic(run.summary, {"status": Status.INVALID, "error": str(exc), "run_dir": str(run.root)})
         raise
@@ -241,6 +244,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_adapter_base(run.root, cfg.model.path, force=args.force, trust_remote_code=cfg.model.trust_remote_code)
     else:
         cfg = _checked_config(args)
+        if not distributed.launched():  # a rank's launcher checked it
+            check_fresh_run_dir(RunDir(run_dir_of(cfg)), overwrite=args.overwrite)
     if args.address and args.executor != "ray":
         from loralab.errors import ConfigError
 
@@ -267,6 +272,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                 return 0  # rank 0 answers for the run
     emit_json(summary) if args.json else _print_summary(summary)
     return 0
+
+
+def check_fresh_run_dir(run: RunDir, *, overwrite: bool) -> None:
+    """Refuse (ConfigError, exit 2, nothing touched) a fresh run in a directory that holds an
+    earlier run's adapter or checkpoints, unless ``overwrite``."""
+    from loralab.errors import ConfigError
+
+    found = earlier_results(run)
+    if not found or overwrite:
+        return
+    status = (run.read_summary() or {}).get("status")
+    raise ConfigError(f"{run.root} holds an earlier run ({status or 'no summary'}; {', '.join(found)}), which a new "
+                      f"run there would replace; nothing was changed. Continue it with `loralab train --resume "
+                      f"{run.root}`, choose another --out, or pass --overwrite to replace it")
 
 
 def check_not_paused_again(run: RunDir, cfg) -> None:
