@@ -343,3 +343,22 @@ def test_checkpoint_keeps_nan_scores(tmp_path):
     back = load_checkpoint(ckpt, params=params, opt=opt, sched=sched)
     assert back.step == 2 and math.isnan(back.eval_loss)
     assert back.task_history["t/mc1"][0] == 0.5 and math.isnan(back.task_history["t/mc1"][1])
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_the_run_interrupted_with_how_to_continue(reference, model_dir, tmp_path):
+    """SIGINT (Ctrl-C) mid-run: exit 130, summary.json says interrupted and how to continue (it
+    said running, as after a kill), and --resume ends where the uninterrupted run ends."""
+    out = tmp_path / "ctrl-c"
+    write_run_dir(model_dir, out, train__checkpoint_every=2, train__keep_last=2)
+    child = start_child(out)
+    assert wait_for(lambda: line_count(out) >= 3, child), child.stderr.read().decode()[-2000:]
+    child.send_signal(signal.SIGINT)
+    assert child.wait(timeout=60) == 130
+    err = child.stderr.read().decode()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert summary["error"] == f"interrupted (SIGINT); continue it with: loralab train --resume {out}"
+    assert f"{out}: interrupted; continue it with: loralab train --resume {out}" in err
+    train(run_cfg(model_dir, out, train__checkpoint_every=2, train__keep_last=2), resume=True)
+    assert_bit_identical(out, reference)

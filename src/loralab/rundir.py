@@ -61,7 +61,8 @@ def checkpoint_step_of(path: Path) -> int:
 class Status(str, Enum):
     """Why a run ended (or that it has not): the strings summary.json, the study store and the
     report read. A ``str`` Enum, so ``Status.COMPLETED == "completed"`` and JSON writes the string.
-    PENDING, INTERRUPTED and SKIPPED are the study driver's words (study.db), never a run's own."""
+    PENDING and SKIPPED are the study driver's words (study.db), never a run's own; INTERRUPTED is
+    both (a run stopped by SIGINT or a killed rank, or one a stopped driver left running)."""
 
     PENDING = "pending"  # in a study, not started yet
     RUNNING = "running"

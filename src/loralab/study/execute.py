@@ -124,10 +124,17 @@ def run_study(study: Study, *, root: Path, options: StudyOptions | None = None, 
                                halving=opts.halving is not None)
             log.info("study %s: %d runs, %d to run as %d unit(s), %d worker(s), backend %s", study.name,
                      len(study.runs), len(tasks), len(units), scheduler.workers, opts.executor)
-            if opts.halving is not None:
-                run_halving(scheduler, units, halving=opts.halving, metric=study.metric, goal=study.goal)
-            else:
-                run_all(scheduler, units)
+            try:
+                if opts.halving is not None:
+                    run_halving(scheduler, units, halving=opts.halving, metric=study.metric, goal=study.goal)
+                else:
+                    run_all(scheduler, units)
+            except KeyboardInterrupt:  # the driver's Ctrl-C: what was running goes on next time
+                for row in store.runs(sid, (Status.RUNNING,)):
+                    store.finish(row["id"], status=Status.INTERRUPTED,
+                                 error="the study was interrupted (SIGINT) while this run was running; run the "
+                                       "study again to continue it")
+                raise
         counts = store.counts(sid)
         left = {r["id"] for r in store.runs(sid, TO_RUN)}  # planned but never started (--budget)
     return {"study": study.name, "database": str(db_path), "root": str(root), "runs": len(study.runs),

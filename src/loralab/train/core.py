@@ -138,6 +138,14 @@ def run_group(cfgs: list[Config], run_dirs: list[Path], kind: type[GroupAdapters
                 end_alone(r, Status.INVALID, str(setup.adapters.rejected[r.index]))
         shared = fit([r for r in runs if r.status is Status.RUNNING], setup, resume=resume,
                      show_progress=show_progress, prune=prune, clock=clock)
+    except KeyboardInterrupt:  # Ctrl-C or SIGINT: a run that can go on, not a failure
+        for r in runs:
+            if r.summary.get("status") == Status.RUNNING:
+                r.record(status=Status.INTERRUPTED,
+                         error=f"interrupted (SIGINT); continue it with: loralab train --resume {r.dir.root}")
+                log.warning("%s: interrupted; continue it with: loralab train --resume %s", r.dir.root, r.dir.root)
+        finish_tracking(runs)
+        raise
     except Exception as exc:
         replacement = record_failure(runs, exc, started=setup is not None)
         finish_tracking(runs)
