@@ -237,6 +237,10 @@ def test_template_that_breaks_the_prefix_property_names_the_record(tmp_path):
     ({"messages": [{"role": "user", "content": 3}]},
      "messages[0] must be an object with string fields role and content"),
     ({"conversations": [{"from": "robot", "value": "x"}]}, "conversations[0].from is 'robot'"),
+    ({"messages": [{"role": "usr", "content": "hi"}, {"role": "assistant", "content": "yes"}]},
+     "messages[0].role is 'usr'; known: system, user, assistant, tool"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "Assistant", "content": "yes"}]},
+     "messages[1].role is 'Assistant' (did you mean 'assistant'?)"),
     ({"messages": []}, "non-empty list"),
 ])
 def test_bad_chat_records_are_named(tmp_path, record, needle):

@@ -29,6 +29,9 @@ from loralab.errors import DataError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "model": "assistant"}
+# The roles of the messages layout that chat templates render (OpenAI's and transformers' names);
+# the loss is on the assistant's turns only.
+MESSAGE_ROLES = ("system", "user", "assistant", "tool", "developer", "function", "ipython")
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
@@ -55,6 +58,9 @@ def conversation(rec: dict, where: str, columns: dict[str, str]) -> list[dict[st
             if role not in SHAREGPT_ROLES:
                 raise DataError(f"{where}: {key}[{n}].from is {role!r}; known: {', '.join(SHAREGPT_ROLES)}")
             role = SHAREGPT_ROLES[role]
+        elif role not in MESSAGE_ROLES:  # a misspelt role would render, and its turn be learned or not, silently
+            hint = f" (did you mean {role.strip().lower()!r}?)" if role.strip().lower() in MESSAGE_ROLES else ""
+            raise DataError(f"{where}: {key}[{n}].role is {role!r}{hint}; known: {', '.join(MESSAGE_ROLES)}")
         out.append({"role": role, "content": turn[content_key]})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn")
