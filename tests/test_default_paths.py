@@ -141,10 +141,14 @@ def test_tune_resolves_the_context_and_ranks_from_the_model(model_512, tmp_path,
     code = main(["tune", "--model", str(model_512), "--data", str(data), "--out", str(out), "--name", "t",
                  "--batch-size", "8", "--search", "lora.r", "--fixed", "train.lr=1e-3", "--fixed", "lora.dropout=0",
                  "--fixed", "data.val_fraction=0.15", "--json"])
-    assert code == 0, capsys.readouterr().err[-2000:]
+    stdout, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
     rows = rows_of(out / "t" / "study.db")
     assert {r["status"] for r in rows.values()} == {"completed"}
     assert {json.loads(r["config_json"])["lora"]["r"] for r in rows.values()} == {8, 32}  # 128 > 64 dropped
+    # a note to widen the ranks never names one the model cannot mean (32 recommended: widen to 64)
+    widen = [e for e in json.loads(stdout)["edges"] if e.startswith("lora.r")]
+    assert all(e.endswith(("--widen lora.r=8,32,64", "--widen lora.r=2,8,32")) for e in widen), widen
     for r in rows.values():  # the longest example is ~700 tokens: auto stops at the context, as in loralab train
         stats = json.loads((Path(r["run_dir"]) / "summary.json").read_text())["data_stats"]
         assert stats["max_seq_length"] == stats["context"] == 512

@@ -157,6 +157,13 @@ def test_a_recommendation_at_the_end_of_a_range_says_how_to_widen_it():
     assert top.startswith(f"train.lr = {lrs[-1]:g} is the largest value tried")
     assert top.endswith("--widen train.lr=3e-05,0.0001,0.0003,0.001,0.0033")  # one more step of x3.33
     assert "lora.r = 8 is the smallest" in bottom and bottom.endswith("--widen lora.r=2,8,32,128")
+    # ranks capped by the model's smallest adapted matrix (64: tune dropped 128): widen to 64, not past it
+    ranks = next(d for d in dims if d.key == "lora.r")
+    ranks.values, ranks.ceiling = [8, 32], 64
+    (capped,) = edge_notes([ranks], {"lora.r": 32})
+    assert capped.endswith("--widen lora.r=8,32,64")
+    ranks.values, ranks.ceiling = [8, 32], 32
+    assert edge_notes([ranks], {"lora.r": 32}) == []  # 32 is the most a rank can mean there
     text = summary_text({"tune": "t", "metric": "eval_loss", "effects": [], "plan": {"notes": []}, "edges": [top],
                          "recommended": recommend([_cand("a", [1.0, 1.1], 10)], "min"),
                          "compute": {"steps": 1, "train_time_s": 1.0, "grid_steps": 4, "fraction_of_grid": 0.25}})

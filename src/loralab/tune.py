@@ -61,6 +61,7 @@ class Dimension:
     values: list[Any]
     why: str
     default: Any  # used when the dimension is not searched
+    ceiling: float | None = None  # the largest value that means anything here (lora.r: the model's smallest matrix)
 
 
 def default_dimensions(n_train: int) -> list[Dimension]:
@@ -268,6 +269,7 @@ def fit_ranks(dims: list[Dimension], base: dict[str, Any]) -> list[str]:
     if not over:
         return []
     ranks.values = [r for r in ranks.values if r <= limit] or [limit]
+    ranks.ceiling = limit
     return [f"lora.r {', '.join(map(str, over))} not searched: above {limit}, the smallest dimension of an "
             f"adapted matrix ({module}); a larger rank adds parameters but no expressiveness"]
 
@@ -529,8 +531,12 @@ def edge_notes(dims: list[Dimension], axes: dict[str, Any]) -> list[str]:
         if value not in (nums[0], nums[-1]):
             continue
         largest = value == nums[-1]
+        if largest and d.ceiling is not None and value >= d.ceiling:
+            continue  # nothing larger means anything (a rank at the model's smallest matrix)
         neighbour = nums[-2] if largest else nums[1]
         beyond = value * value / neighbour  # one more step of the same ratio
+        if largest and d.ceiling is not None:
+            beyond = min(beyond, d.ceiling)
         beyond = round(beyond) if all(isinstance(v, int) for v in nums) else float(f"{beyond:.2g}")
         wider = [*nums, beyond] if largest else [beyond, *nums]
         notes.append(f"{d.key} = {value:g} is the {'largest' if largest else 'smallest'} value tried, so a "
