@@ -382,6 +382,10 @@ def test_cli_errors_exit_2(capsys):
     assert main(["estimate"]) == 2
     assert main(["estimate", "--model", "llama2-7b", "--micro-batch", "0"]) == 2
     assert "micro_batch_size" in capsys.readouterr().err
+    # a rank a run would refuse: refused the same way, naming the module (not estimated as if it could run)
+    assert main(["estimate", "--model", "tiny", "--r", "256"]) == 2
+    assert ("lora.r = 256 is larger than the dimensions of model.layers.0.self_attn.q_proj (192 x 192)"
+            in capsys.readouterr().err)
 
 
 def test_auto_micro_batch_is_estimated_per_example_and_says_so():

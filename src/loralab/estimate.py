@@ -542,6 +542,9 @@ def estimate_run(
     grad_checkpointing = grad_checkpointing or cfg.train.gradient_checkpointing
     shape = describe_model(cfg.model.path)
     modules = lora_modules(shape, list(cfg.lora.targets))
+    from loralab.adapters import check_rank  # the run's own check: a rank above a matrix's dimension is refused
+
+    check_rank(cfg.lora.r, {name: shape.linears[name] for name in modules})
     n_train = sum(math.prod(s) for s in lora_tensor_shapes(shape, modules, cfg.lora.r, cfg.lora.dora))
     dev = device or machine_device(cfg.model.device)
     from loralab.models import (
