@@ -231,6 +231,14 @@ def test_set_on_an_axis_or_tied_key_is_refused_naming_it(user_model):
     assert "--set lora.r=16: lora.r is an axis of study rank_alpha_grid (values 2, 8, 32, 128)" in proc.stderr
     proc = cli("study", "run", "preset:alpha_lr_equivalence", "--set", "train.lr=1e-3", "--dry-run", check=False)
     assert proc.returncode == 2 and "train.lr is tied in study alpha_lr_equivalence" in proc.stderr
+    # a bad --set is the flag's, not the preset file's (alone or with a key of the study's)
+    for flag, said in (("train.lrr=1", "unknown key train.lrr (did you mean train.lr?)"),
+                       ("train.micro_batch_size=3", "train.batch_size (16) must be divisible by "
+                                                    "train.micro_batch_size (3)")):
+        proc = cli("study", "run", "preset:dropout", "--quick", "--model", str(user_model), "--set", flag,
+                   "--dry-run", check=False)
+        assert proc.returncode == 2 and f"loralab study: error: --set {flag}: {said}" in proc.stderr, proc.stderr
+        assert "dropout.yaml" not in proc.stderr
 
 
 @pytest.mark.slow

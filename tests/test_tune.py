@@ -87,6 +87,9 @@ def test_fixed_search_and_widen_shape_the_space(tiny_model_dir, user_data, tmp_p
         plan_tune(model=model, data=str(user_data), metric="eval_loss", fixed={}, search=["lora.dropout"])
     with pytest.raises(ConfigError, match="also given to --fixed"):
         plan_tune(model=model, data=str(user_data), metric="eval_loss", fixed={"lora.r": 8}, widen={"lora.r": [4]})
+    with pytest.raises(ConfigError) as bad:  # a bad --fixed is named by its flag
+        plan_tune(model=model, data=str(user_data), metric="eval_loss", fixed={"lora.rank": 4})
+    assert str(bad.value).startswith("--fixed lora.rank=4: unknown key lora.rank (did you mean lora.r?)")
 
 
 def test_epochs_capped_by_data_size():

@@ -460,7 +460,7 @@ def config_from_dict(raw: Any, *, source: str = "config", origins: dict[str, str
     cfg = Config(**sections)
     if not errors:
         _cross_checks(cfg, errors, origins)
-    flagged = [e for e in errors if e.startswith("--set ")]
+    flagged = [e for e in errors if any(e.startswith((f"{origin}:", f"{origin},")) for origin in origins.values())]
     if errors and len(flagged) == len(errors) == 1:
         raise ConfigError(errors[0])  # --set lora.rank=4: unknown key lora.rank (did you mean lora.r?); ...
     if errors:

@@ -298,7 +298,8 @@ def plan_tune(*, model: str, data: str, metric: str, fixed: dict[str, Any], sear
     for key, value in fixed.items():
         section, _, name = key.partition(".")
         base.setdefault(section, {})[name] = value
-    cfg = config_from_dict(base, source="loralab tune")  # bad --fixed keys fail here, named
+    # bad --fixed keys and values fail here, each named by its flag
+    cfg = config_from_dict(base, source="tune's settings", origins={k: f"--fixed {k}={v}" for k, v in fixed.items()})
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.path), trust_remote_code=cfg.model.trust_remote_code)
     # data.max_seq_length: auto as loralab train resolves it: capped by the model's context
     splits = resolve_data(cfg, tokenizer, load_model_config(resolve_model_config(cfg.model.path)))

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from loralab.config import DEFAULT_MODEL, SECTIONS, config_from_dict, flat_keys, read_yaml
+from loralab.config import DEFAULT_MODEL, SECTIONS, config_from_dict, flat_keys, override_origins, read_yaml
 from loralab.errors import ConfigError
 from loralab.evaluate.tasks import lower_is_better
 from loralab.paths import check_name
@@ -93,6 +93,7 @@ class Study:
     profile: str = "seed"  # "tiny" when the shipped base's profile was applied
     deviations: list[dict[str, Any]] = field(default_factory=list)  # run config vs seed setup
     hardware: dict[str, str] = field(default_factory=dict)  # the machine the study was loaded on
+    origins: dict[str, str] = field(default_factory=dict)  # {key: "--set key=value"}: its problems are the flag's
 
     def place(self, root: Path) -> None:
         """Put every run's directory under ``root`` (output.dir = root/<run name>)."""
@@ -508,7 +509,7 @@ def load_study(
         claim=_text(raw, "claim", where), metric=metric, goal=goal, base=base, axes=axes,
         tied={k: e for k, (e, _) in tied.items()}, seeds=seeds,
         findings=_check_findings(raw.get("findings"), axes, where), source=label, quick=quick, metrics=metrics,
-        seed=seed, profile="tiny" if tiny else "seed",
+        seed=seed, profile="tiny" if tiny else "seed", origins=override_origins(overrides),
     )
     study.runs = expand(study, {k: t for k, (_, t) in tied.items()}, where)
     if resolve:
@@ -518,7 +519,8 @@ def load_study(
         # the seed's dtype, unless a layer above it, an axis or a tied key sets it
         seed_dtype = local and sources.get("model.dtype") == SEED_LAYER and "model.dtype" not in {*axes, *tied}
         for run in study.runs:
-            cfg, notes = resolve_config(config_from_dict(run.config, source=f"{label} (run {run.name})"))
+            cfg, notes = resolve_config(config_from_dict(run.config, source=f"{label} (run {run.name})",
+                                                         origins=study.origins))
             if seed_dtype:
                 cfg, notes = seed_dtype_here(cfg, notes)
             run.config = cfg.to_dict()
@@ -569,7 +571,7 @@ def expand(study: Study, tied: dict[str, ast.Expression], where: _Where) -> list
             seen[name] = 1
         check_name(name, what="run name")
         try:
-            cfg = config_from_dict(raw, source=f"{study.source} (run {name})")
+            cfg = config_from_dict(raw, source=f"{study.source} (run {name})", origins=study.origins)
         except ConfigError as exc:
             raise ConfigError(f"{exc}\n  (axes of this run: {json.dumps(values, default=str)})") from None
         runs.append(RunSpec(name=name, axes=values, config=cfg.to_dict()))
