@@ -487,3 +487,27 @@ def test_a_new_run_never_replaces_an_earlier_runs_adapter_or_checkpoints(capsys,
     # --overwrite: the new run replaces the old one
     assert run_cli(capsys, *train_args(model, data, out, "--set", "lora.r=4", "--overwrite"))[0] == 0
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_a_run_trained_with_relative_paths_serves_from_any_directory(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    """model.path and data.path given relative to the working directory are recorded absolute in
+    the run's config.yaml, so generate and --resume work from elsewhere."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_model_dir("qwen2"), work / "models" / "qwen")
+    write_jsonl(work / "train.jsonl", instruction_records(24, seed=3))
+    monkeypatch.chdir(work)
+    code, _, err = run_cli(capsys, *train_args(Path("models/qwen"), Path("train.jsonl"), work / "run",
+                                               "--set", "train.stop_at_step=1", "--set", "train.checkpoint_every=1"))
+    assert code == 0, err
+    import yaml
+
+    saved = yaml.safe_load((work / "run" / "config.yaml").read_text())
+    assert saved["model"]["path"] == str(work / "models" / "qwen") and saved["data"]["path"] == str(work / "train.jsonl")
+    monkeypatch.chdir(tmp_path)  # elsewhere
+    code, stdout, err = run_cli(capsys, "generate", "--adapter", str(work / "run"), "--max-new-tokens", "2", "hi")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--resume", str(work / "run"), "--set", "train.stop_at_step=null")
+    assert code == 0, err
+    assert json.loads((work / "run" / "summary.json").read_text())["status"] == "completed"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -524,6 +525,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
     raw = apply_overrides(raw or {}, overrides or [])
     return config_from_dict(raw, source=str(path) if path else "config", origins=override_origins(overrides or []))
+
+
+def absolute_local_paths(cfg: Config) -> None:
+    """model.path, data.path and data.val_path that name a file or directory relative to the
+    working directory, made absolute in place (symbolic links kept): a run directory's
+    config.yaml then serves from any directory (generate, eval, merge, --resume)."""
+    for part, key in ((cfg.model, "path"), (cfg.data, "path"), (cfg.data, "val_path")):
+        value = getattr(part, key)
+        if (value and not value.startswith(("builtin:", "hf:")) and not os.path.isabs(value)
+                and os.path.exists(value)):
+            setattr(part, key, os.path.abspath(value))
 
 
 def dump_config(cfg: Config, path: Path) -> None:

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import torch
 
 from loralab.adapters import base_record
-from loralab.config import Config, dump_config
+from loralab.config import Config, absolute_local_paths, dump_config
 from loralab.data.dataset import Example
 from loralab.data.packing import step_batches
 from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
@@ -87,6 +87,7 @@ def open_runs(cfgs: list[Config], run_dirs: list[Path], kind: type[GroupAdapters
     runs, done = [], []
     for cfg, path in zip(cfgs, run_dirs, strict=True):
         rd = RunDir(path)
+        absolute_local_paths(cfg)  # config.yaml names the model and data from anywhere
         if resume:
             check_resume_config(cfg, rd)
             previous = rd.read_summary()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from loralab.config import Config, TrackingConfig, flat_keys, load_config
+from loralab.config import Config, TrackingConfig, absolute_local_paths, flat_keys, load_config
 from loralab.errors import ConfigError
 from loralab.rundir import MetricsWriter, RunDir, checkpoint_step_of, trim_metrics
 from loralab.train import distributed
@@ -41,7 +41,9 @@ def check_resume_config(cfg: Config, run_dir: RunDir) -> None:
     """Refuse a resume whose config changes anything but RESUME_MAY_CHANGE."""
     if not run_dir.config.is_file():
         return  # never started: the run starts from step 0
-    saved = flat_keys(load_config(run_dir.config).to_dict())
+    saved_cfg = load_config(run_dir.config)
+    absolute_local_paths(saved_cfg)  # a run recorded with paths relative to this directory (older loralab)
+    saved = flat_keys(saved_cfg.to_dict())
     now = flat_keys(cfg.to_dict())
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE)
     if changed:
