@@ -504,7 +504,8 @@ def test_a_run_trained_with_relative_paths_serves_from_any_directory(capsys, tin
     import yaml
 
     saved = yaml.safe_load((work / "run" / "config.yaml").read_text())
-    assert saved["model"]["path"] == str(work / "models" / "qwen") and saved["data"]["path"] == str(work / "train.jsonl")
+    assert saved["model"]["path"] == str(work / "models" / "qwen")
+    assert saved["data"]["path"] == str(work / "train.jsonl")
     monkeypatch.chdir(tmp_path)  # elsewhere
     code, stdout, err = run_cli(capsys, "generate", "--adapter", str(work / "run"), "--max-new-tokens", "2", "hi")
     assert code == 0, err

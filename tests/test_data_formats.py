@@ -480,3 +480,18 @@ def test_the_estimate_counts_the_datasets_library_of_parquet_data(tiny_model_dir
     # the same round. A single pair is too noisy to hold the difference; the ratio holds either way.
     for kind in peaks:
         assert 0.8 <= estimates[kind]["total"] / peaks[kind] <= 1.25, (kind, estimates[kind]["total"], peaks[kind])
+
+
+def test_a_byte_order_mark_is_read_past(tmp_path):
+    """Some editors start a UTF-8 file with a byte-order mark: the records are the same, and a bad
+    byte after it is still named at its line."""
+    from loralab.data.sources import read_records
+
+    records = instruction_records(3, seed=2)
+    plain = write_jsonl(tmp_path / "plain.jsonl", records)
+    marked = tmp_path / "marked.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert read_records(marked) == read_records(plain) == [(n, r) for n, r in enumerate(records, 1)]
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes() + "caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"marked.jsonl:4: not UTF-8 text \(byte 0xe9 at offset \d+\)"):
+        read_records(marked)

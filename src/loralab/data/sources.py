@@ -54,11 +54,12 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
         raise DataError(f"dataset file {p} does not exist")
     raw = p.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (some editors write one) is no record
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                        "save the file as UTF-8") from None
+        body = exc.object  # after a byte-order mark, if any
+        line = body[: exc.start].count(b"\n") + 1
+        raise DataError(f"{p}:{line}: not UTF-8 text (byte 0x{body[exc.start]:02x} at offset "
+                        f"{exc.start + len(raw) - len(body)}); save the file as UTF-8") from None
     if not text.strip():
         raise DataError(f"{p}: the file is empty")
     if text.lstrip().startswith("["):
