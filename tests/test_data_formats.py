@@ -495,3 +495,23 @@ def test_a_byte_order_mark_is_read_past(tmp_path):
     marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes() + "caf\u00e9\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"marked.jsonl:4: not UTF-8 text \(byte 0xe9 at offset \d+\)"):
         read_records(marked)
+
+
+def test_validation_examples_cut_to_nothing_are_counted_and_said(tmp_path, tiny_tok, caplog):
+    """A length that cuts some validation responses away: those examples are not scored, and the
+    run says how many (it said so for training examples only)."""
+    import logging
+
+    from userdata import instruction_records as user_records
+
+    path = write_jsonl(tmp_path / "d.jsonl", user_records(60, seed=5))
+    whole = load_splits(data_cfg(path, "data.val_fraction=0.3", "data.max_seq_length=4096"), tiny_tok, seed=0)
+    first_label = [next(i for i, t in enumerate(e.labels) if t != IGNORE) for e in whole.val]
+    cut_at = sorted(first_label)[len(first_label) // 2]  # about half the responses start past it
+    with caplog.at_level(logging.WARNING, logger="loralab.data.dataset"):
+        cut = load_splits(data_cfg(path, "data.val_fraction=0.3", f"data.max_seq_length={cut_at}"), tiny_tok, seed=0)
+    lost = sum(i >= cut_at for i in first_label)
+    assert 0 < lost < len(whole.val)
+    assert cut.stats["truncated_to_no_response_val"] == lost and len(cut.val) == len(whole.val) - lost
+    assert (f"{lost} of {len(whole.val)} validation examples lost every response token to truncation at "
+            f"max_seq_length={cut_at} and are not scored") in caplog.text

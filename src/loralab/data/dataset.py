@@ -285,8 +285,12 @@ def load_splits(cfg: DataConfig, tokenizer, *, seed: int, context: int | None = 
         "token_lengths": length_stats(lengths),  # of the training examples before truncation
         "max_seq_length": max_len, "max_seq_length_setting": cfg.max_seq_length, "context": context,
         "truncated": truncated, "truncated_val": truncated_val, "truncated_to_no_response": empty,
-        "dropped_by_length_filter": dropped,
+        "truncated_to_no_response_val": empty_val, "dropped_by_length_filter": dropped,
     }
+    if empty_val:  # the evaluation scores fewer examples than the split holds: said, not silent
+        log.warning("%d of %d validation examples lost every response token to truncation at max_seq_length=%d "
+                    "and are not scored: the eval loss is over the other %d", empty_val, len(full_val), max_len,
+                    len(val))
     if cfg.max_seq_length == "auto":
         log.info(
             "data.max_seq_length: auto -> %d (longest example %d tokens, context %s)", max_len, max(lengths), context)
