@@ -3,6 +3,7 @@
     PYTHONPATH=src python bench/bench_user.py                      # 4 cases, 2 threads per side
     PYTHONPATH=src python bench/bench_user.py --cases cut256-mb8 --repeats 3
     PYTHONPATH=src python bench/bench_user.py --dtype fp32         # both sides in fp32
+    PYTHONPATH=src python bench/bench_user.py --cases cut256-mb8 --compare train.compile=true --repeats 2
 
 What a user meets: a ~50M-parameter random-init Llama saved with ``save_pretrained`` (the
 shape of bench_speed.py's ``big`` model), Alpaca-style records whose token lengths follow real
@@ -102,6 +103,23 @@ def run_pair(case: dict, spec: dict, work: Path, k: int) -> tuple[dict, dict]:
     return ours, ref
 
 
+def compare(case: dict, spec: dict, work: Path, settings: list[str], repeats: int) -> dict:
+    """loralab with ``settings`` on top against loralab without, interleaved, ``repeats`` pairs."""
+    runs: dict[str, list[dict]] = {"without": [], "with": []}
+    for k in range(repeats):
+        for side, extra in (("without", []), ("with", settings)):
+            run = bs.run_worker("loralab-defaults", {**spec, "set": [*spec["set"], *extra],
+                                                     "run_dir": str(work / f"{case['name']}-{side}-{k}")})
+            runs[side].append(run)
+            how = f"compiled in {run['compile_time_s']:.1f} s" if run["compiled"] else "eager"
+            print(f"{case['name']:<12} {side:<7} {' '.join(settings) if extra else 'defaults':<24} tok/s "
+                  f"{run['tokens_per_s']:6.0f} (train {run['train_time_s']:.1f} s, {how})  eval "
+                  f"{run['final_eval_loss']:.4f}", flush=True)
+    ratios = [w["tokens_per_s"] / o["tokens_per_s"] for o, w in zip(runs["without"], runs["with"], strict=True)]
+    print(f"{case['name']:<12} with / without: " + ", ".join(f"x{r:.2f}" for r in ratios), flush=True)
+    return {**case, "compare": settings, "runs": runs, "pair_ratios": ratios}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
@@ -112,6 +130,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=STEPS,
                     help="optimizer steps per side (one epoch of 8 x steps records); from about 240 on, "
                          "train.compile auto compiles the 50M model (loralab.train.compiled.MIN_WORK)")
+    ap.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
+                    help="no reference: loralab with these settings against loralab without them, interleaved "
+                         "(each repeat runs both), e.g. --compare train.compile=true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -154,6 +175,9 @@ def main() -> None:
             spec = {"model": model, "train": str(train), "val": str(val), "dtype": args.dtype, "cut": cut,
                     "max_len": cut, "micro_batch": mb, "seed": 1337, "threads": args.threads, "set": args.set,
                     "steps": args.steps}
+            if args.compare:
+                rows.append(compare(case, spec, work, args.compare, args.repeats))
+                continue
             load_before = bs.load_avg()
             pairs = [run_pair(case, spec, work, k) for k in range(args.repeats)]
             ours, ref = bs.median_run([o for o, _ in pairs]), bs.median_run([f for _, f in pairs])

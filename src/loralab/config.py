@@ -156,7 +156,8 @@ class TrainConfig:
     compile: bool | Literal["auto"] = _f(
         "auto", "torch.compile each decoder layer (fuses the element-wise work between matmuls; checked against eager "
                 "on one micro batch, eager if it fails or differs; compile time reported apart). auto: when the run "
-                "plans enough tokens to repay the compile (loralab.train.compiled.MIN_WORK).")
+                "plans enough tokens to repay the compile (loralab.train.compiled.MIN_WORK), and on the CPU only "
+                "for a bf16 or fp16 base (in fp32 it gained nothing measurable).")
     gradient_checkpointing: bool = _f(
         False, "Keep only each decoder layer's input and recompute the rest in backward (transformers' non-reentrant "
                "activation checkpointing): far less activation memory for one more forward of compute; same maths.")

@@ -1,6 +1,6 @@
 """torch.compile of the base's decoder layers for training (train.compile), checked once, eager on failure.
 
-    choice = compile_choice("auto", device, tokens, params)       # (True, "auto: 2,100,000 tokens x ...")
+    choice = compile_choice("auto", device, tokens, params, dtype=torch.bfloat16)  # (True, "auto: 2,100,000 ...")
     report = compile_layers(model, probe, reason)                 # CompileReport(on=True, seconds=36.1, ...)
     with eager():                                                 # evaluation, generation: never compiled
         ...
@@ -46,9 +46,13 @@ class CompileReport:
     seconds: float = 0.0
 
 
-def compile_choice(setting: bool | str, device: torch.device, planned_tokens: int, params: int) -> tuple[bool, str]:
+def compile_choice(setting: bool | str, device: torch.device, planned_tokens: int, params: int, *,
+                   dtype: torch.dtype) -> tuple[bool, str]:
     """Whether to compile, and why: train.compile true/false as set; auto from the tokens the
-    run plans to train on times the base's parameters, against :data:`MIN_WORK` of the device."""
+    run plans to train on times the base's parameters, against :data:`MIN_WORK` of the device,
+    for a base that computes in ``dtype``. On the CPU auto compiles bf16 (and fp16) bases only:
+    in fp32 the matmuls are most of a step and compiling the rest gained nothing measurable
+    (docs/performance.md, "train.compile")."""
     if setting is True:
         return True, "train.compile: true"
     if setting is False:
@@ -56,6 +60,8 @@ def compile_choice(setting: bool | str, device: torch.device, planned_tokens: in
     least = MIN_WORK.get(device.type)
     if least is None:
         return False, f"auto: not compiled on {device.type}"
+    if device.type == "cpu" and dtype == torch.float32:
+        return False, "auto: not compiled in fp32 on the CPU, where it gains nothing measurable"
     work = planned_tokens * params
     said = f"{planned_tokens:,} tokens x {params / 1e6:.1f}M parameters planned ({work:.1e})"
     if work < least:
@@ -92,7 +98,7 @@ def compile_layers(model, probe, reason: str) -> CompileReport:
         model.zero_grad(set_to_none=True)
         _set_rng_state(rng)
     # fp32 agrees to rounding; bf16 rounds a fused chain of element-wise ops once instead of per op
-    tolerance = 1e-4 if _compute_dtype(model) == torch.float32 else 1e-2
+    tolerance = 1e-4 if compute_dtype(model) == torch.float32 else 1e-2
     error = float(((compiled - reference).abs() / reference.abs().clamp_min(1e-6)).max())
     if not torch.isfinite(compiled).all() or error > tolerance:
         uncompile(model)
@@ -113,7 +119,8 @@ def eager():
         yield
 
 
-def _compute_dtype(model) -> torch.dtype:
+def compute_dtype(model) -> torch.dtype:
+    """The dtype the frozen base computes in: its first floating frozen parameter's (fp32 if none)."""
     return next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()),
                 torch.float32)
 

@@ -56,7 +56,7 @@ from loralab.train.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from loralab.train.compiled import CompileReport, compile_choice, compile_layers, eager, uncompile
+from loralab.train.compiled import CompileReport, compile_choice, compile_layers, compute_dtype, eager, uncompile
 from loralab.train.evaluation import eval_batch_size, evaluate
 from loralab.train.group_adapters import GroupAdapters, RunsRejected, run_losses
 from loralab.train.measure import PeakMemory, versions
@@ -64,6 +64,7 @@ from loralab.train.resume import check_resume_config, start_runs
 from loralab.train.runs import Clock, Run, end_alone
 from loralab.train.setup import Setup, load_group
 from loralab.train.step import (
+    autocast_dtype,
     best_of,
     count_labels,
     label_positions,
@@ -433,8 +434,9 @@ def compile_for_training(setup: Setup, runs: list[Run], data: StepData, *, steps
     else:
         mean = sum(len(e.input_ids) for e in train) / max(1, len(train))
         base = sum(p.numel() for p in setup.adapters.model.parameters() if not p.requires_grad)
+        dtype = autocast_dtype(data.cfg.train.autocast) or compute_dtype(setup.adapters.model)
         on, reason = compile_choice(data.cfg.train.compile, setup.device,
-                                    int((steps - step) * data.cfg.train.batch_size * mean), base)
+                                    int((steps - step) * data.cfg.train.batch_size * mean), base, dtype=dtype)
     report = CompileReport(False, reason)
     if on:
         # the next step's examples, from a copy of the stream: nothing is taken from the run's
