@@ -140,15 +140,7 @@ def run_group(cfgs: list[Config], run_dirs: list[Path], kind: type[GroupAdapters
                 end_alone(r, Status.INVALID, str(setup.adapters.rejected[r.index]))
         shared = fit([r for r in runs if r.status is Status.RUNNING], setup, resume=resume,
                      show_progress=show_progress, prune=prune, clock=clock)
-    except KeyboardInterrupt:  # Ctrl-C or SIGINT: a run that can go on, not a failure
-        for r in runs:
-            if r.summary.get("status") == Status.RUNNING:
-                r.record(status=Status.INTERRUPTED,
-                         error=f"interrupted (SIGINT); continue it with: loralab train --resume {r.dir.root}")
-                log.warning("%s: interrupted; continue it with: loralab train --resume %s", r.dir.root, r.dir.root)
-        finish_tracking(runs)
-        raise
-    except Exception as exc:
+    except (Exception, KeyboardInterrupt) as exc:
         replacement = record_failure(runs, exc, started=setup is not None)
         finish_tracking(runs)
         if replacement is None:
@@ -177,12 +169,19 @@ def record_results(runs: list[Run], setup: Setup, clock: Clock, shared: dict[str
                                                            peak_memory_bytes=shared["peak_memory_bytes"]))
 
 
-def record_failure(runs: list[Run], exc: Exception, *, started: bool) -> Exception | None:
+def record_failure(runs: list[Run], exc: BaseException, *, started: bool) -> Exception | None:
     """Record a failure of the whole group in every unfinished run; the exception to raise in
-    its place (None: raise it as it is). Bad input found before the first step is invalid."""
+    its place (None: raise it as it is). Bad input found before the first step is invalid;
+    Ctrl-C (SIGINT) leaves each run interrupted, saying how to continue it."""
     if isinstance(exc, RunsRejected):
         for r in runs:
             r.record(status=Status.INVALID, error=str(exc.errors[r.index]))
+        return None
+    if isinstance(exc, KeyboardInterrupt):
+        for r in running(runs):
+            how = f"continue it with: loralab train --resume {r.dir.root}"
+            r.record(status=Status.INTERRUPTED, error=f"interrupted (SIGINT); {how}")
+            log.warning("%s: interrupted; %s", r.dir.root, how)
         return None
     status, error, extra, replacement = Status.FAILED, f"{type(exc).__name__}: {exc}", {}, None
     if isinstance(exc, LoralabError):
@@ -202,9 +201,8 @@ def record_failure(runs: list[Run], exc: Exception, *, started: bool) -> Excepti
         last = latest_checkpoint(runs[0].dir.root)
         error = f"disk full while writing the run ({exc}); the last complete checkpoint is {last or 'none'}"
         replacement = DiskFullError(error)
-    for r in runs:
-        if r.status is Status.RUNNING:
-            r.record(status=status, error=error, **extra)
+    for r in running(runs):
+        r.record(status=status, error=error, **extra)
     return replacement
 
 
