@@ -43,6 +43,7 @@ from loralab.study.scheduler import (
     device_memory,
     form_units,
     plan_tasks,
+    planned_again,
     run_device,
     visible_gpus,
 )
@@ -113,8 +114,9 @@ def run_study(study: Study, *, root: Path, options: StudyOptions | None = None, 
         if opts.retry_failed:
             store.reset([r["id"] for r in store.runs(
                 sid, (Status.FAILED, Status.DIVERGED, Status.OUT_OF_MEMORY, Status.INVALID))])
-        # ended in an earlier invocation (this one's planning may record runs invalid or skipped)
-        done_before = sum(n for s, n in store.counts(sid).items() if s not in (*TO_RUN, Status.PAUSED))
+        # ended in an earlier invocation and not planned again (planning may record runs invalid or skipped)
+        again = planned_again(paused=opts.halving is not None)
+        done_before = sum(n for s, n in store.counts(sid).items() if s not in again)
         tasks = plan_tasks(store, sid, root, max_memory=opts.max_memory, paused=opts.halving is not None,
                            nproc=opts.gpus_per_run)
         with progress(len(tasks), desc=f"study {study.name}", unit="run", enabled=opts.progress) as bar:

@@ -130,6 +130,12 @@ class Unit:
 # ----------------------------------------------------------------------------- planning
 
 
+def planned_again(*, paused: bool) -> tuple[Status, ...]:
+    """The statuses :func:`plan_tasks` plans again: pending and interrupted runs, runs skipped by
+    the memory gate (checked again), and with ``paused`` runs paused at a halving rung."""
+    return (*TO_RUN, Status.SKIPPED, *((Status.PAUSED,) if paused else ()))
+
+
 def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | None,
                paused: bool = False, nproc: int = 1) -> list[PendingRun]:
     """Runs still to do, with memory estimates, cheapest first; runs that fail their own checks
@@ -142,7 +148,7 @@ def plan_tasks(store: Store, study_id: int, root: Path, *, max_memory: int | Non
 
     tasks = []
     fullest: dict[str, int | None] = {}  # micro batch tokens per data layout: runs of a study share their data
-    for row in store.runs(study_id, (*TO_RUN, Status.SKIPPED, *((Status.PAUSED,) if paused else ()))):
+    for row in store.runs(study_id, planned_again(paused=paused)):
         config = json.loads(row["config_json"])
         if nproc > 1 and processes(config) == 1:
             config = {**config, "distributed": {**config.get("distributed", {}), "nproc": nproc}}
