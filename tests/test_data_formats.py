@@ -475,9 +475,8 @@ def test_the_estimate_counts_the_datasets_library_of_parquet_data(tiny_model_dir
         estimates[kind] = estimate_run(cfg, device="cpu", tokens=fullest_micro_batch(cfg)).memory_bytes
     assert "data_library" not in estimates["jsonl"] and estimates["parquet"]["data_library"] == CPU_DATASETS_RSS
     assert estimates["parquet"]["total"] - estimates["jsonl"]["total"] == CPU_DATASETS_RSS
-    # Measured on an AMD EPYC (fp32 by auto), this run from 48 and 400 records, two rounds: JSONL
-    # 596-655 MiB, parquet 674-750, CSV 718-738; parquet or CSV 30-150 MiB (mean 87) over JSONL in
-    # the same round. A single pair is too noisy to hold the difference; the ratio holds either way.
+    # bench/bench_data_memory.py on an AMD EPYC (fp32 by auto): parquet or CSV peaked 21-187 MiB over
+    # JSONL in the same round; a single pair is too noisy to hold the difference, the ratio holds.
     for kind in peaks:
         assert 0.8 <= estimates[kind]["total"] / peaks[kind] <= 1.25, (kind, estimates[kind]["total"], peaks[kind])
 

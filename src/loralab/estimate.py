@@ -65,8 +65,8 @@ GIB = 1024**3
 # loading a model's code (+~15 MiB); weights are counted separately.
 CPU_BASELINE_RSS = 440 * 1024**2
 # What reading data with the datasets library (parquet, arrow, CSV, saved datasets, the hub) adds to
-# a CPU process: the library, pyarrow and the loaded table, 92 MiB measured (VmHWM after
-# importing torch, transformers and peft, then after loralab's reader of 200 records).
+# a CPU process: the library, pyarrow and the loaded table; the same run peaked 21-187 MiB higher
+# from parquet or CSV than from JSONL (bench/bench_data_memory.py, docs/estimates.md).
 CPU_DATASETS_RSS = 90 * 1024**2
 CPU_HEAP_RETENTION = 0.9  # see allocator_slack_bytes
 # A fused group (loralab.train.fused) on the CPU: glibc keeps one micro step's churn in its heaps
