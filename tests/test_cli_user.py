@@ -118,11 +118,12 @@ def test_validation_set_truncated_away_is_refused_before_training(capsys, tiny_m
     out = tmp_path / "run"
     code, stdout, err = run_cli(capsys, *train_args(tiny_model_dir("qwen2"), data, out, "--set", f"data.val_path={val}",
                                                    "--set", "data.max_seq_length=48", "--json"))
-    assert code == 2 and stdout == ""
+    assert code == 2
     assert (f"{val}: all 9 validation examples are longer than data.max_seq_length = 48 (as set) and lose every "
             "response token to truncation, so the run could not be evaluated") in err
     summary = strict_json((out / "summary.json").read_text())
     assert summary["status"] == "invalid" and "all 9 validation examples" in summary["error"]
+    assert strict_json(stdout) == {**summary, "exit_code": 2}  # --json: what summary.json recorded
     assert not (out / "adapter").exists() and not (out / "metrics.jsonl").exists()
 
 
@@ -141,6 +142,43 @@ def test_no_validation_set_trains_without_evaluation_and_json_is_strict(capsys, 
     code, stdout, _ = run_cli(capsys, *train_args(tiny_model_dir("qwen2"), data, tmp_path / "run2",
                                                   "--set", "data.val_fraction=0"))
     assert code == 0 and "final eval loss:  none (no validation examples: trained without evaluation)" in stdout
+
+
+
+def test_json_holds_on_failure_with_the_runs_summary(capsys, tiny_model_dir, tmp_path):
+    """With --json a failing command still prints one JSON object on stdout: the error and the
+    exit code, and for a run the summary.json it recorded (never an earlier run's)."""
+    model = tiny_model_dir("qwen2")
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(24, seed=5))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(data.read_text(encoding="utf-8") + "{not json\n", encoding="utf-8")
+    # bad data: invalid, naming the file and line, as summary.json says
+    code, stdout, err = run_cli(capsys, *train_args(model, bad, tmp_path / "bad-data", "--json"))
+    out = strict_json(stdout)
+    assert code == 2 == out["exit_code"] and out["status"] == "invalid"
+    assert f"{bad}:25: malformed JSON line" in out["error"]
+    assert out["error"] in err and out == {**json.loads((tmp_path / "bad-data" / "summary.json").read_text()),
+                                           "exit_code": 2}
+    # a bad key: the same, from the config's check
+    code, stdout, _ = run_cli(capsys, *train_args(model, data, tmp_path / "bad-key", "--set", "lora.rank=4", "--json"))
+    out = strict_json(stdout)
+    assert code == 2 and out["status"] == "invalid" and "lora.rank" in out["error"]
+    # a run that diverges: exit 3 and its summary (the step, the last good checkpoint)
+    code, stdout, _ = run_cli(capsys, *train_args(model, data, tmp_path / "diverged", "--set", "train.lr=1e30",
+                                                  "--set", "lora.dropout=0", "--json"))
+    out = strict_json(stdout)
+    assert code == 3 == out["exit_code"] and out["status"] == "diverged"
+    assert out["diverged_at_step"] == 2  # step 1's loss is finite, its update of 1e30 is not
+    assert out["run_dir"] == str(tmp_path / "diverged") and "non-finite" in out["error"]
+    # refused before any run: the error alone, not the earlier run's "completed"
+    assert run_cli(capsys, *train_args(model, data, tmp_path / "done"))[0] == 0
+    code, stdout, _ = run_cli(capsys, *train_args(model, data, tmp_path / "done", "--json"))
+    out = strict_json(stdout)
+    assert code == 2 and set(out) == {"error", "exit_code"} and "holds an earlier run (completed" in out["error"]
+    # any other command: the error and the exit code
+    code, stdout, _ = run_cli(capsys, "estimate", "--model", str(model), "--r", "64", "--json")
+    out = strict_json(stdout)
+    assert code == 2 and set(out) == {"error", "exit_code"} and "r = 64" in out["error"]
 
 
 # ----------------------------------------------------------------------------- 2. study run: checks first, exit codes

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 
 class LoralabError(Exception):
-    """A problem with the user's input or machine, explained in the message."""
+    """A problem with the user's input or machine, explained in the message. ``summary``: the
+    summary.json a run recorded for it, where one did (``--json`` prints it with the error)."""
 
     exit_code = 2
+    summary: dict | None = None
 
 
 class ConfigError(LoralabError):

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None, *, errors: list[LoralabError] | None = N
         return int(args.func(args) or 0)
     except LoralabError as exc:
         sys.stderr.write(f"loralab {args.command}: error: {exc}\n")
+        if getattr(args, "json", False):  # the --json contract holds on failure too
+            emit_json({**(exc.summary or {}), "error": str(exc), "exit_code": exc.exit_code})
         if errors is not None:
             errors.append(exc)
         return exc.exit_code

@@ -221,7 +221,8 @@ def _checked_config(args: argparse.Namespace):
         run = RunDir(out[0].split("=", 1)[1]) if out else None
         if run is not None and not earlier_results(run):  # an earlier run's summary stays as it is
             run.root.mkdir(parents=True, exist_ok=True)
-            write_atomic(run.summary, {"status": Status.INVALID, "error": str(exc), "run_dir": str(run.root)})
+            exc.summary = {"status": Status.INVALID, "error": str(exc), "run_dir": str(run.root)}
+            write_atomic(run.summary, exc.summary)
         raise
 
 

@@ -143,6 +143,8 @@ def run_group(cfgs: list[Config], run_dirs: list[Path], kind: type[GroupAdapters
     except (Exception, KeyboardInterrupt) as exc:
         replacement = record_failure(runs, exc, started=setup is not None)
         finish_tracking(runs)
+        if len(runs) == 1 and isinstance(replacement or exc, LoralabError):
+            (replacement or exc).summary = runs[0].summary
         if replacement is None:
             raise
         raise replacement from None
@@ -632,5 +634,6 @@ def raise_if_diverged(summary: dict[str, Any]) -> None:
     if summary.get("status") == Status.DIVERGED:
         exc = DivergedError(summary["error"])
         exc.step, exc.last_checkpoint = summary.get("diverged_at_step"), summary.get("last_good_checkpoint")
+        exc.summary = summary
         raise exc
 
