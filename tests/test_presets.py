@@ -171,6 +171,18 @@ def test_deviations_name_exactly_the_settings_that_differ(user_model, user_data)
     assert by_key["train.max_steps"]["seed_ran"] == "train.epochs 1"
 
 
+def test_a_deviations_reason_is_that_of_the_runs_that_deviate(user_model, user_data):
+    """rank_alpha_sweep's r 256 runs are invalid on a 192-wide model: auto gives them micro batch
+    1 (the seed's) for want of an estimate, the r 8 runs a larger one; the deviation gives the
+    r 8 runs' reason, not the last run's "no memory estimate ... so micro batch 1"."""
+    study = load_study("preset:rank_alpha_sweep", quick=True, model=str(user_model), data=str(user_data))
+    micro = {r.name: r.config["train"]["micro_batch_size"] for r in study.runs}
+    assert {micro[n] for n in micro if n.startswith("r256")} == {1} and micro["r8-a16"] > 1
+    (dev,) = [d for d in study.deviations if d["key"] == "train.micro_batch_size"]
+    assert dev["value"] == micro["r8-a16"] and dev["seed"] == 1
+    assert dev["source"].startswith("auto: the largest divisor of batch 128 that the estimate fits")
+
+
 EMULATED = ("model.dtype fp32 instead of the seed's bf16 (auto: this CPU has neither AMX-BF16 nor AVX512-BF16, so "
             "bf16 matmuls are emulated, about 100x slower than fp32; --set model.dtype=bf16 keeps the seed's bf16)")
 

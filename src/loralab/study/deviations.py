@@ -20,10 +20,12 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def deviations(seed_setup: dict[str, Any], configs: list[dict[str, Any]], sources: dict[str, str],
-               skip: set[str]) -> list[dict[str, Any]]:
+               skip: set[str], *, notes: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
     """Every key of the seed's setup whose value in a run's config (``configs``: each run's, nested
     sections) differs from the seed's: [{key, value, seed, source}] (value is a list when runs
-    differ). ``skip`` holds the axes and tied keys: those differences are the study's question."""
+    differ). ``skip`` holds the axes and tied keys: those differences are the study's question.
+    ``notes``: each run's {key: why} for a value filled in run by run (``auto``); a deviation's
+    source is then the note of a run that deviates, not of one that kept the seed's value."""
     if not seed_setup or not configs:
         return []
     seed_flat = checked_part(seed_setup, "seed.setup")
@@ -34,14 +36,15 @@ def deviations(seed_setup: dict[str, Any], configs: list[dict[str, Any]], source
         if key in skip:
             continue
         want = seed_flat[key]
-        used = []
-        for config in configs:
+        used, why = [], None
+        for i, config in enumerate(configs):
             v = get_key(config, key)
             if not _same(v, want) and all(not _same(v, u) for u in used):
                 used.append(v)
+                why = why or (notes[i].get(key) if notes else None)
         if used:
             out.append({"key": key, "value": used[0] if len(used) == 1 else used, "seed": want,
-                        "source": sources.get(key, "loralab's default")})
+                        "source": why or sources.get(key, "loralab's default")})
             if key == "train.max_steps":
                 out[-1]["seed_ran"] = f"train.epochs {fmt_config_value(seed_flat['train.epochs'])}"
     return out

@@ -512,6 +512,7 @@ def load_study(
         seed=seed, profile="tiny" if tiny else "seed", origins=override_origins(overrides),
     )
     study.runs = expand(study, {k: t for k, (_, t) in tied.items()}, where)
+    run_notes: list[dict[str, str]] = []  # each run's {key: why} for the values resolve filled in
     if resolve:
         from loralab.resolve import describe_hardware, resolve_config, seed_dtype_here
 
@@ -524,10 +525,9 @@ def load_study(
             if seed_dtype:
                 cfg, notes = seed_dtype_here(cfg, notes)
             run.config = cfg.to_dict()
-            for key, why in notes.items():
-                sources[key] = why
+            run_notes.append(notes)
     study.deviations = deviations(seed.get("setup") or {}, [run.config for run in study.runs], sources,
-                                  set(axes) | set(tied))
+                                  set(axes) | set(tied), notes=run_notes)
     if root is not None:
         study.place(root)
     return study
