@@ -204,6 +204,7 @@ def test_study_dry_run_makes_the_runs_checks_and_a_real_run_starts_none(capsys, 
     assert "2 of 2 runs cannot run:" in stdout
     assert f"model.path {tmp_path / 'modles' / 'qwen'}: no such directory [all 2 runs]" in stdout
     assert f"dataset file {tmp_path / 'trian.jsonl'} does not exist [all 2 runs]" in stdout
+    assert "judged on: eval_loss (lower is better)\n" in stdout  # the metric, said before anything runs
     code, stdout, err = run_cli(capsys, "study", "run", str(study), *bad)
     assert code == 2 and stdout == ""
     assert "2 of 2 runs cannot run:" in err and "nothing was started" in err

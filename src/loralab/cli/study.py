@@ -212,11 +212,15 @@ def run_checked(args: argparse.Namespace, options: StudyOptions, starter: WarmSt
         rows = [{"name": r.name, **r.axes} for r in study.runs]
         devs = [deviation_text(d) for d in study.deviations]
         seed_line = f"seed: {study.seed['source']}\n" if study.seed.get("source") else ""
+        also = "".join(f", {m} ({'higher' if g == 'max' else 'lower'} is better)" for m, g in study.metrics.items())
+        seed_line += (f"judged on: {study.metric} ({'higher' if study.goal == 'max' else 'lower'} is better)"
+                      f"{f'; also recorded: {also[2:]}' if also else ''}\n")
         dev_lines = ("differences from the seed's setup:\n" + "\n".join(f"  - {d}" for d in devs) + "\n" if devs
                      else "no difference from the seed's setup\n" if study.seed.get("setup") else "")
         skipped = "".join(f"\nwould be skipped: {n}: {why}" for n, why in checks.skipped.items())
         warning = steps.warning()
-        _emit(args, {"study": study.name, "root": str(root), "profile": study.profile, "runs": rows,
+        _emit(args, {"study": study.name, "root": str(root), "profile": study.profile, "metric": study.metric,
+                     "goal": study.goal, "metrics": study.metrics, "runs": rows,
                      "deviations": study.deviations, "steps": steps.to_json(), **checks.to_json()},
               f"study {study.name}: {len(rows)} runs in {root}\n{seed_line}{dev_lines}" + columns(rows, list(rows[0]))
               + "".join(f"\n{line}" for line in steps.invalid_lines() + steps.lines())
