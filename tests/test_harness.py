@@ -227,6 +227,39 @@ def test_harness_eval_task_errors_before_training(tmp_path):
         resolve_tasks("no_such_task", 2)
 
 
+def test_task_data_that_cannot_be_loaded_fails_before_training(tmp_path, tiny_model_dir, capsys):
+    """An lm-eval task whose data lm-eval cannot load (a moved local file here; a hub dataset
+    with no network the same way) is refused when the run resolves its tasks: exit 2, the run
+    invalid, no step trained; it used to fail with a traceback at the first evaluation, after
+    training, and leave no adapter."""
+    from loralab.cli import main
+    from userdata import instruction_records, write_jsonl
+
+    H.prepare_tasks("world_pairs", tmp_path, 6)
+    task_file = tmp_path / "world_pairs.yaml"
+    (tmp_path / "world_pairs.jsonl").rename(tmp_path / "moved.jsonl")
+    with pytest.raises(LoralabError, match=r"eval task harness:world_pairs: lm-eval could not load its data \("):
+        resolve_tasks(f"harness:{task_file}", 6)
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(16))
+    out = tmp_path / "run"
+    sets = {"model.path": tiny_model_dir("llama"), "model.device": "cpu", "data.path": data, "train.max_steps": 2,
+            "train.batch_size": 4, "train.micro_batch_size": 4, "eval.tasks": f"[harness:{task_file}]"}
+    code = main(["train", "--out", str(out), "--json", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 2 and summary["status"] == "invalid" and "could not load its data" in summary["error"]
+    assert not (out / "metrics.jsonl").exists() or "train_loss" not in (out / "metrics.jsonl").read_text()
+
+
+def test_a_harness_evaluation_writes_nothing_of_lm_evals_to_stderr(tmp_path, monkeypatch, capfd):
+    """lm-eval runs `git describe` in the working directory; outside a git repository git's
+    "fatal: not a git repository" used to reach the user's terminal at every evaluation."""
+    model, tok = _loralab_model()
+    (task,) = resolve_tasks("harness:world_pairs", 4)
+    monkeypatch.chdir(tmp_path)  # not a git repository
+    capfd.readouterr()
+    assert task.run(model, tok, batch_size=4)["pairs_accuracy"].n == 4
+    assert "not a git repository" not in capfd.readouterr().err
+
 def test_lower_is_better_names():
     from loralab.evaluate.tasks import lower_is_better
 

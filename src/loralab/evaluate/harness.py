@@ -45,13 +45,14 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from loralab.errors import LoralabError
+from loralab.errors import DataError, LoralabError
 from loralab.evaluate.metrics import Z95, Score, mc_prompt
 from loralab.evaluate.tasks import BUILTIN, HARNESS_PREFIX, Task, resolve_task
 from loralab.rundir import write_atomic
@@ -225,7 +226,9 @@ def _quiet_and_seed_neutral():
     a model passed as an object and draws progress bars: inside a training run none of it may
     leak out, so the RNG states are put back (training after an evaluation draws what it would
     have drawn without one), lm-eval's logger is held at ERROR and the bars (tqdm writes to
-    sys.stderr) are dropped; loralab's own log lines go through logging's handlers, unaffected."""
+    sys.stderr) are dropped, and so is what its subprocesses write to the process's stderr
+    (``git describe`` in the working directory: "fatal: not a git repository"); loralab's own
+    log lines go through logging's handlers, unaffected."""
     import io
     import random
 
@@ -237,10 +240,16 @@ def _quiet_and_seed_neutral():
     level = lm_log.level
     lm_log.setLevel(logging.ERROR)
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
     try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
         with torch.random.fork_rng(devices=devices), contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
         random.setstate(py)
         np.random.set_state(npy)
         lm_log.setLevel(level)
@@ -360,8 +369,27 @@ def resolve_harness_task(spec: str, limit: int | None = None) -> HarnessTask:
         label, items = lm_eval_task_file(Path(spec)) if kind == "file" else spec, []
     task = HarnessTask(HARNESS_PREFIX + label, label, names, include, include_defaults=kind == "lm-eval",
                        limit=limit, items=items, _dir=tmp)
-    task.manager()  # an unknown name fails now, not at the first evaluation
+    check_task_data(task)  # an unknown name or data lm-eval cannot load fails now, not after training
     return task
+
+
+def check_task_data(task: HarnessTask) -> None:
+    """Build ``task``'s lm-eval tasks once, which loads their data (lm-eval downloads a hub
+    dataset on first use): a dataset that cannot be read or fetched (no network, a moved local
+    file) is a LoralabError before any training, not a traceback at the first evaluation."""
+    from lm_eval.tasks import get_task_dict
+
+    manager = task.manager()
+    try:
+        with _quiet_and_seed_neutral():
+            get_task_dict(list(task.names), manager)
+    except Exception as exc:  # datasets and lm-eval raise many types (ConnectionError, FileNotFoundError, ...)
+        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"eval task {task.name}: lm-eval could not load its data ({type(exc).__name__}: {cause}). A hub "
+            "dataset needs the network the first time, or its copy in the Hugging Face cache "
+            "(HF_DATASETS_OFFLINE=1 then reads only that); a task file's data must be where the file says"
+        ) from exc
 
 
 # ----------------------------------------------------------------- loralab eval --harness

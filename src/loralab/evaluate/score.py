@@ -36,7 +36,8 @@ def evaluate(model_path: str, adapters: list[str], tasks, *, batch_size: int = 1
         if adapter is not None:
             model = load_adapter(model, adapter)
         for t in tasks:
-            log.info("eval %s on %s (%d examples)", adapter or "base", t.name, len(t.items))
+            count = f" ({len(t.items)} examples)" if t.items else ""  # lm-eval's own tasks: counted by lm-eval
+            log.info("eval %s on %s%s", adapter or "base", t.name, count)
             for metric, s in t.run(model, tok, batch_size=batch_size, progress=progress).items():
                 if s.skipped:
                     log.warning("%s: %d example(s) longer than the context window skipped for %s",
