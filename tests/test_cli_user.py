@@ -529,25 +529,41 @@ def test_a_new_run_never_replaces_an_earlier_runs_adapter_or_checkpoints(capsys,
 
 
 def test_a_run_trained_with_relative_paths_serves_from_any_directory(capsys, tiny_model_dir, tmp_path, monkeypatch):
-    """model.path and data.path given relative to the working directory are recorded absolute in
-    the run's config.yaml, so generate and --resume work from elsewhere."""
+    """model.path, data.path and eval.tasks' task files given relative to the working directory
+    are recorded absolute in the run's config.yaml, so generate and --resume work from elsewhere;
+    a resume refused for bad input leaves the paused run as it was (summary and config)."""
     import shutil
 
     work = tmp_path / "work"
     shutil.copytree(tiny_model_dir("qwen2"), work / "models" / "qwen")
     write_jsonl(work / "train.jsonl", instruction_records(24, seed=3))
+    (work / "tasks").mkdir()
+    write_jsonl(work / "tasks" / "d.jsonl", [{"good": "The sun is warm.", "bad": "The sun warm is."}] * 3)
+    (work / "tasks" / "pairs.yaml").write_text("path: d.jsonl\nformat: pairs\n", encoding="utf-8")
     monkeypatch.chdir(work)
     code, _, err = run_cli(capsys, *train_args(Path("models/qwen"), Path("train.jsonl"), work / "run",
-                                               "--set", "train.stop_at_step=1", "--set", "train.checkpoint_every=1"))
+                                               "--set", "train.stop_at_step=1", "--set", "train.checkpoint_every=1",
+                                               "--set", "eval.tasks=[tasks/pairs.yaml]"))
     assert code == 0, err
     import yaml
 
     saved = yaml.safe_load((work / "run" / "config.yaml").read_text())
     assert saved["model"]["path"] == str(work / "models" / "qwen")
     assert saved["data"]["path"] == str(work / "train.jsonl")
+    assert saved["eval"]["tasks"] == [str(work / "tasks" / "pairs.yaml")]
     monkeypatch.chdir(tmp_path)  # elsewhere
     code, stdout, err = run_cli(capsys, "generate", "--adapter", str(work / "run"), "--max-new-tokens", "2", "hi")
     assert code == 0, err
+    # a resume whose task file has gone is refused; the run stays paused with its config as it was
+    paused = {f: (work / "run" / f).read_bytes() for f in ("summary.json", "config.yaml")}
+    (work / "tasks" / "pairs.yaml").rename(work / "tasks" / "moved.yaml")
+    code, _, err = run_cli(capsys, "train", "--resume", str(work / "run"), "--set", "train.stop_at_step=null")
+    assert code == 2 and "pairs.yaml" in err, err
+    after = json.loads((work / "run" / "summary.json").read_text())
+    assert after == {**json.loads(paused["summary.json"]), "resume_error": after["resume_error"]}
+    assert after["status"] == "paused" and after["resume_error"].startswith("--resume refused before its first step")
+    assert (work / "run" / "config.yaml").read_bytes() == paused["config.yaml"]
+    (work / "tasks" / "moved.yaml").rename(work / "tasks" / "pairs.yaml")
     code, _, err = run_cli(capsys, "train", "--resume", str(work / "run"), "--set", "train.stop_at_step=null")
     assert code == 0, err
     assert json.loads((work / "run" / "summary.json").read_text())["status"] == "completed"

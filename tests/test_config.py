@@ -137,3 +137,14 @@ def test_readme_configuration_reference_is_current():
     """docs/configuration.md's key table is config_reference()'s output, so a new key can't go undocumented."""
     readme = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text(encoding="utf-8")
     assert config_reference().strip() in readme
+
+
+def test_tracking_shorthand_takes_set_and_track(tmp_path):
+    """`tracking: [tensorboard]` (the documented shorthand) with --set tracking.* on top, as
+    `--track` and api.train(track=...) pass it: it used to fail with "tracking is not a section"."""
+    path = tmp_path / "run.yaml"
+    path.write_text("tracking: [tensorboard, mlflow]\n", encoding="utf-8")
+    assert load_config(path).tracking.backends == ["tensorboard", "mlflow"]
+    assert load_config(path, ["tracking.backends=[wandb]"]).tracking.backends == ["wandb"]
+    cfg = load_config(path, ["tracking.experiment=mine"])
+    assert cfg.tracking.backends == ["tensorboard", "mlflow"] and cfg.tracking.experiment == "mine"

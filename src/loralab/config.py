@@ -448,8 +448,7 @@ def config_from_dict(raw: Any, *, source: str = "config", origins: dict[str, str
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
-    if isinstance(raw.get("tracking"), (list, str)):  # tracking: [tensorboard, mlflow]
-        raw = {**raw, "tracking": {"backends": raw["tracking"]}}
+    raw = expand_shorthands(raw)
     sections = {}
     for key in raw:
         if key not in SECTIONS:
@@ -493,9 +492,16 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
+def expand_shorthands(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with ``tracking: [tensorboard, mlflow]`` (or one name) as ``tracking: {backends: [...]}``."""
+    if isinstance(raw.get("tracking"), (list, str)):
+        return {**raw, "tracking": {"backends": raw["tracking"]}}
+    return raw
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings; values are parsed as YAML scalars/lists."""
-    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in (raw or {}).items()}
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in expand_shorthands(raw or {}).items()}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"--set {item!r}: expected section.key=value, for example lora.r=16")
@@ -529,14 +535,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def absolute_local_paths(cfg: Config) -> None:
-    """model.path, data.path and data.val_path that name a file or directory relative to the
-    working directory, made absolute in place (symbolic links kept): a run directory's
-    config.yaml then serves from any directory (generate, eval, merge, --resume)."""
+    """model.path, data.path, data.val_path and eval.tasks' task files that name a file or
+    directory relative to the working directory, made absolute in place (symbolic links kept): a
+    run directory's config.yaml then serves from any directory (generate, eval, merge, --resume)."""
+    def absolute(value: str | None) -> str | None:
+        local = (value and not value.startswith(("builtin:", "hf:")) and not os.path.isabs(value)
+                 and os.path.exists(value))
+        return os.path.abspath(value) if local else value
+
     for part, key in ((cfg.model, "path"), (cfg.data, "path"), (cfg.data, "val_path")):
-        value = getattr(part, key)
-        if (value and not value.startswith(("builtin:", "hf:")) and not os.path.isabs(value)
-                and os.path.exists(value)):
-            setattr(part, key, os.path.abspath(value))
+        setattr(part, key, absolute(getattr(part, key)))
+    harness = "harness:"  # a task file given to lm-eval: harness:tasks/mine.yaml
+    cfg.eval.tasks = [harness + absolute(t[len(harness):]) if t.startswith(harness) else absolute(t)
+                      for t in cfg.eval.tasks]
 
 
 def dump_config(cfg: Config, path: Path) -> None:

@@ -45,7 +45,7 @@ from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, 
 from loralab.halving import halving_rungs, keep_count, rank_key
 from loralab.models import dtype_choice, model_width, pick_device
 from loralab.progress import progress
-from loralab.rundir import RunDir, RunSummary, Status, clear_run_outputs
+from loralab.rundir import RunDir, RunSummary, Status, clear_run_outputs, write_atomic
 from loralab.track import open_trackers
 from loralab.train import distributed
 from loralab.train.attention import segment_attention
@@ -89,6 +89,7 @@ def open_runs(cfgs: list[Config], run_dirs: list[Path], kind: type[GroupAdapters
     for cfg, path in zip(cfgs, run_dirs, strict=True):
         rd = RunDir(path)
         absolute_local_paths(cfg)  # config.yaml names the model and data from anywhere
+        before = None
         if resume:
             check_resume_config(cfg, rd)
             previous = rd.read_summary()
@@ -96,6 +97,8 @@ def open_runs(cfgs: list[Config], run_dirs: list[Path], kind: type[GroupAdapters
                 log.info("%s is already %s; nothing to resume", path, previous["status"])
                 done.append(previous)
                 continue
+            if previous and rd.config.is_file():
+                before = (previous, rd.config.read_text(encoding="utf-8"))
         done.append(None)
         cfg.output.dir = str(path)
         if distributed.writes():  # several ranks: rank 0 writes the run directory
@@ -108,7 +111,7 @@ def open_runs(cfgs: list[Config], run_dirs: list[Path], kind: type[GroupAdapters
                    "base": base_record(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code),
                    **group_extra(path)}
         tracker = open_trackers(cfg, path, resume=resume) if distributed.writes() else None
-        run = Run(len(runs), cfg, rd, summary, tracker=tracker)
+        run = Run(len(runs), cfg, rd, summary, tracker=tracker, before=before)
         run.record()
         runs.append(run)
     return runs, done
@@ -204,6 +207,13 @@ def record_failure(runs: list[Run], exc: BaseException, *, started: bool) -> Exc
         error = f"disk full while writing the run ({exc}); the last complete checkpoint is {last or 'none'}"
         replacement = DiskFullError(error)
     for r in running(runs):
+        if status is Status.INVALID and r.before is not None:  # a resume refused: the run stays as it was
+            summary, config = r.before
+            if distributed.writes():
+                write_atomic(r.dir.config, config, fsync=False)
+            r.summary.clear()
+            r.record(**summary, resume_error=f"--resume refused before its first step: {error}")
+            continue
         r.record(status=status, error=error, **extra)
     return replacement
 

@@ -40,6 +40,8 @@ class Run:
     session_wall_s: float = 0.0  # this session's share of the group's wall time
     scaler: torch.amp.GradScaler | None = None  # fp16: the run's own loss scale
     tracker: Tracker | None = None  # the run's experiment trackers, fed by its metrics writer
+    # a resumed run's summary.json and config.yaml as the resume found them (put back if it is refused)
+    before: tuple[dict[str, Any], str] | None = None
 
     def record(self, **fields: Any) -> None:
         """Update summary.json (atomically)."""
