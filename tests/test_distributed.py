@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from loralab.cli import main
@@ -59,8 +60,11 @@ def one_process(tmp_path_factory, tiny_model_dir):
     return cfg, tmp / "one"
 
 
-def launch(cfg: Path, out: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def launch(cfg: Path, out: Path, *extra: str, threads: str | None = "1") -> subprocess.Popen:
+    """``loralab train CFG --out OUT --nproc 2``; ``threads``: OMP_NUM_THREADS (None: unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = threads
     return subprocess.Popen([sys.executable, "-m", "loralab.cli", "train", str(cfg), "--out", str(out), "--nproc", "2",
                              "--json", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -135,7 +139,7 @@ def files(run: Path) -> list[str]:
 def test_two_processes_equal_one_and_listen_on_loopback_only(one_process, tmp_path):
     cfg, one = one_process
     two = tmp_path / "two"
-    proc = launch(cfg, two)
+    proc = launch(cfg, two, threads=None)  # as a user runs it: the launcher shares out the CPUs
     seen: set[str] = set()
     while proc.poll() is None:  # every socket the launcher and its ranks listen on, while they run
         seen |= listening([proc.pid, *children(proc.pid)])
@@ -155,6 +159,13 @@ def test_two_processes_equal_one_and_listen_on_loopback_only(one_process, tmp_pa
     assert adapter_diff(one, two) < ADAPTER_TOL
     assert summary["tokens_seen"] == json.loads((one / "summary.json").read_text())["tokens_seen"]
     assert files(two) == files(one)  # rank 0 alone wrote: the same files as one process, nothing else
+    # each rank on its share of the CPUs, not torch's default of all of them (2 ranks x 2 threads on 2 cores
+    # trained 4-8x slower than one process)
+    # the process count is recorded: `loralab train --resume` alone goes on with it
+    assert yaml.safe_load((two / "config.yaml").read_text())["distributed"]["nproc"] == 2
+    states = two.glob("checkpoints/*/trainer_state.json")
+    assert {json.loads(p.read_text())["arithmetic"]["threads"] for p in states} == {
+        max(1, len(os.sched_getaffinity(0)) // 2)}
 
 
 @pytest.mark.slow
@@ -174,7 +185,7 @@ def test_killed_rank_leaves_run_interrupted_and_resumes_on_one_process(one_proce
     done = max(losses(run))
     assert done < STEPS
 
-    assert main(["train", "--resume", str(run), "--json"]) == 0  # the 2-process checkpoint on 1 process
+    assert main(["train", "--resume", str(run), "--nproc", "1", "--json"]) == 0  # the 2-process checkpoint on 1
     resumed = json.loads((run / "summary.json").read_text())
     assert resumed["status"] == "completed" and resumed["resumed_from_step"] % 4 == 0
     assert "distributed" not in resumed["extra"]
@@ -277,7 +288,7 @@ def test_fsdp_checkpoint_resumes_on_one_process_and_on_two(one_process, tmp_path
     on_two = tmp_path / "on_two"
     shutil.copytree(paused, on_two)
 
-    assert main(["train", "--resume", str(paused), "--set", "train.stop_at_step=null", "--json"]) == 0
+    assert main(["train", "--resume", str(paused), "--nproc", "1", "--set", "train.stop_at_step=null", "--json"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "loralab.cli", "train", "--resume", str(on_two), "--nproc", "2",
                            "--set", "train.stop_at_step=null", "--json"], env=env, capture_output=True, text=True)

@@ -47,11 +47,15 @@ def one_process(tmp_path_factory, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_ray_train_run_equals_the_one_process_run(tmp_path, one_process, local_ray, capsys):
+def test_ray_train_run_equals_the_one_process_run(tmp_path, one_process, local_ray, capsys, monkeypatch):
+    """Given as a user types them, relative to the working directory (config file and --out):
+    Ray Train starts its workers elsewhere, where they used to miss the config or train into
+    Ray's own session directory."""
     cfg, one = one_process
     capsys.readouterr()
-    assert main(["train", str(cfg), "--out", str(tmp_path / "ray"), "--nproc", "2", "--executor", "ray", "--json",
-                 *STEPS]) == 0
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_bytes(cfg.read_bytes())
+    assert main(["train", "run.yaml", "--out", "ray", "--nproc", "2", "--executor", "ray", "--json", *STEPS]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["status"] == "completed" and summary["steps_done"] == 12
     dist = summary["extra"]["distributed"]

@@ -115,6 +115,11 @@ def launch(worker_args: list[str], *, nproc: int, run_dir: Path, timeout_s: floa
     for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         os.environ.setdefault(name, "lo")  # the collectives' own sockets on loopback, too
     os.environ[LAUNCHER_ENV] = str(os.getpid())  # the ranks inherit it: die_with_launcher
+    threads = rank_threads(nproc)
+    if threads is not None:  # the ranks inherit it; this process's environment is put back after
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        log.info("each rank computes on %d thread(s): this process may use %d CPU(s) (OMP_NUM_THREADS sets "
+                 "another number)", threads, len(os.sched_getaffinity(0)))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=run_id, rdzv_backend=BACKEND,
                           rdzv_endpoint=f"{LOOPBACK}:{port}", rdzv_configs={"handler": handler}, max_restarts=0,
                           monitor_interval=0.5, local_addr=LOOPBACK, role="rank", shutdown_timeout=10,
@@ -136,6 +141,18 @@ def launch(worker_args: list[str], *, nproc: int, run_dir: Path, timeout_s: floa
         err = mark_interrupted(RunDir(run_dir), f"the launcher got {exc.sigval.name}", killed=True)
         err.exit_code = 128 + int(exc.sigval)  # as a shell reports a process ended by that signal (130: Ctrl-C)
         raise err from None
+    finally:
+        if threads is not None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+
+
+def rank_threads(nproc: int) -> int | None:
+    """Torch threads for each of ``nproc`` ranks on this machine: its CPUs shared out (at least
+    one each), so the ranks do not oversubscribe the cores, each with torch's default of one
+    thread per core; None where OMP_NUM_THREADS is set (the user's choice stands)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // nproc)
 
 
 def die_with_launcher() -> None:
@@ -201,8 +218,10 @@ def train_on_processes(args, cfg) -> dict:
 
 
 def worker_args(args, run_dir: Path) -> list[str]:
-    """The command line of every rank: ``train`` with the same config, into ``run_dir``."""
-    sets = [a for o in args.overrides for a in ("--set", o)]
+    """The command line of every rank: ``train`` with the same config, into ``run_dir``; the
+    process count recorded in config.yaml (distributed.nproc), so ``--resume`` alone continues
+    the run on as many processes as it started on."""
+    sets = [a for o in [*args.overrides, f"distributed.nproc={args.nproc}"] for a in ("--set", o)]
     if args.resume:
         worker = ["train", "--resume", str(run_dir), *sets]
     else:

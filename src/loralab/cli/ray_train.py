@@ -48,6 +48,8 @@ def ray_worker(config: dict[str, Any]) -> None:
     imports this module."""
     import importlib
 
+    if os.path.isdir(config["cwd"]):  # Ray Train starts workers in a directory of its own: paths given
+        os.chdir(config["cwd"])  # relative to the user's (config, --out, the config's paths) mean the same here
     errors: list[LoralabError] = []
     code = importlib.import_module("loralab.cli").main(config["argv"], errors=errors)
     if code != 0:
@@ -98,7 +100,7 @@ def train_on_ray(args, cfg) -> dict:
     gpu = check_resources(ray.cluster_resources(), cfg.model.device, args.nproc)
     storage = tempfile.mkdtemp(prefix="loralab-ray-")  # Ray Train's own records; the run's are in run_dir
     trainer = TorchTrainer(
-        ray_worker, train_loop_config={"argv": worker_args(args, run_dir)},
+        ray_worker, train_loop_config={"argv": worker_args(args, run_dir), "cwd": os.getcwd()},
         torch_config=TorchConfig(init_method="env", timeout_s=cfg.distributed.timeout_s),
         scaling_config=ScalingConfig(num_workers=args.nproc, use_gpu=gpu,
                                      resources_per_worker={"CPU": 1, **({"GPU": 1} if gpu else {})}),
