@@ -13,7 +13,7 @@ import pytest
 import loralab
 from loralab import api
 from loralab.config import Config
-from loralab.errors import ConfigError, DataError
+from loralab.errors import ConfigError, DataError, ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(model={"path": "builtin:tiny", "device": "cpu"},
@@ -75,6 +75,22 @@ def test_train_result_resume_estimate_and_evaluate(tmp_path):
     rows = api.evaluate("builtin:tiny", adapters=[out], tasks=["arithmetic_2ds"], limit=4)
     assert [(r["adapter"], r["task"], r["metric"], r["n"]) for r in rows if r["metric"] == "exact_match"] == [
         (None, "arithmetic_2ds", "exact_match", 4), (str(out), "arithmetic_2ds", "exact_match", 4)]
+
+
+def test_train_again_into_a_run_is_refused_and_evaluate_checks_the_base(tmp_path, tiny_model_dir):
+    """A notebook cell run again: api.train into a directory holding a run is refused, every file
+    as it was, unless overwrite=True (it used to replace the run, a paused run's checkpoints
+    too); api.evaluate refuses an adapter on a base it was not trained on, as `loralab eval`."""
+    out = tmp_path / "run"
+    small = {**SMALL, "train": {**SMALL["train"], "max_steps": 2}}
+    api.train(out=out, overrides=["train.stop_at_step=1", "train.checkpoint_every=1"], **small)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"holds an earlier run \(paused; .*resume=True.*overwrite=True"):
+        api.train(out=out, **small)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert api.train(out=out, overwrite=True, **small).status == "completed"
+    with pytest.raises(ModelError, match="was trained on builtin:tiny .* not on"):
+        api.evaluate(tiny_model_dir("llama"), adapters=[out], tasks="arithmetic_2ds", limit=2)
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ from typing import Any
 
 from loralab.config import Config, apply_overrides, config_from_dict, read_yaml
 from loralab.errors import ConfigError, LoralabError
-from loralab.rundir import CONFIG, RunDir
+from loralab.rundir import CONFIG, RunDir, check_fresh_run_dir, run_dir_of
 
 __all__ = ["Report", "Study", "TrainResult", "estimate", "evaluate", "load_config", "train"]
 
@@ -110,11 +110,13 @@ class TrainResult:
 
 
 def train(config: ConfigSource = None, *, out: str | Path | None = None, resume: bool = False,
-          track: list[str] | str | None = None, show_progress: bool = False,
+          overwrite: bool = False, track: list[str] | str | None = None, show_progress: bool = False,
           overrides: list[str] | None = None, **sections: dict[str, Any]) -> TrainResult:
     """One run, as ``loralab train``: ``config`` as load_config takes it, ``out`` the run
     directory, ``track`` trackers (tensorboard, mlflow, wandb). ``resume=True`` continues
-    ``out`` (or the config's output.dir) from its newest checkpoint with its config.yaml.
+    ``out`` (or the config's output.dir) from its newest checkpoint with its config.yaml. A
+    directory that holds an earlier run's adapter or checkpoints is refused (a notebook cell run
+    again would replace it) unless ``overwrite=True``.
 
     A failed run raises its LoralabError after writing summary.json, as the CLI does."""
     from loralab.train.loop import train as train_run
@@ -135,15 +137,21 @@ def train(config: ConfigSource = None, *, out: str | Path | None = None, resume:
         raise ConfigError(f"distributed.nproc {cfg.distributed.nproc}: a run on several processes is launched by "
                           "the command line (loralab train CONFIG, or torchrun); loralab.api.train trains in this "
                           "process: set distributed.nproc=1")
+    if not resume:
+        run = RunDir(run_dir_of(cfg))
+        check_fresh_run_dir(run, overwrite=overwrite, resume_how=f"api.train(out={str(run.root)!r}, resume=True)",
+                            other_how="another out", overwrite_how="overwrite=True")
     summary = train_run(cfg, show_progress=show_progress, resume=resume)
     return TrainResult(summary=summary, run_dir=Path(summary["run_dir"]))
 
 
 def evaluate(model: str | Path = "builtin:tiny", *, adapters: list[str | Path] | None = None,
              tasks: str | list[str] = "arithmetic_2ds,arithmetic_4ds,world_mc,world_pairs",
-             limit: int | None = None, batch_size: int = 16) -> list[dict[str, Any]]:
+             limit: int | None = None, batch_size: int = 16, force: bool = False) -> list[dict[str, Any]]:
     """Score the base and each adapter (run or adapter directory) on tasks, as ``loralab eval``:
-    one dict per (model, task, metric) with value, ci_low, ci_high, n."""
+    one dict per (model, task, metric) with value, ci_low, ci_high, n. An adapter recorded for
+    another base is refused (ModelError) unless ``force``."""
+    from loralab.adapters import check_adapter_base
     from loralab.errors import DataError
     from loralab.evaluate.score import evaluate as evaluate_models
     from loralab.evaluate.task_list import resolve_tasks
@@ -153,6 +161,8 @@ def evaluate(model: str | Path = "builtin:tiny", *, adapters: list[str | Path] |
     if batch_size < 1:
         raise DataError("--batch-size must be a positive integer")
     names = tasks if isinstance(tasks, str) else ",".join(tasks)
+    for adapter in adapters or []:
+        check_adapter_base(adapter, str(model), force=force)
     return evaluate_models(str(model), [str(a) for a in adapters or []], resolve_tasks(names, limit),
                            batch_size=batch_size)
 

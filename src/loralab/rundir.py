@@ -297,6 +297,23 @@ def earlier_results(run: RunDir) -> list[str]:
     return [f"{p.name}/" for p in (run.adapter, run.checkpoints) if p.is_dir() and any(p.iterdir())]
 
 
+def check_fresh_run_dir(run: RunDir, *, overwrite: bool, resume_how: str, other_how: str,
+                        overwrite_how: str) -> None:
+    """Refuse (ConfigError, exit 2, nothing touched) a fresh run in a directory that holds an
+    earlier run's adapter or checkpoints, unless ``overwrite``; the message says how to resume it,
+    go elsewhere or replace it in the caller's terms (the command line's flags, the API's
+    arguments)."""
+    from loralab.errors import ConfigError
+
+    found = earlier_results(run)
+    if not found or overwrite:
+        return
+    status = (run.read_summary() or {}).get("status")
+    raise ConfigError(f"{run.root} holds an earlier run ({status or 'no summary'}; {', '.join(found)}), which a new "
+                      f"run there would replace; nothing was changed. Continue it with {resume_how}, choose "
+                      f"{other_how}, or pass {overwrite_how} to replace it")
+
+
 def clear_run_outputs(run: RunDir) -> None:
     """What an earlier run left that a fresh run must not inherit: checkpoints (never to be
     resumed), metric lines (never to be appended to) and the adapter (never to stand for this

@@ -246,7 +246,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = _checked_config(args)
         if not distributed.launched():  # a rank's launcher checked it
-            check_fresh_run_dir(RunDir(run_dir_of(cfg)), overwrite=args.overwrite)
+            from loralab.rundir import check_fresh_run_dir
+
+            run = RunDir(run_dir_of(cfg))
+            check_fresh_run_dir(run, overwrite=args.overwrite, resume_how=f"`loralab train --resume {run.root}`",
+                                other_how="another --out", overwrite_how="--overwrite")
     if args.address and args.executor != "ray":
         from loralab.errors import ConfigError
 
@@ -273,20 +277,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                 return 0  # rank 0 answers for the run
     emit_json(summary) if args.json else _print_summary(summary)
     return 0
-
-
-def check_fresh_run_dir(run: RunDir, *, overwrite: bool) -> None:
-    """Refuse (ConfigError, exit 2, nothing touched) a fresh run in a directory that holds an
-    earlier run's adapter or checkpoints, unless ``overwrite``."""
-    from loralab.errors import ConfigError
-
-    found = earlier_results(run)
-    if not found or overwrite:
-        return
-    status = (run.read_summary() or {}).get("status")
-    raise ConfigError(f"{run.root} holds an earlier run ({status or 'no summary'}; {', '.join(found)}), which a new "
-                      f"run there would replace; nothing was changed. Continue it with `loralab train --resume "
-                      f"{run.root}`, choose another --out, or pass --overwrite to replace it")
 
 
 def check_not_paused_again(run: RunDir, cfg) -> None:
