@@ -385,6 +385,14 @@ def test_runs_list_show_compare_see_train_runs(capsys, tiny_model_dir, tmp_path)
     assert {r["field"]: (r["a"], r["b"]) for r in compared["rows"]}["lora.r"] == (4, 8)
     code, _, err = run_cli(capsys, "runs", "show", "nope", "--out", str(out))
     assert code == 2 and f"no run directory nope (nor {out / 'nope'})" in err
+    # a directory that is not there, a status that does not exist: said, not "no runs"
+    code, stdout, err = run_cli(capsys, "runs", "list", "--out", str(tmp_path / "nowhere"), "--json")
+    assert code == 2 and "no such directory" in json.loads(stdout)["error"]
+    for argv, said in ((["runs", "list", "--out", str(out), "--status", "complete"], "invalid choice: 'complete'"),
+                       (["generate", "--max-new-tokens", "0", "hi"], "--max-new-tokens must be a whole number")):
+        with pytest.raises(SystemExit) as ended:
+            main(argv)
+        assert ended.value.code == 2 and said in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- 10. a run picks its device

@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: the run's: chat for a run trained on chat data, else its data.template; "
                         "alpaca without a run)")
     p.add_argument("--raw", action="store_true", help="send the prompt as is (--template none)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=64)
     p.add_argument("--stop", help="cut each generation at this string (generation stops there too)")
     add_model_flags(p, from_run=True)
     add_force_arg(p)
@@ -102,6 +102,15 @@ def add_model_flags(p: argparse.ArgumentParser, *, from_run: bool = False) -> No
     p.add_argument("--device", type=device_arg, default=None if from_run else "auto",
                    help="auto = cuda when usable, else cpu; cuda (or cuda:N, the Nth GPU) fails clearly when CUDA "
                         "is not usable" + (default or " (default auto)"))
+
+
+def positive_int(flag: str):
+    """An argparse type: a whole number, at least 1, refused naming ``flag``."""
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be a whole number, at least 1 (got {text!r})")
+        return int(text)
+    return parse
 
 
 def nproc_arg(text: str) -> int:

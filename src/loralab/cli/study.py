@@ -122,7 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = rsub.add_parser("list", help="one line per run")
     p.add_argument("--study", help="only this study (default: every study under --out, and the run directories "
                                    "of `loralab train` there)")
-    p.add_argument("--status", help="only runs with this status")
+    p.add_argument("--status", choices=[s.value for s in Status], help="only runs with this status")
     _root_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs_list)
@@ -329,6 +329,8 @@ def export_to_tracker(args: argparse.Namespace) -> int:
 
 
 def cmd_runs_list(args: argparse.Namespace) -> int:
+    if not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out}: no such directory (where studies and `loralab train` runs were written)")
     if args.study:
         names = [args.study]
     else:
