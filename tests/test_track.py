@@ -112,14 +112,16 @@ def wandb_run(run_dir: Path) -> dict:
 
 
 def by_step(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """One value per step: tokens_seen is on a step's train and eval lines alike, and MLflow
-    and W&B keep one point for the same (step, value)."""
+    """One value per step: tokens_seen is on a step's train and eval lines alike in
+    metrics.jsonl, and the trackers get it once."""
     return list(dict(points).items())
 
 
 def assert_same_series(got: dict[str, list[tuple[int, float]]], want: dict[str, list[tuple[int, float]]], rel=1e-6):
+    """Each tracker series holds metrics.jsonl's values, one point per step (MLflow kept two
+    identical tokens_seen points at every evaluation step)."""
     for name, points in want.items():
-        g, w = by_step(got[name]), by_step(points)
+        g, w = got[name], by_step(points)
         assert [s for s, _ in g] == [s for s, _ in w], name
         assert [v for _, v in g] == pytest.approx([v for _, v in w], rel=rel, nan_ok=True), name
 

@@ -66,6 +66,7 @@ class Tracker:
         self.records: dict[str, Any] = dict(state or {})  # tracking.json: backend -> state or error
         self.sinks: dict[str, Sink] = {}
         self.tracking = tracking
+        self._step, self._at_step = None, {}  # the values already sent at the current step
 
     def open(self, params: dict[str, Any], *, resume: bool) -> Tracker:
         tags = axis_tags(self.tracking, params)
@@ -91,6 +92,11 @@ class Tracker:
     def log(self, row: dict[str, Any]) -> None:
         """One metrics.jsonl row: its numbers at its step (strings such as ``event`` are left out)."""
         values = {k: float(v) for k, v in row.items() if k != "step" and is_number(v)}
+        if row.get("step") != self._step:
+            self._step, self._at_step = row.get("step"), {}
+        # a step's train and evaluation lines both carry tokens_seen: one point, not two
+        values = {k: v for k, v in values.items() if self._at_step.get(k) != v}
+        self._at_step.update(values)
         if values and isinstance(row.get("step"), int):
             for backend, sink in list(self.sinks.items()):
                 self._call(backend, sink.log_metrics, row["step"], values)
