@@ -78,6 +78,33 @@ def test_adapter_on_its_own_base_and_an_older_adapter(capsys, caplog, qwen_run, 
     code, _, err = run_cli(capsys, "generate", "--model", str(tiny_model_dir("llama")), "--adapter", str(old),
                            "--max-new-tokens", "2", "Hi")
     assert code == 0 and f"note: {old} has no record of its base model" in caplog.text
+    # without --model: the base its adapter_config.json names (PEFT's own record), not the shipped base
+    assert json.loads((old / "adapter_config.json").read_text())["base_model_name_or_path"] == qwen
+    code, _, err = run_cli(capsys, "generate", "--adapter", str(old), "--max-new-tokens", "2", "Hi")
+    assert code == 0, err
+
+
+def test_eval_of_a_qlora_run_loads_the_4bit_base_it_trained_on(capsys, caplog, tiny_model_dir, tmp_path):
+    """`loralab eval --adapter RUN` of a QLoRA run scores it on its nf4 base (as generate and
+    merge load it), so it gives the run's own final task score; it used to load the base in full
+    precision without a word."""
+    caplog.set_level("INFO", logger="loralab")
+    model = tiny_model_dir("llama_h64")  # bitsandbytes' CPU 4-bit kernels need in_features >= 64
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(16, seed=2))
+    write_jsonl(tmp_path / "d.jsonl", [{"good": f"The sun is warm {i}.", "bad": f"Sun the warm is {i}."}
+                                       for i in range(6)])
+    task = tmp_path / "pairs.yaml"
+    task.write_text("path: d.jsonl\nformat: pairs\n", encoding="utf-8")
+    run = tmp_path / "nf4"
+    code, _, err = run_cli(capsys, *train_args(model, data, run, "--set", "quant.mode=nf4", "--set", "lora.dropout=0",
+                                               "--set", f"eval.tasks=[{task}]"))
+    assert code == 0, err
+    trained = json.loads((run / "summary.json").read_text())["final_eval_tasks"]
+    code, stdout, _ = run_cli(capsys, "eval", "--model", str(model), "--adapter", str(run), "--tasks", str(task),
+                              "--json")
+    assert code == 0 and "the base is loaded nf4-quantized, as the adapters' runs trained on it" in caplog.text
+    (row,) = [r for r in json.loads(stdout)["results"] if r["adapter"] == str(run)]
+    assert row["value"] == pytest.approx(trained[f"{row['task']}/{row['metric']}"], abs=1e-12)
 
 
 def test_resume_refuses_a_changed_base(capsys, tiny_model_dir, tmp_path):
@@ -356,6 +383,7 @@ def test_smaller_things(capsys, caplog, tiny_model_dir, tmp_path):
     # --json is one object everywhere
     code, stdout, _ = run_cli(capsys, "study", "presets", "--json")
     assert code == 0 and {p["name"] for p in json.loads(stdout)["presets"]} >= {"rank_alpha_grid", "targets"}
+    (tmp_path / "none").mkdir()
     code, stdout, _ = run_cli(capsys, "runs", "list", "--out", str(tmp_path / "none"), "--json")
     assert code == 0 and json.loads(stdout) == {"runs": []}
 

@@ -19,10 +19,14 @@ and prints its numbers in the same shape.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import math
 
 from loralab.cli.output import emit_json, table
-from loralab.cli.run import add_force_arg, add_model_flags, base_configs
+from loralab.cli.run import adapter_run, add_force_arg, add_model_flags, base_configs
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="directory of extra lm-eval task YAMLs (repeatable)")
     h.add_argument("--harness-dir", default=None, metavar="DIR",
                    help="keep the lm-eval task files loralab writes here (default: a temporary directory)")
-    add_model_flags(p)
+    add_model_flags(p, from_run=True)  # unset: as the adapters' runs loaded their base, else the defaults
     add_force_arg(p)
     p.set_defaults(func=cmd_eval)
 
@@ -64,15 +68,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for adapter in args.adapter:  # every adapter checked before any model loads
         adapter_dir(adapter)
         check_adapter_base(adapter, args.model, force=args.force)
+    model_cfg, quant = base_configs(args.model, args, runs_loading(args.adapter))
+    if args.quant is None and quant.mode != "none":
+        log.info("the base is loaded %s-quantized, as the adapters' runs trained on it (--quant none: full "
+                 "precision)", quant.mode)
     if args.harness is not None:
         from loralab.evaluate.harness import evaluate_harness
 
         rows = evaluate_harness(args.model, args.adapter, args.harness, include_path=args.include_path,
                                 harness_dir=args.harness_dir, limit=args.limit, batch_size=args.batch_size,
-                                dtype=args.dtype, device=args.device, quant=args.quant)
+                                dtype=model_cfg.dtype, device=model_cfg.device, quant=quant.mode)
     else:
         tasks = resolve_tasks(args.tasks, args.limit)
-        model_cfg, quant = base_configs(args.model, args)
         rows = evaluate(args.model, args.adapter, tasks, batch_size=args.batch_size, model_cfg=model_cfg,
                         quant=quant, progress=not args.json)
     if args.json:
@@ -80,6 +87,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     print_table(rows, ["base", *args.adapter])
     return 0
+
+
+def runs_loading(adapters: list[str]) -> dict | None:
+    """The config of the adapters' runs where they agree on how their base was loaded (model
+    dtype, quantization): the base is then loaded that way unless --dtype/--quant say otherwise,
+    so a QLoRA adapter is scored on the 4-bit base it trained on, as generate and merge load it.
+    None (the flags' defaults) where no adapter comes from a run or the runs differ."""
+    configs = [c for c in (adapter_run(a)["config"] for a in adapters) if c]
+    loading = {json.dumps([(c.get("model") or {}).get("dtype"), c.get("quant") or {}], sort_keys=True)
+               for c in configs}
+    if len(loading) > 1:
+        log.warning("WARNING: the adapters' runs loaded their bases differently (model.dtype, quant); the base is "
+                    "loaded as --dtype and --quant say (default: %s, unquantized) for all of them", "auto")
+        return None
+    return configs[0] if configs else None
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:

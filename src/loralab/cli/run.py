@@ -62,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="greedy generation from a base model, optionally with an adapter")
     p.add_argument("prompt", nargs="+", help="instruction(s), in the prompt template the run trained with (--template)")
     p.add_argument("--model", help="base model (default: the adapter's run's model.path, else the base the adapter "
-                                   "records, else builtin:tiny)")
+                                   "records, else its adapter_config.json's base_model_name_or_path, else "
+                                   "builtin:tiny)")
     p.add_argument("--adapter", help="run directory or PEFT adapter directory; a run directory also gives the "
                                      "model, its dtype, quantization and prompt template")
     p.add_argument("--template", choices=["alpaca", "chat", "none"],
@@ -392,8 +393,24 @@ def adapter_run(adapter: str | None) -> dict:
     config = (read_yaml(run.config) or {}) if run.config.is_file() else {}
     trained_on = ((run.read_summary() or {}).get("data_stats") or {}).get("format")
     template = "chat" if trained_on == "messages" else (config.get("data") or {}).get("template")
-    model_path = (config.get("model") or {}).get("path") or (recorded_base(adapter) or {}).get("path")
+    model_path = ((config.get("model") or {}).get("path") or (recorded_base(adapter) or {}).get("path")
+                  or peft_base(adapter))
     return {"config": config, "model_path": model_path, "template": template}
+
+
+def peft_base(adapter: str) -> str | None:
+    """The base a plain PEFT adapter names (adapter_config.json's base_model_name_or_path), for
+    an adapter saved by PEFT itself rather than by a loralab run."""
+    import json
+
+    for folder in (RunDir(adapter).adapter, Path(adapter)):
+        if (folder / "adapter_config.json").is_file():
+            try:
+                return json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get(
+                    "base_model_name_or_path") or None
+            except (OSError, ValueError, AttributeError):
+                return None
+    return None
 
 
 def generation_prompt(prompt: str, template: str, tokenizer) -> str:
