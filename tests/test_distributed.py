@@ -333,6 +333,22 @@ def test_bad_nproc_and_strategy_refused(tmp_path, capsys, tiny_model_dir):
     assert "distributed.strategy must be one of 'ddp', 'fsdp' (got 'zero')" in capsys.readouterr().err
 
 
+def test_a_resume_with_a_changed_config_is_refused_before_any_process_starts(tmp_path, capsys, caplog,
+                                                                             tiny_model_dir):
+    """It used to launch the ranks, which refused it, and end with the run's stale 'continue it with
+    --resume' error, the real reason only in the ranks' lines."""
+    cfg = write_config(tmp_path, tiny_model_dir("llama"))
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(run), "--set", "train.stop_at_step=2"]) == 0
+    before = (run / "summary.json").read_bytes()
+    capsys.readouterr()
+    caplog.set_level("INFO", logger="loralab")
+    assert main(["train", "--resume", str(run), "--nproc", "2", "--set", "train.batch_size=12"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume {run} with a changed train.batch_size (6 -> 12)" in err
+    assert "training on 2 processes" not in caplog.text and (run / "summary.json").read_bytes() == before
+
+
 def test_launcher_store_listens_on_loopback_only():
     from loralab.cli.launch import loopback_store
 
