@@ -431,9 +431,17 @@ def test_a_rank_that_found_bad_input_ends_the_run_invalid_before_rank_0_wrote_an
     assert str(mark_interrupted(run, "rank 0 ended with exit code 2", killed=False, code=2)).endswith(
         "the run ended invalid: data.path /x/missing.jsonl: no such file")
     killed = RunDir(tmp_path / "killed")
+    killed.root.mkdir()
+    killed.config.write_text("lora: {r: 4}\n", encoding="utf-8")  # rank 0 had started the run
     assert "continue it with: loralab train --resume" in str(mark_interrupted(killed, "rank 1 ended with SIGKILL",
                                                                               killed=True, code=-9))
     assert killed.read_summary()["status"] == "interrupted"
+    # stopped before rank 0 wrote config.yaml (Ctrl-C during start-up): nothing to resume, so no --resume advice
+    early = RunDir(tmp_path / "early")
+    said = str(mark_interrupted(early, "the launcher got SIGINT", killed=True))
+    assert said == (f"the launcher got SIGINT before the run started (no config.yaml in {early.root} yet); "
+                    "start it again")
+    assert early.read_summary()["error"] == said and "--resume" not in said
 
 
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -200,7 +200,10 @@ def mark_interrupted(run: RunDir, what: str, *, killed: bool, code: int | None =
         error = error or f"{what}: bad input, found before the first step (that rank's message is above)"
         write_atomic(run.summary, {**summary, "status": Status.INVALID, "error": error, "run_dir": str(run.root)})
         return LoralabError(f"{what}; the run ended {Status.INVALID.value}: {error}")
-    error = f"{what}; continue it with: loralab train --resume {run.root}"
+    if run.config.is_file():
+        error = f"{what}; continue it with: loralab train --resume {run.root}"
+    else:  # stopped before rank 0 wrote the run's config: nothing to resume
+        error = f"{what} before the run started (no {run.config.name} in {run.root} yet); start it again"
     write_atomic(run.summary, {**summary, "status": Status.INTERRUPTED, "error": error, "run_dir": str(run.root)})
     return InterruptedRun(error)
 
