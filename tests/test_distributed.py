@@ -333,6 +333,17 @@ def test_bad_nproc_and_strategy_refused(tmp_path, capsys, tiny_model_dir):
     assert "distributed.strategy must be one of 'ddp', 'fsdp' (got 'zero')" in capsys.readouterr().err
 
 
+def test_nproc_under_a_launchers_environment_is_refused(tmp_path, capsys, tiny_model_dir, monkeypatch):
+    """RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT left in a shell or a cluster job: --nproc 2
+    trained on one process without a word; now refused, naming the variables."""
+    cfg = write_config(tmp_path, tiny_model_dir("llama"))
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"}.items():
+        monkeypatch.setenv(k, v)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "r"), "--nproc", "2"]) == 2
+    assert "--nproc 2, but this process runs as rank 0 of 1 (RANK, WORLD_SIZE" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "adapter").exists()
+
+
 def test_a_resume_with_a_changed_config_is_refused_before_any_process_starts(tmp_path, capsys, caplog,
                                                                              tiny_model_dir):
     """It used to launch the ranks, which refused it, and end with the run's stale 'continue it with

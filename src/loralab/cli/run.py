@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -273,6 +274,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         from loralab.cli.launch import die_with_launcher
 
         die_with_launcher()
+    if args.nproc and distributed.launched() and args.nproc != int(os.environ["WORLD_SIZE"]):
+        from loralab.errors import ConfigError
+
+        raise ConfigError(f"--nproc {args.nproc}, but this process runs as rank {os.environ['RANK']} of "
+                          f"{os.environ['WORLD_SIZE']} (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are set in the "
+                          "environment, as torchrun sets them): unset them for loralab to launch the processes, or "
+                          "drop --nproc under torchrun")
     args.nproc = args.nproc or cfg.distributed.nproc  # the flag wins over the config's key
     if args.executor == "ray" and not distributed.launched():  # N Ray Train workers (loralab.cli.ray_train)
         from loralab.cli.ray_train import train_on_ray
