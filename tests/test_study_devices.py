@@ -65,6 +65,22 @@ def test_a_run_wider_than_the_study_is_skipped_with_the_reason(tmp_path, tiny_mo
     assert bad.returncode == 2 and "--gpus-per-run must be >= 1 (got 0)" in bad.stderr
 
 
+@pytest.mark.slow  # a local Ray instance: ~30 s
+def test_a_run_wider_than_the_ray_cluster_is_skipped_not_waited_for(tmp_path, tiny_model_dir):
+    """On Ray a run on more processes than the cluster has CPUs was submitted and waited for
+    forever (Ray never schedules it); it is skipped with the reason, as the local pool skips it."""
+    pytest.importorskip("ray")
+    spec = studytools.write_study(tmp_path, "wide", base(tiny_model_dir("llama")), axes={"lora.r": [2]})
+    root = tmp_path / "runs"
+    cpus = len(os.sched_getaffinity(0))
+    done = study_run(spec, root, "--executor", "ray", "--gpus-per-run", str(cpus + 1))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = studytools.rows_of(root / "wide" / "study.db").values()
+    assert row["status"] == "skipped"
+    assert row["error"] == (f"the run trains on {cpus + 1} processes (distributed.nproc), one device each, but the "
+                            f"study has {cpus} CPUs in the Ray cluster (one per process)")
+
+
 def test_gpu_slots_give_a_run_on_several_processes_one_gpu_each():
     gpus = GpuSlots(["0", "1", "2"], capacity=10)
     assert gpus.acquire(4, 2) == "0,1"

@@ -176,7 +176,13 @@ def _scheduler(store: Store, opts: StudyOptions, *, on_gpu: bool, t0: float, bar
         from loralab.study.backends.ray import RayBackend
 
         backend = RayBackend(address=opts.address, gpu_memory=opts.max_memory)
-        return Scheduler(store, backend, workers=opts.workers or widest, **kw), budget
+        workers, slots = opts.workers or widest, "worker slots (--workers)"
+        cpus = backend.process_slots()
+        if not on_gpu and cpus < workers:  # a task asking for more CPUs than the cluster has would wait forever
+            log.info("the Ray cluster has CPUs for %d process(es) at once: at most %d worker(s); a run on more "
+                     "processes is skipped", cpus, cpus)
+            workers, slots = cpus, "CPUs in the Ray cluster (one per process)"
+        return Scheduler(store, backend, workers=workers, slots=slots, **kw), budget
     from loralab.study.backends.local import LocalBackend
 
     ids = opts.gpus if opts.gpus is not None else (visible_gpus() if on_gpu else [])

@@ -356,8 +356,9 @@ class Scheduler:
     each run's outcome, runs killed runs again, honours the deadline and the GPU slots."""
 
     def __init__(self, store: Store, backend: Backend, *, workers: int, retries: int = 1, max_attempts: int = 3,
-                 deadline: float | None = None, gpus: GpuSlots | None = None, bar: tqdm | None = None):
-        self.store, self.backend, self.workers = store, backend, workers
+                 deadline: float | None = None, gpus: GpuSlots | None = None, bar: tqdm | None = None,
+                 slots: str = "worker slots (--workers)"):
+        self.store, self.backend, self.workers, self.slots = store, backend, workers, slots
         self.retries, self.max_attempts, self.deadline, self.gpus = retries, max_attempts, deadline, gpus
         self.threads = max(1, (os.cpu_count() or 1) // workers)
         self.tries: dict[int, int] = {}
@@ -414,7 +415,7 @@ class Scheduler:
         have = len(self.gpus.ids) if self.gpus is not None and unit.on_gpu else self.workers
         if unit.size <= have:
             return False
-        what = "GPUs" if self.gpus is not None and unit.on_gpu else "worker slots (--workers)"
+        what = "GPUs" if self.gpus is not None and unit.on_gpu else self.slots
         for t in unit.tasks:
             self.store.skip(t.run_id, f"the run trains on {unit.size} processes (distributed.nproc), one device "
                                       f"each, but the study has {have} {what}")

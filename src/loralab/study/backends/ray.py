@@ -175,6 +175,10 @@ class RayBackend:
         self.gpu_memory, self.cpus = gpu_memory, cpus
         self.task = self.ray.remote(_unit_task)
 
+    def process_slots(self) -> int:
+        """How many processes the cluster's CPUs run at once (``cpus`` each; at least 1)."""
+        return max(1, int(self.ray.cluster_resources().get("CPU", 1) // self.cpus))
+
     def start(self, unit: UnitSpec, *, memory: int | None, threads: int) -> RayHandle:
         """Submit the unit; ``threads`` (the driver machine's share) is not used: a node's
         CPUs are Ray's to give, ``cpus`` per process of the unit (a run on K processes asks for
