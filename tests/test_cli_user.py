@@ -6,6 +6,7 @@ that nothing was half-written."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -244,7 +245,7 @@ def test_study_dry_run_makes_the_runs_checks_and_a_real_run_starts_none(capsys, 
     assert not out.exists()
 
 
-@pytest.mark.slow  # two studies, each run in its own `loralab train` process: ~25 s
+@pytest.mark.slow  # three studies, each run in its own `loralab train` process: ~35 s
 def test_study_exit_codes_and_name(capsys, tiny_model_dir, tmp_path):
     from studytools import write_study
 
@@ -257,7 +258,19 @@ def test_study_exit_codes_and_name(capsys, tiny_model_dir, tmp_path):
     assert code == 0 and "PosixPath" not in stdout and f"html: {out / 's' / 'report' / 'report.html'}" in stdout
     # the same study with a changed config: refused, pointing at --name
     code, _, err = run_cli(capsys, "study", "run", str(study), "--out", str(out), "--set", "data.val_max_examples=2")
-    assert code == 2 and "already has a run 'r4' with a different config" in err and "--name NEW_NAME" in err
+    assert code == 2 and "--name NEW_NAME" in err
+    assert "already has a run 'r4' with a different config (data.val_max_examples 4 -> 2)" in err  # names the key
+    # run again from another directory after the model moved: the completed run is neither checked nor planned
+    moved = tmp_path / "moved-model"
+    shutil.copytree(tiny_model_dir("qwen2"), moved)
+    moved_study = write_study(tmp_path, "m", base=study_base(moved, data), axes={"lora.r": [4]})
+    assert run_cli(capsys, "study", "run", str(moved_study), "--out", str(out))[0] == 0
+    shutil.rmtree(moved)
+    for dry in (["--dry-run"], []):
+        code, stdout, err = run_cli(capsys, "study", "run", str(moved_study), "--out", str(out), *dry)
+        assert code == 0 and "invalid" not in stdout + err, stdout + err
+    assert "every run already completed (1)" in run_cli(capsys, "study", "run", str(moved_study), "--out", str(out),
+                                                        "--dry-run")[1]
     # --name starts a fresh study; its run ends invalid (every validation example truncated away): exit 1
     long = [{"instruction": "Summarize: " + "the river runs by the old mill " * 20, "input": "",
              "output": "A mill."}] * 3

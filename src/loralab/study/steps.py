@@ -22,6 +22,7 @@ from typing import Any
 
 from loralab.config import Config, config_from_dict
 from loralab.errors import LoralabError
+from loralab.rundir import RunDir, Status
 from loralab.units import human_duration
 
 FLOOR_STEPS = 20  # below this, a run has barely left its initialisation and settings cannot be told apart
@@ -55,6 +56,7 @@ class StepPlan:
     runs: list[RunSteps]  # the runs that will train
     seed_steps: int | None  # the seed's optimizer steps per run, where the study file states them
     invalid: dict[str, str] = field(default_factory=dict)  # run name -> why it is invalid here (loralab.preflight)
+    completed: int = 0  # runs already completed (a study run again): not planned, not checked again
 
     @property
     def seconds(self) -> float | None:
@@ -65,7 +67,8 @@ class StepPlan:
         """Each run's steps and tokens (one line when every run trains alike), against the seed's
         steps, and the time of the whole study."""
         if not self.runs:
-            return ["no run can train here"]
+            return [f"every run already completed ({self.completed})" if self.completed and not self.invalid
+                    else "no run can train here"]
         alike = {(r.steps, r.examples, r.batch_size, r.epochs, r.max_steps) for r in self.runs}
         if len(alike) == 1:
             out = [f"every run: {self.runs[0].describe(self.seed_steps)}"]
@@ -108,6 +111,7 @@ class StepPlan:
 
     def to_json(self) -> dict[str, Any]:
         return {"runs": [r.__dict__ for r in self.runs], "seed_steps": self.seed_steps, "invalid": self.invalid,
+                "completed": self.completed,
                 "seconds_lower_bound": self.seconds, "floor": FLOOR_STEPS, "warning": self.warning()}
 
 
@@ -119,8 +123,12 @@ def step_plan(study: Any) -> StepPlan:
     from loralab.study.scheduler import run_device
 
     data_cache: dict[str, tuple[int, float, int]] = {}
-    runs, invalid = [], {}
+    runs, invalid, completed = [], {}, 0
     for spec in study.runs:
+        out = spec.config.get("output", {}).get("dir")
+        if out and (RunDir(out).read_summary() or {}).get("status") == Status.COMPLETED:
+            completed += 1  # as preflight: a completed run is not checked again (its model may have moved)
+            continue
         cfg = config_from_dict(spec.config, source=f"run {spec.name}")
         try:  # the scheduler's own check (such a run never trains), then the run's data
             check_run(cfg, device=run_device(cfg.model.device))
@@ -135,7 +143,7 @@ def step_plan(study: Any) -> StepPlan:
                              epochs=cfg.train.epochs, max_steps=cfg.train.max_steps or None,
                              tokens=round(steps * cfg.train.batch_size * mean_len),
                              seconds=_seconds(cfg, seq, steps)))
-    return StepPlan(runs=runs, seed_steps=study.seed.get("steps"), invalid=invalid)
+    return StepPlan(runs=runs, seed_steps=study.seed.get("steps"), invalid=invalid, completed=completed)
 
 
 def _data(cfg: Config, cache: dict[str, tuple[int, float, int]]) -> tuple[int, float, int]:

@@ -148,10 +148,16 @@ class Store:
                 config_json = json.dumps(run.config, sort_keys=True, default=str)
                 if run.name in existing:
                     if existing[run.name] != config_json:
+                        from loralab.config import flat_keys
+
+                        was, now = flat_keys(json.loads(existing[run.name])), flat_keys(json.loads(config_json))
+                        keys = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+                        changed = ", ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in keys[:4]) + (
+                            f" and {len(keys) - 4} more" if len(keys) > 4 else "")
                         raise ConfigError(
-                            f"study {name!r} in {self.path} already has a run {run.name!r} with a different config; "
-                            "start a fresh study with `loralab study run ... --name NEW_NAME` (or another --out root) "
-                            "instead of mixing results")
+                            f"study {name!r} in {self.path} already has a run {run.name!r} with a different config "
+                            f"({changed}); start a fresh study with `loralab study run ... --name NEW_NAME` (or "
+                            "another --out root) instead of mixing results")
                     continue
                 db.execute("INSERT INTO runs (study_id, name, axes_json, config_json, status) VALUES (?, ?, ?, ?, ?)",
                            (sid, run.name, json.dumps(run.axes, default=str), config_json, Status.PENDING))
