@@ -514,3 +514,19 @@ def test_validation_examples_cut_to_nothing_are_counted_and_said(tmp_path, tiny_
     assert cut.stats["truncated_to_no_response_val"] == lost and len(cut.val) == len(whole.val) - lost
     assert (f"{lost} of {len(whole.val)} validation examples lost every response token to truncation at "
             f"max_seq_length={cut_at} and are not scored") in caplog.text
+
+
+def test_a_model_path_that_is_no_directory_here_says_it_was_taken_for_a_hub_id(tmp_path):
+    """A relative model.path (models/llama) run from another directory is taken for a hub id;
+    offline the error says so and where it looked, not only transformers' 'couldn't connect'."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    script = ("from loralab.models import load_tokenizer\n"
+              "from loralab.errors import ModelError\n"
+              "try:\n    load_tokenizer('models/llama')\n"
+              "except ModelError as exc:\n    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("model.path models/llama: cannot load a tokenizer (")
+    assert (f"models/llama is no directory under the working directory ({tmp_path}), so it was looked up as a "
+            "Hugging Face hub id") in proc.stdout

@@ -302,6 +302,15 @@ def remote_code_hint(error: str, trusted: bool) -> str:
             "with model.trust_remote_code: true: set it if you trust that code (docs/security.md)")
 
 
+def hub_id_hint(path: str) -> str:
+    """Where ``path`` was taken for a hub id because no such directory is here: say so, since a
+    relative model.path is relative to the working directory (a study or config moved elsewhere)."""
+    if path.startswith("builtin:") or Path(path).expanduser().exists():
+        return ""
+    return (f"; {path} is no directory under the working directory ({Path.cwd()}), so it was looked up as a "
+            "Hugging Face hub id: give the model's directory as an absolute path, or relative to where loralab runs")
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -313,7 +322,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.path {path}: cannot load a tokenizer ({str(exc).splitlines()[0]})"
-                         f"{remote_code_hint(str(exc), trust_remote_code)}") from None
+                         f"{remote_code_hint(str(exc), trust_remote_code)}{hub_id_hint(path)}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
