@@ -71,7 +71,13 @@ def test_expansion_samples_are_seeded_and_in_range(tmp_path):
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"axes": {"lora.rank": [2, 4]}}, "s.yaml:{line lora.rank}: axis 'lora.rank' is not a training-config key"),
+        ({"axes": {"lora.rank": [2, 4]}},
+         "s.yaml:{line lora.rank}: axis 'lora.rank' is not a training-config key (did you mean lora.r?)"),
+        ({"axes": {"lora.r": [2]}, "tied": {"lora.alfa": "2 * lora.r"}},
+         "tied key 'lora.alfa' is not a training-config key (did you mean lora.alpha?)"),
+        ({"axes": {"lora.r": [2]}, "findings": [{"kind": "trend", "axis": "lora.r"}]}, "; did you mean trend_within?"),
+        ({"axes": {"lora.r": [2]}, "findings": [{"kind": "axis_effect", "axs": "lora.r"}]},
+         "findings[0] (axis_effect) needs axis (it has axs, which axis_effect does not take)"),
         ({"axes": {"lora.r": []}}, "s.yaml:{line lora.r}: axis lora.r has an empty list of values"),
         ({"axes": {"train.lr": {"loguniform": [0, 1], "n": 2}}}, "loguniform needs low < high and low > 0"),
         ({"axes": {"lora.r": [2]}, "tied": {"lora.alpha": "__import__('os').system('x')"}},

@@ -15,6 +15,20 @@ from loralab.config import SECTIONS
 from loralab.errors import ConfigError
 
 
+def key_hint(key: Any) -> str:
+    """' (did you mean lora.r?)' for a key that is not a training-config key, where one is close."""
+    from loralab.config import did_you_mean
+
+    if not isinstance(key, str):
+        return ""
+    section, _, name = key.partition(".")
+    if section in SECTIONS:
+        close = did_you_mean(name, [f.name for f in fields(SECTIONS[section])])
+        return f" (did you mean {section}.{close}?)" if close else ""
+    close = did_you_mean(section, list(SECTIONS))
+    return f" (did you mean {close}.{name}?)" if close and name else ""
+
+
 def config_field(key: str) -> tuple[Any, Any] | None:
     """(type, dataclass field) of a 'section.key' config key, or None when there is none."""
     if not isinstance(key, str) or key.count(".") != 1:

@@ -25,7 +25,15 @@ from typing import Any
 
 import yaml
 
-from loralab.config import DEFAULT_MODEL, SECTIONS, config_from_dict, flat_keys, override_origins, read_yaml
+from loralab.config import (
+    DEFAULT_MODEL,
+    SECTIONS,
+    config_from_dict,
+    did_you_mean,
+    flat_keys,
+    override_origins,
+    read_yaml,
+)
 from loralab.errors import ConfigError
 from loralab.evaluate.tasks import lower_is_better
 from loralab.paths import check_name
@@ -38,6 +46,7 @@ from loralab.study.keys import (
     fmt_config_value,
     get_key,
     is_int_key,
+    key_hint,
     set_key,
 )
 from loralab.study.tied import eval_tied, parse_tied
@@ -154,8 +163,8 @@ def _round_sample(x: float) -> float:
 def axis_values(key: str, spec: Any, where: str) -> list[Any]:
     """The values of one axis: a list, {grid: [...]}, {uniform|loguniform: [lo, hi], n, seed}."""
     if config_field(key) is None:
-        raise ConfigError(f"{where}: axis {key!r} is not a training-config key (section.key, e.g. lora.r; sections: "
-                          f"{', '.join(SECTIONS)})")
+        raise ConfigError(f"{where}: axis {key!r} is not a training-config key{key_hint(key)} (section.key, e.g. "
+                          f"lora.r; sections: {', '.join(SECTIONS)})")
     if isinstance(spec, dict) and "grid" in spec:
         if set(spec) != {"grid"}:
             raise ConfigError(f"{where}: axis {key}: 'grid' takes no other keys (got {sorted(spec)})")
@@ -381,11 +390,16 @@ def _check_findings(findings: Any, axes: dict[str, list[Any]], where: _Where) ->
     known_axes = set(axes) | {"train.seed"}
     for i, f in enumerate(findings):
         if not isinstance(f, dict) or f.get("kind") not in FINDING_KINDS:
+            close = did_you_mean(str(f.get("kind")), list(FINDING_KINDS)) if isinstance(f, dict) else None
             raise ConfigError(
-                f"{where('findings')}: findings[{i}] needs kind: one of {', '.join(FINDING_KINDS)} (got {f!r})")
+                f"{where('findings')}: findings[{i}] needs kind: one of {', '.join(FINDING_KINDS)} (got {f!r})"
+                + (f"; did you mean {close}?" if close else ""))
         for param in FINDING_KINDS[f["kind"]]:
             if param not in f:
-                raise ConfigError(f"{where('findings')}: findings[{i}] ({f['kind']}) needs {param}")
+                unknown = sorted(set(f) - {"kind", *FINDING_KINDS[f["kind"]]})
+                raise ConfigError(f"{where('findings')}: findings[{i}] ({f['kind']}) needs {param}"
+                                  + (f" (it has {', '.join(unknown)}, which {f['kind']} does not take)"
+                                     if unknown else ""))
         for param in ("axis", "within"):
             if param in f and f[param] not in known_axes:
                 raise ConfigError(f"{where('findings')}: findings[{i}] {param} {f[param]!r} is not one of the study's "
@@ -491,7 +505,7 @@ def load_study(
     for key, expr in tied_raw.items():
         w = where("tied", str(key))
         if config_field(key) is None:
-            raise ConfigError(f"{w}: tied key {key!r} is not a training-config key (section.key)")
+            raise ConfigError(f"{w}: tied key {key!r} is not a training-config key{key_hint(key)} (section.key)")
         if key in axes:
             raise ConfigError(f"{w}: {key} is both an axis and tied; remove one")
         tied[key] = (str(expr), parse_tied(key, expr, w))
