@@ -97,15 +97,21 @@ def test_eval_of_a_qlora_run_loads_the_4bit_base_it_trained_on(capsys, caplog, t
     task = tmp_path / "pairs.yaml"
     task.write_text("path: d.jsonl\nformat: pairs\n", encoding="utf-8")
     run = tmp_path / "nf4"
-    code, _, err = run_cli(capsys, *train_args(model, data, run, "--set", "quant.mode=nf4", "--set", "lora.dropout=0",
-                                               "--set", f"eval.tasks=[{task}]"))
+    code, stdout, err = run_cli(capsys, *train_args(model, data, run, "--set", "quant.mode=nf4",
+                                                    "--set", "lora.dropout=0", "--set", f"eval.tasks=[{task}]"))
     assert code == 0, err
+    assert "layout:  nf4 base computing in " in stdout  # not the compute dtype alone, as if unquantized
     trained = json.loads((run / "summary.json").read_text())["final_eval_tasks"]
     code, stdout, _ = run_cli(capsys, "eval", "--model", str(model), "--adapter", str(run), "--tasks", str(task),
                               "--json")
     assert code == 0 and "the base is loaded nf4-quantized, as the adapters' runs trained on it" in caplog.text
     (row,) = [r for r in json.loads(stdout)["results"] if r["adapter"] == str(run)]
     assert row["value"] == pytest.approx(trained[f"{row['task']}/{row['metric']}"], abs=1e-12)
+
+
+def test_merge_dequantize_on_a_run_that_was_not_quantized_says_so(capsys, caplog, qwen_run, tmp_path):
+    code, _, _ = run_cli(capsys, "merge", str(qwen_run), str(tmp_path / "merged"), "--dequantize")
+    assert code == 0 and "--dequantize does nothing here: the run's base is not quantized" in caplog.text
 
 
 def test_resume_refuses_a_changed_base(capsys, tiny_model_dir, tmp_path):

@@ -200,15 +200,17 @@ def _eval_loss_text(s: dict) -> str:
     return f"{loss:.4f}" if loss is not None else "none (no validation examples: trained without evaluation)"
 
 
-def _layout_text(s: dict) -> str:
-    """How the steps ran: dtype, packing and train.compile (with its compile time, not in train time)."""
+def _layout_text(s: dict, quant: str = "none") -> str:
+    """How the steps ran: dtype (a 4-bit base's compute dtype), packing and train.compile (with
+    its compile time, not in train time)."""
     packed = {"per_example": "packed rows, attention per example", "block_mask": "packed rows, block mask"}
     compiled = (f"compiled in {s['compile_time_s']:.1f} s" if s.get("compiled")
                 else f"eager ({s.get('compile_reason', 'train.compile')})")
-    return f"{s.get('dtype')}, {packed.get(s.get('packed_attention'), 'padded micro batches')}, {compiled}"
+    dtype = s.get("dtype") if quant == "none" else f"{quant} base computing in {s.get('dtype')}"
+    return f"{dtype}, {packed.get(s.get('packed_attention'), 'padded micro batches')}, {compiled}"
 
 
-def _print_summary(s: dict) -> None:
+def _print_summary(s: dict, quant: str = "none") -> None:
     rows = [("run directory", s["run_dir"]), ("status", s["status"]),
             ("trainable / total params", f"{s['trainable_params']:,} / {s['total_params']:,} "
                                          f"({100 * s['trainable_params'] / s['total_params']:.4f}%; "
@@ -216,7 +218,7 @@ def _print_summary(s: dict) -> None:
             ("steps", s["steps"]), ("final eval loss", _eval_loss_text(s)),
             ("train time", f"{s['train_time_s']:.1f} s (wall {s['wall_time_s']:.1f} s)"),
             ("tokens/s", f"{s['tokens_per_s']:.0f}"), ("peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB"),
-            ("layout", _layout_text(s))]
+            ("layout", _layout_text(s, quant))]
     print(table([(f"{k}:", v) for k, v in rows], align=["right", "left"]))
 
 
@@ -297,7 +299,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             summary = train(cfg, show_progress=not args.json and distributed.writes(), resume=bool(args.resume))
             if not distributed.writes():
                 return 0  # rank 0 answers for the run
-    emit_json(summary) if args.json else _print_summary(summary)
+    emit_json(summary) if args.json else _print_summary(summary, cfg.quant.mode)
     return 0
 
 
@@ -471,6 +473,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     save_dtype = args.dtype or stored_dtype(base_path, trust_remote_code=model_cfg.trust_remote_code) or "fp32"
     model_cfg = dataclasses.replace(model_cfg, dtype="fp32")
     model, tokenizer = load_base(model_cfg, quant, progress=not args.json)
+    if args.dequantize and quant.mode == "none":
+        log.warning("note: --dequantize does nothing here: the run's base is not quantized (quant.mode none)")
     if quant.mode != "none":  # --dequantize: 4-bit -> plain Linear layers
         model = model.dequantize(dtype=torch.float32)
     merged = load_adapter(model, run.root).merge_and_unload().to(DTYPES[save_dtype])
