@@ -286,3 +286,10 @@ def test_study_run_track_and_export_after_the_fact(tmp_path):
     twice = cli("study", "export", "st", "--to", "mlflow", "--tracking-uri", uri, "--json")
     assert [r["why"] for r in json.loads(twice.stdout)["runs"]] == ["already in mlflow"] * 2
     assert len(client.search_runs([client.get_experiment_by_name("st").experiment_id])) == 2
+    # another MLflow server gets its own copy (it was refused as "already in mlflow")
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    moved = cli("study", "export", "st", "--to", "mlflow", "--tracking-uri", other, "--json")
+    assert [(r["run"], r["sent"]) for r in json.loads(moved.stdout)["runs"]] == [("r2", True), ("r4", True)]
+    there = MlflowClient(other)
+    assert sorted(r.info.run_name for r in there.search_runs([there.get_experiment_by_name("st").experiment_id])) == [
+        "r2", "r4"]

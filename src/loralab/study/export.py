@@ -31,8 +31,7 @@ def export_study(db_path: Path, name: str, backend: str, *, tracking_uri: str | 
         if run_dir is None or not RunDir(run_dir).config.is_file():
             out.append({"run": r["name"], "status": r["status"], "sent": False, "why": "never started"})
             continue
-        previous = read_state(run_dir).get(backend)
-        if isinstance(previous, dict) and "error" not in previous:
+        if already_there(read_state(run_dir).get(backend), backend, tracking_uri=tracking_uri, project=project):
             out.append({"run": r["name"], "status": r["status"], "sent": False, "why": f"already in {backend}"})
             continue
         tracker = replay_run(run_dir, tracking)
@@ -47,3 +46,16 @@ def export_study(db_path: Path, name: str, backend: str, *, tracking_uri: str | 
         error = tracker.records.get(backend, {}).get("error")
         out.append({"run": f"{name}-report", "status": "report", "sent": error is None, "why": error})
     return out
+
+
+def already_there(previous: Any, backend: str, *, tracking_uri: str | None, project: str) -> bool:
+    """Whether a run's tracking.json (``previous``: its record for ``backend``) says the run is
+    already in the place an export sends it to: the same MLflow tracking URI (when one is given),
+    the same W&B project; another server or project gets its own copy."""
+    if not isinstance(previous, dict) or "error" in previous:
+        return False
+    if backend == "mlflow" and tracking_uri is not None:
+        return previous.get("tracking_uri") == tracking_uri
+    if backend == "wandb":
+        return previous.get("project") == project
+    return True
