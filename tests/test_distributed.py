@@ -333,6 +333,18 @@ def test_bad_nproc_and_strategy_refused(tmp_path, capsys, tiny_model_dir):
     assert "distributed.strategy must be one of 'ddp', 'fsdp' (got 'zero')" in capsys.readouterr().err
 
 
+def test_more_processes_than_a_step_has_micro_batches_is_warned(tmp_path, tiny_model_dir, caplog):
+    from loralab.config import load_config
+    from loralab.train.distributed import warn_idle_ranks
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir("llama")))  # batch 6 in micro batches of 2: 3 a step
+    warn_idle_ranks(cfg, 3)
+    assert "micro batches" not in caplog.text
+    warn_idle_ranks(cfg, 5)
+    assert ("5 processes, but a step has 3 micro batches (train.batch_size 6 / train.micro_batch_size 2): "
+            "2 process(es) compute nothing and wait at every step") in caplog.text
+
+
 def test_nproc_under_a_launchers_environment_is_refused(tmp_path, capsys, tiny_model_dir, monkeypatch):
     """RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT left in a shell or a cluster job: --nproc 2
     trained on one process without a word; now refused, naming the variables."""

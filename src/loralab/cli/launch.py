@@ -212,9 +212,10 @@ def train_on_processes(args, cfg) -> dict:
     """``loralab train ... --nproc N``: check the config here (bad input stops before any
     process starts), fix the run directory every rank writes to, launch, and return the
     summary rank 0 wrote."""
-    from loralab.train.distributed import check_strategy
+    from loralab.train.distributed import check_strategy, warn_idle_ranks
 
     check_strategy(cfg, args.nproc)
+    warn_idle_ranks(cfg, args.nproc)
     run_dir = run_dir_of(cfg)
     launch(worker_args(args, run_dir), nproc=args.nproc, run_dir=run_dir, timeout_s=cfg.distributed.timeout_s)
     return RunDir(run_dir).read_summary()

@@ -89,9 +89,10 @@ def train_on_ray(args, cfg) -> dict:
     Train workers and return the summary rank 0 wrote. A worker that fails ends the run
     (no restarts): ``interrupted`` when it died, else as the worker recorded it."""
     from loralab.cli.launch import mark_interrupted, worker_args
-    from loralab.train.distributed import check_strategy
+    from loralab.train.distributed import check_strategy, warn_idle_ranks
 
     check_strategy(cfg, args.nproc)
+    warn_idle_ranks(cfg, args.nproc)
     run_dir = run_dir_of(cfg)
     ray = connect_ray(args.address)
     from ray.train import FailureConfig, RunConfig, ScalingConfig

@@ -83,6 +83,17 @@ def writes() -> bool:
     return rank() == 0
 
 
+def warn_idle_ranks(cfg: Config, nproc: int) -> None:
+    """Warn (a launcher, once) when a step has fewer micro batches than processes: the others
+    compute nothing and wait at every step."""
+    micro = cfg.train.micro_batch_size
+    if nproc > 1 and isinstance(micro, int) and cfg.grad_accum < nproc:
+        log.warning("WARNING: %d processes, but a step has %d micro batches (train.batch_size %d / "
+                    "train.micro_batch_size %d): %d process(es) compute nothing and wait at every step; a smaller "
+                    "micro batch or fewer processes use them all", nproc, cfg.grad_accum, cfg.train.batch_size,
+                    micro, nproc - cfg.grad_accum)
+
+
 def check_strategy(cfg: Config, nproc: int) -> None:
     """Refuse what a run on ``nproc`` processes cannot do yet, before anything starts."""
     if nproc <= 1:
