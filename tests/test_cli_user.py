@@ -619,6 +619,15 @@ def test_a_run_trained_with_relative_paths_serves_from_any_directory(capsys, tin
     assert after["status"] == "paused" and after["resume_error"].startswith("--resume refused before its first step")
     assert (work / "run" / "config.yaml").read_bytes() == paused["config.yaml"]
     (work / "tasks" / "moved.yaml").rename(work / "tasks" / "pairs.yaml")
+    # a run an older loralab recorded with the paths as given resumes from where it was started
+    old = tmp_path / "old"
+    shutil.copytree(work / "run", old)
+    (old / "config.yaml").write_text(paused["config.yaml"].decode().replace(f"{work}/", ""), encoding="utf-8")
+    assert "path: models/qwen" in (old / "config.yaml").read_text()
+    monkeypatch.chdir(work)
+    code, _, err = run_cli(capsys, "train", "--resume", str(old), "--set", "train.stop_at_step=null")
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(capsys, "train", "--resume", str(work / "run"), "--set", "train.stop_at_step=null")
     assert code == 0, err
     assert json.loads((work / "run" / "summary.json").read_text())["status"] == "completed"

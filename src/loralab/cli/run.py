@@ -255,8 +255,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume {run.root}: no {CONFIG} there, so it is not a loralab run directory")
         cfg = load_config(run.config, list(args.overrides) + [f"output.dir={run.root}"])
         if not distributed.launched():  # a launcher refuses a changed config before any process starts
+            from loralab.config import absolute_local_paths
             from loralab.train.resume import check_resume_config
 
+            absolute_local_paths(cfg)  # as the run compares them: a run recorded with relative paths (older loralab)
             check_resume_config(cfg, run)
         check_not_paused_again(run, cfg)
         check_adapter_base(run.root, cfg.model.path, force=args.force, trust_remote_code=cfg.model.trust_remote_code)
