@@ -148,8 +148,8 @@ def launch(worker_args: list[str], *, nproc: int, run_dir: Path, timeout_s: floa
 
 def rank_threads(nproc: int) -> int | None:
     """Torch threads for each of ``nproc`` ranks on this machine: its CPUs shared out (at least
-    one each), so the ranks do not oversubscribe the cores, each with torch's default of one
-    thread per core; None where OMP_NUM_THREADS is set (the user's choice stands)."""
+    one each), so the ranks do not oversubscribe the cores as torch's default of one thread per
+    core in every rank does; None where OMP_NUM_THREADS is set (the user's choice stands)."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     return max(1, len(os.sched_getaffinity(0)) // nproc)
