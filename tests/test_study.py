@@ -398,3 +398,21 @@ def test_fuse_with_halving_prunes_inside_the_group(tmp_path):
         "WHERE metrics.step = 2 AND metrics.name = 'eval_loss'").fetchall())
     survivor = next(n for n, r in rows.items() if r["status"] == "completed")
     assert len(at_rung) == 3 and survivor == min(at_rung, key=at_rung.get)
+
+
+def test_a_run_whose_resume_was_refused_ends_invalid_in_the_study(tmp_path):
+    """`loralab train --resume` refused before its first step leaves the run's summary as it was
+    (paused here) with resume_error; the study driver records it invalid with that reason rather
+    than as paused, which it would plan to resume again."""
+    from loralab.rundir import RunDir, write_atomic
+    from loralab.study.backends.process import outcome
+
+    run = RunDir(tmp_path / "r")
+    run.root.mkdir()
+    write_atomic(run.summary, {"status": "paused", "error": None, "steps_done": 2, "stopped_at_step": 2,
+                               "resume_error": "--resume refused before its first step: data.path x: no such file"})
+    result = outcome(run.root, 2)
+    assert result["status"] == "invalid"
+    assert result["error"] == "--resume refused before its first step: data.path x: no such file"
+    write_atomic(run.summary, {"status": "paused", "error": None, "steps_done": 2, "stopped_at_step": 2})
+    assert outcome(run.root, 0)["status"] == "paused"

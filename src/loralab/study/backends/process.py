@@ -181,6 +181,9 @@ def outcome(run_dir: Path, returncode: int, log_path: Path | None = None) -> dic
         summary = json.loads(RunDir(run_dir).summary.read_text(encoding="utf-8"))
     status = summary.get("status")
     rows = metric_rows(RunDir(run_dir).metrics)
+    if summary.get("resume_error"):  # refused to resume (its summary and checkpoints kept as they were):
+        return {"status": Status.INVALID, "summary": summary, "metrics": rows,  # it cannot go on in the study
+                "error": summary["resume_error"]}
     if status in ENDED_BY_RUN:
         return {"status": status, "summary": summary, "metrics": rows, "error": summary.get("error"),
                 "stopped_at_step": summary.get("stopped_at_step")}
