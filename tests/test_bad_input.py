@@ -109,9 +109,12 @@ def test_adapter_for_another_base_names_the_module(tiny_model_dir, tmp_path, cap
     err = capsys.readouterr().err
     assert code == 2  # refused from config.json, before loading (tests/test_cli_user.py)
     assert "was trained on" in err and "hidden_size 32" in err and "hidden_size 64" in err
-    # --force goes on to load it: the shapes do not fit, and the message names the module
-    code = main(["generate", "--model", str(other), "--adapter", str(run), "--max-new-tokens", "2", "--force", "hi"])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert "does not fit this base model" in err
-    assert "q_proj.lora_A" in err and "size mismatch" in err
+    # --force cannot make the shapes fit: refused from the adapter's header, naming the module and
+    # both widths, before any model loads (eval used to score the base first, then fail)
+    for argv in (["generate", "--max-new-tokens", "2", "hi"], ["eval", "--tasks", "arithmetic_2ds", "--limit", "2"]):
+        code = main([argv[0], "--model", str(other), "--adapter", str(run), "--force", *argv[1:]])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert ("was made for model.layers.0.self_attn.q_proj with 32 input features; "
+                f"{other}'s model.layers.0.self_attn.q_proj has 64: it does not fit this base") in err
+        assert "eval base" not in err and "model.dtype" not in err  # nothing loaded, nothing scored
