@@ -357,7 +357,7 @@ def test_data_is_checked_before_the_model_loads_and_the_hint_maps_the_columns(ca
     out = tmp_path / "run"
     code, _, err = run_cli(capsys, *train_args(tiny_model_dir("qwen2"), data, out))
     assert code == 2
-    assert f"{data}, row 0: missing field instruction, output (format alpaca needs instruction, output)" in err
+    assert f"{data}:2: missing field instruction, output (format alpaca needs instruction, output)" in err
     assert "the record has columns id, question, answer" in err
     hint = '--set data.columns="{instruction: question, output: answer}"'
     assert hint in err

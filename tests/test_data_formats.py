@@ -309,8 +309,20 @@ def test_a_bad_row_is_named(tmp_path, tiny_tok):
     records = instruction_records(6)
     records[4]["output"] = None  # an empty cell
     datasets.Dataset.from_list(records).to_parquet(str(tmp_path / "d.parquet"))
-    with pytest.raises(DataError, match=r"d.parquet, row 4: field output must be a string \(got NoneType\)"):
+    with pytest.raises(DataError, match=r"d.parquet, row 4: field output is empty \(null\); it needs text"):
         tokens(tmp_path / "d.parquet", tiny_tok)
+    # A CSV's row is named by the line an editor shows it on: after the header, a blank line
+    # and a quoted field over two lines, the empty cell of record 4 is on line 7.
+    csv_text = 'instruction,input,output\n"a",,"1"\n\n"b\nb",,"007"\n"c",NA,"3"\n"d",,\n"e",,"None"\n'
+    (tmp_path / "d.csv").write_text(csv_text)
+    with pytest.raises(DataError, match=r"d.csv:7: field output is empty"):
+        tokens(tmp_path / "d.csv", tiny_tok)
+    # Its cells are read as written: numbers stay text ("007", not 7.0), NA and None are words
+    (tmp_path / "d.csv").write_text(csv_text.replace('"d",,', '"d",,"4"'))
+    records = [{"instruction": i, "input": x, "output": o}
+               for i, x, o in [("a", "", "1"), ("b\nb", "", "007"), ("c", "NA", "3"), ("d", "", "4"),
+                               ("e", "", "None")]]
+    assert tokens(tmp_path / "d.csv", tiny_tok) == tokens(write_jsonl(tmp_path / "d.jsonl", records), tiny_tok)
 
 
 def test_damaged_parquet_and_a_directory_that_is_no_dataset(tmp_path, tiny_tok):

@@ -91,6 +91,8 @@ def to_records(rows: list[tuple[str, Any]], fmt: str, columns: dict[str, str]) -
         if values["input"] is None:  # absent, or an empty cell of a CSV/parquet column
             values["input"] = ""
         for k in (*FIELDS[fmt], "input"):
+            if values[k] is None:  # null in JSON, an empty cell in a CSV or parquet column
+                raise DataError(f"{where}: field {col[k]} is empty (null); it needs text")
             if not isinstance(values[k], str):
                 raise DataError(f"{where}: field {col[k]} must be a string (got {type(values[k]).__name__})")
         if fmt == "alpaca":

@@ -11,6 +11,7 @@ records of a JSON array), ``file, row N`` (0-based, as ``ds[N]``) for everything
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -37,8 +38,28 @@ def load_rows(path: str) -> list[tuple[str, dict]]:
     if p.suffix.lower() in DATASETS_READERS:
         if not p.is_file():
             raise DataError(f"dataset file {p} does not exist")
-        return _rows(path, _datasets_file(p))
+        rows = _rows(path, _datasets_file(p))
+        return _csv_lines(path, rows) if p.suffix.lower() == ".csv" else rows
     return json_rows(p)
+
+
+def _csv_lines(path: str, rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """A CSV's rows named ``file:LINE``, the line an editor shows each record starting on
+    (after the header, blank lines skipped as pandas skips them; a quoted field may span lines);
+    as ``file, row N`` where the file cannot be read that way."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader, starts, end = csv.reader(f), [], 0
+            for record in reader:
+                if record:
+                    starts.append(end + 1)
+                end = reader.line_num
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return rows
+    lines = starts[1:]  # the first is the header
+    if len(lines) != len(rows):
+        return rows
+    return [(f"{path}:{line}", rec) for line, (_, rec) in zip(lines, rows, strict=True)]
 
 
 def json_rows(path: str | Path) -> list[tuple[str, dict]]:
@@ -95,10 +116,26 @@ def _rows(path: str, ds) -> list[tuple[str, dict]]:
 def _datasets_file(p: Path):
     datasets = _datasets()
     kind = DATASETS_READERS[p.suffix.lower()]
+    options = _csv_as_text(p, datasets) if kind == "csv" else {}
     try:
-        return datasets.load_dataset(kind, data_files=str(p), split="train")
+        return datasets.load_dataset(kind, data_files=str(p), split="train", **options)
     except Exception as exc:  # pyarrow and datasets raise many types for a damaged file
         raise DataError(f"{p}: cannot be read as {kind} ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _csv_as_text(p: Path, datasets) -> dict:
+    """load_dataset options that read every column of a CSV as text, as written: pandas would
+    otherwise read an answer column of numbers as floats ("007" as 7.0) and the words NA, None or
+    null as missing. Only an empty cell is missing. {} where the header cannot be read."""
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), None)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return {}
+    if not header or len(set(header)) != len(header):
+        return {}
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+            "keep_default_na": False, "na_values": [""]}
 
 
 def _saved_dataset(p: Path):
