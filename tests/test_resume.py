@@ -346,19 +346,26 @@ def test_checkpoint_keeps_nan_scores(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_leaves_the_run_interrupted_with_how_to_continue(reference, model_dir, tmp_path):
-    """SIGINT (Ctrl-C) mid-run: exit 130, summary.json says interrupted and how to continue (it
-    said running, as after a kill), and --resume ends where the uninterrupted run ends."""
+@pytest.mark.parametrize("sig, code, every", [(signal.SIGINT, 130, 2), (signal.SIGTERM, 143, 0)])
+def test_ctrl_c_leaves_the_run_interrupted_with_how_to_continue(reference, model_dir, tmp_path, sig, code, every):
+    """SIGINT (Ctrl-C) or SIGTERM (kill, timeout, a batch scheduler) mid-run: exit 130 / 143,
+    summary.json says interrupted and how to continue (it said running, as after a kill; for
+    SIGTERM it still did), and --resume from its checkpoint ends where the uninterrupted run
+    ends. Without checkpoints (train.checkpoint_every 0) it says that a resume starts from step 0."""
     out = tmp_path / "ctrl-c"
-    write_run_dir(model_dir, out, train__checkpoint_every=2, train__keep_last=2)
+    write_run_dir(model_dir, out, train__checkpoint_every=every, train__keep_last=2)
     child = start_child(out)
     assert wait_for(lambda: line_count(out) >= 3, child), child.stderr.read().decode()[-2000:]
-    child.send_signal(signal.SIGINT)
-    assert child.wait(timeout=60) == 130
+    child.send_signal(sig)
+    assert child.wait(timeout=60) == code
     err = child.stderr.read().decode()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted"
-    assert summary["error"] == f"interrupted (SIGINT); continue it with: loralab train --resume {out}"
-    assert f"{out}: interrupted; continue it with: loralab train --resume {out}" in err
-    train(run_cfg(model_dir, out, train__checkpoint_every=2, train__keep_last=2), resume=True)
-    assert_bit_identical(out, reference)
+    how = f"continue it with: loralab train --resume {out}"
+    if not every:
+        how += " (it starts again from step 0: no checkpoint was written, train.checkpoint_every = 0)"
+    assert summary["error"] == f"interrupted ({sig.name}); {how}"
+    assert f"{out}: interrupted ({sig.name}); {how}" in err
+    if every:  # from its checkpoint (from step 0 a resume is a fresh run, as every child here starts)
+        train(run_cfg(model_dir, out, train__checkpoint_every=every, train__keep_last=2), resume=True)
+        assert_bit_identical(out, reference)

@@ -245,9 +245,9 @@ def check_adapter_fits(run_or_adapter: str | Path, model_path: str) -> None:
 
     try:
         linears = describe_model(model_path).linears
-    except LoralabError:
+        path = adapter_dir(run_or_adapter) / "adapter_model.safetensors"
+    except LoralabError:  # no adapter yet (a run being resumed), or a base loading will explain
         return
-    path = adapter_dir(run_or_adapter) / "adapter_model.safetensors"
     with safe_open(str(path), framework="pt") as f:
         shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     for key, got in shapes.items():

@@ -20,9 +20,13 @@ import atexit
 import contextlib
 import ctypes
 import os
+import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import NoReturn
+
+from loralab.errors import Terminated
 
 
 def end_process(code: int | None) -> NoReturn:
@@ -45,3 +49,24 @@ def finish() -> None:
             stream.flush()
     with contextlib.suppress(Exception):
         ctypes.CDLL(None).fflush(None)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within: SIGTERM raises :class:`~loralab.errors.Terminated` (a KeyboardInterrupt), so a run
+    records itself interrupted, as on Ctrl-C, instead of dying with summary.json left
+    ``running``. The previous handler is put back after. Only in the main thread (where Python
+    runs signal handlers); a rank of a multi-process run keeps SIGTERM's default, which its
+    launcher reads as "stopped by the launcher"."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -31,3 +31,11 @@ class DivergedError(LoralabError):
     """Training produced a non-finite loss or gradient."""
 
     exit_code = 3
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler's stop), raised where Ctrl-C raises
+    KeyboardInterrupt, so a run ends as it does on Ctrl-C: recorded ``interrupted``, saying how
+    to continue (loralab.ending.sigterm_interrupts)."""
+
+    signal_name = "SIGTERM"

@@ -29,7 +29,7 @@ import sys
 from loralab.cli import estimate, run, study, tune
 from loralab.cli import eval as evaluate
 from loralab.cli.output import emit_json
-from loralab.errors import LoralabError
+from loralab.errors import LoralabError, Terminated
 from loralab.quiet import quiet_libraries, verbose
 
 __all__ = ["build_parser", "emit_json", "main", "script"]
@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None, *, errors: list[LoralabError] | None = N
         if errors is not None:
             errors.append(exc)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM where a run turned it into one (errors.Terminated)
         sys.stderr.write("interrupted\n")
-        return 130
+        code = 128 + (15 if isinstance(exc, Terminated) else 2)  # as a shell reports the signal: 130, 143
+        if getattr(args, "json", False):
+            summary = getattr(exc, "summary", None) or {}
+            emit_json({**summary, "error": summary.get("error") or "interrupted", "exit_code": code})
+        return code

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
 import os
@@ -295,9 +294,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         summary = train_on_processes(args, cfg)
     else:  # one process, or one rank of a torchrun job
+        from loralab.ending import sigterm_interrupts
         from loralab.train.loop import train  # the training stack: not imported by a launcher
 
-        with distributed.process_group(cfg) if distributed.launched() else contextlib.nullcontext():
+        with distributed.process_group(cfg) if distributed.launched() else sigterm_interrupts():
             summary = train(cfg, show_progress=not args.json and distributed.writes(), resume=bool(args.resume))
             if not distributed.writes():
                 return 0  # rank 0 answers for the run

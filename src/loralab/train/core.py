@@ -146,8 +146,8 @@ def run_group(cfgs: list[Config], run_dirs: list[Path], kind: type[GroupAdapters
     except (Exception, KeyboardInterrupt) as exc:
         replacement = record_failure(runs, exc, started=setup is not None)
         finish_tracking(runs)
-        if len(runs) == 1 and isinstance(replacement or exc, LoralabError):
-            (replacement or exc).summary = runs[0].summary
+        if len(runs) == 1 and isinstance(replacement or exc, (LoralabError, KeyboardInterrupt)):
+            (replacement or exc).summary = runs[0].summary  # what --json prints with the error
         if replacement is None:
             raise
         raise replacement from None
@@ -182,11 +182,15 @@ def record_failure(runs: list[Run], exc: BaseException, *, started: bool) -> Exc
         for r in runs:
             r.record(status=Status.INVALID, error=str(exc.errors[r.index]))
         return None
-    if isinstance(exc, KeyboardInterrupt):
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (errors.Terminated)
+        signame = getattr(exc, "signal_name", "SIGINT")
         for r in running(runs):
             how = f"continue it with: loralab train --resume {r.dir.root}"
-            r.record(status=Status.INTERRUPTED, error=f"interrupted (SIGINT); {how}")
-            log.warning("%s: interrupted; %s", r.dir.root, how)
+            if latest_checkpoint(r.dir.root) is None:
+                how += (" (it starts again from step 0: no checkpoint was written, train.checkpoint_every "
+                        f"= {r.cfg.train.checkpoint_every})")
+            r.record(status=Status.INTERRUPTED, error=f"interrupted ({signame}); {how}")
+            log.warning("%s: interrupted (%s); %s", r.dir.root, signame, how)
         return None
     status, error, extra, replacement = Status.FAILED, f"{type(exc).__name__}: {exc}", {}, None
     if isinstance(exc, LoralabError):
