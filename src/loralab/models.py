@@ -338,7 +338,7 @@ def read_config(path: str, *, trust_remote_code: bool = False):
         local = path.startswith("builtin:") or Path(path).expanduser().exists()
         what = "" if local else "no such local directory, and as a hub id "
         raise ModelError(f"model.path {path}: {what}its config.json cannot be read ({str(exc).splitlines()[0]})"
-                         f"{remote_code_hint(str(exc), trust_remote_code)}") from None
+                         f"{remote_code_hint(str(exc), trust_remote_code)}{hub_id_hint(path)}") from None
 
 
 def stored_dtype(path: str, *, trust_remote_code: bool = False) -> str | None:

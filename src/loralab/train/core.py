@@ -86,6 +86,7 @@ def open_runs(cfgs: list[Config], run_dirs: list[Path], kind: type[GroupAdapters
     their trackers open), and the summaries a resume finds already finished (returned as they
     are; which statuses count as finished is ``kind.done_on_resume``)."""
     runs, done = [], []
+    base = functools.cache(base_record)  # once per group: a group shares its base (offline, a hub id costs retries)
     for cfg, path in zip(cfgs, run_dirs, strict=True):
         rd = RunDir(path)
         absolute_local_paths(cfg)  # config.yaml names the model and data from anywhere
@@ -108,7 +109,7 @@ def open_runs(cfgs: list[Config], run_dirs: list[Path], kind: type[GroupAdapters
             dump_config(cfg, rd.config)
         summary = {"status": Status.RUNNING, "error": None, "run_dir": str(path), "versions": versions(),
                    "trust_remote_code": cfg.model.trust_remote_code,
-                   "base": base_record(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code),
+                   "base": base(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code),
                    **group_extra(path)}
         tracker = open_trackers(cfg, path, resume=resume) if distributed.writes() else None
         run = Run(len(runs), cfg, rd, summary, tracker=tracker, before=before)

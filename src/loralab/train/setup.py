@@ -50,8 +50,10 @@ def load_group(cfgs: list[Config], kind: type[GroupAdapters], *, progress: bool 
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.model.device)
     check_optimizer_device(cfg.train.optimizer, device)  # paged optimizers: CUDA only, refused before loading
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    # config.json first: a hub id that cannot be reached fails there once, not again for each of
+    # the files the tokenizer looks for
     model_config = read_config(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     splits, tasks = load_data_and_tasks(cfg, model_config, tokenizer)
     base, tokenizer = load_base(cfg.model, cfg.quant, progress=progress, tokenizer=tokenizer)
     if len(cfgs) > 1 or distributed.world_size() > 1:
