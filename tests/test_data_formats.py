@@ -532,13 +532,18 @@ def test_a_model_path_that_is_no_directory_here_says_it_was_taken_for_a_hub_id(t
     """A relative model.path (models/llama) run from another directory is taken for a hub id;
     offline the error says so and where it looked, not only transformers' 'couldn't connect'."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    script = ("from loralab.models import load_tokenizer\n"
+    script = ("from loralab.models import load_tokenizer, read_config\n"
               "from loralab.errors import ModelError\n"
-              "try:\n    load_tokenizer('models/llama')\n"
-              "except ModelError as exc:\n    print(exc)\n")
+              "for load in (load_tokenizer, read_config):\n"
+              "    try:\n        load('models/llama')\n"
+              "    except ModelError as exc:\n        print(exc)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("model.path models/llama: cannot load a tokenizer (")
-    assert (f"models/llama is no directory under the working directory ({tmp_path}), so it was looked up as a "
-            "Hugging Face hub id") in proc.stdout
+    tokenizer, config = proc.stdout.splitlines()
+    assert tokenizer.startswith("model.path models/llama: cannot load a tokenizer (")
+    assert config.startswith("model.path models/llama: no such local directory, and as a hub id its config.json "
+                             "cannot be read (")
+    for message in (tokenizer, config):  # a run reads config.json first, a command may read the tokenizer first
+        assert (f"models/llama is no directory under the working directory ({tmp_path}), so it was looked up as "
+                "a Hugging Face hub id") in message
