@@ -220,9 +220,15 @@ def test_a_diverging_run_stops_alone(tmp_path):
     good = make_cfg("builtin:tiny", tmp_path / "good", train__lr=1e-3, **kw)
     bad = make_cfg("builtin:tiny", tmp_path / "bad", train__lr=1e30, **kw)
     skip = make_cfg("builtin:tiny", tmp_path / "skip", train__lr=1e30, train__on_nonfinite="skip", **kw)
-    out = train_fused([good, bad, skip])
-    assert [s["status"] for s in out] == ["completed", "diverged", "completed"]
+    # AdamW's first update at lr 1e38 (lr / (1 - beta1) = 1e39) overflows fp32 inside the optimizer
+    # step: a RuntimeError there used to fail the whole group
+    huge = make_cfg("builtin:tiny", tmp_path / "huge", train__lr=1e38, **{**kw, "train__optimizer": "adamw"})
+    out = train_fused([good, bad, skip, huge])
+    assert [s["status"] for s in out] == ["completed", "diverged", "completed", "diverged"]
     assert "non-finite" in out[1]["error"]
+    assert out[3]["error"].startswith("the optimizer step at step 1 failed (value cannot be converted to type float "
+                                      "without overflow; learning rate 1e+38)")
+    assert out[3]["diverged_at_step"] == 1 and not (tmp_path / "huge" / "adapter").exists()
     assert json.loads((tmp_path / "bad" / "summary.json").read_text())["status"] == "diverged"
     assert not (tmp_path / "bad" / "adapter").exists()
     assert curve(tmp_path / "bad", "event") == ["diverged"]

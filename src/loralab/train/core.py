@@ -490,18 +490,24 @@ def take_step(run: Run, *, step: int, steps: int, loss: float, grad_norm: float,
         if run.scaler is not None:
             run.scaler.update()
         if run.cfg.train.on_nonfinite == "stop":
-            run.metrics.write(step=step, event=Status.DIVERGED, train_loss=loss, grad_norm=grad_norm)
-            last = latest_checkpoint(run.dir.root)
-            run.status = Status.DIVERGED
-            run.record(status=Status.DIVERGED, diverged_at_step=step, last_good_checkpoint=str(last) if last else None,
-                       error=f"non-finite loss or gradient at step {step} (loss {loss}, gradient norm {grad_norm}); "
-                             f"no adapter from after it is saved; last good checkpoint: {last or 'none'}")
-            run.metrics.close()
+            diverge(run, step, f"non-finite loss or gradient at step {step} (loss {loss}, gradient norm {grad_norm})",
+                    train_loss=loss, grad_norm=grad_norm)
             return
         st.skipped_steps += 1
         run.metrics.write(step=step, event="skipped_nonfinite", train_loss=loss, skipped_steps=st.skipped_steps)
         return
-    run.opt.step()  # gradients known finite (unscaled already with fp16): no scaler.step and its sync
+    try:
+        run.opt.step()  # gradients known finite (unscaled already with fp16): no scaler.step and its sync
+    except torch.OutOfMemoryError:
+        raise  # the group's: its micro batch is halved (train_step)
+    except RuntimeError as exc:  # this run's own update (a learning rate so large that it overflows)
+        run.opt.zero_grad(set_to_none=True)
+        why = f"the optimizer step at step {step} failed ({exc}; learning rate {run.sched.get_last_lr()[0]:g})"
+        if "overflow" in str(exc):
+            diverge(run, step, why, train_loss=loss, grad_norm=grad_norm)
+        else:
+            end_alone(run, Status.FAILED, why)
+        return
     if run.scaler is not None:
         run.scaler.update()
     run.sched.step()
@@ -509,6 +515,17 @@ def take_step(run: Run, *, step: int, steps: int, loss: float, grad_norm: float,
     if step % run.cfg.train.log_every == 0 or step == steps:
         run.metrics.write(step=step, epoch=st.epoch, train_loss=loss, lr=run.sched.get_last_lr()[0],
                           tokens_seen=st.tokens_seen, grad_norm=grad_norm)
+
+
+def diverge(run: Run, step: int, why: str, **values: float) -> None:
+    """``run`` ends ``diverged`` at ``step`` (the rest of its group goes on): nothing from after
+    it is saved; its summary names the last good checkpoint."""
+    run.metrics.write(step=step, event=Status.DIVERGED, **values)
+    last = latest_checkpoint(run.dir.root)
+    run.status = Status.DIVERGED
+    run.record(status=Status.DIVERGED, diverged_at_step=step, last_good_checkpoint=str(last) if last else None,
+               error=f"{why}; no adapter from after it is saved; last good checkpoint: {last or 'none'}")
+    run.metrics.close()
 
 
 def halve_micro_batch(data_cfg: Config, runs: list[Run], *, done: int, peak: PeakMemory, where: str) -> None:
