@@ -95,6 +95,8 @@ def _hf_config(arch: str):
         return tf.Phi3Config(**llama_like)
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common)
+    if arch == "gpt2_h64":  # wide enough for bitsandbytes' CPU 4-bit kernels
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
     if arch == "gpt_neox":
         return tf.GPTNeoXConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

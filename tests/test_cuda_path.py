@@ -546,3 +546,44 @@ def test_kernel_choice_by_device_and_fallback(gqa_model, monkeypatch):
     assert attention._chosen["cpu"] == "per_example"
     assert not attention.supports_segments(gqa_model, kernels=["flash_varlen"])
     assert "cpu" not in attention._chosen
+
+
+def test_merge_of_a_gpt2_qlora_run_with_an_adapted_tied_head(tiny_model_dir, tmp_path):
+    """GPT-2 keeps its attention and MLP weights in Conv1D layers (transposed) and ties its output
+    head to the input embeddings. Merged after --dequantize, the model loads as a GPT-2 and gives
+    the 4-bit base + adapter's logits; the adapted head is saved apart and the input embeddings
+    stay the base's. Before: the Conv1D weights were saved transposed (a model that would not
+    load), and the head's delta was merged into the shared embeddings too."""
+    from loralab.adapters import attach_lora, load_adapter, save_adapter
+    from loralab.config import LoraConfig
+
+    model_dir = tiny_model_dir("gpt2_h64")
+    quant = QuantConfig(mode="nf4", compute_dtype="fp32")
+    base4, _ = load_base(ModelConfig(path=str(model_dir), device="cpu", dtype="fp32"), quant)
+    peft_model = attach_lora(base4, LoraConfig(r=4, targets=["all", "head"]), seed=0)
+    torch.manual_seed(1)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    run = tmp_path / "run"
+    save_adapter(peft_model, run / "adapter")
+    (run / "config.yaml").write_text(yaml.safe_dump(
+        {"model": {"path": str(model_dir), "dtype": "fp32", "device": "cpu"},
+         "quant": {"mode": "nf4", "double_quant": True, "compute_dtype": "fp32", "block_size": 64}}))
+    out = tmp_path / "merged"
+    assert main(["merge", str(run), str(out), "--dequantize"]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    for name, module in plain.named_modules():  # every layer of the architecture's own kind and shape
+        if isinstance(module, transformers.pytorch_utils.Conv1D):
+            assert merged.get_submodule(name).weight.shape == module.weight.shape, name
+    assert torch.equal(merged.get_input_embeddings().weight, plain.get_input_embeddings().weight)
+    assert not merged.config.tie_word_embeddings
+    base4, _ = load_base(ModelConfig(path=str(model_dir), device="cpu", dtype="fp32"), quant)
+    trained_on = load_adapter(base4, run).eval()
+    ids = torch.tensor([[0, 5, 77, 300, 12, 9]])
+    with torch.no_grad():
+        want, got = trained_on(input_ids=ids).logits, merged(input_ids=ids).logits
+        untouched = plain(input_ids=ids).logits
+    assert (got - want).abs().max() < 1e-4
+    assert (untouched - want).abs().max() > 0.1  # the adapter (and 4-bit rounding) visibly matter

@@ -266,6 +266,46 @@ def check_adapter_fits(run_or_adapter: str | Path, model_path: str) -> None:
                              f"{model_path}'s {name} has {have}: it does not fit this base")
 
 
+# ----------------------------------------------------------------------------- merging
+
+
+def merge_into_base(peft_model, *, dequantized: bool):
+    """``peft_model``'s adapter folded into its base weights (PEFT's merge_and_unload), as a plain
+    transformers model that saves and loads as its architecture's own:
+
+    * an adapted output head whose weight is the input embeddings' (tied embeddings) gets a
+      weight of its own first, and the config says untied: merged into the shared tensor, the
+      adapter would change the input embeddings too;
+    * after ``dequantized`` (``model.dequantize()``, which turns GPT-2's Conv1D layers into
+      Linear ones) those layers are put back as Conv1D, their weights transposed back: saved as
+      Linear they are of the wrong shape for the architecture, or silently transposed where square.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    base = peft_model.get_base_model()
+    head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
+    head_weight = getattr(getattr(head, "base_layer", None), "weight", None)  # set where the head is adapted
+    if head_weight is not None and embeddings is not None and head_weight is embeddings.weight:
+        head.base_layer.weight = nn.Parameter(head_weight.detach().clone(), requires_grad=False)
+        for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
+            config.tie_word_embeddings = False
+        log.info("the adapted output head shared its weight with the input embeddings: it is saved apart, untied")
+    merged = peft_model.merge_and_unload()
+    if dequantized:
+        with torch.device("meta"):
+            reference = type(merged)(merged.config)
+        for name, module in reference.named_modules():
+            if isinstance(module, Conv1D):
+                linear = merged.get_submodule(name)
+                if isinstance(linear, nn.Linear):
+                    conv = Conv1D(linear.out_features, linear.in_features).to(linear.weight)
+                    conv.weight.data = linear.weight.data.T.contiguous()
+                    if linear.bias is not None:
+                        conv.bias.data = linear.bias.data.clone()
+                    merged.set_submodule(name, conv)
+    return merged
+
+
 # Files that can only be read by unpickling, i.e. by running code chosen by whoever wrote them.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 

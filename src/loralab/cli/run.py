@@ -448,7 +448,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     import torch
 
-    from loralab.adapters import adapter_dir, check_adapter_base, load_adapter
+    from loralab.adapters import adapter_dir, check_adapter_base, load_adapter, merge_into_base
     from loralab.config import read_yaml
     from loralab.models import DTYPES, load_base, stored_dtype
 
@@ -479,7 +479,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         log.warning("note: --dequantize does nothing here: the run's base is not quantized (quant.mode none)")
     if quant.mode != "none":  # --dequantize: 4-bit -> plain Linear layers
         model = model.dequantize(dtype=torch.float32)
-    merged = load_adapter(model, run.root).merge_and_unload().to(DTYPES[save_dtype])
+    merged = merge_into_base(load_adapter(model, run.root), dequantized=quant.mode != "none").to(DTYPES[save_dtype])
     merged.config.use_cache = True
     with atomic_dir(out, fsync=False) as tmp:  # a kill leaves the old directory or the new one
         merged.save_pretrained(str(tmp), safe_serialization=True)
