@@ -631,3 +631,18 @@ def test_a_run_trained_with_relative_paths_serves_from_any_directory(capsys, tin
     code, _, err = run_cli(capsys, "train", "--resume", str(work / "run"), "--set", "train.stop_at_step=null")
     assert code == 0, err
     assert json.loads((work / "run" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_model_with_no_sdpa_attention_trains_and_serves_eagerly(capsys, caplog, tiny_model_dir, tmp_path):
+    """Gemma2 has no SDPA attention in transformers: the defaults (sdpa) used to make every run on
+    it invalid, with transformers' advice in its own terms; now it loads eagerly and says so, in
+    train as in generate."""
+    caplog.set_level("INFO", logger="loralab")
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(8))
+    out = tmp_path / "g2"
+    code, _, err = run_cli(capsys, *train_args(tiny_model_dir("gemma2"), data, out))
+    assert code == 0, err
+    assert "model.attn_implementation: sdpa -> eager (Gemma2ForCausalLM has no SDPA attention" in caplog.text
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    code, _, err = run_cli(capsys, "generate", "--adapter", str(out), "--max-new-tokens", "2", "Hi")
+    assert code == 0, err

@@ -411,7 +411,15 @@ def load_base(model: ModelConfig, quant: QuantConfig, *, progress: bool = False,
         kwargs["device_map"] = {"": "cpu"}
     try:
         with library_bars(progress):
-            lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            try:
+                lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            except ValueError as exc:
+                if attn != "sdpa" or "scaled_dot_product_attention" not in str(exc):
+                    raise
+                # an architecture transformers has no SDPA attention for (Gemma2): the same maths, eagerly
+                log.warning("model.attn_implementation: sdpa -> eager (%s has no SDPA attention in transformers; "
+                            "set model.attn_implementation: eager to say so)", str(exc).split()[0])
+                lm = AutoModelForCausalLM.from_pretrained(path, **{**kwargs, "attn_implementation": "eager"})
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
         raise ModelError(f"model.path {model.path}: cannot load the model ({str(exc).splitlines()[0]})"
                          f"{remote_code_hint(str(exc), model.trust_remote_code)}") from None

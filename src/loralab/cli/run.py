@@ -139,7 +139,8 @@ def add_force_arg(p: argparse.ArgumentParser) -> None:
 
 def base_configs(path: str, args: argparse.Namespace, run: dict | None = None) -> tuple[ModelConfig, QuantConfig]:
     """(ModelConfig, QuantConfig) for ``path`` from --dtype/--quant/--device; a flag left unset
-    takes the run's config (``run``, for merge), else the default."""
+    takes the run's config (``run``, for merge), else the default. The run's attention
+    implementation is kept (no flag sets it)."""
     from loralab.config import ModelConfig, QuantConfig
 
     run_model, run_quant = (run or {}).get("model") or {}, (run or {}).get("quant") or {}
@@ -148,7 +149,8 @@ def base_configs(path: str, args: argparse.Namespace, run: dict | None = None) -
         return flag if flag is not None else saved if saved is not None else default
 
     model = ModelConfig(path=path, dtype=pick(args.dtype, run_model.get("dtype"), "auto"),
-                        device=pick(args.device, run_model.get("device"), "auto"))
+                        device=pick(args.device, run_model.get("device"), "auto"),
+                        attn_implementation=run_model.get("attn_implementation") or "sdpa")
     quant = QuantConfig(mode=pick(args.quant, run_quant.get("mode"), "none"))
     if quant.mode != "none":
         for key in ("double_quant", "compute_dtype", "block_size"):
