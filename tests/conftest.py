@@ -80,6 +80,8 @@ def _hf_config(arch: str):
     if arch == "llama_512":  # hidden 512: model.dtype auto is bf16 on a CPU with AMX/AVX512-BF16
         return tf.LlamaConfig(**{**llama_like, "hidden_size": 512, "intermediate_size": 1024,
                                  "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 512})
+    if arch == "llama_vocab600":  # fewer embedding rows than its tokenizer has tokens (not resized)
+        return tf.LlamaConfig(**{**llama_like, "vocab_size": 600})
     if arch == "llama_wide":  # every adapted matrix at least 256 wide: every rank loralab tune searches fits
         return tf.LlamaConfig(**{**llama_like, "hidden_size": 256, "intermediate_size": 512,
                                  "num_key_value_heads": 4})

@@ -66,6 +66,8 @@ CASES = {
                                   ["quant.mode nf4", "model.layers.0.self_attn.q_proj", "in_features 32"]),
     "model_dir_without_weights": (None, "", "no-weights", [], ["model-copy", "no *.safetensors"]),
     "model_dir_without_tokenizer": (None, "", "no-tokenizer", [], ["model-copy", "no tokenizer"]),
+    "token_beyond_the_vocab": (None, "", "vocab600", [],
+                               ["the tokenizer gives token id 655", "vocab_size 600", "resize_token_embeddings"]),
 }
 
 
@@ -77,6 +79,8 @@ def test_bad_input_is_invalid(case, tiny_model_dir, tmp_path, capsys):
         model = model_without(model, tmp_path, (".safetensors",))
     elif variant == "no-tokenizer":
         model = model_without(model, tmp_path, ("tokenizer.json", "tokenizer_config.json"))
+    elif variant == "vocab600":
+        model = tiny_model_dir("llama_vocab600")
     if data is not None:
         sets = [f"data.path={alpaca(tmp_path, data, name)}", *sets]
     out = tmp_path / "run"

@@ -101,7 +101,27 @@ def resolve_data(cfg: Config, tokenizer: Any, model_config: Any) -> Splits:
     splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed, context=model_context(model_config))
     cfg.data.max_seq_length = splits.stats["max_seq_length"]
     check_context(cfg, model_config, splits)
+    check_vocab(cfg, model_config, splits, tokenizer)
     return splits
+
+
+def check_vocab(cfg: Config, model_config: Any, splits: Splits, tokenizer: Any) -> None:
+    """Refuse token ids the model's embeddings have no row for (a tokenizer with added tokens,
+    such as a chat template's, on a model that was not resized): they would fail mid-step with
+    an IndexError."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    vocab = getattr(text, "vocab_size", None)
+    if not isinstance(vocab, int) or vocab <= 0:
+        return
+    top = max((max(e.input_ids) for e in splits.train + splits.val if e.input_ids), default=-1)
+    if top >= vocab:
+        token = tokenizer.convert_ids_to_tokens(top)
+        raise DataError(
+            f"{cfg.data.path}: the tokenizer gives token id {top} ({token!r}), but the model has vocab_size {vocab} "
+            f"({cfg.model.path}/config.json): its embeddings have no row for it. The tokenizer has {len(tokenizer)} "
+            "tokens (added ones, such as a chat template's, count too): resize the model's embeddings to it "
+            "(model.resize_token_embeddings(len(tokenizer)), then save_pretrained) or use the model's own tokenizer"
+        )
 
 
 def check_context(cfg: Config, model_config: Any, splits: Splits) -> None:
@@ -113,10 +133,13 @@ def check_context(cfg: Config, model_config: Any, splits: Splits) -> None:
         return
     longest = max(len(e.input_ids) for e in splits.train + splits.val)
     if longest > context:
+        cut = longest == cfg.data.max_seq_length  # the longest examples were cut there: the setting is the length
+        what = (f"examples are cut at data.max_seq_length = {longest} tokens" if cut else
+                f"an example is {longest} tokens long")
         raise DataError(
-            f"{cfg.data.path}: an example is {longest} tokens long, more than the model's context of {context} "
-            f"positions (max_position_embeddings in {cfg.model.path}/config.json); set data.max_seq_length "
-            f"<= {context} (now {cfg.data.max_seq_length})"
+            f"{cfg.data.path}: {what}, more than the model's context of {context} positions "
+            f"(max_position_embeddings in {cfg.model.path}/config.json); set data.max_seq_length <= {context}, "
+            "or auto (the data's longest example, capped at the context)"
         )
 
 
