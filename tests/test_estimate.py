@@ -289,6 +289,10 @@ def test_parse_bytes():
     for bad in ("0GB", "-3GB", "lots", "24XB"):
         with pytest.raises(ConfigError, match="--budget"):
             parse_bytes(bad)
+    # a unit left out: 24 bytes would skip every run of a study as over its memory, and exit 0
+    with pytest.raises(ConfigError, match=r"--max-memory '24' would be 24 bytes: give the unit, e.g. 24GB or 24GiB"):
+        parse_bytes("24", "--max-memory")
+    assert parse_bytes("25000000000") == 25 * 10**9  # a plain byte count stays one
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -32,6 +32,9 @@ def parse_bytes(text: str, key: str = "--budget") -> int:
     value = float(m.group(1)) * _BYTE_UNITS[unit]
     if value <= 0:
         raise ConfigError(f"{key} must be > 0 (got {text!r})")
+    if not unit and value < 2**20:  # a plain number counts bytes: one this small is a unit left out
+        raise ConfigError(f"{key} {text!r} would be {value:.0f} bytes: give the unit, e.g. {m.group(1)}GB or "
+                          f"{m.group(1)}GiB (a number alone counts bytes)")
     return int(value)
 
 
