@@ -398,3 +398,16 @@ def test_auto_micro_batch_is_estimated_per_example_and_says_so():
     assert auto.memory_bytes == one.memory_bytes and auto.settings["micro_batch_size"] == 1
     assert auto.max_micro_batch == one.max_micro_batch > 1
     assert any("micro_batch_size: auto" in n for n in auto.approximate)
+
+
+def test_a_sequence_length_past_the_models_context_is_estimated_at_the_context(tiny_model_dir):
+    """A run refuses examples longer than the model's positions (256 here), so rows of 512 never
+    happen: the estimate is the one at 256, and says why, instead of a figure for rows no run forms."""
+    model = str(tiny_model_dir("llama"))
+    at_context = estimate_from_args(model=model, seq_len=256, micro_batch=4, device="cpu")
+    past = estimate_from_args(model=model, seq_len=512, micro_batch=4, device="cpu")
+    assert past.memory_bytes == at_context.memory_bytes and past.settings["seq_len"] == 256
+    assert ("data.max_seq_length 512 is more than the model's context of 256 positions: estimated at 256; a run "
+            "refuses any example longer than the context") in past.approximate
+    shorter = estimate_from_args(model=model, seq_len=128, micro_batch=4, device="cpu")
+    assert shorter.memory_bytes["activations"] < past.memory_bytes["activations"]

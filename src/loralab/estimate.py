@@ -510,11 +510,16 @@ def _notes(shape: ModelShape, cfg: Config, device: str, *, from_data: bool = Fal
     return notes
 
 
-def at_context_length(cfg: Config) -> Config:
-    """``cfg`` with data.max_seq_length: auto replaced by its ceiling, the model's context."""
+def context_of(cfg: Config) -> int | None:
+    """The model's context (max_position_embeddings), None where its config states none."""
     from loralab.data.dataset import model_context
 
-    context = model_context(load_model_config(resolve_model_config(cfg.model.path)))
+    return model_context(load_model_config(resolve_model_config(cfg.model.path))) or None
+
+
+def at_context_length(cfg: Config) -> Config:
+    """``cfg`` with data.max_seq_length: auto replaced by its ceiling, the model's context."""
+    context = context_of(cfg)
     if not context:
         raise ConfigError(f"data.max_seq_length: auto: {cfg.model.path} states no context length "
                           "(max_position_embeddings); set data.max_seq_length to a number for the estimate")
@@ -537,8 +542,12 @@ def estimate_run(
     (loralab.train.step.fullest_micro_batch); without it every micro batch is taken as full-length
     sequences (micro batch x data.max_seq_length), the most it can hold."""
     auto_length = cfg.data.max_seq_length == "auto"
+    over_context = None
     if auto_length:
         cfg = at_context_length(cfg)
+    elif (context := context_of(cfg)) and cfg.data.max_seq_length > context:
+        over_context = cfg.data.max_seq_length  # a run refuses any example longer than the context
+        cfg = replace(cfg, data=replace(cfg.data, max_seq_length=context))
     grad_checkpointing = grad_checkpointing or cfg.train.gradient_checkpointing
     shape = describe_model(cfg.model.path)
     modules = lora_modules(shape, list(cfg.lora.targets))
@@ -572,6 +581,10 @@ def estimate_run(
     if device is None and cfg.model.device == "auto":
         est.approximate.append(f"model.device auto: estimated for {dev}, where a run would train on this machine "
                                f"(with {est.settings['dtype']} weights); --device cuda or cpu estimates for another")
+    if over_context is not None:
+        est.approximate.append(f"data.max_seq_length {over_context} is more than the model's context of "
+                               f"{cfg.data.max_seq_length} positions: estimated at {cfg.data.max_seq_length}; a run "
+                               "refuses any example longer than the context")
     if auto_length:
         est.approximate.append(f"data.max_seq_length: auto estimated at the model's context "
                                f"({cfg.data.max_seq_length}), "
