@@ -45,6 +45,8 @@ CASES = {
     "wrong_encoding": (good_lines(1)[0].encode() + NL.encode() + "caf\u00e9".encode("latin-1"), "data.jsonl", "", [],
                        ["data.jsonl:2", "not UTF-8", "0xe9"]),
     "empty_file": ("", "data.jsonl", "", [], ["data.jsonl", "empty"]),
+    "empty_response": (good_lines(1)[0] + NL + json.dumps({"instruction": "b", "output": "  "}), "data.jsonl", "", [],
+                       ["data.jsonl:2: field output is only spaces; a record needs a response to train on"]),
     "missing_field": (good_lines(1)[0] + NL + json.dumps({"instruction": "b"}), "data.jsonl", "", [],
                       ["data.jsonl:2", "missing field output"]),
     "empty_after_filtering": (GOOD, "data.jsonl", "", ["data.min_response_chars=50"],

@@ -334,6 +334,13 @@ def test_damaged_parquet_and_a_directory_that_is_no_dataset(tmp_path, tiny_tok):
         tokens(tmp_path / "empty_dir", tiny_tok)
     with pytest.raises(DataError, match="does not exist"):
         tokens(tmp_path / "missing.parquet", tiny_tok)
+    # datasets' own errors for these named neither the file's state nor anything of the user's
+    (tmp_path / "empty.csv").write_text("\n")
+    with pytest.raises(DataError, match=r"empty.csv: the file is empty"):
+        tokens(tmp_path / "empty.csv", tiny_tok)
+    (tmp_path / "header.csv").write_text("instruction,input,output\n")
+    with pytest.raises(DataError, match=r"header.csv: a header \(instruction, input, output\) but no rows under it"):
+        tokens(tmp_path / "header.csv", tiny_tok)
 
 
 def test_hub_dataset_offline_is_a_clear_error(tmp_path):

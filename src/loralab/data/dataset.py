@@ -95,6 +95,10 @@ def to_records(rows: list[tuple[str, Any]], fmt: str, columns: dict[str, str]) -
                 raise DataError(f"{where}: field {col[k]} is empty (null); it needs text")
             if not isinstance(values[k], str):
                 raise DataError(f"{where}: field {col[k]} must be a string (got {type(values[k]).__name__})")
+        response = FIELDS[fmt][-1]
+        if not values[response].strip():  # as a null: the run would teach the model to answer nothing
+            raise DataError(f"{where}: field {col[response]} is {'empty' if not values[response] else 'only spaces'}"
+                            "; a record needs a response to train on")
         if fmt == "alpaca":
             out.append(Record(where, {"instruction": values["instruction"], "input": values["input"]},
                               values["output"]))

@@ -126,13 +126,20 @@ def _datasets_file(p: Path):
 def _csv_as_text(p: Path, datasets) -> dict:
     """load_dataset options that read every column of a CSV as text, as written: pandas would
     otherwise read an answer column of numbers as floats ("007" as 7.0) and the words NA, None or
-    null as missing. Only an empty cell is missing. {} where the header cannot be read."""
+    null as missing. Only an empty cell is missing. {} where the header cannot be read; a
+    DataError for a file with no header or no rows (datasets' own errors name neither)."""
     try:
         with open(p, newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f), None)
+            reader = csv.reader(f)
+            header = next(reader, None)
+            has_rows = any(row for row in reader)
     except (OSError, UnicodeDecodeError, csv.Error):
         return {}
-    if not header or len(set(header)) != len(header):
+    if not header:
+        raise DataError(f"{p}: the file is empty")
+    if not has_rows:
+        raise DataError(f"{p}: a header ({', '.join(header)}) but no rows under it")
+    if len(set(header)) != len(header):
         return {}
     return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
             "keep_default_na": False, "na_values": [""]}
