@@ -35,6 +35,7 @@ from loralab.tune import (
     recommend,
     study_file,
     summary_text,
+    with_absolute_paths,
 )
 from userdata import instruction_records, write_jsonl
 
@@ -171,6 +172,34 @@ def test_a_recommendation_at_the_end_of_a_range_says_how_to_widen_it():
                          "recommended": recommend([_cand("a", [1.0, 1.1], 10)], "min"),
                          "compute": {"steps": 1, "train_time_s": 1.0, "grid_steps": 4, "fraction_of_grid": 0.25}})
     assert f"Note: {top}" in text
+
+
+def test_finalists_short_of_their_seeds_are_named_and_not_called_beyond_noise():
+    # what a tune stopped in its repeats left before they were continued: one finalist with its 3
+    # seeds, two with seed 1 only (eval losses of /tmp/trialA's t_int tune, rounded)
+    cands = [_cand("a", [7.08, 7.095, 7.066], 1000), _cand("b", [7.09], 100), _cand("c", [7.10], 10)]
+    rec = recommend(cands, "min")
+    assert rec["name"] == "a" and rec["n"] == 3 and rec["comparisons"] == []
+    assert rec["finalist_seeds"] == {"a": 3, "b": 1, "c": 1}
+    assert rec["why"] == ("the best mean over its seeds; no other finalist has repeats to compare it with "
+                          "(finalists short of their 3 seeds: b 1, c 1)")
+    text = summary_text({"tune": "t", "metric": "eval_loss", "recommended": rec, "effects": [],
+                         "compute": {"steps": 10, "train_time_s": 1.0, "grid_steps": 40, "fraction_of_grid": 0.25},
+                         "plan": {"notes": []}})
+    assert "no runner-up is within noise" not in text
+    assert ("Seeds per finalist (of 3): a 3, b 1, c 1; a finalist with one seed is not compared (loralab study "
+            "status shows how each repeat ended") in text
+
+
+def test_best_yaml_names_local_paths_absolutely(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    config = {"model": {"path": "models/m"}, "data": {"path": "data.jsonl"}, "lora": {"r": 8}}
+    assert with_absolute_paths(config)["model"]["path"] == str(tmp_path / "models" / "m")
+    assert config["data"]["path"] == str(tmp_path / "data.jsonl") and config["lora"] == {"r": 8}
+    hub = {"model": {"path": "builtin:tiny"}, "data": {"path": "missing.jsonl"}}
+    assert with_absolute_paths(hub) == {"model": {"path": "builtin:tiny"}, "data": {"path": "missing.jsonl"}}
 
 
 def _tune_db(tmp_path: Path) -> Path:
@@ -317,6 +346,53 @@ def test_tune_killed_and_restarted_finishes_with_no_run_repeated_or_lost(tiny_mo
     assert (Path(answer["adapter"]) / "adapter_model.safetensors").exists()
     assert answer["compute"]["steps"] < answer["compute"]["grid_steps"]
     assert "Recommended:" in (tmp_path / "runs" / "tune" / "tune.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_tune_stopped_in_its_repeats_finishes_them_when_run_again(tiny_model_dir, user_data, tmp_path,
+                                                                   monkeypatch):
+    """Phase one's halving once picked up the repeats a stop had left pending or interrupted and cut
+    them at its first rung, while the answer still said "no runner-up is within noise"."""
+    import loralab.study.execute as execute
+    import loralab.tune as tune
+
+    # 4 candidates halved at step 2 (of 5), 2 finalists with one more seed each: the least that halves
+    monkeypatch.setattr(tune, "FINALISTS", 2)
+    monkeypatch.setattr(tune, "EXTRA_SEEDS", [2])
+    monkeypatch.chdir(tmp_path)  # paths relative to here, as a user types them
+    model, data = os.path.relpath(tiny_model_dir("llama"), tmp_path), os.path.relpath(user_data, tmp_path)
+    kw = dict(model=model, data=data, out="runs", name="tune", search=["train.lr", "lora.r"],
+              widen={"lora.r": [4, 8], "train.lr": [1e-3, 1e-2]}, batch_size=8, workers=2,
+              fixed={"lora.dropout": 0, "data.limit": 40, "data.val_fraction": 0.15})
+    real = execute.run_study
+
+    def stopped_in_phase_two(study, **opts):  # the repeats are recorded, and none starts
+        return real(study, **{**opts, "budget_s": 0.0} if "halving" not in opts else opts)
+
+    monkeypatch.setattr(execute, "run_study", stopped_in_phase_two)
+    first = tune.run_tune(**kw)
+    assert first["recommended"]["why"].startswith("no finalist has repeats yet")
+    db = tmp_path / "runs" / "tune" / "study.db"
+    con = sqlite3.connect(db)  # one repeat was running when Ctrl-C came: the driver marks it interrupted
+    con.execute("UPDATE runs SET status = 'interrupted' WHERE name = 'lr0.01-r8-s2'")
+    con.commit()
+    assert con.execute("SELECT name, status FROM runs WHERE name LIKE '%-s2' ORDER BY name").fetchall() == [
+        ("lr0.01-r4-s2", "pending"), ("lr0.01-r8-s2", "interrupted")]
+    con.close()
+
+    monkeypatch.setattr(execute, "run_study", real)
+    answer = tune.run_tune(**kw)
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT name, status, stopped_at_step FROM runs WHERE name LIKE '%-s2' ORDER BY name")
+    assert rows.fetchall() == [("lr0.01-r4-s2", "completed", None), ("lr0.01-r8-s2", "completed", None)]
+    con.close()
+    rec = answer["recommended"]
+    assert rec["finalist_seeds"] == {"lr0.01-r8": 2, "lr0.01-r4": 2} and rec["n"] == 2
+    assert [(c["name"], c["n"]) for c in rec["comparisons"]] == [(c, 2) for c in rec["finalist_seeds"]
+                                                                  if c != rec["name"]]
+    # best.yaml trains from any directory: the paths the tune was given are made absolute
+    best = yaml.safe_load((tmp_path / "runs" / "tune" / "best.yaml").read_text())
+    assert best["model"]["path"] == str(tiny_model_dir("llama")) and best["data"]["path"] == str(user_data)
 
 
 @pytest.mark.slow

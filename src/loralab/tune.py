@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from loralab.errors import ConfigError
+from loralab.errors import ConfigError, LoralabError
 from loralab.rundir import RunDir, Status, write_atomic
 from loralab.study import stats
 from loralab.study.results import SEED_KEY, for_metric, read_series, read_study, repeat_groups
@@ -334,7 +334,6 @@ def seconds_per_step(base: dict[str, Any], dims: list[Dimension], max_seq_length
     """A lower bound on one optimizer step's time on this machine: loralab estimate's FLOPs of the
     cheapest candidate at the data's sequence length, at this machine's measured matmul rate."""
     from loralab.config import config_from_dict
-    from loralab.errors import LoralabError
     from loralab.estimate import estimate_run, matmul_throughput
     from loralab.study.scheduler import run_device
 
@@ -466,19 +465,29 @@ def recommend(cands: list[Candidate], goal: str) -> dict[str, Any]:
     near = [best] + [c for c, cmp in zip([c for c in pool if c is not best], comparisons, strict=True)
                      if cmp["within_noise"]]
     chosen = min(near, key=lambda c: (c.trainable_params or 0, c.peak_memory_bytes or 0, c.train_time_s or 0.0))
+    # The finalists are the best FINALISTS by seed 1 (cands' order, as phase two chose them); a stop
+    # or a failure can leave some short of their seeds, and a finalist with one seed is not compared.
+    seeds = 1 + len(EXTRA_SEEDS)
+    short = [c for c in cands[:FINALISTS] if len(c.values) < seeds]
     if not repeated:
         why = ("no finalist has repeats yet (the budget ran out before them): the best single run, not separable "
                "from seed noise")
+    elif chosen is best and not comparisons:
+        why = "the best mean over its seeds; no other finalist has repeats to compare it with"
     elif chosen is best:
         why = "the best mean over its seeds" + ("; no runner-up is within noise" if len(near) == 1 else
                                                 "; the runners-up within noise are not cheaper")
     else:
         why = (f"within noise of the best mean ({best.name}) and cheaper: "
                f"{chosen.trainable_params:,} vs {best.trainable_params:,} trainable parameters")
+    if repeated and short:
+        why += (f" (finalists short of their {seeds} seeds: "
+                + ", ".join(f"{c.name} {len(c.values)}" for c in short) + ")")
     half = _half_width(sd, df, 1 / math.sqrt(len(chosen.values)))
     return {"name": chosen.name, "axes": chosen.axes, "mean": chosen.mean, "n": len(chosen.values),
             "ci_half_width": half, "seed_sd": sd, "seed_df": df, "best_mean": best.name, "why": why,
             "within_noise": [c["name"] for c in comparisons if c["within_noise"]],
+            "finalist_seeds": {c.name: len(c.values) for c in cands[:FINALISTS]},
             "comparisons": comparisons, "config": chosen.config, "run_dir": chosen.run_dir,
             "trainable_params": chosen.trainable_params, "peak_memory_bytes": chosen.peak_memory_bytes}
 
@@ -571,6 +580,27 @@ def repeat_runs(finalists: list[Candidate]) -> list[Any]:
     return runs
 
 
+def _repeats_begun(db: Path, name: str, candidates: list[str]) -> bool:
+    """Whether phase two has begun: the database holds repeats (runs with a seed axis), which are
+    added only once every candidate has ended. A command whose space has candidates the database
+    lacks is refused then: they would be searched after the finalists were chosen."""
+    if not db.exists():
+        return False
+    try:
+        runs = read_study(db, name).runs
+    except LoralabError:  # no study of that name yet
+        return False
+    if not any(SEED_KEY in r.axes for r in runs):
+        return False
+    new = sorted(set(candidates) - {r.name for r in runs})
+    if new:
+        raise ConfigError(
+            f"tune {name}: its finalists' repeats have begun, but this command searches candidates the tune "
+            f"did not ({', '.join(new[:3])}{' ...' if len(new) > 3 else ''}); run the earlier command to "
+            f"finish it, or give this one a new --name")
+    return True
+
+
 def run_tune(*, model: str, data: str, out: str = "runs", name: str = "tune", metric: str = "eval_loss",
              goal: str | None = None, fixed: dict[str, Any] | None = None, search: list[str] | None = None,
              widen: dict[str, list[Any]] | None = None, budget_s: float | None = None, budget_steps: int | None = None,
@@ -600,15 +630,21 @@ def run_tune(*, model: str, data: str, out: str = "runs", name: str = "tune", me
         common = dict(workers=workers, executor=executor, address=address, max_memory=max_memory,
                       progress=progress, starter=starter)
         study = _study(spec, root)
-        halving = (Halving(eta=ETA, min_steps=plan.min_steps) if halving_schedule(plan.candidates, plan.max_steps)[1]
-                   else None)
-        phase1 = run_study(study, root=root, halving=halving, budget_s=budget_s, **common)
-        finished = phase1.get("budget_spent") is not True and not any(
-            s in phase1["counts"] for s in (Status.PENDING, Status.INTERRUPTED, Status.PAUSED, Status.RUNNING))
         db = root / "study.db"
+        if _repeats_begun(db, name, [r.name for r in study.runs]):
+            # Phase one ended in an earlier invocation. It is not run again: the scheduler plans every
+            # unfinished run in the database, so the repeats a stop left pending or interrupted would
+            # train under phase one's halving and be cut at its first rung.
+            finished, spent = True, 0.0
+        else:
+            halving = (Halving(eta=ETA, min_steps=plan.min_steps)
+                       if halving_schedule(plan.candidates, plan.max_steps)[1] else None)
+            phase1 = run_study(study, root=root, halving=halving, budget_s=budget_s, **common)
+            finished = phase1.get("budget_spent") is not True and not any(
+                s in phase1["counts"] for s in (Status.PENDING, Status.INTERRUPTED, Status.PAUSED, Status.RUNNING))
+            spent = phase1["wall_time_s"]
         cands, _ = read_candidates(db, name, metric, goal)
         if finished and cands:
-            spent = phase1["wall_time_s"]
             left = None if budget_s is None else max(0.0, budget_s - spent)
             study = _study(spec, root, extra_runs=repeat_runs(cands[:FINALISTS]))
             run_study(study, root=root, budget_s=left, **common)
@@ -638,12 +674,29 @@ def write_answer(root: Path, *, name: str, metric: str, goal: str, plan: Plan) -
     best = copy.deepcopy(rec["config"])
     best.get("output", {}).pop("dir", None)
     best["train"]["seed"] = 1
+    best = with_absolute_paths(best)
     write_atomic(root / "best.yaml", f"# loralab tune {name}: {rec['why']}\n" + yaml.safe_dump(best, sort_keys=False),
                  fsync=False)
     write_atomic(root / "tune.json", answer, fsync=False)
     write_atomic(root / "tune.md", summary_text(answer), fsync=False)
     answer["best_yaml"] = str(root / "best.yaml")
     return answer
+
+
+def with_absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config with its local model and data paths absolute, as a run's config.yaml has
+    them (loralab.config.absolute_local_paths): best.yaml then trains from the tune's directory,
+    where the paths the tune was given relative to the working directory name nothing."""
+    from loralab.config import absolute_local_paths, config_from_dict
+
+    cfg = config_from_dict(config, source="best.yaml")
+    absolute_local_paths(cfg)
+    for section, key in (("model", "path"), ("data", "path"), ("data", "val_path")):
+        if key in config.get(section, {}):
+            config[section][key] = getattr(getattr(cfg, section), key)
+    if "tasks" in config.get("eval", {}):
+        config["eval"]["tasks"] = cfg.eval.tasks
+    return config
 
 
 def _pm(x: float | None) -> str:
@@ -660,6 +713,12 @@ def summary_text(a: dict[str, Any]) -> str:
              f"Why this one: {rec['why']}."]
     if rec["within_noise"]:
         lines.append(f"Within noise of it: {', '.join(rec['within_noise'])}.")
+    seeds = rec.get("finalist_seeds") or {}
+    if any(n < 1 + len(EXTRA_SEEDS) for n in seeds.values()):
+        lines.append(f"Seeds per finalist (of {1 + len(EXTRA_SEEDS)}): "
+                     + ", ".join(f"{name} {n}" for name, n in seeds.items())
+                     + "; a finalist with one seed is not compared (loralab study status shows how each repeat "
+                       "ended; the same command run again trains those still to run).")
     for c in rec["comparisons"]:
         if not c["within_noise"]:
             lines.append(

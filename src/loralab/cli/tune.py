@@ -10,6 +10,7 @@ and prints the answer.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from loralab.cli.output import emit_json
 
@@ -40,18 +41,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from loralab.ending import sigterm_interrupts
     from loralab.tune import parse_assignments, run_tune, summary_text
     from loralab.units import parse_bytes, parse_duration
 
     search = [k.strip() for k in args.search.split(",") if k.strip()] if args.search else None
     widen = {k: v if isinstance(v, list) else [v] for k, v in parse_assignments(args.widen, "--widen").items()}
-    answer = run_tune(
-        model=args.model, data=args.data, out=args.out, name=args.name, metric=args.metric, goal=args.goal,
-        fixed=parse_assignments(args.fixed, "--fixed"), search=search, widen=widen,
-        budget_s=parse_duration(args.budget, "--budget") if args.budget else None, budget_steps=args.budget_steps,
-        max_memory=parse_bytes(args.max_memory, "--max-memory") if args.max_memory else None,
-        workers=args.workers, executor=args.executor, address=args.address, batch_size=args.batch_size,
-        progress=not args.json)
+    try:
+        with sigterm_interrupts():  # SIGTERM stops the tune as Ctrl-C does
+            answer = run_tune(
+                model=args.model, data=args.data, out=args.out, name=args.name, metric=args.metric, goal=args.goal,
+                fixed=parse_assignments(args.fixed, "--fixed"), search=search, widen=widen,
+                budget_s=parse_duration(args.budget, "--budget") if args.budget else None,
+                budget_steps=args.budget_steps,
+                max_memory=parse_bytes(args.max_memory, "--max-memory") if args.max_memory else None,
+                workers=args.workers, executor=args.executor, address=args.address, batch_size=args.batch_size,
+                progress=not args.json)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the study database keeps what ended; say how to go on
+        sys.stderr.write(f"tune {args.name}: stopped; run the same command again to continue it (runs that ended "
+                         "are kept; interrupted ones train again, from their last checkpoint where they have one)\n")
+        raise
     if args.json:
         emit_json(answer)
     else:
