@@ -214,8 +214,11 @@ def test_driver_killed_then_rerun_repeats_nothing_and_loses_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_of_the_driver_records_its_running_runs_interrupted(tmp_path):
-    """SIGINT (Ctrl-C) to the driver: exit 130, and what was running is interrupted in study.db
-    (a SIGKILLed driver leaves it running until the next invocation recovers it); a rerun ends it."""
+    """SIGTERM (kill, a batch scheduler) to the driver: exit 143, and what was running is
+    interrupted in study.db (a SIGKILLed driver leaves it running until the next invocation
+    recovers it); a rerun ends it. SIGTERM is raised as Ctrl-C's KeyboardInterrupt
+    (loralab.ending.sigterm_interrupts), so this is Ctrl-C's path too; before, SIGTERM killed
+    the driver outright."""
     path = write_study(tmp_path, "ctrlc", axes={"lora.r": [2, 4]}, repeats=2)
     out = tmp_path / "runs"
     db = out / "ctrlc" / "study.db"
@@ -224,13 +227,13 @@ def test_ctrl_c_of_the_driver_records_its_running_runs_interrupted(tmp_path):
                               stderr=subprocess.PIPE, text=True)
     wait_for(lambda: "running" in _statuses(db).values(), 240, "a run running")
     in_flight = {n for n, s in _statuses(db).items() if s == "running"}
-    driver.send_signal(signal.SIGINT)
-    assert driver.wait(timeout=60) == 130, driver.stderr.read()[-2000:]
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=60) == 143, driver.stderr.read()[-2000:]
     after = rows_of(db)
     assert "running" not in {r["status"] for r in after.values()}
     for name in in_flight:
         assert after[name]["status"] == "interrupted"
-        assert after[name]["error"].startswith("the study was interrupted (SIGINT) while this run was running")
+        assert after[name]["error"].startswith("the study was interrupted (SIGTERM) while this run was running")
     rerun = cli("study", "run", str(path), "--out", str(out), "--json")
     assert rerun.returncode == 0, rerun.stderr
     assert {r["status"] for r in rows_of(db).values()} == {"completed"}

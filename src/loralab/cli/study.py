@@ -179,12 +179,14 @@ def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from loralab.ending import sigterm_interrupts
     from loralab.study.backends.warm import warm_process
     from loralab.study.options import StudyOptions
 
     options = StudyOptions.from_args(args)  # refused here, before the study is even loaded
     # The local units' warm process loads the libraries while the study is checked and planned.
-    with warm_process(local=options.executor != "ray" and not args.dry_run) as starter:
+    # SIGTERM stops the driver as Ctrl-C does: its running runs are recorded interrupted.
+    with sigterm_interrupts(), warm_process(local=options.executor != "ray" and not args.dry_run) as starter:
         return run_checked(args, options, starter)
 
 

@@ -131,10 +131,11 @@ def run_study(study: Study, *, root: Path, options: StudyOptions | None = None, 
                     run_halving(scheduler, units, halving=opts.halving, metric=study.metric, goal=study.goal)
                 else:
                     run_all(scheduler, units)
-            except KeyboardInterrupt:  # the driver's Ctrl-C: what was running goes on next time
+            except KeyboardInterrupt as exc:  # the driver's Ctrl-C or SIGTERM: what was running goes on next time
+                signame = getattr(exc, "signal_name", "SIGINT")  # loralab.errors.Terminated: SIGTERM
                 for row in store.runs(sid, (Status.RUNNING,)):
                     store.finish(row["id"], status=Status.INTERRUPTED,
-                                 error="the study was interrupted (SIGINT) while this run was running; run the "
+                                 error=f"the study was interrupted ({signame}) while this run was running; run the "
                                        "study again to continue it")
                 raise
         counts = store.counts(sid)
