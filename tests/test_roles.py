@@ -171,6 +171,12 @@ def test_regex_matching_nothing(tiny_model_dir):
     model = load(tiny_model_dir("llama"))
     with pytest.raises(ModelError, match="matches no linear module"):
         peft_lora_config(model, LoraConfig(targets=["re:nothing_here"]))
+    # a suffix alone matches nothing (the pattern must match the whole name): said, with the way
+    with pytest.raises(ModelError) as err:
+        peft_lora_config(model, LoraConfig(targets=["re:q_proj"]))
+    assert str(err.value).endswith("a re: pattern must match a module's full name, such as model.layers.0.self_attn."
+                                   "q_proj (re:.*\\.q_proj matches every q_proj)")
+    assert len(peft_lora_config(model, LoraConfig(targets=["re:.*\\.q_proj"])).target_modules) > 0
 
 
 def test_rank_larger_than_layer(tiny_model_dir):

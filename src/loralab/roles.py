@@ -203,7 +203,12 @@ def resolve_targets(
     if "all" in targets:  # a suffix shared with the head (rare) must not pull the head in
         modules = [n for n in modules if n != head_name or "head" in roles]
     if not modules:
-        raise ModelError(f"lora.targets {targets} matches no linear module of this model")
+        hint = ""
+        if regexes and linear_names:  # re.fullmatch: a pattern for a suffix alone matches nothing
+            example = linear_names[0]
+            hint = (f"; a re: pattern must match a module's full name, such as {example} "
+                    f"(re:.*\\.{re.escape(example.split('.')[-1])} matches every {example.split('.')[-1]})")
+        raise ModelError(f"lora.targets {targets} matches no linear module of this model{hint}")
     suffixes = list(dict.fromkeys(suffixes))
     if regexes or "all" in targets:
         # One exact regex keeps PEFT's selection identical to ours.
