@@ -101,6 +101,10 @@ def test_bad_input_is_invalid(case, tiny_model_dir, tmp_path, capsys):
     assert summary["status"] == "invalid"
     assert summary["error"] in err
     assert not (out / "adapter").exists() and not (out / "checkpoints").exists()
+    if case == "malformed_jsonl":  # what uses the run's adapter says why there is none
+        assert main(["merge", str(out), str(tmp_path / "merged")]) == 2
+        assert (f"{out}: a run directory without an adapter: the run is invalid: {summary['error']}"
+                in capsys.readouterr().err)
 
 
 def test_adapter_for_another_base_names_the_module(tiny_model_dir, tmp_path, capsys):

@@ -326,6 +326,10 @@ def adapter_dir(run_or_adapter: str | Path) -> Path:
     if (RunDir(p).adapter / "adapter_config.json").is_file():
         p = RunDir(p).adapter
     elif not (p / "adapter_config.json").is_file():
+        summary = RunDir(p).read_summary()
+        if summary:  # a run directory whose run saved no adapter: say how it ended
+            raise ModelError(f"{p}: a run directory without an adapter: the run is {summary.get('status')}"
+                             f"{': ' + str(summary['error']) if summary.get('error') else ''}")
         raise ModelError(f"{p}: neither a run directory with adapter/ nor a PEFT adapter directory")
     refuse_pickles(p, "adapter")
     if not (p / "adapter_model.safetensors").is_file():
