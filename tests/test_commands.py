@@ -162,3 +162,20 @@ def test_run_directory_names_and_the_command_line_each_live_in_one_place():
     assert spelled == {}, f"run-directory file names spelled outside rundir.py (use RunDir or its constants): {spelled}"
     outside = {m: lines for m, lines in parsers.items() if not m.startswith("cli/")}
     assert outside == {}, f"subcommands defined outside loralab/cli/: {outside}"
+
+
+def test_output_to_a_reader_that_left_early_ends_quietly(tmp_path):
+    """`loralab ... | head -1`: the reader closes the pipe and the next write fails (EPIPE). The
+    command ends with 141, as a shell reports SIGPIPE, and no traceback (it printed one)."""
+    import os
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    proc = subprocess.Popen([sys.executable, "-m", "loralab.cli", "study", "presets"],
+                            env={**os.environ, "PYTHONPATH": src}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err

@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None, *, errors: list[LoralabError] | None = N
         if errors is not None:
             errors.append(exc)
         return exc.exit_code
+    except BrokenPipeError:  # stdout's reader left early (loralab runs list | head): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush has nowhere to fail
+        return 141  # as a shell reports a process ended by SIGPIPE
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM where a run turned it into one (errors.Terminated)
         sys.stderr.write("interrupted\n")
         code = 128 + (15 if isinstance(exc, Terminated) else 2)  # as a shell reports the signal: 130, 143
