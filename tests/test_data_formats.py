@@ -383,6 +383,12 @@ def test_val_path_in_another_format(tmp_path, tiny_tok):
     path = write_jsonl(tmp_path / "d.jsonl", instruction_records(20))
     s = load_splits(data_cfg(path, f"data.val_path={tmp_path / 'val.parquet'}"), tiny_tok, seed=0)
     assert (s.stats["n_train"], s.stats["n_val"], s.stats["val_source"]) == (20, 7, "val_path")
+    # another file format is fine; another record format is not (chat scored against Alpaca training
+    # was accepted: its eval loss scored another prompt layout)
+    chat = write_jsonl(tmp_path / "chat.jsonl", chat_records(4, seed=2))
+    with pytest.raises(DataError, match=r"data.val_path .*chat.jsonl: its records are messages \(.*chat.jsonl:1\), "
+                                        r"the training data's are alpaca \(.*d.jsonl:1\)"):
+        load_splits(data_cfg(path, f"data.val_path={chat}"), tiny_tok, seed=0)
 
 
 def test_auto_max_seq_length_fits_the_data_up_to_the_context(tmp_path, tiny_tok):

@@ -60,6 +60,13 @@ class Record:
         return len(self.response)
 
 
+def record_format(record: Record) -> str:
+    """The format a Record was read in: messages, prompt_completion or alpaca."""
+    if record.messages is not None:
+        return "messages"
+    return "prompt_completion" if "prompt" in (record.prompt or {}) else "alpaca"
+
+
 def detect_format(rec: Any, columns: dict[str, str]) -> str:
     """data.format auto: messages/conversations -> messages, prompt -> prompt_completion, else alpaca."""
     if not isinstance(rec, dict):
@@ -193,7 +200,13 @@ def split_records(cfg: DataConfig, *, seed: int) -> tuple[list[Record], list[Rec
         return _load_records(cfg.path, cfg, "train"), _load_records(cfg.path, cfg, "val"), {"val_source": "builtin"}
     train = _load_records(cfg.path, cfg, "train")
     if cfg.val_path:
-        return train, _load_records(cfg.val_path, cfg, "train"), {"val_source": "val_path", "val_path": cfg.val_path}
+        val = _load_records(cfg.val_path, cfg, "train")
+        if train and val and record_format(val[0]) != record_format(train[0]):
+            raise DataError(f"data.val_path {cfg.val_path}: its records are {record_format(val[0])} ({val[0].where}), "
+                            f"the training data's are {record_format(train[0])} ({train[0].where}); evaluated in "
+                            "another format, the eval loss would score another prompt layout: give both files one "
+                            "format (docs/data.md)")
+        return train, val, {"val_source": "val_path", "val_path": cfg.val_path}
     val_seed = cfg.val_seed if cfg.val_seed is not None else seed
     order = list(range(len(train)))
     random.Random(val_seed).shuffle(order)
