@@ -327,3 +327,21 @@ def test_a_group_out_of_memory_is_split_not_failed(tmp_path, caplog):
     assert statuses == dict.fromkeys(["r2", "r4", "r8"], "completed")
     assert ("fusion: r2+r4+r8 ran out of memory together (CUDA out of memory. Tried to allocate 2.00 GiB); "
             "training them again as r2 and r4, r8") in caplog.text
+
+
+def test_a_study_where_no_run_could_train_has_a_verdict(tiny_model_dir, tmp_path):
+    """Every rank above the model's width: every run is invalid. The report's verdict says no run
+    completed and how they ended (before, it had none: only "nothing to compare")."""
+    base = {"model": {"path": str(tiny_model_dir("llama")), "device": "cpu"},
+            "data": {"path": "builtin:arithmetic_2ds", "limit": 8, "val_max_examples": 4, "max_seq_length": 48},
+            "train": {"max_steps": 1, "batch_size": 4, "micro_batch_size": 4, "warmup_steps": 0}}
+    path = studytools.write_study(tmp_path, "toowide", base=base, axes={"lora.r": [64, 128]},
+                                  findings=[{"kind": "axis_effect", "axis": "lora.r"}])
+    out = tmp_path / "runs"
+    assert main(["study", "run", str(path), "--out", str(out)]) == 1
+    assert main(["study", "report", "toowide", "--out", str(out)]) == 0
+    report = (out / "toowide" / "report" / "report.md").read_text().splitlines()
+    assert report[2] == ("**Verdict: The study could not answer its question: no run completed with a value of "
+                         "eval_loss (2 invalid); the excluded runs below say why each one ended.**")
+    found = json.loads((out / "toowide" / "report" / "findings.json").read_text())
+    assert found[0]["kind"] == "verdict" and found[0]["answered"] is False

@@ -344,7 +344,16 @@ def verdict(data: StudyData) -> dict[str, Any] | None:
     from loralab.study.steps import FLOOR_STEPS
 
     if not data.ok:
-        return None
+        if not data.runs:
+            return None
+        counts: dict[str, int] = {}
+        for r in data.runs:
+            counts[str(r.status)] = counts.get(str(r.status), 0) + 1
+        ended = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        return {"kind": "verdict", "answered": False, "metric": data.metric,
+                "reasons": [f"no run completed with a value of {data.metric} ({ended})"],
+                "text": f"The study could not answer its question: no run completed with a value of {data.metric} "
+                        f"({ended}); the excluded runs below say why each one ended."}
     reasons = []
     steps = [r.steps for r in data.ok if r.steps]
     if steps and max(steps) < FLOOR_STEPS:
