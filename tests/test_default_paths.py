@@ -345,3 +345,26 @@ def test_a_study_where_no_run_could_train_has_a_verdict(tiny_model_dir, tmp_path
                          "eval_loss (2 invalid); the excluded runs below say why each one ended.**")
     found = json.loads((out / "toowide" / "report" / "findings.json").read_text())
     assert found[0]["kind"] == "verdict" and found[0]["answered"] is False
+
+
+@pytest.mark.slow
+def test_a_cost_finding_does_not_compare_runs_that_shared_a_fused_group(tiny_model_dir, tmp_path):
+    """Dropout's cost (the dropout preset's question) on runs fused by default: their time and peak
+    are the group's, shared equally, so the finding says they were not measured apart; it used to
+    report "the same peak memory and the same time" from the shared figures."""
+    base = {"model": {"path": str(tiny_model_dir("llama")), "device": "cpu"},
+            "data": {"path": "builtin:arithmetic_2ds", "limit": 8, "val_max_examples": 4, "max_seq_length": 48},
+            "train": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 4, "warmup_steps": 0}}
+    path = studytools.write_study(tmp_path, "dropcost", base=base, axes={"lora.dropout": [0.0, 0.1]},
+                                  findings=[{"kind": "cost", "axis": "lora.dropout", "baseline": 0.0}])
+    out = tmp_path / "runs"
+    assert main(["study", "run", str(path), "--out", str(out)]) == 0
+    summaries = [json.loads(p.read_text()) for p in (out / "dropcost").glob("*/summary.json")]
+    assert len(summaries) == 2 and all(len(s["fused_with"]) == 1 for s in summaries)  # one group of two
+    assert main(["study", "report", "dropcost", "--out", str(out)]) == 0
+    (cost,) = [f for f in json.loads((out / "dropcost" / "report" / "findings.json").read_text())
+               if f["kind"] == "cost"]
+    (level,) = cost["levels"]
+    assert level["fused"] and level["memory"] is None and level["time"] is None
+    assert cost["text"].startswith("lora.dropout=0.1 against lora.dropout=0: peak memory and time not measured apart "
+                                   "(they trained in one fused group")

@@ -229,10 +229,20 @@ def cost(data: StudyData, axis: str, baseline: Any) -> dict[str, Any]:
         row: dict[str, Any] = {"value": v, "comparison": compare(data, data.ok, axis, v, baseline)}
         for attr, key in (("memory_bytes", "memory"), ("time_s", "time"), ("params", "params")):
             row[key] = _pct(compare(data, data.ok, axis, v, baseline, attr=attr))
+        row["fused"] = trained_together(data, axis, v, baseline)
+        if row["fused"]:  # a group's time and peak are shared equally among its runs: no difference to see
+            row["memory"] = row["time"] = None
         out["levels"].append(row)
         parts.append(_cost_text(data, axis, v, baseline, row))
     out["text"] = " ".join(parts) if parts else f"{axis} has no level besides the baseline."
     return out
+
+
+def trained_together(data: StudyData, axis: str, a: Any, b: Any) -> bool:
+    """Whether a run at ``axis`` = ``a`` trained in one fused group with a run at ``b``: their
+    time and peak memory are then the group's, shared, not measured for either setting."""
+    dirs_b = {r.run_dir for r in data.ok if canon(r.axes.get(axis)) == canon(b) and r.run_dir}
+    return any(set(r.fused_with) & dirs_b for r in data.ok if canon(r.axes.get(axis)) == canon(a))
 
 
 def _mean_attr(runs: list[RunResult], attr: str) -> float | None:
@@ -267,7 +277,12 @@ def _cost_text(data: StudyData, axis: str, v: Any, baseline: Any, row: dict[str,
     lab, base = level_label(data, axis, v), level_label(data, axis, baseline)
     if cmp is None:
         return f"{lab} never ran under the same other settings as {base}."
-    text = f"{lab} against {base}: {change(row['memory'], 'peak memory')} and {change(row['time'], 'time')}"
+    if row.get("fused"):
+        text = (f"{lab} against {base}: peak memory and time not measured apart (they trained in one fused group, "
+                "whose time and peak are shared equally among its runs; loralab study run --no-fuse measures each "
+                "alone)")
+    else:
+        text = f"{lab} against {base}: {change(row['memory'], 'peak memory')} and {change(row['time'], 'time')}"
     params = row["params"]
     if params is not None and params["level_mean"] != params["baseline_mean"]:
         text += f", {params['level_mean']:,.0f} trainable parameters instead of {params['baseline_mean']:,.0f}"

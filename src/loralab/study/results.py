@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loralab.errors import LoralabError
-from loralab.rundir import Status
+from loralab.rundir import RunDir, Status
 from loralab.study import stats
 from loralab.study.store import open_readonly
 from loralab.units import is_number
@@ -52,6 +52,7 @@ class RunResult:
     config: dict[str, Any] = field(default_factory=dict)  # its resolved config, nested sections
     run_dir: str | None = None
     train_time_s: float | None = None  # training time alone (None when the run never trained)
+    fused_with: tuple[str, ...] = ()  # the run directories it trained with in one fused group (summary.json)
 
 
 @dataclass
@@ -131,6 +132,8 @@ def read_study(db_path: str | Path, study_name: str) -> StudyData:
                 time_s=time_s, memory_bytes=r["peak_memory_bytes"], params=r["trainable_params"],
                 stopped_at_step=r["stopped_at_step"], error=r["error"],
                 config=config, run_dir=r["run_dir"], train_time_s=r["train_time_s"],
+                fused_with=tuple(((RunDir(r["run_dir"]).read_summary() or {}) if r["run_dir"] else {})
+                                 .get("fused_with") or ()),
                 steps=con.execute("SELECT MAX(step) FROM metrics WHERE run_id = ? AND name = 'train_loss'",
                                   (r["id"],)).fetchone()[0],
             ))
