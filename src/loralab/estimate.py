@@ -456,33 +456,41 @@ def step_flops(shape: ModelShape, cfg: Config, n_train: int, gc: bool) -> float:
 
 @lru_cache(maxsize=8)
 def matmul_throughput(device: str = "cpu", dtype: str = "fp32") -> float:
-    """FLOP/s this machine's ``device`` reaches on a 512 x 512 matmul in ``dtype`` (fp32, bf16,
-    fp16), measured for about 0.1 s: bf16 is several times fp32 on a CPU with AMX and about a
-    hundredth of it on one that emulates bf16 (AVX2 alone). A small model's step runs below it
-    (kernel launches, the optimizer, data), so times made with it are lower bounds: what
-    ``loralab tune`` and ``study run --dry-run`` say about time ("at least about")."""
+    """FLOP/s this machine's ``device`` reaches on square matmuls in ``dtype`` (fp32, bf16, fp16):
+    the best of 512 and 1024 wide, each timed for about 0.1 s (1024 only where 512 ran at
+    10 GFLOP/s or more: emulated bf16 would take seconds). bf16 is several times fp32 on a CPU
+    with AMX and about a hundredth of it on one that emulates bf16 (AVX2 alone). A step's
+    matmuls run at most at this rate, and the rest of a step (attention, kernel launches, the
+    optimizer, data) adds to them, so times made with it are lower bounds: what ``loralab tune``
+    and ``study run --dry-run`` say about time ("at least about"). The larger size counts because
+    a model's wider matmuls run faster than 512 x 512 on some machines (a rate measured too low
+    made the bound come out above the time a run took)."""
     import time
 
     import torch
 
     dev = torch.device(device)
     kind = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    a, b = (torch.randn(512, 512, device=dev, dtype=kind) for _ in range(2))
 
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    a @ b  # warm-up
-    sync()
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 0.1:
-        a @ b
-        reps += 1
-        if reps % 8 == 0:
-            sync()
-    sync()
-    return 2 * 512**3 * reps / (time.perf_counter() - t0)
+    def rate(n: int) -> float:
+        a, b = (torch.randn(n, n, device=dev, dtype=kind) for _ in range(2))
+        a @ b  # warm-up
+        sync()
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.1:
+            a @ b
+            reps += 1
+            if reps % 8 == 0:
+                sync()
+        sync()
+        return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+    best = rate(512)
+    return max(best, rate(1024)) if best >= 10e9 else best
 
 
 def _notes(shape: ModelShape, cfg: Config, device: str, *, from_data: bool = False) -> list[str]:
@@ -534,13 +542,17 @@ def estimate_run(
     throughput: float | Callable[[str], float] | None = None,
     device: str | None = None,
     tokens: int | None = None,
+    mean_tokens: float | None = None,
 ) -> Estimate:
     """Estimate a run from its Config. ``throughput`` is effective FLOP/s of the device, or a
     function of the dtype the run's matmuls run in (its resolved ``model.dtype``, or a 4-bit
     base's compute dtype) that gives them, e.g. ``functools.partial(matmul_throughput, "cpu")``.
     ``tokens``: the tokens of the fullest micro batch the run forms from its data
     (loralab.train.step.fullest_micro_batch); without it every micro batch is taken as full-length
-    sequences (micro batch x data.max_seq_length), the most it can hold."""
+    sequences (micro batch x data.max_seq_length), the most it can hold. ``mean_tokens``: an
+    example's mean length in the run's data; the time is then taken at it (a step computes at
+    least its examples' tokens, packed or padded), not at full-length rows, which no step of
+    instruction data of real lengths is made of."""
     auto_length = cfg.data.max_seq_length == "auto"
     over_context = None
     if auto_length:
@@ -604,6 +616,8 @@ def estimate_run(
         if callable(throughput):
             throughput = throughput(cfg.quant.compute_dtype_for(cfg.model.dtype) if quantized else cfg.model.dtype)
         factor = QUANT_TIME_FACTOR if quantized else 1.0
+        if mean_tokens:  # the step's tokens are its examples', not micro batch x max_seq_length
+            factor *= min(1.0, mean_tokens / cfg.data.max_seq_length)
         est.time_per_step_s = est.flops_per_step / throughput * factor * cfg.grad_accum
     return est
 

@@ -315,7 +315,8 @@ def plan_tune(*, model: str, data: str, metric: str, fixed: dict[str, Any], sear
         base["lora"].pop("alpha", None)  # tied to 2r below
     notes: list[str] = fit_ranks(dims, base)
     notes += quantization_for_memory(base, max_memory, dims)
-    per_step = seconds_per_step(base, dims, cfg.data.max_seq_length)
+    mean_len = sum(len(e.input_ids) for e in splits.train) / max(1, n_train)
+    per_step = seconds_per_step(base, dims, cfg.data.max_seq_length, mean_len)
     dims, budget_notes = fit_budget(dims, base, spe, budget_steps, seconds_per_step=per_step)
     notes += budget_notes
     if budget_s is not None and per_step is not None:
@@ -330,9 +331,11 @@ def plan_tune(*, model: str, data: str, metric: str, fixed: dict[str, Any], sear
                 min_steps=min_steps, candidates=n, planned_steps=planned, grid_steps=grid, notes=notes)
 
 
-def seconds_per_step(base: dict[str, Any], dims: list[Dimension], max_seq_length: int) -> float | None:
+def seconds_per_step(base: dict[str, Any], dims: list[Dimension], max_seq_length: int,
+                     mean_tokens: float | None = None) -> float | None:
     """A lower bound on one optimizer step's time on this machine: loralab estimate's FLOPs of the
-    cheapest candidate at the data's sequence length, at this machine's measured matmul rate."""
+    cheapest candidate on the data's examples (``mean_tokens`` each, rows cut at the data's
+    sequence length), at this machine's measured matmul rate."""
     from loralab.config import config_from_dict
     from loralab.estimate import estimate_run, matmul_throughput
     from loralab.study.scheduler import run_device
@@ -344,7 +347,8 @@ def seconds_per_step(base: dict[str, Any], dims: list[Dimension], max_seq_length
     try:
         cfg = config_from_dict(cheapest, source="loralab tune")
         device = run_device(cfg.model.device)
-        return estimate_run(cfg, device=device, throughput=partial(matmul_throughput, device)).time_per_step_s
+        return estimate_run(cfg, device=device, throughput=partial(matmul_throughput, device),
+                            mean_tokens=mean_tokens).time_per_step_s
     except LoralabError:  # a model the estimate cannot describe: no time, steps only
         return None
 

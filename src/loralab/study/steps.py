@@ -142,7 +142,7 @@ def step_plan(study: Any) -> StepPlan:
         runs.append(RunSteps(name=spec.name, steps=steps, examples=n_train, batch_size=cfg.train.batch_size,
                              epochs=cfg.train.epochs, max_steps=cfg.train.max_steps or None,
                              tokens=round(steps * cfg.train.batch_size * mean_len),
-                             seconds=_seconds(cfg, seq, steps)))
+                             seconds=_seconds(cfg, seq, steps, mean_len)))
     return StepPlan(runs=runs, seed_steps=study.seed.get("steps"), invalid=invalid, completed=completed)
 
 
@@ -161,7 +161,7 @@ def _data(cfg: Config, cache: dict[str, tuple[int, float, int]]) -> tuple[int, f
     return cache[key]
 
 
-def _seconds(cfg: Config, seq: int, steps: int) -> float | None:
+def _seconds(cfg: Config, seq: int, steps: int, mean_len: float) -> float | None:
     from dataclasses import replace
 
     from loralab.estimate import estimate_run, matmul_throughput
@@ -170,7 +170,7 @@ def _seconds(cfg: Config, seq: int, steps: int) -> float | None:
     try:
         device = run_device(cfg.model.device)
         est = estimate_run(replace(cfg, data=replace(cfg.data, max_seq_length=seq)), device=device,
-                           throughput=partial(matmul_throughput, device))
+                           throughput=partial(matmul_throughput, device), mean_tokens=mean_len)
     except LoralabError:
         return None
     return est.time_per_step_s * steps if est.time_per_step_s is not None else None
