@@ -411,3 +411,27 @@ def test_a_sequence_length_past_the_models_context_is_estimated_at_the_context(t
             "refuses any example longer than the context") in past.approximate
     shorter = estimate_from_args(model=model, seq_len=128, micro_batch=4, device="cpu")
     assert shorter.memory_bytes["activations"] < past.memory_bytes["activations"]
+
+
+def test_a_config_naming_its_data_is_estimated_on_that_data(tiny_model_dir, tmp_path):
+    """`loralab estimate run.yaml` where run.yaml names the user's data: the activations are taken
+    at the fullest micro batch that data makes (as a study's scheduler takes them), not at full
+    rows of data.max_seq_length, which instruction data of real lengths never fills (1.3-2.8x
+    over the measured peak on such data). --seq-len asks for full rows again."""
+    from loralab.train.step import fullest_micro_batch
+    from userdata import instruction_records, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", instruction_records(64, seed=5))
+    run = tmp_path / "run.yaml"
+    run.write_text(f"model: {{path: {tiny_model_dir('llama')}, device: cpu}}\n"
+                   f"data: {{path: {data}, max_seq_length: 256}}\n"
+                   "train: {batch_size: 8, micro_batch_size: 8, max_steps: 4}\n")
+    est = estimate_from_args(str(run))
+    fullest = fullest_micro_batch(config_from_dict({"model": {"path": str(tiny_model_dir("llama")), "device": "cpu"},
+                                                    "data": {"path": str(data), "max_seq_length": 256},
+                                                    "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 4}}))
+    assert est.settings["micro_batch_tokens"] == fullest and fullest < 0.75 * 8 * 256
+    full_rows = estimate_from_args(str(run), seq_len=256)
+    assert "micro_batch_tokens" not in full_rows.settings
+    ratio = est.memory_bytes["activations"] / full_rows.memory_bytes["activations"]
+    assert ratio == pytest.approx(fullest / (8 * 256), rel=0.02)
