@@ -2,7 +2,7 @@
 
 An adapter knows its base: :func:`save_adapter` writes ``loralab_base.json`` beside PEFT's files
 (the base's path or hub id, its config.json architecture and sizes, and a hash of those), and
-:func:`check_adapter_base` compares it with the base a command is about to load, before it loads.
+``loralab.preflight.check_adapter_base`` compares it with the base a command is about to load, before it loads.
 """
 
 from __future__ import annotations
@@ -209,61 +209,6 @@ def recorded_base(run_or_adapter: str | Path) -> dict[str, Any] | None:
         if candidate.is_file():
             return json.loads(candidate.read_text(encoding="utf-8"))
     return (RunDir(p).read_summary() or {}).get("base")
-
-
-def check_adapter_base(run_or_adapter: str | Path, model_path: str, *, force: bool = False,
-                       trust_remote_code: bool = False) -> None:
-    """Refuse (ModelError, exit 2) an adapter recorded for a different base than ``model_path``,
-    naming both; with ``force`` only warn, if its matrices fit the base's modules
-    (:func:`check_adapter_fits`). Checked from config.json and the adapter's safetensors header,
-    before any weights load. An adapter saved without the record (older loralab, plain PEFT) is
-    checked for fit alone, with a note."""
-    recorded = recorded_base(run_or_adapter)
-    if recorded is None:
-        log.info("note: %s has no record of its base model (saved by an older loralab); only its shapes are "
-                 "checked against %s", run_or_adapter, model_path)
-        check_adapter_fits(run_or_adapter, model_path)
-        return
-    current = read_base_identity(model_path, trust_remote_code=trust_remote_code)
-    if recorded.get("hash") == current["hash"]:
-        return
-    message = (f"adapter {run_or_adapter} was trained on {describe_base(recorded)}, not on {describe_base(current)}; "
-               "an adapter only means something on the base it was trained on")
-    if not force:
-        raise ModelError(f"{message}. Pass --model with the adapter's base, or --force to use it anyway")
-    check_adapter_fits(run_or_adapter, model_path)
-    log.warning("WARNING: %s (--force: using it anyway)", message)
-
-
-def check_adapter_fits(run_or_adapter: str | Path, model_path: str) -> None:
-    """Refuse (ModelError) an adapter whose matrices cannot go on ``model_path``'s modules, naming
-    the first module that lacks or differs, from the safetensors header and the base's meta-device
-    shapes (no weights load); a base that cannot be described passes (loading it finds out)."""
-    from safetensors import safe_open
-
-    from loralab.estimate import describe_model
-
-    try:
-        linears = describe_model(model_path).linears
-        path = adapter_dir(run_or_adapter) / "adapter_model.safetensors"
-    except LoralabError:  # no adapter yet (a run being resumed), or a base loading will explain
-        return
-    with safe_open(str(path), framework="pt") as f:
-        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    for key, got in shapes.items():
-        name, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
-        if part not in ("A.weight", "B.weight"):
-            continue
-        if name not in linears:
-            raise ModelError(f"adapter {run_or_adapter} adapts {name}, which {model_path} has no linear "
-                             "module of; it does not fit this base")
-        fan_in, fan_out = linears[name]
-        want = got[0] if part == "B.weight" else got[1]
-        have = fan_out if part == "B.weight" else fan_in
-        if want != have:
-            side = "output" if part == "B.weight" else "input"
-            raise ModelError(f"adapter {run_or_adapter} was made for {name} with {want} {side} features; "
-                             f"{model_path}'s {name} has {have}: it does not fit this base")
 
 
 # ----------------------------------------------------------------------------- merging

@@ -151,10 +151,10 @@ def evaluate(model: str | Path = "builtin:tiny", *, adapters: list[str | Path] |
     """Score the base and each adapter (run or adapter directory) on tasks, as ``loralab eval``:
     one dict per (model, task, metric) with value, ci_low, ci_high, n. An adapter recorded for
     another base is refused (ModelError) unless ``force``."""
-    from loralab.adapters import check_adapter_base
     from loralab.errors import DataError
     from loralab.evaluate.score import evaluate as evaluate_models
     from loralab.evaluate.task_list import resolve_tasks
+    from loralab.preflight import check_adapter_base
 
     if limit is not None and limit < 1:
         raise DataError("--limit must be a positive integer")

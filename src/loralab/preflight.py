@@ -12,6 +12,9 @@ would take the other runs down with it. The checks are the run's own, not copies
 * its roles against the architecture (``loralab.roles.resolve_targets``);
 * its attention, dtype and 4-bit quantization on this device (``loralab.models``).
 
+The same holds for an adapter about to be used on a base (``check_adapter_base``): its recorded
+base against the one named, and its matrices against the base's modules, before either loads.
+
 The data is a key every run of a group shares (``train.fused.fuse_key``), so a data error is
 the group's and each run gets it anyway; it is not checked here. The checks of a study's runs
 together, which stop ``study run`` before any run starts, are ``loralab.study.preflight``.
@@ -19,10 +22,15 @@ together, which stop ``study run`` before any run starts, are ``loralab.study.pr
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 
 from loralab.config import Config
-from loralab.errors import LoralabError
+from loralab.errors import LoralabError, ModelError
+
+log = logging.getLogger(__name__)
 
 
 def check_run(cfg: Config, *, device: str) -> None:
@@ -66,3 +74,61 @@ def smallest_dimension(cfg: Config) -> tuple[int, str] | None:
         return None
     name = min(dims, key=dims.get)
     return dims[name], name
+
+
+def check_adapter_base(run_or_adapter: str | Path, model_path: str, *, force: bool = False,
+                       trust_remote_code: bool = False) -> None:
+    """Refuse (ModelError, exit 2) an adapter recorded for a different base than ``model_path``,
+    naming both; with ``force`` only warn, if its matrices fit the base's modules
+    (:func:`check_adapter_fits`). Checked from config.json and the adapter's safetensors header,
+    before any weights load. An adapter saved without the record (older loralab, plain PEFT) is
+    checked for fit alone, with a note."""
+    from loralab.adapters import describe_base, read_base_identity, recorded_base
+
+    recorded = recorded_base(run_or_adapter)
+    if recorded is None:
+        log.info("note: %s has no record of its base model (saved by an older loralab); only its shapes are "
+                 "checked against %s", run_or_adapter, model_path)
+        check_adapter_fits(run_or_adapter, model_path)
+        return
+    current = read_base_identity(model_path, trust_remote_code=trust_remote_code)
+    if recorded.get("hash") == current["hash"]:
+        return
+    message = (f"adapter {run_or_adapter} was trained on {describe_base(recorded)}, not on {describe_base(current)}; "
+               "an adapter only means something on the base it was trained on")
+    if not force:
+        raise ModelError(f"{message}. Pass --model with the adapter's base, or --force to use it anyway")
+    check_adapter_fits(run_or_adapter, model_path)
+    log.warning("WARNING: %s (--force: using it anyway)", message)
+
+
+def check_adapter_fits(run_or_adapter: str | Path, model_path: str) -> None:
+    """Refuse (ModelError) an adapter whose matrices cannot go on ``model_path``'s modules, naming
+    the first module that lacks or differs, from the safetensors header and the base's meta-device
+    shapes (no weights load); a base that cannot be described passes (loading it finds out)."""
+    from safetensors import safe_open
+
+    from loralab.adapters import adapter_dir
+    from loralab.estimate import describe_model
+
+    try:
+        linears = describe_model(model_path).linears
+        path = adapter_dir(run_or_adapter) / "adapter_model.safetensors"
+    except LoralabError:  # no adapter yet (a run being resumed), or a base loading will explain
+        return
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    for key, got in shapes.items():
+        name, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+        if part not in ("A.weight", "B.weight"):
+            continue
+        if name not in linears:
+            raise ModelError(f"adapter {run_or_adapter} adapts {name}, which {model_path} has no linear "
+                             "module of; it does not fit this base")
+        fan_in, fan_out = linears[name]
+        want = got[0] if part == "B.weight" else got[1]
+        have = fan_out if part == "B.weight" else fan_in
+        if want != have:
+            side = "output" if part == "B.weight" else "input"
+            raise ModelError(f"adapter {run_or_adapter} was made for {name} with {want} {side} features; "
+                             f"{model_path}'s {name} has {have}: it does not fit this base")

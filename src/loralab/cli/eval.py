@@ -56,10 +56,11 @@ def _fmt(x: float) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from loralab.adapters import adapter_dir, check_adapter_base
+    from loralab.adapters import adapter_dir
     from loralab.errors import DataError
     from loralab.evaluate.score import evaluate
     from loralab.evaluate.task_list import resolve_tasks
+    from loralab.preflight import check_adapter_base
 
     if args.limit is not None and args.limit < 1:
         raise DataError("--limit must be a positive integer")

@@ -241,7 +241,7 @@ def _checked_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from loralab.adapters import check_adapter_base
+    from loralab.preflight import check_adapter_base
     from loralab.train import distributed
 
     if args.resume:
@@ -373,9 +373,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from loralab.adapters import adapter_dir, check_adapter_base, load_adapter
+    from loralab.adapters import adapter_dir, load_adapter
     from loralab.evaluate.exact_match import greedy_generate
     from loralab.models import load_base
+    from loralab.preflight import check_adapter_base
 
     run = adapter_run(args.adapter)
     model_path = args.model or run["model_path"] or "builtin:tiny"
@@ -450,9 +451,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     import torch
 
-    from loralab.adapters import adapter_dir, check_adapter_base, load_adapter, merge_into_base
+    from loralab.adapters import adapter_dir, load_adapter, merge_into_base
     from loralab.config import read_yaml
     from loralab.models import DTYPES, load_base, stored_dtype
+    from loralab.preflight import check_adapter_base
 
     run = RunDir(args.run_dir)
     out = Path(args.out_dir)
