@@ -560,3 +560,13 @@ def test_a_model_path_that_is_no_directory_here_says_it_was_taken_for_a_hub_id(t
     for message in (tokenizer, config):  # a run reads config.json first, a command may read the tokenizer first
         assert (f"models/llama is no directory under the working directory ({tmp_path}), so it was looked up as "
                 "a Hugging Face hub id") in message
+
+
+def test_an_empty_response_is_refused_unless_the_length_filter_drops_it(tmp_path, tiny_tok):
+    records = instruction_records(12, seed=6)
+    records[3]["output"] = ""
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    with pytest.raises(DataError, match=r"d.jsonl:4: field output is empty; a record needs a response to train on"):
+        load_splits(data_cfg(path, "data.val_fraction=0"), tiny_tok, seed=0)
+    s = load_splits(data_cfg(path, "data.val_fraction=0", "data.min_response_chars=1"), tiny_tok, seed=0)
+    assert s.stats["n_train"] == 11 and s.stats["dropped_by_length_filter"] == 1

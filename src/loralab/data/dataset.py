@@ -76,8 +76,10 @@ def detect_format(rec: Any, columns: dict[str, str]) -> str:
     return "prompt_completion" if columns.get("prompt", "prompt") in rec else "alpaca"
 
 
-def to_records(rows: list[tuple[str, Any]], fmt: str, columns: dict[str, str]) -> list[Record]:
-    """Normalize rows to Records and check their fields (the first bad row is named)."""
+def to_records(rows: list[tuple[str, Any]], fmt: str, columns: dict[str, str], *,
+               empty_ok: bool = False) -> list[Record]:
+    """Normalize rows to Records and check their fields (the first bad row is named). An empty
+    response is an error unless ``empty_ok`` (data.min_response_chars set: its filter drops them)."""
     if fmt == "auto":
         fmt = detect_format(rows[0][1] if rows else {}, columns)
     out = []
@@ -103,9 +105,10 @@ def to_records(rows: list[tuple[str, Any]], fmt: str, columns: dict[str, str]) -
             if not isinstance(values[k], str):
                 raise DataError(f"{where}: field {col[k]} must be a string (got {type(values[k]).__name__})")
         response = FIELDS[fmt][-1]
-        if not values[response].strip():  # as a null: the run would teach the model to answer nothing
+        if not values[response].strip() and not empty_ok:  # as a null: it would teach the model to answer nothing
             raise DataError(f"{where}: field {col[response]} is {'empty' if not values[response] else 'only spaces'}"
-                            "; a record needs a response to train on")
+                            "; a record needs a response to train on (data.min_response_chars: 1 drops records with "
+                            "an empty one instead)")
         if fmt == "alpaca":
             out.append(Record(where, {"instruction": values["instruction"], "input": values["input"]},
                               values["output"]))
@@ -190,7 +193,7 @@ def _load_records(path: str, cfg: DataConfig, split: str) -> list[Record]:
     rows = load_rows(path)
     if not rows:
         raise DataError(f"{path}: no records")
-    return to_records(rows, cfg.format, cfg.columns)
+    return to_records(rows, cfg.format, cfg.columns, empty_ok=cfg.min_response_chars > 0)
 
 
 def split_records(cfg: DataConfig, *, seed: int) -> tuple[list[Record], list[Record], dict[str, Any]]:
