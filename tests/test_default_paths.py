@@ -254,7 +254,11 @@ def test_a_plain_train_prints_loralab_lines_only(tmp_path):
     plain = train(out="plain")
     assert [line for line in plain.splitlines() if any(word in line for word in LIBRARY_NOISE)] == [], plain
     loud = train("-v", out="loud")
-    assert "is_gradient_checkpointing" in loud and "trainable params: " in loud
+    # what the libraries print differs between their versions (PEFT 0.22 no longer warns about
+    # is_gradient_checkpointing); PEFT's parameter line and bitsandbytes' loading line stay
+    noise = [line for line in loud.splitlines() if any(word in line for word in LIBRARY_NOISE)]
+    assert any(line.startswith("trainable params: ") for line in noise), loud
+    assert any("bitsandbytes" in line for line in noise), loud
 
 
 # ----------------------------------------------------------------------------- a run's result is its own
