@@ -457,14 +457,15 @@ def step_flops(shape: ModelShape, cfg: Config, n_train: int, gc: bool) -> float:
 @lru_cache(maxsize=8)
 def matmul_throughput(device: str = "cpu", dtype: str = "fp32") -> float:
     """FLOP/s this machine's ``device`` reaches on square matmuls in ``dtype`` (fp32, bf16, fp16):
-    the best of 512 and 1024 wide, each timed for about 0.1 s (1024 only where 512 ran at
-    10 GFLOP/s or more: emulated bf16 would take seconds). bf16 is several times fp32 on a CPU
-    with AMX and about a hundredth of it on one that emulates bf16 (AVX2 alone). A step's
-    matmuls run at most at this rate, and the rest of a step (attention, kernel launches, the
-    optimizer, data) adds to them, so times made with it are lower bounds: what ``loralab tune``
-    and ``study run --dry-run`` say about time ("at least about"). The larger size counts because
-    a model's wider matmuls run faster than 512 x 512 on some machines (a rate measured too low
-    made the bound come out above the time a run took)."""
+    the best of 512 and 1024 wide (1024 only where 512 ran at 10 GFLOP/s or more: emulated bf16
+    would take seconds), each the fastest of its multiplies in about 0.1 s. bf16 is several
+    times fp32 on a CPU with AMX and about a hundredth of it on one that emulates bf16 (AVX2
+    alone). A step's matmuls run at most at this rate, and the rest of a step (attention, kernel
+    launches, the optimizer, data) adds to them, so times made with it are lower bounds: what
+    ``loralab tune`` and ``study run --dry-run`` say about time ("at least about"). The larger
+    size counts because a model's wider matmuls run faster than 512 x 512 on some machines, and
+    the fastest multiply rather than the mean because on shared cores another process's load
+    can halve a 0.1 s mean (either made the bound come out above the time a run then took)."""
     import time
 
     import torch
@@ -480,14 +481,13 @@ def matmul_throughput(device: str = "cpu", dtype: str = "fp32") -> float:
         a, b = (torch.randn(n, n, device=dev, dtype=kind) for _ in range(2))
         a @ b  # warm-up
         sync()
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 0.1:
+        fastest, start = float("inf"), time.perf_counter()
+        while time.perf_counter() - start < 0.1:
+            t0 = time.perf_counter()
             a @ b
-            reps += 1
-            if reps % 8 == 0:
-                sync()
-        sync()
-        return 2 * n**3 * reps / (time.perf_counter() - t0)
+            sync()
+            fastest = min(fastest, time.perf_counter() - t0)
+        return 2 * n**3 / fastest
 
     best = rate(512)
     return max(best, rate(1024)) if best >= 10e9 else best
