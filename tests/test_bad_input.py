@@ -7,6 +7,7 @@ Each case is one `loralab train` on a tiny random-init Llama (hidden size 32, co
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -55,9 +56,10 @@ CASES = {
     "all_truncated_to_no_response": (None, "", "", ["data.max_seq_length=4"],
                                      ["every response token", "data.max_seq_length = 4"]),
     "prompt_longer_than_context": (
-        json.dumps({"instruction": "word " * 400, "output": "1"}), "data.jsonl", "",
-        ["data.max_seq_length=1024", "data.val_fraction=0"],
-        ["context of 256", "max_position_embeddings", "data.max_seq_length"]),
+        json.dumps({"instruction": "word " * 100, "output": "word " * 400}), "data.jsonl", "",
+        ["data.max_seq_length=512", "data.val_fraction=0"],
+        ["examples are cut at data.max_seq_length = 512 tokens, more than the model's context of 256",
+         "max_position_embeddings", "data.max_seq_length"]),
     "unknown_target_role": (None, "", "", ["lora.targets=querry"], ["lora.targets", "'querry'", "query, key, value"]),
     "target_module_not_in_model": (None, "", "", ["lora.targets=foo_proj"], ["lora.targets", "'foo_proj'", "q_proj"]),
     "r_larger_than_layer": (None, "", "", ["lora.r=64"], ["lora.r = 64", "q_proj", "32 x 32"]),
@@ -75,7 +77,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_invalid(case, tiny_model_dir, tmp_path, capsys):
+def test_bad_input_is_invalid(case, tiny_model_dir, tmp_path, capsys, caplog):
     data, name, variant, sets, needles = CASES[case]
     model = tiny_model_dir("llama")
     if variant == "no-weights":
@@ -93,11 +95,13 @@ def test_bad_input_is_invalid(case, tiny_model_dir, tmp_path, capsys):
     argv = ["train", "--out", str(out)]
     for item in base + sets:
         argv += ["--set", item]
-    code = main(argv)
+    with caplog.at_level(logging.INFO, logger="loralab"):
+        code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
     for needle in needles:
         assert needle in err, (needle, err)
+    assert "were cut" not in caplog.text  # a refused run does not first report what it would have trained on
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "invalid"
     assert summary["error"] in err

@@ -316,7 +316,7 @@ def load_splits(cfg: DataConfig, tokenizer, *, seed: int, context: int | None = 
     if cfg.max_seq_length == "auto":
         log.info(
             "data.max_seq_length: auto -> %d (longest example %d tokens, context %s)", max_len, max(lengths), context)
-    if truncated:
+    if truncated and not (context and max_len > context):  # past the context the run is refused (check_context)
         log.info("%d of %d training examples are longer than %d tokens and were cut from the right",
                  truncated, len(full_train), max_len)
     return Splits(train=train, val=val, dropped_by_length=dropped, truncated_to_nothing=empty, stats=stats)
