@@ -340,6 +340,13 @@ def test_set_errors_name_the_flag_not_the_file(capsys, tiny_model_dir, tmp_path)
                         "train.batch_size (8) must be divisible by train.micro_batch_size (3)")):
         code, _, err = run_cli(capsys, "train", str(config), "--set", flag, "--out", str(out))
         assert code == 2 and f"loralab train: error: --set {flag}: {said}" in err and str(config) not in err
+    # a list or a quoted string YAML cannot read is refused, not taken as its raw text (a regular expression in
+    # double quotes, whose backslash YAML reads as an escape, was then "neither a role nor a linear module")
+    code, _, err = run_cli(capsys, "estimate", "--model", "tiny", "--set", 'lora.targets=["re:.*\\.q_proj"]')
+    assert code == 2 and "not valid YAML (found unknown escape character '.')" in err
+    assert "single quotes" in err and "neither a role" not in err
+    code, _, err = run_cli(capsys, "estimate", "--model", "tiny", "--set", "lora.targets=['re:.*\\.q_proj']")
+    assert code == 0, err  # the form the message gives
 
 
 # ----------------------------------------------------------------------------- 7. data before the model

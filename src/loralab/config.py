@@ -499,6 +499,11 @@ def expand_shorthands(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+_BACKSLASH_HINT = ("; in double quotes YAML reads a backslash as the start of an escape: put a regular expression in "
+                   "single quotes inside the value, as in --set \"lora.targets=['re:.*\\.q_proj']\", or double each "
+                   "backslash")
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings; values are parsed as YAML scalars/lists."""
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in expand_shorthands(raw or {}).items()}
@@ -509,8 +514,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         section, name = key.strip().split(".", 1)
         try:
             value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
+        except yaml.YAMLError as exc:
+            if text.lstrip()[:1] not in ("[", "{", '"', "'"):
+                value = text  # a plain word that YAML cannot read (a: b, @x): the text as written
+            else:  # a list, a mapping or a quoted string was meant: taken raw it would be read as something else
+                problem = getattr(exc, "problem", None) or exc
+                raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem})"
+                                  + (_BACKSLASH_HINT if "\\" in text and '"' in text else "")) from None
         if isinstance(value, dict):  # "a: b" parsed as a mapping; treat as a plain string
             value = text
         target = raw.setdefault(section, {})
