@@ -447,6 +447,10 @@ def test_runs_list_show_compare_see_train_runs(capsys, tiny_model_dir, tmp_path)
         with pytest.raises(SystemExit) as ended:
             main(argv)
         assert ended.value.code == 2 and said in capsys.readouterr().err
+        with pytest.raises(SystemExit) as ended:  # with --json, the error is on stdout as JSON too
+            main([*argv, "--json"])
+        stdout = capsys.readouterr().out
+        assert ended.value.code == 2 and said in json.loads(stdout)["error"] and json.loads(stdout)["exit_code"] == 2
 
 
 # ----------------------------------------------------------------------------- 10. a run picks its device

@@ -38,8 +38,27 @@ __all__ = ["build_parser", "emit_json", "main", "script"]
 FAMILIES = (run, evaluate, estimate, study, tune)
 
 
+class UsageError(SystemExit):
+    """A command line argparse cannot parse: exit 2 as argparse's own, with its message kept."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser (its subcommands' too), whose error carries its message, so that
+    ``--json`` can print it."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        text = f"{self.prog}: error: {message}"
+        sys.stderr.write(text + "\n")
+        raise UsageError(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loralab", description="LoRA / QLoRA fine-tuning lab.")
+    parser = Parser(prog="loralab", description="LoRA / QLoRA fine-tuning lab.")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging and every library message on stderr (also LORALAB_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -59,7 +78,13 @@ def main(argv: list[str] | None = None, *, errors: list[LoralabError] | None = N
     """Run one command; its exit code. A LoralabError is printed (and appended to ``errors``
     when given: a Ray Train worker passes its message on to the driver)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:  # the --json contract holds for a command line that does not parse, too
+        if "--json" in argv:
+            emit_json({"error": exc.message, "exit_code": exc.code})
+        raise
     if args.verbose:
         os.environ["LORALAB_VERBOSE"] = "1"  # for the run processes a study starts, too
     logging.basicConfig(
