@@ -396,6 +396,34 @@ def test_a_tune_stopped_in_its_repeats_finishes_them_when_run_again(tiny_model_d
 
 
 @pytest.mark.slow
+def test_tune_on_a_model_with_one_qkv_matrix_adapts_it_whole(tiny_model_dir, user_data, tmp_path):
+    """GPT-2 holds query, key and value in one matrix (c_attn), so the LoRA paper's q,v cannot be
+    asked for there: tune's attention candidate was invalid on every such model and its plan
+    refused the model outright. It now adapts the matrix whole, says so, and trains it."""
+    model = tiny_model_dir("gpt2")
+    plan = plan_tune(model=str(model), data=str(user_data), metric="eval_loss", fixed={}, batch_size=8)
+    (targets,) = [d.values for d in plan.dims if d.key == "lora.targets"]
+    assert targets == [["query", "key", "value"], ["all"]]
+    assert ("GPT-2 (attn.c_attn) holds query, key and value in one matrix: LoRA on attention adapts it whole "
+            "(lora.targets [query, key, value]), as query and value alone cannot be asked for") in plan.notes
+    cmd = [*_tune_cmd(model, user_data, tmp_path / "runs", "--json")]
+    cmd[cmd.index("train.lr,lora.r")] = "lora.targets"
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    answer = json.loads(out.stdout)
+    con = sqlite3.connect(tmp_path / "runs" / "tune" / "study.db")
+    rows = con.execute("SELECT name, status, config_json FROM runs").fetchall()
+    con.close()
+    assert rows and {s for _, s, _ in rows} == {"completed"}, rows
+    assert {tuple(json.loads(c)["lora"]["targets"]) for _, _, c in rows} == {("query", "key", "value"), ("all",)}
+    # the adapter of the q,k,v candidate is on the fused matrix of every layer, as PEFT saved it
+    qkv = next(n for n, _, c in rows if json.loads(c)["lora"]["targets"] == ["query", "key", "value"])
+    adapter = json.loads((tmp_path / "runs" / "tune" / qkv / "adapter" / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == ["attn.c_attn"]
+    best = yaml.safe_load((tmp_path / "runs" / "tune" / "best.yaml").read_text())["lora"]["targets"]
+    assert best == answer["recommended"]["axes"]["lora.targets"] and best in (["query", "key", "value"], ["all"])
+
+
 def test_budget_no_run_starts_after_it(tiny_model_dir, user_data, tmp_path):
     t0 = time.time()
     # 5 s: the plan refuses a budget below its lower bound on the search's time, measured from the

@@ -115,6 +115,16 @@ def role_map(model_type: str, module_names: Iterable[str]) -> dict[str, list[str
     return {}
 
 
+def attention_roles(model_type: str, module_names: Iterable[str]) -> tuple[list[str], str | None]:
+    """The attention roles LoRA adapts by default, and the architecture's name for its fused
+    matrix where it has one: the LoRA paper's query and value, or query, key and value where the
+    architecture holds them in one matrix (only all three can be asked for there)."""
+    rmap = role_map(model_type, module_names)
+    if "qkv" not in rmap:
+        return ["query", "value"], None
+    return ["query", "key", "value"], f"{_FUSED_NAMES.get(model_type, model_type)} ({rmap['qkv'][0]})"
+
+
 def expand_roles(model_type: str, roles: list[str], module_names: Iterable[str]) -> list[str]:
     """Turn roles into module suffixes; raise on a role an architecture fuses or lacks."""
     names = list(module_names)

@@ -64,17 +64,20 @@ class Dimension:
     ceiling: float | None = None  # the largest value that means anything here (lora.r: the model's smallest matrix)
 
 
-def default_dimensions(n_train: int) -> list[Dimension]:
-    """The search space the seeds suggest, before the user fixes or widens anything."""
+def default_dimensions(n_train: int, attention: list[str] | None = None) -> list[Dimension]:
+    """The search space the seeds suggest, before the user fixes or widens anything.
+    ``attention``: the model's attention candidate (``loralab.roles.attention_roles``), q,v by
+    default."""
     epochs = [1, 2] if n_train <= MAX_EPOCHS_DATA else [1]
+    attention = attention or TARGETS[0]
     return [
         Dimension("train.lr", [lr / SCALE for lr in EFFECTIVE_LRS],
                   "effective lr (lr x alpha/r, alpha = 2r) on a log scale around the seeds' 6e-4; "
                   "alpha and lr trade against each other under Adam", 3e-4),
         Dimension("lora.r", list(RANKS), "rank on a log scale; at a fixed scale it mattered less than alpha", 8),
-        Dimension("lora.targets", copy.deepcopy(TARGETS),
-                  "q,v (the LoRA paper's default) or every linear layer (more memory, may buy quality)",
-                  ["query", "value"]),
+        Dimension("lora.targets", [list(attention), *copy.deepcopy(TARGETS[1:])],
+                  ("q,v (the LoRA paper's default)" if attention == TARGETS[0] else "q,k,v (one matrix in this model)")
+                  + " or every linear layer (more memory, may buy quality)", list(attention)),
         Dimension("train.epochs", epochs,
                   "a second epoch over instruction data can hurt (Raschka); searched only up to "
                   f"{MAX_EPOCHS_DATA} examples", 1),
@@ -241,6 +244,24 @@ def too_small(dims: list[Dimension], base: dict[str, Any], spe: int, budget: str
         "with loralab train")
 
 
+def model_attention(model: str) -> tuple[list[str], str | None]:
+    """``loralab.roles.attention_roles`` of ``model``, read off its meta-device shape (q,v where
+    it cannot be described: loralab train then says why)."""
+    from loralab.errors import LoralabError
+    from loralab.estimate import describe_model
+    from loralab.roles import attention_roles
+
+    try:
+        shape = describe_model(model)
+    except LoralabError:
+        return list(TARGETS[0]), None
+    roles, fused = attention_roles(shape.model_type, shape.linears)
+    if fused is None:
+        return roles, None
+    return roles, (f"{fused} holds query, key and value in one matrix: LoRA on attention adapts it whole "
+                   "(lora.targets [query, key, value]), as query and value alone cannot be asked for")
+
+
 def fit_ranks(dims: list[Dimension], base: dict[str, Any]) -> list[str]:
     """Drop the ranks above the smallest dimension of a matrix the targets adapt (the most a rank
     can mean, loralab.preflight): searched ones with a note, a fixed one refused."""
@@ -306,15 +327,20 @@ def plan_tune(*, model: str, data: str, metric: str, fixed: dict[str, Any], sear
     n_train = len(splits.train)
     spe = steps_per_epoch(n_train, cfg.train.batch_size)
     base["train"].setdefault("warmup_steps", 0)
-    dims = build_space(default_dimensions(n_train), fixed=fixed, search=search, widen=widen)
-    for d in default_dimensions(n_train):  # a dimension not searched takes its default, unless fixed
+    attention, attention_note = model_attention(cfg.model.path)
+    defaults = default_dimensions(n_train, attention)
+    dims = build_space(defaults, fixed=fixed, search=search, widen=widen)
+    for d in defaults:  # a dimension not searched takes its default, unless fixed
         if d.key not in fixed and all(d.key != s.key for s in dims):
             section, _, name = d.key.partition(".")
             base[section][name] = d.default
     if fixed.get("lora.alpha") is None:
         base["lora"].pop("alpha", None)  # tied to 2r below
-    notes: list[str] = fit_ranks(dims, base)
-    notes += quantization_for_memory(base, max_memory, dims)
+    targets = next((d.values for d in dims if d.key == "lora.targets"), None)
+    uses_attention = attention in targets if targets else "lora.targets" not in fixed
+    notes: list[str] = [attention_note] if attention_note and uses_attention else []
+    notes += fit_ranks(dims, base)
+    notes += quantization_for_memory(base, max_memory, dims, attention)
     mean_len = sum(len(e.input_ids) for e in splits.train) / max(1, n_train)
     per_step = seconds_per_step(base, dims, cfg.data.max_seq_length, mean_len)
     dims, budget_notes = fit_budget(dims, base, spe, budget_steps, seconds_per_step=per_step)
@@ -353,9 +379,11 @@ def seconds_per_step(base: dict[str, Any], dims: list[Dimension], max_seq_length
         return None
 
 
-def quantization_for_memory(base: dict[str, Any], max_memory: int | None, dims: list[Dimension]) -> list[str]:
-    """4-bit only where memory demands it: nf4 when the cheapest candidate does not fit
-    ``max_memory`` unquantized but fits in nf4 (from ``loralab estimate``)."""
+def quantization_for_memory(base: dict[str, Any], max_memory: int | None, dims: list[Dimension],
+                            attention: list[str]) -> list[str]:
+    """4-bit only where memory demands it: nf4 when the cheapest candidate (the smallest rank on
+    the ``attention`` roles) does not fit ``max_memory`` unquantized but fits in nf4 (from
+    ``loralab estimate``)."""
     if max_memory is None or "mode" in base.get("quant", {}):
         return []
     from loralab.config import config_from_dict
@@ -363,7 +391,7 @@ def quantization_for_memory(base: dict[str, Any], max_memory: int | None, dims: 
 
     cheapest = copy.deepcopy(base)
     ranks = next((d.values for d in dims if d.key == "lora.r"), [base["lora"].get("r", 8)])
-    cheapest["lora"].update(r=min(ranks), alpha=SCALE * min(ranks), targets=["query", "value"])
+    cheapest["lora"].update(r=min(ranks), alpha=SCALE * min(ranks), targets=attention)
 
     def total(mode: str) -> int:
         cheapest["quant"] = {"mode": mode}
