@@ -379,7 +379,7 @@ def test_the_time_lower_bound_is_taken_on_the_datas_examples(tiny_model_dir, tmp
     was taken at full-length rows (micro batch x max_seq_length), so on data of real lengths it
     came out several times above the time the runs then took, and tune refused budgets that were
     enough. It is now the FLOPs of the data's tokens: at a fixed rate (the machine's own is
-    measured by bench/bench_estimate.py --time), about 4 multiply-adds of the model's matmul
+    measured by bench/bench_time_bound.py), about 4 multiply-adds of the model's matmul
     weights per token (forward and input-gradient backward), not the 3.3x of that full rows
     would take here."""
     import torch

@@ -458,14 +458,19 @@ def step_flops(shape: ModelShape, cfg: Config, n_train: int, gc: bool) -> float:
 def matmul_throughput(device: str = "cpu", dtype: str = "fp32") -> float:
     """FLOP/s this machine's ``device`` reaches on square matmuls in ``dtype`` (fp32, bf16, fp16):
     the best of 512 and 1024 wide (1024 only where 512 ran at 10 GFLOP/s or more: emulated bf16
-    would take seconds), each the fastest of its multiplies in about 0.1 s. bf16 is several
+    would take seconds), each the fastest of its multiplies in about 0.15 s. bf16 is several
     times fp32 on a CPU with AMX and about a hundredth of it on one that emulates bf16 (AVX2
     alone). A step's matmuls run at most at this rate, and the rest of a step (attention, kernel
     launches, the optimizer, data) adds to them, so times made with it are lower bounds: what
-    ``loralab tune`` and ``study run --dry-run`` say about time ("at least about"). The larger
-    size counts because a model's wider matmuls run faster than 512 x 512 on some machines, and
-    the fastest multiply rather than the mean because on shared cores another process's load
-    can halve a 0.1 s mean (either made the bound come out above the time a run then took)."""
+    ``loralab tune`` and ``study run --dry-run`` say about time ("at least about").
+
+    Each choice keeps the rate from coming out low, which put the bound above the time runs then
+    took: the larger size, as a model's wider matmuls run faster than 512 x 512 on some machines;
+    the fastest multiply rather than the mean; and on the CPU, one thread's rate times torch's
+    threads where that is more than all threads' together, as another process busy on the cores
+    (another test, another run, a neighbour on shared cores) slows a multiply that waits on every
+    thread far more than one on a single thread (2 vCPUs with a matmul loop beside: 17-110
+    GFLOP/s on two threads, 84-116 as one thread's times two)."""
     import time
 
     import torch
@@ -477,17 +482,28 @@ def matmul_throughput(device: str = "cpu", dtype: str = "fp32") -> float:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    def rate(n: int) -> float:
+    def fastest(n: int) -> float:
         a, b = (torch.randn(n, n, device=dev, dtype=kind) for _ in range(2))
         a @ b  # warm-up
         sync()
-        fastest, start = float("inf"), time.perf_counter()
-        while time.perf_counter() - start < 0.1:
+        best, start = float("inf"), time.perf_counter()
+        while time.perf_counter() - start < 0.15:
             t0 = time.perf_counter()
             a @ b
             sync()
-            fastest = min(fastest, time.perf_counter() - t0)
-        return 2 * n**3 / fastest
+            best = min(best, time.perf_counter() - t0)
+        return 2 * n**3 / best
+
+    def rate(n: int) -> float:
+        threads = torch.get_num_threads()
+        if dev.type != "cpu" or threads == 1:
+            return fastest(n)
+        torch.set_num_threads(1)
+        try:
+            one = fastest(n)
+        finally:
+            torch.set_num_threads(threads)
+        return max(fastest(n), one * threads)
 
     best = rate(512)
     return max(best, rate(1024)) if best >= 10e9 else best
