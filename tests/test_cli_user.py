@@ -519,9 +519,61 @@ def test_generate_uses_the_runs_model_and_chat_template(capsys, caplog, tiny_mod
     code, stdout, _ = run_cli(capsys, "generate", "--adapter", str(run), "--template", "alpaca", "--max-new-tokens",
                               "2", "--json", "Hi")
     assert code == 0 and json.loads(stdout)["template"] == "alpaca"
-    from loralab.cli.run import generation_prompt
+    from loralab.data.templates import generation_prompt
 
     assert generation_prompt("Hi", "chat", tok) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_tasks_are_scored_in_the_chat_template_a_run_trained_with(capsys, caplog, tiny_model_dir, tmp_path):
+    """A run on chat data was scored on tasks in Alpaca prompts, which it never saw: 0% exact match
+    in its summary and from loralab eval alike, while generate (in its chat template) answered
+    right. Tasks are now prompted as the run's examples were, and the answer ends where the chat
+    turn does (here a newline; ChatML's <|im_end|>, a token of its own, ends it as an end token)."""
+    from transformers import AutoTokenizer
+
+    from loralab.data.dataset import DATA_DIR
+    from loralab.data.templates import chat_turn_end
+    from loralab.models import BUILTIN_MODELS
+
+    caplog.set_level("INFO", logger="loralab")
+    model = tmp_path / "tiny-chat"  # the shipped base, which knows the sums in Alpaca prompts, with a chat template
+    shutil.copytree(BUILTIN_MODELS["builtin:tiny"], model)
+    tok = AutoTokenizer.from_pretrained(str(model))
+    tok.chat_template = ("{% for m in messages %}{{ ('User: ' if m['role'] == 'user' else 'Bot: ') + m['content'] + "
+                         "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'Bot: ' }}{% endif %}")
+    tok.save_pretrained(str(model))
+    assert chat_turn_end(tok) == "\n"
+    chatml = AutoTokenizer.from_pretrained(str(tiny_model_dir("qwen2")))
+    chatml.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    chatml.chat_template = CHATML
+    assert chat_turn_end(chatml) == "<|im_end|>" and "<|im_end|>" in chatml.get_added_vocab()
+    records = [json.loads(line) for line in (DATA_DIR / "arithmetic_2ds_train.jsonl").read_text().splitlines()[:480]]
+    chats = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": r["instruction"]},
+                                                                {"role": "assistant", "content": r["output"]}]}
+                                                  for r in records])
+    run = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "train", "--out", str(run), "--json", *[
+        a for kv in (f"model.path={model}", "model.dtype=fp32", f"data.path={chats}", "data.max_seq_length=128",
+                     "lora.r=16", "lora.alpha=32", "lora.dropout=0", "lora.targets=all", "train.lr=2e-3",
+                     "train.warmup_steps=5", "train.batch_size=16", "train.micro_batch_size=16", "train.max_steps=30",
+                     "eval.tasks=[arithmetic_2ds]", "eval.limit=40", "eval.every=0") for a in ("--set", kv)])
+    assert code == 0, err
+    in_run = json.loads(stdout)["final_eval_tasks"]["arithmetic_2ds/exact_match"]
+    assert in_run >= 0.25  # 0.475 after these 30 steps (0.875 on another 480 of the sums); 0.0 in Alpaca prompts
+
+    def exact_match(*flags: str) -> dict:
+        code, stdout, err = run_cli(capsys, "eval", "--model", str(model), "--adapter", str(run), "--tasks",
+                                    "arithmetic_2ds", "--limit", "40", "--json", *flags)
+        assert code == 0, err
+        return {r["adapter"]: r["value"] for r in json.loads(stdout)["results"] if r["metric"] == "exact_match"}
+
+    scored = exact_match()
+    assert scored[str(run)] == pytest.approx(in_run)  # the same prompts as the run's own evaluation
+    assert f"eval {run} on arithmetic_2ds (40 examples), prompt template chat" in caplog.text
+    assert scored[str(run)] - exact_match("--template", "alpaca")[str(run)] >= 0.25
+    code, stdout, _ = run_cli(capsys, "generate", "--adapter", str(run), "--json", "What is 12 plus 45?")
+    answer = json.loads(stdout)["generations"][0]["output"]
+    assert code == 0 and answer.startswith("57") and "\n" not in answer  # cut at the turn's end ("57." here)
 
 
 # ----------------------------------------------------------------------------- 8. estimate as the run would be

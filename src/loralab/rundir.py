@@ -179,6 +179,21 @@ class RunDir:
         except (OSError, ValueError):
             return None
 
+    def prompt_template(self) -> str | None:
+        """The prompt template the run trained with: chat for a run on chat data, else its
+        data.template; None where the folder is no loralab run (a plain PEFT adapter)."""
+        import yaml
+
+        trained_on = ((self.read_summary() or {}).get("data_stats") or {}).get("format")
+        if trained_on == "messages":
+            return "chat"
+        try:
+            config = yaml.safe_load(self.config.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            return None
+        data = config.get("data") if isinstance(config, dict) else None
+        return data.get("template") if isinstance(data, dict) else None
+
 
 def default_run_dir(model_path: str) -> Path:
     """runs/<model name>-<date>-<time>: where a run without output.dir is written."""

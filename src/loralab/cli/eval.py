@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated built-in task names and/or task YAML files")
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--template", choices=["alpaca", "chat", "none"],
+                   help="prompt template of the tasks scored by generation (default: the one each adapter's run "
+                        "trained with, chat for a run on chat data; the base takes the adapters' own where they "
+                        "share one, else alpaca)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     h = p.add_argument_group("lm-evaluation-harness cross-check (pip install loralab[harness])")
     h.add_argument("--harness", metavar="TASKS", default=None,
@@ -82,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         tasks = resolve_tasks(args.tasks, args.limit)
         rows = evaluate(args.model, args.adapter, tasks, batch_size=args.batch_size, model_cfg=model_cfg,
-                        quant=quant, progress=not args.json)
+                        quant=quant, progress=not args.json, template=args.template)
     if args.json:
         emit_json({"results": rows})
         return 0

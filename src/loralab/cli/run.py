@@ -374,6 +374,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from loralab.adapters import adapter_dir, load_adapter
+    from loralab.data.templates import chat_turn_end, generation_prompt
     from loralab.evaluate.exact_match import greedy_generate
     from loralab.models import load_base
     from loralab.preflight import check_adapter_base
@@ -389,7 +390,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.adapter:
         model = load_adapter(model, args.adapter)
     prompts = [generation_prompt(p, template, tokenizer) for p in args.prompt]
-    outs = greedy_generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stop=args.stop)
+    stop = args.stop or (chat_turn_end(tokenizer) if template == "chat" else None)  # the turn's end, as trained
+    outs = greedy_generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stop=stop)
     if args.json:
         emit_json({"model": model_path, "adapter": args.adapter, "template": template,
                    "generations": [{"prompt": p, "output": o} for p, o in zip(args.prompt, outs, strict=True)]})
@@ -410,8 +412,7 @@ def adapter_run(adapter: str | None) -> dict:
         return {"config": {}, "model_path": None, "template": None}
     run = RunDir(adapter)
     config = (read_yaml(run.config) or {}) if run.config.is_file() else {}
-    trained_on = ((run.read_summary() or {}).get("data_stats") or {}).get("format")
-    template = "chat" if trained_on == "messages" else (config.get("data") or {}).get("template")
+    template = run.prompt_template()
     model_path = ((config.get("model") or {}).get("path") or (recorded_base(adapter) or {}).get("path")
                   or peft_base(adapter))
     return {"config": config, "model_path": model_path, "template": template}
@@ -430,20 +431,6 @@ def peft_base(adapter: str) -> str | None:
             except (OSError, ValueError, AttributeError):
                 return None
     return None
-
-
-def generation_prompt(prompt: str, template: str, tokenizer) -> str:
-    """``prompt`` in ``template``. A chat template's own BOS is left to the tokenizer, which adds
-    it when it encodes the prompt, so the model sees one BOS as in training."""
-    from loralab.data.templates import format_prompt
-
-    text = format_prompt(prompt, template=template, tokenizer=tokenizer)
-    bos = tokenizer.bos_token
-    if template == "chat" and bos and text.startswith(bos):
-        ids = tokenizer("", add_special_tokens=True)["input_ids"]
-        if ids and ids[0] == tokenizer.bos_token_id:
-            text = text[len(bos):]
-    return text
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

@@ -44,3 +44,27 @@ def format_prompt(instruction: str, input: str = "", *, template: TemplateName =
     if template == "none":
         return f"{instruction}\n{input}" if input else instruction
     raise ValueError(f"unknown template {template!r}")
+
+
+def chat_turn_end(tokenizer) -> str | None:
+    """What the tokenizer's chat template writes after an assistant's words (ChatML's
+    ``<|im_end|>``, Llama 3's ``<|eot_id|>``, a plain template's newline): where a generated
+    answer ends, as training on chat data taught it. None where the template writes nothing."""
+    words = "loralab-answer"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": words}],
+                                         tokenize=False)
+    after = text.split(words, 1)[1] if words in text else ""
+    return after.strip() or after[:1] or None
+
+
+def generation_prompt(instruction: str, template: TemplateName, tokenizer, input: str = "") -> str:
+    """The prompt a model generates its answer after (``loralab generate``, tasks scored by
+    generation), as training showed it: ``format_prompt``'s text, without the chat template's own
+    BOS, which the tokenizer adds when it encodes the prompt (one BOS, as in training)."""
+    text = format_prompt(instruction, input, template=template, tokenizer=tokenizer)
+    bos = tokenizer.bos_token
+    if template == "chat" and bos and text.startswith(bos):
+        ids = tokenizer("", add_special_tokens=True)["input_ids"]
+        if ids and ids[0] == tokenizer.bos_token_id:
+            text = text[len(bos):]
+    return text

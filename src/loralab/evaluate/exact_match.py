@@ -71,8 +71,11 @@ def greedy_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    stop_kw = {"stop_strings": [stop], "tokenizer": tokenizer} if stop else {}
     ends = end_token_ids(model, tokenizer)
+    if stop in tokenizer.get_added_vocab():  # a token of its own (<|im_end|>): an end token, not text
+        ends.append(tokenizer.get_added_vocab()[stop])
+        stop = None
+    stop_kw = {"stop_strings": [stop], "tokenizer": tokenizer} if stop else {}
     outputs: list[str] = []
     try:
         with progress_bar(len(prompts), desc=progress, unit="ex", enabled=progress is not None, leave=False) as bar:

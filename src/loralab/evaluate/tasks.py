@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loralab.data.dataset import DATA_DIR, read_records
-from loralab.data.templates import format_prompt
+from loralab.data.templates import chat_turn_end, generation_prompt
 from loralab.errors import DataError
 from loralab.evaluate import metrics as M
 from loralab.evaluate.exact_match import NORMALIZERS
@@ -62,16 +62,25 @@ class Task:
     max_new_tokens: int = 16
     normalize: str = "strip"
     items: list = field(default_factory=list)
+    # how an alpaca-format item without a prompt of the task's own is shown: the template the
+    # scored adapter's run trained with (a run on chat data: the tokenizer's chat template)
+    template: str = "alpaca"
+
+    def prompts(self, tokenizer) -> list[str]:
+        """The alpaca-format items' prompts: the task's own ``prompt``, else ``template``'s."""
+        return [self.prompt.format(instruction=i, input=x) if self.prompt else
+                generation_prompt(i, self.template, tokenizer, input=x) for i, x, _ in self.items]
 
     def run(self, model, tokenizer, *, batch_size: int = 16, progress: bool = False) -> dict[str, M.Score]:
         """The task's metrics; ``progress`` draws a bar per scoring pass, labelled with the
         task's name (stderr, terminals only)."""
         label = self.name if progress else None
         if self.format == "alpaca":
-            prompts = [p for p, _ in self.items]
-            answers = [a for _, a in self.items]
-            res = M.score_generation(model, tokenizer, prompts, answers, metrics=self.metrics, stop=self.stop,
-                                     max_new_tokens=self.max_new_tokens, batch_size=batch_size,
+            answers = [a for _, _, a in self.items]
+            own = self.template == "chat" and not self.prompt  # the answer ends where the chat turn does
+            stop = self.stop or (chat_turn_end(tokenizer) if own else None)
+            res = M.score_generation(model, tokenizer, self.prompts(tokenizer), answers, metrics=self.metrics,
+                                     stop=stop, max_new_tokens=self.max_new_tokens, batch_size=batch_size,
                                      normalize=self.normalize, progress=label)
         elif self.format == "mc":
             res = M.score_mc(model, tokenizer, self.items, preamble=self.preamble, batch_size=batch_size,
@@ -128,8 +137,7 @@ def load_items(task: Task, limit: int | None = None) -> list:
             if not isinstance(inp, str):
                 raise DataError(f"{w}: field input must be a string")
             out = _field(rec, "output", str, w, "alpaca")
-            prompt = task.prompt.format(instruction=instr, input=inp) if task.prompt else format_prompt(instr, inp)
-            items.append((prompt, out))
+            items.append((instr, inp, out))
         elif task.format == "mc":
             q = _field(rec, "question", str, w, "mc")
             mc1 = _targets(rec, "mc1_targets", w) if "mc1" in task.metrics else {}

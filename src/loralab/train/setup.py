@@ -118,8 +118,13 @@ def load_data_and_tasks(cfg: Config, model_config, tokenizer) -> tuple[Splits, l
     tasks = []
     if cfg.eval.tasks:
         from loralab.evaluate.task_list import resolve_tasks
+        from loralab.evaluate.tasks import Task
 
         tasks = resolve_tasks(",".join(cfg.eval.tasks), cfg.eval.limit)
+        template = "chat" if splits.stats["format"] == "messages" else cfg.data.template
+        for t in tasks:  # prompted as the run's examples are (a run on chat data: its chat template)
+            if isinstance(t, Task):
+                t.template = template
     return splits, tasks
 
 
