@@ -247,8 +247,8 @@ def test_study_dry_run_makes_the_runs_checks_and_a_real_run_starts_none(capsys, 
     # roles against the architecture: GPT-2 fuses query, key and value
     gpt2 = write_study(tmp_path, "g", base=study_base(tiny_model_dir("gpt2"), data), axes={"lora.r": [4, 8]})
     code, stdout, err = run_cli(capsys, "study", "run", str(gpt2), "--out", str(out))
-    assert code == 2 and ("lora.targets asks for query, value alone (lora.targets' default, the LoRA paper's), but "
-                          "GPT-2 fuses query, key and value") in err
+    assert code == 2 and ("lora.targets asks for query, value alone ([query, value] is also lora.targets' default), "
+                          "but GPT-2 fuses query, key and value") in err
     assert not out.exists()
 
 

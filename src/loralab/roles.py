@@ -136,7 +136,7 @@ def expand_roles(model_type: str, roles: list[str], module_names: Iterable[str])
         if attn and attn != {"query", "key", "value"}:
             fused = rmap["qkv"][0]
             arch = _FUSED_NAMES.get(model_type, model_type)
-            default = " (lora.targets' default, the LoRA paper's)" if attn == {"query", "value"} else ""
+            default = " ([query, value] is also lora.targets' default)" if attn == {"query", "value"} else ""
             raise ModelError(
                 f"lora.targets asks for {', '.join(sorted(attn))} alone{default}, but {arch} fuses query, key "
                 f"and value into one matrix ({fused}). Ask for all three together "
