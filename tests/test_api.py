@@ -32,6 +32,12 @@ def test_load_config_from_yaml_dict_config_and_keywords(tmp_path):
     assert (isinstance(again, Config) and again.train.max_steps == 7 and again.lora.r == 4
             and cfg.train.max_steps is None)
     assert loralab.load_config is api.load_config and loralab.Study is api.Study
+    # a bad value is blamed on the keyword or override that gave it, not on the file (which has no lora.rank)
+    for kw, said in (({"lora": {"rank": 4}}, "lora={'rank': 4}: unknown key lora.rank (did you mean lora.r?)"),
+                     ({"overrides": ["train.lr=-1"]}, "--set train.lr=-1: train.lr must be > 0 (got -1.0)")):
+        with pytest.raises(ConfigError) as caught:
+            api.load_config(path, **kw)
+        assert str(caught.value).startswith(said) and str(path) not in str(caught.value)
 
 
 def test_errors_are_loralab_errors_with_the_command_lines_message(tmp_path):
@@ -43,10 +49,13 @@ def test_errors_are_loralab_errors_with_the_command_lines_message(tmp_path):
     cli = subprocess.run([sys.executable, "-m", "loralab.cli", "train", "--set", "lora.r=-1", "--set", "lora.rank=3"],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert cli.returncode == 2
-    for line in text.splitlines()[1:]:  # the same problems, each blamed on the --set that made it
-        key = line.removeprefix("  - ").split(" ")[0] if "unknown" not in line else "lora.rank"
+    for line in text.splitlines()[1:]:  # the same problems, each blamed on the keyword or the --set that made it
+        origin, problem = line.removeprefix("  - ").split("}: ", 1)
+        origin += "}"
+        key = "lora.rank" if "unknown" in problem else problem.split(" ")[0]
+        assert origin == {"lora.r": "lora={'r': -1}", "lora.rank": "lora={'rank': 3}"}[key]
         flag = {"lora.r": "--set lora.r=-1", "lora.rank": "--set lora.rank=3"}[key]
-        assert line.replace("  - ", f"  - {flag}: ") in cli.stderr
+        assert f"  - {flag}: {problem}" in cli.stderr
     with pytest.raises(DataError, match="--limit must be a positive integer"):
         api.evaluate(limit=0)
     with pytest.raises(ConfigError, match="not a loralab run directory"):

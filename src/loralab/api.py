@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loralab.config import Config, apply_overrides, config_from_dict, read_yaml
+from loralab.config import Config, apply_overrides, config_from_dict, override_origins, read_yaml
 from loralab.errors import ConfigError, LoralabError
 from loralab.rundir import CONFIG, RunDir, check_fresh_run_dir, run_dir_of
 
@@ -59,7 +59,11 @@ def load_config(source: ConfigSource = None, *, overrides: list[str] | None = No
             raise ConfigError(f"{section}= must be a dict of keys, e.g. lora={{'r': 16}} (got {values!r})")
         current = raw.get(section)
         raw[section] = {**(current if isinstance(current, dict) else {}), **values}
-    return config_from_dict(apply_overrides(raw, list(overrides or [])), source=label)
+    # a problem is blamed on where its key came from: the keyword argument, the override, else the source
+    origins = {f"{section}.{key}": f"{section}={{{key!r}: {value!r}}}" for section, values in sections.items()
+               for key, value in values.items()}
+    return config_from_dict(apply_overrides(raw, list(overrides or [])), source=label,
+                            origins={**origins, **override_origins(list(overrides or []))})
 
 
 def _summary_field(key: str) -> property:
