@@ -139,8 +139,14 @@ def test_within_noise_recommends_the_cheapest_and_says_so():
     text = summary_text({"tune": "t", "metric": "eval_loss", "recommended": rec, "effects": [],
                          "compute": {"steps": 10, "train_time_s": 1.0, "grid_steps": 40, "fraction_of_grid": 0.25},
                          "plan": {"notes": []}})
-    assert "Within noise of it: small" in text or "within noise of the best mean" in text
+    assert "Within noise of it" not in text  # the list held the recommended run itself
     assert "bad: +" in text and "beyond the noise" in text
+    cands.insert(1, _cand("mid", [1.01, 1.11, 0.96], 500))
+    rec = recommend(cands, "min")
+    text = summary_text({"tune": "t", "metric": "eval_loss", "recommended": rec, "effects": [],
+                         "compute": {"steps": 10, "train_time_s": 1.0, "grid_steps": 40, "fraction_of_grid": 0.25},
+                         "plan": {"notes": []}})
+    assert rec["name"] == "small" and "Also within noise of the best mean (big): mid." in text
 
 
 def test_separated_finalists_recommend_the_best():

@@ -743,8 +743,10 @@ def summary_text(a: dict[str, Any]) -> str:
              f"(run {rec['name']}).",
              f"{a['metric']}: {rec['mean']:.4g} +/- {_pm(rec['ci_half_width'])} (95% interval, {rec['n']} seeds).",
              f"Why this one: {rec['why']}."]
-    if rec["within_noise"]:
-        lines.append(f"Within noise of it: {', '.join(rec['within_noise'])}.")
+    others = [n for n in rec["within_noise"] if n != rec["name"]]  # within noise of the best mean
+    if others:
+        lines.append(f"Within noise of it: {', '.join(others)}." if rec["name"] == rec["best_mean"] else
+                     f"Also within noise of the best mean ({rec['best_mean']}): {', '.join(others)}.")
     seeds = rec.get("finalist_seeds") or {}
     if any(n < 1 + len(EXTRA_SEEDS) for n in seeds.values()):
         lines.append(f"Seeds per finalist (of {1 + len(EXTRA_SEEDS)}): "
@@ -767,5 +769,5 @@ def summary_text(a: dict[str, Any]) -> str:
                   + (f" ({c['fraction_of_grid']:.0%} of it spent)." if c["fraction_of_grid"] else ".")]
     for note in [*a["plan"]["notes"], *a.get("edges", [])]:
         lines.append(f"Note: {note}")
-    lines += [f"Train it: loralab train {Path(a.get('best_yaml', 'best.yaml')).name}", ""]
+    lines += [f"Train it: loralab train {a.get('best_yaml', 'best.yaml')}", ""]  # from where tune ran
     return "\n".join(lines)
