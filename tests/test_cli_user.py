@@ -515,6 +515,9 @@ def test_generate_uses_the_runs_model_and_chat_template(capsys, caplog, tiny_mod
     result = json.loads(stdout)
     assert code == 0 and result["model"] == str(model) and result["template"] == "chat"
     assert f"generating with {run} on {model}, prompt template chat" in caplog.text
+    code, stdout, _ = run_cli(capsys, "generate", "--adapter", str(run / "adapter"), "--max-new-tokens", "2",
+                              "--json", "Hi")  # the adapter folder itself: its run's template all the same
+    assert code == 0 and json.loads(stdout)["template"] == "chat"
     # --template overrides; an Alpaca run keeps Alpaca
     code, stdout, _ = run_cli(capsys, "generate", "--adapter", str(run), "--template", "alpaca", "--max-new-tokens",
                               "2", "--json", "Hi")

@@ -407,12 +407,13 @@ def adapter_run(adapter: str | None) -> dict:
     (chat for a run trained on chat data, else its data.template); None where unknown."""
     from loralab.adapters import recorded_base
     from loralab.config import read_yaml
+    from loralab.evaluate.score import trained_template
 
     if not adapter:
         return {"config": {}, "model_path": None, "template": None}
     run = RunDir(adapter)
     config = (read_yaml(run.config) or {}) if run.config.is_file() else {}
-    template = run.prompt_template()
+    template = trained_template(adapter)
     model_path = ((config.get("model") or {}).get("path") or (recorded_base(adapter) or {}).get("path")
                   or peft_base(adapter))
     return {"config": config, "model_path": model_path, "template": template}
