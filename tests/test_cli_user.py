@@ -245,11 +245,31 @@ def test_study_dry_run_makes_the_runs_checks_and_a_real_run_starts_none(capsys, 
     assert not out.exists()  # no database, no run directory
 
     # roles against the architecture: GPT-2 fuses query, key and value
-    gpt2 = write_study(tmp_path, "g", base=study_base(tiny_model_dir("gpt2"), data), axes={"lora.r": [4, 8]})
+    base = study_base(tiny_model_dir("gpt2"), data)
+    base["lora"]["targets"] = ["query", "value"]
+    gpt2 = write_study(tmp_path, "g", base=base, axes={"lora.r": [4, 8]})
     code, stdout, err = run_cli(capsys, "study", "run", str(gpt2), "--out", str(out))
-    assert code == 2 and ("lora.targets asks for query, value alone ([query, value] is also lora.targets' default), "
-                          "but GPT-2 fuses query, key and value") in err
+    assert code == 2 and ("lora.targets asks for query, value alone, but GPT-2 fuses query, key and value into one "
+                          "matrix (attn.c_attn). Ask for all three together (targets: [query, key, value], or "
+                          "[attention], the default,") in err
     assert not out.exists()
+
+
+def test_train_with_the_default_targets_on_a_model_with_one_qkv_matrix(capsys, caplog, tiny_model_dir, tmp_path):
+    """GPT-2 holds q, k and v in c_attn: a run that names no lora.targets adapts that matrix
+    whole (PEFT's default there) instead of being refused for asking q and v alone."""
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_records(16))
+    out = tmp_path / "gpt2"
+    code, _, err = run_cli(capsys, *train_args(tiny_model_dir("gpt2"), data, out))
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["final_eval_loss"] > 0
+    assert summary["trainable_params"] == 2 * 8 * (32 + 96)  # 2 layers, r 8 on c_attn (32 -> 96)
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == ["attn.c_attn"]
+    code, _, err = run_cli(capsys, *train_args(tiny_model_dir("gpt2"), data, tmp_path / "qv"),
+                           "--set", "lora.targets=[query,value]")
+    assert code == 2 and "GPT-2 fuses query, key and value" in err
 
 
 @pytest.mark.slow  # three studies, each run in its own `loralab train` process: ~35 s

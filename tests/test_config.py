@@ -13,7 +13,7 @@ from loralab.errors import ConfigError, LoralabError
 def test_defaults_load():
     cfg = load_config(None, [])
     assert isinstance(cfg, Config)
-    assert cfg.lora.targets == ["query", "value"]
+    assert cfg.lora.targets == ["attention"]  # q,v, or the fused q,k,v matrix (tests/test_roles.py)
     assert cfg.grad_accum == 1
 
 

@@ -118,6 +118,22 @@ def test_fused_role_alone_refused(tiny_model_dir, arch, role):
     assert "[query, key, value]" in msg
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_default_targets_are_the_modules_peft_adapts_by_default(tiny_model_dir, arch):
+    """lora.targets' default, attention, wraps what PEFT's own default (target_modules unset)
+    wraps: q and v where they are apart, the fused q,k,v matrix whole where they are not (PEFT
+    has no default for Phi-3: there it is qkv_proj, as on GPT-2 and GPT-NeoX)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    ours = wrapped_modules(attach_lora(load(tiny_model_dir(arch)), LoraConfig(r=2, dropout=0.0), seed=0))
+    if arch == "phi3":
+        assert ours == {f"model.layers.{i}.self_attn.qkv_proj" for i in range(N_LAYERS)}
+    else:
+        assert ours == wrapped_modules(get_peft_model(load(tiny_model_dir(arch)), PeftLoraConfig(r=2)))
+    assert len(ours) == (1 if arch in FUSED else 2) * N_LAYERS
+
+
 def test_fused_two_of_three_refused(tiny_model_dir):
     model = load(tiny_model_dir("gpt2"))
     with pytest.raises(ModelError, match="c_attn"):

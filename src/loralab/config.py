@@ -83,8 +83,9 @@ class LoraConfig:
     init: Literal["default", "gaussian"] = _f(
         "default", "A init: kaiming-uniform (default) or gaussian; B starts at zero.")
     targets: list[str] = _f(
-        ["query", "value"],
-        "Roles (query, key, value, projection, mlp, head, all), raw module names, or 're:<regex>'.",
+        ["attention"],
+        "Roles (query, key, value, projection, mlp, head, all; attention: query and value, or the one q,k,v "
+        "matrix of GPT-2, GPT-NeoX, Phi-3 and Falcon), raw module names, or 're:<regex>'.",
     )
 
 

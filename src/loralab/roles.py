@@ -2,8 +2,10 @@
 
 The seeds speak of LoRA on "query", "key", "value", "projection" (the attention output),
 "mlp" and "head". Each architecture names those linear layers differently, and some fuse
-several roles into one matrix (GPT-2's ``c_attn`` holds q, k and v). This module is the
-one place where roles become PEFT ``target_modules``::
+several roles into one matrix (GPT-2's ``c_attn`` holds q, k and v). "attention" is the LoRA
+paper's choice on any of them: query and value, or the fused matrix whole where q and v cannot
+be taken alone (what PEFT adapts by default too). This module is the one place where roles
+become PEFT ``target_modules``::
 
     resolve_targets(model_type="llama", module_names=names, targets=["query", "value"])
     -> Targets(peft=["self_attn.q_proj", "self_attn.v_proj"], modules=[...full names...])
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from loralab.errors import ModelError
 
 ROLES = ("query", "key", "value", "projection", "mlp", "head")
+ATTENTION = "attention"  # query and value, or the one q,k,v matrix: lora.targets' default
 
 # role -> module-name suffixes (matched as PEFT does: equal, or ending in "." + suffix)
 _LLAMA = {
@@ -136,11 +139,11 @@ def expand_roles(model_type: str, roles: list[str], module_names: Iterable[str])
         if attn and attn != {"query", "key", "value"}:
             fused = rmap["qkv"][0]
             arch = _FUSED_NAMES.get(model_type, model_type)
-            default = " ([query, value] is also lora.targets' default)" if attn == {"query", "value"} else ""
             raise ModelError(
-                f"lora.targets asks for {', '.join(sorted(attn))} alone{default}, but {arch} fuses query, key "
-                f"and value into one matrix ({fused}). Ask for all three together "
-                f"(targets: [query, key, value]) or name the module ({fused.split('.')[-1]})."
+                f"lora.targets asks for {', '.join(sorted(attn))} alone, but {arch} fuses query, key and value "
+                f"into one matrix ({fused}). Ask for all three together (targets: [query, key, value], or "
+                f"[attention], the default, which takes query and value where they are apart) or name the "
+                f"module ({fused.split('.')[-1]})."
             )
         if attn:
             suffixes += rmap["qkv"]
@@ -182,14 +185,16 @@ def resolve_targets(
 ) -> Targets:
     """Resolve roles, raw module names and ``re:`` regexes against a model's linear layers."""
     roles = [t for t in targets if t in ROLES]
+    if ATTENTION in targets:
+        roles += [r for r in attention_roles(model_type, linear_names)[0] if r not in roles]
     regexes = [t[3:] for t in targets if t.startswith("re:")]
-    raw = [t for t in targets if t not in ROLES and t != "all" and not t.startswith("re:")]
+    raw = [t for t in targets if t not in ROLES and t not in ("all", ATTENTION) and not t.startswith("re:")]
     unknown = [t for t in raw if not any(_matches(n, t) for n in linear_names)]
     if unknown:
         sample = sorted({n.split(".")[-1] for n in linear_names})
         raise ModelError(
             f"lora.targets: {', '.join(map(repr, unknown))} is neither a role "
-            f"({', '.join(ROLES)}, all) nor a linear module of this model. Its linear layers are "
+            f"({', '.join(ROLES)}, {ATTENTION}, all) nor a linear module of this model. Its linear layers are "
             f"named {', '.join(sample)}; a regex is written re:<pattern>."
         )
     # The head is found from the model itself (get_output_embeddings), whatever its name.

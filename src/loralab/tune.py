@@ -265,11 +265,11 @@ def model_attention(model: str) -> tuple[list[str], str | None]:
 def fit_ranks(dims: list[Dimension], base: dict[str, Any]) -> list[str]:
     """Drop the ranks above the smallest dimension of a matrix the targets adapt (the most a rank
     can mean, loralab.preflight): searched ones with a note, a fixed one refused."""
-    from loralab.config import config_from_dict
+    from loralab.config import LoraConfig, config_from_dict
     from loralab.preflight import smallest_dimension
 
     targets = next((d.values for d in dims if d.key == "lora.targets"),
-                   [base["lora"].get("targets", ["query", "value"])])
+                   [base["lora"].get("targets", LoraConfig().targets)])
     limits = []
     for t in targets:
         cfg = config_from_dict({**base, "lora": {**base["lora"], "targets": t}}, source="loralab tune")
