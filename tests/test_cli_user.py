@@ -85,6 +85,47 @@ def test_adapter_on_its_own_base_and_an_older_adapter(capsys, caplog, qwen_run, 
     assert code == 0, err
 
 
+def test_an_adapter_on_another_checkpoint_of_its_architecture_is_refused(capsys, caplog, qwen_run, tiny_model_dir,
+                                                                        tmp_path):
+    """A fine-tune of the base, or another seed, has the base's config.json: a few rows of its
+    weights, read from the files, tell it apart. The base saved again in bf16 is the same base."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    qwen = tiny_model_dir("qwen2")
+
+    def saved(name, change):
+        model = AutoModelForCausalLM.from_pretrained(qwen)
+        with torch.no_grad():
+            change(model)
+        model.save_pretrained(tmp_path / name)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(qwen / f, tmp_path / name / f)
+        return str(tmp_path / name)
+
+    caplog.set_level("INFO", logger="loralab")
+    bf16 = saved("bf16", lambda m: m.to(torch.bfloat16))
+    code, _, err = run_cli(capsys, "generate", "--model", bf16, "--adapter", str(qwen_run), "--max-new-tokens", "2",
+                           "Hi")
+    assert code == 0, err
+    assert "trained on" not in caplog.text
+
+    torch.manual_seed(1)  # every weight moved by 1% of its tensor's spread, as a short full fine-tune would
+    tuned = saved("tuned", lambda m: [p.add_(0.01 * p.std() * torch.randn_like(p)) for p in m.parameters()])
+    merged = tmp_path / "merged"
+    for argv in (["eval", "--model", tuned, "--adapter", str(qwen_run), "--tasks", "arithmetic_2ds", "--limit", "2"],
+                 ["generate", "--model", tuned, "--adapter", str(qwen_run), "Hi"],
+                 ["merge", str(qwen_run), str(merged), "--model", tuned]):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2 and out == "", argv
+        assert (f"adapter {qwen_run} was trained on {qwen}, not on {tuned}: the same architecture and sizes, but "
+                "other weights (") in err and "--force" in err
+    assert not merged.exists()
+    code, _, err = run_cli(capsys, "generate", "--model", tuned, "--adapter", str(qwen_run), "--force",
+                           "--max-new-tokens", "2", "Hi")
+    assert code == 0 and "but other weights" in caplog.text and "--force: using it anyway" in caplog.text
+
+
 def test_eval_of_a_qlora_run_loads_the_4bit_base_it_trained_on(capsys, caplog, tiny_model_dir, tmp_path):
     """`loralab eval --adapter RUN` of a QLoRA run scores it on its nf4 base (as generate and
     merge load it), so it gives the run's own final task score; it used to load the base in full

@@ -1,8 +1,9 @@
 """LoRA adapters through PEFT: attach by role (with loralab's dropout mask), count, save, load, merge.
 
 An adapter knows its base: :func:`save_adapter` writes ``loralab_base.json`` beside PEFT's files
-(the base's path or hub id, its config.json architecture and sizes, and a hash of those), and
-``loralab.preflight.check_adapter_base`` compares it with the base a command is about to load, before it loads.
+(the base's path or hub id, its config.json architecture and sizes, a hash of those, and a sample
+of its weights), and ``loralab.preflight.check_adapter_base`` compares it with the base a command
+is about to load, before it loads.
 """
 
 from __future__ import annotations
@@ -103,7 +104,10 @@ def save_adapter(peft_model, out_dir: Path, weights: dict[str, Any] | None = Non
     with atomic_dir(out_dir, fsync=False) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True,
                                    **({"state_dict": weights} if weights is not None else {}))
-        (tmp / BASE_RECORD).write_text(json.dumps(base_identity(config), indent=2) + "\n", encoding="utf-8")
+        identity = base_identity(config)
+        sample = weights_sample(getattr(config, "name_or_path", "") or "")
+        record = identity if sample is None else {**identity, "weights": sample}
+        (tmp / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- LoRA dropout's mask
@@ -179,10 +183,86 @@ def base_identity(config, path: str | None = None) -> dict[str, Any]:
 
 
 def read_base_identity(model_path: str, *, trust_remote_code: bool = False) -> dict[str, Any]:
-    """:func:`base_identity` of the model at ``model_path``, from its config.json alone (no weights load)."""
+    """:func:`base_identity` of the model at ``model_path`` from its config.json, with
+    :func:`weights_sample` of its files where they are on this machine (no model loads)."""
     from loralab.models import read_config
 
-    return base_identity(read_config(model_path, trust_remote_code=trust_remote_code), model_path)
+    identity = base_identity(read_config(model_path, trust_remote_code=trust_remote_code), model_path)
+    sample = weights_sample(model_path)
+    return identity if sample is None else {**identity, "weights": sample}
+
+
+# A checkpoint and its fine-tune share config.json; a few of their weights tell them apart.
+SAMPLE_TENSORS, SAMPLE_ROWS, SAMPLE_COLS = 3, 4, 8
+
+
+def _weight_files(model_path: str) -> list[Path]:
+    """The safetensors files of ``model_path``: a local directory's, or a hub id's in the local
+    Hugging Face cache; [] where there are none here."""
+    from loralab.models import resolve_model_path
+
+    try:
+        directory = Path(resolve_model_path(model_path))
+    except LoralabError:
+        return []
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return []
+        cached = try_to_load_from_cache(model_path, "config.json")
+        if not isinstance(cached, str):
+            return []
+        directory = Path(cached).parent
+    return sorted(directory.glob("*.safetensors"))
+
+
+def weights_sample(model_path: str) -> dict[str, dict[str, list]] | None:
+    """``{tensor name: {"rows", "values"}}``: SAMPLE_COLS values from each of SAMPLE_ROWS rows
+    spread over the first, middle and last two-dimensional floating-point tensors by name in
+    ``model_path``'s safetensors files, read from the files alone (headers and those rows). Copies
+    of one checkpoint in other dtypes agree to their rounding (:func:`differing_weights`); a
+    fine-tune or another seed of the same architecture does not. None where the files are not on
+    this machine or hold no such tensor."""
+    from safetensors import safe_open
+
+    try:
+        matrices: dict[str, Path] = {}
+        for file in _weight_files(model_path):
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    part = f.get_slice(name)
+                    if len(part.get_shape()) == 2 and 0 not in part.get_shape() and \
+                            part.get_dtype() in ("F64", "F32", "BF16", "F16"):
+                        matrices[name] = file
+        names = sorted(matrices)
+        picked = sorted({names[i * (len(names) - 1) // max(SAMPLE_TENSORS - 1, 1)]
+                         for i in range(SAMPLE_TENSORS)}) if names else []
+        sample = {}
+        for name in picked:
+            with safe_open(str(matrices[name]), framework="pt") as f:
+                part = f.get_slice(name)
+                n = part.get_shape()[0]
+                rows = sorted({i * n // SAMPLE_ROWS for i in range(SAMPLE_ROWS)})
+                values = [v for r in rows for v in part[r:r + 1, :SAMPLE_COLS].float().flatten().tolist()]
+                sample[name] = {"rows": rows, "values": [float(f"{v:.7g}") for v in values]}
+    except (OSError, ValueError, RuntimeError) as exc:  # a damaged file: loading the model will say so
+        log.debug("no weights sample of %s: %s", model_path, exc)
+        return None
+    return sample or None
+
+
+def differing_weights(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str | None:
+    """The first tensor two :func:`weights_sample` s both hold (at the same rows) whose values
+    differ by more than bf16 rounding (2**-8 relative, what a copy saved in bf16 or fp16 differs
+    by); None where none does, or there is nothing to compare."""
+    for name in sorted(set(a or {}) & set(b or {})):
+        x, y = a[name], b[name]
+        if x["rows"] != y["rows"] or len(x["values"]) != len(y["values"]):
+            continue
+        if any(abs(u - v) > 2**-8 * max(abs(u), abs(v)) + 1e-7 for u, v in zip(x["values"], y["values"], strict=True)):
+            return name
+    return None
 
 
 def base_record(model_path: str, *, trust_remote_code: bool = False) -> dict[str, Any] | None:

@@ -80,10 +80,11 @@ def check_adapter_base(run_or_adapter: str | Path, model_path: str, *, force: bo
                        trust_remote_code: bool = False) -> None:
     """Refuse (ModelError, exit 2) an adapter recorded for a different base than ``model_path``,
     naming both; with ``force`` only warn, if its matrices fit the base's modules
-    (:func:`check_adapter_fits`). Checked from config.json and the adapter's safetensors header,
-    before any weights load. An adapter saved without the record (older loralab, plain PEFT) is
+    (:func:`check_adapter_fits`). Checked from config.json, a few rows of the base's weights
+    (``loralab.adapters.weights_sample``) and the adapter's safetensors header, before the model
+    loads. An adapter saved without the record (older loralab, plain PEFT) is
     checked for fit alone, with a note."""
-    from loralab.adapters import describe_base, read_base_identity, recorded_base
+    from loralab.adapters import describe_base, differing_weights, read_base_identity, recorded_base
 
     recorded = recorded_base(run_or_adapter)
     if recorded is None:
@@ -92,10 +93,16 @@ def check_adapter_base(run_or_adapter: str | Path, model_path: str, *, force: bo
         check_adapter_fits(run_or_adapter, model_path)
         return
     current = read_base_identity(model_path, trust_remote_code=trust_remote_code)
-    if recorded.get("hash") == current["hash"]:
+    if recorded.get("hash") != current["hash"]:
+        message = (f"adapter {run_or_adapter} was trained on {describe_base(recorded)}, not on "
+                   f"{describe_base(current)}; an adapter only means something on the base it was trained on")
+    elif differs := differing_weights(recorded.get("weights"), current.get("weights")):
+        message = (f"adapter {run_or_adapter} was trained on {recorded.get('path') or '?'}, not on {model_path}: "
+                   f"the same architecture and sizes, but other weights ({differs} differs: another checkpoint, "
+                   "such as a fine-tune, or another seed); an adapter only means something on the base it was "
+                   "trained on")
+    else:
         return
-    message = (f"adapter {run_or_adapter} was trained on {describe_base(recorded)}, not on {describe_base(current)}; "
-               "an adapter only means something on the base it was trained on")
     if not force:
         raise ModelError(f"{message}. Pass --model with the adapter's base, or --force to use it anyway")
     check_adapter_fits(run_or_adapter, model_path)
