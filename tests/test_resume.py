@@ -366,6 +366,7 @@ def test_ctrl_c_leaves_the_run_interrupted_with_how_to_continue(reference, model
         how += " (it starts again from step 0: no checkpoint was written, train.checkpoint_every = 0)"
     assert summary["error"] == f"interrupted ({sig.name}); {how}"
     assert f"{out}: interrupted ({sig.name}); {how}" in err
+    assert "\ninterrupted\n" not in err  # the run's own line is the message, with no bare one after it
     if every:  # from its checkpoint (from step 0 a resume is a fresh run, as every child here starts)
         train(run_cfg(model_dir, out, train__checkpoint_every=every, train__keep_last=2), resume=True)
         assert_bit_identical(out, reference)

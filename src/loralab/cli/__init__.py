@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None, *, errors: list[LoralabError] | None = N
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush has nowhere to fail
         return 141  # as a shell reports a process ended by SIGPIPE
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM where a run turned it into one (errors.Terminated)
-        sys.stderr.write("interrupted\n")
+        if not getattr(exc, "reported", False):  # a run says which one and how to continue it
+            sys.stderr.write("interrupted\n")
         code = 128 + (15 if isinstance(exc, Terminated) else 2)  # as a shell reports the signal: 130, 143
         if getattr(args, "json", False):
             summary = getattr(exc, "summary", None) or {}

@@ -192,6 +192,7 @@ def record_failure(runs: list[Run], exc: BaseException, *, started: bool) -> Exc
                         f"= {r.cfg.train.checkpoint_every})")
             r.record(status=Status.INTERRUPTED, error=f"interrupted ({signame}); {how}")
             log.warning("%s: interrupted (%s); %s", r.dir.root, signame, how)
+        exc.reported = True  # said per run: the command line adds no bare "interrupted"
         return None
     status, error, extra, replacement = Status.FAILED, f"{type(exc).__name__}: {exc}", {}, None
     if isinstance(exc, LoralabError):
