@@ -102,6 +102,39 @@ def test_train_again_into_a_run_is_refused_and_evaluate_checks_the_base(tmp_path
         api.evaluate(tiny_model_dir("llama"), adapters=[out], tasks="arithmetic_2ds", limit=2)
 
 
+def test_a_resume_in_python_makes_the_command_lines_checks(tmp_path, tiny_model_dir):
+    """api.train(resume=True) continued a paused run on a base whose weights had changed since,
+    without a word, and recorded the new base; it dropped train={...} given with it. It now
+    makes `loralab train --resume`'s checks, in the API's terms."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir("llama"), base)
+    out = tmp_path / "run"
+    small = {**SMALL, "model": {"path": str(base), "device": "cpu"}}
+    assert api.train(out=out, overrides=["train.stop_at_step=2", "train.checkpoint_every=1"], **small).status == "paused"
+    with pytest.raises(ConfigError, match=r"takes the config from the run directory; give train= as "
+                                          r"overrides=\['section.key=value'\]"):
+        api.train(out=out, resume=True, train={"lr": 0.5, "stop_at_step": None})
+    model = AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(1)
+    with torch.no_grad():  # the base directory now holds a fine-tune of what the run trained on
+        for p in model.parameters():
+            p.add_(0.01 * p.std() * torch.randn_like(p))
+    model.save_pretrained(base)
+    record = (out / "summary.json").read_text()
+    with pytest.raises(ModelError) as caught:
+        api.train(out=out, resume=True, overrides=["train.stop_at_step=null"])
+    assert (f"adapter {out}: the model at {base} holds other weights than when it trained: the same architecture "
+            "and sizes, but other weights (") in str(caught.value)
+    assert str(caught.value).endswith("Put the base it trained on back at model.path, or force=True to use it anyway")
+    assert (out / "summary.json").read_text() == record  # still paused, as it was
+    assert api.train(out=out, resume=True, force=True, overrides=["train.stop_at_step=null"]).status == "completed"
+
+
 @pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path):
     """examples/quickstart.ipynb runs top to bottom (a train, an eval, an estimate, a study and

@@ -118,12 +118,16 @@ def test_an_adapter_on_another_checkpoint_of_its_architecture_is_refused(capsys,
                  ["merge", str(qwen_run), str(merged), "--model", tuned]):
         code, out, err = run_cli(capsys, *argv)
         assert code == 2 and out == "", argv
-        assert (f"adapter {qwen_run} was trained on {qwen}, not on {tuned}: the same architecture and sizes, but "
-                "other weights (") in err and "--force" in err
+        assert (f"adapter {qwen_run}: it was trained on {qwen}, not on {tuned}: the same architecture and sizes, "
+                "but other weights (") in err and "--force" in err
     assert not merged.exists()
     code, _, err = run_cli(capsys, "generate", "--model", tuned, "--adapter", str(qwen_run), "--force",
                            "--max-new-tokens", "2", "Hi")
     assert code == 0 and "but other weights" in caplog.text and "--force: using it anyway" in caplog.text
+    # the base with this adapter merged into it: the record samples the adapted matrices too
+    assert run_cli(capsys, "merge", str(qwen_run), str(merged))[0] == 0
+    code, _, err = run_cli(capsys, "generate", "--model", str(merged), "--adapter", str(qwen_run), "Hi")
+    assert code == 2 and "self_attn" in err.split("other weights (")[1].split(" differs")[0]
 
 
 def test_eval_of_a_qlora_run_loads_the_4bit_base_it_trained_on(capsys, caplog, tiny_model_dir, tmp_path):

@@ -105,7 +105,9 @@ def save_adapter(peft_model, out_dir: Path, weights: dict[str, Any] | None = Non
         peft_model.save_pretrained(str(tmp), safe_serialization=True,
                                    **({"state_dict": weights} if weights is not None else {}))
         identity = base_identity(config)
-        sample = weights_sample(getattr(config, "name_or_path", "") or "")
+        adapted = [name.removeprefix("base_model.model.") + ".weight" for name, module in peft_model.named_modules()
+                   if hasattr(module, "lora_A") and hasattr(module, "base_layer")]
+        sample = weights_sample(getattr(config, "name_or_path", "") or "", also=adapted[:1] + adapted[-1:])
         record = identity if sample is None else {**identity, "weights": sample}
         (tmp / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
@@ -217,10 +219,13 @@ def _weight_files(model_path: str) -> list[Path]:
     return sorted(directory.glob("*.safetensors"))
 
 
-def weights_sample(model_path: str) -> dict[str, dict[str, list]] | None:
+def weights_sample(model_path: str, at: dict[str, Any] | None = None, *,
+                   also: list[str] = ()) -> dict[str, dict[str, list]] | None:
     """``{tensor name: {"rows", "values"}}``: SAMPLE_COLS values from each of SAMPLE_ROWS rows
     spread over the first, middle and last two-dimensional floating-point tensors by name in
-    ``model_path``'s safetensors files, read from the files alone (headers and those rows). Copies
+    ``model_path``'s safetensors files, and over the tensors in ``also`` (an adapter's own
+    matrices, which merging it changes), read from the files alone (headers and those rows).
+    ``at``: another sample, whose tensors and rows are read instead, to compare with it. Copies
     of one checkpoint in other dtypes agree to their rounding (:func:`differing_weights`); a
     fine-tune or another seed of the same architecture does not. None where the files are not on
     this machine or hold no such tensor."""
@@ -236,15 +241,18 @@ def weights_sample(model_path: str) -> dict[str, dict[str, list]] | None:
                             part.get_dtype() in ("F64", "F32", "BF16", "F16"):
                         matrices[name] = file
         names = sorted(matrices)
-        picked = sorted({names[i * (len(names) - 1) // max(SAMPLE_TENSORS - 1, 1)]
-                         for i in range(SAMPLE_TENSORS)}) if names else []
+        if at is not None:
+            picked = {n: at[n]["rows"] for n in at if n in matrices}
+        else:
+            spread = {names[i * (len(names) - 1) // max(SAMPLE_TENSORS - 1, 1)] for i in range(SAMPLE_TENSORS)}
+            picked = dict.fromkeys(sorted(spread) + [n for n in also if n in matrices and n not in spread])
         sample = {}
-        for name in picked:
+        for name, rows in picked.items():
             with safe_open(str(matrices[name]), framework="pt") as f:
                 part = f.get_slice(name)
                 n = part.get_shape()[0]
-                rows = sorted({i * n // SAMPLE_ROWS for i in range(SAMPLE_ROWS)})
-                values = [v for r in rows for v in part[r:r + 1, :SAMPLE_COLS].float().flatten().tolist()]
+                rows = rows or sorted({i * n // SAMPLE_ROWS for i in range(SAMPLE_ROWS)})
+                values = [v for r in rows if r < n for v in part[r:r + 1, :SAMPLE_COLS].float().flatten().tolist()]
                 sample[name] = {"rows": rows, "values": [float(f"{v:.7g}") for v in values]}
     except (OSError, ValueError, RuntimeError) as exc:  # a damaged file: loading the model will say so
         log.debug("no weights sample of %s: %s", model_path, exc)

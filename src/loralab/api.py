@@ -30,7 +30,7 @@ from typing import Any
 
 from loralab.config import Config, apply_overrides, config_from_dict, override_origins, read_yaml
 from loralab.errors import ConfigError, LoralabError
-from loralab.rundir import CONFIG, RunDir, check_fresh_run_dir, run_dir_of
+from loralab.rundir import RunDir, check_fresh_run_dir, run_dir_of
 
 __all__ = ["Report", "Study", "TrainResult", "estimate", "evaluate", "load_config", "train"]
 
@@ -114,13 +114,16 @@ class TrainResult:
 
 
 def train(config: ConfigSource = None, *, out: str | Path | None = None, resume: bool = False,
-          overwrite: bool = False, track: list[str] | str | None = None, show_progress: bool = False,
-          overrides: list[str] | None = None, **sections: dict[str, Any]) -> TrainResult:
+          overwrite: bool = False, force: bool = False, track: list[str] | str | None = None,
+          show_progress: bool = False, overrides: list[str] | None = None,
+          **sections: dict[str, Any]) -> TrainResult:
     """One run, as ``loralab train``: ``config`` as load_config takes it, ``out`` the run
     directory, ``track`` trackers (tensorboard, mlflow, wandb). ``resume=True`` continues
-    ``out`` (or the config's output.dir) from its newest checkpoint with its config.yaml. A
-    directory that holds an earlier run's adapter or checkpoints is refused (a notebook cell run
-    again would replace it) unless ``overwrite=True``.
+    ``out`` (or the config's output.dir) from its newest checkpoint with its config.yaml and the
+    checks of ``loralab train --resume``: ``overrides`` may change only what a resume may
+    (loralab.train.resume.RESUME_MAY_CHANGE), and another base than the one the run trained on
+    is refused unless ``force=True``. A directory that holds an earlier run's adapter or
+    checkpoints is refused (a notebook cell run again would replace it) unless ``overwrite=True``.
 
     A failed run raises its LoralabError after writing summary.json, as the CLI does."""
     from loralab.train.loop import train as train_run
@@ -131,11 +134,17 @@ def train(config: ConfigSource = None, *, out: str | Path | None = None, resume:
     if track:
         extra.append(f"tracking.backends=[{track if isinstance(track, str) else ','.join(track)}]")
     if resume:
+        from loralab.train.resume import resume_config
+
+        if sections:
+            raise ConfigError(f"api.train(resume=True) takes the config from the run directory; give "
+                              f"{', '.join(f'{k}=' for k in sections)} as overrides=['section.key=value'] (only "
+                              "what a resume may change: when to stop, log or checkpoint)")
         run_dir = Path(out) if out is not None else Path(load_config(config).output.dir or "")
-        if not RunDir(run_dir).config.is_file():
-            raise ConfigError(f"resume {run_dir}: no {CONFIG} there, so it is not a loralab run directory")
-        cfg = load_config(RunDir(run_dir).config, overrides=extra + [f"output.dir={run_dir}"])
+        cfg = resume_config(run_dir, extra, force=force, force_how="force=True", set_how="overrides=['{}']")
     else:
+        if force:
+            raise ConfigError("api.train: force=True is for a resume on another base (resume=True)")
         cfg = load_config(config, overrides=extra, **sections)
     if cfg.distributed.nproc > 1:
         raise ConfigError(f"distributed.nproc {cfg.distributed.nproc}: a run on several processes is launched by "
@@ -166,7 +175,8 @@ def evaluate(model: str | Path = "builtin:tiny", *, adapters: list[str | Path] |
         raise DataError("--batch-size must be a positive integer")
     names = tasks if isinstance(tasks, str) else ",".join(tasks)
     for adapter in adapters or []:
-        check_adapter_base(adapter, str(model), force=force)
+        check_adapter_base(adapter, str(model), force=force, force_how="force=True",
+                           fix="pass model= with the adapter's base")
     return evaluate_models(str(model), [str(a) for a in adapters or []], resolve_tasks(names, limit),
                            batch_size=batch_size)
 

@@ -77,14 +77,16 @@ def smallest_dimension(cfg: Config) -> tuple[int, str] | None:
 
 
 def check_adapter_base(run_or_adapter: str | Path, model_path: str, *, force: bool = False,
-                       trust_remote_code: bool = False) -> None:
+                       trust_remote_code: bool = False, force_how: str = "--force",
+                       fix: str = "pass --model with the adapter's base") -> None:
     """Refuse (ModelError, exit 2) an adapter recorded for a different base than ``model_path``,
     naming both; with ``force`` only warn, if its matrices fit the base's modules
     (:func:`check_adapter_fits`). Checked from config.json, a few rows of the base's weights
-    (``loralab.adapters.weights_sample``) and the adapter's safetensors header, before the model
-    loads. An adapter saved without the record (older loralab, plain PEFT) is
-    checked for fit alone, with a note."""
-    from loralab.adapters import describe_base, differing_weights, read_base_identity, recorded_base
+    (``loralab.adapters.weights_sample``, at the places the record sampled) and the adapter's
+    safetensors header, before the model loads. An adapter saved without the record (older
+    loralab, plain PEFT) is checked for fit alone, with a note. ``fix`` and ``force_how`` are the
+    ways out, in the caller's terms."""
+    from loralab.adapters import describe_base, differing_weights, read_base_identity, recorded_base, weights_sample
 
     recorded = recorded_base(run_or_adapter)
     if recorded is None:
@@ -96,17 +98,20 @@ def check_adapter_base(run_or_adapter: str | Path, model_path: str, *, force: bo
     if recorded.get("hash") != current["hash"]:
         message = (f"adapter {run_or_adapter} was trained on {describe_base(recorded)}, not on "
                    f"{describe_base(current)}; an adapter only means something on the base it was trained on")
-    elif differs := differing_weights(recorded.get("weights"), current.get("weights")):
-        message = (f"adapter {run_or_adapter} was trained on {recorded.get('path') or '?'}, not on {model_path}: "
-                   f"the same architecture and sizes, but other weights ({differs} differs: another checkpoint, "
-                   "such as a fine-tune, or another seed); an adapter only means something on the base it was "
-                   "trained on")
+    elif recorded.get("weights") and (differs := differing_weights(
+            recorded["weights"], weights_sample(model_path, recorded["weights"]))):
+        was = recorded.get("path") or "?"
+        what = (f"the model at {model_path} holds other weights than when it trained"
+                if was == str(current.get("path")) else f"it was trained on {was}, not on {model_path}")
+        message = (f"adapter {run_or_adapter}: {what}: the same architecture and sizes, but other weights ({differs} "
+                   "differs: another checkpoint, such as a fine-tune, or another seed); an adapter only means "
+                   "something on the base it was trained on")
     else:
         return
     if not force:
-        raise ModelError(f"{message}. Pass --model with the adapter's base, or --force to use it anyway")
+        raise ModelError(f"{message}. {fix[0].upper()}{fix[1:]}, or {force_how} to use it anyway")
     check_adapter_fits(run_or_adapter, model_path)
-    log.warning("WARNING: %s (--force: using it anyway)", message)
+    log.warning("WARNING: %s (%s: using it anyway)", message, force_how)
 
 
 def check_adapter_fits(run_or_adapter: str | Path, model_path: str) -> None:

@@ -241,28 +241,16 @@ def _checked_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from loralab.preflight import check_adapter_base
     from loralab.train import distributed
 
     if args.resume:
-        from loralab.config import load_config
         from loralab.errors import ConfigError
+        from loralab.train.resume import resume_config
 
         if args.config or args.out or args.name:
             raise ConfigError("--resume RUN_DIR takes the config and the directory from RUN_DIR; "
                               "drop CONFIG, --out and --name")
-        run = RunDir(args.resume)
-        if not run.config.is_file():
-            raise ConfigError(f"--resume {run.root}: no {CONFIG} there, so it is not a loralab run directory")
-        cfg = load_config(run.config, list(args.overrides) + [f"output.dir={run.root}"])
-        if not distributed.launched():  # a launcher refuses a changed config before any process starts
-            from loralab.config import absolute_local_paths
-            from loralab.train.resume import check_resume_config
-
-            absolute_local_paths(cfg)  # as the run compares them: a run recorded with relative paths (older loralab)
-            check_resume_config(cfg, run)
-        check_not_paused_again(run, cfg)
-        check_adapter_base(run.root, cfg.model.path, force=args.force, trust_remote_code=cfg.model.trust_remote_code)
+        cfg = resume_config(args.resume, args.overrides, force=args.force)
     else:
         cfg = _checked_config(args)
         if not distributed.launched():  # a rank's launcher checked it
@@ -305,17 +293,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                 return 0  # rank 0 answers for the run
     emit_json(summary) if args.json else _print_summary(summary, cfg.quant.mode)
     return 0
-
-
-def check_not_paused_again(run: RunDir, cfg) -> None:
-    """Say so when a paused run is resumed with the train.stop_at_step it paused at: it pauses
-    again at once (a warning, not an error: a study's driver may resume a run to the same rung)."""
-    summary = run.read_summary() or {}
-    at, stop = summary.get("steps_done"), cfg.train.stop_at_step
-    if summary.get("status") == Status.PAUSED and at is not None and stop is not None and stop <= at:
-        log.warning("WARNING: --resume %s: the run is paused at step %d by train.stop_at_step = %d and pauses again at "
-                    "once; finish it with --set train.stop_at_step=null, or pause later with "
-                    "--set train.stop_at_step=N (N > %d)", run.root, at, stop, at)
 
 
 def arithmetic_test_set(task: str, n: int, template: str = "alpaca") -> tuple[list[str], list[str]]:

@@ -54,6 +54,43 @@ def check_resume_config(cfg: Config, run_dir: RunDir) -> None:
         )
 
 
+def resume_config(run_dir: str | Path, overrides: list[str], *, force: bool, force_how: str = "--force",
+                  set_how: str = "--set {}") -> Config:
+    """The config a resume of ``run_dir`` trains with (its config.yaml, ``overrides`` applied),
+    after the checks every resume makes before anything loads, for the command line and the
+    Python API alike: a changed key outside RESUME_MAY_CHANGE is refused (a launcher's ranks
+    skip this: their launcher checked it), and so is another base than the one the run trained
+    on, unless ``force``. ``force_how`` and ``set_how`` spell force and an override as the
+    caller takes them, for the messages."""
+    from loralab.preflight import check_adapter_base
+    from loralab.rundir import CONFIG
+
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise ConfigError(f"resume {run.root}: no {CONFIG} there, so it is not a loralab run directory")
+    cfg = load_config(run.config, list(overrides) + [f"output.dir={run.root}"])
+    if not distributed.launched():
+        absolute_local_paths(cfg)  # as the run compares them: a run recorded with relative paths (older loralab)
+        check_resume_config(cfg, run)
+    check_not_paused_again(run, cfg, set_how)
+    check_adapter_base(run.root, cfg.model.path, force=force, trust_remote_code=cfg.model.trust_remote_code,
+                       force_how=force_how, fix="put the base it trained on back at model.path")
+    return cfg
+
+
+def check_not_paused_again(run: RunDir, cfg: Config, set_how: str = "--set {}") -> None:
+    """Say so when a paused run is resumed with the train.stop_at_step it paused at: it pauses
+    again at once (a warning, not an error: a study's driver may resume a run to the same rung)."""
+    from loralab.rundir import Status
+
+    summary = run.read_summary() or {}
+    at, stop = summary.get("steps_done"), cfg.train.stop_at_step
+    if summary.get("status") == Status.PAUSED and at is not None and stop is not None and stop <= at:
+        log.warning("WARNING: resume %s: the run is paused at step %d by train.stop_at_step = %d and pauses again at "
+                    "once; finish it with %s, or pause later with %s (N > %d)", run.root, at, stop,
+                    set_how.format("train.stop_at_step=null"), set_how.format("train.stop_at_step=N"), at)
+
+
 def resume_step(runs: list[Run]) -> int:
     """The newest step at which every run has a complete checkpoint (0: none). The runs of a
     group save at the same steps and prune only once all have saved, so after a kill in the
