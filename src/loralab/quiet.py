@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 
@@ -29,6 +30,11 @@ def quiet_libraries() -> None:
     # or not; its own CPU kernels are used instead, and a 4-bit run the CPU cannot train is
     # refused by loralab.models in loralab's words. Errors still show.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # transformers' and huggingface_hub's bars ("Loading weights", "Writing model shards") are
+    # lines of carriage returns in a log or a pipe; a terminal keeps them (and loralab's training
+    # turns them on or off itself, loralab.progress.library_bars). Read when they are imported.
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # transformers deprecates PreTrainedModel.is_gradient_checkpointing and PEFT's PeftModel reads
     # it in its constructor: a FutureWarning about PEFT's code on every run, nothing a user can change.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
