@@ -332,6 +332,36 @@ def test_a_quick_preset_on_a_user_model_completes_and_reports(user_model, user_d
     assert any(Path(p).name == "train_loss.png" for p in paths["pngs"])
 
 
+@pytest.mark.slow
+def test_a_seeds_query_and_value_train_the_fused_matrix_of_gpt2(tiny_model_dir, user_data, tmp_path):
+    """The seeds adapted Llama's q_proj and v_proj. GPT-2 holds q, k and v in c_attn, so every
+    run of a preset whose seed setup names [query, value] was refused there; the seed's setup now
+    adapts c_attn whole, and the plan and the report say so. An axis arm of [query, value]
+    (the study's own question) and a user's explicit --set are not changed."""
+    gpt2 = tiny_model_dir("gpt2")
+    study = load_study("preset:consistency", quick=True, model=str(gpt2), data=str(user_data))
+    assert {tuple(r.config["lora"]["targets"]) for r in study.runs} == {("query", "key", "value")}
+    fused = ("lora.targets [query, key, value] instead of the seed's [query, value] (auto: GPT-2 (attn.c_attn) holds "
+             "query, key and value in one matrix, so the seed's query, value can only be adapted with it, whole)")
+    from loralab.study.deviations import deviation_text
+
+    assert fused in [deviation_text(d) for d in study.deviations]
+    mine = load_study("preset:consistency", quick=True, model=str(gpt2), data=str(user_data),
+                      overrides=["lora.targets=[query,value]"])
+    assert {tuple(r.config["lora"]["targets"]) for r in mine.runs} == {("query", "value")}
+    axis = load_study("preset:targets", quick=True, model=str(gpt2), data=str(user_data))
+    assert ("query", "value") in {tuple(r.config["lora"]["targets"]) for r in axis.runs}
+
+    out = tmp_path / "runs"
+    res = json.loads(cli("study", "run", "preset:consistency", "--quick", "--model", str(gpt2), "--data",
+                         str(user_data), "--set", "train.batch_size=64", "--out", str(out), "--json").stdout)
+    assert res["counts"] == {"completed": 3}
+    for summary in (out / "consistency-quick").glob("*/summary.json"):
+        assert json.loads(summary.read_text())["trainable_params"] == 2 * 8 * (32 + 96)  # r 8 on c_attn, 2 layers
+    paths = json.loads(cli("study", "report", "consistency-quick", "--out", str(out), "--json").stdout)
+    assert fused in Path(paths["markdown"]).read_text(encoding="utf-8").split("## Findings")[0]
+
+
 @pytest.mark.parametrize("extra, message", [
     ({"tiny": {"bogus": 1}}, "unknown tiny key 'bogus'"),
     ({"seed": {"setup": {"train": {"lr": -1}}}}, "train.lr must be > 0 (got -1.0)"),

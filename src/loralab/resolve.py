@@ -92,6 +92,34 @@ def seed_dtype_here(cfg: Config, notes: dict[str, str]) -> tuple[Config, dict[st
     return dataclasses.replace(cfg, model=model), {**notes, "model.dtype": why}
 
 
+def seed_targets_here(cfg: Config, notes: dict[str, str]) -> tuple[Config, dict[str, str]]:
+    """A seed's ``lora.targets`` that names query or value without all three of q, k and v, on a
+    model that holds them in one matrix (GPT-2's ``c_attn``, GPT-NeoX's ``query_key_value``, ...):
+    q, k and v together, that matrix whole, with why in ``notes`` (a study lists it as a
+    difference from the seed). The seeds trained Llama, where q and v are apart; on such a model
+    their setup can only be had this way, and every run of it would be refused otherwise."""
+    from loralab.estimate import describe_model
+    from loralab.roles import attention_roles
+
+    qkv = ("query", "key", "value")
+    asked = [t for t in cfg.lora.targets if t in qkv]
+    if not asked or set(asked) == set(qkv):
+        return cfg, notes
+    try:
+        shape = describe_model(cfg.model.path)
+    except LoralabError:  # the run's own checks say why
+        return cfg, notes
+    _, fused = attention_roles(shape.model_type, shape.linears)
+    if fused is None:
+        return cfg, notes
+    at = cfg.lora.targets.index(asked[0])
+    rest = [t for t in cfg.lora.targets if t not in qkv]
+    lora = dataclasses.replace(cfg.lora, targets=[*rest[:at], *qkv, *rest[at:]])
+    why = (f"auto: {fused} holds query, key and value in one matrix, so the seed's {', '.join(asked)} can only be "
+           "adapted with it, whole")
+    return dataclasses.replace(cfg, lora=lora), {**notes, "lora.targets": why}
+
+
 def resolve_data(cfg: Config, tokenizer: Any, model_config: Any) -> Splits:
     """The run's splits, ``data.max_seq_length: auto`` resolved from the data and capped by the
     context of ``model_config`` (transformers' config), written back into ``cfg``, and checked

@@ -528,16 +528,20 @@ def load_study(
     study.runs = expand(study, {k: t for k, (_, t) in tied.items()}, where)
     run_notes: list[dict[str, str]] = []  # each run's {key: why} for the values resolve filled in
     if resolve:
-        from loralab.resolve import describe_hardware, resolve_config, seed_dtype_here
+        from loralab.resolve import describe_hardware, resolve_config, seed_dtype_here, seed_targets_here
 
         study.hardware = describe_hardware()
-        # the seed's dtype, unless a layer above it, an axis or a tied key sets it
-        seed_dtype = local and sources.get("model.dtype") == SEED_LAYER and "model.dtype" not in {*axes, *tied}
+
+        def from_seed(key: str) -> bool:  # unless a layer above the seed's setup, an axis or a tied key sets it
+            return sources.get(key) == SEED_LAYER and key not in {*axes, *tied}
+
         for run in study.runs:
             cfg, notes = resolve_config(config_from_dict(run.config, source=f"{label} (run {run.name})",
                                                          origins=study.origins))
-            if seed_dtype:
+            if local and from_seed("model.dtype"):
                 cfg, notes = seed_dtype_here(cfg, notes)
+            if from_seed("lora.targets"):
+                cfg, notes = seed_targets_here(cfg, notes)
             run.config = cfg.to_dict()
             run_notes.append(notes)
     study.deviations = deviations(seed.get("setup") or {}, [run.config for run in study.runs], sources,
