@@ -295,8 +295,9 @@ def test_study_dry_run_makes_the_runs_checks_and_a_real_run_starts_none(capsys, 
     gpt2 = write_study(tmp_path, "g", base=base, axes={"lora.r": [4, 8]})
     code, stdout, err = run_cli(capsys, "study", "run", str(gpt2), "--out", str(out))
     assert code == 2 and ("lora.targets asks for query, value alone, but GPT-2 fuses query, key and value into one "
-                          "matrix (attn.c_attn). Ask for all three together (targets: [query, key, value], or "
-                          "[attention], the default,") in err
+                          "matrix (attn.c_attn). Ask for all three together: targets [query, key, value], or "
+                          "[attention] (the default, which adapts attn.c_attn whole on GPT-2), or the module's "
+                          "name (c_attn).") in err
     assert not out.exists()
 
 

@@ -199,7 +199,7 @@ def test_a_study_that_cannot_answer_says_so(tiny_model_dir, tmp_path, capsys, ca
     out = tmp_path / "runs"
     assert main(["study", "run", str(path), "--out", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out
-    assert "every run: 2 optimizer steps instead of the seed's about 390 (8 examples at batch 4, 1 epoch)" in text
+    assert "every run: 2 optimizer steps (8 examples at batch 4, 1 epoch) instead of the seed's about 390" in text
     assert "the study: 2 runs to train, 4 optimizer steps" in text and "of training on this machine" in text
     assert ("WARNING: 2 of 2 runs train fewer than 20 optimizer steps (fewest: r2, 2 optimizer steps") in text
     assert ("Fix: more data (at least 80 examples at batch 4), or more epochs (--set train.epochs=10)") in text

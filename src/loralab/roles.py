@@ -141,9 +141,9 @@ def expand_roles(model_type: str, roles: list[str], module_names: Iterable[str])
             arch = _FUSED_NAMES.get(model_type, model_type)
             raise ModelError(
                 f"lora.targets asks for {', '.join(sorted(attn))} alone, but {arch} fuses query, key and value "
-                f"into one matrix ({fused}). Ask for all three together (targets: [query, key, value], or "
-                f"[attention], the default, which takes query and value where they are apart) or name the "
-                f"module ({fused.split('.')[-1]})."
+                f"into one matrix ({fused}). Ask for all three together: targets [query, key, value], or "
+                f"[attention] (the default, which adapts {fused} whole on {arch}), or the module's name "
+                f"({fused.split('.')[-1]})."
             )
         if attn:
             suffixes += rmap["qkv"]

@@ -42,13 +42,13 @@ class RunSteps:
     seconds: float | None  # lower bound on its training time on this machine
 
     def describe(self, seed_steps: int | None = None) -> str:
-        """"2 optimizer steps instead of the seed's about 390 (165 examples at batch 128, 1 epoch),
+        """"2 optimizer steps (165 examples at batch 128, 1 epoch) instead of the seed's about 390,
         about 41k tokens"."""
         how = (f"train.max_steps {self.max_steps}" if self.max_steps
                else f"{self.examples} examples at batch {self.batch_size}, {self.epochs:g} "
                     f"epoch{'s' * (self.epochs != 1)}")
         seed = f" instead of the seed's about {seed_steps}" if seed_steps else ""
-        return f"{self.steps} optimizer step{'s' * (self.steps != 1)}{seed} ({how}), about {_count(self.tokens)} tokens"
+        return f"{self.steps} optimizer step{'s' * (self.steps != 1)} ({how}){seed}, about {_count(self.tokens)} tokens"
 
 
 @dataclass
