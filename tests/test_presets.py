@@ -351,6 +351,15 @@ def test_a_seeds_query_and_value_train_the_fused_matrix_of_gpt2(tiny_model_dir, 
     assert {tuple(r.config["lora"]["targets"]) for r in mine.runs} == {("query", "value")}
     axis = load_study("preset:targets", quick=True, model=str(gpt2), data=str(user_data))
     assert ("query", "value") in {tuple(r.config["lora"]["targets"]) for r in axis.runs}
+    # that arm is the question's answer on this model, as a rank above its matrices is: invalid
+    # here, and the other arms train (it used to stop the whole study before anything started)
+    wide = tiny_model_dir("gpt2_h64")  # wide enough for the preset's 4-bit base on this CPU
+    plan = cli("study", "run", "preset:targets", "--quick", "--model", str(wide), "--data", str(user_data),
+               "--out", str(tmp_path / "plan"), "--dry-run", check=False)
+    assert "runs cannot run" not in plan.stdout + plan.stderr and plan.stdout.count("invalid here") == 2
+    for seed in (1, 2):
+        assert (f"t_query.value-s{seed}: invalid here, will not train: lora.targets asks for query, value alone, "
+                "but GPT-2 fuses") in plan.stdout
 
     out = tmp_path / "runs"
     res = json.loads(cli("study", "run", "preset:consistency", "--quick", "--model", str(gpt2), "--data",

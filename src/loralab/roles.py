@@ -94,6 +94,11 @@ ARCHITECTURES: dict[str, dict[str, list[str]]] = {
 _FUSED_NAMES = {"gpt2": "GPT-2", "gpt_neox": "GPT-NeoX", "phi3": "Phi-3", "falcon": "Falcon"}
 
 
+class FusedRolesError(ModelError):
+    """Query, key or value asked for apart on an architecture that holds them in one matrix: a
+    setting this model cannot take, like a rank above its matrices' dimensions."""
+
+
 @dataclass(frozen=True)
 class Targets:
     """What to hand PEFT (``peft``) and the full module names it will wrap (``modules``)."""
@@ -139,7 +144,7 @@ def expand_roles(model_type: str, roles: list[str], module_names: Iterable[str])
         if attn and attn != {"query", "key", "value"}:
             fused = rmap["qkv"][0]
             arch = _FUSED_NAMES.get(model_type, model_type)
-            raise ModelError(
+            raise FusedRolesError(
                 f"lora.targets asks for {', '.join(sorted(attn))} alone, but {arch} fuses query, key and value "
                 f"into one matrix ({fused}). Ask for all three together: targets [query, key, value], or "
                 f"[attention] (the default, which adapts {fused} whole on {arch}), or the module's name "

@@ -81,7 +81,8 @@ def preflight(study: Any, *, max_memory: int | None = None) -> Preflight:
         cfg = config_from_dict(run.config, source=f"run {run.name}")
         data = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True)
         reasons = [r for r in (once(model_problem, cfg.model.path, cfg.model.trust_remote_code),
-                               once(roles_problem, cfg.model.path, tuple(cfg.lora.targets)),
+                               once(roles_problem, cfg.model.path, tuple(cfg.lora.targets),
+                                    "lora.targets" in study.axes),
                                once(data_problem, data, cfg.train.seed),
                                once(tasks_problem, tuple(cfg.eval.tasks))) if r]
         if reasons:
@@ -115,19 +116,28 @@ def is_local(path: str) -> bool:
     return path.startswith("builtin:") or Path(path).expanduser().is_dir()
 
 
-def roles_problem(path: str, targets: tuple[str, ...]) -> str | None:
+def roles_problem(path: str, targets: tuple[str, ...], axis: bool = False) -> str | None:
     """lora.targets against the architecture, on the estimate's meta-device model (local models;
-    a hub id is checked when its run loads it)."""
+    a hub id is checked when its run loads it). ``axis``: lora.targets is the study's question;
+    an arm this architecture cannot take (query and value apart where one matrix holds q, k and
+    v) is then not a mistake to fix before anything starts but that arm's answer on this model:
+    the run is invalid here, as a rank above the model's matrices is, and the others train."""
     if not is_local(path):
         return None
     from loralab.estimate import describe_model, lora_modules
+    from loralab.roles import FusedRolesError
 
     try:
         shape = describe_model(path)
     except LoralabError:
         return None  # the model check says what is wrong with it
-    problem = _problem(lambda: lora_modules(shape, list(targets)))
-    return f"{problem} (model {path})" if problem else None
+    try:
+        lora_modules(shape, list(targets))
+    except FusedRolesError as exc:
+        return None if axis else f"{exc} (model {path})"
+    except LoralabError as exc:
+        return f"{exc} (model {path})"
+    return None
 
 
 def data_problem(data_json: str, seed: int) -> str | None:
