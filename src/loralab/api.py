@@ -252,8 +252,10 @@ class Study:
         return self.root / "study.db"
 
     def run(self, *, workers: int = 1, executor: str = "local", retries: int = 1, retry_failed: bool = False,
-            fuse: bool = False, max_memory: str | None = None, budget_s: float | None = None) -> dict[str, Any]:
-        """Run what is not done yet, as ``loralab study run``; returns counts per status."""
+            fuse: bool = True, max_memory: str | None = None, budget_s: float | None = None) -> dict[str, Any]:
+        """Run what is not done yet, as ``loralab study run``; returns counts per status. ``fuse``
+        as the command line's default: runs that share a base train in one process where they
+        fit (``fuse=False``: each alone, as ``--no-fuse``)."""
         from loralab.study.execute import run_study
         from loralab.track import prepare_study_trackers
         from loralab.units import parse_bytes

@@ -142,7 +142,7 @@ def format_table(est: Estimate) -> str:
     """What a person reads: the setup, then memory by part, then what is approximate."""
     s = est.settings
     setup = (f"{s['dtype']} base, quant {s['quant']}, r={s['r']} on {','.join(s['targets'])} ({est.lora_modules} "
-             f"modules), {s['optimizer']}, micro batch {s['micro_batch_size']} "
+             f"module{'s' * (est.lora_modules != 1)}), {s['optimizer']}, micro batch {s['micro_batch_size']} "
              + (f"({s['micro_batch_tokens']:,} tokens at the fullest, from the data)" if s.get("micro_batch_tokens")
                 else f"x {s['seq_len']} tokens")
              + (", grad checkpointing" if s["grad_checkpointing"] else "") + f", {s['device']}"
