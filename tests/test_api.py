@@ -115,7 +115,8 @@ def test_a_resume_in_python_makes_the_command_lines_checks(tmp_path, tiny_model_
     shutil.copytree(tiny_model_dir("llama"), base)
     out = tmp_path / "run"
     small = {**SMALL, "model": {"path": str(base), "device": "cpu"}}
-    assert api.train(out=out, overrides=["train.stop_at_step=2", "train.checkpoint_every=1"], **small).status == "paused"
+    paused = api.train(out=out, overrides=["train.stop_at_step=2", "train.checkpoint_every=1"], **small)
+    assert paused.status == "paused"
     with pytest.raises(ConfigError, match=r"takes the config from the run directory; give train= as "
                                           r"overrides=\['section.key=value'\]"):
         api.train(out=out, resume=True, train={"lr": 0.5, "stop_at_step": None})

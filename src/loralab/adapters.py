@@ -252,7 +252,9 @@ def weights_sample(model_path: str, at: dict[str, Any] | None = None, *,
                 part = f.get_slice(name)
                 n = part.get_shape()[0]
                 rows = rows or sorted({i * n // SAMPLE_ROWS for i in range(SAMPLE_ROWS)})
-                values = [v for r in rows if r < n for v in part[r:r + 1, :SAMPLE_COLS].float().flatten().tolist()]
+                # rows read from the file into host memory: numpy's tolist, no device in sight
+                values = [v for r in rows if r < n
+                          for v in part[r:r + 1, :SAMPLE_COLS].float().numpy().ravel().tolist()]
                 sample[name] = {"rows": rows, "values": [float(f"{v:.7g}") for v in values]}
     except (OSError, ValueError, RuntimeError) as exc:  # a damaged file: loading the model will say so
         log.debug("no weights sample of %s: %s", model_path, exc)
