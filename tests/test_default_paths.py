@@ -351,6 +351,29 @@ def test_a_study_where_no_run_could_train_has_a_verdict(tiny_model_dir, tmp_path
     assert found[0]["kind"] == "verdict" and found[0]["answered"] is False
 
 
+def test_a_study_with_one_value_of_its_axis_left_says_it_could_not_answer(tiny_model_dir, tmp_path, capsys):
+    """r 64 is above this model's width (invalid here), so only r 8 trains: with one value of the
+    axis there is nothing to compare, and the verdict says so (it had none, and the report was
+    headed "Findings" as if the study had answered)."""
+    base = {"model": {"path": str(tiny_model_dir("llama")), "device": "cpu"},
+            "data": {"path": "builtin:arithmetic_2ds", "limit": 8, "val_max_examples": 4, "max_seq_length": 48},
+            "train": {"max_steps": 1, "batch_size": 4, "micro_batch_size": 4, "warmup_steps": 0}}
+    path = studytools.write_study(tmp_path, "onelevel", base=base, axes={"lora.r": [8, 64]},
+                                  findings=[{"kind": "axis_effect", "axis": "lora.r"}])
+    out = tmp_path / "runs"
+    assert main(["study", "run", str(path), "--out", str(out)]) == 1
+    assert main(["study", "report", "onelevel", "--out", str(out)]) == 0
+    found = json.loads((out / "onelevel" / "report" / "findings.json").read_text())
+    assert found[0]["kind"] == "verdict" and found[0]["answered"] is False
+    assert ("only 1 of the 2 values of lora.r has a completed run (8), so there is nothing to compare it with; the "
+            "excluded runs below say why the others ended") in found[0]["reasons"]
+    assert "## Findings" not in (out / "onelevel" / "report" / "report.md").read_text()
+    capsys.readouterr()
+    main(["study", "run", str(path), "--out", str(out), "--dry-run"])  # it used to say "no run can train here"
+    said = capsys.readouterr().out
+    assert "every run that can train here already completed (1); the other 1 cannot train here" in said
+
+
 @pytest.mark.slow
 def test_a_cost_finding_does_not_compare_runs_that_shared_a_fused_group(tiny_model_dir, tmp_path):
     """Dropout's cost (the dropout preset's question) on runs fused by default: their time and peak

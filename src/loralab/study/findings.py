@@ -352,8 +352,9 @@ def pareto(data: StudyData) -> dict[str, Any]:
 
 
 def verdict(data: StudyData) -> dict[str, Any] | None:
-    """Why the study could not answer its question, or None when it could: its runs trained
-    too few steps, every completed run scored the same value (a metric at its floor or
+    """Why the study could not answer its question, or None when it could: fewer than two values
+    of an axis have a completed run (the others invalid on this model, failed, ...), its runs
+    trained too few steps, every completed run scored the same value (a metric at its floor or
     ceiling), or every difference between settings is within the seed noise. Each reason says
     what would answer it."""
     from loralab.study.steps import FLOOR_STEPS
@@ -370,6 +371,12 @@ def verdict(data: StudyData) -> dict[str, Any] | None:
                 "text": f"The study could not answer its question: no run completed with a value of {data.metric} "
                         f"({ended}); the excluded runs below say why each one ended."}
     reasons = []
+    for axis in (a for a in data.axes if a != SEED_KEY):
+        planned, done = levels(data.runs, axis), levels(data.ok, axis)
+        if len(planned) > 1 and len(done) < 2:
+            reasons.append(f"only {len(done)} of the {len(planned)} values of {axis} has a completed run "
+                           f"({', '.join(fmt_value(v) for v in done) or 'none'}), so there is nothing to compare it "
+                           "with; the excluded runs below say why the others ended")
     steps = [r.steps for r in data.ok if r.steps]
     if steps and max(steps) < FLOOR_STEPS:
         reasons.append(f"every run trained at most {max(steps)} optimizer step{'s' * (max(steps) != 1)}, under "

@@ -67,8 +67,12 @@ class StepPlan:
         """Each run's steps and tokens (one line when every run trains alike), against the seed's
         steps, and the time of the whole study."""
         if not self.runs:
-            return [f"every run already completed ({self.completed})" if self.completed and not self.invalid
-                    else "no run can train here"]
+            if not self.completed:
+                return ["no run can train here"]
+            if not self.invalid:
+                return [f"every run already completed ({self.completed})"]
+            return [f"every run that can train here already completed ({self.completed}); the other "
+                    f"{len(self.invalid)} cannot train here"]
         alike = {(r.steps, r.examples, r.batch_size, r.epochs, r.max_steps) for r in self.runs}
         if len(alike) == 1:
             out = [f"every run: {self.runs[0].describe(self.seed_steps)}"]
