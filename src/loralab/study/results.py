@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import sqlite3
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,7 +211,7 @@ def exclusion_reason(run: RunResult, metric: str) -> str | None:
     why = run.status.replace("_", " ")
     if run.error:
         first = run.error.strip().splitlines()[0] if run.error.strip() else ""
-        why += f": {first[:160]}"
+        why += f": {textwrap.shorten(first, width=240, placeholder=' ...')}"  # whole words
     return why
 
 
