@@ -333,21 +333,27 @@ def test_a_group_out_of_memory_is_split_not_failed(tmp_path, caplog):
             "training them again as r2 and r4, r8") in caplog.text
 
 
-def test_a_study_where_no_run_could_train_has_a_verdict(tiny_model_dir, tmp_path):
-    """Every rank above the model's width: every run is invalid. The report's verdict says no run
-    completed and how they ended (before, it had none: only "nothing to compare")."""
+def run_rank_study(tiny_model_dir, tmp_path, name: str, ranks: list[int]) -> tuple[Path, Path, list[dict]]:
+    """A study over lora.r on the 32-wide Llama, run (exit 1: some run invalid) and reported:
+    (its file, the output directory, the report's findings)."""
     base = {"model": {"path": str(tiny_model_dir("llama")), "device": "cpu"},
             "data": {"path": "builtin:arithmetic_2ds", "limit": 8, "val_max_examples": 4, "max_seq_length": 48},
             "train": {"max_steps": 1, "batch_size": 4, "micro_batch_size": 4, "warmup_steps": 0}}
-    path = studytools.write_study(tmp_path, "toowide", base=base, axes={"lora.r": [64, 128]},
+    path = studytools.write_study(tmp_path, name, base=base, axes={"lora.r": ranks},
                                   findings=[{"kind": "axis_effect", "axis": "lora.r"}])
     out = tmp_path / "runs"
     assert main(["study", "run", str(path), "--out", str(out)]) == 1
-    assert main(["study", "report", "toowide", "--out", str(out)]) == 0
+    assert main(["study", "report", name, "--out", str(out)]) == 0
+    return path, out, json.loads((out / name / "report" / "findings.json").read_text())
+
+
+def test_a_study_where_no_run_could_train_has_a_verdict(tiny_model_dir, tmp_path):
+    """Every rank above the model's width: every run is invalid. The report's verdict says no run
+    completed and how they ended (before, it had none: only "nothing to compare")."""
+    _, out, found = run_rank_study(tiny_model_dir, tmp_path, "toowide", [64, 128])
     report = (out / "toowide" / "report" / "report.md").read_text().splitlines()
     assert report[2] == ("**Verdict: The study could not answer its question: no run completed with a value of "
                          "eval_loss (2 invalid); the excluded runs below say why each one ended.**")
-    found = json.loads((out / "toowide" / "report" / "findings.json").read_text())
     assert found[0]["kind"] == "verdict" and found[0]["answered"] is False
 
 
@@ -355,15 +361,7 @@ def test_a_study_with_one_value_of_its_axis_left_says_it_could_not_answer(tiny_m
     """r 64 is above this model's width (invalid here), so only r 8 trains: with one value of the
     axis there is nothing to compare, and the verdict says so (it had none, and the report was
     headed "Findings" as if the study had answered)."""
-    base = {"model": {"path": str(tiny_model_dir("llama")), "device": "cpu"},
-            "data": {"path": "builtin:arithmetic_2ds", "limit": 8, "val_max_examples": 4, "max_seq_length": 48},
-            "train": {"max_steps": 1, "batch_size": 4, "micro_batch_size": 4, "warmup_steps": 0}}
-    path = studytools.write_study(tmp_path, "onelevel", base=base, axes={"lora.r": [8, 64]},
-                                  findings=[{"kind": "axis_effect", "axis": "lora.r"}])
-    out = tmp_path / "runs"
-    assert main(["study", "run", str(path), "--out", str(out)]) == 1
-    assert main(["study", "report", "onelevel", "--out", str(out)]) == 0
-    found = json.loads((out / "onelevel" / "report" / "findings.json").read_text())
+    path, out, found = run_rank_study(tiny_model_dir, tmp_path, "onelevel", [8, 64])
     assert found[0]["kind"] == "verdict" and found[0]["answered"] is False
     assert ("only 1 of the 2 values of lora.r has a completed run (8), so there is nothing to compare it with; the "
             "excluded runs below say why the others ended") in found[0]["reasons"]
