@@ -184,13 +184,15 @@ def base_identity(config, path: str | None = None) -> dict[str, Any]:
     return {"path": str(path), **shape, "hash": digest}
 
 
-def read_base_identity(model_path: str, *, trust_remote_code: bool = False) -> dict[str, Any]:
+def read_base_identity(model_path: str, *, trust_remote_code: bool = False,
+                       at: dict[str, Any] | None = None) -> dict[str, Any]:
     """:func:`base_identity` of the model at ``model_path`` from its config.json, with
-    :func:`weights_sample` of its files where they are on this machine (no model loads)."""
+    :func:`weights_sample` of its files where they are on this machine (no model loads);
+    ``at`` as there ({}: no sample)."""
     from loralab.models import read_config
 
     identity = base_identity(read_config(model_path, trust_remote_code=trust_remote_code), model_path)
-    sample = weights_sample(model_path)
+    sample = weights_sample(model_path, at)
     return identity if sample is None else {**identity, "weights": sample}
 
 
@@ -231,6 +233,8 @@ def weights_sample(model_path: str, at: dict[str, Any] | None = None, *,
     this machine or hold no such tensor."""
     from safetensors import safe_open
 
+    if at is not None and not at:
+        return None
     try:
         matrices: dict[str, Path] = {}
         for file in _weight_files(model_path):

@@ -86,7 +86,7 @@ def check_adapter_base(run_or_adapter: str | Path, model_path: str, *, force: bo
     safetensors header, before the model loads. An adapter saved without the record (older
     loralab, plain PEFT) is checked for fit alone, with a note. ``fix`` and ``force_how`` are the
     ways out, in the caller's terms."""
-    from loralab.adapters import describe_base, differing_weights, read_base_identity, recorded_base, weights_sample
+    from loralab.adapters import describe_base, differing_weights, read_base_identity, recorded_base
 
     recorded = recorded_base(run_or_adapter)
     if recorded is None:
@@ -94,12 +94,12 @@ def check_adapter_base(run_or_adapter: str | Path, model_path: str, *, force: bo
                  "checked against %s", run_or_adapter, model_path)
         check_adapter_fits(run_or_adapter, model_path)
         return
-    current = read_base_identity(model_path, trust_remote_code=trust_remote_code)
+    # the base's weights read at the places the record sampled, once
+    current = read_base_identity(model_path, trust_remote_code=trust_remote_code, at=recorded.get("weights") or {})
     if recorded.get("hash") != current["hash"]:
         message = (f"adapter {run_or_adapter} was trained on {describe_base(recorded)}, not on "
                    f"{describe_base(current)}; an adapter only means something on the base it was trained on")
-    elif recorded.get("weights") and (differs := differing_weights(
-            recorded["weights"], weights_sample(model_path, recorded["weights"]))):
+    elif differs := differing_weights(recorded.get("weights"), current.get("weights")):
         was = recorded.get("path") or "?"
         what = (f"the model at {model_path} holds other weights than when it trained"
                 if was == str(current.get("path")) else f"it was trained on {was}, not on {model_path}")

@@ -109,7 +109,11 @@ def model_problem(path: str, trust_remote_code: bool) -> str | None:
     from loralab.adapters import read_base_identity
     from loralab.models import resolve_model_path
 
-    return _problem(lambda: (resolve_model_path(path), read_base_identity(path, trust_remote_code=trust_remote_code)))
+    def check() -> None:
+        resolve_model_path(path)
+        read_base_identity(path, trust_remote_code=trust_remote_code, at={})  # its config; no weights sample
+
+    return _problem(check)
 
 
 def is_local(path: str) -> bool:
