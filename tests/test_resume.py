@@ -51,6 +51,23 @@ CHILD_PAUSED_IN_WRITE = (
 ) + CHILD
 
 
+def child_signalled_at(step: int, sig: signal.Signals) -> str:
+    """CHILD, sending itself ``sig`` right after it logs the train row of ``step``: a real signal,
+    handled where a Ctrl-C mid-run is, with no race against the run's end (a signal sent from
+    outside once a few rows are logged can land after a short run completed, in its teardown,
+    and the process then exits 0)."""
+    return (
+        "import os\n"
+        "from loralab.rundir import MetricsWriter\n"
+        "_write = MetricsWriter.write\n"
+        "def _signalled(self, **row):\n"
+        "    _write(self, **row)\n"
+        f"    if row.get('step') == {step} and 'train_loss' in row:\n"
+        f"        os.kill(os.getpid(), {int(sig)})\n"
+        "MetricsWriter.write = _signalled\n"
+    ) + CHILD
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _two_threads_as_the_children():
     """The child processes below train with 2 torch threads (CHILD), and a bit-for-bit
@@ -354,10 +371,8 @@ def test_ctrl_c_leaves_the_run_interrupted_with_how_to_continue(reference, model
     ends. Without checkpoints (train.checkpoint_every 0) it says that a resume starts from step 0."""
     out = tmp_path / "ctrl-c"
     write_run_dir(model_dir, out, train__checkpoint_every=every, train__keep_last=2)
-    child = start_child(out)
-    assert wait_for(lambda: line_count(out) >= 3, child), child.stderr.read().decode()[-2000:]
-    child.send_signal(sig)
-    assert child.wait(timeout=60) == code
+    child = start_child(out, child_signalled_at(3, sig))
+    assert child.wait(timeout=120) == code, child.stderr.read().decode()[-2000:]
     err = child.stderr.read().decode()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted"
