@@ -704,13 +704,15 @@ def test_a_new_run_never_replaces_an_earlier_runs_adapter_or_checkpoints(capsys,
         assert files() == kept, argv
     assert f"{out} holds an earlier run (completed; adapter/)" in err or "unknown key lora.rank" in err
     code, _, err = run_cli(capsys, *train_args(model, data, out, "--set", "lora.r=4"))
-    assert "nothing was changed" in err and f"loralab train --resume {out}" in err and "--overwrite" in err
+    assert "nothing was changed. Choose another --out, or pass --overwrite to replace it" in err
+    assert "--resume" not in err  # a completed run has nothing to continue
     # a paused run's checkpoints are kept the same way
     paused = tmp_path / "paused"
     assert run_cli(capsys, *train_args(model, data, paused, "--set", "train.checkpoint_every=1",
                                        "--set", "train.stop_at_step=1"))[0] == 0
     code, _, err = run_cli(capsys, *train_args(model, data, paused))
     assert code == 2 and f"{paused} holds an earlier run (paused; " in err and "checkpoints/)" in err
+    assert f"Continue it with `loralab train --resume {paused}`, choose another --out" in err
     # --overwrite: the new run replaces the old one
     assert run_cli(capsys, *train_args(model, data, out, "--set", "lora.r=4", "--overwrite"))[0] == 0
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4

@@ -324,9 +324,11 @@ def check_fresh_run_dir(run: RunDir, *, overwrite: bool, resume_how: str, other_
     if not found or overwrite:
         return
     status = (run.read_summary() or {}).get("status")
+    # a completed run has nothing to continue (a resume says so): offer only the other two ways
+    go_on = "Choose" if status == "completed" else f"Continue it with {resume_how}, choose"
     raise ConfigError(f"{run.root} holds an earlier run ({status or 'no summary'}; {', '.join(found)}), which a new "
-                      f"run there would replace; nothing was changed. Continue it with {resume_how}, choose "
-                      f"{other_how}, or pass {overwrite_how} to replace it")
+                      f"run there would replace; nothing was changed. {go_on} {other_how}, or pass "
+                      f"{overwrite_how} to replace it")
 
 
 def clear_run_outputs(run: RunDir) -> None:
