@@ -4,6 +4,7 @@ data.max_seq_length: auto and the statistics a run records."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -242,6 +243,13 @@ def test_template_that_breaks_the_prefix_property_names_the_record(tmp_path):
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "Assistant", "content": "yes"}]},
      "messages[1].role is 'Assistant' (did you mean 'assistant'?)"),
     ({"messages": []}, "non-empty list"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+     "messages[1] is an assistant turn whose content is empty; an assistant turn needs a response to train on"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                   {"role": "user", "content": "c"}, {"role": "assistant", "content": " \n"}]},
+     "messages[3] is an assistant turn whose content is only spaces"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "  "}]},
+     "conversations[1] is an assistant turn whose value is only spaces"),
 ])
 def test_bad_chat_records_are_named(tmp_path, record, needle):
     tok = AutoTokenizer.from_pretrained(str(chat_tokenizer_dir(tmp_path, "llama3")))
@@ -408,6 +416,39 @@ def test_auto_max_seq_length_fits_the_data_up_to_the_context(tmp_path, tiny_tok)
     assert length_stats([5, 1, 3, 9, 7, 2, 4, 8, 6, 10]) == {"min": 1, "median": 5.5, "p90": 9, "max": 10}
 
 
+def test_a_length_that_cuts_a_tenth_of_the_examples_or_more_warns(tmp_path, tiny_tok, caplog):
+    """data.max_seq_length below many examples' length cuts their responses' ends away: a warning
+    with the share and what auto would be; a few cut stay an info line."""
+    path = write_jsonl(tmp_path / "d.jsonl", instruction_records(60))
+    lengths = sorted(len(e.input_ids) for e in
+                     load_splits(data_cfg(path, "data.val_fraction=0", "data.max_seq_length=4096"), tiny_tok,
+                                 seed=0).train)
+    many = lengths[len(lengths) // 2]  # half the examples are longer
+    few = lengths[-4]  # a few are
+    for setting, context, auto in ((many, None, -(-lengths[-1] // 8) * 8), (many, many + 8, many + 8)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="loralab"):
+            s = load_splits(data_cfg(path, "data.val_fraction=0", f"data.max_seq_length={setting}"), tiny_tok,
+                            seed=0, context=context)
+        cut = sum(n > setting for n in lengths)
+        assert s.stats["truncated"] == cut and cut >= len(lengths) // 2 - 1
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING and "were cut" in r.getMessage()]
+        assert len(warned) == 1, caplog.text
+        assert warned[0].getMessage().startswith(
+            f"WARNING: {cut} of {len(lengths)} training examples ({100 * cut / len(lengths):.0f}%) are longer than "
+            f"data.max_seq_length = {setting} tokens and were cut from the right")
+        assert warned[0].getMessage().endswith(
+            f"data.max_seq_length: auto would be {auto} here "
+            + ("(the model's context)" if context else "(the longest example, rounded up to 8)"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="loralab"):
+        load_splits(data_cfg(path, "data.val_fraction=0", f"data.max_seq_length={few}"), tiny_tok, seed=0)
+    cut = sum(n > few for n in lengths)
+    assert 0 < cut < len(lengths) / 10
+    assert f"{cut} of {len(lengths)} training examples are longer than {few} tokens and were cut" in caplog.text
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING and "were cut" in r.getMessage()]
+
+
 def test_fixed_max_seq_length_error_points_to_auto(tmp_path, tiny_tok):
     path = write_jsonl(tmp_path / "d.jsonl", instruction_records(10))
     with pytest.raises(DataError, match=r"data.max_seq_length = 8 \(as set\); raise it \(or set it to auto\)"):
@@ -570,3 +611,14 @@ def test_an_empty_response_is_refused_unless_the_length_filter_drops_it(tmp_path
         load_splits(data_cfg(path, "data.val_fraction=0"), tiny_tok, seed=0)
     s = load_splits(data_cfg(path, "data.val_fraction=0", "data.min_response_chars=1"), tiny_tok, seed=0)
     assert s.stats["n_train"] == 11 and s.stats["dropped_by_length_filter"] == 1
+    # a conversation whose one assistant turn is empty: the same rule
+    tok = AutoTokenizer.from_pretrained(str(chat_tokenizer_dir(tmp_path, "llama3")))
+    chats = chat_records(5)
+    for turn in chats[2]["messages"]:
+        if turn["role"] == "assistant":
+            turn["content"] = ""
+    path = write_jsonl(tmp_path / "chat.jsonl", chats)
+    with pytest.raises(DataError, match=r"chat.jsonl:3: messages\[\d\] is an assistant turn whose content is empty"):
+        load_splits(data_cfg(path, "data.val_fraction=0"), tok, seed=0)
+    s = load_splits(data_cfg(path, "data.val_fraction=0", "data.min_response_chars=1"), tok, seed=0)
+    assert s.stats["n_train"] == 4 and s.stats["dropped_by_length_filter"] == 1

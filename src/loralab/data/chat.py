@@ -35,8 +35,10 @@ MESSAGE_ROLES = ("system", "user", "assistant", "tool", "developer", "function",
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-def conversation(rec: dict, where: str, columns: dict[str, str]) -> list[dict[str, str]]:
-    """The record's turns as [{"role", "content"}], checked; ShareGPT turns mapped to roles."""
+def conversation(rec: dict, where: str, columns: dict[str, str], *, empty_ok: bool = False) -> list[dict[str, str]]:
+    """The record's turns as [{"role", "content"}], checked; ShareGPT turns mapped to roles. An
+    empty assistant turn is an error unless ``empty_ok`` (data.min_response_chars set: its filter
+    drops conversations with too little to learn)."""
     key_messages, key_conv = columns.get("messages", "messages"), columns.get("conversations", "conversations")
     if key_messages in rec:
         turns, sharegpt, key = rec[key_messages], False, key_messages
@@ -61,6 +63,12 @@ def conversation(rec: dict, where: str, columns: dict[str, str]) -> list[dict[st
         elif role not in MESSAGE_ROLES:  # a misspelt role would render, and its turn be learned or not, silently
             hint = f" (did you mean {role.strip().lower()!r}?)" if role.strip().lower() in MESSAGE_ROLES else ""
             raise DataError(f"{where}: {key}[{n}].role is {role!r}{hint}; known: {', '.join(MESSAGE_ROLES)}")
+        text = turn[content_key]
+        if role == "assistant" and not text.strip() and not empty_ok:  # it would teach an answer of nothing
+            raise DataError(f"{where}: {key}[{n}] is an assistant turn whose {content_key} is "
+                            f"{'empty' if not text else 'only spaces'}; an assistant turn needs a response "
+                            "to train on (a tool call in another field is not rendered; data.min_response_chars: 1 "
+                            "drops conversations with no assistant text instead)")
         out.append({"role": role, "content": turn[content_key]})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn")

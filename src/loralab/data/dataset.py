@@ -87,7 +87,7 @@ def to_records(rows: list[tuple[str, Any]], fmt: str, columns: dict[str, str], *
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         if fmt == "messages":
-            out.append(Record(where, messages=conversation(rec, where, columns)))
+            out.append(Record(where, messages=conversation(rec, where, columns, empty_ok=empty_ok)))
             continue
         col = {k: columns.get(k, k) for k in (*FIELDS[fmt], "input")}
         missing = [col[k] for k in FIELDS[fmt] if col[k] not in rec]
@@ -317,8 +317,16 @@ def load_splits(cfg: DataConfig, tokenizer, *, seed: int, context: int | None = 
         log.info(
             "data.max_seq_length: auto -> %d (longest example %d tokens, context %s)", max_len, max(lengths), context)
     if truncated and not (context and max_len > context):  # past the context the run is refused (check_context)
-        log.info("%d of %d training examples are longer than %d tokens and were cut from the right",
-                 truncated, len(full_train), max_len)
+        if truncated >= 0.1 * len(full_train) and cfg.max_seq_length != "auto":  # a tenth or more: said loudly
+            fits = resolve_max_seq_length("auto", lengths, context)
+            log.warning("WARNING: %d of %d training examples (%.0f%%) are longer than data.max_seq_length = %d tokens "
+                        "and were cut from the right, so the ends of their responses are not learned; "
+                        "data.max_seq_length: auto would be %d here (%s)", truncated, len(full_train),
+                        100 * truncated / len(full_train), max_len, fits,
+                        "the model's context" if fits < max(lengths) else "the longest example, rounded up to 8")
+        else:
+            log.info("%d of %d training examples are longer than %d tokens and were cut from the right",
+                     truncated, len(full_train), max_len)
     return Splits(train=train, val=val, dropped_by_length=dropped, truncated_to_nothing=empty, stats=stats)
 
 

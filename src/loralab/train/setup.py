@@ -133,5 +133,6 @@ def warn_if_warmup_outlasts(cfg: Config, steps: int) -> None:
     warmup = cfg.train.warmup_steps
     if warmup > steps:
         log.warning("WARNING: train.warmup_steps = %d is more than the run's %d steps: the learning rate never "
-                    "reaches train.lr = %g (it peaks at %d/%d of it, %.3g); set train.warmup_steps below %d",
-                    warmup, steps, cfg.train.lr, steps, warmup, cfg.train.lr * steps / warmup, steps)
+                    "reaches train.lr = %g (it peaks at %d/%d of it, %.3g); set train.warmup_steps %s",
+                    warmup, steps, cfg.train.lr, steps, warmup, cfg.train.lr * steps / warmup,
+                    "to 0" if steps == 1 else f"below {steps}")
