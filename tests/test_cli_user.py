@@ -781,3 +781,38 @@ def test_a_model_with_no_sdpa_attention_trains_and_serves_eagerly(capsys, caplog
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
     code, _, err = run_cli(capsys, "generate", "--adapter", str(out), "--max-new-tokens", "2", "Hi")
     assert code == 0, err
+
+
+def test_a_resume_on_other_data_is_refused_and_leaves_the_run_as_it_was(capsys, tiny_model_dir, tmp_path):
+    """The data file cut, edited or appended to between a pause and its resume: the resumed run
+    would mix two datasets. The resume is refused before its first step (exit 2, the run's
+    summary, config, metrics and checkpoints as they were); with the data put back it completes."""
+    model = tiny_model_dir("llama")
+    records = instruction_records(40, seed=3)
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    out = tmp_path / "run"
+    assert run_cli(capsys, *train_args(model, data, out, "--set", "train.max_steps=4",
+                                       "--set", "train.checkpoint_every=1", "--set", "train.stop_at_step=2"))[0] == 0
+    files = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert json.loads((out / "summary.json").read_text())["status"] == "paused"
+    said = []
+    for changed in (records[:30], records[:5] + [{**records[5], "output": records[5]["output"] + "!"}] + records[6:]):
+        write_jsonl(data, changed)  # cut; one response edited
+        code, stdout, err = run_cli(capsys, "train", "--resume", str(out), "--set", "train.stop_at_step=null")
+        assert code == 2 and stdout == "", err
+        assert f"cannot resume {out}: its examples are not those it trained on until step 2" in err
+        assert f"data.path {data}): the data or the tokenizer changed since" in err
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary.pop("resume_error").startswith("--resume refused before its first step: cannot resume")
+        assert summary == json.loads(files[out / "summary.json"])
+        assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != "summary.json"} == {
+            p: b for p, b in files.items() if p.name != "summary.json"}
+        said.append(err)
+    n_train, n_val = summary["data_stats"]["n_train"], summary["data_stats"]["n_val"]
+    assert f"({n_train} training and {n_val} validation examples then, " in said[0]
+    assert "(the same number of examples, other tokens; " in said[1]
+    write_jsonl(data, records)
+    code, _, err = run_cli(capsys, "train", "--resume", str(out), "--set", "train.stop_at_step=null")
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps_done"] == 4 and summary["resumed_from_step"] == 2

@@ -27,6 +27,11 @@ class ModelError(LoralabError):
     """A model directory, adapter target or quantization mode that cannot be used."""
 
 
+class ResumeRefused(LoralabError):
+    """A resume that would no longer equal the uninterrupted run, found once its data are loaded:
+    refused before its first step, the run left as the resume found it."""
+
+
 class DivergedError(LoralabError):
     """Training produced a non-finite loss or gradient."""
 

@@ -11,10 +11,12 @@ Errors name the file and the line (JSON/JSONL) or row (everything read with ``da
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
 import statistics
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,6 +184,19 @@ class Splits:
     dropped_by_length: int  # response-length filter
     truncated_to_nothing: int  # examples whose response was cut away entirely
     stats: dict[str, Any] = field(default_factory=dict)  # data_stats of summary.json (see load_splits)
+
+
+def fingerprint(splits: Splits) -> dict[str, Any]:
+    """What a resume checks it trains on the same examples: the number of training and validation
+    examples and a SHA-256 of their tokens and labels, in order."""
+    h = hashlib.sha256()
+    for examples in (splits.train, splits.val):
+        h.update(len(examples).to_bytes(8, "little"))
+        for e in examples:
+            h.update(len(e.input_ids).to_bytes(8, "little"))
+            h.update(array("q", e.input_ids).tobytes())
+            h.update(array("q", e.labels).tobytes())
+    return {"train": len(splits.train), "val": len(splits.val), "sha256": h.hexdigest()}
 
 
 def _load_records(path: str, cfg: DataConfig, split: str) -> list[Record]:

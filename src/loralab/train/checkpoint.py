@@ -74,6 +74,7 @@ class TrainState:
     grad_scaler: dict[str, Any] | None = None  # torch.amp.GradScaler's state when training in fp16
     arithmetic: dict[str, Any] | None = None  # arithmetic_settings() the run trained with (None: older checkpoint)
     compiled: bool | None = None  # whether its decoder layers trained compiled (train.compile; None: older checkpoint)
+    data: dict[str, Any] | None = None  # loralab.data.dataset.fingerprint of its examples (None: older checkpoint)
 
 
 # ----------------------------------------------------------------------------- arithmetic

@@ -39,9 +39,9 @@ import torch
 
 from loralab.adapters import base_record
 from loralab.config import Config, absolute_local_paths, dump_config
-from loralab.data.dataset import Example
+from loralab.data.dataset import Example, fingerprint
 from loralab.data.packing import step_batches
-from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError
+from loralab.errors import ConfigError, DataError, DivergedError, LoralabError, ModelError, ResumeRefused
 from loralab.halving import halving_rungs, keep_count, rank_key
 from loralab.models import dtype_choice, model_width, pick_device
 from loralab.progress import progress
@@ -196,7 +196,8 @@ def record_failure(runs: list[Run], exc: BaseException, *, started: bool) -> Exc
         return None
     status, error, extra, replacement = Status.FAILED, f"{type(exc).__name__}: {exc}", {}, None
     if isinstance(exc, LoralabError):
-        invalid = not started and isinstance(exc, (ConfigError, DataError, ModelError))
+        before_first_step = not started or isinstance(exc, ResumeRefused)
+        invalid = before_first_step and isinstance(exc, (ConfigError, DataError, ModelError, ResumeRefused))
         status, error = (Status.INVALID if invalid else Status.FAILED), str(exc)
     elif isinstance(exc, torch.OutOfMemoryError):
         cfg = runs[0].cfg
@@ -218,7 +219,7 @@ def record_failure(runs: list[Run], exc: BaseException, *, started: bool) -> Exc
             if distributed.writes():
                 write_atomic(r.dir.config, config, fsync=False)
             r.summary.clear()
-            r.record(**summary, resume_error=f"--resume refused before its first step: {error}")
+            r.record(**{**summary, "resume_error": f"--resume refused before its first step: {error}"})  # the latest
             continue
         r.record(status=status, error=error, **extra)
     return replacement
@@ -234,7 +235,8 @@ def fit(runs: list[Run], setup: Setup, *, resume: bool, show_progress: bool, pru
     cfg, adapters, device = runs[0].cfg, setup.adapters, setup.device
     steps = plan_steps(cfg, len(setup.splits.train))
     stop = min(steps, cfg.train.stop_at_step or steps)
-    step = start_runs(runs, adapters, steps=steps, resume=resume, device=device, fp16=setup.fp16)
+    step = start_runs(runs, adapters, steps=steps, resume=resume, device=device, fp16=setup.fp16,
+                      data=fingerprint(setup.splits))
     rungs = set(prune.rungs(steps)) if prune is not None else set()
     data = StepData.start(cfg, runs[0].state, len(setup.splits.train))
     peak = PeakMemory(device)

@@ -6,11 +6,12 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from loralab.config import Config, TrackingConfig, absolute_local_paths, flat_keys, load_config
-from loralab.errors import ConfigError
+from loralab.errors import ConfigError, ResumeRefused
 from loralab.rundir import MetricsWriter, RunDir, checkpoint_step_of, trim_metrics
 from loralab.train import distributed
 from loralab.train.checkpoint import (
@@ -110,10 +111,27 @@ def resume_step(runs: list[Run]) -> int:
     return 0
 
 
+def check_same_examples(run: Run, then: dict[str, Any] | None, now: dict[str, Any], step: int) -> None:
+    """Refuse (ResumeRefused: the run stays as the resume found it) a resume whose examples are not
+    those its checkpoint trained on: a data file edited, cut or appended to, another tokenizer
+    or template. A checkpoint from before loralab recorded them resumes unchecked."""
+    if then is None or then == now:
+        return
+    counts = ("the same number of examples" if (then["train"], then["val"]) == (now["train"], now["val"]) else
+              f"{then['train']} training and {then['val']} validation examples then, {now['train']} and "
+              f"{now['val']} now")
+    raise ResumeRefused(
+        f"cannot resume {run.dir.root}: its examples are not those it trained on until step {step} ({counts}, "
+        f"other tokens; data.path {run.cfg.data.path}): the data or the tokenizer changed since, and the result "
+        "would no longer equal an uninterrupted run; put the data back to resume it, or train afresh on the new "
+        "data (another --out, or --overwrite)")
+
+
 def start_runs(runs: list[Run], adapters: GroupAdapters, *, steps: int, resume: bool, device: torch.device,
-               fp16: bool) -> int:
+               fp16: bool, data: dict[str, Any]) -> int:
     """Each run's optimizer, schedule, gradient scaler (fp16) and state: fresh, or the common
-    checkpoint's when resuming. Returns the step the group starts after."""
+    checkpoint's when resuming, which must have trained on the same examples (``data``,
+    loralab.data.dataset.fingerprint of this session's). Returns the step the group starts after."""
     for run in runs:
         run.scaler = torch.amp.GradScaler(device.type) if fp16 else None
         run.params = list(adapters.named_params(run.index).values())
@@ -126,11 +144,13 @@ def start_runs(runs: list[Run], adapters: GroupAdapters, *, steps: int, resume: 
         if step == 0:
             if distributed.writes():
                 run.dir.metrics.unlink(missing_ok=True)
-            run.state = TrainState(micro_batch_size=run.cfg.train.micro_batch_size, arithmetic=arithmetic_settings())
+            run.state = TrainState(micro_batch_size=run.cfg.train.micro_batch_size, arithmetic=arithmetic_settings(),
+                                   data=data)
         else:
             path = run.dir.checkpoint(step)
             run.state = load_checkpoint(path, params=adapters.named_params(run.index), opt=run.opt, sched=run.sched,
                                         device=device)
+            check_same_examples(run, run.state.data, data, step)
             if run.scaler is not None and run.state.grad_scaler:
                 run.scaler.load_state_dict(run.state.grad_scaler)
             if distributed.writes():
