@@ -656,9 +656,10 @@ def run_tune(*, model: str, data: str, out: str = "runs", name: str = "tune", me
             log.info("tune %s: %s", name, note)
         spec = study_file(plan, name=name, metric=metric, goal=goal)
         write_atomic(root / "tune-plan.json", plan.to_json(), fsync=False)
-        log.info("tune %s: %d candidates, %d steps each, halving from step %d; planned %d optimizer steps "
-                 "(a full grid with repeats: %d)", name, plan.candidates, plan.max_steps, plan.min_steps,
-                 plan.planned_steps, plan.grid_steps)
+        halving = (f"halving from step {plan.min_steps}" if plan.min_steps < plan.max_steps
+                   else f"no halving (too few candidates or steps for a rung that leaves {FINALISTS} finalists)")
+        log.info("tune %s: %d candidates, %d steps each, %s; planned %d optimizer steps (a full grid with repeats: "
+                 "%d)", name, plan.candidates, plan.max_steps, halving, plan.planned_steps, plan.grid_steps)
         common = dict(workers=workers, executor=executor, address=address, max_memory=max_memory,
                       progress=progress, starter=starter)
         study = _study(spec, root)
