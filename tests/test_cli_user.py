@@ -457,7 +457,14 @@ def test_smaller_things(capsys, caplog, tiny_model_dir, tmp_path):
     assert main(train_args(tiny_model_dir("qwen2"), data, run, "--set", "train.warmup_steps=10",
                            "--set", "train.stop_at_step=1")) == 0
     assert ("train.warmup_steps = 10 is more than the run's 2 steps: the learning rate never reaches train.lr = "
-            "0.0003 (it peaks at 2/10 of it, 6e-05)") in caplog.text
+            "0.0003 (it peaks at 2/10 of it, 6e-05); set train.warmup_steps below 2") in caplog.text
+    from loralab.config import load_config
+    from loralab.train.setup import warn_if_warmup_outlasts
+
+    caplog.clear()
+    warn_if_warmup_outlasts(load_config(None, ["train.warmup_steps=3"]), 1)
+    assert "is more than the run's 1 step: the learning rate" in caplog.text
+    assert caplog.text.rstrip().endswith("set train.warmup_steps to 0")
     # resuming a paused run as it is pauses again at once: said, and --help says how to finish it
     caplog.clear()
     assert main(["train", "--resume", str(run)]) == 0

@@ -132,7 +132,7 @@ def warn_if_warmup_outlasts(cfg: Config, steps: int) -> None:
     """train.warmup_steps beyond the run's steps: the learning rate never reaches train.lr."""
     warmup = cfg.train.warmup_steps
     if warmup > steps:
-        log.warning("WARNING: train.warmup_steps = %d is more than the run's %d steps: the learning rate never "
+        log.warning("WARNING: train.warmup_steps = %d is more than the run's %d step%s: the learning rate never "
                     "reaches train.lr = %g (it peaks at %d/%d of it, %.3g); set train.warmup_steps %s",
-                    warmup, steps, cfg.train.lr, steps, warmup, cfg.train.lr * steps / warmup,
-                    "to 0" if steps == 1 else f"below {steps}")
+                    warmup, steps, "" if steps == 1 else "s", cfg.train.lr, steps, warmup,
+                    cfg.train.lr * steps / warmup, "to 0" if steps == 1 else f"below {steps}")
