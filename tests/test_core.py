@@ -22,11 +22,12 @@ import loralab.train.core as core
 import loralab.train.evaluation as evaluation
 from conftest import make_cfg, torch_threads
 from loralab.config import dump_config, load_config
-from loralab.errors import LoralabError
+from loralab.errors import LoralabError, ResumeRefused
 from loralab.rundir import Status
 from loralab.train.checkpoint import TrainState, complete_checkpoints
 from loralab.train.fused import train_fused
 from loralab.train.loop import train
+from userdata import instruction_records, write_jsonl
 
 SRC = Path(loralab.__file__).resolve().parents[1]
 STEPS = 6
@@ -134,6 +135,28 @@ def test_stop_at_step_pauses_the_group_and_resume_equals_uninterrupted(uninterru
         assert_bitwise(tmp_path / f"run{i}", uninterrupted / f"run{i}")
     again = train_fused(group_cfgs(model_dir, tmp_path, train__checkpoint_every=1, train__keep_last=2), resume=True)
     assert again == out  # completed runs come back as they are
+
+
+def test_a_group_resumed_on_other_data_is_refused_naming_its_runs(model_dir, tmp_path):
+    """A fused group paused, its data file then edited: the resume names every run, and each
+    stays paused with its files as they were."""
+    data = write_jsonl(tmp_path / "d.jsonl", instruction_records(24, seed=2))
+    out = train_fused(group_cfgs(model_dir, tmp_path, data__path=str(data), data__max_seq_length=256,
+                                 train__stop_at_step=2, train__checkpoint_every=1))
+    assert [s["status"] for s in out] == [Status.PAUSED, Status.PAUSED]
+    files = {p: p.read_bytes() for p in sorted(tmp_path.rglob("run*/**/*")) if p.is_file()}
+    write_jsonl(data, instruction_records(24, seed=3))
+    with pytest.raises(ResumeRefused) as exc:
+        train_fused(group_cfgs(model_dir, tmp_path, data__path=str(data), data__max_seq_length=256,
+                               train__checkpoint_every=1), resume=True)
+    assert str(exc.value).startswith(f"cannot resume {tmp_path / 'run0'}, {tmp_path / 'run1'}: their examples are "
+                                     "not those they trained on until step 2 (the same number of examples, other "
+                                     f"tokens; data.path {data})")
+    for i in range(2):
+        summary = json.loads((tmp_path / f"run{i}" / "summary.json").read_text())
+        assert summary["status"] == Status.PAUSED and summary["resume_error"].endswith(str(exc.value))
+    assert {p: p.read_bytes() for p in files if p.name != "summary.json"} == {
+        p: b for p, b in files.items() if p.name != "summary.json"}
 
 
 CHILD = """

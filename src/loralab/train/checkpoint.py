@@ -277,6 +277,11 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def recorded_data(path: Path) -> dict[str, Any] | None:
+    """The examples the checkpoint at ``path`` trained on (TrainState.data; None: not recorded)."""
+    return _read_json(path / "trainer_state.json").get("data")
+
+
 def _restore_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
     tensors = load_file(str(path / "optimizer.safetensors"))
     meta = _read_json(path / "optimizer.json")

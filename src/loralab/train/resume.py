@@ -21,6 +21,7 @@ from loralab.train.checkpoint import (
     clean_temporaries,
     complete_checkpoints,
     load_checkpoint,
+    recorded_data,
     verify,
 )
 from loralab.train.group_adapters import GroupAdapters
@@ -111,20 +112,25 @@ def resume_step(runs: list[Run]) -> int:
     return 0
 
 
-def check_same_examples(run: Run, then: dict[str, Any] | None, now: dict[str, Any], step: int) -> None:
-    """Refuse (ResumeRefused: the run stays as the resume found it) a resume whose examples are not
-    those its checkpoint trained on: a data file edited, cut or appended to, another tokenizer
-    or template. A checkpoint from before loralab recorded them resumes unchecked."""
-    if then is None or then == now:
+def check_same_examples(runs: list[Run], step: int, now: dict[str, Any]) -> None:
+    """Refuse (ResumeRefused: the runs stay as the resume found them) a resume whose examples,
+    ``now`` (loralab.data.dataset.fingerprint), are not those its checkpoints at ``step`` trained
+    on: a data file edited, cut or appended to, another tokenizer or template. A checkpoint from
+    before loralab recorded them resumes unchecked."""
+    changed = [(r, then) for r in runs if (then := recorded_data(r.dir.checkpoint(step))) not in (None, now)]
+    if not changed:
         return
+    then = changed[0][1]
+    whose, who = ("its", "it") if len(changed) == 1 else ("their", "they")
     counts = ("the same number of examples" if (then["train"], then["val"]) == (now["train"], now["val"]) else
               f"{then['train']} training and {then['val']} validation examples then, {now['train']} and "
               f"{now['val']} now")
     raise ResumeRefused(
-        f"cannot resume {run.dir.root}: its examples are not those it trained on until step {step} ({counts}, "
-        f"other tokens; data.path {run.cfg.data.path}): the data or the tokenizer changed since, and the result "
-        "would no longer equal an uninterrupted run; put the data back to resume it, or train afresh on the new "
-        "data (another --out, or --overwrite)")
+        f"cannot resume {', '.join(str(r.dir.root) for r, _ in changed)}: {whose} examples are not those "
+        f"{who} trained on until step {step} ({counts}, other tokens; data.path {runs[0].cfg.data.path}): the data "
+        "or the tokenizer changed since, and the result would no longer equal an uninterrupted run; put the data "
+        "back to resume it, or train afresh on the new data in a new run directory (loralab train --overwrite "
+        "replaces this one; a study starts afresh with --name NEW_NAME)")
 
 
 def start_runs(runs: list[Run], adapters: GroupAdapters, *, steps: int, resume: bool, device: torch.device,
@@ -138,6 +144,8 @@ def start_runs(runs: list[Run], adapters: GroupAdapters, *, steps: int, resume: 
         run.opt = build_optimizer(run.params, run.cfg.train)
         run.sched = build_scheduler(run.opt, run.cfg.train, steps)  # planned for the full run, also when pausing
     step = resume_step(runs) if resume else 0
+    if step:
+        check_same_examples(runs, step, data)
     if resume and step == 0:
         log.info("no complete checkpoint in %s: starting from step 0", ", ".join(str(r.dir.root) for r in runs))
     for run in runs:
@@ -150,7 +158,6 @@ def start_runs(runs: list[Run], adapters: GroupAdapters, *, steps: int, resume: 
             path = run.dir.checkpoint(step)
             run.state = load_checkpoint(path, params=adapters.named_params(run.index), opt=run.opt, sched=run.sched,
                                         device=device)
-            check_same_examples(run, run.state.data, data, step)
             if run.scaler is not None and run.state.grad_scaler:
                 run.scaler.load_state_dict(run.state.grad_scaler)
             if distributed.writes():
