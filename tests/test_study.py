@@ -419,3 +419,33 @@ def test_a_run_whose_resume_was_refused_ends_invalid_in_the_study(tmp_path):
     assert result["error"] == "--resume refused before its first step: data.path x: no such file"
     write_atomic(run.summary, {"status": "paused", "error": None, "steps_done": 2, "stopped_at_step": 2})
     assert outcome(run.root, 0)["status"] == "paused"
+
+
+def test_a_study_run_again_on_changed_data_is_refused(tmp_path, capsys):
+    """Its completed runs trained on the data as it was: run again after the file changed, the
+    study would mix two datasets in one report. Refused before anything starts (exit 2, study.db
+    as it was), naming the runs; unchanged it plans nothing; --name starts a fresh study."""
+    from loralab.cli import main
+    from userdata import instruction_records, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", instruction_records(40, seed=4))
+    base = {**TINY, "data": {"path": str(data), "max_seq_length": 256, "val_max_examples": 4}}
+    path = write_study(tmp_path, "cd", base, axes={"lora.r": [2, 4]})
+    out = str(tmp_path / "runs")
+    assert main(["study", "run", str(path), "--out", out]) == 0
+    db = tmp_path / "runs" / "cd" / "study.db"
+    before = db.read_bytes()
+    capsys.readouterr()
+    assert main(["study", "run", str(path), "--out", out, "--dry-run"]) == 0  # unchanged: nothing to refuse
+    assert "every run already completed (2)" in capsys.readouterr().out
+    records = instruction_records(40, seed=4)
+    records[7]["instruction"] = "Briefly: " + records[7]["instruction"]  # the start: never cut away
+    write_jsonl(data, records)
+    for dry in ([], ["--dry-run"]):
+        assert main(["study", "run", str(path), "--out", out, *dry]) == 2
+        err = capsys.readouterr().err
+        assert ("study 'cd': runs r2, r4 completed on other examples than the data gives now (the same number of "
+                "examples, other tokens): the data file or the tokenizer changed since") in err
+        assert "--name NEW_NAME" in err and db.read_bytes() == before
+    assert main(["study", "run", str(path), "--out", out, "--name", "cd2"]) == 0
+    assert {r["status"] for r in rows_of(tmp_path / "runs" / "cd2" / "study.db").values()} == {"completed"}

@@ -103,6 +103,7 @@ class RunSummary:
     dropped_by_length_filter: int
     truncated_to_no_response: int
     data_stats: dict[str, Any]  # loralab.data.dataset Splits.stats: sizes, token lengths, truncation
+    data: dict[str, Any] | None  # loralab.data.dataset.fingerprint of its examples (None: resumed from an older run)
     final_eval_loss: float | None  # None when never evaluated (no validation examples) or not finite
     best_eval_loss: float | None
     final_eval_tasks: dict[str, float]

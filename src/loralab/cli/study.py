@@ -208,6 +208,7 @@ def run_checked(args: argparse.Namespace, options: StudyOptions, starter: WarmSt
     options.check(study.runs)
     checks = preflight(study, max_memory=options.max_memory)  # every run's own checks, before any starts
     steps = step_plan(study)  # each run's steps, tokens and time, said before any compute is spent
+    steps.check_same_data(study.name)
     if args.dry_run:
         from loralab.study.deviations import deviation_text
 

@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any
 
 from loralab.config import Config, config_from_dict
-from loralab.errors import LoralabError
+from loralab.errors import ConfigError, LoralabError
 from loralab.rundir import RunDir, Status
 from loralab.units import human_duration
 
@@ -57,6 +57,23 @@ class StepPlan:
     seed_steps: int | None  # the seed's optimizer steps per run, where the study file states them
     invalid: dict[str, str] = field(default_factory=dict)  # run name -> why it is invalid here (loralab.preflight)
     completed: int = 0  # runs already completed (a study run again): not planned, not checked again
+    # completed run name -> (the examples it trained on, those its data settings give now), where they differ
+    data_changed: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
+
+    def check_same_data(self, study: str) -> None:
+        """Refuse (ConfigError) a study run again whose completed runs trained on other examples
+        than their data settings give now: its results would mix two datasets."""
+        if not self.data_changed:
+            return
+        then, now = next(iter(self.data_changed.values()))
+        counts = ("the same number of examples" if (then["train"], then["val"]) == (now["train"], now["val"]) else
+                  f"{then['train']} training and {then['val']} validation examples then, {now['train']} and "
+                  f"{now['val']} now")
+        raise ConfigError(
+            f"study {study!r}: run{'s' * (len(self.data_changed) > 1)} {', '.join(self.data_changed)} completed on "
+            f"other examples than the data gives now ({counts}, other tokens): the data file or the tokenizer "
+            "changed since, and the study's results would mix two datasets; start a fresh study with `loralab study "
+            "run ... --name NEW_NAME` (or another --out root), or put the data back")
 
     @property
     def seconds(self) -> float | None:
@@ -122,21 +139,29 @@ class StepPlan:
 def step_plan(study: Any) -> StepPlan:
     """Every run's steps, tokens and time, from its config and data (tokenizer and data read once
     per distinct model and data settings; no weights load)."""
-    from loralab.errors import ConfigError, DataError, ModelError
+    from loralab.errors import DataError, ModelError
     from loralab.preflight import check_run
     from loralab.study.scheduler import run_device
 
-    data_cache: dict[str, tuple[int, float, int]] = {}
-    runs, invalid, completed = [], {}, 0
+    data_cache: dict[str, DataFacts] = {}
+    runs, invalid, completed, changed = [], {}, 0, {}
     for spec in study.runs:
         out = spec.config.get("output", {}).get("dir")
-        if out and (RunDir(out).read_summary() or {}).get("status") == Status.COMPLETED:
-            completed += 1  # as preflight: a completed run is not checked again (its model may have moved)
+        summary = (RunDir(out).read_summary() or {}) if out else {}
+        if summary.get("status") == Status.COMPLETED:
+            completed += 1  # as preflight: a completed run is not checked again (its model may have moved)...
+            if summary.get("data"):  # ...but its examples are, where its model and data can still be read
+                try:
+                    now = _data(config_from_dict(spec.config, source=f"run {spec.name}"), data_cache)[3]
+                except LoralabError:
+                    continue
+                if now != summary["data"]:
+                    changed[spec.name] = (summary["data"], now)
             continue
         cfg = config_from_dict(spec.config, source=f"run {spec.name}")
         try:  # the scheduler's own check (such a run never trains), then the run's data
             check_run(cfg, device=run_device(cfg.model.device))
-            n_train, mean_len, seq = _data(cfg, data_cache)
+            n_train, mean_len, seq, _ = _data(cfg, data_cache)
         except (ConfigError, ModelError, DataError) as exc:
             invalid[spec.name] = str(exc)
             continue
@@ -147,11 +172,17 @@ def step_plan(study: Any) -> StepPlan:
                              epochs=cfg.train.epochs, max_steps=cfg.train.max_steps or None,
                              tokens=round(steps * cfg.train.batch_size * mean_len),
                              seconds=_seconds(cfg, seq, steps, mean_len)))
-    return StepPlan(runs=runs, seed_steps=study.seed.get("steps"), invalid=invalid, completed=completed)
+    return StepPlan(runs=runs, seed_steps=study.seed.get("steps"), invalid=invalid, completed=completed,
+                    data_changed=changed)
 
 
-def _data(cfg: Config, cache: dict[str, tuple[int, float, int]]) -> tuple[int, float, int]:
-    """(training examples, mean tokens per example, resolved max_seq_length) of a run's data."""
+DataFacts = tuple[int, float, int, dict[str, Any]]
+
+
+def _data(cfg: Config, cache: dict[str, DataFacts]) -> DataFacts:
+    """(training examples, mean tokens per example, resolved max_seq_length, the examples'
+    loralab.data.dataset.fingerprint) of a run's data."""
+    from loralab.data.dataset import fingerprint
     from loralab.estimate import load_model_config, resolve_model_config
     from loralab.models import load_tokenizer
     from loralab.resolve import resolve_data
@@ -161,7 +192,7 @@ def _data(cfg: Config, cache: dict[str, tuple[int, float, int]]) -> tuple[int, f
         tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
         splits = resolve_data(cfg, tokenizer, load_model_config(resolve_model_config(cfg.model.path)))
         mean = sum(len(e.input_ids) for e in splits.train) / len(splits.train)
-        cache[key] = (len(splits.train), mean, int(cfg.data.max_seq_length))
+        cache[key] = (len(splits.train), mean, int(cfg.data.max_seq_length), fingerprint(splits))
     return cache[key]
 
 

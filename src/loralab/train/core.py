@@ -623,6 +623,7 @@ def run_result(run: Run, setup: Setup, *, steps: int, extra: dict[str, Any] | No
         dropped_by_length_filter=splits.dropped_by_length,
         truncated_to_no_response=splits.truncated_to_nothing,
         data_stats=splits.stats,
+        data=st.data,
         final_eval_loss=st.eval_loss,
         best_eval_loss=st.best_eval_loss,
         final_eval_tasks={k: v[-1] for k, v in st.task_history.items()},
