@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -407,6 +408,7 @@ def test_tune_on_a_model_with_one_qkv_matrix_adapts_it_whole(tiny_model_dir, use
     asked for there: tune's attention candidate was invalid on every such model and its plan
     refused the model outright. It now adapts the matrix whole, says so, and trains it."""
     model = tiny_model_dir("gpt2")
+    user_data = Path(shutil.copy(user_data, tmp_path / "train.jsonl"))  # edited below
     plan = plan_tune(model=str(model), data=str(user_data), metric="eval_loss", fixed={}, batch_size=8)
     (targets,) = [d.values for d in plan.dims if d.key == "lora.targets"]
     assert targets == [["query", "key", "value"], ["all"]]
@@ -428,6 +430,15 @@ def test_tune_on_a_model_with_one_qkv_matrix_adapts_it_whole(tiny_model_dir, use
     assert adapter["target_modules"] == ["attn.c_attn"]
     best = yaml.safe_load((tmp_path / "runs" / "tune" / "best.yaml").read_text())["lora"]["targets"]
     assert best == answer["recommended"]["axes"]["lora.targets"] and best in (["query", "key", "value"], ["all"])
+    # run again after the data changed: its candidates trained on the old data, so it is refused, not mixed
+    records = instruction_records(80, seed=3)
+    records[0]["instruction"] = "Briefly: " + records[0]["instruction"]
+    write_jsonl(user_data, records)
+    again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert "study 'tune': runs " in again.stderr
+    assert " completed on other examples than the data gives now" in again.stderr
+    assert "start afresh with `loralab tune ... --name NEW_NAME`" in again.stderr
 
 
 def test_budget_no_run_starts_after_it(tiny_model_dir, user_data, tmp_path):

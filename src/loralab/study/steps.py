@@ -25,6 +25,9 @@ from loralab.errors import ConfigError, LoralabError
 from loralab.rundir import RunDir, Status
 from loralab.units import human_duration
 
+# (training examples, mean tokens per example, resolved max_seq_length, loralab.data.dataset.fingerprint)
+DataFacts = tuple[int, float, int, dict[str, Any]]
+
 FLOOR_STEPS = 20  # below this, a run has barely left its initialisation and settings cannot be told apart
 
 
@@ -63,17 +66,7 @@ class StepPlan:
     def check_same_data(self, study: str) -> None:
         """Refuse (ConfigError) a study run again whose completed runs trained on other examples
         than their data settings give now: its results would mix two datasets."""
-        if not self.data_changed:
-            return
-        then, now = next(iter(self.data_changed.values()))
-        counts = ("the same number of examples" if (then["train"], then["val"]) == (now["train"], now["val"]) else
-                  f"{then['train']} training and {then['val']} validation examples then, {now['train']} and "
-                  f"{now['val']} now")
-        raise ConfigError(
-            f"study {study!r}: run{'s' * (len(self.data_changed) > 1)} {', '.join(self.data_changed)} completed on "
-            f"other examples than the data gives now ({counts}, other tokens): the data file or the tokenizer "
-            "changed since, and the study's results would mix two datasets; start a fresh study with `loralab study "
-            "run ... --name NEW_NAME` (or another --out root), or put the data back")
+        refuse_changed_data(study, self.data_changed)
 
     @property
     def seconds(self) -> float | None:
@@ -136,6 +129,48 @@ class StepPlan:
                 "seconds_lower_bound": self.seconds, "floor": FLOOR_STEPS, "warning": self.warning()}
 
 
+def refuse_changed_data(study: str, changed: dict[str, tuple[dict[str, Any], dict[str, Any]]],
+                        command: str = "study run") -> None:
+    """ConfigError naming the completed runs of ``study`` whose examples differ now (``changed``:
+    run name -> (the examples it trained on, those its data settings give now)); none: nothing.
+    ``command``: the loralab command that starts afresh with --name."""
+    if not changed:
+        return
+    then, now = next(iter(changed.values()))
+    counts = ("the same number of examples" if (then["train"], then["val"]) == (now["train"], now["val"]) else
+              f"{then['train']} training and {then['val']} validation examples then, {now['train']} and "
+              f"{now['val']} now")
+    raise ConfigError(
+        f"study {study!r}: run{'s' * (len(changed) > 1)} {', '.join(changed)} completed on other examples than the "
+        f"data gives now ({counts}, other tokens): the data file or the tokenizer changed since, and the study's "
+        f"results would mix two datasets; start afresh with `loralab {command} ... --name NEW_NAME` (or another "
+        "--out root), or put the data back")
+
+
+def changed_data(spec: Any, summary: dict[str, Any], cache: dict[str, DataFacts]) -> tuple[dict, dict] | None:
+    """(the examples a completed run trained on, those its data settings give now) where they
+    differ; None where they agree, or cannot be compared (no record, the model or data moved)."""
+    if not summary.get("data"):
+        return None
+    try:
+        now = _data(config_from_dict(spec.config, source=f"run {spec.name}"), cache)[3]
+    except LoralabError:
+        return None
+    return None if now == summary["data"] else (summary["data"], now)
+
+
+def completed_on_changed_data(study: Any, command: str = "study run") -> None:
+    """Refuse (refuse_changed_data) ``study`` where a completed run's examples changed since."""
+    cache: dict[str, DataFacts] = {}
+    changed = {}
+    for spec in study.runs:
+        out = spec.config.get("output", {}).get("dir")
+        summary = (RunDir(out).read_summary() or {}) if out else {}
+        if summary.get("status") == Status.COMPLETED and (found := changed_data(spec, summary, cache)):
+            changed[spec.name] = found
+    refuse_changed_data(study.name, changed, command)
+
+
 def step_plan(study: Any) -> StepPlan:
     """Every run's steps, tokens and time, from its config and data (tokenizer and data read once
     per distinct model and data settings; no weights load)."""
@@ -150,13 +185,8 @@ def step_plan(study: Any) -> StepPlan:
         summary = (RunDir(out).read_summary() or {}) if out else {}
         if summary.get("status") == Status.COMPLETED:
             completed += 1  # as preflight: a completed run is not checked again (its model may have moved)...
-            if summary.get("data"):  # ...but its examples are, where its model and data can still be read
-                try:
-                    now = _data(config_from_dict(spec.config, source=f"run {spec.name}"), data_cache)[3]
-                except LoralabError:
-                    continue
-                if now != summary["data"]:
-                    changed[spec.name] = (summary["data"], now)
+            if found := changed_data(spec, summary, data_cache):  # ...but its examples are, where they can be read
+                changed[spec.name] = found
             continue
         cfg = config_from_dict(spec.config, source=f"run {spec.name}")
         try:  # the scheduler's own check (such a run never trains), then the run's data
@@ -174,9 +204,6 @@ def step_plan(study: Any) -> StepPlan:
                              seconds=_seconds(cfg, seq, steps, mean_len)))
     return StepPlan(runs=runs, seed_steps=study.seed.get("steps"), invalid=invalid, completed=completed,
                     data_changed=changed)
-
-
-DataFacts = tuple[int, float, int, dict[str, Any]]
 
 
 def _data(cfg: Config, cache: dict[str, DataFacts]) -> DataFacts:
