@@ -69,7 +69,7 @@ def conversation(rec: dict, where: str, columns: dict[str, str], *, empty_ok: bo
                             f"{'empty' if not text else 'only spaces'}; an assistant turn needs a response "
                             "to train on (a tool call in another field is not rendered; data.min_response_chars: 1 "
                             "drops conversations with no assistant text instead)")
-        out.append({"role": role, "content": turn[content_key]})
+        out.append({"role": role, "content": text})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn")
     if out[0]["role"] == "assistant":

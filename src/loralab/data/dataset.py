@@ -199,6 +199,15 @@ def fingerprint(splits: Splits) -> dict[str, Any]:
     return {"train": len(splits.train), "val": len(splits.val), "sha256": h.hexdigest()}
 
 
+def fingerprint_change(then: dict[str, Any], now: dict[str, Any]) -> str:
+    """How two fingerprints differ, for a message: "the same number of examples, other tokens",
+    or the counts then and now."""
+    if (then["train"], then["val"]) == (now["train"], now["val"]):
+        return "the same number of examples, other tokens"
+    return (f"{then['train']} training and {then['val']} validation examples then, {now['train']} and {now['val']} "
+            "now, other tokens")
+
+
 def _load_records(path: str, cfg: DataConfig, split: str) -> list[Record]:
     if path.startswith("builtin:"):
         records: list[Record] = []

@@ -134,17 +134,16 @@ def refuse_changed_data(study: str, changed: dict[str, tuple[dict[str, Any], dic
     """ConfigError naming the completed runs of ``study`` whose examples differ now (``changed``:
     run name -> (the examples it trained on, those its data settings give now)); none: nothing.
     ``command``: the loralab command that starts afresh with --name."""
+    from loralab.data.dataset import fingerprint_change
+
     if not changed:
         return
     then, now = next(iter(changed.values()))
-    counts = ("the same number of examples" if (then["train"], then["val"]) == (now["train"], now["val"]) else
-              f"{then['train']} training and {then['val']} validation examples then, {now['train']} and "
-              f"{now['val']} now")
     raise ConfigError(
         f"study {study!r}: run{'s' * (len(changed) > 1)} {', '.join(changed)} completed on other examples than the "
-        f"data gives now ({counts}, other tokens): the data file or the tokenizer changed since, and the study's "
-        f"results would mix two datasets; start afresh with `loralab {command} ... --name NEW_NAME` (or another "
-        "--out root), or put the data back")
+        f"data gives now ({fingerprint_change(then, now)}): the data file or the tokenizer changed since, and the "
+        f"study's results would mix two datasets; start afresh with `loralab {command} ... --name NEW_NAME` (or "
+        "another --out root), or put the data back")
 
 
 def changed_data(spec: Any, summary: dict[str, Any], cache: dict[str, DataFacts]) -> tuple[dict, dict] | None:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from loralab.config import Config, TrackingConfig, absolute_local_paths, flat_keys, load_config
+from loralab.data.dataset import fingerprint_change
 from loralab.errors import ConfigError, ResumeRefused
 from loralab.rundir import MetricsWriter, RunDir, checkpoint_step_of, trim_metrics
 from loralab.train import distributed
@@ -122,15 +123,12 @@ def check_same_examples(runs: list[Run], step: int, now: dict[str, Any]) -> None
         return
     then = changed[0][1]
     whose, who = ("its", "it") if len(changed) == 1 else ("their", "they")
-    counts = ("the same number of examples" if (then["train"], then["val"]) == (now["train"], now["val"]) else
-              f"{then['train']} training and {then['val']} validation examples then, {now['train']} and "
-              f"{now['val']} now")
     raise ResumeRefused(
         f"cannot resume {', '.join(str(r.dir.root) for r, _ in changed)}: {whose} examples are not those "
-        f"{who} trained on until step {step} ({counts}, other tokens; data.path {runs[0].cfg.data.path}): the data "
-        "or the tokenizer changed since, and the result would no longer equal an uninterrupted run; put the data "
-        "back to resume it, or train afresh on the new data in a new run directory (loralab train --overwrite "
-        "replaces this one; a study starts afresh with --name NEW_NAME)")
+        f"{who} trained on until step {step} ({fingerprint_change(then, now)}; data.path {runs[0].cfg.data.path}): "
+        "the data or the tokenizer changed since, and the result would no longer equal an uninterrupted run; put "
+        "the data back to resume it, or train afresh on the new data in a new run directory (loralab train "
+        "--overwrite replaces this one; a study starts afresh with --name NEW_NAME)")
 
 
 def start_runs(runs: list[Run], adapters: GroupAdapters, *, steps: int, resume: bool, device: torch.device,
