@@ -60,13 +60,6 @@ class StepPlan:
     seed_steps: int | None  # the seed's optimizer steps per run, where the study file states them
     invalid: dict[str, str] = field(default_factory=dict)  # run name -> why it is invalid here (loralab.preflight)
     completed: int = 0  # runs already completed (a study run again): not planned, not checked again
-    # completed run name -> (the examples it trained on, those its data settings give now), where they differ
-    data_changed: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
-
-    def check_same_data(self, study: str) -> None:
-        """Refuse (ConfigError) a study run again whose completed runs trained on other examples
-        than their data settings give now: its results would mix two datasets."""
-        refuse_changed_data(study, self.data_changed)
 
     @property
     def seconds(self) -> float | None:
@@ -158,34 +151,36 @@ def changed_data(spec: Any, summary: dict[str, Any], cache: dict[str, DataFacts]
     return None if now == summary["data"] else (summary["data"], now)
 
 
-def completed_on_changed_data(study: Any, command: str = "study run") -> None:
-    """Refuse (refuse_changed_data) ``study`` where a completed run's examples changed since."""
-    cache: dict[str, DataFacts] = {}
-    changed = {}
+def _summaries(study: Any):
+    """(spec, its run directory's summary.json, or {}) for every run of ``study``."""
     for spec in study.runs:
         out = spec.config.get("output", {}).get("dir")
-        summary = (RunDir(out).read_summary() or {}) if out else {}
-        if summary.get("status") == Status.COMPLETED and (found := changed_data(spec, summary, cache)):
-            changed[spec.name] = found
+        yield spec, (RunDir(out).read_summary() or {}) if out else {}
+
+
+def completed_on_changed_data(study: Any, command: str = "study run",
+                              cache: dict[str, DataFacts] | None = None) -> None:
+    """Refuse (refuse_changed_data) ``study`` where a completed run's examples changed since.
+    ``cache``: shared with step_plan, so each distinct data setting is read once."""
+    cache = {} if cache is None else cache
+    changed = {spec.name: found for spec, summary in _summaries(study)
+               if summary.get("status") == Status.COMPLETED and (found := changed_data(spec, summary, cache))}
     refuse_changed_data(study.name, changed, command)
 
 
-def step_plan(study: Any) -> StepPlan:
+def step_plan(study: Any, cache: dict[str, DataFacts] | None = None) -> StepPlan:
     """Every run's steps, tokens and time, from its config and data (tokenizer and data read once
-    per distinct model and data settings; no weights load)."""
+    per distinct model and data settings, ``cache`` across calls; no weights load). Completed
+    runs are counted, not planned: completed_on_changed_data checks their examples."""
     from loralab.errors import DataError, ModelError
     from loralab.preflight import check_run
     from loralab.study.scheduler import run_device
 
-    data_cache: dict[str, DataFacts] = {}
-    runs, invalid, completed, changed = [], {}, 0, {}
-    for spec in study.runs:
-        out = spec.config.get("output", {}).get("dir")
-        summary = (RunDir(out).read_summary() or {}) if out else {}
+    data_cache: dict[str, DataFacts] = {} if cache is None else cache
+    runs, invalid, completed = [], {}, 0
+    for spec, summary in _summaries(study):
         if summary.get("status") == Status.COMPLETED:
-            completed += 1  # as preflight: a completed run is not checked again (its model may have moved)...
-            if found := changed_data(spec, summary, data_cache):  # ...but its examples are, where they can be read
-                changed[spec.name] = found
+            completed += 1  # as preflight: a completed run is not checked again (its model may have moved)
             continue
         cfg = config_from_dict(spec.config, source=f"run {spec.name}")
         try:  # the scheduler's own check (such a run never trains), then the run's data
@@ -201,8 +196,7 @@ def step_plan(study: Any) -> StepPlan:
                              epochs=cfg.train.epochs, max_steps=cfg.train.max_steps or None,
                              tokens=round(steps * cfg.train.batch_size * mean_len),
                              seconds=_seconds(cfg, seq, steps, mean_len)))
-    return StepPlan(runs=runs, seed_steps=study.seed.get("steps"), invalid=invalid, completed=completed,
-                    data_changed=changed)
+    return StepPlan(runs=runs, seed_steps=study.seed.get("steps"), invalid=invalid, completed=completed)
 
 
 def _data(cfg: Config, cache: dict[str, DataFacts]) -> DataFacts:
