@@ -173,6 +173,28 @@ def test_chat_loss_is_on_every_assistant_turn_and_nothing_else(tmp_path, name):
     assert min(lengths) < 80 and max(lengths) > 300  # tens to hundreds of tokens
 
 
+@pytest.mark.parametrize("name", ["chatml_generation", "chatml_plain", "llama3"])
+def test_instruction_records_in_the_chat_template_end_their_response_as_a_turn_ends(tmp_path, name):
+    """Alpaca records with data.template: chat are encoded as the one-turn conversation they are:
+    the response ends with the template's end of turn (what generation stops at and what the model
+    meets when served), not the tokenizer's eos, and a template that writes its BOS gets one."""
+    tok = AutoTokenizer.from_pretrained(str(chat_tokenizer_dir(tmp_path, name)))
+    records = instruction_records(30, seed=3)
+    path = write_jsonl(tmp_path / "alpaca.jsonl", records)
+    splits = load_splits(data_cfg(path, "data.template=chat", "data.val_fraction=0", "data.max_seq_length=4096"),
+                         tok, seed=0)
+    end = TEMPLATES[name][2]
+    assert end.strip() != tok.eos_token  # the two endings differ for these tokenizers
+    for rec, ex in zip(records, splits.train, strict=True):
+        user = rec["instruction"] + (f"\n\n{rec['input']}" if rec["input"] else "")
+        turns = [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
+        assert labelled_runs(ex, tok) == [rec["output"] + end]
+        assert ex.input_ids == tok.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"]
+        assert tok.eos_token_id not in ex.input_ids
+        if tok.bos_token_id is not None:
+            assert ex.input_ids.count(tok.bos_token_id) <= 1
+
+
 def test_generation_block_and_prefix_rendering_mark_the_same_tokens(tmp_path):
     records = chat_records(20, seed=1)
     path = write_jsonl(tmp_path / "chat.jsonl", records)

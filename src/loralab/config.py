@@ -102,8 +102,9 @@ class DataConfig:
         {}, "Column names of your data for loralab's fields, e.g. {instruction: question, output: answer} (fields: "
             "instruction, input, output, prompt, completion, messages, conversations).")
     template: Literal["alpaca", "chat", "none"] = _f(
-        "alpaca", "Prompt template of alpaca/prompt_completion records: Alpaca, the tokenizer's chat template, or the "
-                  "raw prompt.")
+        "alpaca", "Prompt template of alpaca records: Alpaca, the tokenizer's chat template (the record as a "
+                  "user turn and an assistant turn), or the raw instruction; a prompt_completion record's prompt is "
+                  "used as written.")
     max_seq_length: int | Literal["auto"] = _f(
         256, "Examples are truncated to this many tokens (from the right: prompt first, then response); auto = the "
              "longest example rounded up to a multiple of 8, at most the model's context.", gt=1)

@@ -26,7 +26,7 @@ import torch
 from loralab.config import DataConfig
 from loralab.data.chat import assistant_tokens, check_chat_template, conversation
 from loralab.data.sources import json_rows, load_rows, read_records  # noqa: F401  (read_records: shared reader)
-from loralab.data.templates import format_prompt
+from loralab.data.templates import chat_messages, format_prompt
 from loralab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -168,11 +168,17 @@ def encode(prompt: str, response: str, tokenizer, *, max_len: int | None, train_
 
 
 def encode_record(rec: Record, cfg: DataConfig, tokenizer) -> Example:
-    """The whole example, not truncated: prompt/response, or a conversation in the chat template."""
-    if rec.messages is None:
+    """The whole example, not truncated: prompt/response, or a conversation in the chat template.
+    An instruction record in the chat template is encoded as its conversation (chat_messages), so
+    its response ends as the template ends a turn (ChatML's <|im_end|>), not with the tokenizer's
+    eos, and a template that writes its own BOS is not given a second one."""
+    messages = rec.messages
+    if messages is None and cfg.template == "chat" and "prompt" not in rec.prompt:
+        messages = chat_messages(rec.prompt["instruction"], rec.prompt["input"], rec.response, tokenizer=tokenizer)
+    if messages is None:
         return encode(prompt_text(rec.prompt, cfg, tokenizer), rec.response, tokenizer,
                       max_len=None, train_on_prompt=cfg.train_on_prompt)
-    ids, mask = assistant_tokens(rec.messages, tokenizer, where=rec.where)
+    ids, mask = assistant_tokens(messages, tokenizer, where=rec.where)
     return Example(ids, list(ids) if cfg.train_on_prompt
                    else [t if m else IGNORE for t, m in zip(ids, mask, strict=True)])
 

@@ -30,20 +30,24 @@ def format_prompt(instruction: str, input: str = "", *, template: TemplateName =
             return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
         return ALPACA_NO_INPUT.format(instruction=instruction)
     if template == "chat":
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            from loralab.errors import DataError
-
-            raise DataError(
-                "data.template is 'chat' but the tokenizer has no chat_template; "
-                "use data.template: alpaca or none"
-            )
-        content = f"{instruction}\n\n{input}" if input else instruction
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
+        return tokenizer.apply_chat_template(chat_messages(instruction, input, tokenizer=tokenizer),
+                                             tokenize=False, add_generation_prompt=True)
     if template == "none":
         return f"{instruction}\n{input}" if input else instruction
     raise ValueError(f"unknown template {template!r}")
+
+
+def chat_messages(instruction: str, input: str = "", response: str | None = None, *, tokenizer) -> list[dict[str, str]]:
+    """An instruction record as a conversation for the tokenizer's chat template: one user turn
+    (the instruction, then the input after a blank line) and, given a response, the assistant's.
+    DataError where the tokenizer has no chat template."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        from loralab.errors import DataError
+
+        raise DataError("data.template is 'chat' but the tokenizer has no chat_template; use data.template: alpaca "
+                        "or none")
+    turns = [{"role": "user", "content": f"{instruction}\n\n{input}" if input else instruction}]
+    return turns if response is None else [*turns, {"role": "assistant", "content": response}]
 
 
 def chat_turn_end(tokenizer) -> str | None:
