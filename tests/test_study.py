@@ -241,8 +241,17 @@ def test_ctrl_c_of_the_driver_records_its_running_runs_interrupted(tmp_path):
 
 @pytest.mark.slow
 def test_sigkilled_run_is_recorded_interrupted_then_resumed(tmp_path):
+    """A run process killed: interrupted in study.db, resumed by the next `study run` from its
+    checkpoint. Run again after its data file changed, the study is refused before anything
+    starts (exit 2, study.db and the run directory as they were), since the run would resume on
+    other examples; with the data put back, it resumes."""
+    from userdata import instruction_records, write_jsonl
+
+    records = instruction_records(48, seed=5)
+    data = write_jsonl(tmp_path / "d.jsonl", records)
     train = {**TINY["train"], "max_steps": 40, "checkpoint_every": 5}
-    path = write_study(tmp_path, "kill", axes={"lora.r": [2]}, base={**TINY, "train": train})
+    base = {**TINY, "data": {"path": str(data), "max_seq_length": 256, "val_max_examples": 8}, "train": train}
+    path = write_study(tmp_path, "kill", axes={"lora.r": [2]}, base=base)
     out = tmp_path / "runs"
     db = out / "kill" / "study.db"
     env = {**os.environ, "PYTHONPATH": SRC}
@@ -257,6 +266,15 @@ def test_sigkilled_run_is_recorded_interrupted_then_resumed(tmp_path):
     assert driver.wait(timeout=60) == 1  # something is left to do
     row = rows_of(db)["r2"]
     assert row["status"] == "interrupted" and "SIGKILL" in row["error"] and row["attempts"] == 1
+    run_dir = out / "kill" / "r2"
+    files = {p: p.read_bytes() for p in [db, *run_dir.rglob("*")] if p.is_file()}
+    write_jsonl(data, records[:-1])  # one record fewer
+    refused = cli("study", "run", str(path), "--out", str(out))
+    assert refused.returncode == 2, refused.stderr
+    assert "study 'kill': run r2 trained on other examples than the data gives now (" in refused.stderr
+    assert "--name NEW_NAME" in refused.stderr
+    assert {p: p.read_bytes() for p in [db, *run_dir.rglob("*")] if p.is_file()} == files
+    write_jsonl(data, records)  # put back
     rerun = cli("study", "run", str(path), "--out", str(out))
     assert rerun.returncode == 0, rerun.stderr
     row = rows_of(db)["r2"]
@@ -444,7 +462,7 @@ def test_a_study_run_again_on_changed_data_is_refused(tmp_path, capsys):
     for dry in ([], ["--dry-run"]):
         assert main(["study", "run", str(path), "--out", out, *dry]) == 2
         err = capsys.readouterr().err
-        assert ("study 'cd': runs r2, r4 completed on other examples than the data gives now (the same number of "
+        assert ("study 'cd': runs r2, r4 trained on other examples than the data gives now (the same number of "
                 "examples, other tokens): the data file or the tokenizer changed since") in err
         assert "--name NEW_NAME" in err and db.read_bytes() == before
     assert main(["study", "run", str(path), "--out", out, "--name", "cd2"]) == 0

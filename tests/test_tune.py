@@ -437,7 +437,7 @@ def test_tune_on_a_model_with_one_qkv_matrix_adapts_it_whole(tiny_model_dir, use
     again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     assert again.returncode == 2, again.stderr[-3000:]
     assert "study 'tune': runs " in again.stderr
-    assert " completed on other examples than the data gives now" in again.stderr
+    assert " trained on other examples than the data gives now" in again.stderr
     assert "start afresh with `loralab tune ... --name NEW_NAME`" in again.stderr
 
 

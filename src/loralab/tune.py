@@ -644,7 +644,7 @@ def run_tune(*, model: str, data: str, out: str = "runs", name: str = "tune", me
     from loralab.paths import child_dir
     from loralab.study.backends.warm import warm_process
     from loralab.study.execute import Halving, run_study
-    from loralab.study.steps import completed_on_changed_data
+    from loralab.study.steps import trained_on_changed_data
 
     goal = goal or ("min" if metric == "eval_loss" or metric.endswith(("loss", "perplexity")) else "max")
     root = child_dir(Path(out), name, what="tune name")
@@ -664,7 +664,7 @@ def run_tune(*, model: str, data: str, out: str = "runs", name: str = "tune", me
         common = dict(workers=workers, executor=executor, address=address, max_memory=max_memory,
                       progress=progress, starter=starter)
         study = _study(spec, root)
-        completed_on_changed_data(study, "tune")  # a tune run again on changed data: its candidates trained on the old
+        trained_on_changed_data(study, "tune")  # a tune run again on changed data: its candidates trained on the old
         db = root / "study.db"
         if _repeats_begun(db, name, [r.name for r in study.runs]):
             # Phase one ended in an earlier invocation. It is not run again: the scheduler plans every

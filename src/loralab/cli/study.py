@@ -195,7 +195,7 @@ def run_checked(args: argparse.Namespace, options: StudyOptions, starter: WarmSt
     from loralab.study.execute import run_study
     from loralab.study.preflight import preflight
     from loralab.study.spec import load_study
-    from loralab.study.steps import completed_on_changed_data, step_plan
+    from loralab.study.steps import step_plan, trained_on_changed_data
     from loralab.track import prepare_study_trackers, track_study
 
     study = load_study(args.study, quick=args.quick, model=args.model, data=args.data, overrides=args.overrides,
@@ -208,7 +208,7 @@ def run_checked(args: argparse.Namespace, options: StudyOptions, starter: WarmSt
     options.check(study.runs)
     checks = preflight(study, max_memory=options.max_memory)  # every run's own checks, before any starts
     data_cache: dict = {}  # each distinct data setting tokenized once for both
-    completed_on_changed_data(study, cache=data_cache)  # a study run again on other data: refused
+    trained_on_changed_data(study, cache=data_cache)  # a study run again on other data: refused
     steps = step_plan(study, data_cache)  # each run's steps, tokens and time, said before any compute is spent
     if args.dry_run:
         from loralab.study.deviations import deviation_text

@@ -124,61 +124,73 @@ class StepPlan:
 
 def refuse_changed_data(study: str, changed: dict[str, tuple[dict[str, Any], dict[str, Any]]],
                         command: str = "study run") -> None:
-    """ConfigError naming the completed runs of ``study`` whose examples differ now (``changed``:
-    run name -> (the examples it trained on, those its data settings give now)); none: nothing.
-    ``command``: the loralab command that starts afresh with --name."""
+    """ConfigError naming the runs of ``study`` that trained on other examples than their data
+    gives now (``changed``: run name -> (the examples it trained on, those its data settings give
+    now)); none: nothing. ``command``: the loralab command that starts afresh with --name."""
     from loralab.data.dataset import fingerprint_change
 
     if not changed:
         return
     then, now = next(iter(changed.values()))
     raise ConfigError(
-        f"study {study!r}: run{'s' * (len(changed) > 1)} {', '.join(changed)} completed on other examples than the "
+        f"study {study!r}: run{'s' * (len(changed) > 1)} {', '.join(changed)} trained on other examples than the "
         f"data gives now ({fingerprint_change(then, now)}): the data file or the tokenizer changed since, and the "
-        f"study's results would mix two datasets; start afresh with `loralab {command} ... --name NEW_NAME` (or "
-        "another --out root), or put the data back")
+        f"study's results would mix two datasets (a run stopped part-way would resume on the new examples); start "
+        f"afresh with `loralab {command} ... --name NEW_NAME` (or another --out root), or put the data back")
 
 
-def changed_data(spec: Any, summary: dict[str, Any], cache: dict[str, DataFacts]) -> tuple[dict, dict] | None:
-    """(the examples a completed run trained on, those its data settings give now) where they
-    differ; None where they agree, or cannot be compared (no record, the model or data moved)."""
-    if not summary.get("data"):
+def trained_on(run_dir: str | None, summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The examples a run trained on (loralab.data.dataset.fingerprint): its summary's where it
+    completed, else its newest checkpoint's; None where neither recorded them."""
+    from loralab.train.checkpoint import complete_checkpoints, recorded_data
+
+    if summary.get("status") == Status.COMPLETED:
+        return summary.get("data")
+    checkpoints = complete_checkpoints(RunDir(run_dir).checkpoints) if run_dir else []
+    return recorded_data(checkpoints[-1]) if checkpoints else None
+
+
+def changed_data(spec: Any, then: dict[str, Any] | None, cache: dict[str, DataFacts]) -> tuple[dict, dict] | None:
+    """(``then``, the examples the run's data settings give now) where they differ; None where they
+    agree or cannot be compared (nothing recorded, the model or data moved)."""
+    if not then:
         return None
     try:
         now = _data(config_from_dict(spec.config, source=f"run {spec.name}"), cache)[3]
     except LoralabError:
         return None
-    return None if now == summary["data"] else (summary["data"], now)
+    return None if now == then else (then, now)
 
 
 def _summaries(study: Any):
-    """(spec, its run directory's summary.json, or {}) for every run of ``study``."""
+    """(spec, its run directory or None, its summary.json or {}) for every run of ``study``."""
     for spec in study.runs:
         out = spec.config.get("output", {}).get("dir")
-        yield spec, (RunDir(out).read_summary() or {}) if out else {}
+        yield spec, out, (RunDir(out).read_summary() or {}) if out else {}
 
 
-def completed_on_changed_data(study: Any, command: str = "study run",
-                              cache: dict[str, DataFacts] | None = None) -> None:
-    """Refuse (refuse_changed_data) ``study`` where a completed run's examples changed since.
-    ``cache``: shared with step_plan, so each distinct data setting is read once."""
+def trained_on_changed_data(study: Any, command: str = "study run",
+                            cache: dict[str, DataFacts] | None = None) -> None:
+    """Refuse (refuse_changed_data) ``study`` where a run that completed, or stopped part-way with
+    a checkpoint, trained on other examples than its data gives now. ``cache``: shared with
+    step_plan, so each distinct data setting is read once."""
     cache = {} if cache is None else cache
-    changed = {spec.name: found for spec, summary in _summaries(study)
-               if summary.get("status") == Status.COMPLETED and (found := changed_data(spec, summary, cache))}
+    changed = {spec.name: found for spec, out, summary in _summaries(study)
+               if (found := changed_data(spec, trained_on(out, summary), cache))}
     refuse_changed_data(study.name, changed, command)
 
 
 def step_plan(study: Any, cache: dict[str, DataFacts] | None = None) -> StepPlan:
     """Every run's steps, tokens and time, from its config and data (tokenizer and data read once
     per distinct model and data settings, ``cache`` across calls; no weights load). Completed
-    runs are counted, not planned: completed_on_changed_data checks their examples."""
+    runs are counted, not planned: trained_on_changed_data checks their examples."""
     from loralab.errors import DataError, ModelError
     from loralab.preflight import check_run
     from loralab.study.scheduler import run_device
 
     data_cache: dict[str, DataFacts] = {} if cache is None else cache
     runs, invalid, completed = [], {}, 0
-    for spec, summary in _summaries(study):
+    for spec, _, summary in _summaries(study):
         if summary.get("status") == Status.COMPLETED:
             completed += 1  # as preflight: a completed run is not checked again (its model may have moved)
             continue
