@@ -238,3 +238,22 @@ def test_cli_table_reports_skipped_examples(tmp_path, capsys):
     assert main(["eval", "--model", "builtin:tiny", "--tasks", str(task)]) == 0
     out = capsys.readouterr().out
     assert "n=1 (1 skipped)" in out
+
+
+def test_evaluate_shows_each_model_its_template_and_leaves_the_callers_tasks_as_they_were(caplog):
+    """evaluate() scores an alpaca-format task in the template asked for (here the raw
+    instruction), on a copy: the caller's Task still says alpaca, so a later evaluation of the
+    same objects is shown its own template, not the one before."""
+    import logging
+
+    from loralab.evaluate.score import evaluate
+    from loralab.evaluate.tasks import resolve_task
+
+    task = resolve_task("arithmetic_2ds", limit=4)
+    with caplog.at_level(logging.INFO, logger="loralab"):
+        assert evaluate("builtin:tiny", [], [task], batch_size=4, template="none")
+        assert task.template == "alpaca"
+        assert evaluate("builtin:tiny", [], [task], batch_size=4)
+    shown = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval base on arithmetic_2ds")]
+    assert shown == ["eval base on arithmetic_2ds (4 examples), prompt template none",
+                     "eval base on arithmetic_2ds (4 examples), prompt template alpaca"]

@@ -26,6 +26,8 @@ def evaluate(model_path: str, adapters: list[str], tasks, *, batch_size: int = 1
     per task and scoring pass on stderr (terminals only). Tasks scored by generation show their
     prompts in ``template``, else in the template each adapter's run trained with (chat for a run
     on chat data), the base in the one its adapters share, else Alpaca's."""
+    from dataclasses import replace
+
     from loralab.adapters import load_adapter
     from loralab.config import ModelConfig, QuantConfig
     from loralab.evaluate.tasks import Task
@@ -44,7 +46,7 @@ def evaluate(model_path: str, adapters: list[str], tasks, *, batch_size: int = 1
         for t in tasks:
             count = f" ({len(t.items)} examples)" if t.items else ""  # lm-eval's own tasks: counted by lm-eval
             if isinstance(t, Task) and t.format == "alpaca" and not t.prompt:
-                t.template = templates[adapter]
+                t = replace(t, template=templates[adapter])  # this adapter's copy; the caller's task is left as it was
                 count += f", prompt template {t.template}"
             log.info("eval %s on %s%s", adapter or "base", t.name, count)
             for metric, s in t.run(model, tok, batch_size=batch_size, progress=progress).items():
