@@ -76,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-steps", type=int, help="halving: the first rung's step (default 10)")
     p.add_argument("--retries", type=int, default=1,
                    help="times a killed run is run again in this invocation (default 1)")
-    p.add_argument("--retry-failed", action="store_true", help="also run failed, diverged, out-of-memory and invalid runs again")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="also run failed, diverged, out-of-memory and invalid runs again")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                    help="train runs that share a base in one process where they fit (default; --no-fuse: each alone)")
     p.add_argument("--budget", help="wall-time budget of this invocation, e.g. 90s, 30m, 2h: no run starts after it "
