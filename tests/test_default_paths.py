@@ -232,8 +232,9 @@ LIBRARY_NOISE = ("bitsandbytes", "kernels-community", "FutureWarning", "warnings
 
 @pytest.mark.slow
 def test_a_plain_train_prints_loralab_lines_only(tmp_path):
-    """The quickstart's config as a user runs it (a subprocess, stderr not a terminal), a few
-    steps: stderr holds no line of bitsandbytes, transformers or PEFT; -v shows them again."""
+    """The quickstart's config as a user runs it (a subprocess, stderr not a terminal, the hub in
+    offline mode as on a machine without it), a few steps: stderr holds no line of bitsandbytes,
+    kernels, transformers or PEFT; -v shows them again."""
     import subprocess
     import sys
 
@@ -241,7 +242,8 @@ def test_a_plain_train_prints_loralab_lines_only(tmp_path):
 
     src = Path(__file__).resolve().parents[1] / "src"
     env = {k: v for k, v in os.environ.items() if k != "LORALAB_VERBOSE"}
-    env |= {"PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+    # offline: on a CPU with AVX512, bitsandbytes' kernels package then warns about the hub's trust check
+    env |= {"PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
     def train(*flags: str, out: str) -> str:
         cmd = [sys.executable, "-m", "loralab.cli", *flags, "train", str(QUICKSTART), "--set", "train.max_steps=4",

@@ -30,6 +30,11 @@ def quiet_libraries() -> None:
     # or not; its own CPU kernels are used instead, and a 4-bit run the CPU cannot train is
     # refused by loralab.models in loralab's words. Errors still show.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # On a CPU with AVX512 bitsandbytes takes its CPU kernels from the kernels package's hub
+    # repository (kernels-community/quantization-bitsandbytes); with the hub in offline mode
+    # (HF_HUB_OFFLINE=1, as on a machine without the hub) the kernels package then warns that it
+    # skips the publisher's trust check, on every run, quantized or not. Errors still show.
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     # transformers' and huggingface_hub's bars ("Loading weights", "Writing model shards") are
     # lines of carriage returns in a log or a pipe; a terminal keeps them (and loralab's training
     # turns them on or off itself, loralab.progress.library_bars). Read when they are imported.
