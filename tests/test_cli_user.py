@@ -566,6 +566,19 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_the_chat_template_asked_of_a_model_without_one_is_refused_in_words(capsys, command):
+    """`--template chat` on a base whose tokenizer has no chat template: exit 2 naming the model
+    and the way out, for eval as for generate (eval printed a transformers traceback and exited 1)."""
+    argv = (["eval", "--model", "builtin:tiny", "--tasks", "arithmetic_2ds", "--limit", "2"] if command == "eval"
+            else ["generate", "--model", "builtin:tiny", "What is 2 plus 3?"])
+    code, _, err = run_cli(capsys, *argv, "--template", "chat")
+    assert code == 2, err
+    assert ("the prompt template is 'chat' (data.template, or --template of eval and generate) but the tokenizer "
+            "of") in err
+    assert "has no chat template" in err and "Traceback" not in err
+
+
 def test_generate_uses_the_runs_model_and_chat_template(capsys, caplog, tiny_model_dir, tmp_path):
     import shutil
 

@@ -44,8 +44,11 @@ def chat_messages(instruction: str, input: str = "", response: str | None = None
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         from loralab.errors import DataError
 
-        raise DataError("data.template is 'chat' but the tokenizer has no chat_template; use data.template: alpaca "
-                        "or none")
+        name = getattr(tokenizer, "name_or_path", "") or "the model"
+        raise DataError(f"the prompt template is 'chat' (data.template, or --template of eval and generate) but the "
+                        f"tokenizer of {name} has no chat template (chat_template in tokenizer_config.json or "
+                        "chat_template.jinja); use the template alpaca or none, or add a chat template to the "
+                        "tokenizer")
     turns = [{"role": "user", "content": f"{instruction}\n\n{input}" if input else instruction}]
     return turns if response is None else [*turns, {"role": "assistant", "content": response}]
 

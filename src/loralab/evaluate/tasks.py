@@ -77,9 +77,10 @@ class Task:
         label = self.name if progress else None
         if self.format == "alpaca":
             answers = [a for _, _, a in self.items]
+            prompts = self.prompts(tokenizer)  # first: a chat template the tokenizer lacks is refused here, clearly
             own = self.template == "chat" and not self.prompt  # the answer ends where the chat turn does
             stop = self.stop or (chat_turn_end(tokenizer) if own else None)
-            res = M.score_generation(model, tokenizer, self.prompts(tokenizer), answers, metrics=self.metrics,
+            res = M.score_generation(model, tokenizer, prompts, answers, metrics=self.metrics,
                                      stop=stop, max_new_tokens=self.max_new_tokens, batch_size=batch_size,
                                      normalize=self.normalize, progress=label)
         elif self.format == "mc":
