@@ -195,6 +195,40 @@ def test_instruction_records_in_the_chat_template_end_their_response_as_a_turn_e
             assert ex.input_ids.count(tok.bos_token_id) <= 1
 
 
+@pytest.mark.parametrize("name", ["chatml_plain", "llama3"])
+def test_a_chat_template_run_is_prompted_and_scored_on_the_tokens_it_trained_on(tmp_path, tiny_model_dir, name):
+    """Generation and eval read a chat-template prompt as training encoded it: the template's
+    rendering and nothing more (this tokenizer adds a BOS: ChatML writes none, so none is added;
+    Llama 3 writes its own, so it is not doubled), and the scored answer ends with the template's
+    end of turn, as the run learned to end it, not with eos."""
+    from transformers import AutoModelForCausalLM
+
+    from loralab.data.templates import generation_prompt, prompt_special_tokens
+    from loralab.evaluate.exact_match import greedy_generate
+    from loralab.evaluate.metrics import encode_requests
+
+    tok = AutoTokenizer.from_pretrained(str(chat_tokenizer_dir(tmp_path, name)))
+    added = tok("x")["input_ids"][0]  # the tokenizer adds a BOS of its own (<s>)
+    assert added not in tok("x", add_special_tokens=False)["input_ids"]
+    rec = {"instruction": "What is 12 plus 45?", "input": "", "output": "57"}
+    path = write_jsonl(tmp_path / "one.jsonl", [rec] * 4)
+    splits = load_splits(data_cfg(path, "data.template=chat", "data.val_fraction=0"), tok, seed=0)
+    trained = splits.train[0]
+    answer = [t for t in trained.labels if t != IGNORE]  # 57 and the turn's end
+    prompt = generation_prompt(rec["instruction"], "chat", tok)
+    ids = tok(prompt, add_special_tokens=prompt_special_tokens("chat"))["input_ids"]
+    assert trained.input_ids[:len(ids) + len(answer)] == ids + answer  # then the template's newline, unscored
+    assert tok.decode(trained.input_ids[len(ids) + len(answer):]).strip() == ""
+    assert added not in ids and ids.count(tok.bos_token_id) == (name == "llama3")  # Llama 3's own BOS, once
+    ((context, scored),) = encode_requests(tok, [(prompt, rec["output"])], encoding="chat", append_eos=True)
+    assert context == ids and scored == answer
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir("llama")))
+    fed, generate = [], model.generate
+    model.generate = lambda **kw: fed.append(kw["input_ids"][0].tolist()) or generate(**kw)
+    greedy_generate(model, tok, [prompt], max_new_tokens=2, add_special_tokens=prompt_special_tokens("chat"))
+    assert fed == [ids]
+
+
 def test_generation_block_and_prefix_rendering_mark_the_same_tokens(tmp_path):
     records = chat_records(20, seed=1)
     path = write_jsonl(tmp_path / "chat.jsonl", records)

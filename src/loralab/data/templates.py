@@ -66,12 +66,15 @@ def chat_turn_end(tokenizer) -> str | None:
 
 def generation_prompt(instruction: str, template: TemplateName, tokenizer, input: str = "") -> str:
     """The prompt a model generates its answer after (``loralab generate``, tasks scored by
-    generation), as training showed it: ``format_prompt``'s text, without the chat template's own
-    BOS, which the tokenizer adds when it encodes the prompt (one BOS, as in training)."""
-    text = format_prompt(instruction, input, template=template, tokenizer=tokenizer)
-    bos = tokenizer.bos_token
-    if template == "chat" and bos and text.startswith(bos):
-        ids = tokenizer("", add_special_tokens=True)["input_ids"]
-        if ids and ids[0] == tokenizer.bos_token_id:
-            text = text[len(bos):]
-    return text
+    generation), as training showed it: ``format_prompt``'s text. A chat template's text holds
+    the special tokens it writes and no others, as training encodes a conversation, so it is
+    tokenized without the tokenizer's own (:func:`prompt_special_tokens`)."""
+    return format_prompt(instruction, input, template=template, tokenizer=tokenizer)
+
+
+def prompt_special_tokens(template: TemplateName) -> bool:
+    """Whether a prompt in ``template`` is tokenized with the tokenizer's special tokens (a BOS
+    where it adds one), as training tokenizes it: yes for alpaca and none; no for the chat
+    template, whose rendering is the whole of what the model reads (transformers'
+    ``apply_chat_template(tokenize=True)``)."""
+    return template != "chat"

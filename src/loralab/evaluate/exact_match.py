@@ -58,13 +58,16 @@ def end_token_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 16, batch_size: int = 32,
-                    stop: str | None = None, progress: str | None = None) -> list[str]:
+                    stop: str | None = None, progress: str | None = None,
+                    add_special_tokens: bool = True) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded batches, KV cache on), each cut at ``stop``.
 
     A row stops at any of the model's end tokens (:func:`end_token_ids`) and, while it is being
     generated, at ``stop`` (transformers' stop-string criterion), so a batch ends as soon as every
     row has ended instead of after ``max_new_tokens``. ``progress``: the label of a bar counting
     the prompts done (stderr, terminals only; :mod:`loralab.progress`); None draws none.
+    ``add_special_tokens``: False for prompts in a chat template
+    (loralab.data.templates.prompt_special_tokens).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -80,7 +83,8 @@ def greedy_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     try:
         with progress_bar(len(prompts), desc=progress, unit="ex", enabled=progress is not None, leave=False) as bar:
             for i in range(0, len(prompts), batch_size):
-                enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
+                enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,
+                                add_special_tokens=add_special_tokens).to(device)
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=ends,
                                      **stop_kw)
@@ -105,7 +109,7 @@ def _cut(tokens: list[int], ends: list[int]) -> list[int]:
 def exact_match(model, tokenizer, prompts: list[str], answers: list[str], *, normalize: str = "strip",
                 **gen_kw) -> Accuracy:
     """Share of greedy generations equal to their answer after ``normalize``; ``gen_kw`` go to
-    :func:`greedy_generate` (max_new_tokens, batch_size, stop, progress)."""
+    :func:`greedy_generate` (max_new_tokens, batch_size, stop, progress, add_special_tokens)."""
     norm = NORMALIZERS[normalize]
     preds = greedy_generate(model, tokenizer, prompts, **gen_kw)
     correct = sum(norm(p) == norm(a) for p, a in zip(preds, answers, strict=True))

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loralab.data.dataset import model_context
+from loralab.data.templates import chat_turn_end
 from loralab.errors import DataError
 from loralab.evaluate.exact_match import Accuracy, exact_match
 from loralab.progress import progress as progress_bar
@@ -138,9 +139,15 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 def encode_requests(tokenizer, requests: list[tuple[str, str]], *, encoding: str = "harness",
                     append_eos: bool = False) -> list[tuple[list[int], list[int]]]:
-    """Token ids of each (context, continuation); ``encoding`` is "harness" or "training"."""
-    if encoding not in ("harness", "training"):
+    """Token ids of each (context, continuation); ``encoding`` is "harness", "training" or
+    "chat" (the training data's in the tokenizer's chat template: the context as the template
+    renders it, no special tokens of the tokenizer's, and with ``append_eos`` the template's end
+    of turn where the eos would be, as a chat-template run learns to end its answer)."""
+    if encoding not in ("harness", "training", "chat"):
         raise ValueError(f"unknown encoding {encoding!r}")
+    end = [tokenizer.eos_token_id]
+    if encoding == "chat" and (turn_end := chat_turn_end(tokenizer)) is not None:
+        end = list(tokenizer(turn_end, add_special_tokens=False)["input_ids"])
     out = []
     cache: dict[str, list[int]] = {}
     for ctx, cont in requests:
@@ -148,10 +155,10 @@ def encode_requests(tokenizer, requests: list[tuple[str, str]], *, encoding: str
             c_ids, k_ids = encode_pair(tokenizer, ctx, cont)
         else:
             if ctx not in cache:
-                cache[ctx] = list(tokenizer(ctx, add_special_tokens=True)["input_ids"])
+                cache[ctx] = list(tokenizer(ctx, add_special_tokens=encoding == "training")["input_ids"])
             c_ids, k_ids = cache[ctx], list(tokenizer(cont, add_special_tokens=False)["input_ids"])
         if append_eos:
-            k_ids = [*k_ids, tokenizer.eos_token_id]
+            k_ids = [*k_ids, *end]
         if not k_ids:
             raise DataError(f"continuation {cont!r} after context {ctx[-60:]!r} has no tokens of its own")
         out.append((c_ids, k_ids))
@@ -377,7 +384,7 @@ def score_lettered(model, tokenizer, items: list[tuple[str, int, int]], *, batch
 
 def score_generation(model, tokenizer, prompts: list[str], answers: list[str], *, metrics: list[str],
                      stop: str | None = None, max_new_tokens: int = 16, batch_size: int = 16,
-                     normalize: str = "strip", progress: str | None = None) -> dict[str, Score]:
+                     normalize: str = "strip", progress: str | None = None, chat: bool = False) -> dict[str, Score]:
     """Metrics for (prompt, answer) tasks; each is defined exactly as:
 
     * ``exact_match``: greedy generation (:func:`greedy_generate`, cut at ``stop``) compared
@@ -393,6 +400,10 @@ def score_generation(model, tokenizer, prompts: list[str], answers: list[str], *
     * ``token_accuracy``: share of all response tokens (answer + eos, pooled over examples)
       where the argmax equals the token; Wilson interval over tokens (n = token count).
 
+    ``chat``: the prompts are in the tokenizer's chat template; they are tokenized as it renders
+    them, and the response's last token is the template's end of turn instead of eos
+    (``encode_requests``' "chat" encoding).
+
     Examples whose prompt + response exceed the context window are skipped and counted.
     ``progress``: the label of the bars of the two passes (teacher-forced, generation); None: no bars.
     """
@@ -400,7 +411,7 @@ def score_generation(model, tokenizer, prompts: list[str], answers: list[str], *
     want_tf = [m for m in metrics if m in ("greedy_match", "loss", "perplexity", "token_accuracy")]
     if want_tf:
         scored = score_continuations(model, tokenizer, list(zip(prompts, answers, strict=True)),
-                                     append_eos=True, batch_size=batch_size, encoding="training",
+                                     append_eos=True, batch_size=batch_size, encoding="chat" if chat else "training",
                                      progress=progress and f"{progress} (scoring)")
         ok = [s for s in scored if s is not None]
         skipped = len(scored) - len(ok)
@@ -419,7 +430,8 @@ def score_generation(model, tokenizer, prompts: list[str], answers: list[str], *
     if "exact_match" in metrics:
         out["exact_match"] = exact_match_score(model, tokenizer, prompts, answers, stop=stop,
                                                max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                               normalize=normalize, progress=progress and f"{progress} (generation)")
+                                               normalize=normalize, progress=progress and f"{progress} (generation)",
+                                               add_special_tokens=not chat)
     return {m: out[m] for m in metrics if m in out}
 
 
@@ -428,11 +440,14 @@ def _exp(x: float) -> float:
 
 
 def exact_match_score(model, tokenizer, prompts, answers, *, stop=None, max_new_tokens=16, batch_size=16,
-                      normalize: str = "strip", progress: str | None = None) -> Score:
-    """exact_match over the prompts that fit the window (prompt + max_new_tokens); the rest are skipped."""
+                      normalize: str = "strip", progress: str | None = None, add_special_tokens: bool = True) -> Score:
+    """exact_match over the prompts that fit the window (prompt + max_new_tokens); the rest are
+    skipped. ``add_special_tokens``: as greedy_generate's."""
     limit = model_context(getattr(model, "config", None))
     keep = [i for i, p in enumerate(prompts)
-            if limit is None or len(tokenizer(p)["input_ids"]) + max_new_tokens <= limit]
+            if limit is None
+            or len(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]) + max_new_tokens <= limit]
     acc = exact_match(model, tokenizer, [prompts[i] for i in keep], [answers[i] for i in keep], normalize=normalize,
-                      stop=stop, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+                      stop=stop, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                      add_special_tokens=add_special_tokens)
     return accuracy_score(acc.correct, acc.n, len(prompts) - len(keep))

@@ -82,7 +82,7 @@ class Task:
             stop = self.stop or (chat_turn_end(tokenizer) if own else None)
             res = M.score_generation(model, tokenizer, prompts, answers, metrics=self.metrics,
                                      stop=stop, max_new_tokens=self.max_new_tokens, batch_size=batch_size,
-                                     normalize=self.normalize, progress=label)
+                                     normalize=self.normalize, progress=label, chat=own)
         elif self.format == "mc":
             res = M.score_mc(model, tokenizer, self.items, preamble=self.preamble, batch_size=batch_size,
                              progress=label)
