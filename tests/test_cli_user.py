@@ -608,9 +608,10 @@ def test_generate_uses_the_runs_model_and_chat_template(capsys, caplog, tiny_mod
     code, stdout, _ = run_cli(capsys, "generate", "--adapter", str(run), "--template", "alpaca", "--max-new-tokens",
                               "2", "--json", "Hi")
     assert code == 0 and json.loads(stdout)["template"] == "alpaca"
-    from loralab.data.templates import generation_prompt
+    from loralab.data.templates import format_prompt
 
-    assert generation_prompt("Hi", "chat", tok) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    prompt = format_prompt("Hi", template="chat", tokenizer=tok)
+    assert prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_tasks_are_scored_in_the_chat_template_a_run_trained_with(capsys, caplog, tiny_model_dir, tmp_path):

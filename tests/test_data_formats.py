@@ -203,7 +203,7 @@ def test_a_chat_template_run_is_prompted_and_scored_on_the_tokens_it_trained_on(
     end of turn, as the run learned to end it, not with eos."""
     from transformers import AutoModelForCausalLM
 
-    from loralab.data.templates import generation_prompt, prompt_special_tokens
+    from loralab.data.templates import format_prompt, prompt_special_tokens
     from loralab.evaluate.exact_match import greedy_generate
     from loralab.evaluate.metrics import encode_requests
 
@@ -215,7 +215,7 @@ def test_a_chat_template_run_is_prompted_and_scored_on_the_tokens_it_trained_on(
     splits = load_splits(data_cfg(path, "data.template=chat", "data.val_fraction=0"), tok, seed=0)
     trained = splits.train[0]
     answer = [t for t in trained.labels if t != IGNORE]  # 57 and the turn's end
-    prompt = generation_prompt(rec["instruction"], "chat", tok)
+    prompt = format_prompt(rec["instruction"], template="chat", tokenizer=tok)
     ids = tok(prompt, add_special_tokens=prompt_special_tokens("chat"))["input_ids"]
     assert trained.input_ids[:len(ids) + len(answer)] == ids + answer  # then the template's newline, unscored
     assert tok.decode(trained.input_ids[len(ids) + len(answer):]).strip() == ""

@@ -351,7 +351,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from loralab.adapters import adapter_dir, load_adapter
-    from loralab.data.templates import chat_turn_end, generation_prompt, prompt_special_tokens
+    from loralab.data.templates import chat_turn_end, format_prompt, prompt_special_tokens
     from loralab.evaluate.exact_match import greedy_generate
     from loralab.models import load_base
     from loralab.preflight import check_adapter_base
@@ -366,7 +366,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_base(*base_configs(model_path, args, run["config"]), progress=not args.json)
     if args.adapter:
         model = load_adapter(model, args.adapter)
-    prompts = [generation_prompt(p, template, tokenizer) for p in args.prompt]
+    prompts = [format_prompt(p, template=template, tokenizer=tokenizer) for p in args.prompt]
     stop = args.stop or (chat_turn_end(tokenizer) if template == "chat" else None)  # the turn's end, as trained
     outs = greedy_generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, stop=stop,
                            add_special_tokens=prompt_special_tokens(template))

@@ -24,7 +24,9 @@ TemplateName = Literal["alpaca", "chat", "none"]
 
 
 def format_prompt(instruction: str, input: str = "", *, template: TemplateName = "alpaca", tokenizer=None) -> str:
-    """The prompt text for one example; the response follows it directly."""
+    """The prompt text for one example; the response follows it directly. Training, ``loralab
+    generate`` and tasks scored by generation all show it; a chat template's text is tokenized
+    without the tokenizer's special tokens (:func:`prompt_special_tokens`)."""
     if template == "alpaca":
         if input:
             return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
@@ -62,14 +64,6 @@ def chat_turn_end(tokenizer) -> str | None:
                                          tokenize=False)
     after = text.split(words, 1)[1] if words in text else ""
     return after.strip() or after[:1] or None
-
-
-def generation_prompt(instruction: str, template: TemplateName, tokenizer, input: str = "") -> str:
-    """The prompt a model generates its answer after (``loralab generate``, tasks scored by
-    generation), as training showed it: ``format_prompt``'s text. A chat template's text holds
-    the special tokens it writes and no others, as training encodes a conversation, so it is
-    tokenized without the tokenizer's own (:func:`prompt_special_tokens`)."""
-    return format_prompt(instruction, input, template=template, tokenizer=tokenizer)
 
 
 def prompt_special_tokens(template: TemplateName) -> bool:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loralab.data.dataset import DATA_DIR, read_records
-from loralab.data.templates import chat_turn_end, generation_prompt
+from loralab.data.templates import chat_turn_end, format_prompt
 from loralab.errors import DataError
 from loralab.evaluate import metrics as M
 from loralab.evaluate.exact_match import NORMALIZERS
@@ -69,7 +69,7 @@ class Task:
     def prompts(self, tokenizer) -> list[str]:
         """The alpaca-format items' prompts: the task's own ``prompt``, else ``template``'s."""
         return [self.prompt.format(instruction=i, input=x) if self.prompt else
-                generation_prompt(i, self.template, tokenizer, input=x) for i, x, _ in self.items]
+                format_prompt(i, x, template=self.template, tokenizer=tokenizer) for i, x, _ in self.items]
 
     def run(self, model, tokenizer, *, batch_size: int = 16, progress: bool = False) -> dict[str, M.Score]:
         """The task's metrics; ``progress`` draws a bar per scoring pass, labelled with the
